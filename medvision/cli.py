@@ -1,0 +1,61 @@
+"""The one command-line entry point, ``medvision <command>``.
+
+Sub-commands are discovered through the ``medvision.commands`` entry-point group: the core never
+imports ``medvision.training`` or ``medvision.serving``, yet ``medvision train`` and ``medvision
+serve`` appear once the package is installed. A command whose extra is missing still shows its
+``--help`` and fails with an install hint when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+from medvision import __version__
+from medvision.errors import MedvisionError
+
+ENTRY_POINT_GROUP = "medvision.commands"
+# Fixed order in --help; unknown plugins follow alphabetically.
+COMMAND_ORDER = ["synth", "train", "export", "serve", "predict"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medvision",
+        description="Radiology AI from DICOM to a served model. Run 'medvision <command> --help'.",
+    )
+    parser.add_argument("--version", action="version", version=f"medvision {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+    for name in sorted(eps, key=lambda n: (rank.get(n, len(rank)), n)):
+        register = eps[name].load()
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (0 ok, 2 usage / input error, 1 failure)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = args.func(args)
+    except MedvisionError as exc:
+        print(f"medvision {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medvision {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""One typed configuration for a training run: YAML in, CLI overrides, validated, saved with the run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medvision.errors import ConfigError
+from medvision.preprocess import PreprocessConfig
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field("vit_small_patch16_224", description="registered name or timm architecture")
+    pretrained: str | None = Field(
+        None, description="local weights file (.safetensors / .pth / .bin) or 'hub' to let timm download"
+    )
+    drop_path_rate: float = Field(0.1, ge=0.0, le=0.9)
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels_csv: str | None = Field(None, description="RSNA-style labels CSV (patient_id, image_id, cancer)")
+    image_dir: str | None = Field(None, description="folder holding <patient_id>/<image_id>.dcm")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    split_file: str | None = Field(None, description="reuse this split CSV instead of making one")
+
+
+class AugmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    flip_vertical: float = Field(0.5, ge=0, le=1, description="up/down flip: breasts are roughly symmetric")
+    affine: float = Field(0.7, ge=0, le=1, description="probability of a small shift / scale / rotation")
+    brightness_contrast: float = Field(0.5, ge=0, le=1)
+    gamma: float = Field(0.3, ge=0, le=1)
+    noise: float = Field(0.2, ge=0, le=1)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    balanced_sampling: bool = Field(True, description="sample positives and negatives equally often")
+    target_sensitivity: float = Field(0.9, gt=0, le=1, description="operating point chosen on validation")
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    threads: int = Field(0, ge=0, description="torch intra-op threads, 0 = all cores")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (best checkpoint kept)")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs; written as ``config.yaml`` next to its outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = ModelConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated ``RunConfig`` from an optional YAML file and ``key.sub=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,323 @@
+"""Reading DICOM: one narrow function, ``read_dicom``, and its refusal policy.
+
+``read_dicom`` returns the *stored* pixel values and a ``DicomMeta`` carrying exactly what the
+grey-scale pipeline needs (rescale, VOI, photometric) plus UIDs and view information. It never
+carries patient identifiers (name, ID, birth date, accession number), so ``meta`` may be logged.
+
+Policy (documented in the README):
+- Only single-frame greyscale (MONOCHROME1/2) images are accepted; colour and multi-frame objects
+  are refused with ``UnsupportedImageError``.
+- "FOR PROCESSING" mammograms are refused: models here are trained on "FOR PRESENTATION" images.
+- Objects without pixel data (SR, RT, presentation states, ...) raise ``NotAnImageError``.
+- Declared sizes above ``ReadLimits`` are refused *before* decoding (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medvision.errors import (
+    CorruptDicomError,
+    EmptyInputError,
+    MissingCodecError,
+    NotAnImageError,
+    NotDicomError,
+    UnsupportedImageError,
+)
+
+# Magic numbers of files people upload by mistake, to name them in the error.
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF": "a PDF document",
+    b"PK\x03\x04": "a ZIP archive",
+    b"GIF8": "a GIF image",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+}
+
+# What to install for each compressed transfer syntax family (all permissively licensed).
+_CODEC_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (GPL-3.0) or python-gdcm, or pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
+    "1.2.840.10008.1.2.4.80": "pyjpegls",
+    "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle (or numpy for pydicom's own RLE decoder)",
+}
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Refuse images whose *declared* size exceeds these, before any pixel is decoded."""
+
+    max_pixels: int = 80_000_000  # rows x columns x frames x samples; a 4096 x 5120 mammogram is 21 M
+    max_rows: int = 16_384
+    max_columns: int = 16_384
+
+
+@dataclass(frozen=True)
+class VoiLut:
+    """The first item of a VOI LUT Sequence."""
+
+    first_mapped: int
+    bits: int
+    data: tuple[int, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    """What downstream code may know about an image. No patient identifiers, by construction."""
+
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_class: str
+    modality: str | None
+    transfer_syntax: str
+    photometric: str
+    rows: int
+    columns: int
+    bits_stored: int
+    signed: bool
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    window_centers: tuple[float, ...] = ()
+    window_widths: tuple[float, ...] = ()
+    voi_lut_function: str = "LINEAR"
+    voi_lut: VoiLut | None = None
+    presentation_lut_shape: str | None = None
+    laterality: str | None = None
+    view: str | None = None
+    manufacturer: str | None = None
+    presentation_intent: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("voi_lut")
+        d["has_voi_lut"] = self.voi_lut is not None
+        return d
+
+
+Source = str | os.PathLike | bytes | bytearray | BinaryIO
+
+
+def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
+    """Read one greyscale DICOM image.
+
+    Args:
+        source: a path, the file's bytes, or a binary file object.
+        limits: declared-size limits checked before decoding.
+
+    Returns:
+        ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.
+
+    Raises:
+        EmptyInputError, NotDicomError, NotAnImageError, CorruptDicomError, UnsupportedImageError,
+        MissingCodecError: each with a message naming the problem.
+    """
+    ds = _parse(source)
+    meta = _meta(ds)
+    _check_policy(ds, meta, limits)
+    pixels = _decode(ds, meta)
+    return pixels, meta
+
+
+def _parse(source: Source) -> Dataset:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        if not data:
+            raise EmptyInputError("empty input: expected a DICOM file, got 0 bytes")
+        fileobj: BinaryIO = io.BytesIO(data)
+        name = "<bytes>"
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise NotDicomError(f"no such file: {name}")
+        if os.path.getsize(name) == 0:
+            raise EmptyInputError(f"empty file: {name}")
+        fileobj = open(name, "rb")  # noqa: SIM115 - closed below
+    else:
+        fileobj, name = source, getattr(source, "name", "<stream>")
+    try:
+        head = fileobj.read(132)
+        fileobj.seek(0)
+        for magic, what in _SIGNATURES.items():
+            if head.startswith(magic):
+                raise NotDicomError(f"not a DICOM file: {name} looks like {what}")
+        has_marker = head[128:132] == b"DICM"
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(fileobj, force=not has_marker)
+        except InvalidDicomError as exc:
+            raise NotDicomError(f"not a DICOM file: {exc}") from None
+        except Exception as exc:  # pydicom raises many types on malformed input
+            if not has_marker:
+                raise NotDicomError(
+                    "not a DICOM file: no 'DICM' marker at byte 128 and the bytes do not parse as a dataset"
+                ) from None
+            raise CorruptDicomError(f"malformed DICOM ({type(exc).__name__}): {exc}") from None
+        truncated = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+        if truncated:
+            raise CorruptDicomError(f"truncated DICOM file: {truncated[0]}")
+        if not has_marker and not _looks_like_dataset(ds):
+            raise NotDicomError("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM attributes found")
+        try:
+            ds.PixelData if "PixelData" in ds else None  # noqa: B018 - force the deferred read
+            if len(ds) == 0:
+                raise CorruptDicomError("no data elements could be read after the file meta: truncated or malformed")
+        except CorruptDicomError:
+            raise
+        except Exception as exc:
+            raise CorruptDicomError(f"truncated or malformed pixel data: {exc}") from None
+        return ds
+    finally:
+        if isinstance(source, (str, os.PathLike)):
+            fileobj.close()
+
+
+def _looks_like_dataset(ds: Dataset) -> bool:
+    try:
+        return any(k in ds for k in ("SOPClassUID", "PixelData", "StudyInstanceUID", "Rows"))
+    except Exception:
+        return False
+
+
+def _first(value, cast=float) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return tuple(cast(v) for v in value)
+    return (cast(value),)
+
+
+def _view(ds: Dataset) -> str | None:
+    position = str(ds.get("ViewPosition", "") or "").upper()
+    if position in {"CC", "MLO", "ML", "LM", "XCC", "XCCL", "XCCM", "AP", "PA", "LL", "RL"}:
+        return position
+    seq = ds.get("ViewCodeSequence")
+    if seq:
+        meaning = str(seq[0].get("CodeMeaning", "")).lower()
+        if "cranio-caudal" in meaning:
+            return "CC"
+        if "medio-lateral oblique" in meaning:
+            return "MLO"
+        if "medio-lateral" in meaning:
+            return "ML"
+    return None
+
+
+def _meta(ds: Dataset) -> DicomMeta:
+    try:
+        tsyntax = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.get("file_meta", {}) else ""
+        if not tsyntax:
+            tsyntax = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
+        sop_class = ds.get("SOPClassUID")
+        voi = None
+        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+            item = ds.VOILUTSequence[0]
+            desc = item.LUTDescriptor
+            lut_data = item.get("LUTData")
+            if lut_data is not None:
+                data = lut_data if isinstance(lut_data, (list, tuple, pydicom.multival.MultiValue)) else [lut_data]
+                voi = VoiLut(first_mapped=int(desc[1]), bits=int(desc[2]), data=tuple(int(v) for v in data))
+        return DicomMeta(
+            sop_instance_uid=_str(ds.get("SOPInstanceUID")),
+            study_instance_uid=_str(ds.get("StudyInstanceUID")),
+            series_instance_uid=_str(ds.get("SeriesInstanceUID")),
+            sop_class=sop_class.name if sop_class is not None else "unknown",
+            modality=_str(ds.get("Modality")),
+            transfer_syntax=tsyntax,
+            photometric=str(ds.get("PhotometricInterpretation", "") or "").strip(),
+            rows=int(ds.get("Rows", 0) or 0),
+            columns=int(ds.get("Columns", 0) or 0),
+            bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0),
+            signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+            rescale_slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+            rescale_intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            window_centers=_first(ds.get("WindowCenter")),
+            window_widths=_first(ds.get("WindowWidth")),
+            voi_lut_function=str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper(),
+            voi_lut=voi,
+            presentation_lut_shape=_str(ds.get("PresentationLUTShape")),
+            laterality=_str(ds.get("ImageLaterality") or ds.get("Laterality")),
+            view=_view(ds),
+            manufacturer=_str(ds.get("Manufacturer")),
+            presentation_intent=_str(ds.get("PresentationIntentType")),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise CorruptDicomError(f"malformed image attributes ({type(exc).__name__}): {exc}") from None
+
+
+def _str(value) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def _check_policy(ds: Dataset, meta: DicomMeta, limits: ReadLimits) -> None:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NotAnImageError(f"not an image: a '{meta.sop_class}' object has no pixel data")
+    if "PixelData" not in ds:
+        raise UnsupportedImageError("float pixel data (parametric maps) is not supported")
+    if meta.rows <= 0 or meta.columns <= 0:
+        raise CorruptDicomError("image declares no Rows / Columns")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if meta.rows > limits.max_rows or meta.columns > limits.max_columns:
+        raise UnsupportedImageError(
+            f"image of {meta.rows} x {meta.columns} exceeds the limit of {limits.max_rows} x {limits.max_columns}"
+        )
+    declared = meta.rows * meta.columns * frames * samples
+    if declared > limits.max_pixels:
+        raise UnsupportedImageError(
+            f"declared size {meta.rows} x {meta.columns} x {frames} frames x {samples} samples = {declared:,} "
+            f"values exceeds the limit of {limits.max_pixels:,}"
+        )
+    if samples != 1 or meta.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImageError(
+            f"colour images are refused (Photometric Interpretation {meta.photometric or 'missing'}, "
+            f"{samples} samples per pixel): medvision scores greyscale radiographs only"
+        )
+    if frames != 1:
+        raise UnsupportedImageError(
+            f"multi-frame images are refused ({frames} frames): send one frame per instance "
+            "(e.g. a 2-D mammogram, not a tomosynthesis stack)"
+        )
+    if (meta.presentation_intent or "").upper() == "FOR PROCESSING":
+        raise UnsupportedImageError(
+            "'FOR PROCESSING' (raw detector) images are refused: send the 'FOR PRESENTATION' image"
+        )
+
+
+def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        text = str(exc)
+        if "plugin" in text.lower() or "missing" in text.lower() or "decod" in text.lower():
+            hint = _CODEC_HINTS.get(meta.transfer_syntax, "a pydicom pixel-data plugin for it")
+            raise MissingCodecError(
+                f"cannot decode transfer syntax {meta.transfer_syntax} "
+                f"({pydicom.uid.UID(meta.transfer_syntax).name}): install {hint}"
+            ) from None
+        raise CorruptDicomError(f"pixel data could not be decoded: {text}") from None
+    except Exception as exc:  # truncated / inconsistent pixel data surfaces as many error types
+        raise CorruptDicomError(f"pixel data could not be decoded ({type(exc).__name__}): {exc}") from None
+    if arr.ndim != 2:
+        raise UnsupportedImageError(f"expected a 2-D greyscale frame, decoded shape {arr.shape}")
+    return arr

@@ -1,0 +1,192 @@
+"""The one deterministic preprocessing path, shared by training, export checks and serving.
+
+Pure numpy functions, composed by ``Preprocess(cfg)``. The order follows the DICOM grey-scale
+pipeline (PS3.4 N.2): modality LUT (rescale) -> VOI LUT (window or table) -> MONOCHROME1 / Presentation
+LUT inversion; then the model-specific steps: canonical orientation, aspect-preserving resize / pad,
+normalisation. Random augmentation lives in ``medvision.training`` and never runs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
+from medvision.errors import PreprocessError
+
+
+class PreprocessConfig(BaseModel):
+    """Everything that decides what the model sees; stored in checkpoints and ONNX artifacts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(224, ge=16, le=4096, description="square model input, pixels")
+    voi: Literal["dicom", "percentile"] = Field(
+        "dicom", description="'dicom': the file's first window / VOI LUT (percentile if none); 'percentile': ignore it"
+    )
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    orientation: Literal["chest_wall_left", "none"] = Field(
+        "chest_wall_left", description="flip so the side with more tissue (chest wall) is on the left"
+    )
+    mean: float = 0.5
+    std: float = 0.5
+
+
+# -- the grey-scale pipeline ------------------------------------------------------------------
+
+
+def apply_rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Modality LUT as Rescale Slope / Intercept: stored values -> modality units (float32)."""
+    out = stored.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """VOI window per PS3.3 C.11.2.1.2, mapped to [0, 1].
+
+    LINEAR uses the standard's (c - 0.5, w - 1) form; LINEAR_EXACT the exact one; SIGMOID the logistic.
+    """
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0 for SIGMOID, got {width}")
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0 for LINEAR_EXACT, got {width}")
+        out = (values - (center - width / 2.0)) / width
+    else:
+        if width < 1:
+            raise ValueError(f"window width must be >= 1 for LINEAR, got {width}")
+        out = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def apply_voi_table(values: np.ndarray, first_mapped: int, bits: int, table: np.ndarray) -> np.ndarray:
+    """VOI LUT Sequence lookup: values below / above the table clamp to its ends; output in [0, 1]."""
+    idx = np.clip(np.rint(values - first_mapped), 0, len(table) - 1).astype(np.int64)
+    return (table[idx].astype(np.float32) / float((1 << bits) - 1)).astype(np.float32)
+
+
+def apply_percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Fallback VOI when the file has none: stretch the given percentiles of non-background pixels."""
+    flat = values[values > values.min()] if np.ptp(values) > 0 else values.ravel()
+    if flat.size == 0:
+        flat = values.ravel()
+    lo, hi = np.percentile(flat, [low, high])
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def needs_inversion(photometric: str, presentation_lut_shape: str | None) -> bool:
+    """True when low values must display white.
+
+    For MONOCHROME1 the Presentation LUT Shape INVERSE (required by the DX / MG IODs) *declares* the
+    inversion rather than adding a second one, so it does not flip back.
+    """
+    if photometric == "MONOCHROME1":
+        return True
+    return (presentation_lut_shape or "").upper() == "INVERSE"
+
+
+def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
+    """Stored values -> display greys in [0, 1] (bright = dense), following the DICOM order."""
+    values = apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
+    if cfg.voi == "dicom" and meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
+        grey = apply_window(values, meta.window_centers[0], meta.window_widths[0], meta.voi_lut_function)
+    elif cfg.voi == "dicom" and meta.voi_lut is not None:
+        grey = apply_voi_table(values, meta.voi_lut.first_mapped, meta.voi_lut.bits, np.asarray(meta.voi_lut.data))
+    else:
+        grey = apply_percentile_window(values, *cfg.percentiles)
+    if needs_inversion(meta.photometric, meta.presentation_lut_shape):
+        grey = 1.0 - grey
+    return grey
+
+
+# -- model-specific geometry -------------------------------------------------------------------
+
+
+def orient_chest_wall_left(grey: np.ndarray) -> np.ndarray:
+    """Flip horizontally when the right half holds more tissue, so every breast points right.
+
+    Pixel-based on purpose: archives disagree on Patient Orientation, the pixels do not.
+    """
+    half = grey.shape[1] // 2
+    return grey[:, ::-1] if grey[:, half:].sum() > grey[:, :half].sum() else grey
+
+
+def resize_pad(grey: np.ndarray, size: int) -> np.ndarray:
+    """Resize the longer side to ``size`` (antialiased bilinear), pad the rest with 0 (air).
+
+    The image is centred vertically and kept against the left edge (the chest wall after orienting).
+    """
+    h, w = grey.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(
+        Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F").resize(
+            (nw, nh), Image.Resampling.BILINEAR
+        ),
+        dtype=np.float32,
+    )
+    out = np.zeros((size, size), np.float32)
+    top = (size - nh) // 2
+    out[top : top + nh, :nw] = resized
+    return out
+
+
+def normalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return ((x - mean) / std).astype(np.float32)
+
+
+class Preprocess:
+    """``Preprocess(cfg)(stored, meta) -> float32 array (1, size, size)``, the model's input."""
+
+    def __init__(self, cfg: PreprocessConfig | None = None) -> None:
+        self.cfg = cfg or PreprocessConfig()
+
+    def steps(self, meta: DicomMeta) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+        cfg = self.cfg
+        steps: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [("to_display", lambda a: to_display(a, meta, cfg))]
+        if cfg.orientation == "chest_wall_left":
+            steps.append(("orient_chest_wall_left", orient_chest_wall_left))
+        steps.append(("resize_pad", lambda a: resize_pad(a, cfg.image_size)))
+        steps.append(("normalize", lambda a: normalize(a, cfg.mean, cfg.std)))
+        return steps
+
+    def display(self, stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
+        """The oriented, resized image in [0, 1] before normalisation (for augmentation and viewing)."""
+        out = stored
+        for name, fn in self.steps(meta)[:-1]:
+            out = _run_step(name, fn, out)
+        return out
+
+    def __call__(self, stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
+        out = stored
+        for name, fn in self.steps(meta):
+            out = _run_step(name, fn, out)
+        return out[None, :, :]
+
+    def from_dicom(self, source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
+        stored, meta = read_dicom(source, limits)
+        return self(stored, meta), meta
+
+
+def _run_step(name: str, fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray) -> np.ndarray:
+    try:
+        return fn(arr)
+    except Exception as exc:
+        rng = f"[{arr.min():.4g}, {arr.max():.4g}]" if arr.size else "[]"
+        raise PreprocessError(
+            f"preprocessing step '{name}' failed on an input of shape {arr.shape}, dtype {arr.dtype}, "
+            f"range {rng}: {type(exc).__name__}: {exc}"
+        ) from exc

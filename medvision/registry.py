@@ -1,0 +1,77 @@
+"""Model registry: names -> architecture and defaults (timm's ``@register_model`` / ``PretrainedCfg`` idea).
+
+The registry is plain data so the core stays torch-free; ``medvision.training.models`` turns an
+entry into a torch module with timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from medvision.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: the timm architecture, its overrides, and defaults that travel with it."""
+
+    name: str
+    timm_name: str
+    timm_kwargs: dict = field(default_factory=dict)
+    image_size: int = 224
+    labels: tuple[str, str] = ("non-cancer", "cancer")
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ConfigError(f"model '{spec.name}' is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """Look up a registered model; any other timm name is accepted as-is at 224 px."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith(("vit_", "deit_", "resnet", "efficientnet", "convnext")):
+        return ModelSpec(name=name, timm_name=name, description="timm model (unregistered defaults)")
+    raise ConfigError(
+        f"unknown model '{name}'. Registered: {', '.join(list_models())}; "
+        "or give a timm name such as 'vit_small_patch16_224'"
+    )
+
+
+# Average-pooled patch tokens (not the CLS token) so the classifier applied per token gives an
+# exact class-activation map later (M4).
+_VIT = {"global_pool": "avg"}
+
+register_model(ModelSpec(
+    "vit_small_patch16_224", "vit_small_patch16_224", dict(_VIT), 224,
+    description="ViT-S/16, 22 M parameters: the default teacher",
+))
+register_model(ModelSpec(
+    "vit_base_patch16_224", "vit_base_patch16_224", dict(_VIT), 224,
+    description="ViT-B/16, 86 M parameters: the large teacher",
+))
+register_model(ModelSpec(
+    "vit_tiny_patch16_224", "vit_tiny_patch16_224", dict(_VIT), 224,
+    description="ViT-Ti/16, 5.7 M parameters",
+))
+register_model(ModelSpec(
+    "mv_vit_demo", "vit_tiny_patch16_224",
+    dict(_VIT, img_size=192, patch_size=16, embed_dim=192, depth=6, num_heads=3), 192,
+    description="6-layer ViT-Ti width at 192 px: trains from scratch on 2 CPU cores within the demo's budget",
+))
+register_model(ModelSpec(
+    "mv_vit_test", "vit_tiny_patch16_224",
+    dict(_VIT, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
+    description="2-layer, 32-wide ViT for tests (seconds per epoch on a CPU)",
+))

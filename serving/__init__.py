@@ -1,0 +1,1 @@
+"""The FastAPI + ONNX Runtime service. Installed as ``medvision.serving``; never imports torch."""

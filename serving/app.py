@@ -1,0 +1,64 @@
+"""``create_app(settings)``: the FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from medvision import __version__
+from medvision.dicom_io import ReadLimits
+from medvision.serving.engine import Engine
+from medvision.serving.errors import install_error_handlers
+from medvision.serving.routes import health, predict
+from medvision.serving.settings import Settings
+
+log = logging.getLogger("medvision.serving")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app; the artifact is loaded in the lifespan handler (or ``engine`` is used as given)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = engine or Engine(
+            settings.artifact, threads=settings.threads, providers=settings.providers,
+            limits=ReadLimits(max_pixels=settings.max_pixels),
+        )
+        info = app.state.engine.model_info()
+        log.info("model %s loaded (sha256 %s…, providers %s)", info["name"], info["artifact_sha256"][:12],
+                 ",".join(info["providers"]))
+        yield
+        app.state.engine = None
+
+    app = FastAPI(
+        title="medvision",
+        version=__version__,
+        description="Cancer-probability scoring of DICOM mammograms with an ONNX model. Research use only.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = None
+
+    @app.middleware("http")
+    async def request_log(request: Request, call_next):
+        # Method, path, status and timing only: no headers, query strings or bodies (they may carry PHI).
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        log.info("%s %s %d %.1f ms id=%s", request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - start) * 1000, request.state.request_id)
+        return response
+
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    return app

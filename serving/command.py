@@ -1,0 +1,83 @@
+"""``medvision serve`` and ``medvision predict``. onnxruntime / FastAPI are imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+from medvision.errors import MissingExtraError
+
+
+def _require_serve_extra() -> None:
+    for pkg in ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx"):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise MissingExtraError(pkg, "serve") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve an ONNX artifact over HTTP (FastAPI + ONNX Runtime)",
+        description="POST /v1/predict (DICOM in, JSON out), GET /healthz, /readyz, OpenAPI docs at /docs. "
+        "Every option can also be set as MEDVISION_<NAME> in the environment.",
+    )
+    p.add_argument("--model", help="ONNX artifact (MEDVISION_ARTIFACT)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=run_serve)
+
+
+def register_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="score DICOM files locally or through a running service",
+        description="Scores files / folders with --model (local ONNX Runtime) or --url (a medvision service). "
+        "With --labels (RSNA-style CSV) prints AUROC and the operating point's sensitivity / specificity.",
+    )
+    p.add_argument("inputs", nargs="+", help="DICOM files or folders")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="ONNX artifact to run locally")
+    target.add_argument("--url", help="base URL of a running 'medvision serve'")
+    p.add_argument("--labels", help="labels CSV with image_id and cancer columns")
+    p.add_argument("--split", help="split.csv of a training run: score only the images of --subset")
+    p.add_argument("--subset", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="write one CSV row per file here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_predict)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    import uvicorn
+
+    from medvision.serving.app import create_app
+    from medvision.serving.settings import Settings
+
+    overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
+                                   "threads": args.threads}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False)  # our middleware logs requests without query strings
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    _require_serve_extra()
+    from medvision.serving.scoring import collect_files, score_local, score_remote, summarise, write_rows
+
+    files = collect_files(args.inputs)
+    if args.split:
+        with open(args.split, newline="") as fh:
+            keep = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == args.subset}
+        files = [f for f in files if f.stem in keep]
+    show = not args.no_progress
+    if args.model:
+        rows, threshold = score_local(files, args.model, show_progress=show)
+    else:
+        rows, threshold = score_remote(files, args.url, show_progress=show)
+    if args.out:
+        write_rows(rows, args.out)
+    print(json.dumps(summarise(rows, threshold, args.labels), indent=2))
+    return 0

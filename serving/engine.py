@@ -1,0 +1,96 @@
+"""The inference engine: an ONNX Runtime session plus the preprocessing its artifact describes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from medvision import __version__
+from medvision.artifact import ArtifactMetadata, decode, sha256_file
+from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
+from medvision.errors import ArtifactError
+from medvision.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float
+    label: str
+    above_threshold: bool
+    meta: DicomMeta
+    inference_ms: float
+
+
+def choose_providers(requested: list[str] | None = None) -> list[str]:
+    """CUDA first when the installed onnxruntime has it, CPU always last."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ArtifactError(f"execution provider(s) {missing} not available; installed: {available}")
+        return requested
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class Engine:
+    """Load an artifact; ``predict(source)`` reads, preprocesses and scores one DICOM."""
+
+    def __init__(self, artifact: str | Path, threads: int = 0, providers: list[str] | None = None,
+                 limits: ReadLimits = ReadLimits()) -> None:
+        path = Path(artifact)
+        if not path.is_file():
+            raise ArtifactError(f"model artifact not found: {path} (set MEDVISION_ARTIFACT or --model)")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=choose_providers(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise ArtifactError(f"cannot load {path} with ONNX Runtime: {exc}") from None
+        self.meta: ArtifactMetadata = decode(self.session.get_modelmeta().custom_metadata_map)
+        self.preprocess = Preprocess(self.meta.preprocess)
+        self.artifact_sha256 = sha256_file(path)
+        self.limits = limits
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        size = self.meta.preprocess.image_size
+        if list(inp.shape[1:]) != [1, size, size]:
+            raise ArtifactError(f"graph input {inp.shape} does not match the metadata's {size} x {size}")
+        self.run(np.zeros((1, 1, size, size), np.float32))  # warm-up: first-call allocation off the request path
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a preprocessed batch of shape (N, 1, H, W)."""
+        return self.session.run(["probability"], {self.input_name: batch})[0][:, 0]
+
+    def predict(self, source: Source) -> Prediction:
+        stored, meta = read_dicom(source, self.limits)
+        x = self.preprocess(stored, meta)
+        start = time.perf_counter()
+        prob = float(self.run(x[None])[0])
+        elapsed = (time.perf_counter() - start) * 1000
+        above = prob >= self.meta.threshold
+        return Prediction(prob, self.meta.labels[int(above)], above, meta, elapsed)
+
+    def model_info(self) -> dict:
+        return {
+            "name": self.meta.model_name,
+            "architecture": self.meta.architecture,
+            "artifact_sha256": self.artifact_sha256,
+            "weights_sha256": self.meta.weights_sha256,
+            "trained_with": self.meta.medvision_version,
+            "served_by": __version__,
+            "operating_point": self.meta.operating_point,
+            "threshold": self.meta.threshold,
+            "providers": self.providers,
+        }

@@ -1,0 +1,87 @@
+"""Map domain errors to HTTP: a stable error code, a message that names the problem, never a 500 for bad input."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medvision.errors import (
+    CorruptDicomError,
+    EmptyInputError,
+    MedvisionError,
+    MissingCodecError,
+    NotAnImageError,
+    NotDicomError,
+    PreprocessError,
+    UnsupportedImageError,
+)
+
+log = logging.getLogger("medvision.serving")
+
+
+class PayloadTooLarge(MedvisionError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(MedvisionError):
+    code = "unsupported_media_type"
+
+
+class MissingFile(MedvisionError):
+    code = "missing_file"
+
+
+STATUS = {
+    EmptyInputError: 400,
+    MissingFile: 400,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    NotDicomError: 422,
+    NotAnImageError: 422,
+    CorruptDicomError: 422,
+    UnsupportedImageError: 422,
+    MissingCodecError: 422,
+    PreprocessError: 422,
+}
+
+
+def error_body(code: str, message: str, request: Request) -> dict:
+    return {"error": {"code": code, "message": message, "request_id": getattr(request.state, "request_id", None)}}
+
+
+def status_for(exc: MedvisionError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 422
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MedvisionError)
+    async def _domain(request: Request, exc: MedvisionError) -> JSONResponse:
+        status = status_for(exc)
+        # The code only: messages may quote file content, and logs must stay free of identifiers.
+        log.info("request %s refused: %s (%d)", getattr(request.state, "request_id", "-"), exc.code, status)
+        return JSONResponse(error_body(exc.code, exc.message, request), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", str(exc.errors()), request), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), type(exc).__name__)
+        return JSONResponse(
+            error_body("internal_error", "internal error; quote the request id when reporting it", request),
+            status_code=500,
+        )

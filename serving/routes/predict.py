@@ -1,0 +1,113 @@
+"""``POST /v1/predict``: one DICOM in (raw ``application/dicom`` body or multipart upload), one result out."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from medvision.serving.engine import Engine
+from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+log = logging.getLogger("medvision.serving")
+
+
+class ModelInfo(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    name: str
+    architecture: str
+    artifact_sha256: str
+    weights_sha256: str
+    trained_with: str
+    served_by: str
+    operating_point: str
+    threshold: float
+    providers: list[str]
+
+
+class PredictResponse(BaseModel):
+    sop_instance_uid: str | None = Field(description="SOP Instance UID of the scored image")
+    study_instance_uid: str | None
+    probability: float = Field(description="model probability of cancer, in [0, 1]")
+    label: str = Field(description="label at the artifact's operating point")
+    threshold: float
+    above_threshold: bool
+    operating_point: str
+    model: ModelInfo
+    inference_ms: float
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_dicom_upload(request: Request) -> bytes:
+    """The DICOM bytes from a raw body or from the first file part of a multipart form."""
+    limit = request.app.state.settings.max_upload_bytes
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+        try:
+            form = await request.form(max_part_size=limit)
+        except Exception as exc:  # malformed multipart bodies
+            raise UnsupportedMediaType(f"could not parse the multipart body: {exc}") from None
+        files = [v for v in form.values() if isinstance(v, UploadFile)]
+        if not files:
+            raise MissingFile("multipart body has no file part: send the DICOM as a form field named 'file'")
+        return await files[0].read()
+    if ctype in ("application/dicom", "application/octet-stream", ""):
+        return await _read_limited(request, limit)
+    raise UnsupportedMediaType(
+        f"content type '{ctype}' is not accepted: send 'application/dicom' or a 'multipart/form-data' upload"
+    )
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Score one DICOM image",
+    description="Body: the DICOM file as `application/dicom`, or `multipart/form-data` with a file field. "
+    "Errors are JSON `{error: {code, message}}` with a 4xx status.",
+    openapi_extra={"requestBody": {"content": {
+        "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
+    }, "required": True}},
+    responses={400: {"description": "empty body / no file"}, 413: {"description": "too large"},
+               415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"}},
+)
+async def predict(request: Request, engine: Engine = Depends(get_engine)) -> PredictResponse:
+    data = await read_dicom_upload(request)
+    # Decoding and inference are CPU-bound: keep them off the event loop.
+    result = await run_in_threadpool(engine.predict, data)
+    log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
+    return PredictResponse(
+        sop_instance_uid=result.meta.sop_instance_uid,
+        study_instance_uid=result.meta.study_instance_uid,
+        probability=result.probability,
+        label=result.label,
+        threshold=engine.meta.threshold,
+        above_threshold=result.above_threshold,
+        operating_point=engine.meta.operating_point,
+        model=ModelInfo(**engine.model_info()),
+        inference_ms=result.inference_ms,
+    )

@@ -1,0 +1,19 @@
+"""Service settings, read from the environment (``MEDVISION_*``) by pydantic-settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDVISION_", extra="ignore", protected_namespaces=())
+
+    artifact: str = Field("model.onnx", description="ONNX artifact written by 'medvision export'")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads, 0 = library default")
+    providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"

@@ -1,0 +1,1 @@
+"""Training, export (torch lives here). Installed as ``medvision.training``; needs ``medvision[train]``."""

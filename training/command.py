@@ -1,0 +1,87 @@
+"""``medvision train`` and ``medvision export``. torch is imported only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medvision.errors import MissingExtraError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _require_train_extra() -> None:
+    for pkg in ("torch", "timm", "albumentations", "safetensors"):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise MissingExtraError(pkg, "train") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune a ViT on a labels CSV + DICOM folder",
+        description="Patient-level split, augmentation, AUROC on validation every epoch; writes "
+        "best.safetensors, config.yaml, split.csv and metrics.json to --out. Config: YAML (--config, or a "
+        f"recipe name from {CONFIG_DIR.name}/) plus 'section.key=value' overrides.",
+    )
+    p.add_argument("--config", help="YAML file or recipe name (e.g. 'demo', 'tiny', 'vit_small')")
+    p.add_argument("--labels", help="labels CSV (sets data.labels_csv)")
+    p.add_argument("--images", help="image folder (sets data.image_dir)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="e.g. train.epochs=3 model.name=vit_tiny_patch16_224")
+    p.set_defaults(func=run_train)
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a trained run to ONNX with embedded metadata",
+        description="Writes ONNX (opset 17, dynamic batch) with preprocessing, labels, threshold and weights "
+        "hash embedded, then checks torch vs ONNX Runtime on real validation images.",
+    )
+    p.add_argument("run", help="run folder written by 'medvision train'")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |logit| difference torch vs ONNX Runtime")
+    p.set_defaults(func=run_export)
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    if name is None or Path(name).is_file():
+        return name
+    recipe = CONFIG_DIR / f"{name}.yaml"
+    if recipe.is_file():
+        return str(recipe)
+    from medvision.errors import ConfigError
+
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name}' is neither a file nor a recipe ({known})")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    _require_train_extra()
+    from medvision.config import load_config
+    from medvision.training.train import train
+
+    overrides = list(args.overrides)
+    if args.labels:
+        overrides.append(f"data.labels_csv={args.labels}")
+    if args.images:
+        overrides.append(f"data.image_dir={args.images}")
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    metrics = train(cfg, args.out, show_progress=not args.no_progress)
+    summary = {k: metrics[k] for k in ("model", "best_epoch", "val_auroc", "threshold", "val_sensitivity",
+                                       "val_specificity", "train_seconds")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    _require_train_extra()
+    from medvision.training.export import export_run
+
+    meta = export_run(args.run, args.out, atol=args.atol)
+    print(json.dumps({"artifact": args.out, "model": meta.model_name, "threshold": meta.threshold,
+                      "weights_sha256": meta.weights_sha256}, indent=2))
+    return 0

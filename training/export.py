@@ -1,0 +1,150 @@
+"""Export a trained run to a self-describing ONNX file and prove it computes what torch computes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from medvision import __version__
+from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode, sha256_file
+from medvision.config import RunConfig
+from medvision.data import read_labels, read_split
+from medvision.dicom_io import read_dicom
+from medvision.errors import ArtifactError, DicomError
+from medvision.preprocess import Preprocess
+from medvision.registry import get_model_spec
+from medvision.training.models import create_model
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+class ExportParityError(ArtifactError):
+    code = "export_parity"
+
+
+class _WithProbability(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.model(image)
+        return logit, torch.sigmoid(logit)
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, dict, Path]:
+    ckpt = run_dir / "best.safetensors"
+    if not ckpt.is_file():
+        raise ArtifactError(f"no checkpoint at {ckpt}: run 'medvision train' first")
+    with safe_open(str(ckpt), framework="pt") as fh:
+        cfg = RunConfig.model_validate_json(fh.metadata()["config"])
+    model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size)
+    model.load_state_dict(load_file(str(ckpt)))
+    model.eval()
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return cfg, model, metrics, ckpt
+
+
+def parity_inputs(cfg: RunConfig, run_dir: Path, n: int = 8) -> np.ndarray:
+    """Real preprocessed images from the run's validation split (random ones if none can be read)."""
+    pre = Preprocess(cfg.preprocess)
+    batch = []
+    if cfg.data.labels_csv and cfg.data.image_dir and (run_dir / "split.csv").is_file():
+        split = read_split(run_dir / "split.csv")
+        try:
+            rows = [r for r in read_labels(cfg.data.labels_csv, cfg.data.image_dir) if split.get(r.patient_id) == "val"]
+        except Exception:
+            rows = []
+        for r in rows:
+            try:
+                batch.append(pre(*read_dicom(r.path)))
+            except (DicomError, OSError):
+                continue
+            if len(batch) == n:
+                break
+    if not batch:
+        log.warning("no validation DICOMs readable: parity is checked on random inputs only")
+        size = cfg.preprocess.image_size
+        return np.random.default_rng(0).standard_normal((n, 1, size, size)).astype(np.float32)
+    return np.stack(batch)
+
+
+def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: float = 1e-4) -> ArtifactMetadata:
+    """Write ``out_path`` (ONNX, opset 17, dynamic batch) with embedded metadata; check parity.
+
+    Raises:
+        ExportParityError: torch and onnxruntime disagree by more than ``atol`` on any logit; the
+        file is removed so a wrong artifact can never be picked up.
+    """
+    run = Path(run_dir)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg, model, metrics, ckpt = load_run(run)
+    size = cfg.preprocess.image_size
+    wrapper = _WithProbability(model).eval()
+    dummy = torch.zeros(2, 1, size, size)
+    torch.onnx.export(
+        wrapper, (dummy,), str(out), input_names=["image"], output_names=["logit", "probability"],
+        opset_version=OPSET, dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
+        dynamo=False,
+    )
+    spec = get_model_spec(cfg.model.name)
+    meta = ArtifactMetadata(
+        model_name=cfg.model.name,
+        architecture=spec.timm_name,
+        medvision_version=__version__,
+        created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        preprocess=cfg.preprocess,
+        input=InputContract(shape=["batch", 1, size, size]),
+        labels=list(spec.labels),
+        threshold=float(metrics.get("threshold", 0.5)),
+        operating_point=metrics.get("operating_point", "default 0.5 (no validation metrics found)"),
+        weights_sha256=sha256_file(ckpt),
+        validation={k: float(metrics[k]) for k in ("val_auroc", "val_sensitivity", "val_specificity") if k in metrics},
+        training_data=f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",
+    )
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    proto.producer_name = "medvision"
+    proto.producer_version = __version__
+    proto.doc_string = f"{meta.model_name}: cancer probability for {meta.input.modality} images"
+    onnx.save(proto, str(out))
+
+    x = parity_inputs(cfg, run)
+    try:
+        check_parity(wrapper, out, x, atol)
+    except ExportParityError:
+        out.unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def check_parity(wrapper: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float) -> float:
+    """Compare torch and onnxruntime on ``x`` in one batch and one image at a time (dynamic batch)."""
+    with torch.no_grad():
+        ref = wrapper(torch.from_numpy(x))[0].numpy()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got_batch = sess.run(["logit"], {"image": x})[0]
+    got_single = np.concatenate([sess.run(["logit"], {"image": x[i : i + 1]})[0] for i in range(len(x))])
+    worst = float(max(np.abs(ref - got_batch).max(), np.abs(ref - got_single).max()))
+    if not np.isfinite(worst) or worst > atol:
+        raise ExportParityError(
+            f"ONNX Runtime disagrees with torch: max |logit difference| {worst:.3g} > tolerance {atol:g} "
+            f"on {len(x)} preprocessed images"
+        )
+    log.info("parity ok: max |logit difference| %.2e over %d images (tolerance %g)", worst, len(x), atol)
+    return worst
