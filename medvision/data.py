@@ -80,15 +80,6 @@ def patient_split(
     return assignment
 
 
-def check_no_leakage(assignment: dict[str, str], rows: list[ImageRow]) -> None:
-    seen: dict[str, set[str]] = {}
-    for r in rows:
-        seen.setdefault(r.patient_id, set()).add(assignment[r.patient_id])
-    leaked = [p for p, s in seen.items() if len(s) > 1]
-    if leaked:
-        raise ConfigError(f"patient-level split leaks {len(leaked)} patient(s) across splits")
-
-
 def write_split(path: str | os.PathLike, rows: list[ImageRow], assignment: dict[str, str]) -> None:
     with Path(path).open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -271,6 +271,10 @@ def _str(value) -> str | None:
 
 def _check_policy(ds: Dataset, meta: DicomMeta, limits: ReadLimits) -> None:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if "Rows" in ds or "Image Storage" in meta.sop_class:
+            raise CorruptDicomError(
+                f"a '{meta.sop_class}' object without pixel data: the file is truncated or incomplete"
+            )
         raise NotAnImageError(f"not an image: a '{meta.sop_class}' object has no pixel data")
     if "PixelData" not in ds:
         raise UnsupportedImageError("float pixel data (parametric maps) is not supported")

@@ -2,7 +2,7 @@
 
 Pure numpy functions, composed by ``Preprocess(cfg)``. The order follows the DICOM grey-scale
 pipeline (PS3.4 N.2): modality LUT (rescale) -> VOI LUT (window or table) -> MONOCHROME1 / Presentation
-LUT inversion; then the model-specific steps: canonical orientation, aspect-preserving resize / pad,
+LUT inversion; then the model-specific steps: crop to the breast, canonical orientation, aspect-preserving resize / pad,
 normalisation. Random augmentation lives in ``medvision.training`` and never runs here.
 """
 
@@ -31,6 +31,9 @@ class PreprocessConfig(BaseModel):
     percentiles: tuple[float, float] = (0.5, 99.5)
     orientation: Literal["chest_wall_left", "none"] = Field(
         "chest_wall_left", description="flip so the side with more tissue (chest wall) is on the left"
+    )
+    crop_to_breast: bool = Field(
+        True, description="crop to the bounding box of non-background pixels before resizing (more pixels per lesion)"
     )
     mean: float = 0.5
     std: float = 0.5
@@ -115,6 +118,20 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
 # -- model-specific geometry -------------------------------------------------------------------
 
 
+def crop_to_foreground(grey: np.ndarray, level: float = 0.08, min_fraction: float = 0.01) -> np.ndarray:
+    """Crop to the rows / columns where more than ``min_fraction`` of pixels exceed ``level``.
+
+    Background (air, after windowing and inversion) is near 0; isolated noise pixels and thin labels
+    do not pass the fraction test. Returns the input unchanged when nothing passes.
+    """
+    mask = grey > level
+    rows = np.flatnonzero(mask.mean(axis=1) > min_fraction)
+    cols = np.flatnonzero(mask.mean(axis=0) > min_fraction)
+    if rows.size == 0 or cols.size == 0:
+        return grey
+    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
 def orient_chest_wall_left(grey: np.ndarray) -> np.ndarray:
     """Flip horizontally when the right half holds more tissue, so every breast points right.
 
@@ -157,6 +174,8 @@ class Preprocess:
     def steps(self, meta: DicomMeta) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
         cfg = self.cfg
         steps: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [("to_display", lambda a: to_display(a, meta, cfg))]
+        if cfg.crop_to_breast:
+            steps.append(("crop_to_foreground", crop_to_foreground))
         if cfg.orientation == "chest_wall_left":
             steps.append(("orient_chest_wall_left", orient_chest_wall_left))
         steps.append(("resize_pad", lambda a: resize_pad(a, cfg.image_size)))

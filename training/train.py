@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medvision import __version__
 from medvision.config import RunConfig, save_config
-from medvision.data import check_no_leakage, patient_split, read_labels, read_split, write_split
+from medvision.data import patient_split, read_labels, read_split, write_split
 from medvision.errors import ConfigError
 from medvision.metrics import auroc, sensitivity_specificity, threshold_for_sensitivity
 from medvision.preprocess import Preprocess
@@ -87,7 +87,6 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             raise ConfigError(f"split file {cfg.data.split_file} lacks {len(unknown)} patient(s) of the labels CSV")
     else:
         assignment = patient_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    check_no_leakage(assignment, rows)
     write_split(out / "split.csv", rows, assignment)
     by_split = {s: [r for r in rows if assignment[r.patient_id] == s] for s in ("train", "val")}
     for s, rs in by_split.items():

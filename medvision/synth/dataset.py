@@ -54,7 +54,7 @@ def _breast_plan(cfg: SynthConfig, rng: np.random.Generator, malignant: bool, sh
     geom = BreastGeometry(
         depth=rng.uniform(0.55, 0.8), half_height=rng.uniform(0.33, 0.44), center_y=rng.uniform(0.47, 0.53)
     )
-    size = (1.3 - 0.6 * cfg.difficulty) * shape[0] / 512
+    size = (1.6 - 1.0 * cfg.difficulty) * shape[0] / 512
     planned: list[tuple[str, bool, float, float, float]] = []  # kind, malignant, depth_frac, y_frac, radius
 
     def place() -> tuple[float, float]:
@@ -97,7 +97,7 @@ def _patient_task(args: tuple) -> tuple[list[dict], list[dict], list[str]]:
     age = int(rng.integers(40, 80))
     density = str(rng.choice(["A", "B", "C", "D"], p=[0.1, 0.4, 0.4, 0.1]))
     site_id = 1 + int(vendor.machine_id > 25)
-    contrast = 0.22 - 0.16 * cfg.difficulty
+    contrast = 0.30 - 0.22 * cfg.difficulty
     study_uid = uid_for("study", cfg.seed, index)
     study_date = _dt.date(2026, 1, 5) + _dt.timedelta(days=int(index % 300))
     labels, lesions, syntaxes = [], [], []

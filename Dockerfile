@@ -1,0 +1,21 @@
+# The serving image: ONNX Runtime + FastAPI, no torch. Build: docker build -t medvision-serve .
+# Run:   docker run -p 8000:8000 -v $PWD/model.onnx:/models/model.onnx:ro medvision-serve
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY medvision ./medvision
+COPY training ./training
+COPY serving ./serving
+RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    MEDVISION_ARTIFACT=/models/model.onnx MEDVISION_HOST=0.0.0.0 MEDVISION_PORT=8000
+COPY --from=build /wheels /wheels
+RUN WHEEL=$(ls /wheels/medvision-*.whl) && pip install --no-cache-dir "${WHEEL}[serve]" && rm -rf /wheels \
+ && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+ && useradd --system --uid 10001 --no-create-home medvision
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+ENTRYPOINT ["medvision", "serve"]

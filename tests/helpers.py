@@ -1,0 +1,19 @@
+"""Helpers shared by tests (importable because pyproject sets pythonpath = ["tests"])."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; in CI a missing tool is a failure, elsewhere a skip that says why."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"'{name}' is not installed (Debian package; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import pytest
+
+from medvision.cli import build_parser, main
+
+COMMANDS = ["synth", "train", "export", "serve", "predict"]
+
+
+def test_every_command_is_registered_in_order():
+    help_text = build_parser().format_help()
+    positions = [help_text.index(c) for c in COMMANDS]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: medvision " + command in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "medvision.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "medvision" in proc.stdout
+
+
+def test_domain_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "train.epochs=-1"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing"), "--model", "x.onnx"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_predict_command_reports_auroc(artifact, synth_dir, tiny_run, capsys):
+    import json
+
+    out = tmp = tiny_run / "scores.csv"
+    code = main(["predict", str(synth_dir / "images"), "--model", str(artifact), "--labels",
+                 str(synth_dir / "labels.csv"), "--split", str(tiny_run / "split.csv"), "--subset", "test",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scored"] == summary["files"] > 0 and summary["refused"] == {}
+    assert 0.0 <= summary["auroc"] <= 1.0 and "sensitivity" in summary
+    assert len(tmp.read_text().splitlines()) == summary["files"] + 1

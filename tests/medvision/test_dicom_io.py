@@ -1,0 +1,117 @@
+"""read_dicom: correct pixels where it accepts, a specific error where it refuses (one row per case)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medvision.dicom_io import ReadLimits, read_dicom
+from medvision.errors import (
+    CorruptDicomError,
+    EmptyInputError,
+    NotAnImageError,
+    NotDicomError,
+    UnsupportedImageError,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+def pydicom_file(name: str) -> str:
+    # Only files bundled with pydicom itself: asking for others makes pydicom try the network.
+    path = get_testdata_file(name, download=False)
+    assert path, f"pydicom test file {name} missing"
+    return path
+
+
+def test_reads_synthetic_mammogram(dicom_files):
+    pixels, meta = read_dicom(dicom_files[0])
+    assert pixels.ndim == 2 and pixels.shape == (meta.rows, meta.columns)
+    assert meta.modality == "MG" and meta.view in {"CC", "MLO"} and meta.laterality in {"L", "R"}
+    assert meta.sop_instance_uid and meta.window_centers
+
+
+def test_bytes_path_and_stream_agree(dicom_files):
+    data = dicom_files[1].read_bytes()
+    a, _ = read_dicom(dicom_files[1])
+    b, _ = read_dicom(data)
+    c, _ = read_dicom(io.BytesIO(data))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_meta_carries_no_patient_identifiers(dicom_files):
+    ds = pydicom.dcmread(dicom_files[0])
+    _, meta = read_dicom(dicom_files[0])
+    text = repr(meta.to_dict())
+    for value in (str(ds.PatientName), ds.PatientID, ds.AccessionNumber):
+        assert value and value not in text
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+     "MR_small_implicit.dcm", "MR_small_bigendian.dcm"],
+)
+def test_lossless_transfer_syntaxes_equal_the_uncompressed_twin(name):
+    ref, _ = read_dicom(pydicom_file("MR_small.dcm"))
+    got, meta = read_dicom(pydicom_file(name))
+    np.testing.assert_array_equal(ref, got)
+    assert meta.signed  # MR_small has signed pixels
+
+
+def _bomb() -> bytes:
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds.Rows = ds.Columns = 60000
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _for_processing(dicom_files) -> bytes:
+    ds = pydicom.dcmread(dicom_files[0])
+    ds.PresentationIntentType = "FOR PROCESSING"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _truncated(dicom_files) -> bytes:
+    data = dicom_files[0].read_bytes()
+    return data[: len(data) // 2]
+
+
+REFUSALS = [
+    # (case, input factory, error, words the message must contain)
+    ("empty bytes", lambda f: b"", EmptyInputError, "0 bytes"),
+    ("png", lambda f: PNG, NotDicomError, "PNG"),
+    ("random text", lambda f: b"hello, this is not DICOM at all" * 10, NotDicomError, "not a DICOM"),
+    ("truncated mammogram", _truncated, CorruptDicomError, "truncated"),
+    ("pydicom truncated MR", lambda f: Path(pydicom_file("MR_truncated.dcm")).read_bytes(), CorruptDicomError, ""),
+    ("structured report", lambda f: Path(pydicom_file("test-SR.dcm")).read_bytes(), NotAnImageError, "SR"),
+    ("RT plan", lambda f: Path(pydicom_file("rtplan.dcm")).read_bytes(), NotAnImageError, "no pixel data"),
+    ("RGB secondary capture", lambda f: Path(pydicom_file("SC_rgb_small_odd.dcm")).read_bytes(), UnsupportedImageError, "colour"),
+    ("multi-frame", lambda f: Path(pydicom_file("rtdose.dcm")).read_bytes(), UnsupportedImageError, "multi-frame"),
+    ("for processing", _for_processing, UnsupportedImageError, "FOR PROCESSING"),
+    ("decompression bomb", lambda f: _bomb(), UnsupportedImageError, "exceeds"),
+]
+
+
+@pytest.mark.parametrize("case,make,error,words", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusals_name_the_problem(case, make, error, words, dicom_files):
+    with pytest.raises(error) as info:
+        read_dicom(make(dicom_files))
+    assert words in info.value.message
+
+
+def test_limits_are_configurable(dicom_files):
+    with pytest.raises(UnsupportedImageError, match="exceeds"):
+        read_dicom(dicom_files[0], ReadLimits(max_pixels=1000))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(NotDicomError, match="no such file"):
+        read_dicom(tmp_path / "nope.dcm")

@@ -1,0 +1,105 @@
+"""The shared preprocessing path: DICOM grey-scale semantics checked against pydicom's reference."""
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_voi_lut
+
+from medvision.dicom_io import read_dicom
+from medvision.errors import PreprocessError
+from medvision.preprocess import (
+    Preprocess,
+    PreprocessConfig,
+    apply_window,
+    needs_inversion,
+    orient_chest_wall_left,
+    resize_pad,
+    to_display,
+)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("center,width", [(2048, 4096), (1000, 301), (40.5, 1.5)])
+def test_window_matches_pydicom(function, center, width):
+    values = np.linspace(-500, 4600, 2001).astype(np.float32)
+    ds = pydicom.Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 16
+    ds.PixelRepresentation = 1
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = center, width, function
+    ref = apply_voi_lut(values.astype(np.float64), ds, prefer_lut=False)
+    # pydicom maps to the stored value range [-32768, 32767]; bring it to [0, 1].
+    ref = (ref + 32768.0) / 65535.0
+    np.testing.assert_allclose(apply_window(values, center, width, function), ref, atol=2e-5)
+
+
+def _twin_monochrome1(path) -> bytes:
+    """The same image stored inverted as MONOCHROME1 with the window mirrored."""
+    ds = pydicom.dcmread(path)
+    ds.decompress()
+    top = (1 << ds.BitsStored) - 1
+    arr = ds.pixel_array
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME2", "IDENTITY"
+    else:
+        ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME1", "INVERSE"
+    ds.PixelData = (top - arr).astype("<u2").tobytes()
+    ds.WindowCenter = top - float(ds.WindowCenter)
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_monochrome1_and_its_monochrome2_twin_look_the_same(dicom_files):
+    cfg = PreprocessConfig()
+    for path in dicom_files[:4]:
+        a_stored, a_meta = read_dicom(path)
+        b_stored, b_meta = read_dicom(_twin_monochrome1(path))
+        assert {a_meta.photometric, b_meta.photometric} == {"MONOCHROME1", "MONOCHROME2"}
+        a_meta_exact = a_meta.__class__(**{**a_meta.__dict__, "voi_lut_function": "LINEAR_EXACT"})
+        a = to_display(a_stored, a_meta_exact, cfg)
+        b = to_display(b_stored, b_meta, cfg)
+        np.testing.assert_allclose(a, b, atol=1e-3)
+        # bright = dense tissue for both: the breast is brighter than the air around it
+        assert a[a_stored.shape[0] // 2].max() > 0.3 and a[:, :2].mean() < a.mean()
+
+
+def test_inversion_rules():
+    assert needs_inversion("MONOCHROME1", "INVERSE")  # INVERSE declares MONOCHROME1's inversion, no double flip
+    assert needs_inversion("MONOCHROME1", None)
+    assert not needs_inversion("MONOCHROME2", "IDENTITY")
+    assert needs_inversion("MONOCHROME2", "INVERSE")
+
+
+def test_orientation_makes_left_and_right_breasts_alike():
+    img = np.zeros((40, 30), np.float32)
+    img[5:35, :12] = 1.0  # tissue against the left edge
+    np.testing.assert_array_equal(orient_chest_wall_left(img), img)
+    np.testing.assert_array_equal(orient_chest_wall_left(img[:, ::-1]), img)
+
+
+def test_resize_pad_keeps_aspect_and_pads_with_air():
+    img = np.ones((200, 100), np.float32)
+    out = resize_pad(img, 64)
+    assert out.shape == (64, 64)
+    assert np.allclose(out[:, :32], 1.0, atol=1e-5) and np.all(out[:, 33:] == 0)
+
+
+def test_preprocess_output_contract(dicom_files):
+    pre = Preprocess(PreprocessConfig(image_size=96, mean=0.5, std=0.25))
+    x, meta = pre.from_dicom(dicom_files[0])
+    assert x.shape == (1, 96, 96) and x.dtype == np.float32
+    assert x.min() >= (0 - 0.5) / 0.25 - 1e-6 and x.max() <= (1 - 0.5) / 0.25 + 1e-6
+    stored, _ = read_dicom(dicom_files[0])
+    np.testing.assert_array_equal(pre(stored, meta), x)  # deterministic
+
+
+def test_failing_step_is_named_with_shape_and_range(dicom_files):
+    stored, meta = read_dicom(dicom_files[0])
+    bad = meta.__class__(**{**meta.__dict__, "window_widths": (0.5,), "window_centers": (10.0,)})
+    with pytest.raises(PreprocessError) as info:
+        Preprocess()(stored, bad)
+    assert "to_display" in info.value.message and str(stored.shape) in info.value.message

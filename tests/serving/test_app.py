@@ -1,0 +1,124 @@
+"""The service over real HTTP semantics (TestClient), with a real ONNX Runtime session."""
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+
+from medvision.serving.app import create_app
+from medvision.serving.engine import Engine
+from medvision.serving.settings import Settings
+
+DICOM = {"Content-Type": "application/dicom"}
+
+
+@pytest.fixture(scope="module")
+def client(artifact):
+    with TestClient(create_app(Settings(artifact=str(artifact), max_upload_bytes=2_000_000))) as c:
+        yield c
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model"]["name"] == "mv_vit_test"
+
+
+def test_predict_raw_body_matches_local_engine(client, artifact, dicom_files):
+    f = dicom_files[3]
+    r = client.post("/v1/predict", content=f.read_bytes(), headers=DICOM)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ds = pydicom.dcmread(f)
+    assert body["sop_instance_uid"] == ds.SOPInstanceUID
+    assert body["study_instance_uid"] == ds.StudyInstanceUID
+    local = Engine(artifact).predict(f)
+    assert body["probability"] == pytest.approx(local.probability, abs=1e-6)
+    assert body["label"] == ("cancer" if body["probability"] >= body["threshold"] else "non-cancer")
+    assert body["model"]["name"] == "mv_vit_test" and len(body["model"]["artifact_sha256"]) == 64
+    assert r.headers["X-Request-ID"]
+
+
+def test_predict_multipart_upload(client, dicom_files):
+    f = dicom_files[0]
+    raw = client.post("/v1/predict", content=f.read_bytes(), headers=DICOM).json()
+    r = client.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "application/dicom")})
+    assert r.status_code == 200, r.text
+    assert r.json()["probability"] == pytest.approx(raw["probability"])
+
+
+def _truncated(files):
+    data = files[0].read_bytes()
+    return data[: len(data) * 2 // 3]
+
+
+def _sr(_):
+    return Path(get_testdata_file("test-SR.dcm", download=False)).read_bytes()
+
+
+def _png(_):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD = [
+    ("png", _png, 422, "not_dicom", "PNG"),
+    ("empty", lambda f: b"", 400, "empty_body", "0 bytes"),
+    ("truncated", _truncated, 422, "corrupt_dicom", "truncated"),
+    ("structured report", _sr, 422, "not_an_image", "SR"),
+    ("garbage", lambda f: bytes(range(256)) * 4, 422, "not_dicom", "not a DICOM"),
+    ("too large", lambda f: b"\0" * 2_000_001, 413, "payload_too_large", "limit"),
+]
+
+
+@pytest.mark.parametrize("case,make,status,code,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_naming_the_problem(client, dicom_files, case, make, status, code, words):
+    r = client.post("/v1/predict", content=make(dicom_files), headers=DICOM)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and words in err["message"]
+    # ... and the service stays up and keeps scoring
+    assert client.post("/v1/predict", content=dicom_files[0].read_bytes(), headers=DICOM).status_code == 200
+
+
+def test_bad_multipart_and_content_type(client, dicom_files):
+    r = client.post("/v1/predict", files={"file": ("x.png", _png(None), "image/png")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "not_dicom"
+    r = client.post("/v1/predict", data={"note": "no file"})
+    assert r.status_code in (400, 415) and r.json()["error"]["code"] in ("missing_file", "unsupported_media_type")
+    r = client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415 and "application/dicom" in r.json()["error"]["message"]
+    assert client.get("/v1/nope").status_code == 404
+
+
+def test_openapi_documents_predict(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "application/dicom" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+
+
+def test_logs_carry_no_patient_identifiers(client, dicom_files, caplog):
+    caplog.set_level(logging.DEBUG)
+    ds = pydicom.dcmread(dicom_files[2])
+    client.post("/v1/predict", content=dicom_files[2].read_bytes(), headers=DICOM)
+    client.post("/v1/predict", content=_truncated([dicom_files[2]]), headers=DICOM)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "POST /v1/predict 200" in text
+    for identifier in (str(ds.PatientName), ds.PatientID, ds.AccessionNumber, ds.SOPInstanceUID):
+        assert identifier not in text
+
+
+def test_missing_artifact_fails_at_startup_with_a_clear_error(tmp_path):
+    from medvision.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="not found"):
+        with TestClient(create_app(Settings(artifact=str(tmp_path / "none.onnx")))):
+            pass

@@ -1,0 +1,78 @@
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medvision.config import ModelConfig, RunConfig
+from medvision.errors import ConfigError
+from medvision.training.models import create_model, load_local_weights
+
+
+def test_run_folder_has_checkpoint_config_split_and_metrics(tiny_run):
+    for name in ("best.safetensors", "config.yaml", "split.csv", "metrics.json"):
+        assert (tiny_run / name).is_file(), name
+    cfg = RunConfig.model_validate(yaml.safe_load((tiny_run / "config.yaml").read_text()))
+    assert cfg.model.name == "mv_vit_test" and cfg.train.epochs == 2
+    with safe_open(str(tiny_run / "best.safetensors"), framework="pt") as fh:
+        assert RunConfig.model_validate_json(fh.metadata()["config"]) == cfg
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert all(0.0 <= h["val_auroc"] <= 1.0 for h in metrics["history"])
+    assert metrics["best_epoch"] in (1, 2)
+    assert metrics["val_sensitivity"] >= 0.9  # the stored operating point reaches its target on validation
+    assert 0.0 <= metrics["threshold"] <= 1.0
+
+
+def test_split_is_patient_level(tiny_run):
+    with open(tiny_run / "split.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    splits = {}
+    for r in rows:
+        splits.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert {"train", "val", "test"} == {next(iter(s)) for s in splits.values()}
+
+
+def test_rgb_weights_load_into_a_greyscale_model(tmp_path):
+    import timm
+
+    rgb = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=3, num_classes=10,
+                            img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="avg")
+    path = tmp_path / "rgb.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(path))
+    # Different input size: position embeddings are resampled (8x8 -> 12x12 grid).
+    model = create_model(ModelConfig(name="mv_vit_test", pretrained=str(path)), image_size=96)
+    expected = rgb.state_dict()["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+    torch.testing.assert_close(model.state_dict()["patch_embed.proj.weight"], expected)
+    torch.testing.assert_close(model.state_dict()["blocks.1.mlp.fc1.weight"], rgb.state_dict()["blocks.1.mlp.fc1.weight"])
+    assert model.state_dict()["pos_embed"].shape[1] == 1 + 12 * 12
+
+
+def test_mismatched_weights_are_refused_by_name(tmp_path):
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(64, 1, 8, 8)}, str(wrong))
+    model = create_model(ModelConfig(name="mv_vit_test"), 64)
+    with pytest.raises(ConfigError, match="do not match the architecture"):
+        load_local_weights(model, wrong)
+    with pytest.raises(ConfigError, match="not found"):
+        load_local_weights(model, tmp_path / "missing.pth")
+
+
+def test_training_refuses_a_split_without_both_classes(tmp_path, synth_dir):
+    from medvision.config import load_config
+    from medvision.training.train import train
+
+    labels = tmp_path / "neg.csv"
+    with open(synth_dir / "labels.csv", newline="") as src, labels.open("w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(r for r in reader if r["cancer"] == "0")
+    cfg = load_config(None, [f"data.labels_csv={labels}", f"data.image_dir={synth_dir / 'images'}",
+                             "model.name=mv_vit_test", "preprocess.image_size=64"])
+    with pytest.raises(ConfigError, match="both classes"):
+        train(cfg, tmp_path / "run", show_progress=False)
