@@ -157,10 +157,12 @@ def _parse(source: Source) -> Dataset:
     try:
         head = fileobj.read(132)
         fileobj.seek(0)
-        for magic, what in _SIGNATURES.items():
-            if head.startswith(magic):
-                raise NotDicomError(f"not a DICOM file: {name} looks like {what}")
         has_marker = head[128:132] == b"DICM"
+        # The 128-byte preamble may legitimately hold a TIFF header (dual-format files): only name
+        # other formats when the DICM marker is absent.
+        for magic, what in _SIGNATURES.items():
+            if not has_marker and head.startswith(magic):
+                raise NotDicomError(f"not a DICOM file: {name} looks like {what}")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -321,6 +323,8 @@ def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
             ) from None
         raise CorruptDicomError(f"pixel data could not be decoded: {text}") from None
     except Exception as exc:  # truncated / inconsistent pixel data surfaces as many error types
+        if "less than expected" in str(exc):
+            raise CorruptDicomError(f"truncated pixel data: {exc}") from None
         raise CorruptDicomError(f"pixel data could not be decoded ({type(exc).__name__}): {exc}") from None
     if arr.ndim != 2:
         raise UnsupportedImageError(f"expected a 2-D greyscale frame, decoded shape {arr.shape}")

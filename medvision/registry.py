@@ -20,6 +20,9 @@ class ModelSpec:
     timm_kwargs: dict = field(default_factory=dict)
     image_size: int = 224
     labels: tuple[str, str] = ("non-cancer", "cancer")
+    pool: str = "lse"  # "lse": per-token classifier + log-sum-exp pooling; "timm": the timm model's own head
+    lse_r: float = 5.0
+    stem: str = "patch"  # "patch": the ViT's linear patch projection; "conv": a stride-2 convolution stack
     description: str = ""
 
 
@@ -42,16 +45,17 @@ def get_model_spec(name: str) -> ModelSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith(("vit_", "deit_", "resnet", "efficientnet", "convnext")):
-        return ModelSpec(name=name, timm_name=name, description="timm model (unregistered defaults)")
+        pool = "lse" if name.startswith(("vit_", "deit_")) else "timm"
+        return ModelSpec(name=name, timm_name=name, pool=pool, description="timm model (unregistered defaults)")
     raise ConfigError(
         f"unknown model '{name}'. Registered: {', '.join(list_models())}; "
         "or give a timm name such as 'vit_small_patch16_224'"
     )
 
 
-# Average-pooled patch tokens (not the CLS token) so the classifier applied per token gives an
-# exact class-activation map later (M4).
-_VIT = {"global_pool": "avg"}
+# ViTs score every patch token and pool the scores (medvision.training.models.TokenPooledViT), so
+# the heatmap is exact; the dict holds timm overrides only.
+_VIT: dict = {}
 
 register_model(ModelSpec(
     "vit_small_patch16_224", "vit_small_patch16_224", dict(_VIT), 224,
@@ -67,8 +71,9 @@ register_model(ModelSpec(
 ))
 register_model(ModelSpec(
     "mv_vit_demo", "vit_tiny_patch16_224",
-    dict(_VIT, img_size=160, patch_size=16, embed_dim=128, depth=4, num_heads=2), 160,
-    description="4-layer, 128-wide ViT at 160 px: trains from scratch on 2 CPU cores within the demo's budget",
+    dict(_VIT, img_size=160, patch_size=16, embed_dim=128, depth=4, num_heads=2), 160, stem="conv",
+    description="4-layer, 128-wide ViT with a convolutional stem at 160 px: learns from scratch on 2 CPU cores "
+    "within the demo's budget",
 ))
 register_model(ModelSpec(
     "mv_vit_test", "vit_tiny_patch16_224",

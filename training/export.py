@@ -105,7 +105,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         model_name=cfg.model.name,
         architecture=spec.timm_name,
         medvision_version=__version__,
-        created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         preprocess=cfg.preprocess,
         input=InputContract(shape=["batch", 1, size, size]),
         labels=list(spec.labels),

@@ -97,7 +97,7 @@ def _patient_task(args: tuple) -> tuple[list[dict], list[dict], list[str]]:
     age = int(rng.integers(40, 80))
     density = str(rng.choice(["A", "B", "C", "D"], p=[0.1, 0.4, 0.4, 0.1]))
     site_id = 1 + int(vendor.machine_id > 25)
-    contrast = 0.30 - 0.22 * cfg.difficulty
+    contrast = 0.45 - 0.37 * cfg.difficulty
     study_uid = uid_for("study", cfg.seed, index)
     study_date = _dt.date(2026, 1, 5) + _dt.timedelta(days=int(index % 300))
     labels, lesions, syntaxes = [], [], []

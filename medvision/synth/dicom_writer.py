@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation as MG_FOR_PRESENTATION,
 )
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from medvision import __version__
 from medvision.synth.vendors import Vendor
@@ -137,7 +138,7 @@ def build_dataset(
 def save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
     """Write ``ds`` as a conformant Part 10 file, compressing losslessly when asked."""
     if transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax, encoding_plugin=_encoder_for(transfer_syntax))
+        ds.compress(transfer_syntax, encoding_plugin=_encoder_for(transfer_syntax), generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
 
@@ -150,5 +151,9 @@ def _encoder_for(transfer_syntax: str) -> str:
 
 
 def uid_for(*parts: object) -> str:
-    """A deterministic UID (2.25 form) derived from the given parts."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A deterministic UID in the 2.25 (UUID-derived) form, from a hash of the given parts.
+
+    pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources, so derive it here.
+    """
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"

@@ -52,8 +52,8 @@ def to_stored(attenuation: np.ndarray, vendor: Vendor) -> np.ndarray:
 
 
 def default_window(stored: np.ndarray, breast: np.ndarray) -> tuple[float, float]:
-    """Window centre / width a vendor console would pick: the breast's 1st-99th percentile range."""
+    """Window centre / width a vendor console would pick: the breast's 1st to 99.99th percentile."""
     values = stored[breast] if breast.any() else stored.ravel()
-    lo, hi = np.percentile(values, [1.0, 99.5])
+    lo, hi = np.percentile(values, [1.0, 99.99])
     width = max(float(hi - lo) * 1.1, 2.0)
     return float(round((lo + hi) / 2.0)), float(round(width))

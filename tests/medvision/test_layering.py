@@ -41,14 +41,14 @@ def test_core_and_serving_never_import_torch_and_friends(folder):
 def test_serving_imports_and_builds_with_torch_unimportable(artifact):
     code = (
         "import sys\n"
-        "for name in %r: sys.modules[name] = None\n"  # any 'import torch' now raises ImportError
+        f"for name in {sorted(HEAVY)!r}: sys.modules[name] = None\n"  # any 'import torch' now raises ImportError
         "from fastapi.testclient import TestClient\n"
         "from medvision.serving.app import create_app\n"
         "from medvision.serving.settings import Settings\n"
-        "with TestClient(create_app(Settings(artifact=%r))) as c:\n"
+        f"with TestClient(create_app(Settings(artifact={str(artifact)!r}))) as c:\n"
         "    assert c.get('/readyz').json()['status'] == 'ready'\n"
         "print('ok')\n"
-    ) % (sorted(HEAVY), str(artifact))
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 

@@ -113,9 +113,10 @@ def test_compressed_files_are_lossless(tmp_path):
     compared = set()
     for raw in sorted((tmp_path / "raw").rglob("*.dcm")):
         twin = tmp_path / "cmp" / raw.relative_to(tmp_path / "raw")
-        a, _ = read_dicom(raw)
+        a, raw_meta = read_dicom(raw)
         b, meta = read_dicom(twin)
         np.testing.assert_array_equal(a, b)
+        assert meta.sop_instance_uid == raw_meta.sop_instance_uid  # compression keeps the instance identity
         compared.add(meta.transfer_syntax)
     assert "1.2.840.10008.1.2.1" not in compared and len(compared) >= 2
 

@@ -46,10 +46,16 @@ def test_rgb_weights_load_into_a_greyscale_model(tmp_path):
     save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(path))
     # Different input size: position embeddings are resampled (8x8 -> 12x12 grid).
     model = create_model(ModelConfig(name="mv_vit_test", pretrained=str(path)), image_size=96)
+    got = model.backbone.state_dict()
     expected = rgb.state_dict()["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
-    torch.testing.assert_close(model.state_dict()["patch_embed.proj.weight"], expected)
-    torch.testing.assert_close(model.state_dict()["blocks.1.mlp.fc1.weight"], rgb.state_dict()["blocks.1.mlp.fc1.weight"])
-    assert model.state_dict()["pos_embed"].shape[1] == 1 + 12 * 12
+    torch.testing.assert_close(got["patch_embed.proj.weight"], expected)
+    torch.testing.assert_close(got["blocks.1.mlp.fc1.weight"], rgb.state_dict()["blocks.1.mlp.fc1.weight"])
+    assert got["pos_embed"].shape[1] == 1 + 12 * 12
+    # A grey image through the summed kernel equals the RGB image R = G = B through the original one.
+    grey = torch.rand(1, 1, 64, 64)
+    rgb.eval()
+    ref = rgb.patch_embed(grey.repeat(1, 3, 1, 1))
+    torch.testing.assert_close(model.backbone.patch_embed.proj(grey).flatten(2).transpose(1, 2), ref)
 
 
 def test_mismatched_weights_are_refused_by_name(tmp_path):
@@ -57,9 +63,19 @@ def test_mismatched_weights_are_refused_by_name(tmp_path):
     save_file({"patch_embed.proj.weight": torch.zeros(64, 1, 8, 8)}, str(wrong))
     model = create_model(ModelConfig(name="mv_vit_test"), 64)
     with pytest.raises(ConfigError, match="do not match the architecture"):
-        load_local_weights(model, wrong)
+        load_local_weights(model.backbone, wrong)
     with pytest.raises(ConfigError, match="not found"):
-        load_local_weights(model, tmp_path / "missing.pth")
+        load_local_weights(model.backbone, tmp_path / "missing.pth")
+
+
+def test_token_pooled_logit_lies_between_mean_and_max_of_the_token_logits():
+    model = create_model(ModelConfig(name="mv_vit_test"), 64).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        tokens = model.token_logits(x)
+        logit = model(x)[:, 0]
+    assert tokens.shape == (3, 64)
+    assert torch.all(logit >= tokens.mean(1) - 1e-6) and torch.all(logit <= tokens.max(1).values + 1e-6)
 
 
 def test_training_refuses_a_split_without_both_classes(tmp_path, synth_dir):
@@ -76,3 +92,11 @@ def test_training_refuses_a_split_without_both_classes(tmp_path, synth_dir):
                              "model.name=mv_vit_test", "preprocess.image_size=64"])
     with pytest.raises(ConfigError, match="both classes"):
         train(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_conv_stem_vit_keeps_the_token_grid():
+    model = create_model(ModelConfig(name="mv_vit_demo"), 160).eval()
+    stem = model.backbone.patch_embed.proj
+    assert isinstance(stem, torch.nn.Sequential) and sum(isinstance(m, torch.nn.Conv2d) for m in stem) == 5
+    with torch.no_grad():
+        assert model.token_logits(torch.zeros(2, 1, 160, 160)).shape == (2, 100)
