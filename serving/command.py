@@ -55,11 +55,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from medvision.serving.app import create_app
     from medvision.serving.settings import Settings
 
+    from medvision.dicom_io import ReadLimits
+    from medvision.serving.engine import Engine
+
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)  # our middleware logs requests without query strings
+    # Load before binding the port: a bad artifact is a one-line error, not a failed-startup traceback.
+    engine = Engine(settings.artifact, threads=settings.threads, providers=settings.providers,
+                    limits=ReadLimits(max_pixels=settings.max_pixels))
+    uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port,
+                log_level=settings.log_level, access_log=False)  # our middleware logs without query strings
     return 0
 
 

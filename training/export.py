@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,17 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     size = cfg.preprocess.image_size
     wrapper = _WithProbability(model).eval()
     dummy = torch.zeros(2, 1, size, size)
-    torch.onnx.export(
-        wrapper, (dummy,), str(out), input_names=["image"], output_names=["logit", "probability"],
-        opset_version=OPSET, dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export (planned with M4's graph work);
+        # parity below is what guarantees the graph, not the tracer's warnings.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            wrapper, (dummy,), str(out), input_names=["image"], output_names=["logit", "probability"],
+            opset_version=OPSET,
+            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
+            dynamo=False,
+        )
     spec = get_model_spec(cfg.model.name)
     meta = ArtifactMetadata(
         model_name=cfg.model.name,
