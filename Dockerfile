@@ -2,7 +2,7 @@
 # Run:   docker run -p 8000:8000 -v $PWD/model.onnx:/models/model.onnx:ro medvision-serve
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY medvision ./medvision
 COPY training ./training
 COPY serving ./serving

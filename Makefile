@@ -4,12 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Demo size: `make demo` (default, ~10 min on 2 cores) or e.g. `make demo DEMO_PATIENTS=1000 DEMO_MINUTES=30`.
+# Demo size: `make demo` (default, ~8 min on 2 cores after the install), `make demo-large`, or e.g.
+# `make demo DEMO_PATIENTS=1000 DEMO_MINUTES=20 DEMO_EPOCHS=60 DEMO_DIFFICULTY=0.3`.
 DEMO_DIR ?= demo_out
-DEMO_PATIENTS ?= 250
+DEMO_PATIENTS ?= 400
 DEMO_MINUTES ?= 6
-DEMO_DIFFICULTY ?= 0.2
+DEMO_DIFFICULTY ?= 0.1
 DEMO_PORT ?= 8765
+DEMO_EPOCHS ?= 45
 
 .PHONY: install demo demo-large test lint clean
 
@@ -23,10 +25,11 @@ install: $(STAMP)
 
 demo: install
 	DEMO_DIR=$(DEMO_DIR) DEMO_PATIENTS=$(DEMO_PATIENTS) DEMO_MINUTES=$(DEMO_MINUTES) \
-	DEMO_DIFFICULTY=$(DEMO_DIFFICULTY) DEMO_PORT=$(DEMO_PORT) BIN=$(BIN) bash scripts/demo.sh
+	DEMO_DIFFICULTY=$(DEMO_DIFFICULTY) DEMO_PORT=$(DEMO_PORT) DEMO_EPOCHS=$(DEMO_EPOCHS) BIN=$(BIN) \
+	bash scripts/demo.sh
 
 demo-large:
-	$(MAKE) demo DEMO_PATIENTS=1000 DEMO_MINUTES=30
+	$(MAKE) demo DEMO_PATIENTS=1500 DEMO_MINUTES=40 DEMO_EPOCHS=80
 
 test: install
 	$(BIN)/python -m pytest

@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Codec plugins log every encoded tile at INFO; keep the console for progress and results.
-    for noisy in ("openjpeg", "pydicom"):
+    # Codecs and the HTTP client log every tile / request at INFO; keep the console for progress and results.
+    for noisy in ("openjpeg", "pydicom", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         result = args.func(args)

@@ -144,7 +144,7 @@ def _parse(source: Source) -> Dataset:
         if not data:
             raise EmptyInputError("empty input: expected a DICOM file, got 0 bytes")
         fileobj: BinaryIO = io.BytesIO(data)
-        name = "<bytes>"
+        name = "the input"
     elif isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if not os.path.isfile(name):
@@ -153,7 +153,7 @@ def _parse(source: Source) -> Dataset:
             raise EmptyInputError(f"empty file: {name}")
         fileobj = open(name, "rb")  # noqa: SIM115 - closed below
     else:
-        fileobj, name = source, getattr(source, "name", "<stream>")
+        fileobj, name = source, str(getattr(source, "name", "the input stream"))
     try:
         head = fileobj.read(132)
         fileobj.seek(0)

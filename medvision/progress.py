@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,7 +18,10 @@ from rich.progress import (
 
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, **fields)``; renders nothing when ``enabled`` is False."""
+    """Yield ``advance(n=1, status=None)``; renders nothing when ``enabled`` is False.
+
+    Bars go to stderr: stdout stays for results (JSON summaries) that scripts pipe or parse.
+    """
     if not enabled:
         yield lambda n=1, **_: None
         return
@@ -28,6 +32,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
         transient=False,
     ) as progress:
         task = progress.add_task(description, total=total, status="")

@@ -3,10 +3,11 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-demo_out}
-PATIENTS=${DEMO_PATIENTS:-250}
+PATIENTS=${DEMO_PATIENTS:-400}
 MINUTES=${DEMO_MINUTES:-6}
-DIFFICULTY=${DEMO_DIFFICULTY:-0.2}
+DIFFICULTY=${DEMO_DIFFICULTY:-0.1}
 PORT=${DEMO_PORT:-8765}
+EPOCHS=${DEMO_EPOCHS:-45}
 URL="http://127.0.0.1:${PORT}"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -18,7 +19,7 @@ step "1/5 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFIC
 
 step "2/5 train a ViT from scratch (patient-level split, at most $MINUTES min)"
 "$BIN/medvision" train --config demo --labels "$OUT/data/labels.csv" --images "$OUT/data/images" \
-  --out "$OUT/run" "train.max_minutes=$MINUTES"
+  --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES"
 
 step "3/5 export ONNX with embedded metadata (parity-checked against torch)"
 "$BIN/medvision" export "$OUT/run" --out "$OUT/model.onnx"
@@ -37,7 +38,7 @@ step "5/5 score the held-out test patients over HTTP"
 "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
-"$BIN/python" - "$OUT" <<'PY'
+"$BIN/python" - "$OUT" "$BIN" <<'PY'
 import json, sys
 out = sys.argv[1]
 s = json.load(open(f"{out}/test_summary.json"))
@@ -46,5 +47,5 @@ print(f"\nheld-out test AUROC {s['auroc']:.3f} on {s['labelled']} images ({s['po
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} "
       f"at the validation operating point ({m['operating_point']}); validation AUROC {m['val_auroc']:.3f}")
 print(f"artifacts in {out}/: model.onnx, run/ (checkpoint, config, metrics), test_scores.csv")
-print(f"serve it again: {sys.argv[0] and '.venv/bin/'}medvision serve --model {out}/model.onnx")
+print(f"serve it again: {sys.argv[2]}/medvision serve --model {out}/model.onnx  (OpenAPI docs at /docs)")
 PY
