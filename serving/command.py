@@ -6,15 +6,9 @@ import argparse
 import csv
 import json
 
-from medvision.errors import MissingExtraError
+from medvision.extras import require_extra
 
-
-def _require_serve_extra() -> None:
-    for pkg in ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx"):
-        try:
-            __import__(pkg)
-        except ImportError:
-            raise MissingExtraError(pkg, "serve") from None
+SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,14 +43,13 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    _require_serve_extra()
+    require_extra("serve", *SERVE_MODULES)
     import uvicorn
 
-    from medvision.serving.app import create_app
-    from medvision.serving.settings import Settings
-
     from medvision.dicom_io import ReadLimits
+    from medvision.serving.app import create_app
     from medvision.serving.engine import Engine
+    from medvision.serving.settings import Settings
 
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
@@ -70,7 +63,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    _require_serve_extra()
+    require_extra("serve", *SERVE_MODULES)
     from medvision.serving.scoring import collect_files, score_local, score_remote, summarise, write_rows
 
     files = collect_files(args.inputs)

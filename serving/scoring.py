@@ -71,7 +71,10 @@ def score_remote(files: list[Path], url: str, api_key: str | None = None, show_p
     ) as advance:
         for f in files:
             row = ScoreRow(str(f), f.stem)
-            resp = client.post("/v1/predict", content=f.read_bytes(), headers=headers)
+            try:
+                resp = client.post("/v1/predict", content=f.read_bytes(), headers=headers)
+            except httpx.TransportError as exc:
+                raise ConfigError(f"cannot reach the service at {url}: {type(exc).__name__}: {exc}") from None
             body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
             if resp.status_code == 200:
                 row.sop_instance_uid, row.probability, row.label = (

@@ -6,17 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from medvision.errors import MissingExtraError
+from medvision.extras import require_extra
+
+TRAIN_MODULES = ("torch", "timm", "albumentations", "safetensors", "onnx")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def _require_train_extra() -> None:
-    for pkg in ("torch", "timm", "albumentations", "safetensors"):
-        try:
-            __import__(pkg)
-        except ImportError:
-            raise MissingExtraError(pkg, "train") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +54,7 @@ def resolve_config_path(name: str | None) -> str | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    _require_train_extra()
+    require_extra("train", *TRAIN_MODULES)
     from medvision.config import load_config
     from medvision.training.train import train
 
@@ -78,7 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    _require_train_extra()
+    require_extra("train", *TRAIN_MODULES)
     from medvision.training.export import export_run
 
     meta = export_run(args.run, args.out, atol=args.atol)

@@ -34,6 +34,16 @@ def test_domain_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_predict_against_an_unreachable_service_is_a_clear_error(dicom_files, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["predict", str(dicom_files[0]), "--url", f"http://127.0.0.1:{port}", "--no-progress"]) == 2
+    assert "cannot reach the service" in capsys.readouterr().err
+
+
 def test_predict_command_reports_auroc(artifact, synth_dir, tiny_run, capsys):
     import json
 
