@@ -9,6 +9,7 @@ import pytest
 from helpers import require_tool
 
 from medvision.dicom_io import read_dicom
+from medvision.preprocess import PreprocessConfig, to_display
 from medvision.synth import SynthConfig, generate_dataset
 from medvision.synth.dataset import LABEL_COLUMNS
 
@@ -130,3 +131,32 @@ def test_every_synthetic_file_passes_dciodvfy(dicom_files):
         errors = [line for line in out.splitlines() if line.startswith("Error")]
         assert not errors, f"{f.name}: {errors}"
         assert "MammographyImageForPresentation" in out
+
+
+def _lesion_contrast(root):
+    """Mean (lesion centre - local median) over malignant masses, in display units, and mean radius."""
+    labels = {r["image_id"]: r for r in _rows(root / "labels.csv")}
+    contrasts, radii = [], []
+    for les in _rows(root / "lesions.csv"):
+        if les["malignant"] != "1" or les["kind"] == "calcification_cluster":
+            continue
+        r = labels[les["image_id"]]
+        stored, meta = read_dicom(root / "images" / r["patient_id"] / f"{r['image_id']}.dcm")
+        grey = to_display(stored, meta, PreprocessConfig())
+        x, y, rad = int(float(les["x"])), int(float(les["y"])), float(les["radius_px"])
+        k = max(int(rad / 3), 1)
+        centre = grey[max(y - k, 0): y + k + 1, max(x - k, 0): x + k + 1].mean()
+        w = int(3 * rad)
+        contrasts.append(centre - np.median(grey[max(y - w, 0): y + w, max(x - w, 0): x + w]))
+        radii.append(rad)
+    return float(np.mean(contrasts)), float(np.mean(radii))
+
+
+def test_difficulty_knob_lowers_lesion_contrast_and_size(tmp_path):
+    cfg = SynthConfig(n_patients=6, prevalence=1.0, rows=256, columns=208, seed=3, benign_rate=0.0, workers=1)
+    generate_dataset(cfg.model_copy(update={"difficulty": 0.0}), tmp_path / "easy", show_progress=False)
+    generate_dataset(cfg.model_copy(update={"difficulty": 1.0}), tmp_path / "hard", show_progress=False)
+    easy_c, easy_r = _lesion_contrast(tmp_path / "easy")
+    hard_c, hard_r = _lesion_contrast(tmp_path / "hard")
+    assert easy_c > hard_c + 0.05
+    assert easy_r > 2 * hard_r
