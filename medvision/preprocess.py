@@ -61,7 +61,8 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     if function == "SIGMOID":
         if width <= 0:
             raise ValueError(f"window width must be > 0 for SIGMOID, got {width}")
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+        # 1 / (1 + exp(-4x)) written as a tanh, which cannot overflow for far-out values
+        return (0.5 * (1.0 + np.tanh(2.0 * (values - center) / width))).astype(np.float32)
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise ValueError(f"window width must be > 0 for LINEAR_EXACT, got {width}")
