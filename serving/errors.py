@@ -35,9 +35,14 @@ class MissingFile(MedvisionError):
     code = "missing_file"
 
 
+class MalformedRequest(MedvisionError):
+    code = "malformed_request"
+
+
 STATUS = {
     EmptyInputError: 400,
     MissingFile: 400,
+    MalformedRequest: 400,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     NotDicomError: 422,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,7 +34,8 @@ def decode_all(rows: list[ImageRow], pre: Preprocess, desc: str, show_progress: 
             return None
 
     images, kept = [], []
-    with progress_bar(desc, total=len(rows), enabled=show_progress) as advance, ThreadPoolExecutor(2) as pool:
+    threads = min(4, os.cpu_count() or 1)
+    with progress_bar(desc, total=len(rows), enabled=show_progress) as advance, ThreadPoolExecutor(threads) as pool:
         for row, img in zip(rows, pool.map(load, rows), strict=True):
             if img is not None:
                 images.append(img)

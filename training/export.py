@@ -21,7 +21,7 @@ from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, en
 from medvision.config import RunConfig
 from medvision.data import read_labels, read_split
 from medvision.dicom_io import read_dicom
-from medvision.errors import ArtifactError, DicomError
+from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
 from medvision.training.models import create_model
@@ -66,7 +66,7 @@ def parity_inputs(cfg: RunConfig, run_dir: Path, n: int = 8) -> np.ndarray:
         split = read_split(run_dir / "split.csv")
         try:
             rows = [r for r in read_labels(cfg.data.labels_csv, cfg.data.image_dir) if split.get(r.patient_id) == "val"]
-        except Exception:
+        except ConfigError:  # the labels moved since training: fall back below
             rows = []
         for r in rows:
             try:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from medvision.serving.engine import Engine
-from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 log = logging.getLogger("medvision.serving")
@@ -47,9 +47,7 @@ def get_engine(request: Request) -> Engine:
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+    """The raw body, counted as it streams in (chunked bodies have no Content-Length to trust)."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -62,15 +60,15 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 async def read_dicom_upload(request: Request) -> bytes:
     """The DICOM bytes from a raw body or from the first file part of a multipart form."""
     limit = request.app.state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
         try:
             form = await request.form(max_part_size=limit)
-        except Exception as exc:  # malformed multipart bodies
-            raise UnsupportedMediaType(f"could not parse the multipart body: {exc}") from None
+        except Exception as exc:  # starlette raises several types for malformed multipart bodies
+            raise MalformedRequest(f"could not parse the multipart body: {exc}") from None
         files = [v for v in form.values() if isinstance(v, UploadFile)]
         if not files:
             raise MissingFile("multipart body has no file part: send the DICOM as a form field named 'file'")

@@ -97,6 +97,9 @@ def test_bad_multipart_and_content_type(client, dicom_files):
     r = client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"})
     assert r.status_code == 415 and "application/dicom" in r.json()["error"]["message"]
     assert client.get("/v1/nope").status_code == 404
+    broken = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n\r\nabc"  # no closing boundary
+    r = client.post("/v1/predict", content=broken, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
 
 
 def test_openapi_documents_predict(client):
