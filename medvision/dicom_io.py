@@ -28,11 +28,18 @@ from pydicom.errors import InvalidDicomError
 from medvision.errors import (
     CorruptDicomError,
     EmptyInputError,
+    MedvisionError,
     MissingCodecError,
     NotAnImageError,
     NotDicomError,
     UnsupportedImageError,
 )
+
+# JPEG syntaxes that pydicom can hand to pillow, which decodes only 8-bit samples.
+_PILLOW_8_BIT_ONLY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
+
+# Never swallowed by the "any decoder failure is a domain error" handlers below.
+_INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 # Magic numbers of files people upload by mistake, to name them in the error.
 _SIGNATURES = {
@@ -132,9 +139,14 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.nd
         MissingCodecError: each with a message naming the problem.
     """
     ds = _parse(source)
-    meta = _meta(ds)
-    _check_policy(ds, meta, limits)
-    pixels = _decode(ds, meta)
+    try:
+        meta = _meta(ds)
+        _check_policy(ds, meta, limits)
+        pixels = _decode(ds, meta)
+    except (MedvisionError, *_INTERRUPTS):
+        raise
+    except BaseException as exc:  # a malformed value pydicom parses lazily (e.g. an IS of '1A'): never a crash
+        raise CorruptDicomError(f"malformed DICOM attribute ({type(exc).__name__}): {exc}") from None
     return pixels, meta
 
 
@@ -311,21 +323,39 @@ def _check_policy(ds: Dataset, meta: DicomMeta, limits: ReadLimits) -> None:
 
 
 def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(meta.transfer_syntax)
+    except NotImplementedError:
+        raise MissingCodecError(
+            f"transfer syntax {meta.transfer_syntax} has no pixel-data decoder in pydicom"
+        ) from None
+    hint = _CODEC_HINTS.get(meta.transfer_syntax, "a pydicom pixel-data plugin for it")
+    if not decoder.is_available:
+        raise MissingCodecError(
+            f"cannot decode transfer syntax {meta.transfer_syntax} ({pydicom.uid.UID(meta.transfer_syntax).name}): "
+            f"no decoding plugin is installed; install {hint}"
+        )
     try:
         arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
+    except _INTERRUPTS:
+        raise
+    except BaseException as exc:  # many error types; Rust codecs raise pyo3's PanicException (a BaseException)
         text = str(exc)
-        if "plugin" in text.lower() or "missing" in text.lower() or "decod" in text.lower():
-            hint = _CODEC_HINTS.get(meta.transfer_syntax, "a pydicom pixel-data plugin for it")
+        if "less than expected" in text:
+            raise CorruptDicomError(f"truncated pixel data: {text}") from None
+        others = [m.split(" - ")[0] for m in getattr(decoder, "missing_dependencies", [])]
+        name = pydicom.uid.UID(meta.transfer_syntax).name
+        detail = " ".join(text.split())[:300]
+        if meta.transfer_syntax in _PILLOW_8_BIT_ONLY and meta.bits_stored > 8 and others:
+            # pillow decodes only 8-bit JPEG; 12-bit needs libjpeg or GDCM: a capability gap, not corruption.
             raise MissingCodecError(
-                f"cannot decode transfer syntax {meta.transfer_syntax} "
-                f"({pydicom.uid.UID(meta.transfer_syntax).name}): install {hint}"
+                f"{meta.bits_stored}-bit {name} needs a plugin that is not installed ({', '.join(others)}); "
+                f"install {hint}"
             ) from None
-        raise CorruptDicomError(f"pixel data could not be decoded: {text}") from None
-    except Exception as exc:  # truncated / inconsistent pixel data surfaces as many error types
-        if "less than expected" in str(exc):
-            raise CorruptDicomError(f"truncated pixel data: {exc}") from None
-        raise CorruptDicomError(f"pixel data could not be decoded ({type(exc).__name__}): {exc}") from None
+        maybe = f"; plugins not installed that may decode it: {', '.join(others)}" if others else ""
+        raise CorruptDicomError(f"pixel data could not be decoded ({type(exc).__name__}): {detail}{maybe}") from None
     if arr.ndim != 2:
         raise UnsupportedImageError(f"expected a 2-D greyscale frame, decoded shape {arr.shape}")
     return arr

@@ -12,6 +12,7 @@ from medvision.dicom_io import ReadLimits, read_dicom
 from medvision.errors import (
     CorruptDicomError,
     EmptyInputError,
+    MissingCodecError,
     NotAnImageError,
     NotDicomError,
     UnsupportedImageError,
@@ -97,6 +98,9 @@ REFUSALS = [
     ("multi-frame", lambda f: Path(pydicom_file("rtdose.dcm")).read_bytes(), UnsupportedImageError, "multi-frame"),
     ("for processing", _for_processing, UnsupportedImageError, "FOR PROCESSING"),
     ("decompression bomb", lambda f: _bomb(), UnsupportedImageError, "exceeds"),
+    ("invalid IS value (badVR)", lambda f: Path(pydicom_file("badVR.dcm")).read_bytes(), CorruptDicomError, "malformed"),
+    ("12-bit JPEG extended, no libjpeg/GDCM", lambda f: Path(pydicom_file("JPGExtended.dcm")).read_bytes(),
+     MissingCodecError, "12-bit"),
 ]
 
 
@@ -115,3 +119,24 @@ def test_limits_are_configurable(dicom_files):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(NotDicomError, match="no such file"):
         read_dicom(tmp_path / "nope.dcm")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_mutated_files_give_a_domain_error_or_pixels_never_a_crash(dicom_files):
+    """Random truncations and byte flips of real files: read_dicom either decodes or raises a DicomError."""
+    from medvision.errors import DicomError
+
+    rng = np.random.default_rng(0)
+    sources = [f.read_bytes() for f in dicom_files[:8]]
+    for i in range(300):
+        data = bytearray(sources[i % len(sources)])
+        if i % 3 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for pos in rng.integers(0, min(len(data), 4000), size=int(rng.integers(1, 20))):
+                data[pos] = int(rng.integers(0, 256))
+        try:
+            pixels, _ = read_dicom(bytes(data))
+        except DicomError:
+            continue
+        assert pixels.ndim == 2

@@ -75,6 +75,8 @@ BAD = [
     ("truncated", _truncated, 422, "corrupt_dicom", "truncated"),
     ("structured report", _sr, 422, "not_an_image", "SR"),
     ("garbage", lambda f: bytes(range(256)) * 4, 422, "not_dicom", "not a DICOM"),
+    ("invalid attribute value", lambda f: Path(get_testdata_file("badVR.dcm", download=False)).read_bytes(), 422,
+     "corrupt_dicom", "malformed"),
     ("too large", lambda f: b"\0" * 2_000_001, 413, "payload_too_large", "limit"),
 ]
 
