@@ -79,12 +79,15 @@ class ReadLimits:
 
 
 @dataclass(frozen=True)
-class VoiLut:
-    """The first item of a VOI LUT Sequence."""
+class Lut:
+    """The first item of a Modality or VOI LUT Sequence, decoded to numbers by pydicom.
+
+    ``table[i]`` is the output for input value ``first_mapped + i``; inputs outside clamp to the ends.
+    """
 
     first_mapped: int
     bits: int
-    data: tuple[int, ...] = field(repr=False)
+    table: tuple[float, ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class DicomMeta:
     window_centers: tuple[float, ...] = ()
     window_widths: tuple[float, ...] = ()
     voi_lut_function: str = "LINEAR"
-    voi_lut: VoiLut | None = None
+    voi_lut: Lut | None = None
+    modality_lut: Lut | None = None
     presentation_lut_shape: str | None = None
     laterality: str | None = None
     view: str | None = None
@@ -116,8 +120,8 @@ class DicomMeta:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("voi_lut")
-        d["has_voi_lut"] = self.voi_lut is not None
+        for key in ("voi_lut", "modality_lut"):
+            d[f"has_{key}"] = d.pop(key) is not None
         return d
 
 
@@ -243,14 +247,6 @@ def _meta(ds: Dataset) -> DicomMeta:
         if not tsyntax:
             tsyntax = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
         sop_class = ds.get("SOPClassUID")
-        voi = None
-        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            item = ds.VOILUTSequence[0]
-            desc = item.LUTDescriptor
-            lut_data = item.get("LUTData")
-            if lut_data is not None:
-                data = lut_data if isinstance(lut_data, (list, tuple, pydicom.multival.MultiValue)) else [lut_data]
-                voi = VoiLut(first_mapped=int(desc[1]), bits=int(desc[2]), data=tuple(int(v) for v in data))
         return DicomMeta(
             sop_instance_uid=_str(ds.get("SOPInstanceUID")),
             study_instance_uid=_str(ds.get("StudyInstanceUID")),
@@ -268,7 +264,8 @@ def _meta(ds: Dataset) -> DicomMeta:
             window_centers=_first(ds.get("WindowCenter")),
             window_widths=_first(ds.get("WindowWidth")),
             voi_lut_function=str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper(),
-            voi_lut=voi,
+            voi_lut=_lut(ds, "VOILUTSequence"),
+            modality_lut=_lut(ds, "ModalityLUTSequence"),
             presentation_lut_shape=_str(ds.get("PresentationLUTShape")),
             laterality=_str(ds.get("ImageLaterality") or ds.get("Laterality")),
             view=_view(ds),
@@ -277,6 +274,30 @@ def _meta(ds: Dataset) -> DicomMeta:
         )
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CorruptDicomError(f"malformed image attributes ({type(exc).__name__}): {exc}") from None
+
+
+def _lut(ds: Dataset, sequence: str) -> Lut | None:
+    """Decode the first LUT of ``sequence`` by mapping an input ramp through pydicom's own LUT code.
+
+    pydicom already handles the descriptor's pitfalls (0 entries meaning 65536, a signed first value
+    stored as US, 8-bit data in 16-bit words, OW vs US/SS), so medvision reuses it instead of repeating it.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    items = ds.get(sequence)
+    if not items or "LUTDescriptor" not in items[0] or "LUTData" not in items[0]:
+        return None
+    desc = items[0].LUTDescriptor
+    entries = int(desc[0]) or 65536
+    first = int(desc[1])
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first > 32767:
+        first -= 65536
+    ramp = np.arange(first, first + entries, dtype=np.int64)
+    if sequence == "ModalityLUTSequence":
+        table = apply_modality_lut(ramp, ds)
+    else:
+        table = apply_voi_lut(ramp, ds, index=0, prefer_lut=True)
+    return Lut(first_mapped=first, bits=int(desc[2]), table=tuple(float(v) for v in np.asarray(table).ravel()))
 
 
 def _str(value) -> str | None:

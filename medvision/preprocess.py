@@ -1,7 +1,7 @@
 """The one deterministic preprocessing path, shared by training, export checks and serving.
 
 Pure numpy functions, composed by ``Preprocess(cfg)``. The order follows the DICOM grey-scale
-pipeline (PS3.4 N.2): modality LUT (rescale) -> VOI LUT (window or table) -> MONOCHROME1 / Presentation
+pipeline (PS3.4 N.2): modality LUT (sequence or rescale) -> VOI LUT (window or table) -> MONOCHROME1 / Presentation
 LUT inversion; then the model-specific steps: crop to the breast, canonical orientation, aspect-preserving resize / pad,
 normalisation. Random augmentation lives in ``medvision.training`` and never runs here.
 """
@@ -74,10 +74,10 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def apply_voi_table(values: np.ndarray, first_mapped: int, bits: int, table: np.ndarray) -> np.ndarray:
-    """VOI LUT Sequence lookup: values below / above the table clamp to its ends; output in [0, 1]."""
+def apply_lut_table(values: np.ndarray, first_mapped: int, table: np.ndarray) -> np.ndarray:
+    """LUT Sequence lookup (modality or VOI): inputs below / above the table clamp to its ends."""
     idx = np.clip(np.rint(values - first_mapped), 0, len(table) - 1).astype(np.int64)
-    return (table[idx].astype(np.float32) / float((1 << bits) - 1)).astype(np.float32)
+    return np.asarray(table, dtype=np.float32)[idx]
 
 
 def apply_percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -103,12 +103,20 @@ def needs_inversion(photometric: str, presentation_lut_shape: str | None) -> boo
 
 
 def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
-    """Stored values -> display greys in [0, 1] (bright = dense), following the DICOM order."""
-    values = apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
+    """Stored values -> display greys in [0, 1] (bright = dense), following the DICOM order.
+
+    Windows apply before a VOI LUT Sequence when a file has both (the first window is the default
+    presentation); percentiles are the fallback when it has neither.
+    """
+    if meta.modality_lut is not None:
+        values = apply_lut_table(stored, meta.modality_lut.first_mapped, np.asarray(meta.modality_lut.table))
+    else:
+        values = apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
     if cfg.voi == "dicom" and meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
         grey = apply_window(values, meta.window_centers[0], meta.window_widths[0], meta.voi_lut_function)
     elif cfg.voi == "dicom" and meta.voi_lut is not None:
-        grey = apply_voi_table(values, meta.voi_lut.first_mapped, meta.voi_lut.bits, np.asarray(meta.voi_lut.data))
+        lut = meta.voi_lut
+        grey = apply_lut_table(values, lut.first_mapped, np.asarray(lut.table)) / np.float32((1 << lut.bits) - 1)
     else:
         grey = apply_percentile_window(values, *cfg.percentiles)
     if needs_inversion(meta.photometric, meta.presentation_lut_shape):
