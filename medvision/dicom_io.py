@@ -54,10 +54,10 @@ _SIGNATURES = {
 
 # What to install for each compressed transfer syntax family (all permissively licensed).
 _CODEC_HINTS = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (GPL-3.0) or python-gdcm, or pillow",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg (GPL-3.0) or python-gdcm",
+    "1.2.840.10008.1.2.4.50": "pillow or python-gdcm",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg (GPL-3.0; the only plugin for 12-bit samples)",
+    "1.2.840.10008.1.2.4.57": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
+    "1.2.840.10008.1.2.4.70": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
     "1.2.840.10008.1.2.4.80": "pyjpegls",
     "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
