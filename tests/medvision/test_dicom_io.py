@@ -140,3 +140,46 @@ def test_mutated_files_give_a_domain_error_or_pixels_never_a_crash(dicom_files):
         except DicomError:
             continue
         assert pixels.ndim == 2
+
+
+def _grey_dataset(bits_stored: int, signed: bool, values: np.ndarray, bits_allocated: int) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    from pydicom.pixels import pack_bits
+
+    if bits_allocated == 1:
+        ds.PixelData = pack_bits(values.astype(np.uint8))
+    else:
+        # Stored bits only; the unused high bits of a signed value hold its two's-complement sign bits.
+        raw = values.astype(np.int64) & ((1 << bits_allocated) - 1)
+        ds.PixelData = raw.astype(f"<u{bits_allocated // 8}").tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# 1-bit images are unsigned by definition, so there is no signed 1-bit case.
+BITS = [(b, s) for b in range(1, 17) for s in (False, True) if not (b == 1 and s)]
+
+
+@pytest.mark.parametrize("bits_stored,signed", BITS, ids=[f"{b}bit-{'s' if s else 'u'}" for b, s in BITS])
+def test_every_bits_stored_and_sign_round_trips(bits_stored, signed):
+    allocated = 1 if bits_stored == 1 else 8 if bits_stored <= 8 else 16
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    values = np.random.default_rng(bits_stored).integers(lo, hi + 1, size=(16, 24))
+    values[0, :2] = lo, hi  # the extremes must survive
+    pixels, meta = read_dicom(_grey_dataset(bits_stored, signed, values, allocated))
+    np.testing.assert_array_equal(pixels.astype(np.int64), values)
+    assert meta.signed == signed and meta.bits_stored == bits_stored
