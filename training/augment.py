@@ -13,10 +13,11 @@ import numpy as np
 from medvision.config import AugmentConfig
 
 
-def build_augment(cfg: AugmentConfig) -> A.Compose | None:
+def build_augment(cfg: AugmentConfig, seed: int) -> A.Compose | None:
+    """The training augmentation; ``seed`` makes it repeatable (albumentations keeps its own RNG)."""
     if not cfg.enabled:
         return None
-    return A.Compose([
+    return A.Compose(seed=seed, transforms=[
         A.VerticalFlip(p=cfg.flip_vertical),
         A.Affine(
             scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),

@@ -98,7 +98,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress)
     y_train = np.array([r.label for r in train_rows])
     y_val = np.array([r.label for r in val_rows])
-    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(cfg.train.augment))
+    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(cfg.train.augment, cfg.train.seed))
     val_ds = CachedImages(val_imgs, y_val, pre)
 
     g = torch.Generator().manual_seed(cfg.train.seed)
