@@ -87,7 +87,7 @@ class Lut:
 
     first_mapped: int
     bits: int
-    table: tuple[float, ...] = field(repr=False)
+    table: np.ndarray = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ def _lut(ds: Dataset, sequence: str) -> Lut | None:
         table = apply_modality_lut(ramp, ds)
     else:
         table = apply_voi_lut(ramp, ds, index=0, prefer_lut=True)
-    return Lut(first_mapped=first, bits=int(desc[2]), table=tuple(float(v) for v in np.asarray(table).ravel()))
+    return Lut(first_mapped=first, bits=int(desc[2]), table=np.asarray(table, dtype=np.float32).ravel())
 
 
 def _str(value) -> str | None:

@@ -77,7 +77,7 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
 def apply_lut_table(values: np.ndarray, first_mapped: int, table: np.ndarray) -> np.ndarray:
     """LUT Sequence lookup (modality or VOI): inputs below / above the table clamp to its ends."""
     idx = np.clip(np.rint(values - first_mapped), 0, len(table) - 1).astype(np.int64)
-    return np.asarray(table, dtype=np.float32)[idx]
+    return table[idx].astype(np.float32, copy=False)
 
 
 def apply_percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -109,14 +109,14 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
     presentation); percentiles are the fallback when it has neither.
     """
     if meta.modality_lut is not None:
-        values = apply_lut_table(stored, meta.modality_lut.first_mapped, np.asarray(meta.modality_lut.table))
+        values = apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
     else:
         values = apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
     if cfg.voi == "dicom" and meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
         grey = apply_window(values, meta.window_centers[0], meta.window_widths[0], meta.voi_lut_function)
     elif cfg.voi == "dicom" and meta.voi_lut is not None:
         lut = meta.voi_lut
-        grey = apply_lut_table(values, lut.first_mapped, np.asarray(lut.table)) / np.float32((1 << lut.bits) - 1)
+        grey = apply_lut_table(values, lut.first_mapped, lut.table) / np.float32((1 << lut.bits) - 1)
     else:
         grey = apply_percentile_window(values, *cfg.percentiles)
     if needs_inversion(meta.photometric, meta.presentation_lut_shape):

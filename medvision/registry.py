@@ -54,29 +54,28 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 # ViTs score every patch token and pool the scores (medvision.training.models.TokenPooledViT), so
-# the heatmap is exact; the dict holds timm overrides only.
-_VIT: dict = {}
+# the heatmap is exact; timm_kwargs hold timm overrides only.
 
 register_model(ModelSpec(
-    "vit_small_patch16_224", "vit_small_patch16_224", dict(_VIT), 224,
+    "vit_small_patch16_224", "vit_small_patch16_224", {}, 224,
     description="ViT-S/16, 22 M parameters: the default teacher",
 ))
 register_model(ModelSpec(
-    "vit_base_patch16_224", "vit_base_patch16_224", dict(_VIT), 224,
+    "vit_base_patch16_224", "vit_base_patch16_224", {}, 224,
     description="ViT-B/16, 86 M parameters: the large teacher",
 ))
 register_model(ModelSpec(
-    "vit_tiny_patch16_224", "vit_tiny_patch16_224", dict(_VIT), 224,
+    "vit_tiny_patch16_224", "vit_tiny_patch16_224", {}, 224,
     description="ViT-Ti/16, 5.7 M parameters",
 ))
 register_model(ModelSpec(
     "mv_vit_demo", "vit_tiny_patch16_224",
-    dict(_VIT, img_size=160, patch_size=16, embed_dim=128, depth=4, num_heads=2), 160, stem="conv",
+    dict(img_size=160, patch_size=16, embed_dim=128, depth=4, num_heads=2), 160, stem="conv",
     description="4-layer, 128-wide ViT with a convolutional stem at 160 px: learns from scratch on 2 CPU cores "
     "within the demo's budget",
 ))
 register_model(ModelSpec(
     "mv_vit_test", "vit_tiny_patch16_224",
-    dict(_VIT, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
+    dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
     description="2-layer, 32-wide ViT for tests (seconds per epoch on a CPU)",
 ))

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from medvision import __version__
-from medvision.dicom_io import ReadLimits
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.routes import health, predict
@@ -27,10 +26,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = engine or Engine(
-            settings.artifact, threads=settings.threads, providers=settings.providers,
-            limits=ReadLimits(max_pixels=settings.max_pixels),
-        )
+        app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
         log.info("model %s loaded (sha256 %s…, providers %s)", info["name"], info["artifact_sha256"][:12],
                  ",".join(info["providers"]))

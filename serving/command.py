@@ -46,7 +46,6 @@ def run_serve(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     import uvicorn
 
-    from medvision.dicom_io import ReadLimits
     from medvision.serving.app import create_app
     from medvision.serving.engine import Engine
     from medvision.serving.settings import Settings
@@ -55,8 +54,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                    "threads": args.threads}.items() if v is not None}
     settings = Settings(**overrides)
     # Load before binding the port: a bad artifact is a one-line error, not a failed-startup traceback.
-    engine = Engine(settings.artifact, threads=settings.threads, providers=settings.providers,
-                    limits=ReadLimits(max_pixels=settings.max_pixels))
+    engine = Engine.from_settings(settings)
     uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port,
                 log_level=settings.log_level, access_log=False)  # our middleware logs without query strings
     return 0

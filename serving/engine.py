@@ -15,6 +15,7 @@ from medvision.artifact import ArtifactMetadata, decode, sha256_file
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
+from medvision.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class Engine:
         if list(inp.shape[1:]) != [1, size, size]:
             raise ArtifactError(f"graph input {inp.shape} does not match the metadata's {size} x {size}")
         self.run(np.zeros((1, 1, size, size), np.float32))  # warm-up: first-call allocation off the request path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        return cls(settings.artifact, threads=settings.threads, providers=settings.providers,
+                   limits=ReadLimits(max_pixels=settings.max_pixels))
 
     @property
     def providers(self) -> list[str]:

@@ -110,7 +110,7 @@ def test_modality_lut_sequence_matches_pydicom():
     pixels, meta = read_dicom(path)
     assert meta.modality_lut is not None
     ds = pydicom.dcmread(path)
-    ours = apply_lut_table(pixels, meta.modality_lut.first_mapped, np.asarray(meta.modality_lut.table))
+    ours = apply_lut_table(pixels, meta.modality_lut.first_mapped, meta.modality_lut.table)
     np.testing.assert_array_equal(ours, apply_modality_lut(ds.pixel_array, ds))
 
 
