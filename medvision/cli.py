@@ -19,7 +19,7 @@ from medvision.errors import MedvisionError
 
 ENTRY_POINT_GROUP = "medvision.commands"
 # Fixed order in --help; unknown plugins follow alphabetically.
-COMMAND_ORDER = ["synth", "train", "export", "serve", "predict"]
+COMMAND_ORDER = ["synth", "data", "deid", "train", "export", "serve", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Codecs and the HTTP client log every tile / request at INFO; keep the console for progress and results.
-    for noisy in ("openjpeg", "pydicom", "httpx", "httpcore"):
+    for noisy in ("openjpeg", "pydicom", "httpx", "httpcore", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         result = args.func(args)

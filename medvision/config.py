@@ -26,12 +26,16 @@ class ModelConfig(BaseModel):
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    manifest: str | None = Field(None, description="manifest CSV (path, label, patient_id, ...); see 'medvision data manifest'")
     labels_csv: str | None = Field(None, description="RSNA-style labels CSV (patient_id, image_id, cancer)")
     image_dir: str | None = Field(None, description="folder holding <patient_id>/<image_id>.dcm")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     split_file: str | None = Field(None, description="reuse this split CSV instead of making one")
+    cache: bool = Field(True, description="decode each file once into the on-disk cache (memory-mapped)")
+    cache_dir: str | None = Field(None, description="cache folder; default $MEDVISION_CACHE or ~/.cache/medvision/images")
+    decode_workers: int = Field(0, ge=0, description="processes decoding DICOM, 0 = all cores")
 
 
 class AugmentConfig(BaseModel):

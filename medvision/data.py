@@ -22,6 +22,7 @@ class ImageRow:
     label: int
     laterality: str = ""
     view: str = ""
+    study_id: str = ""
 
 
 def read_labels(labels_csv: str | os.PathLike, image_dir: str | os.PathLike) -> list[ImageRow]:
@@ -48,7 +49,7 @@ def read_labels(labels_csv: str | os.PathLike, image_dir: str | os.PathLike) -> 
             rel = r.get("path") or f"{r['patient_id']}/{r['image_id']}.dcm"
             rows.append(ImageRow(
                 patient_id=r["patient_id"], image_id=r["image_id"], path=str(Path(image_dir) / rel), label=label,
-                laterality=r.get("laterality", ""), view=r.get("view", ""),
+                laterality=r.get("laterality", ""), view=r.get("view", ""), study_id=r.get("study_id", ""),
             ))
     if not rows:
         raise ConfigError(f"labels CSV {path} has no rows")
@@ -88,13 +89,61 @@ def write_split(path: str | os.PathLike, rows: list[ImageRow], assignment: dict[
             w.writerow([r.patient_id, r.image_id, assignment[r.patient_id], r.label])
 
 
+def load_rows(labels_csv: str | os.PathLike | None, image_dir: str | os.PathLike | None,
+              manifest: str | os.PathLike | None = None) -> list[ImageRow]:
+    """The images of a run: a manifest (see ``medvision.manifest``) or an RSNA labels CSV + image folder."""
+    if manifest:
+        from medvision.manifest import read_manifest
+
+        return read_manifest(manifest)
+    if not labels_csv or not image_dir:
+        raise ConfigError("set data.manifest, or data.labels_csv and data.image_dir")
+    return read_labels(labels_csv, image_dir)
+
+
 def read_split(path: str | os.PathLike) -> dict[str, str]:
     """Read a split file back as ``{patient_id: split}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"split file not found: {p}")
     out: dict[str, str] = {}
-    with Path(path).open(newline="") as fh:
-        for r in csv.DictReader(fh):
+    with p.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"patient_id", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"split file {p} lacks column(s): {', '.join(sorted(missing))}")
+        for i, r in enumerate(reader, start=2):
             if r["split"] not in SPLITS:
-                raise ConfigError(f"split file {path}: unknown split {r['split']!r}")
+                raise ConfigError(f"split file {p}:{i}: unknown split {r['split']!r} (expected one of {', '.join(SPLITS)})")
             if out.setdefault(r["patient_id"], r["split"]) != r["split"]:
-                raise ConfigError(f"split file {path}: patient in two splits")
+                raise ConfigError(f"split file {p}:{i}: a patient appears in two splits (leakage)")
     return out
+
+
+def check_split(rows: list[ImageRow], assignment: dict[str, str]) -> dict[str, int]:
+    """Check that ``assignment`` covers every patient and that nothing leaks between splits.
+
+    Leakage is also looked for where patient IDs cannot see it: the same image (``image_id``, e.g. a
+    SOP Instance UID re-exported under another pseudonym) or the same study in two splits.
+    Returns image counts per split; raises ``ConfigError`` naming the problem.
+    """
+    unknown = sorted({r.patient_id for r in rows} - set(assignment))
+    if unknown:
+        raise ConfigError(f"the split lacks {len(unknown)} patient(s) of the manifest; make a new split "
+                          "or pass the split file that was made for this manifest")
+    for attr, what in (("image_id", "image"), ("study_id", "study")):
+        seen: dict[str, str] = {}
+        for r in rows:
+            key = getattr(r, attr)
+            if not key:
+                continue
+            split = assignment[r.patient_id]
+            if seen.setdefault(key, split) != split:
+                raise ConfigError(
+                    f"leakage: the same {what} ({attr} of a row for a patient in '{split}') is also in "
+                    f"'{seen[key]}' under another patient ID; de-duplicate the manifest"
+                )
+    counts = {s: 0 for s in SPLITS}
+    for r in rows:
+        counts[assignment[r.patient_id]] += 1
+    return counts

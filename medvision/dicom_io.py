@@ -38,6 +38,9 @@ from medvision.errors import (
 # JPEG syntaxes that pydicom can hand to pillow, which decodes only 8-bit samples.
 _PILLOW_8_BIT_ONLY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 
+# Uncompressed transfer syntaxes: the pixel data's byte length is known from the header.
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
 # Never swallowed by the "any decoder failure is a domain error" handlers below.
 _INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -154,7 +157,44 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.nd
     return pixels, meta
 
 
-def _parse(source: Source) -> Dataset:
+def read_header(source: str | os.PathLike | bytes, limits: ReadLimits = ReadLimits()) -> tuple[Dataset, DicomMeta]:
+    """Read the attributes only (pixel data deferred, never decoded) and apply the same refusal policy.
+
+    Used by the scanner to index large trees quickly. Returns the pydicom ``Dataset`` too, so the
+    caller can read what ``DicomMeta`` deliberately omits (patient ID for splits, age for data cards);
+    callers must not log it. Uncompressed pixel data shorter than declared is reported as truncated;
+    compressed pixel data is only checked when it is decoded by ``read_dicom``.
+    """
+    ds = _parse(source, headers_only=True)
+    try:
+        meta = _meta(ds)
+        _check_policy(ds, meta, limits)
+        _check_native_length(ds, meta, source)
+    except (MedvisionError, *_INTERRUPTS):
+        raise
+    except BaseException as exc:
+        raise CorruptDicomError(f"malformed DICOM attribute ({type(exc).__name__}): {exc}") from None
+    return ds, meta
+
+
+def _check_native_length(ds: Dataset, meta: DicomMeta, source) -> None:
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem is None or meta.transfer_syntax not in _NATIVE_SYNTAXES or not isinstance(source, (str, os.PathLike)):
+        return
+    tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return
+    expected = meta.rows * meta.columns * int(ds.get("BitsAllocated", 16) or 16) // 8
+    if length < expected:
+        raise CorruptDicomError(f"pixel data holds {length:,} bytes, {expected:,} expected for the declared image")
+    if tell + length > os.path.getsize(source):
+        raise CorruptDicomError(
+            f"truncated DICOM file: pixel data declares {length:,} bytes but the file ends "
+            f"{tell + length - os.path.getsize(source):,} bytes early"
+        )
+
+
+def _parse(source: Source, headers_only: bool = False) -> Dataset:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
         if not data:
@@ -182,7 +222,7 @@ def _parse(source: Source) -> Dataset:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ds = pydicom.dcmread(fileobj, force=not has_marker)
+                ds = pydicom.dcmread(fileobj, force=not has_marker, defer_size=4096 if headers_only else None)
         except InvalidDicomError as exc:
             raise NotDicomError(f"not a DICOM file: {exc}") from None
         except Exception as exc:  # pydicom raises many types on malformed input
@@ -197,7 +237,8 @@ def _parse(source: Source) -> Dataset:
         if not has_marker and not _looks_like_dataset(ds):
             raise NotDicomError("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM attributes found")
         try:
-            ds.PixelData if "PixelData" in ds else None  # noqa: B018 - force the deferred read
+            if "PixelData" in ds and not headers_only:
+                ds.PixelData  # noqa: B018 - force the deferred read
             if len(ds) == 0:
                 raise CorruptDicomError("no data elements could be read after the file meta: truncated or malformed")
         except CorruptDicomError:

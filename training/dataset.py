@@ -1,53 +1,47 @@
-"""A torch Dataset over DICOM files: decoded once through the shared ``Preprocess``, cached in memory."""
+"""A torch Dataset over DICOM files, decoded once through the shared ``Preprocess`` into the on-disk cache."""
 
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medvision.cache import CachedArray, ImageCache, decode_many
 from medvision.data import ImageRow
-from medvision.dicom_io import read_dicom
-from medvision.errors import DicomError
 from medvision.preprocess import Preprocess, normalize
-from medvision.progress import progress_bar
 from medvision.training.augment import augment
 
 log = logging.getLogger(__name__)
 
 
-def decode_all(rows: list[ImageRow], pre: Preprocess, desc: str, show_progress: bool = True) -> tuple[np.ndarray, list[ImageRow]]:
-    """Decode and resize every image once (pixel codecs release the GIL, so threads overlap).
+def decode_all(
+    rows: list[ImageRow], pre: Preprocess, desc: str, show_progress: bool = True,
+    cache_dir: str | None = None, use_cache: bool = True, workers: int = 0,
+) -> tuple[CachedArray | np.ndarray, list[ImageRow]]:
+    """Decode and preprocess every image once, through the decode-once cache unless ``use_cache`` is off.
 
-    Unreadable files are logged by image id and dropped, never fatal.
+    Unreadable files are logged by their row number and reason (never by identifiers) and dropped.
     """
-    def load(row: ImageRow):
-        try:
-            stored, meta = read_dicom(row.path)
-            return pre.display(stored, meta)
-        except DicomError as exc:
-            log.warning("skipping image %s: %s", row.image_id, exc.message)
-            return None
-
-    images, kept = [], []
-    threads = min(4, os.cpu_count() or 1)
-    with progress_bar(desc, total=len(rows), enabled=show_progress) as advance, ThreadPoolExecutor(threads) as pool:
-        for row, img in zip(rows, pool.map(load, rows), strict=True):
-            if img is not None:
-                images.append(img)
-                kept.append(row)
-            advance()
-    size = pre.cfg.image_size
-    stack = np.stack(images) if images else np.zeros((0, size, size), np.float32)
-    return stack, kept
+    paths = [r.path for r in rows]
+    if use_cache:
+        images, kept, errors = ImageCache(pre, cache_dir).load(paths, workers, desc=desc, show_progress=show_progress)
+    else:
+        decoded = decode_many(paths, pre, workers, desc=desc, show_progress=show_progress)
+        kept = [i for i, (img, _) in enumerate(decoded) if img is not None]
+        errors = {i: err for i, (img, err) in enumerate(decoded) if img is None}
+        size = pre.cfg.image_size
+        images = np.stack([decoded[i][0] for i in kept]) if kept else np.zeros((0, size, size), np.float32)
+    for i, err in sorted(errors.items())[:20]:
+        log.warning("%s: skipping row %d: %s", desc, i + 1, err)
+    if len(errors) > 20:
+        log.warning("%s: %d more unreadable image(s) skipped", desc, len(errors) - 20)
+    return images, [rows[i] for i in kept]
 
 
 class CachedImages(Dataset):
-    """Pre-decoded [0, 1] images; random augmentation (if any) then the shared normalisation."""
+    """Pre-decoded [0, 1] images (an array or the memory-mapped cache); random augmentation (if any) then the shared normalisation."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, pre: Preprocess, transform=None) -> None:
         self.images, self.labels, self.pre, self.transform = images, labels.astype(np.float32), pre, transform

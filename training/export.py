@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from medvision import __version__
 from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode, sha256_file
 from medvision.config import RunConfig
-from medvision.data import read_labels, read_split
+from medvision.data import load_rows, read_split
 from medvision.dicom_io import read_dicom
 from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.preprocess import Preprocess
@@ -62,10 +62,11 @@ def parity_inputs(cfg: RunConfig, run_dir: Path, n: int = 8) -> np.ndarray:
     """Real preprocessed images from the run's validation split (random ones if none can be read)."""
     pre = Preprocess(cfg.preprocess)
     batch = []
-    if cfg.data.labels_csv and cfg.data.image_dir and (run_dir / "split.csv").is_file():
+    if (cfg.data.manifest or cfg.data.labels_csv) and (run_dir / "split.csv").is_file():
         split = read_split(run_dir / "split.csv")
         try:
-            rows = [r for r in read_labels(cfg.data.labels_csv, cfg.data.image_dir) if split.get(r.patient_id) == "val"]
+            rows = [r for r in load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
+                    if split.get(r.patient_id) == "val"]
         except ConfigError:  # the labels moved since training: fall back below
             rows = []
         for r in rows:

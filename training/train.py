@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medvision import __version__
 from medvision.config import RunConfig, save_config
-from medvision.data import patient_split, read_labels, read_split, write_split
+from medvision.data import check_split, load_rows, patient_split, read_split, write_split
 from medvision.errors import ConfigError
 from medvision.metrics import auroc, sensitivity_specificity, threshold_for_sensitivity
 from medvision.preprocess import Preprocess
@@ -72,21 +72,17 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     """Run training as configured; returns the metrics dict also written to ``metrics.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg.data.labels_csv or not cfg.data.image_dir:
-        raise ConfigError("data.labels_csv and data.image_dir are required")
+    rows = load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
     save_config(cfg, out / "config.yaml")
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    rows = read_labels(cfg.data.labels_csv, cfg.data.image_dir)
     if cfg.data.split_file:
         assignment = read_split(cfg.data.split_file)
-        unknown = {r.patient_id for r in rows} - set(assignment)
-        if unknown:
-            raise ConfigError(f"split file {cfg.data.split_file} lacks {len(unknown)} patient(s) of the labels CSV")
     else:
         assignment = patient_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    check_split(rows, assignment)
     write_split(out / "split.csv", rows, assignment)
     by_split = {s: [r for r in rows if assignment[r.patient_id] == s] for s in ("train", "val")}
     for s, rs in by_split.items():
@@ -94,8 +90,9 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             raise ConfigError(f"the {s} split needs both classes; it has {len(rs)} image(s) of one class")
 
     pre = Preprocess(cfg.preprocess)
-    train_imgs, train_rows = decode_all(by_split["train"], pre, "decode train", show_progress)
-    val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress)
+    cache = {"cache_dir": cfg.data.cache_dir, "use_cache": cfg.data.cache, "workers": cfg.data.decode_workers}
+    train_imgs, train_rows = decode_all(by_split["train"], pre, "decode train", show_progress, **cache)
+    val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress, **cache)
     y_train = np.array([r.label for r in train_rows])
     y_val = np.array([r.label for r in val_rows])
     train_ds = CachedImages(train_imgs, y_train, pre, build_augment(cfg.train.augment, cfg.train.seed))

@@ -1,0 +1,1 @@
+"""Core CLI commands (``medvision data``, ``medvision deid``), registered through entry points."""
