@@ -67,6 +67,8 @@ PHI_KEYWORDS = (
     "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "StudyDate", "DeviceSerialNumber",
 )
 
+_DUMMIES = {"ANONYMIZED", "ANONYMOUS", "REMOVED", "19000101", "00010101"}
+
 COLUMNS = [f.name for f in fields(IndexRow)]
 _INT_COLUMNS = {f.name for f in fields(IndexRow) if f.type in ("int", int)}
 
@@ -154,8 +156,14 @@ def _fill(row: IndexRow, ds, meta) -> None:
     row.patient_sex = _text(get("PatientSex"))
     row.burned_in_annotation = _text(get("BurnedInAnnotation"))
     row.identity_removed = _text(get("PatientIdentityRemoved"))
-    # Which identifying attributes are filled in (their names, never their values).
-    row.phi_attributes = " ".join(k for k in PHI_KEYWORDS if _text(get(k)))
+    # Which identifying attributes hold real-looking values (their names, never the values). Dummy values
+    # and the pseudonyms `medvision deid` writes do not count.
+    removed = row.identity_removed.upper() == "YES"
+    row.phi_attributes = " ".join(
+        k for k in PHI_KEYWORDS
+        if _text(get(k)) and _text(get(k)).upper() not in _DUMMIES
+        and not (removed and k == "PatientName" and _text(get(k)).rstrip("^") == row.patient_id)
+    )
 
 
 def _index_star(args: tuple[str, str, ReadLimits]) -> IndexRow:
@@ -185,7 +193,7 @@ def scan_files(
     tasks = [(f, root, limits) for f in files]
     out: list[IndexRow] = []
     with progress_bar("scan", total=len(files), enabled=show_progress) as advance:
-        if n == 1 or len(files) < 64:
+        if n == 1 or len(files) <= 4:
             for row in map(_index_star, tasks):
                 out.append(row)
                 advance()

@@ -6,6 +6,7 @@ end-to-end path: synth -> train -> export.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ from medvision.cli import main
 
 SYNTH_ARGS = ["--patients", "16", "--rows", "256", "--columns", "208", "--prevalence", "0.5",
               "--compressed-fraction", "0.5", "--seed", "7", "--no-progress"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_image_cache(tmp_path_factory):
+    """Keep the decode-once cache of this test session away from the user's ~/.cache."""
+    os.environ["MEDVISION_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="fine-tune a ViT on a labels CSV + DICOM folder",
+        "train", help="fine-tune a ViT on a manifest (or an RSNA labels CSV + DICOM folder)",
         description="Patient-level split, augmentation, AUROC on validation every epoch; writes "
         "best.safetensors, config.yaml, split.csv and metrics.json to --out. Config: YAML (--config, or a "
         f"recipe name from {CONFIG_DIR.name}/) plus 'section.key=value' overrides.",
     )
     p.add_argument("--config", help="YAML file or recipe name (e.g. 'demo', 'tiny', 'vit_small')")
-    p.add_argument("--labels", help="labels CSV (sets data.labels_csv)")
+    p.add_argument("--manifest", help="manifest CSV from 'medvision data manifest' (sets data.manifest)")
+    p.add_argument("--split", help="reuse this split CSV from 'medvision data split' (sets data.split_file)")
+    p.add_argument("--labels", help="RSNA labels CSV (sets data.labels_csv)")
     p.add_argument("--images", help="image folder (sets data.image_dir)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -59,6 +61,10 @@ def run_train(args: argparse.Namespace) -> int:
     from medvision.training.train import train
 
     overrides = list(args.overrides)
+    if args.manifest:
+        overrides.append(f"data.manifest={args.manifest}")
+    if args.split:
+        overrides.append(f"data.split_file={args.split}")
     if args.labels:
         overrides.append(f"data.labels_csv={args.labels}")
     if args.images:

@@ -114,3 +114,31 @@ def test_training_is_repeatable_for_a_seed(tmp_path, synth_dir):
     b = train(cfg, tmp_path / "b", show_progress=False)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert a["val_auroc"] == b["val_auroc"] and a["threshold"] == b["threshold"]
+
+
+def test_training_from_a_manifest_reuses_the_split_and_the_decode_cache(tmp_path, synth_dir):
+    """A manifest plus a saved split: the run trains on exactly that split; a second run decodes nothing."""
+    import os
+
+    from medvision.cli import main
+    from medvision.data import read_split
+
+    m, s = tmp_path / "m.csv", tmp_path / "split.csv"
+    assert main(["data", "manifest", "--rsna", str(synth_dir / "labels.csv"), "--images", str(synth_dir / "images"),
+                 "--out", str(m)]) == 0
+    assert main(["data", "split", str(m), "--out", str(s), "--val", "0.25", "--test", "0.25", "--seed", "5"]) == 0
+    cache = tmp_path / "cache"
+    args = ["train", "--config", "tiny", "--manifest", str(m), "--split", str(s), "--no-progress",
+            "train.epochs=1", "train.num_workers=0", f"data.cache_dir={cache}"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert read_split(tmp_path / "a" / "split.csv") == read_split(s)
+    shards = sorted(cache.rglob("shard-*.npy"))
+    assert shards  # train and val decoded once into the cache
+    stamp = {p: os.stat(p).st_mtime_ns for p in shards}
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert sorted(cache.rglob("shard-*.npy")) == shards and all(os.stat(p).st_mtime_ns == t for p, t in stamp.items())
+    a = (tmp_path / "a" / "metrics.json").read_text()
+    b = (tmp_path / "b" / "metrics.json").read_text()
+    import json
+
+    assert json.loads(a)["val_auroc"] == json.loads(b)["val_auroc"]
