@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -145,7 +146,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.nd
         EmptyInputError, NotDicomError, NotAnImageError, CorruptDicomError, UnsupportedImageError,
         MissingCodecError: each with a message naming the problem.
     """
-    ds = _parse(source)
+    ds = _parse(source, limits=limits)
     try:
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
@@ -165,7 +166,7 @@ def read_header(source: str | os.PathLike | bytes, limits: ReadLimits = ReadLimi
     callers must not log it. Uncompressed pixel data shorter than declared is reported as truncated;
     compressed pixel data is only checked when it is decoded by ``read_dicom``.
     """
-    ds = _parse(source, headers_only=True)
+    ds = _parse(source, headers_only=True, limits=limits)
     try:
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
@@ -194,7 +195,38 @@ def _check_native_length(ds: Dataset, meta: DicomMeta, source) -> None:
         )
 
 
-def _parse(source: Source, headers_only: bool = False) -> Dataset:
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+
+
+def _check_deflate(fileobj: BinaryIO, head: bytes, limits: ReadLimits) -> None:
+    """Refuse a deflated dataset that would inflate beyond the limits (pydicom inflates it whole in memory)."""
+    if _DEFLATED not in head:
+        return
+    fileobj.seek(0)
+    start = fileobj.read(1024)
+    fileobj.seek(0)
+    if start[128:132] != b"DICM" or start[132:136] != b"\x02\x00\x00\x00" or start[136:138] != b"UL":
+        return  # no group length to find the deflated part; pydicom will reject what it cannot parse
+    meta_end = 144 + int.from_bytes(start[140:144], "little")
+    budget = limits.max_pixels * 4 + (64 << 20)  # room for 32-bit pixels plus attributes
+    fileobj.seek(meta_end)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        while chunk := fileobj.read(1 << 20):
+            while chunk:
+                total += len(inflater.decompress(chunk, budget - total + 1))
+                if total > budget:
+                    raise UnsupportedImageError(
+                        f"the deflated dataset inflates to more than {budget:,} bytes: refused (decompression bomb?)"
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise CorruptDicomError(f"deflated dataset is corrupt: {exc}") from None
+    finally:
+        fileobj.seek(0)
+
+
+def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = ReadLimits()) -> Dataset:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
         if not data:
@@ -211,9 +243,10 @@ def _parse(source: Source, headers_only: bool = False) -> Dataset:
     else:
         fileobj, name = source, str(getattr(source, "name", "the input stream"))
     try:
-        head = fileobj.read(132)
+        head = fileobj.read(1024)
         fileobj.seek(0)
         has_marker = head[128:132] == b"DICM"
+        _check_deflate(fileobj, head, limits)
         # The 128-byte preamble may legitimately hold a TIFF header (dual-format files): only name
         # other formats when the DICM marker is absent.
         for magic, what in _SIGNATURES.items():
@@ -384,6 +417,78 @@ def _check_policy(ds: Dataset, meta: DicomMeta, limits: ReadLimits) -> None:
         )
 
 
+_J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                 "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                 "1.2.840.10008.1.2.4.203"}
+_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                  "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+# Start-of-frame markers of ISO 10918-1 (all processes) and SOF55 of JPEG-LS (ISO 14495-1).
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` declared inside a JPEG / JPEG-LS / JPEG 2000 codestream, or None if unknown.
+
+    The codec allocates what the *codestream* declares, whatever the DICOM header says: a 64 x 64
+    header around a 60000 x 60000 codestream is a decompression bomb. Read the size before decoding.
+    """
+    b = bytes(codestream[:65536])
+    try:
+        if transfer_syntax in _J2K_SYNTAXES:
+            off = 0
+            if b.startswith(b"\x00\x00\x00\x0cjP  "):  # JP2 wrapper: find the contiguous codestream box
+                off = 12
+                while off + 8 <= len(b) and b[off + 4:off + 8] != b"jp2c":
+                    length = int.from_bytes(b[off:off + 4], "big")
+                    if length < 8:
+                        return None
+                    off += length
+                off += 8
+            if b[off:off + 4] != b"\xff\x4f\xff\x51":  # SOC then SIZ
+                return None
+            x, y, xo, yo = (int.from_bytes(b[off + 8 + 4 * i:off + 12 + 4 * i], "big") for i in range(4))
+            return y - yo, x - xo
+        if transfer_syntax in _JPEG_SYNTAXES:
+            if not b.startswith(b"\xff\xd8"):
+                return None
+            i = 2
+            while i + 4 <= len(b):
+                if b[i] != 0xFF:
+                    return None
+                marker = b[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in _SOF_MARKERS:
+                    return int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big")
+                if 0xD0 <= marker <= 0xD9 or marker == 0x01:
+                    i += 2
+                    continue
+                i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
+    if meta.transfer_syntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES:
+        return
+    from pydicom.encaps import generate_fragments
+
+    try:
+        items = generate_fragments(ds.PixelData)
+        next(items, None)  # the Basic Offset Table item
+        first = next(items, b"")
+    except Exception as exc:
+        raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+    size = codestream_size(meta.transfer_syntax, first)
+    if size is not None and size != (meta.rows, meta.columns):
+        raise CorruptDicomError(
+            f"the compressed image declares {size[0]} x {size[1]} pixels but the DICOM header "
+            f"{meta.rows} x {meta.columns}: refused before decoding"
+        )
+
+
 def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
     from pydicom.pixels import get_decoder
 
@@ -399,6 +504,7 @@ def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
             f"cannot decode transfer syntax {meta.transfer_syntax} ({pydicom.uid.UID(meta.transfer_syntax).name}): "
             f"no decoding plugin is installed; install {hint}"
         )
+    _check_codestream(ds, meta)
     try:
         arr = ds.pixel_array
     except _INTERRUPTS:

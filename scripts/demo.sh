@@ -14,17 +14,22 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step "1/5 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
+step "1/6 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
 "$BIN/medvision" synth "$OUT/data" --patients "$PATIENTS" --difficulty "$DIFFICULTY"
 
-step "2/5 train a ViT from scratch (patient-level split, at most $MINUTES min)"
-"$BIN/medvision" train --config demo --labels "$OUT/data/labels.csv" --images "$OUT/data/images" \
-  --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES"
+step "2/6 manifest, patient-level split (leakage-checked) and data card"
+"$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
+"$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
+"$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv"
 
-step "3/5 export ONNX with embedded metadata (parity-checked against torch)"
+step "3/6 train a ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
+"$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
+  --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES" "data.cache_dir=$OUT/cache"
+
+step "4/6 export ONNX with embedded metadata (parity-checked against torch)"
 "$BIN/medvision" export "$OUT/run" --out "$OUT/model.onnx"
 
-step "4/5 start the service on $URL"
+step "5/6 start the service on $URL"
 "$BIN/medvision" serve --model "$OUT/model.onnx" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -34,7 +39,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-step "5/5 score the held-out test patients over HTTP"
+step "6/6 score the held-out test patients over HTTP"
 "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
@@ -46,6 +51,7 @@ m = json.load(open(f"{out}/run/metrics.json"))
 print(f"\nheld-out test AUROC {s['auroc']:.3f} on {s['labelled']} images ({s['positives']} cancer), "
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} "
       f"at the validation operating point ({m['operating_point']}); validation AUROC {m['val_auroc']:.3f}")
-print(f"artifacts in {out}/: model.onnx, run/ (checkpoint, config, metrics), test_scores.csv")
+print(f"artifacts in {out}/: model.onnx, run/ (checkpoint, config, metrics), test_scores.csv, "
+      "data_card/synthetic_demo.md")
 print(f"serve it again: {sys.argv[2]}/medvision serve --model {out}/model.onnx  (OpenAPI docs at /docs)")
 PY

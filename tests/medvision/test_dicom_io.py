@@ -183,3 +183,61 @@ def test_every_bits_stored_and_sign_round_trips(bits_stored, signed):
     pixels, meta = read_dicom(_grey_dataset(bits_stored, signed, values, allocated))
     np.testing.assert_array_equal(pixels.astype(np.int64), values)
     assert meta.signed == signed and meta.bits_stored == bits_stored
+
+
+# --- decompression bombs: refused before anything large is allocated ------------------------------------
+
+
+def _synthetic_in(dicom_files, syntax: str) -> bytes:
+    for f in dicom_files:
+        if pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax:
+            return f.read_bytes()
+    raise AssertionError(f"no synthetic file in {syntax}")
+
+
+@pytest.mark.parametrize("syntax,marker,offsets", [
+    ("1.2.840.10008.1.2.4.90", b"\xff\x4f\xff\x51", (8, 12)),  # J2K SIZ: Xsiz, Ysiz (4 bytes each)
+    ("1.2.840.10008.1.2.4.80", b"\xff\xf7", (5, 7)),  # JPEG-LS SOF55: height, width (2 bytes each)
+])
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(dicom_files, syntax, marker, offsets):
+    data = bytearray(_synthetic_in(dicom_files, syntax))
+    at = data.index(marker)
+    width = 4 if syntax.endswith(".90") else 2
+    for off in offsets:  # claim the biggest image the field can hold
+        data[at + off:at + off + width] = b"\xff" * (width - 1) + b"\xf0"
+    with pytest.raises(CorruptDicomError, match="the compressed image declares .* but the DICOM header 256 x 208"):
+        read_dicom(bytes(data))
+
+
+def test_a_header_smaller_than_its_codestream_is_refused(dicom_files):
+    ds = pydicom.dcmread(io.BytesIO(_synthetic_in(dicom_files, "1.2.840.10008.1.2.4.90")))
+    ds.Rows, ds.Columns = 64, 64
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(CorruptDicomError, match="declares 256 x 208 pixels but the DICOM header 64 x 64"):
+        read_dicom(buf.getvalue())
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(dicom_files):
+    import struct
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "2.25.1"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    size = 200 << 20  # 200 MB of zeros in one OB element, a few hundred KB deflated
+    co = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = co.compress(struct.pack("<HH2sHI", 0x0011, 0x1010, b"OB", 0, size))
+    zeros = bytes(1 << 20)
+    body += b"".join(co.compress(zeros) for _ in range(size >> 20)) + co.flush()
+    data = head.getvalue() + body
+    assert len(data) < 1 << 20
+    with pytest.raises(UnsupportedImageError, match="inflates to more than"):
+        read_dicom(data, ReadLimits(max_pixels=1_000_000))
