@@ -9,7 +9,7 @@ Measures, side by side in one run on this machine:
    lossless: images/s and megapixels/s through ``read_dicom`` + ``Preprocess`` (the shared path);
 2. the real corpus (pydicom's and pydicom-data's image files that medvision reads): images/s per
    transfer syntax;
-3. parallel scaling of the JPEG 2000 set over 1..N worker processes (and threads, for comparison);
+3. parallel scaling over 1..N worker processes and threads, for JPEG 2000, JPEG-LS and uncompressed;
 4. the decode-once cache: a cold load (decode + write) against a warm load (memory-mapped read).
 HTJ2K is decoded by pylibjpeg-openjpeg but no installed plugin encodes it, so it is absent from (1).
 """
@@ -41,6 +41,9 @@ from medvision.synth.dicom_writer import save
 
 SYNTAXES = {"uncompressed": ExplicitVRLittleEndian, "RLE": RLELossless, "JPEG-LS lossless": JPEGLSLossless,
             "JPEG 2000 lossless": JPEG2000Lossless}
+# Scaled over workers: JPEG 2000 (openjpeg already threads one decode), JPEG-LS (CharLS, one thread),
+# uncompressed (bound by preprocessing).
+SCALED = ("JPEG 2000 lossless", "JPEG-LS lossless", "uncompressed")
 console = Console(stderr=True)
 
 
@@ -134,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "file_mb": mb / len(paths)}
         result["synthetic_per_syntax_1_process"] = per_syntax
 
-        scaling = {"process": {}, "thread": {}}
+        scaling: dict[str, dict[str, dict[int, float]]] = {}
+        for name in SCALED:
+            paths = sets[name]
+            scaling[name] = {"process": {}, "thread": {}}
+            for kind in ("process", "thread"):
+                for w in sorted({1, *range(2, cores + 1)}):
+                    scaling[name][kind][w] = len(paths) / time_decode(paths, pre, workers=w, kind=kind)
+        result["scaling_images_per_s"] = scaling
         j2k = sets["JPEG 2000 lossless"]
-        for kind in ("process", "thread"):
-            for w in sorted({1, *range(2, cores + 1)}):
-                scaling[kind][w] = len(j2k) / time_decode(j2k, pre, workers=w, kind=kind)
-        result["jpeg2000_scaling_images_per_s"] = scaling
 
         cache_root = work / "cache"
         t = time.perf_counter()
@@ -164,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in per_syntax.items():
         t1.add_row(name, f"{v['images_per_s']:.2f}", f"{v['megapixels_per_s']:.1f}", f"{v['file_mb']:.1f}")
     out.print(t1)
-    t2 = Table(title=f"JPEG 2000 lossless, scaling over {cores} core(s), images/s")
+    t2 = Table(title=f"Scaling over {cores} core(s), images/s (workers including their start-up)")
+    t2.add_column("transfer syntax")
     t2.add_column("workers", justify="right")
     t2.add_column("processes", justify="right")
     t2.add_column("threads", justify="right")
-    for w in scaling["process"]:
-        t2.add_row(str(w), f"{scaling['process'][w]:.2f}", f"{scaling['thread'][w]:.2f}")
+    for name, by_kind in scaling.items():
+        for w in by_kind["process"]:
+            t2.add_row(name, str(w), f"{by_kind['process'][w]:.2f}", f"{by_kind['thread'][w]:.2f}")
     out.print(t2)
     c = result["cache"]
     out.print(f"decode-once cache, {len(j2k)} JPEG 2000 images: cold {c['cold_s']:.2f} s (decode + write, "
@@ -188,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        for kind, style in (("process", "o-"), ("thread", "s--")):
-            ws = list(scaling[kind])
-            ax.plot(ws, [scaling[kind][w] for w in ws], style, label=f"{kind}es" if kind == "process" else "threads")
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        for name, by_kind in scaling.items():
+            for kind, style in (("process", "o-"), ("thread", "s--")):
+                ws = list(by_kind[kind])
+                ax.plot(ws, [by_kind[kind][w] for w in ws], style, label=f"{name}, {kind}es")
+        ax.set_yscale("log")
         ax.set_xlabel("workers")
         ax.set_ylabel("images / s")
-        ax.set_title(f"JPEG 2000 {rows}x{cols} decode + preprocess")
+        ax.set_title(f"decode + preprocess, {rows} x {cols}")
         ax.legend(frameon=False)
         fig.tight_layout()
         fig.savefig(args.plot)

@@ -26,6 +26,7 @@ import csv
 import hashlib
 import hmac
 import logging
+import multiprocessing
 import os
 import secrets
 from collections import Counter
@@ -273,7 +274,8 @@ def deidentify_tree(
                 results.append(deidentify_file(f, dst, pid, deid))
                 advance()
         else:
-            with ProcessPoolExecutor(n, initializer=_init, initargs=(options,)) as pool:
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init, initargs=(options,)) as pool:
                 for r in pool.map(deidentify_file, files, [dst] * len(files), pids, chunksize=16):
                     results.append(r)
                     advance()
@@ -281,7 +283,11 @@ def deidentify_tree(
 
 
 def write_report(path: Path, results: Iterable[dict], source_root: str) -> dict:
-    """A CSV of refused files (source paths relative to the input, and why) plus counts."""
+    """A CSV of refused files (source paths relative to the input, and why) plus counts.
+
+    Source paths can identify patients (exports are often foldered by name), so the caller keeps this
+    report outside the de-identified output.
+    """
     results = list(results)
     refused = [r for r in results if r["status"] != "ok"]
     with path.open("w", newline="") as fh:

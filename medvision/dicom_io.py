@@ -255,7 +255,9 @@ def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = Read
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ds = pydicom.dcmread(fileobj, force=not has_marker, defer_size=4096 if headers_only else None)
+                # Deferred values are re-read from the path when touched, so defer only for paths.
+                defer = 4096 if headers_only and isinstance(source, (str, os.PathLike)) else None
+                ds = pydicom.dcmread(fileobj, force=not has_marker, defer_size=defer)
         except InvalidDicomError as exc:
             raise NotDicomError(f"not a DICOM file: {exc}") from None
         except Exception as exc:  # pydicom raises many types on malformed input

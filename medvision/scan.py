@@ -10,6 +10,7 @@ nothing from it is ever logged.
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -198,7 +199,8 @@ def scan_files(
                 out.append(row)
                 advance()
         else:
-            with ProcessPoolExecutor(n) as pool:
+            # spawn, not fork: callers may hold torch / BLAS threads, which fork can deadlock.
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for row in pool.map(_index_star, tasks, chunksize=32):
                     out.append(row)
                     advance()
@@ -230,18 +232,16 @@ def read_index(path: str | os.PathLike) -> list[IndexRow]:
     return out
 
 
-def summarise(rows: list[IndexRow], examples: int = 10) -> dict:
-    """Counts by status and by reason, and the first few problem files (paths only, no identifiers)."""
+def summarise(rows: list[IndexRow]) -> dict:
+    """Counts by status and by reason. No paths: export folders are often named after patients."""
     by_status = Counter(r.status for r in rows)
     reasons = Counter(r.reason.split(":", 1)[0] for r in rows if r.status != STATUS_OK)
-    problems = [{"path": r.path, "status": r.status, "reason": r.reason} for r in rows if r.status != STATUS_OK]
     return {
         "files": len(rows),
         "ok": by_status.get(STATUS_OK, 0),
         "refused": by_status.get(STATUS_REFUSED, 0),
         "unreadable": by_status.get(STATUS_UNREADABLE, 0),
         "reasons": dict(reasons.most_common()),
-        "examples": problems[:examples],
         "patients": len({r.patient_id for r in rows if r.status == STATUS_OK and r.patient_id}),
         "studies": len({r.study_instance_uid for r in rows if r.status == STATUS_OK and r.study_instance_uid}),
     }

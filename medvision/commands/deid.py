@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Writes <out>/<pseudonym>/<study UID>/<SOP UID>.dcm with identifying attributes removed, "
         "emptied or replaced, UIDs and Patient IDs replaced by keyed hashes (consistent across a study and "
         "across runs with the same --key-file), pixel data untouched. Files declaring burned-in annotation "
-        "are refused unless --allow-burned-in. Refused files are listed in <out>/deid_report.csv.",
+        "are refused unless --allow-burned-in. Refused files are listed in the --report CSV, which is kept "
+        "outside <out> because source paths may identify patients.",
     )
     p.add_argument("src", help="input folder or file (or the base of --manifest's paths)")
     p.add_argument("out", help="output folder (must not be inside the input)")
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-patient-characteristics", action="store_true",
                    help="PS3.15 Retain Patient Characteristics Option: keep age, sex, size, weight")
     p.add_argument("--allow-burned-in", action="store_true", help="also write images with Burned In Annotation = YES")
+    p.add_argument("--report", help="CSV of refused files with reasons (default: <out>_deid_report.csv next to <out>)")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -43,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"input not found: {src}")
     if out == src or src in out.parents:
         raise ConfigError("the output folder must not be the input folder or inside it")
+    report = Path(args.report).resolve() if args.report else out.parent / f"{out.name}_deid_report.csv"
+    if out in report.parents:
+        raise ConfigError("--report must not be inside the output folder: source paths may identify patients")
     key, reproducible = load_or_create_key(args.key_file)
     if not reproducible:
         print("medvision deid: no --key-file: pseudonyms are random for this run only", file=sys.stderr)
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no files under {src}")
     out.mkdir(parents=True, exist_ok=True)
     results = deidentify_tree(files, out, options, args.workers, not args.no_progress, pids)
-    summary = write_report(out / "deid_report.csv", results, str(src) if src.is_dir() else "")
+    summary = write_report(report, results, str(src) if src.is_dir() else "")
     if rows is not None:
         kept = []
         for row, res in zip(rows, results, strict=True):
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if kept:
             write_manifest(out / "manifest.csv", kept)
             summary["manifest"] = str(out / "manifest.csv")
-    summary["report"] = str(out / "deid_report.csv")
+    summary["report"] = str(report)
     print(json.dumps(summary, indent=2))
     if summary["refused"]:
         print(f"medvision deid: {summary['refused']} file(s) not written; reasons in {summary['report']}", file=sys.stderr)

@@ -192,5 +192,25 @@ def test_deid_cli_with_manifest_feeds_training(synth_dir, tmp_path, capsys):
     assert len({r.patient_id for r in rows}) == len({r.patient_id for r in orig})
     assert not {r.patient_id for r in rows} & {r.patient_id for r in orig}
     assert all(Path(r.path).is_file() and r.patient_id.startswith("MV") for r in rows)
+    # nothing identifying from the sources anywhere in the output folder: not in file names, not in any
+    # value (as a whole token), and long identifiers not even as raw bytes
+    secrets_ = set()
+    for f in (synth_dir / "images").rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        secrets_ |= {str(ds.PatientID), str(ds.PatientName), str(ds.AccessionNumber), str(ds.SOPInstanceUID),
+                     str(ds.StudyInstanceUID), ds.StudyDate}
+    secrets_.discard("")
+    for f in out.rglob("*"):
+        assert not set(f.relative_to(out).with_suffix("").parts) & secrets_, f.name
+        if f.suffix == ".dcm":
+            blob = f.read_bytes()
+            assert not [s for s in secrets_ if len(s) >= 10 and s.encode() in blob], f.name
+            for elem in pydicom.dcmread(f, stop_before_pixels=True).iterall():
+                tokens = set(re.split(r"[^0-9A-Za-z.^]+", str(elem.value)))
+                assert not tokens & secrets_, (f.name, elem.keyword)
+        elif f.suffix == ".csv":
+            tokens = set(re.split(r"[^0-9A-Za-z.^]+", f.read_text()))
+            assert not tokens & secrets_, f.name
+    assert (tmp_path / "deid_deid_report.csv").is_file()
     # the output folder may not be inside the input
     assert main(["deid", str(synth_dir), str(synth_dir / "x"), "--no-progress"]) == 2
