@@ -81,17 +81,24 @@ def _decode_one(path: str, pre: Preprocess | None = None) -> tuple[np.ndarray | 
         return None, f"unreadable: {exc.strerror}"
 
 
+# Below this many files, starting worker processes (about a second each, spawned) costs more than it saves.
+PROCESS_POOL_MIN_FILES = 64
+
+
 def iter_decode(
-    paths: Sequence[str], pre: Preprocess, workers: int = 0, kind: str = "process",
+    paths: Sequence[str], pre: Preprocess, workers: int = 0, kind: str = "auto",
     desc: str = "decode", show_progress: bool = True,
 ) -> Iterator[tuple[np.ndarray | None, str]]:
     """Decode and preprocess ``paths`` with ``workers`` threads or processes (0 = all cores).
 
     Yields ``(image or None, error)`` per path, in order, so callers can stream results to disk.
-    Processes scale with cores; threads only as far as the codecs release the GIL
-    (``benchmarks/decode_preprocess.py`` measures both).
+    ``kind="auto"`` uses processes for long lists and threads for short ones. Threads scale only as
+    far as the codec releases the GIL: numpy / pillow preprocessing and openjpeg do, CharLS (JPEG-LS)
+    does not; ``benchmarks/decode_preprocess.py`` measures both on the machine at hand.
     """
     n = workers or os.cpu_count() or 1
+    if kind == "auto":
+        kind = "process" if len(paths) >= PROCESS_POOL_MIN_FILES else "thread"
     with progress_bar(desc, total=len(paths), enabled=show_progress) as advance:
         if n == 1 or len(paths) <= 2:
             results: Iterator = (_decode_one(p, pre) for p in paths)
@@ -113,7 +120,7 @@ def iter_decode(
                     yield r
 
 
-def decode_many(paths: Sequence[str], pre: Preprocess, workers: int = 0, kind: str = "process",
+def decode_many(paths: Sequence[str], pre: Preprocess, workers: int = 0, kind: str = "auto",
                 desc: str = "decode", show_progress: bool = True) -> list[tuple[np.ndarray | None, str]]:
     """``iter_decode`` collected into a list."""
     return list(iter_decode(paths, pre, workers, kind, desc, show_progress))

@@ -77,7 +77,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Ima
             if check_files and not full.is_file():
                 missing_files.append(rel)
             rows.append(ImageRow(
-                patient_id=r["patient_id"].strip(), image_id=(r.get("image_id") or "").strip() or Path(rel).stem,
+                # without an image_id the path is the identity (file names like IM0001 repeat across patients)
+                patient_id=r["patient_id"].strip(), image_id=(r.get("image_id") or "").strip() or rel,
                 path=str(full), label=_label(r[label_col], where), laterality=(r.get("laterality") or "").strip(),
                 view=(r.get("view") or "").strip(), study_id=(r.get("study_id") or "").strip(),
             ))
@@ -160,7 +161,7 @@ def from_dicom_folder(
             continue
         used.add(k)
         rows.append(ImageRow(
-            patient_id=ir.patient_id, image_id=ir.sop_instance_uid or Path(ir.path).stem, path=str(full),
+            patient_id=ir.patient_id, image_id=ir.sop_instance_uid or ir.path, path=str(full),
             label=labels[k], laterality=ir.laterality, view=ir.view, study_id=ir.study_instance_uid,
         ))
     if no_patient:
@@ -207,7 +208,7 @@ def from_class_folders(
             no_patient += 1
             continue
         rows.append(ImageRow(
-            patient_id=ir.patient_id, image_id=ir.sop_instance_uid or full.stem, path=str(full),
+            patient_id=ir.patient_id, image_id=ir.sop_instance_uid or ir.path, path=str(full),
             label=classes[parts[0].lower()], laterality=ir.laterality, view=ir.view, study_id=ir.study_instance_uid,
         ))
     if no_patient:

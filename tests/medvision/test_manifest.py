@@ -55,7 +55,7 @@ def test_generic_csv_relative_paths_and_aliases(synth_dir, tmp_path):
     m = _write_csv(tmp_path / "any.csv", ["path", "cancer", "patient_id", "view"],
                    [[f"imgs/{f.name}", lab, "p1", "CC"] for f, lab in zip(files, ["1", "0.0", "true"], strict=True)])
     rows = read_manifest(m)
-    assert [r.label for r in rows] == [1, 0, 1] and rows[0].image_id == files[0].stem
+    assert [r.label for r in rows] == [1, 0, 1] and rows[0].image_id == f"imgs/{files[0].name}"
     assert all(Path(r.path).is_file() for r in rows) and rows[0].view == "CC"
 
 
