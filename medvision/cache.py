@@ -19,11 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 from medvision import __version__
 from medvision.dicom_io import read_dicom
 from medvision.errors import DicomError, PreprocessError
+from medvision.parallel import process_pool
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.progress import progress_bar
 
@@ -81,7 +81,7 @@ def _decode_one(path: str, pre: Preprocess | None = None) -> tuple[np.ndarray | 
         return None, f"unreadable: {exc.strerror}"
 
 
-# Below this many files, starting worker processes (about a second each, spawned) costs more than it saves.
+# Below this many files, threads: no pickling of results, and as fast where the codec releases the GIL.
 PROCESS_POOL_MIN_FILES = 64
 
 
@@ -111,10 +111,7 @@ def iter_decode(
                     advance()
                     yield r
         else:
-            # spawn, not fork: the caller may hold torch / BLAS threads, which fork can deadlock.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(pre.cfg.model_dump_json(),)) as pool:
+            with process_pool(n, _init_worker, (pre.cfg.model_dump_json(),)) as pool:
                 for r in pool.map(_decode_one, paths, chunksize=max(1, min(16, len(paths) // (4 * n)))):
                     advance()
                     yield r

@@ -26,12 +26,10 @@ import csv
 import hashlib
 import hmac
 import logging
-import multiprocessing
 import os
 import secrets
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +41,7 @@ from pydicom.tag import Tag
 
 from medvision import __version__
 from medvision.errors import ConfigError, MedvisionError
+from medvision.parallel import process_pool
 from medvision.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -274,8 +273,7 @@ def deidentify_tree(
                 results.append(deidentify_file(f, dst, pid, deid))
                 advance()
         else:
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init, initargs=(options,)) as pool:
+            with process_pool(n, _init, (options,)) as pool:
                 for r in pool.map(deidentify_file, files, [dst] * len(files), pids, chunksize=16):
                     results.append(r)
                     advance()

@@ -10,16 +10,15 @@ nothing from it is ever logged.
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medvision.dicom_io import ReadLimits, read_header
 from medvision.errors import ConfigError, DicomError
+from medvision.parallel import process_pool
 from medvision.progress import progress_bar
 
 STATUS_OK, STATUS_REFUSED, STATUS_UNREADABLE = "ok", "refused", "unreadable"
@@ -199,8 +198,7 @@ def scan_files(
                 out.append(row)
                 advance()
         else:
-            # spawn, not fork: callers may hold torch / BLAS threads, which fork can deadlock.
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with process_pool(n) as pool:
                 for row in pool.map(_index_star, tasks, chunksize=32):
                     out.append(row)
                     advance()

@@ -20,7 +20,8 @@ step "1/6 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFIC
 step "2/6 manifest, patient-level split (leakage-checked) and data card"
 "$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
 "$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
-"$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv"
+"$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv" \
+  --intended-use "Synthetic mammograms for demonstrating and testing medvision end to end. No patient data went in; results on it say nothing about real mammograms."
 
 step "3/6 train a ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
 "$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
