@@ -64,6 +64,16 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=0)
     threads: int = Field(0, ge=0, description="torch intra-op threads, 0 = all cores")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (best checkpoint kept)")
+    accumulate: int = Field(1, ge=1, description="gradient accumulation: optimizer step every N batches")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay for ViT fine-tuning (e.g. 0.75)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (e.g. 0.999); validate and save it")
+    early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without a better validation AUROC")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:\\d+)?)$", description="auto = cuda when available")
+    precision: str = Field("fp32", pattern="^(fp32|bf16|fp16)$", description="autocast dtype (bf16 on GPU)")
+    channels_last: bool = Field(False, description="NHWC memory format (helps convolutions on GPU)")
+    compile: bool = Field(False, description="torch.compile the model for training")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU)")
+    tensorboard: bool = Field(True, description="write TensorBoard logs to <run>/tensorboard")
     augment: AugmentConfig = AugmentConfig()
 
 

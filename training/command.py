@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="reuse this split CSV from 'medvision data split' (sets data.split_file)")
     p.add_argument("--labels", help="RSNA labels CSV (sets data.labels_csv)")
     p.add_argument("--images", help="image folder (sets data.image_dir)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt with its own "
+                   "config.yaml (overrides may only change train.max_minutes / train.early_stopping)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="e.g. train.epochs=3 model.name=vit_tiny_patch16_224")
     p.set_defaults(func=run_train)
@@ -61,6 +63,21 @@ def run_train(args: argparse.Namespace) -> int:
     from medvision.training.train import train
 
     overrides = list(args.overrides)
+    if args.resume:
+        from medvision.errors import ConfigError
+
+        if args.config or args.manifest or args.labels or args.images or args.split:
+            raise ConfigError("--resume uses the run's own config.yaml: do not combine it with --config or data options")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"cannot resume: {run_dir / 'config.yaml'} not found")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        metrics = train(cfg, run_dir, show_progress=not args.no_progress, resume=True)
+        return _print_summary(metrics)
+    if not args.out:
+        from medvision.errors import ConfigError
+
+        raise ConfigError("give --out RUN (a new run folder) or --resume RUN")
     if args.manifest:
         overrides.append(f"data.manifest={args.manifest}")
     if args.split:
@@ -71,6 +88,10 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.image_dir={args.images}")
     cfg = load_config(resolve_config_path(args.config), overrides)
     metrics = train(cfg, args.out, show_progress=not args.no_progress)
+    return _print_summary(metrics)
+
+
+def _print_summary(metrics: dict) -> int:
     summary = {k: metrics[k] for k in ("model", "best_epoch", "val_auroc", "threshold", "val_sensitivity",
                                        "val_specificity", "train_seconds")}
     print(json.dumps(summary, indent=2))

@@ -41,15 +41,25 @@ def decode_all(
 
 
 class CachedImages(Dataset):
-    """Pre-decoded [0, 1] images (an array or the memory-mapped cache); random augmentation (if any) then the shared normalisation."""
+    """Pre-decoded [0, 1] images (an array or the memory-mapped cache); random augmentation, then normalisation.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, pre: Preprocess, transform=None) -> None:
+    Augmentation is re-seeded for every sample from ``(seed, epoch, index)``: the same epoch gives the
+    same augmented images whatever the number of loader workers, and a resumed run continues exactly.
+    """
+
+    def __init__(self, images, labels: np.ndarray, pre: Preprocess, transform=None, seed: int = 0) -> None:
         self.images, self.labels, self.pre, self.transform = images, labels.astype(np.float32), pre, transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        grey = augment(self.transform, self.images[i])
+        if self.transform is not None:
+            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+        grey = augment(self.transform, np.asarray(self.images[i]))
         x = normalize(grey, self.pre.cfg.mean, self.pre.cfg.std)[None]
         return torch.from_numpy(x), torch.tensor([self.labels[i]])

@@ -58,6 +58,16 @@ class TokenPooledViT(torch.nn.Module):
         self.head = torch.nn.Linear(backbone.num_features, 1)
         self.r = r
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise learning-rate decay (timm's interface): stem, blocks, then head."""
+        return {
+            "stem": r"^backbone\.(?:cls_token|reg_token|pos_embed|patch_embed)",
+            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm|^head", (99999,))],
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
+
     def token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Per-patch cancer logits, shape (batch, patches)."""
         tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]

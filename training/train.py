@@ -1,7 +1,13 @@
-"""Fine-tune a registered ViT on a labels CSV + DICOM folder; keep the best checkpoint by validation AUROC.
+"""Fine-tune a registered model on a manifest (or RSNA labels); keep the best checkpoint by validation AUROC.
 
 Outputs in ``out_dir``: ``best.safetensors`` (weights; the resolved config in its metadata),
-``config.yaml``, ``split.csv``, ``metrics.json`` and ``train.log``.
+``last.pt`` (everything needed to resume exactly: weights, EMA, optimizer, schedule, RNG states),
+``config.yaml``, ``split.csv``, ``metrics.json``, ``curves.png`` and ``tensorboard/``.
+
+Resuming (``resume=True`` / ``medvision train --resume RUN``) continues from the last completed epoch
+and gives the same weights, bit for bit, as a run that was never interrupted: augmentation is seeded
+per (seed, epoch, sample), the sampler's generator and every RNG state are restored, and the learning
+rate schedule continues from its step count.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medvision import __version__
@@ -32,6 +38,9 @@ from medvision.training.models import create_model
 
 log = logging.getLogger(__name__)
 
+LAST = "last.pt"
+BEST = "best.safetensors"
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -39,14 +48,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """AdamW groups: no decay on biases, norms and embeddings; layer-wise lr decay when configured."""
+    t = cfg.train
+    if t.layer_decay:
+        from timm.optim import param_groups_layer_decay
+
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        groups = param_groups_layer_decay(model, t.weight_decay, skip, layer_decay=t.layer_decay)
+        for g in groups:
+            g["lr"] = t.lr * g.pop("lr_scale", 1.0)
+        return groups
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # No decay on biases, norms and embeddings (standard for ViT fine-tuning).
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int):
@@ -59,27 +77,98 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, ds: CachedImages, batch_size: int) -> np.ndarray:
+def predict_probs(model: torch.nn.Module, ds: CachedImages, batch_size: int,
+                  device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
+    device = torch.device(device)
     model.eval()
     out = []
     for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        out.append(torch.sigmoid(model(x)).squeeze(1).numpy())
+        with _autocast(device, precision):
+            logits = model(x.to(device))
+        out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True) -> dict:
-    """Run training as configured; returns the metrics dict also written to ``metrics.json``."""
+def _rng_state(sampler_gen: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "sampler": sampler_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, sampler_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    sampler_gen.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _same_run(saved: RunConfig, cfg: RunConfig) -> None:
+    for section in ("model", "preprocess", "train"):
+        a, b = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
+        if section == "train":  # a budget or a patience may change when resuming; the recipe may not
+            for k in ("max_minutes", "early_stopping", "tensorboard"):
+                a.pop(k), b.pop(k)
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConfigError(f"cannot resume: the run was trained with other {section} settings ({', '.join(diff)})")
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True, resume: bool = False,
+          on_epoch_end=None) -> dict:
+    """Run training as configured; returns the metrics dict also written to ``metrics.json``.
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoints are written (tests use it to
+    interrupt a run); ``resume=True`` continues from ``out_dir/last.pt``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    last_path = out / LAST
+    checkpoint = None
+    if resume:
+        if not last_path.is_file():
+            raise ConfigError(f"cannot resume: {last_path} does not exist (was the run started with this medvision?)")
+        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        _same_run(RunConfig.model_validate_json(checkpoint["config"]), cfg)
     rows = load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
     save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    t = cfg.train
+    seed_everything(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(t.device)
 
     if cfg.data.split_file:
         assignment = read_split(cfg.data.split_file)
+    elif checkpoint is not None and (out / "split.csv").is_file():
+        assignment = read_split(out / "split.csv")
     else:
         assignment = patient_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     check_split(rows, assignment)
@@ -95,88 +184,190 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress, **cache)
     y_train = np.array([r.label for r in train_rows])
     y_val = np.array([r.label for r in val_rows])
-    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(cfg.train.augment, cfg.train.seed))
+    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed)
     val_ds = CachedImages(val_imgs, y_val, pre)
 
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    if cfg.train.balanced_sampling:
+    sampler_gen = torch.Generator().manual_seed(t.seed)
+    drop_last = len(y_train) > t.batch_size
+    if t.balanced_sampling:
         counts = np.bincount(y_train, minlength=2).astype(float)
         weights = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, num_samples=len(y_train), replacement=True, generator=g)
-        loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler,
-                            num_workers=cfg.train.num_workers, drop_last=len(y_train) > cfg.train.batch_size)
+        sampler = WeightedRandomSampler(weights, num_samples=len(y_train), replacement=True, generator=sampler_gen)
+        loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+                            drop_last=drop_last)
     else:
-        loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, generator=g,
-                            num_workers=cfg.train.num_workers, drop_last=len(y_train) > cfg.train.batch_size)
+        loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, generator=sampler_gen,
+                            num_workers=t.num_workers, drop_last=drop_last)
 
-    model = create_model(cfg.model, cfg.preprocess.image_size)
+    model = create_model(cfg.model, cfg.preprocess.image_size).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
-    optim = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    steps_per_epoch = max(len(loader), 1)
-    total = steps_per_epoch * cfg.train.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, _lr_lambda(int(cfg.train.warmup_epochs * steps_per_epoch), total)
-    )
+    optim = torch.optim.AdamW(_param_groups(model, cfg), lr=t.lr)
+    steps_per_epoch = max(math.ceil(len(loader) / t.accumulate), 1)
+    total = steps_per_epoch * t.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(t.warmup_epochs * steps_per_epoch), total))
+    ema = None
+    if t.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema_decay)
+    fwd = torch.compile(model) if t.compile else model
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    history, best = [], {"val_auroc": -1.0, "epoch": -1}
+    history: list[dict] = []
+    best = {"val_auroc": -1.0, "epoch": -1}
+    start_epoch, stale, elapsed_before = 0, 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optim.load_state_dict(checkpoint["optimizer"])
+        sched.load_state_dict(checkpoint["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        history, best, stale = checkpoint["history"], checkpoint["best"], checkpoint["stale"]
+        start_epoch, elapsed_before = checkpoint["epoch"], checkpoint["elapsed_s"]
+        _set_rng_state(checkpoint["rng"], sampler_gen)
+        log.info("resuming after epoch %d of %d (best val AUROC %.4f at epoch %d)", start_epoch, t.epochs,
+                 best["val_auroc"], best["epoch"])
+        if start_epoch >= t.epochs or checkpoint.get("stopped"):
+            log.info("the run had already finished; writing its final metrics again")
+
+    writer = _tensorboard(out) if t.tensorboard else None
     started = time.monotonic()
-    log.info("training %s (%.1f M parameters) on %d images, validating on %d", cfg.model.name, n_params / 1e6,
-             len(train_ds), len(val_ds))
-    for epoch in range(cfg.train.epochs):
+    log.info("training %s (%.1f M parameters) on %d images, validating on %d, device %s, %s", cfg.model.name,
+             n_params / 1e6, len(train_ds), len(val_ds), device, t.precision)
+    stopped = bool(checkpoint and checkpoint.get("stopped"))
+    for epoch in range(start_epoch, t.epochs):
+        if stopped:
+            break
         model.train()
+        train_ds.set_epoch(epoch)
         running, seen = 0.0, 0
-        with progress_bar(f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps_per_epoch, enabled=show_progress) as advance:
-            for x, y in loader:
-                loss = loss_fn(model(x), y)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optim.step()
-                sched.step()
+        optim.zero_grad(set_to_none=True)
+        with progress_bar(f"epoch {epoch + 1}/{t.epochs}", total=len(loader), enabled=show_progress) as advance:
+            for i, (x, y) in enumerate(loader):
+                x, y = x.to(device), y.to(device)
+                if t.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, t.precision):
+                    loss = loss_fn(fwd(x).float(), y)
+                (loss / t.accumulate).backward()
+                if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
+                    if t.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    optim.step()
+                    sched.step()
+                    optim.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
                 running += loss.item() * len(x)
                 seen += len(x)
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss.item(), epoch * len(loader) + i)
                 advance(status=f"loss {running / seen:.4f}")
-        probs = predict_probs(model, val_ds, cfg.train.batch_size)
+        scored = ema.module if ema is not None else model
+        probs = predict_probs(scored, val_ds, t.batch_size, device, t.precision)
         val_auc = auroc(y_val, probs)
         eps = 1e-7
         val_loss = float(-np.mean(y_val * np.log(probs + eps) + (1 - y_val) * np.log(1 - probs + eps)))
         record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-                  "val_auroc": val_auc, "lr": sched.get_last_lr()[0], "elapsed_s": time.monotonic() - started}
+                  "val_auroc": val_auc, "lr": sched.get_last_lr()[0],
+                  "elapsed_s": elapsed_before + time.monotonic() - started}
         history.append(record)
+        if writer is not None:
+            for k in ("val_loss", "val_auroc", "lr"):
+                writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else k, record[k], epoch + 1)
+            writer.flush()
         log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch + 1, record["train_loss"],
                  val_loss, val_auc)
         if val_auc > best["val_auroc"] or best["epoch"] < 0:
             best = {"val_auroc": val_auc, "epoch": epoch + 1}
-            _save_checkpoint(model, cfg, out / "best.safetensors", epoch + 1, val_auc)
-        if cfg.train.max_minutes and (time.monotonic() - started) / 60 > cfg.train.max_minutes:
-            log.warning("stopping after epoch %d: train.max_minutes=%s reached", epoch + 1, cfg.train.max_minutes)
+            stale = 0
+            _save_checkpoint(scored, cfg, out / BEST, epoch + 1, val_auc)
+        else:
+            stale += 1
+        if t.early_stopping and stale >= t.early_stopping:
+            log.info("early stopping after epoch %d: no better validation AUROC for %d epochs", epoch + 1, stale)
+            stopped = True
+        _atomic_torch_save({
+            "config": cfg.model_dump_json(), "model": model.state_dict(), "optimizer": optim.state_dict(),
+            "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "stopped": stopped,
+            "elapsed_s": record["elapsed_s"], "rng": _rng_state(sampler_gen), "medvision_version": __version__,
+        }, last_path)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+        if t.max_minutes and (time.monotonic() - started) / 60 > t.max_minutes:
+            log.warning("stopping after epoch %d: train.max_minutes=%s reached (resume with --resume)", epoch + 1,
+                        t.max_minutes)
             break
+    if writer is not None:
+        writer.close()
 
     # Operating point from the best checkpoint's validation scores.
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(out / "best.safetensors")))
-    probs = predict_probs(model, val_ds, cfg.train.batch_size)
-    threshold = threshold_for_sensitivity(y_val, probs, cfg.train.target_sensitivity)
+    best_model = create_model(cfg.model, cfg.preprocess.image_size)
+    best_model.load_state_dict(load_file(str(out / BEST)))
+    best_model.to(device)
+    probs = predict_probs(best_model, val_ds, t.batch_size, device, t.precision)
+    threshold = threshold_for_sensitivity(y_val, probs, t.target_sensitivity)
     sens, spec = sensitivity_specificity(y_val, probs, threshold)
     metrics = {
         "model": cfg.model.name, "parameters": n_params, "medvision_version": __version__,
         "images": {"train": len(train_ds), "val": len(val_ds)},
         "best_epoch": best["epoch"], "val_auroc": auroc(y_val, probs),
-        "threshold": threshold, "operating_point": f"sensitivity >= {cfg.train.target_sensitivity:.2f} on validation",
+        "threshold": threshold, "operating_point": f"sensitivity >= {t.target_sensitivity:.2f} on validation",
         "val_sensitivity": sens, "val_specificity": spec,
         "pretrained": cfg.model.pretrained or "none (random initialisation)",
-        "history": history, "train_seconds": time.monotonic() - started,
+        "history": history, "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
+        "reproducibility": {
+            "seed": t.seed, "split_seed": cfg.data.split_seed, "deterministic": t.deterministic,
+            "device": str(device), "precision": t.precision, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "resumed": checkpoint is not None,
+        },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot_curves(history, out / "curves.png")
     return metrics
 
 
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install 'medvision[train]')")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=110)
+    a.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+    a.set_xlabel("epoch")
+    a.legend(frameon=False)
+    b.plot(epochs, [h["val_auroc"] for h in history], color="#d1495b")
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation AUROC")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _save_checkpoint(model: torch.nn.Module, cfg: RunConfig, path: Path, epoch: int, val_auroc: float) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={
         "config": cfg.model_dump_json(), "epoch": str(epoch), "val_auroc": f"{val_auroc:.6f}",
         "medvision_version": __version__,
     })
+    os.replace(tmp, path)

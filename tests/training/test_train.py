@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -142,3 +143,100 @@ def test_training_from_a_manifest_reuses_the_split_and_the_decode_cache(tmp_path
     import json
 
     assert json.loads(a)["val_auroc"] == json.loads(b)["val_auroc"]
+
+
+def _tiny_cfg(synth_dir, *extra):
+    from medvision.config import load_config
+
+    return load_config(None, [f"data.labels_csv={synth_dir / 'labels.csv'}", f"data.image_dir={synth_dir / 'images'}",
+                              "model.name=mv_vit_test", "preprocess.image_size=64", "train.batch_size=8",
+                              "train.num_workers=0", "data.val_fraction=0.25", "data.test_fraction=0.25",
+                              "train.warmup_epochs=0.5", *extra])
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, synth_dir):
+    """Stop after epoch 1, resume, and land on the uninterrupted run's weights bit for bit."""
+    from safetensors.torch import load_file
+
+    from medvision.training.train import train
+
+    cfg = _tiny_cfg(synth_dir, "train.epochs=3", "train.ema_decay=0.9", "train.accumulate=2", "train.layer_decay=0.8")
+    straight = train(cfg, tmp_path / "straight", show_progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, record):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", show_progress=False, on_epoch_end=stop_after_first)
+    assert (tmp_path / "resumed" / "last.pt").is_file()
+    resumed = train(cfg, tmp_path / "resumed", show_progress=False, resume=True)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+    assert resumed["val_auroc"] == straight["val_auroc"] and resumed["reproducibility"]["resumed"]
+    a, b = load_file(str(tmp_path / "straight" / "best.safetensors")), load_file(str(tmp_path / "resumed" / "best.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    lb = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    # the recipe cannot change under a resumed run
+    changed = _tiny_cfg(synth_dir, "train.epochs=3", "train.ema_decay=0.9", "train.accumulate=2", "train.lr=0.1")
+    with pytest.raises(ConfigError, match="other train settings \\(layer_decay, lr\\)"):
+        train(changed, tmp_path / "resumed", show_progress=False, resume=True)
+
+
+def test_early_stopping_ema_accumulation_and_logs(tmp_path, synth_dir):
+    from medvision.training.train import train
+
+    cfg = _tiny_cfg(synth_dir, "train.epochs=6", "train.early_stopping=1", "train.lr=1e-6", "train.ema_decay=0.5")
+    m = train(cfg, tmp_path / "run", show_progress=False)
+    assert len(m["history"]) < 6  # a learning rate this small cannot keep improving AUROC every epoch
+    aucs = [h["val_auroc"] for h in m["history"]]
+    assert aucs[-1] <= max(aucs[:-1])
+    assert m["best_epoch"] == 1 + int(np.argmax(aucs))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "val/auroc", "val/loss", "lr"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("val/auroc")) == len(m["history"])
+
+
+def test_layer_decay_scales_learning_rates_from_head_to_stem(synth_dir):
+    from medvision.training.train import _param_groups
+
+    cfg = _tiny_cfg(synth_dir, "train.layer_decay=0.5", "train.lr=1e-3")
+    model = create_model(cfg.model, 64)
+    groups = _param_groups(model, cfg)
+    by_name = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            by_name[names[id(p)]] = (g["lr"], g["weight_decay"])
+    assert by_name["head.weight"][0] == pytest.approx(1e-3)
+    assert by_name["backbone.patch_embed.proj.weight"][0] < by_name["backbone.blocks.0.attn.qkv.weight"][0] < 1e-3
+    assert by_name["backbone.blocks.0.norm1.weight"][1] == 0.0 and by_name["head.weight"][1] > 0
+    assert len(by_name) == sum(1 for _ in model.parameters())
+
+
+def test_resume_from_the_cli(tmp_path, tiny_run, capsys):
+    import shutil
+
+    from medvision.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "metrics.json").read_text())
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # finished: metrics written again
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["val_auroc"] == before["val_auroc"] and after["history"] == before["history"]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--config", "tiny"]) == 2
+    assert "own config.yaml" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(["train", "--config", "tiny"]) == 2
