@@ -43,12 +43,16 @@ class ArtifactMetadata(BaseModel):
     created_utc: str
     preprocess: PreprocessConfig
     input: InputContract
-    outputs: dict[str, str] = {"logit": "cancer logit, shape [batch, 1]", "probability": "sigmoid(logit)"}
+    outputs: dict[str, str] = {"logit": "cancer logit, shape [batch, 1]",
+                               "probability": "sigmoid(logit / temperature), calibrated on validation"}
     labels: list[str] = ["non-cancer", "cancer"]
     threshold: float = Field(ge=0.0, le=1.0, description="probability at or above which the label is 'cancer'")
     operating_point: str = ""
     weights_sha256: str
     validation: dict[str, float] = {}
+    temperature: float = Field(1.0, gt=0, description="calibration temperature, applied inside the graph")
+    operating_points: list[dict] = Field([], description="thresholds chosen by rule on validation; the first is used")
+    evaluation: dict = Field({}, description="held-out results from 'medvision evaluate' (with 95 % intervals)")
     intended_use: str = (
         "Research use only. Not a medical device; not for clinical decisions. Trained on synthetic data unless "
         "stated otherwise in 'training_data'."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from medvision.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
+_CORE_COLUMNS = {"patient_id", "image_id", "cancer", "label", "path", "laterality", "view", "study_id"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ImageRow:
     laterality: str = ""
     view: str = ""
     study_id: str = ""
+    # Other columns of the source (RSNA: age, density, site_id, machine_id, ...), for subgroup results.
+    attributes: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def read_labels(labels_csv: str | os.PathLike, image_dir: str | os.PathLike) -> list[ImageRow]:
@@ -50,6 +53,7 @@ def read_labels(labels_csv: str | os.PathLike, image_dir: str | os.PathLike) -> 
             rows.append(ImageRow(
                 patient_id=r["patient_id"], image_id=r["image_id"], path=str(Path(image_dir) / rel), label=label,
                 laterality=r.get("laterality", ""), view=r.get("view", ""), study_id=r.get("study_id", ""),
+                attributes={k: v for k, v in r.items() if k not in _CORE_COLUMNS and k and v not in (None, "")},
             ))
     if not rows:
         raise ConfigError(f"labels CSV {path} has no rows")

@@ -23,7 +23,7 @@ from medvision.data import ImageRow, read_labels
 from medvision.errors import ConfigError
 from medvision.scan import STATUS_OK, IndexRow
 
-COLUMNS = ["path", "label", "patient_id", "image_id", "study_id", "laterality", "view"]
+COLUMNS = ["path", "label", "patient_id", "image_id", "study_id", "laterality", "view"]  # then any extra columns
 REQUIRED = ("path", "label", "patient_id")
 LABEL_COLUMNS = ("label", "cancer")
 KEYS = ("sop_instance_uid", "study_instance_uid", "patient_id")
@@ -81,6 +81,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Ima
                 patient_id=r["patient_id"].strip(), image_id=(r.get("image_id") or "").strip() or rel,
                 path=str(full), label=_label(r[label_col], where), laterality=(r.get("laterality") or "").strip(),
                 view=(r.get("view") or "").strip(), study_id=(r.get("study_id") or "").strip(),
+                attributes={k: v for k, v in r.items() if k and k not in COLUMNS and k != label_col and v},
             ))
     if not rows:
         raise ConfigError(f"manifest {p} has no rows")
@@ -97,16 +98,18 @@ def write_manifest(path: str | os.PathLike, rows: list[ImageRow]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     base = p.resolve().parent
+    extra = sorted({k for r in rows for k in r.attributes} - set(COLUMNS))
     with p.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(COLUMNS)
+        w.writerow(COLUMNS + extra)
         for r in rows:
             full = Path(r.path).resolve()
             try:
                 shown = str(full.relative_to(base))
             except ValueError:
                 shown = str(full)
-            w.writerow([shown, r.label, r.patient_id, r.image_id, r.study_id, r.laterality, r.view])
+            w.writerow([shown, r.label, r.patient_id, r.image_id, r.study_id, r.laterality, r.view]
+                       + [r.attributes.get(k, "") for k in extra])
 
 
 def from_rsna(labels_csv: str | os.PathLike, image_dir: str | os.PathLike) -> list[ImageRow]:

@@ -45,6 +45,44 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+def register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="clinical report of a trained run; fits calibration and operating points for export",
+        description="On validation: temperature scaling and operating points by rule (written to "
+        "RUN/calibration.json, embedded by 'medvision export'). On the held-out split: AUROC and PR-AUC with "
+        "patient-clustered bootstrap 95 %% CIs, sensitivity / specificity at the operating points and at fixed "
+        "specificities / sensitivities, confusion matrix, calibration (ECE, reliability diagram), subgroups, "
+        "image and breast level. Writes report.md, report.json, roc.png, reliability.png.",
+    )
+    p.add_argument("run", help="run folder written by 'medvision train'")
+    p.add_argument("--out", help="report folder (default RUN/evaluation)")
+    p.add_argument("--subset", default="test", choices=["test", "val", "train"], help="split to report on")
+    p.add_argument("--rule", action="append", dest="rules", metavar="RULE",
+                   help="operating point rule, e.g. 'sensitivity>=0.90' or 'specificity>=0.95' (repeatable; the "
+                   "first is the primary; default: the run's train.target_sensitivity)")
+    p.add_argument("--subgroups", default=",".join(("manufacturer", "view", "laterality", "density", "age_band")),
+                   help="comma-separated: manufacturer, view, laterality, density, age_band, site")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--breast-aggregate", choices=["mean", "max"], default="mean")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    require_extra("train", *TRAIN_MODULES)
+    from medvision.training.evaluate import evaluate_run
+
+    r = evaluate_run(args.run, args.out, args.subset, tuple(args.rules) if args.rules else None,
+                     tuple(g.strip() for g in args.subgroups.split(",") if g.strip()), args.bootstrap,
+                     args.breast_aggregate, show_progress=not args.no_progress)
+    m = r["image_level"]
+    print(json.dumps({"subset": r["subset"], "images": m["n"], "auroc": m["auroc"], "auroc_ci95": m["auroc_ci95"],
+                      "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+                      "temperature": r["calibration"]["temperature"],
+                      "report": str(Path(args.out or Path(args.run) / "evaluation") / "report.md")}, indent=2))
+    return 0
+
+
 def resolve_config_path(name: str | None) -> str | None:
     if name is None or Path(name).is_file():
         return name

@@ -35,13 +35,41 @@ class ExportParityError(ArtifactError):
 
 
 class _WithProbability(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    """Outputs the raw logit and the calibrated probability ``sigmoid(logit / temperature)``."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit = self.model(image)
-        return logit, torch.sigmoid(logit)
+        return logit, torch.sigmoid(logit * self.inv_temperature)
+
+
+def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, dict]:
+    """``RUN/calibration.json`` and the evaluation summary, if they were made for these weights."""
+    path = run / "calibration.json"
+    if not path.is_file():
+        return None, {}
+    cal = json.loads(path.read_text())
+    if cal.get("weights_sha256") != sha256_file(ckpt):
+        log.warning("ignoring %s: it was fitted for other weights; run 'medvision evaluate' again", path)
+        return None, {}
+    summary: dict = {}
+    report = run / "evaluation" / "report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        if r.get("calibration", {}).get("weights_sha256") == cal["weights_sha256"]:
+            m = r["image_level"]
+            summary = {"subset": r["subset"], "images": m["n"], "positives": m["positives"], "auroc": m["auroc"],
+                       "auroc_ci95": m["auroc_ci95"], "sensitivity": m["sensitivity"],
+                       "sensitivity_ci95": m["sensitivity_ci95"], "specificity": m["specificity"],
+                       "specificity_ci95": m["specificity_ci95"], "ece": m["calibration"]["ece"]}
+            if r.get("breast_level"):
+                summary["breast_auroc"] = r["breast_level"]["auroc"]
+                summary["breast_auroc_ci95"] = r["breast_level"]["auroc_ci95"]
+    return cal, summary
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, dict, Path]:
@@ -95,7 +123,9 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg, model, metrics, ckpt = load_run(run)
     size = cfg.preprocess.image_size
-    wrapper = _WithProbability(model).eval()
+    calibration, evaluation = load_calibration(run, ckpt)
+    temperature = calibration["temperature"] if calibration else 1.0
+    wrapper = _WithProbability(model, temperature).eval()
     dummy = torch.zeros(2, 1, size, size)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of torch.export (planned with M4's graph work);
@@ -117,11 +147,16 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         preprocess=cfg.preprocess,
         input=InputContract(shape=["batch", 1, size, size]),
         labels=list(spec.labels),
-        threshold=float(metrics.get("threshold", 0.5)),
-        operating_point=metrics.get("operating_point", "default 0.5 (no validation metrics found)"),
+        threshold=float(calibration["operating_points"][0]["threshold"] if calibration else metrics.get("threshold", 0.5)),
+        operating_point=(calibration["operating_points"][0]["rule"] + " (calibrated)") if calibration
+        else metrics.get("operating_point", "default 0.5 (no validation metrics found)"),
+        temperature=temperature,
+        operating_points=calibration["operating_points"] if calibration else [],
+        evaluation=evaluation,
         weights_sha256=sha256_file(ckpt),
         validation={k: float(metrics[k]) for k in ("val_auroc", "val_sensitivity", "val_specificity") if k in metrics},
-        training_data=f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",
+        training_data=f"manifest {Path(cfg.data.manifest).name}" if cfg.data.manifest
+        else f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",
     )
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)

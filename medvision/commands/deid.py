@@ -68,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
         kept = []
         for row, res in zip(rows, results, strict=True):
             if res["status"] == "ok":
+                # the manifest's own columns travel along; age only under the patient-characteristics option
+                attrs = {k: v for k, v in row.attributes.items()
+                         if args.keep_patient_characteristics or k.lower() not in ("age", "patient_age")}
                 kept.append(ImageRow(patient_id=res["patient"], image_id=res["sop"], path=str(out / res["out"]),
-                                     label=row.label, laterality=row.laterality, view=row.view, study_id=res["study"]))
+                                     label=row.label, laterality=row.laterality, view=row.view, study_id=res["study"],
+                                     attributes=attrs))
         if kept:
             write_manifest(out / "manifest.csv", kept)
             summary["manifest"] = str(out / "manifest.csv")

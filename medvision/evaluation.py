@@ -1,0 +1,197 @@
+"""Clinical evaluation (numpy only): intervals, operating points, calibration, subgroups, breast level.
+
+Everything here takes labels and scores, so the same code judges a torch checkpoint, an ONNX artifact
+and an INT8 candidate. Confidence intervals come from a *patient-clustered* bootstrap: the images of
+one patient are correlated, so resampling images would make the intervals too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medvision.metrics import auroc, sensitivity_specificity, threshold_for_sensitivity
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve as the step sum of precision over recall increments
+    (equal to ``sklearn.metrics.average_precision_score``). NaN without positives."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.sum() == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity (score < threshold counts as negative) reaches ``target``."""
+    y = np.asarray(labels).astype(bool).ravel()
+    neg = np.sort(np.asarray(scores, dtype=np.float64).ravel()[~y])
+    if neg.size == 0:
+        return 0.5
+    k = min(int(math.ceil(target * neg.size)), neg.size)  # at least k negatives must fall below it
+    if k == 0:
+        return float(neg[0])
+    return float(np.nextafter(neg[k - 1], np.inf))  # just above the k-th lowest negative: most sensitive
+
+
+def sensitivity_at_specificity(labels, scores, target: float) -> float:
+    return sensitivity_specificity(labels, scores, threshold_for_specificity(labels, scores, target))[0]
+
+
+def specificity_at_sensitivity(labels, scores, target: float) -> float:
+    return sensitivity_specificity(labels, scores, threshold_for_sensitivity(labels, scores, target))[1]
+
+
+def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    y = np.asarray(labels).astype(bool).ravel()
+    pred = np.asarray(scores, dtype=np.float64).ravel() >= threshold
+    return {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()), "tn": int((~pred & ~y).sum()),
+            "fn": int((~pred & y).sum())}
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+    """Equal-width reliability bins and the expected calibration error (ECE, weighted by bin size)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), 0.0, 1.0)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        m = idx == b
+        if not m.any():
+            continue
+        conf, acc = float(p[m].mean()), float(y[m].mean())
+        ece += m.sum() / len(p) * abs(conf - acc)
+        rows.append({"bin": b, "count": int(m.sum()), "mean_probability": conf, "observed_rate": acc})
+    return {"ece": float(ece), "bins": rows}
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+    """The temperature T minimising the binary log-loss of ``sigmoid(logit / T)`` (golden-section on log T)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    z = np.asarray(logits, dtype=np.float64).ravel()
+
+    def nll(log_t: float) -> float:
+        a = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, a) - y * a))  # -[y log s(a) + (1-y) log(1-s(a))]
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(80):
+        if nll(c) < nll(d):
+            hi = d
+        else:
+            lo = c
+        c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    return float(math.exp((lo + hi) / 2))
+
+
+def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def bootstrap_ci(
+    labels: np.ndarray, scores: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+    clusters: Sequence | None = None, n: int = 2000, seed: int = 0, alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric``, resampling whole clusters (patients) with replacement."""
+    y = np.asarray(labels)
+    s = np.asarray(scores)
+    ids = np.asarray(clusters) if clusters is not None else np.arange(len(y))
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[k] for k in pick])
+        v = metric(y[idx], s[idx])
+        if np.isfinite(v):
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    name: str
+    rule: str
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def operating_point(labels, probs, rule: str) -> OperatingPoint:
+    """Choose a threshold by rule, ``"sensitivity>=0.90"`` or ``"specificity>=0.95"``, on these scores."""
+    kind, _, value = rule.replace(" ", "").partition(">=")
+    target = float(value)
+    if kind == "sensitivity":
+        thr = threshold_for_sensitivity(labels, probs, target)
+    elif kind == "specificity":
+        thr = threshold_for_specificity(labels, probs, target)
+    else:
+        raise ValueError(f"operating-point rule {rule!r} must read 'sensitivity>=x' or 'specificity>=x'")
+    sens, spec = sensitivity_specificity(labels, probs, thr)
+    return OperatingPoint(name=f"{kind[:4]}{round(target * 100)}", rule=f"{kind} >= {target:.2f} on validation",
+                          threshold=thr, sensitivity=sens, specificity=spec)
+
+
+def aggregate(keys: Sequence[str], labels: np.ndarray, scores: np.ndarray, how: str = "mean"):
+    """Combine images sharing a key (e.g. patient + laterality = one breast): label = any, score = mean/max."""
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    f = np.mean if how == "mean" else np.max
+    names = list(groups)
+    y = np.array([int(np.max(np.asarray(labels)[groups[k]])) for k in names])
+    s = np.array([float(f(np.asarray(scores)[groups[k]])) for k in names])
+    return names, y, s
+
+
+def summarise(labels, probs, threshold: float, clusters=None, specificities=(0.8, 0.9, 0.95),
+              sensitivities=(0.8, 0.9, 0.95), n_boot: int = 2000, seed: int = 0) -> dict:
+    """Every headline metric with patient-clustered 95 % intervals."""
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    sens, spec = sensitivity_specificity(y, p, threshold)
+    out = {
+        "n": int(len(y)), "positives": int(y.sum()),
+        "auroc": auroc(y, p), "auroc_ci95": bootstrap_ci(y, p, auroc, clusters, n_boot, seed),
+        "pr_auc": average_precision(y, p), "pr_auc_ci95": bootstrap_ci(y, p, average_precision, clusters, n_boot, seed),
+        "threshold": threshold, "sensitivity": sens, "specificity": spec,
+        "sensitivity_ci95": bootstrap_ci(y, p, lambda a, b: sensitivity_specificity(a, b, threshold)[0],
+                                         clusters, n_boot, seed),
+        "specificity_ci95": bootstrap_ci(y, p, lambda a, b: sensitivity_specificity(a, b, threshold)[1],
+                                         clusters, n_boot, seed),
+        "confusion": confusion(y, p, threshold),
+        "sensitivity_at_specificity": {f"{t:.2f}": sensitivity_at_specificity(y, p, t) for t in specificities},
+        "specificity_at_sensitivity": {f"{t:.2f}": specificity_at_sensitivity(y, p, t) for t in sensitivities},
+        "calibration": reliability(y, p),
+    }
+    return out
+
+
+def age_band(age: float | None) -> str:
+    if age is None or not np.isfinite(age):
+        return "unknown"
+    if age < 50:
+        return "<50"
+    if age < 60:
+        return "50-59"
+    if age < 70:
+        return "60-69"
+    return "70+"

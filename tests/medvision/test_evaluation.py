@@ -1,0 +1,99 @@
+"""Clinical evaluation maths, checked against scikit-learn and against cases worked out by hand."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from medvision.evaluation import (
+    aggregate,
+    average_precision,
+    bootstrap_ci,
+    calibrate,
+    confusion,
+    fit_temperature,
+    operating_point,
+    reliability,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+    summarise,
+    threshold_for_specificity,
+)
+from medvision.metrics import auroc, sensitivity_specificity
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    s = np.round(rng.normal(y * 1.2, 1.0), 1)  # rounding makes ties, the hard case
+    return y, s
+
+
+def test_average_precision_equals_sklearn(data):
+    y, s = data
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert np.isnan(average_precision(np.zeros(5), np.arange(5)))
+
+
+def test_specificity_threshold_reaches_target_and_is_the_most_sensitive(data):
+    y, s = data
+    for target in (0.5, 0.8, 0.9, 0.95, 1.0):
+        thr = threshold_for_specificity(y, s, target)
+        sens, spec = sensitivity_specificity(y, s, thr)
+        assert spec >= target
+        lower = np.nextafter(np.max(s[(y == 0) & (s < thr)], initial=-np.inf), -np.inf)
+        assert sensitivity_specificity(y, s, lower)[1] < target or lower == -np.inf
+    assert sensitivity_at_specificity(y, s, 0.9) == sensitivity_specificity(y, s, threshold_for_specificity(y, s, 0.9))[0]
+    assert 0 <= specificity_at_sensitivity(y, s, 0.9) <= 1
+
+
+def test_confusion_and_operating_points():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.8, 0.7, 0.9])
+    assert confusion(y, p, 0.5) == {"tp": 2, "fp": 1, "tn": 3, "fn": 0}
+    op = operating_point(y, p, "sensitivity>=1.0")
+    assert op.threshold == 0.7 and op.sensitivity == 1.0 and op.specificity == 0.75 and op.name == "sens100"
+    op = operating_point(y, p, "specificity >= 1.0")
+    assert op.specificity == 1.0 and op.sensitivity == 0.5
+    with pytest.raises(ValueError, match="must read"):
+        operating_point(y, p, "ppv>=0.5")
+
+
+def test_reliability_and_temperature():
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    overconfident = 3.0 * true_logit
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(3.0, rel=0.05)
+    before = reliability(y, calibrate(overconfident, 1.0))["ece"]
+    after = reliability(y, calibrate(overconfident, t))["ece"]
+    assert after < 0.02 < before
+    r = reliability(np.array([0, 1]), np.array([0.05, 0.95]), bins=10)
+    assert r["ece"] == pytest.approx(0.05) and [b["count"] for b in r["bins"]] == [1, 1]
+
+
+def test_patient_clustered_bootstrap_is_wider_than_image_bootstrap():
+    rng = np.random.default_rng(2)
+    patients = np.repeat(np.arange(60), 4)
+    y = np.repeat(rng.integers(0, 2, 60), 4)
+    s = np.repeat(rng.normal(y[::4] * 1.0, 1.0), 4) + rng.normal(0, 0.05, 240)  # 4 near-copies per patient
+    lo_i, hi_i = bootstrap_ci(y, s, auroc, None, n=500, seed=0)
+    lo_p, hi_p = bootstrap_ci(y, s, auroc, patients, n=500, seed=0)
+    assert lo_p <= auroc(y, s) <= hi_p
+    assert hi_p - lo_p > 1.5 * (hi_i - lo_i)
+
+
+def test_breast_level_aggregation_and_summary():
+    keys = ["p1_L", "p1_L", "p1_R", "p1_R", "p2_L", "p2_L"]
+    names, y, s = aggregate(keys, np.array([0, 1, 0, 0, 0, 0]), np.array([0.2, 0.8, 0.1, 0.3, 0.4, 0.4]))
+    assert names == ["p1_L", "p1_R", "p2_L"] and list(y) == [1, 0, 0] and list(s) == [0.5, 0.2, 0.4]
+    assert list(aggregate(keys, np.zeros(6), np.arange(6.0), "max")[2]) == [1.0, 3.0, 5.0]
+    rng = np.random.default_rng(3)
+    yy = rng.integers(0, 2, 200)
+    pp = 1 / (1 + np.exp(-rng.normal(yy * 2 - 1, 1.0)))
+    m = summarise(yy, pp, 0.5, clusters=np.arange(200) // 2, n_boot=200)
+    assert m["auroc_ci95"][0] < m["auroc"] < m["auroc_ci95"][1]
+    assert m["pr_auc_ci95"][0] < m["pr_auc"] < m["pr_auc_ci95"][1]
+    assert sum(m["confusion"].values()) == 200 and set(m["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
+    assert 0 <= m["calibration"]["ece"] <= 1

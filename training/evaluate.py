@@ -1,0 +1,260 @@
+"""``medvision evaluate RUN``: the clinical report of a trained run, and its calibration for export.
+
+On the validation split: fit the calibration temperature and choose operating points by rule (stored in
+``RUN/calibration.json``, which ``medvision export`` puts inside the ONNX graph and its metadata). On the
+held-out split: AUROC and PR-AUC with patient-clustered bootstrap 95 % intervals, sensitivity /
+specificity at each operating point (with intervals) and at fixed specificities / sensitivities, the
+confusion matrix, calibration (ECE, reliability diagram) and per-subgroup results, at image level and at
+breast level (the images of one breast aggregated, as screening is read). Written as ``report.md``,
+``report.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvision import __version__
+from medvision.artifact import sha256_file
+from medvision.data import ImageRow, load_rows, read_split
+from medvision.datacard import parse_age
+from medvision.errors import ConfigError
+from medvision.evaluation import (
+    age_band,
+    aggregate,
+    bootstrap_ci,
+    calibrate,
+    fit_temperature,
+    operating_point,
+    reliability,
+    summarise,
+)
+from medvision.metrics import auroc, sensitivity_specificity
+from medvision.preprocess import Preprocess
+from medvision.scan import scan_files
+from medvision.training.dataset import CachedImages, decode_all
+from medvision.training.export import load_run
+
+log = logging.getLogger(__name__)
+CALIBRATION = "calibration.json"
+DEFAULT_SUBGROUPS = ("manufacturer", "view", "laterality", "density", "age_band")
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images, pre: Preprocess, batch_size: int = 32) -> np.ndarray:
+    """Logits for pre-decoded images (the cache), through the shared normalisation."""
+    model.eval()
+    ds = CachedImages(images, np.zeros(len(images)), pre)
+    out = []
+    for start in range(0, len(ds), batch_size):
+        x = torch.stack([ds[i][0] for i in range(start, min(start + batch_size, len(ds)))])
+        out.append(model(x).squeeze(1).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _subgroup_values(rows: list[ImageRow], headers) -> dict[str, list[str]]:
+    ages = [parse_age(h.patient_age) if h.patient_age else parse_age(r.attributes.get("age", "")) for r, h in
+            zip(rows, headers, strict=True)]
+    return {
+        "manufacturer": [h.manufacturer or "unknown" for h in headers],
+        "view": [r.view or h.view or "unknown" for r, h in zip(rows, headers, strict=True)],
+        "laterality": [r.laterality or h.laterality or "unknown" for r, h in zip(rows, headers, strict=True)],
+        "density": [r.attributes.get("density") or "unknown" for r in rows],
+        "age_band": [age_band(a) for a in ages],
+        "site": [r.attributes.get("site_id") or "unknown" for r in rows],
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, subset: str = "test",
+    rules: tuple[str, ...] | None = None, subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS,
+    n_boot: int = 2000, breast_aggregate: str = "mean", show_progress: bool = True,
+) -> dict:
+    run = Path(run_dir)
+    out = Path(out_dir) if out_dir else run / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, model, metrics, ckpt = load_run(run)
+    if not (run / "split.csv").is_file():
+        raise ConfigError(f"{run} has no split.csv: evaluate a run written by 'medvision train'")
+    split = read_split(run / "split.csv")
+    rows = load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
+    rules = rules or (f"sensitivity>={cfg.train.target_sensitivity}",)
+    for rule in rules:
+        kind, _, value = rule.replace(" ", "").partition(">=")
+        try:
+            ok = kind in ("sensitivity", "specificity") and 0 < float(value) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"operating-point rule {rule!r} must read 'sensitivity>=0.90' or 'specificity>=0.95'")
+    pre = Preprocess(cfg.preprocess)
+    cache = {"cache_dir": cfg.data.cache_dir, "use_cache": cfg.data.cache, "workers": cfg.data.decode_workers}
+
+    scored = {}
+    for name in ("val", subset):
+        part = [r for r in rows if split.get(r.patient_id) == name]
+        if len({r.label for r in part}) < 2:
+            raise ConfigError(f"the '{name}' split needs both classes to be evaluated; it has {len(part)} image(s)")
+        images, kept = decode_all(part, pre, f"decode {name}", show_progress, **cache)
+        logits = predict_logits(model, images, pre)
+        scored[name] = (kept, logits)
+
+    # Calibration and operating points: validation only.
+    val_rows, val_logits = scored["val"]
+    y_val = np.array([r.label for r in val_rows])
+    temperature = fit_temperature(y_val, val_logits)
+    p_val = calibrate(val_logits, temperature)
+    ops = [operating_point(y_val, p_val, rule) for rule in rules]
+    calibration = {
+        "temperature": temperature, "operating_points": [o.as_dict() for o in ops], "fitted_on": "validation",
+        "validation_images": len(y_val), "val_auroc": auroc(y_val, p_val),
+        "val_ece_before": reliability(y_val, calibrate(val_logits, 1.0))["ece"],
+        "val_ece_after": reliability(y_val, p_val)["ece"], "weights_sha256": sha256_file(ckpt),
+    }
+
+    test_rows, test_logits = scored[subset]
+    y = np.array([r.label for r in test_rows])
+    p = calibrate(test_logits, temperature)
+    patients = [r.patient_id for r in test_rows]
+    primary = ops[0]
+    image_level = summarise(y, p, primary.threshold, patients, n_boot=n_boot)
+    image_level["operating_points"] = {
+        o.name: {"rule": o.rule, "threshold": o.threshold,
+                 **dict(zip(("sensitivity", "specificity"), sensitivity_specificity(y, p, o.threshold), strict=True))}
+        for o in ops
+    }
+    headers = scan_files([r.path for r in test_rows], workers=1, show_progress=False)
+    values = _subgroup_values(test_rows, headers)
+    by_group = {}
+    for g in subgroups:
+        if g not in values:
+            raise ConfigError(f"unknown subgroup {g!r}; choose from {', '.join(values)}")
+        table = {}
+        for v in sorted(set(values[g]), key=lambda v: (v == "unknown", v.replace("<", "0"))):
+            m = np.array([x == v for x in values[g]])
+            yy, pp = y[m], p[m]
+            sens, spec = sensitivity_specificity(yy, pp, primary.threshold)
+            both = 0 < yy.sum() < len(yy)
+            table[v] = {"n": int(m.sum()), "positives": int(yy.sum()),
+                        "auroc": auroc(yy, pp) if both else None,
+                        "auroc_ci95": bootstrap_ci(yy, pp, auroc, np.array(patients)[m], max(n_boot // 4, 200))
+                        if both else None,
+                        "sensitivity": sens if yy.sum() else None, "specificity": spec if (yy == 0).any() else None}
+        by_group[g] = table
+
+    lat = values["laterality"]
+    breast = None
+    if all(v in ("L", "R") for v in lat):
+        keys = [f"{r.patient_id}|{s}" for r, s in zip(test_rows, lat, strict=True)]
+        names, yb, sb = aggregate(keys, y, p, breast_aggregate)
+        breast = summarise(yb, sb, primary.threshold, [k.split("|")[0] for k in names], n_boot=n_boot)
+        breast["aggregation"] = f"{breast_aggregate} of the breast's images; label = any image labelled cancer"
+
+    report = {
+        "model": cfg.model.name, "run": str(run), "medvision_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "subset": subset, "calibration": calibration, "image_level": image_level, "breast_level": breast,
+        "subgroups": by_group, "bootstrap": {"resamples": n_boot, "unit": "patient", "interval": "percentile 95 %"},
+    }
+    (run / CALIBRATION).write_text(json.dumps(calibration, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plots = _plots(out, y, p, calibrate(test_logits, 1.0), breast)
+    (out / "report.md").write_text(_markdown(report, plots))
+    return report
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(pair) -> str:
+    return "n/a" if not pair or pair[0] is None or not np.isfinite(pair[0]) else f"{pair[0]:.3f}–{pair[1]:.3f}"
+
+
+def _level_md(title: str, m: dict) -> list[str]:
+    c = m["confusion"]
+    s = [f"## {title}", "", f"{m['n']} cases, {m['positives']} with cancer.", "",
+         "| metric | value | 95 % CI |", "|---|---|---|",
+         f"| AUROC | {_fmt(m['auroc'])} | {_ci(m['auroc_ci95'])} |",
+         f"| PR-AUC | {_fmt(m['pr_auc'])} | {_ci(m['pr_auc_ci95'])} |",
+         f"| sensitivity at the operating point | {_fmt(m['sensitivity'])} | {_ci(m['sensitivity_ci95'])} |",
+         f"| specificity at the operating point | {_fmt(m['specificity'])} | {_ci(m['specificity_ci95'])} |",
+         f"| ECE (10 bins) | {_fmt(m['calibration']['ece'])} | |", "",
+         f"Confusion matrix at threshold {m['threshold']:.4f}: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", "",
+         "| fixed specificity | sensitivity | | fixed sensitivity | specificity |", "|---|---|---|---|---|"]
+    for (a, x), (b, z) in zip(m["sensitivity_at_specificity"].items(), m["specificity_at_sensitivity"].items(),
+                              strict=True):
+        s.append(f"| {a} | {_fmt(x)} | | {b} | {_fmt(z)} |")
+    return s + [""]
+
+
+def _markdown(r: dict, plots: list[str]) -> str:
+    cal = r["calibration"]
+    s = [f"# Evaluation: {r['model']}", "",
+         f"`medvision evaluate` (medvision {r['medvision_version']}), {r['created_utc']}, on the held-out "
+         f"'{r['subset']}' split. Intervals: patient-clustered percentile bootstrap, {r['bootstrap']['resamples']} "
+         "resamples.", "",
+         "## Calibration and operating points (fitted on validation)", "",
+         f"Temperature {cal['temperature']:.3f} (validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}). "
+         "Probabilities below are calibrated.", "",
+         "| operating point | rule | threshold | test sensitivity | test specificity |", "|---|---|---|---|---|"]
+    for name, o in r["image_level"]["operating_points"].items():
+        s.append(f"| {name} | {o['rule']} | {o['threshold']:.4f} | {_fmt(o['sensitivity'])} | {_fmt(o['specificity'])} |")
+    s.append("")
+    s += _level_md("Image level", r["image_level"])
+    if r["breast_level"]:
+        s += _level_md(f"Breast level ({r['breast_level']['aggregation']})", r["breast_level"])
+    else:
+        s += ["## Breast level", "", "Not computed: laterality is missing for some images.", ""]
+    s += ["## Subgroups (image level, at the primary operating point)", ""]
+    for g, table in r["subgroups"].items():
+        s += [f"### {g}", "", "| value | images | cancer | AUROC | 95 % CI | sensitivity | specificity |",
+              "|---|---|---|---|---|---|---|"]
+        for v, m in table.items():
+            s.append(f"| {v} | {m['n']} | {m['positives']} | {_fmt(m['auroc'])} | {_ci(m['auroc_ci95'])} | "
+                     f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
+        s.append("")
+    s += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(s)
+
+
+def _plots(out: Path, y, p, p_raw, breast) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
+    fpr, tpr, _ = roc_curve(y, p)
+    ax.plot(fpr, tpr, label=f"image level, AUROC {auroc(y, p):.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC (held-out)")
+    ax.legend(frameon=False, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
+    for probs, label in ((p_raw, "uncalibrated"), (p, "temperature-scaled")):
+        bins = reliability(y, probs)["bins"]
+        ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
+                label=f"{label}, ECE {reliability(y, probs)['ece']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed cancer rate")
+    ax.set_title("Reliability (held-out)")
+    ax.legend(frameon=False, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png")
+    plt.close(fig)
+    return ["roc.png", "reliability.png"]
