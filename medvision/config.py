@@ -58,7 +58,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    balanced_sampling: bool = Field(True, description="sample positives and negatives equally often")
+    imbalance: str = Field("sampler", pattern="^(sampler|loss|none)$", description="class imbalance: 'sampler' draws "
+                           "positives and negatives equally often, 'loss' weights positives by the negative/positive ratio")
     target_sensitivity: float = Field(0.9, gt=0, le=1, description="operating point chosen on validation")
     seed: int = 0
     num_workers: int = Field(2, ge=0)

@@ -130,6 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(metrics: dict) -> int:
+    if not metrics:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
     summary = {k: metrics[k] for k in ("model", "best_epoch", "val_auroc", "threshold", "val_sensitivity",
                                        "val_specificity", "train_seconds")}
     print(json.dumps(summary, indent=2))

@@ -34,6 +34,15 @@ from medvision.preprocess import Preprocess
 from medvision.progress import progress_bar
 from medvision.training.augment import build_augment
 from medvision.training.dataset import CachedImages, decode_all
+from medvision.training.distributed import (
+    DistInfo,
+    ShardedSampler,
+    barrier,
+    cleanup,
+    device_for,
+    gather,
+    init_from_env,
+)
 from medvision.training.models import create_model
 
 log = logging.getLogger(__name__)
@@ -144,8 +153,19 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     """Run training as configured; returns the metrics dict also written to ``metrics.json``.
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoints are written (tests use it to
-    interrupt a run); ``resume=True`` continues from ``out_dir/last.pt``.
+    interrupt a run); ``resume=True`` continues from ``out_dir/last.pt``. Under ``torchrun`` every rank
+    calls this; rank 0 writes the files.
     """
+    dist_info = init_from_env(cfg.train.device)
+    try:
+        return _train(cfg, out_dir, show_progress and dist_info.is_main, resume, on_epoch_end, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resume: bool, on_epoch_end,
+           dist_info: DistInfo) -> dict:
+    main = dist_info.is_main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / LAST
@@ -155,15 +175,21 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             raise ConfigError(f"cannot resume: {last_path} does not exist (was the run started with this medvision?)")
         checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
         _same_run(RunConfig.model_validate_json(checkpoint["config"]), cfg)
+        if checkpoint.get("world_size", 1) != dist_info.world_size:
+            raise ConfigError(f"cannot resume: the run used {checkpoint.get('world_size', 1)} process(es), "
+                              f"this one {dist_info.world_size}; the sample order would differ")
     rows = load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        save_config(cfg, out / "config.yaml")
     t = cfg.train
     seed_everything(t.seed)
+    if dist_info.enabled:  # dropout / drop-path differ per rank; the sample order does not (sampler_gen)
+        torch.manual_seed(t.seed + 1000 * dist_info.rank)
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = resolve_device(t.device)
+    device = device_for(dist_info, resolve_device(t.device))
 
     if cfg.data.split_file:
         assignment = read_split(cfg.data.split_file)
@@ -172,7 +198,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     else:
         assignment = patient_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     check_split(rows, assignment)
-    write_split(out / "split.csv", rows, assignment)
+    if main:
+        write_split(out / "split.csv", rows, assignment)
     by_split = {s: [r for r in rows if assignment[r.patient_id] == s] for s in ("train", "val")}
     for s, rs in by_split.items():
         if len({r.label for r in rs}) < 2:
@@ -180,24 +207,29 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
 
     pre = Preprocess(cfg.preprocess)
     cache = {"cache_dir": cfg.data.cache_dir, "use_cache": cfg.data.cache, "workers": cfg.data.decode_workers}
+    if not main:  # rank 0 decodes into the cache first; the others then read it
+        barrier(dist_info)
     train_imgs, train_rows = decode_all(by_split["train"], pre, "decode train", show_progress, **cache)
     val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress, **cache)
+    if main:
+        barrier(dist_info)
     y_train = np.array([r.label for r in train_rows])
     y_val = np.array([r.label for r in val_rows])
     train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed)
     val_ds = CachedImages(val_imgs, y_val, pre)
 
     sampler_gen = torch.Generator().manual_seed(t.seed)
-    drop_last = len(y_train) > t.batch_size
-    if t.balanced_sampling:
-        counts = np.bincount(y_train, minlength=2).astype(float)
+    counts = np.bincount(y_train, minlength=2).astype(float)
+    if t.imbalance == "sampler":
         weights = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(y_train), replacement=True, generator=sampler_gen)
-        loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                            drop_last=drop_last)
     else:
-        loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, generator=sampler_gen,
-                            num_workers=t.num_workers, drop_last=drop_last)
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=sampler_gen)
+    if dist_info.enabled:
+        sampler = ShardedSampler(sampler, dist_info.rank, dist_info.world_size)
+    drop_last = len(sampler) > t.batch_size
+    loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+                        drop_last=drop_last)
 
     model = create_model(cfg.model, cfg.preprocess.image_size).to(device)
     if t.channels_last:
@@ -212,8 +244,14 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=t.ema_decay)
-    fwd = torch.compile(model) if t.compile else model
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    fwd = model
+    if dist_info.enabled:
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        fwd = torch.compile(fwd)
+    pos_weight = torch.tensor([counts[0] / max(counts[1], 1.0)], device=device) if t.imbalance == "loss" else None
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     history: list[dict] = []
     best = {"val_auroc": -1.0, "epoch": -1}
@@ -226,16 +264,19 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             ema.load_state_dict(checkpoint["ema"])
         history, best, stale = checkpoint["history"], checkpoint["best"], checkpoint["stale"]
         start_epoch, elapsed_before = checkpoint["epoch"], checkpoint["elapsed_s"]
-        _set_rng_state(checkpoint["rng"], sampler_gen)
+        rng = checkpoint["rng"]
+        _set_rng_state(rng[dist_info.rank] if isinstance(rng, list) else rng, sampler_gen)
         log.info("resuming after epoch %d of %d (best val AUROC %.4f at epoch %d)", start_epoch, t.epochs,
                  best["val_auroc"], best["epoch"])
         if start_epoch >= t.epochs or checkpoint.get("stopped"):
             log.info("the run had already finished; writing its final metrics again")
 
-    writer = _tensorboard(out) if t.tensorboard else None
+    writer = _tensorboard(out) if t.tensorboard and main else None
     started = time.monotonic()
-    log.info("training %s (%.1f M parameters) on %d images, validating on %d, device %s, %s", cfg.model.name,
-             n_params / 1e6, len(train_ds), len(val_ds), device, t.precision)
+    log.info("training %s (%.1f M parameters) on %d images, validating on %d, device %s, %s%s", cfg.model.name,
+             n_params / 1e6, len(train_ds), len(val_ds), device, t.precision,
+             f", rank {dist_info.rank} of {dist_info.world_size} ({len(sampler)} samples per epoch)"
+             if dist_info.enabled else "")
     stopped = bool(checkpoint and checkpoint.get("stopped"))
     for epoch in range(start_epoch, t.epochs):
         if stopped:
@@ -278,32 +319,43 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             for k in ("val_loss", "val_auroc", "lr"):
                 writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else k, record[k], epoch + 1)
             writer.flush()
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch + 1, record["train_loss"],
-                 val_loss, val_auc)
+        if main:
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch + 1, record["train_loss"],
+                     val_loss, val_auc)
+        # Every rank validates the same weights on the same images, so every rank takes the same decisions.
         if val_auc > best["val_auroc"] or best["epoch"] < 0:
             best = {"val_auroc": val_auc, "epoch": epoch + 1}
             stale = 0
-            _save_checkpoint(scored, cfg, out / BEST, epoch + 1, val_auc)
+            if main:
+                _save_checkpoint(scored, cfg, out / BEST, epoch + 1, val_auc)
         else:
             stale += 1
         if t.early_stopping and stale >= t.early_stopping:
             log.info("early stopping after epoch %d: no better validation AUROC for %d epochs", epoch + 1, stale)
             stopped = True
-        _atomic_torch_save({
-            "config": cfg.model_dump_json(), "model": model.state_dict(), "optimizer": optim.state_dict(),
-            "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "stopped": stopped,
-            "elapsed_s": record["elapsed_s"], "rng": _rng_state(sampler_gen), "medvision_version": __version__,
-        }, last_path)
+        rng = gather(dist_info, _rng_state(sampler_gen))
+        if main:
+            _atomic_torch_save({
+                "config": cfg.model_dump_json(), "model": model.state_dict(), "optimizer": optim.state_dict(),
+                "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "stopped": stopped,
+                "elapsed_s": record["elapsed_s"], "rng": rng if dist_info.enabled else rng[0],
+                "medvision_version": __version__, "world_size": dist_info.world_size,
+            }, last_path)
+        barrier(dist_info)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
-        if t.max_minutes and (time.monotonic() - started) / 60 > t.max_minutes:
+        out_of_time = bool(t.max_minutes and (time.monotonic() - started) / 60 > t.max_minutes)
+        if gather(dist_info, out_of_time)[0]:  # rank 0 decides for all, or the others would wait forever
             log.warning("stopping after epoch %d: train.max_minutes=%s reached (resume with --resume)", epoch + 1,
                         t.max_minutes)
             break
     if writer is not None:
         writer.close()
 
+    checksums = gather(dist_info, float(sum(p.detach().double().sum() for p in model.parameters())))
+    if not main:
+        return {}
     # Operating point from the best checkpoint's validation scores.
     best_model = create_model(cfg.model, cfg.preprocess.image_size)
     best_model.load_state_dict(load_file(str(out / BEST)))
@@ -323,6 +375,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
             "seed": t.seed, "split_seed": cfg.data.split_seed, "deterministic": t.deterministic,
             "device": str(device), "precision": t.precision, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "resumed": checkpoint is not None,
+            "world_size": dist_info.world_size, "parameter_checksums": checksums,
+            "imbalance": t.imbalance,
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
