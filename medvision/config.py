@@ -70,7 +70,8 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (e.g. 0.999); validate and save it")
     early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without a better validation AUROC")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:\\d+)?)$", description="auto = cuda when available")
-    precision: str = Field("fp32", pattern="^(fp32|bf16|fp16)$", description="autocast dtype (bf16 on GPU)")
+    precision: str = Field("fp32", pattern="^(auto|fp32|bf16|fp16)$",
+                           description="autocast dtype; auto = bf16 on a GPU, fp32 on a CPU")
     channels_last: bool = Field(False, description="NHWC memory format (helps convolutions on GPU)")
     compile: bool = Field(False, description="torch.compile the model for training")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU)")

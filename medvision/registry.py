@@ -23,6 +23,8 @@ class ModelSpec:
     pool: str = "lse"  # "lse": per-token classifier + log-sum-exp pooling; "timm": the timm model's own head
     lse_r: float = 5.0
     stem: str = "patch"  # "patch": the ViT's linear patch projection; "conv": a stride-2 convolution stack
+    source: str = "timm"  # "timm" or "monai" (timm_name is then a monai.networks.nets class)
+    role: str = ""  # "teacher", "student" or "" (tests, demo)
     description: str = ""
 
 
@@ -57,16 +59,32 @@ def get_model_spec(name: str) -> ModelSpec:
 # the heatmap is exact; timm_kwargs hold timm overrides only.
 
 register_model(ModelSpec(
-    "vit_small_patch16_224", "vit_small_patch16_224", {}, 224,
-    description="ViT-S/16, 22 M parameters: the default teacher",
+    "vit_small_patch16_224", "vit_small_patch16_224", {}, 224, role="teacher",
+    description="ViT-S/16, 22 M parameters: the default teacher (fine-tuned from local pretrained weights)",
 ))
 register_model(ModelSpec(
-    "vit_base_patch16_224", "vit_base_patch16_224", {}, 224,
+    "vit_base_patch16_224", "vit_base_patch16_224", {}, 224, role="teacher",
     description="ViT-B/16, 86 M parameters: the large teacher",
 ))
 register_model(ModelSpec(
-    "vit_tiny_patch16_224", "vit_tiny_patch16_224", {}, 224,
+    "vit_tiny_patch16_224", "vit_tiny_patch16_224", {}, 224, role="student",
     description="ViT-Ti/16, 5.7 M parameters",
+))
+register_model(ModelSpec(
+    "deit_tiny_patch16_224", "deit_tiny_patch16_224", {}, 224, role="student",
+    description="DeiT-Ti/16, 5.7 M parameters (the DeiT distillation student)",
+))
+register_model(ModelSpec(
+    "mv_vit_small", "vit_small_patch16_224", {}, 224, stem="conv", role="teacher",
+    description="ViT-S/16 with a convolutional stem: the teacher that learns without pretrained weights",
+))
+register_model(ModelSpec(
+    "resnet18", "resnet18", {}, 224, pool="timm", role="student",
+    description="ResNet-18, 11.7 M parameters: the CNN student (global average pooling, so its CAM is exact)",
+))
+register_model(ModelSpec(
+    "monai_densenet121", "DenseNet121", {"spatial_dims": 2}, 224, pool="timm", source="monai",
+    description="MONAI DenseNet-121 (2-D), 7 M parameters",
 ))
 register_model(ModelSpec(
     "mv_vit_demo", "vit_tiny_patch16_224",

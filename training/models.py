@@ -83,6 +83,8 @@ class TokenPooledViT(torch.nn.Module):
 def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
     """Instantiate ``cfg.name`` for greyscale input at ``image_size`` with a single output logit."""
     spec = get_model_spec(cfg.name)
+    if spec.source == "monai":
+        return _create_monai(spec, cfg)
     kwargs = dict(spec.timm_kwargs)
     if spec.timm_name.startswith(("vit_", "deit_")):
         kwargs["img_size"] = image_size
@@ -112,6 +114,36 @@ def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
     return TokenPooledViT(backbone, spec.lse_r) if token_pooled else backbone
 
 
+def _create_monai(spec, cfg: ModelConfig) -> torch.nn.Module:
+    import monai.networks.nets as nets
+
+    model = getattr(nets, spec.timm_name)(in_channels=1, out_channels=1, **spec.timm_kwargs)
+    if cfg.pretrained:
+        if cfg.pretrained == "hub":
+            raise ConfigError(f"{spec.name}: no hub weights; pass a local file with model.pretrained=")
+        load_local_weights(model, Path(cfg.pretrained))
+    else:
+        log.warning("no pretrained weights given (model.pretrained): '%s' starts from random initialisation", cfg.name)
+    return model
+
+
+# File names timm / Hugging Face caches use for weights, in order of preference.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+
+
+def resolve_weights_file(path: Path) -> Path:
+    """A weights file, or a timm / Hugging Face cache folder (``models--org--name/snapshots/<rev>/``) holding one."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in _WEIGHT_FILES:
+            found = sorted(path.rglob(name), key=lambda p: p.stat().st_mtime, reverse=True)
+            if found:
+                return found[0]
+        raise ConfigError(f"no weights file in {path} (looked for {', '.join(_WEIGHT_FILES)})")
+    raise ConfigError(f"pretrained weights not found: {path}")
+
+
 def load_local_weights(model: torch.nn.Module, path: Path) -> None:
     """Load an RGB or greyscale checkpoint into ``model``, adapting input channels and position grid.
 
@@ -119,8 +151,7 @@ def load_local_weights(model: torch.nn.Module, path: Path) -> None:
     summed kernel gives the same activations); the classifier head is dropped; position embeddings
     are resampled to the new grid. Anything else that does not fit is an error naming the keys.
     """
-    if not path.is_file():
-        raise ConfigError(f"pretrained weights not found: {path}")
+    path = resolve_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,34 @@ def test_resume_from_the_cli(tmp_path, tiny_run, capsys):
     assert "own config.yaml" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert main(["train", "--config", "tiny"]) == 2
+
+
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[2] / "training" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_validates_and_builds_its_model(recipe):
+    from medvision.config import load_config
+    from medvision.training.command import resolve_config_path
+
+    cfg = load_config(resolve_config_path(recipe))
+    model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size).eval()
+    size = cfg.preprocess.image_size
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, size, size)).shape == (1, 1)
+    assert {"vit_small", "vit_base", "student_vit_tiny", "student_deit_tiny", "student_resnet18"} <= set(RECIPES)
+
+
+def test_weights_from_a_hugging_face_cache_folder(tmp_path):
+    model = create_model(ModelConfig(name="resnet18"), 64)
+    rgb = {k: (v.repeat(1, 3, 1, 1) / 3 if k == "conv1.weight" else v) for k, v in model.state_dict().items()}
+    snap = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in rgb.items()}, str(snap / "model.safetensors"))
+    fresh = create_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "models--timm--resnet18.a1_in1k")), 64)
+    assert torch.allclose(fresh.state_dict()["conv1.weight"], model.state_dict()["conv1.weight"], atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no weights file in .*empty"):
+        create_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "empty")), 64)
+    with pytest.raises(ConfigError, match="pretrained weights not found"):
+        create_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "missing.safetensors")), 64)
