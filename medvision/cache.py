@@ -37,6 +37,9 @@ from medvision.progress import progress_bar
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+# Failures that say more about this machine than about the file (permissions, a codec installed later):
+# never remembered, so they are retried on the next run.
+_TRANSIENT = ("unreadable:", "missing_codec:")
 
 
 def default_cache_root() -> Path:
@@ -192,8 +195,9 @@ class ImageCache:
                 errors[i] = f"unreadable: {exc.strerror}"
         entries, failures = self._index()
         todo = [i for i, k in enumerate(keys) if k is not None and k not in entries and k not in failures]
+        transient: dict[str, str] = {}
         if todo:
-            self._add([paths[i] for i in todo], [keys[i] for i in todo], workers, desc, show_progress)
+            transient = self._add([paths[i] for i in todo], [keys[i] for i in todo], workers, desc, show_progress)
             entries, failures = self._index()
         else:
             log.info("%s: all %d image(s) already cached", desc, len(paths))
@@ -203,7 +207,7 @@ class ImageCache:
             if k is None:
                 continue
             if k in failures or k not in entries:
-                errors[i] = failures.get(k, "not cached")
+                errors[i] = failures.get(k) or transient.get(k, "not cached")
                 continue
             shard, idx = entries[k]
             if shard not in shards:
@@ -212,8 +216,11 @@ class ImageCache:
             kept.append(i)
         return CachedArray(shards, where, self.pre.cfg.image_size), kept, errors
 
-    def _add(self, paths: list[str], keys: list[str], workers: int, desc: str, show_progress: bool) -> None:
-        """Decode ``paths`` straight into a new memory-mapped shard (memory stays at one image per worker)."""
+    def _add(self, paths: list[str], keys: list[str], workers: int, desc: str, show_progress: bool) -> dict[str, str]:
+        """Decode ``paths`` straight into a new memory-mapped shard (memory stays at one image per worker).
+
+        Returns the failures that are not remembered (see ``_TRANSIENT``), by key.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         shard = f"shard-{uuid.uuid4().hex[:12]}"
         size = self.pre.cfg.image_size
@@ -221,11 +228,13 @@ class ImageCache:
         arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(paths), size, size))
         entries: dict[str, int] = {}
         failures: dict[str, str] = {}
+        transient: dict[str, str] = {}
         try:
             for key, (img, err) in zip(keys, iter_decode(paths, self.pre, workers, desc=desc,
                                                          show_progress=show_progress), strict=True):
                 if img is None:
-                    failures[key] = err
+                    # a fixable environment, not the file: reported now, retried next time
+                    (transient if err.startswith(_TRANSIENT) else failures)[key] = err
                 else:
                     arr[len(entries)] = img
                     entries[key] = len(entries)
@@ -240,3 +249,4 @@ class ImageCache:
         tmp.write_text(json.dumps({"count": len(entries), "entries": entries, "failures": failures,
                                    "preprocess": self.pre.cfg.model_dump(mode="json")}))
         os.replace(tmp, self.dir / f"{shard}.json")
+        return transient

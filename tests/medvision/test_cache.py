@@ -88,3 +88,18 @@ def test_an_interrupted_shard_leaves_no_trace(pre, files, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cache.load(files[:3], workers=1, show_progress=False)
     assert list(cache.dir.iterdir()) == []
+
+
+def test_environment_failures_are_retried_not_remembered(pre, files, tmp_path, monkeypatch):
+    calls = []
+
+    def no_codec(paths, *a, **k):
+        calls.append(len(paths))
+        yield from ((None, "missing_codec: install pylibjpeg") for _ in paths)
+
+    monkeypatch.setattr(cache_mod, "iter_decode", no_codec)
+    cache = ImageCache(pre, tmp_path / "cache")
+    _, kept, errors = cache.load(files[:2], workers=1, show_progress=False)
+    assert kept == [] and errors == {0: "missing_codec: install pylibjpeg", 1: "missing_codec: install pylibjpeg"}
+    cache.load(files[:2], workers=1, show_progress=False)
+    assert calls == [2, 2]  # tried again: the codec may have been installed since
