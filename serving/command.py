@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
 
+from medvision.errors import ConfigError
 from medvision.extras import require_extra
 
 SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx")
@@ -28,12 +30,14 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="score DICOM files locally or through a running service",
         description="Scores files / folders with --model (local ONNX Runtime) or --url (a medvision service). "
-        "With --labels (RSNA-style CSV) prints AUROC and the operating point's sensitivity / specificity.",
+        "With --manifest (or --labels, an RSNA-style CSV) prints AUROC and the operating point's sensitivity / "
+        "specificity.",
     )
-    p.add_argument("inputs", nargs="+", help="DICOM files or folders")
+    p.add_argument("inputs", nargs="*", help="DICOM files or folders (or give --manifest)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="ONNX artifact to run locally")
     target.add_argument("--url", help="base URL of a running 'medvision serve'")
+    p.add_argument("--manifest", help="manifest CSV ('medvision data manifest'): its files and labels")
     p.add_argument("--labels", help="labels CSV with image_id and cancer columns")
     p.add_argument("--split", help="split.csv of a training run: score only the images of --subset")
     p.add_argument("--subset", default="test", choices=["train", "val", "test"])
@@ -64,11 +68,27 @@ def run_predict(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     from medvision.serving.scoring import collect_files, score_local, score_remote, summarise, write_rows
 
-    files = collect_files(args.inputs)
-    if args.split:
-        with open(args.split, newline="") as fh:
-            keep = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == args.subset}
-        files = [f for f in files if f.stem in keep]
+    truth = None
+    if args.manifest:
+        from medvision.data import read_split
+        from medvision.manifest import read_manifest
+
+        if args.inputs:
+            raise ConfigError("give DICOM inputs or --manifest, not both")
+        rows = read_manifest(args.manifest)
+        if args.split:
+            assignment = read_split(args.split)
+            rows = [r for r in rows if assignment.get(r.patient_id) == args.subset]
+        files = [Path(r.path) for r in rows]
+        truth = {str(Path(r.path).resolve()): r.label for r in rows}
+    else:
+        if not args.inputs:
+            raise ConfigError("give DICOM files or folders, or --manifest")
+        files = collect_files(args.inputs)
+        if args.split:
+            with open(args.split, newline="") as fh:
+                keep = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == args.subset}
+            files = [f for f in files if f.stem in keep]
     show = not args.no_progress
     if args.model:
         rows, threshold = score_local(files, args.model, show_progress=show)
@@ -76,5 +96,5 @@ def run_predict(args: argparse.Namespace) -> int:
         rows, threshold = score_remote(files, args.url, show_progress=show)
     if args.out:
         write_rows(rows, args.out)
-    print(json.dumps(summarise(rows, threshold, args.labels), indent=2))
+    print(json.dumps(summarise(rows, threshold, args.labels, truth), indent=2))
     return 0

@@ -98,22 +98,28 @@ def write_rows(rows: list[ScoreRow], path: str | os.PathLike) -> None:
                         r.label or "", r.error_code or "", r.error or ""])
 
 
-def summarise(rows: list[ScoreRow], threshold: float | None, labels_csv: str | None = None) -> dict:
-    """Counts, refusals by reason and, given an RSNA-style labels CSV, AUROC and the operating point."""
+def summarise(rows: list[ScoreRow], threshold: float | None, labels_csv: str | None = None,
+              truth_by_path: dict[str, int] | None = None) -> dict:
+    """Counts, refusals by reason and, given labels (an RSNA-style CSV by image id, or a mapping of
+    resolved file paths to labels from a manifest), AUROC and the operating point."""
     scored = [r for r in rows if r.probability is not None]
     summary: dict = {
         "files": len(rows), "scored": len(scored),
         "refused": dict(Counter(r.error_code for r in rows if r.error_code)),
     }
-    if labels_csv and scored:
+    matched = []
+    if truth_by_path is not None:
+        matched = [(truth_by_path[str(Path(r.path).resolve())], r.probability) for r in scored
+                   if str(Path(r.path).resolve()) in truth_by_path]
+    elif labels_csv and scored:
         with open(labels_csv, newline="") as fh:
             truth = {r["image_id"]: int(float(r["cancer"])) for r in csv.DictReader(fh)}
         matched = [(truth[r.image_id], r.probability) for r in scored if r.image_id in truth]
-        if matched:
-            y = np.array([m[0] for m in matched])
-            s = np.array([m[1] for m in matched])
-            summary.update({"labelled": len(matched), "positives": int(y.sum()), "auroc": auroc(y, s)})
-            if threshold is not None:
-                sens, spec = sensitivity_specificity(y, s, threshold)
-                summary.update({"threshold": threshold, "sensitivity": sens, "specificity": spec})
+    if matched:
+        y = np.array([m[0] for m in matched])
+        s = np.array([m[1] for m in matched])
+        summary.update({"labelled": len(matched), "positives": int(y.sum()), "auroc": auroc(y, s)})
+        if threshold is not None:
+            sens, spec = sensitivity_specificity(y, s, threshold)
+            summary.update({"threshold": threshold, "sensitivity": sens, "specificity": spec})
     return summary

@@ -56,3 +56,21 @@ def test_predict_command_reports_auroc(artifact, synth_dir, tiny_run, capsys):
     assert summary["scored"] == summary["files"] > 0 and summary["refused"] == {}
     assert 0.0 <= summary["auroc"] <= 1.0 and "sensitivity" in summary
     assert len(tmp.read_text().splitlines()) == summary["files"] + 1
+
+
+def test_predict_from_a_manifest_matches_the_labels_csv(artifact, synth_dir, tiny_run, tmp_path, capsys):
+    import json
+
+    common = ["--model", str(artifact), "--split", str(tiny_run / "split.csv"), "--subset", "test", "--no-progress"]
+    assert main(["predict", str(synth_dir / "images"), "--labels", str(synth_dir / "labels.csv"), *common]) == 0
+    by_labels = json.loads(capsys.readouterr().out)
+    m = tmp_path / "m.csv"
+    assert main(["data", "manifest", "--rsna", str(synth_dir / "labels.csv"), "--images", str(synth_dir / "images"),
+                 "--out", str(m)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--manifest", str(m), *common]) == 0
+    by_manifest = json.loads(capsys.readouterr().out)
+    assert by_manifest["labelled"] == by_labels["labelled"] == by_manifest["files"] > 0
+    assert by_manifest["auroc"] == pytest.approx(by_labels["auroc"])
+    assert main(["predict", str(synth_dir / "images"), "--manifest", str(m), "--model", str(artifact)]) == 2
+    assert main(["predict", "--model", str(artifact)]) == 2
