@@ -79,6 +79,18 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
 
 
+class DistillConfig(BaseModel):
+    """Knowledge distillation from a trained teacher run (``medvision distill``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(None, description="teacher run folder (best.safetensors); None = no distillation")
+    mode: str = Field("soft", pattern="^(soft|hard)$",
+                      description="soft: match the teacher's tempered probabilities; hard: the teacher's decisions as labels")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher term (1 - alpha on the true labels)")
+    temperature: float = Field(2.0, gt=0, description="softening temperature of soft distillation")
+
+
 class RunConfig(BaseModel):
     """Everything a training run needs; written as ``config.yaml`` next to its outputs."""
 
@@ -88,6 +100,7 @@ class RunConfig(BaseModel):
     preprocess: PreprocessConfig = PreprocessConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

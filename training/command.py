@@ -45,6 +45,58 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+def register_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill", help="train a small student from a teacher run's logits (knowledge distillation)",
+        description="Trains the student recipe on the teacher's data and split (so the teacher's validation "
+        "and test patients stay unseen), with soft (tempered) or hard teacher targets; the teacher's logits are "
+        "computed once and cached in the run. With --baseline the same student is also trained without a "
+        "teacher, and RUN/distill_report.md compares them on the held-out split (paired bootstrap).",
+    )
+    p.add_argument("--teacher", required=True, help="teacher run folder written by 'medvision train'")
+    p.add_argument("--config", default="student_vit_tiny", help="student recipe or YAML (default student_vit_tiny)")
+    p.add_argument("--out", required=True, help="student run folder")
+    p.add_argument("--mode", choices=["soft", "hard"], default="soft")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--baseline", action="store_true", help="also train the student without a teacher and compare")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="e.g. train.epochs=10")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    require_extra("train", *TRAIN_MODULES)
+    from medvision.config import load_config
+    from medvision.errors import ConfigError
+    from medvision.training.distill import write_comparison
+    from medvision.training.evaluate import compare_runs
+    from medvision.training.export import load_run
+    from medvision.training.train import train
+
+    teacher = Path(args.teacher)
+    tcfg, _, _, _ = load_run(teacher)
+    if not (teacher / "split.csv").is_file():
+        raise ConfigError(f"{teacher} has no split.csv: distill from a run written by 'medvision train'")
+    data = [f"data.{k}={v}" for k, v in tcfg.data.model_dump().items() if v is not None and k != "split_file"]
+    overrides = [*data, f"data.split_file={teacher / 'split.csv'}", f"distill.teacher={teacher}",
+                 f"distill.mode={args.mode}", f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}",
+                 *args.overrides]
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    out = Path(args.out)
+    metrics = train(cfg, out, show_progress=not args.no_progress)
+    if args.baseline and metrics:
+        base_cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": None})})
+        train(base_cfg, out / "baseline", show_progress=not args.no_progress)
+        report = compare_runs({"student without teacher": out / "baseline", "distilled student": out,
+                               "teacher": teacher}, n_boot=args.bootstrap, show_progress=not args.no_progress)
+        write_comparison(report, out / "distill_report")
+        print(json.dumps(report, indent=2))
+        return 0
+    return _print_summary(metrics)
+
+
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="clinical report of a trained run; fits calibration and operating points for export",

@@ -47,8 +47,11 @@ class CachedImages(Dataset):
     same augmented images whatever the number of loader workers, and a resumed run continues exactly.
     """
 
-    def __init__(self, images, labels: np.ndarray, pre: Preprocess, transform=None, seed: int = 0) -> None:
+    def __init__(self, images, labels: np.ndarray, pre: Preprocess, transform=None, seed: int = 0,
+                 extra: np.ndarray | None = None) -> None:
+        """``extra`` (e.g. a teacher's logits) travels with the label: targets become ``[label, extra]``."""
         self.images, self.labels, self.pre, self.transform = images, labels.astype(np.float32), pre, transform
+        self.extra = None if extra is None else np.asarray(extra, dtype=np.float32)
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -62,4 +65,5 @@ class CachedImages(Dataset):
             self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
         grey = augment(self.transform, np.asarray(self.images[i]))
         x = normalize(grey, self.pre.cfg.mean, self.pre.cfg.std)[None]
-        return torch.from_numpy(x), torch.tensor([self.labels[i]])
+        target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
+        return torch.from_numpy(x), torch.tensor(target)

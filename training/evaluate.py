@@ -258,3 +258,43 @@ def _plots(out: Path, y, p, p_raw, breast) -> list[str]:
     fig.savefig(out / "reliability.png")
     plt.close(fig)
     return ["roc.png", "reliability.png"]
+
+
+def score_split(run_dir: str | Path, subset: str = "test", show_progress: bool = True) -> tuple[list[ImageRow], np.ndarray]:
+    """The run's rows of ``subset`` (by its own split.csv) and its model's logits for them."""
+    run = Path(run_dir)
+    cfg, model, _, _ = load_run(run)
+    split = read_split(run / "split.csv")
+    rows = [r for r in load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
+            if split.get(r.patient_id) == subset]
+    pre = Preprocess(cfg.preprocess)
+    images, kept = decode_all(rows, pre, f"decode {subset}", show_progress, cfg.data.cache_dir, cfg.data.cache,
+                              cfg.data.decode_workers)
+    return kept, predict_logits(model, images, pre)
+
+
+def compare_runs(runs: dict[str, str | Path], subset: str = "test", n_boot: int = 2000,
+                 show_progress: bool = True) -> dict:
+    """AUROC of several runs on the same images, each with a patient-clustered CI, and the paired
+    difference of every run against the first (same resamples for both, so the interval is honest)."""
+    scored = {name: score_split(path, subset, show_progress) for name, path in runs.items()}
+    names = list(scored)
+    ref_rows = scored[names[0]][0]
+    key = [r.path for r in ref_rows]
+    for name in names[1:]:
+        if [r.path for r in scored[name][0]] != key:
+            raise ConfigError(f"runs '{names[0]}' and '{name}' were not evaluated on the same images (other split?)")
+    y = np.array([r.label for r in ref_rows])
+    patients = [r.patient_id for r in ref_rows]
+    out: dict = {"subset": subset, "images": len(y), "positives": int(y.sum()), "runs": {}}
+    for name in names:
+        s = scored[name][1]
+        out["runs"][name] = {"auroc": auroc(y, s), "auroc_ci95": bootstrap_ci(y, s, auroc, patients, n_boot)}
+    base = scored[names[0]][1]
+    for name in names[1:]:
+        both = np.stack([scored[name][1], base], axis=1)
+        diff = auroc(y, both[:, 0]) - auroc(y, both[:, 1])
+        ci = bootstrap_ci(y, both, lambda a, b: auroc(a, b[:, 0]) - auroc(a, b[:, 1]), patients, n_boot)
+        out["runs"][name][f"auroc_minus_{names[0]}"] = diff
+        out["runs"][name][f"auroc_minus_{names[0]}_ci95"] = ci
+    return out

@@ -140,7 +140,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _same_run(saved: RunConfig, cfg: RunConfig) -> None:
-    for section in ("model", "preprocess", "train"):
+    for section in ("model", "preprocess", "train", "distill"):
         a, b = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
         if section == "train":  # a budget or a patience may change when resuming; the recipe may not
             for k in ("max_minutes", "early_stopping", "tensorboard"):
@@ -217,7 +217,19 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
         barrier(dist_info)
     y_train = np.array([r.label for r in train_rows])
     y_val = np.array([r.label for r in val_rows])
-    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed)
+    t_logits = None
+    if cfg.distill.teacher:
+        from medvision.training.distill import teacher_config_check, teacher_logits
+
+        teacher_config_check(cfg.distill.teacher)
+        out.mkdir(parents=True, exist_ok=True)
+        if not main:
+            barrier(dist_info)
+        t_logits = teacher_logits(cfg.distill.teacher, train_rows, out,
+                                  lambda r, p, d, sp: decode_all(r, p, d, sp, **cache), show_progress)
+        if main:
+            barrier(dist_info)
+    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed, extra=t_logits)
     val_ds = CachedImages(val_imgs, y_val, pre)
 
     sampler_gen = torch.Generator().manual_seed(t.seed)
@@ -293,7 +305,13 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, t.precision):
-                    loss = loss_fn(fwd(x).float(), y)
+                    logits = fwd(x).float()
+                if t_logits is not None:
+                    from medvision.training.distill import distill_loss
+
+                    loss = distill_loss(logits, y[:, :1], y[:, 1:], cfg.distill, pos_weight)
+                else:
+                    loss = loss_fn(logits, y)
                 (loss / t.accumulate).backward()
                 if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
                     if t.grad_clip:
@@ -380,6 +398,7 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
             "world_size": dist_info.world_size, "parameter_checksums": checksums,
             "imbalance": t.imbalance,
         },
+        "distillation": cfg.distill.model_dump() if cfg.distill.teacher else None,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot_curves(history, out / "curves.png")
