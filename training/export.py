@@ -24,7 +24,7 @@ from medvision.dicom_io import read_dicom
 from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
-from medvision.training.models import create_model
+from medvision.training.models import class_activation_map, create_model, has_exact_heatmap
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -35,16 +35,26 @@ class ExportParityError(ArtifactError):
 
 
 class _WithProbability(torch.nn.Module):
-    """Outputs the raw logit and the calibrated probability ``sigmoid(logit / temperature)``."""
+    """Outputs the raw logit, the calibrated probability ``sigmoid(logit / temperature)`` and, where the
+    model has one, its exact heatmap (token / location logits), all from one forward pass."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
+        self.has_heatmap = has_exact_heatmap(model)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.model(image)
-        return logit, torch.sigmoid(logit * self.inv_temperature)
+    def forward(self, image: torch.Tensor):
+        if hasattr(self.model, "heatmap"):  # the logit is a function of the heatmap: compute both at once
+            heat = self.model.heatmap(image)
+            logit = self.model.pool(heat)
+        elif self.has_heatmap:
+            heat = class_activation_map(self.model, image)
+            logit = heat.mean(dim=(2, 3))
+        else:
+            logit = self.model(image)
+        prob = torch.sigmoid(logit * self.inv_temperature)
+        return (logit, prob, heat) if self.has_heatmap else (logit, prob)
 
 
 def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, dict]:
@@ -126,6 +136,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     calibration, evaluation = load_calibration(run, ckpt)
     temperature = calibration["temperature"] if calibration else 1.0
     wrapper = _WithProbability(model, temperature).eval()
+    outputs = ["logit", "probability"] + (["heatmap"] if wrapper.has_heatmap else [])
     dummy = torch.zeros(2, 1, size, size)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of torch.export (planned with M4's graph work);
@@ -133,9 +144,9 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            wrapper, (dummy,), str(out), input_names=["image"], output_names=["logit", "probability"],
+            wrapper, (dummy,), str(out), input_names=["image"], output_names=outputs,
             opset_version=OPSET,
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
+            dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
             dynamo=False,
         )
     spec = get_model_spec(cfg.model.name)
@@ -151,6 +162,11 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         operating_point=(calibration["operating_points"][0]["rule"] + " (calibrated)") if calibration
         else metrics.get("operating_point", "default 0.5 (no validation metrics found)"),
         temperature=temperature,
+        outputs={"logit": "cancer logit, shape [batch, 1]",
+                 "probability": "sigmoid(logit / temperature), calibrated on validation",
+                 **({"heatmap": "per-location cancer logits [batch, 1, rows, cols] on the model-input grid; the "
+                                "logit is their " + ("log-sum-exp mean" if hasattr(model, "pool") else "mean")}
+                    if wrapper.has_heatmap else {})},
         operating_points=calibration["operating_points"] if calibration else [],
         evaluation=evaluation,
         weights_sha256=sha256_file(ckpt),
@@ -179,14 +195,16 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
 def check_parity(wrapper: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float) -> float:
     """Compare torch and onnxruntime on ``x`` in one batch and one image at a time (dynamic batch)."""
     with torch.no_grad():
-        ref = wrapper(torch.from_numpy(x))[0].numpy()
+        ref = [t.numpy() for t in wrapper(torch.from_numpy(x))]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got_batch = sess.run(["logit"], {"image": x})[0]
-    got_single = np.concatenate([sess.run(["logit"], {"image": x[i : i + 1]})[0] for i in range(len(x))])
-    worst = float(max(np.abs(ref - got_batch).max(), np.abs(ref - got_single).max()))
+    names = [o.name for o in sess.get_outputs()]
+    got_batch = sess.run(names, {"image": x})
+    got_single = [np.concatenate(parts) for parts in
+                  zip(*(sess.run(names, {"image": x[i : i + 1]}) for i in range(len(x))), strict=True)]
+    worst = float(max(np.abs(r - g).max() for r, g in zip(ref * 2, got_batch + got_single, strict=True)))
     if not np.isfinite(worst) or worst > atol:
         raise ExportParityError(
-            f"ONNX Runtime disagrees with torch: max |logit difference| {worst:.3g} > tolerance {atol:g} "
+            f"ONNX Runtime disagrees with torch: max |difference| over {', '.join(names)} {worst:.3g} > tolerance {atol:g} "
             f"on {len(x)} preprocessed images"
         )
     log.info("parity ok: max |logit difference| %.2e over %d images (tolerance %g)", worst, len(x), atol)

@@ -73,11 +73,20 @@ class TokenPooledViT(torch.nn.Module):
         tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]
         return self.head(tokens).squeeze(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.r * self.token_logits(x)
+    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
+        """Token logits on the patch grid, shape (batch, 1, rows, cols): the logit is their LSE-mean."""
+        gh, gw = self.backbone.patch_embed.grid_size
+        return self.token_logits(x).reshape(x.shape[0], 1, gh, gw)
+
+    def pool(self, token_logits: torch.Tensor) -> torch.Tensor:
+        """(batch, N) token logits -> (batch, 1) image logit: ``(logsumexp(r t) - log N) / r``."""
+        z = self.r * token_logits.flatten(1)
         # log(mean(exp(z))) computed stably; no Python int from the shape, so the ONNX trace stays generic.
         m = z.amax(dim=1, keepdim=True)
-        return ((m + torch.log(torch.exp(z - m).mean(dim=1, keepdim=True))) / self.r)
+        return (m + torch.log(torch.exp(z - m).mean(dim=1, keepdim=True))) / self.r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.token_logits(x))
 
 
 def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
@@ -112,6 +121,34 @@ def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
             log.warning("no pretrained weights given (model.pretrained): '%s' starts from random initialisation",
                         cfg.name)
     return TokenPooledViT(backbone, spec.lse_r) if token_pooled else backbone
+
+
+def _cam_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The linear classifier of a timm CNN with global average pooling (then CAM is exact), else None."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    pool = getattr(getattr(model, "global_pool", None), "pool_type", None)
+    if isinstance(head, torch.nn.Linear) and pool == "avg" and hasattr(model, "forward_features"):
+        return head
+    return None
+
+
+def has_exact_heatmap(model: torch.nn.Module) -> bool:
+    return hasattr(model, "heatmap") or _cam_head(model) is not None
+
+
+def class_activation_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own heatmap, exact by construction, shape (batch, 1, rows, cols).
+
+    TokenPooledViT: its token logits (the logit is their log-sum-exp mean). A timm CNN with global
+    average pooling and a linear classifier: the classifier applied at every location (CAM, Zhou et
+    al. 2016), whose spatial mean is the logit. Raises ``ValueError`` for other models.
+    """
+    if hasattr(model, "heatmap"):
+        return model.heatmap(x)
+    head = _cam_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no exact heatmap")
+    return torch.nn.functional.conv2d(model.forward_features(x), head.weight[:, :, None, None], head.bias)
 
 
 def _create_monai(spec, cfg: ModelConfig) -> torch.nn.Module:

@@ -54,3 +54,34 @@ def test_unknown_schema_is_refused():
         decode({METADATA_KEY: json.dumps({"schema_version": 99})})
     with pytest.raises(ArtifactError, match="no 'medvision' metadata"):
         decode({})
+
+
+def test_heatmap_output_is_exact_and_comes_with_the_score(artifact, dicom_files):
+    """One forward pass returns score and map; the logit is the LSE-mean of the map's token logits."""
+    sess = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    meta = decode(sess.get_modelmeta().custom_metadata_map)
+    assert "heatmap" in meta.outputs and [o.name for o in sess.get_outputs()] == ["logit", "probability", "heatmap"]
+    pre = Preprocess(meta.preprocess)
+    x = np.stack([pre.from_dicom(f)[0] for f in dicom_files[:3]])
+    logit, heat = sess.run(["logit", "heatmap"], {"image": x})
+    assert heat.shape == (3, 1, 8, 8)  # 64 px, patch 8
+    r = 5.0
+    z = r * heat.reshape(3, -1).astype(np.float64)
+    pooled = (np.log(np.exp(z - z.max(1, keepdims=True)).mean(1)) + z.max(1)) / r
+    np.testing.assert_allclose(pooled, logit[:, 0], atol=1e-5)
+
+
+def test_cnn_class_activation_map_mean_is_the_logit():
+    from medvision.config import ModelConfig
+    from medvision.training.models import class_activation_map, create_model, has_exact_heatmap
+
+    model = create_model(ModelConfig(name="resnet18"), 96).eval()
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad():
+        cam = class_activation_map(model, x)
+        assert cam.shape == (2, 1, 3, 3)
+        assert torch.allclose(cam.mean(dim=(2, 3)), model(x), atol=1e-5)
+    wrapper = _WithProbability(model)
+    assert wrapper.has_heatmap and len(wrapper(x)) == 3
+    monai = create_model(ModelConfig(name="monai_densenet121"), 64)
+    assert not has_exact_heatmap(monai) and len(_WithProbability(monai).eval()(torch.zeros(1, 1, 64, 64))) == 2
