@@ -9,6 +9,7 @@ normalisation. Random augmentation lives in ``medvision.training`` and never run
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -127,18 +128,30 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
 # -- model-specific geometry -------------------------------------------------------------------
 
 
-def crop_to_foreground(grey: np.ndarray, level: float = 0.08, min_fraction: float = 0.01) -> np.ndarray:
-    """Crop to the rows / columns where more than ``min_fraction`` of pixels exceed ``level``.
-
-    Background (air, after windowing and inversion) is near 0; isolated noise pixels and thin labels
-    do not pass the fraction test. Returns the input unchanged when nothing passes.
-    """
+def foreground_box(grey: np.ndarray, level: float = 0.08, min_fraction: float = 0.01) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` (exclusive ends) of the rows / columns where more than
+    ``min_fraction`` of pixels exceed ``level``; the whole image when nothing passes."""
     mask = grey > level
     rows = np.flatnonzero(mask.mean(axis=1) > min_fraction)
     cols = np.flatnonzero(mask.mean(axis=0) > min_fraction)
     if rows.size == 0 or cols.size == 0:
-        return grey
-    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        return 0, grey.shape[0], 0, grey.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_to_foreground(grey: np.ndarray, level: float = 0.08, min_fraction: float = 0.01) -> np.ndarray:
+    """Crop to the foreground box (see ``foreground_box``).
+
+    Background (air, after windowing and inversion) is near 0; isolated noise pixels and thin labels
+    do not pass the fraction test. Returns the input unchanged when nothing passes.
+    """
+    top, bottom, left, right = foreground_box(grey, level, min_fraction)
+    return grey[top:bottom, left:right]
+
+
+def needs_flip(grey: np.ndarray) -> bool:
+    half = grey.shape[1] // 2
+    return bool(grey[:, half:].sum() > grey[:, :half].sum())
 
 
 def orient_chest_wall_left(grey: np.ndarray) -> np.ndarray:
@@ -146,8 +159,7 @@ def orient_chest_wall_left(grey: np.ndarray) -> np.ndarray:
 
     Pixel-based on purpose: archives disagree on Patient Orientation, the pixels do not.
     """
-    half = grey.shape[1] // 2
-    return grey[:, ::-1] if grey[:, half:].sum() > grey[:, :half].sum() else grey
+    return grey[:, ::-1] if needs_flip(grey) else grey
 
 
 def resize_pad(grey: np.ndarray, size: int) -> np.ndarray:
@@ -172,6 +184,25 @@ def resize_pad(grey: np.ndarray, size: int) -> np.ndarray:
 
 def normalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where stored pixels land in the model input: crop box, horizontal flip, scale and padding."""
+
+    box: tuple[int, int, int, int]  # top, bottom, left, right of the crop in stored pixels
+    flipped: bool
+    scale: float
+    top_pad: int
+    size: int
+
+    def to_input(self, x: float, y: float) -> tuple[float, float]:
+        """Stored-pixel coordinates (column x, row y, pixel centres at +0.5) -> model-input coordinates."""
+        t, _, left, right = self.box
+        cx, cy = x - left, y - t
+        if self.flipped:
+            cx = (right - left) - cx
+        return cx * self.scale, cy * self.scale + self.top_pad
 
 
 class Preprocess:
@@ -203,6 +234,17 @@ class Preprocess:
         for name, fn in self.steps(meta):
             out = _run_step(name, fn, out)
         return out[None, :, :]
+
+    def geometry(self, stored: np.ndarray, meta: DicomMeta) -> Geometry:
+        """The geometric decisions ``display`` takes for this image, to map coordinates (e.g. lesions)."""
+        grey = to_display(stored, meta, self.cfg)
+        box = foreground_box(grey) if self.cfg.crop_to_breast else (0, grey.shape[0], 0, grey.shape[1])
+        crop = grey[box[0]:box[1], box[2]:box[3]]
+        flipped = self.cfg.orientation == "chest_wall_left" and needs_flip(crop)
+        h, w = crop.shape
+        scale = self.cfg.image_size / max(h, w)
+        nh = max(1, round(h * scale))
+        return Geometry(box, flipped, scale, (self.cfg.image_size - nh) // 2, self.cfg.image_size)
 
     def from_dicom(self, source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
         stored, meta = read_dicom(source, limits)

@@ -116,6 +116,8 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: manufacturer, view, laterality, density, age_band, site")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--breast-aggregate", choices=["mean", "max"], default="mean")
+    p.add_argument("--lesions", help="lesions.csv (from 'medvision synth') for the heatmap pointing game "
+                   "(default: found next to the labels / manifest)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_evaluate)
 
@@ -126,7 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     r = evaluate_run(args.run, args.out, args.subset, tuple(args.rules) if args.rules else None,
                      tuple(g.strip() for g in args.subgroups.split(",") if g.strip()), args.bootstrap,
-                     args.breast_aggregate, show_progress=not args.no_progress)
+                     args.breast_aggregate, show_progress=not args.no_progress, lesions_csv=args.lesions)
     m = r["image_level"]
     print(json.dumps({"subset": r["subset"], "images": m["n"], "auroc": m["auroc"], "auroc_ci95": m["auroc_ci95"],
                       "sensitivity": m["sensitivity"], "specificity": m["specificity"],

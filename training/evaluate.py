@@ -70,10 +70,68 @@ def _subgroup_values(rows: list[ImageRow], headers) -> dict[str, list[str]]:
     }
 
 
+def pointing_game(model: torch.nn.Module, pre: Preprocess, rows: list[ImageRow], lesions_csv: Path,
+                  n_boot: int = 1000) -> dict | None:
+    """Does the heatmap's peak fall on a malignant lesion? Over the cancer images of ``rows`` that
+    ``lesions_csv`` (written by ``medvision synth``) locates; None if the model has no exact heatmap."""
+    import csv
+
+    from medvision.dicom_io import read_dicom
+    from medvision.heatmap import chance_rate, pointing_hit
+    from medvision.preprocess import normalize
+    from medvision.training.models import class_activation_map, has_exact_heatmap
+
+    if not has_exact_heatmap(model):
+        return None
+    found: dict[str, list[tuple[float, float, float, str]]] = {}
+    with lesions_csv.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r.get("malignant") == "1":
+                found.setdefault(r["image_id"], []).append((float(r["x"]), float(r["y"]), float(r["radius_px"]), r["kind"]))
+    hits, chance, patients, kinds = [], [], [], []
+    model.eval()
+    for row in rows:
+        if row.label != 1 or row.image_id not in found:
+            continue
+        stored, meta = read_dicom(row.path)
+        geom = pre.geometry(stored, meta)
+        grey = pre.display(stored, meta)
+        with torch.no_grad():
+            x = torch.from_numpy(normalize(grey, pre.cfg.mean, pre.cfg.std)[None, None])
+            heat = class_activation_map(model, x)[0, 0].numpy()
+        mapped = [(*geom.to_input(lx, ly), lr * geom.scale) for lx, ly, lr, _ in found[row.image_id]]
+        hits.append(float(pointing_hit(heat, geom.size, mapped)))
+        chance.append(chance_rate(grey > 0.08, heat.shape, mapped))
+        patients.append(row.patient_id)
+        kinds.append(found[row.image_id][0][3])
+    if not hits:
+        return None
+    h = np.array(hits)
+    by_kind = {k: {"images": int(sum(1 for x in kinds if x == k)),
+                   "hit_rate": float(np.mean([hh for hh, kk in zip(hits, kinds, strict=True) if kk == k]))}
+               for k in sorted(set(kinds))}
+    return {"images": len(h), "hit_rate": float(h.mean()),
+            "hit_rate_ci95": bootstrap_ci(h, h, lambda a, b: float(np.mean(b)), patients, n_boot),
+            "chance_rate": float(np.mean(chance)), "by_kind": by_kind,
+            "rule": "peak cell centre within the lesion radius + half the cell diagonal"}
+
+
+def _find_lesions(cfg) -> Path | None:
+    for base in (cfg.data.labels_csv, cfg.data.manifest):
+        if base and (Path(base).parent / "lesions.csv").is_file():
+            return Path(base).parent / "lesions.csv"
+    if cfg.data.image_dir and (Path(cfg.data.image_dir).parent / "lesions.csv").is_file():
+        return Path(cfg.data.image_dir).parent / "lesions.csv"
+    if cfg.data.manifest and (Path(cfg.data.manifest).parent / "data" / "lesions.csv").is_file():
+        return Path(cfg.data.manifest).parent / "data" / "lesions.csv"
+    return None
+
+
 def evaluate_run(
     run_dir: str | Path, out_dir: str | Path | None = None, subset: str = "test",
     rules: tuple[str, ...] | None = None, subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS,
     n_boot: int = 2000, breast_aggregate: str = "mean", show_progress: bool = True,
+    lesions_csv: str | Path | None = None,
 ) -> dict:
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "evaluation"
@@ -155,8 +213,11 @@ def evaluate_run(
         breast = summarise(yb, sb, primary.threshold, [k.split("|")[0] for k in names], n_boot=n_boot)
         breast["aggregation"] = f"{breast_aggregate} of the breast's images; label = any image labelled cancer"
 
+    lesions = Path(lesions_csv) if lesions_csv else _find_lesions(cfg)
+    pointing = pointing_game(model, pre, test_rows, lesions, n_boot) if lesions else None
+
     report = {
-        "model": cfg.model.name, "run": str(run), "medvision_version": __version__,
+        "model": cfg.model.name, "run": str(run), "medvision_version": __version__, "pointing_game": pointing,
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "subset": subset, "calibration": calibration, "image_level": image_level, "breast_level": breast,
         "subgroups": by_group, "bootstrap": {"resamples": n_boot, "unit": "patient", "interval": "percentile 95 %"},
@@ -211,6 +272,15 @@ def _markdown(r: dict, plots: list[str]) -> str:
         s += _level_md(f"Breast level ({r['breast_level']['aggregation']})", r["breast_level"])
     else:
         s += ["## Breast level", "", "Not computed: laterality is missing for some images.", ""]
+    pg = r.get("pointing_game")
+    if pg:
+        lo, hi = pg["hit_rate_ci95"]
+        s += ["## Heatmaps: pointing game", "",
+              f"On {pg['images']} cancer images with a known lesion, the heatmap's peak falls on a malignant lesion "
+              f"in {100 * pg['hit_rate']:.0f} % (95 % CI {100 * lo:.0f}–{100 * hi:.0f} %); a random point on the breast "
+              f"would in {100 * pg['chance_rate']:.0f} %. Rule: {pg['rule']}.", "",
+              "| lesion kind | images | hit rate |", "|---|---|---|"]
+        s += [f"| {k} | {v['images']} | {100 * v['hit_rate']:.0f} % |" for k, v in pg["by_kind"].items()] + [""]
     s += ["## Subgroups (image level, at the primary operating point)", ""]
     for g, table in r["subgroups"].items():
         s += [f"### {g}", "", "| value | images | cancer | AUROC | 95 % CI | sensitivity | specificity |",

@@ -105,3 +105,29 @@ def test_failing_step_is_named_with_shape_and_range(dicom_files):
     with pytest.raises(PreprocessError) as info:
         Preprocess()(stored, bad)
     assert "to_display" in info.value.message and str(stored.shape) in info.value.message
+
+
+def test_geometry_maps_stored_pixels_into_the_model_input(dicom_files):
+    """A bright dot written into the stored pixels lands where Geometry says, through crop, flip and resize."""
+    from medvision.dicom_io import read_dicom
+    from medvision.preprocess import Preprocess, PreprocessConfig
+
+    pre = Preprocess(PreprocessConfig(image_size=128))
+    for f in dicom_files[:6]:  # both lateralities: with and without the flip
+        stored, meta = read_dicom(f)
+        grey = pre.display(stored, meta)
+        geom = pre.geometry(stored, meta)
+        assert geom.size == 128
+        ys, xs = np.nonzero(grey[:, :] > 0.3)
+        y0, x0 = int(np.median(ys)), int(np.median(xs))  # a pixel inside the breast, in input coordinates
+        # find the stored pixel that maps there and mark it
+        t, b, left, right = geom.box
+        sx = (right - left) - x0 / geom.scale if geom.flipped else x0 / geom.scale
+        sy = (y0 - geom.top_pad) / geom.scale
+        marked = stored.copy()
+        r0, c0 = int(t + sy), int(left + sx)
+        marked[max(r0 - 3, 0):r0 + 4, max(c0 - 3, 0):c0 + 4] = marked.max() if meta.photometric == "MONOCHROME2" else marked.min()
+        diff = np.abs(pre.display(marked, meta) - grey)
+        py, px = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        ex, ey = geom.to_input(c0 + 0.5, r0 + 0.5)
+        assert abs(px + 0.5 - ex) <= 2 and abs(py + 0.5 - ey) <= 2, (f.name, (px, py), (ex, ey))

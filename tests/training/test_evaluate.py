@@ -36,8 +36,12 @@ def test_report_holds_every_metric(evaluated):
     assert {"manufacturer", "view", "laterality", "density", "age_band"} == set(r["subgroups"])
     assert sum(v["n"] for v in r["subgroups"]["manufacturer"].values()) == m["n"]
     assert r["bootstrap"]["unit"] == "patient"
+    pg = r["pointing_game"]  # lesions.csv sits next to the synthetic labels
+    assert pg["images"] > 0 and 0 <= pg["hit_rate"] <= 1 and 0 < pg["chance_rate"] < 1
+    assert pg["hit_rate_ci95"][0] <= pg["hit_rate"] <= pg["hit_rate_ci95"][1]
     md = (evaluated / "evaluation" / "report.md").read_text()
-    for text in ("AUROC", "PR-AUC", "95 % CI", "Breast level", "Confusion matrix", "Temperature", "age_band"):
+    for text in ("AUROC", "PR-AUC", "95 % CI", "Breast level", "Confusion matrix", "Temperature", "age_band",
+                 "pointing game"):
         assert text in md
     for png in ("roc.png", "reliability.png"):
         assert (evaluated / "evaluation" / png).stat().st_size > 1000
