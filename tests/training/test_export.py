@@ -85,3 +85,9 @@ def test_cnn_class_activation_map_mean_is_the_logit():
     assert wrapper.has_heatmap and len(wrapper(x)) == 3
     monai = create_model(ModelConfig(name="monai_densenet121"), 64)
     assert not has_exact_heatmap(monai) and len(_WithProbability(monai).eval()(torch.zeros(1, 1, 64, 64))) == 2
+
+
+def test_exported_graph_is_simplified(artifact):
+    proto = onnx.load(str(artifact))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Identity" not in ops and "Constant" not in ops  # folded into initializers by onnxslim
