@@ -75,6 +75,15 @@ register_model(ModelSpec(
     description="DeiT-Ti/16, 5.7 M parameters (the DeiT distillation student)",
 ))
 register_model(ModelSpec(
+    "deit_tiny_distilled_patch16_224", "deit_tiny_distilled_patch16_224", {}, 224, role="student",
+    description="DeiT-Ti/16 with DeiT's distillation token: one head learns from the labels, one from the teacher",
+))
+register_model(ModelSpec(
+    "mv_deit_distilled_test", "deit_tiny_distilled_patch16_224",
+    dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
+    description="2-layer distilled DeiT for tests",
+))
+register_model(ModelSpec(
     "mv_vit_small", "vit_small_patch16_224", {}, 224, stem="conv", role="teacher",
     description="ViT-S/16 with a convolutional stem: the teacher that learns without pretrained weights",
 ))

@@ -8,6 +8,8 @@ or repeated run does not run the teacher again.
 Losses (binary, the cancer logit ``s`` of the student, ``t`` of the teacher, label ``y``):
 - soft: ``(1 - a) BCE(s, y) + a T^2 BCE(s / T, sigmoid(t / T))`` (Hinton et al. 2015, for one logit);
 - hard: ``(1 - a) BCE(s, y) + a BCE(s, [t > 0])`` (DeiT's hard-label distillation).
+With a distillation token (``deit_tiny_distilled_patch16_224``), the teacher term trains the token's own
+logit ``d`` instead of ``s``; the served logit is ``(s + d) / 2`` (DeiT, Touvron et al. 2021).
 """
 
 from __future__ import annotations
@@ -30,14 +32,19 @@ CACHE = "teacher_logits.npz"
 
 
 def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, cfg: DistillConfig,
-                 pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The distillation objective for ``(batch, 1)`` student / teacher logits and labels."""
+                 pos_weight: torch.Tensor | None = None, dist_token: torch.Tensor | None = None) -> torch.Tensor:
+    """The distillation objective for ``(batch, 1)`` student / teacher logits and labels.
+
+    With ``dist_token`` (DeiT's distillation-token logit) the labels train ``student`` and the teacher
+    trains the token, instead of both terms acting on one logit.
+    """
+    guided_on = student if dist_token is None else dist_token
     hard = F.binary_cross_entropy_with_logits(student, labels, pos_weight=pos_weight)
     if cfg.mode == "hard":
-        guided = F.binary_cross_entropy_with_logits(student, (teacher > 0).float(), pos_weight=pos_weight)
+        guided = F.binary_cross_entropy_with_logits(guided_on, (teacher > 0).float(), pos_weight=pos_weight)
     else:
         temp = cfg.temperature
-        guided = temp * temp * F.binary_cross_entropy_with_logits(student / temp, torch.sigmoid(teacher / temp))
+        guided = temp * temp * F.binary_cross_entropy_with_logits(guided_on / temp, torch.sigmoid(teacher / temp))
     return (1 - cfg.alpha) * hard + cfg.alpha * guided
 
 

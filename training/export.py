@@ -45,9 +45,8 @@ class _WithProbability(torch.nn.Module):
         self.has_heatmap = has_exact_heatmap(model)
 
     def forward(self, image: torch.Tensor):
-        if hasattr(self.model, "heatmap"):  # the logit is a function of the heatmap: compute both at once
-            heat = self.model.heatmap(image)
-            logit = self.model.pool(heat)
+        if hasattr(self.model, "scores"):  # token-pooled ViT: logit and heatmap from one pass
+            logit, heat = self.model.scores(image)
         elif self.has_heatmap:
             heat = class_activation_map(self.model, image)
             logit = heat.mean(dim=(2, 3))
@@ -165,7 +164,9 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         outputs={"logit": "cancer logit, shape [batch, 1]",
                  "probability": "sigmoid(logit / temperature), calibrated on validation",
                  **({"heatmap": "per-location cancer logits [batch, 1, rows, cols] on the model-input grid; the "
-                                "logit is their " + ("log-sum-exp mean" if hasattr(model, "pool") else "mean")}
+                                "logit is their " + ("log-sum-exp mean" if hasattr(model, "pool") else "mean")
+                                + (" averaged with the distillation token's logit"
+                                   if getattr(model, "dist_head", None) is not None else "")}
                     if wrapper.has_heatmap else {})},
         operating_points=calibration["operating_points"] if calibration else [],
         evaluation=evaluation,

@@ -57,26 +57,45 @@ class TokenPooledViT(torch.nn.Module):
         self.backbone = backbone
         self.head = torch.nn.Linear(backbone.num_features, 1)
         self.r = r
+        # DeiT's distillation token (timm's *_distilled_* models): its own head learns from the teacher; at
+        # inference the logit is the mean of the pooled token logit and the distillation logit.
+        self.dist_head = torch.nn.Linear(backbone.num_features, 1) if hasattr(backbone, "dist_token") else None
+        self.return_dist = False  # set by distillation training: forward then returns (pooled, distillation)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for layer-wise learning-rate decay (timm's interface): stem, blocks, then head."""
         return {
-            "stem": r"^backbone\.(?:cls_token|reg_token|pos_embed|patch_embed)",
-            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm|^head", (99999,))],
+            "stem": r"^backbone\.(?:cls_token|dist_token|reg_token|pos_embed|patch_embed)",
+            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm|^head|^dist_head", (99999,))],
         }
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
 
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feats = self.backbone.forward_features(x)
+        token_logits = self.head(feats[:, self.backbone.num_prefix_tokens :]).squeeze(-1)
+        dist = self.dist_head(feats[:, 1]) if self.dist_head is not None else None
+        return token_logits, dist
+
     def token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Per-patch cancer logits, shape (batch, patches)."""
-        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]
-        return self.head(tokens).squeeze(-1)
+        return self._features(x)[0]
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logit, heatmap)`` from one pass; heatmap = token logits on the patch grid (batch, 1, rows, cols).
+
+        The logit is the heatmap's LSE-mean, averaged with the distillation token's logit when there is one.
+        """
+        tokens, dist = self._features(x)
+        gh, gw = self.backbone.patch_embed.grid_size
+        logit = self.pool(tokens)
+        if dist is not None:
+            logit = (logit + dist) / 2
+        return logit, tokens.reshape(x.shape[0], 1, gh, gw)
 
     def heatmap(self, x: torch.Tensor) -> torch.Tensor:
-        """Token logits on the patch grid, shape (batch, 1, rows, cols): the logit is their LSE-mean."""
-        gh, gw = self.backbone.patch_embed.grid_size
-        return self.token_logits(x).reshape(x.shape[0], 1, gh, gw)
+        return self.scores(x)[1]
 
     def pool(self, token_logits: torch.Tensor) -> torch.Tensor:
         """(batch, N) token logits -> (batch, 1) image logit: ``(logsumexp(r t) - log N) / r``."""
@@ -85,8 +104,14 @@ class TokenPooledViT(torch.nn.Module):
         m = z.amax(dim=1, keepdim=True)
         return (m + torch.log(torch.exp(z - m).mean(dim=1, keepdim=True))) / self.r
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.token_logits(x))
+    def forward(self, x: torch.Tensor):
+        tokens, dist = self._features(x)
+        pooled = self.pool(tokens)
+        if dist is None:
+            return pooled
+        if self.training and self.return_dist:
+            return pooled, dist
+        return (pooled + dist) / 2
 
 
 def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
@@ -102,7 +127,8 @@ def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
         kwargs["embed_layer"] = ConvStemPatchEmbed
     token_pooled = spec.pool == "lse"
     if token_pooled:
-        kwargs.update(num_classes=0, global_pool="")
+        # timm's distilled DeiTs insist on token pooling; the classifier is ours either way (num_classes=0)
+        kwargs.update(num_classes=0, global_pool="token" if "distilled" in spec.timm_name else "")
     else:
         kwargs.setdefault("num_classes", 1)
     if cfg.pretrained == "hub":

@@ -258,6 +258,8 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=t.ema_decay)
+    if cfg.distill.teacher and getattr(model, "dist_head", None) is not None:
+        model.return_dist = True  # training returns (pooled, distillation-token) logits
     fwd = model
     if dist_info.enabled:
         fwd = torch.nn.parallel.DistributedDataParallel(
@@ -305,13 +307,15 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, t.precision):
-                    logits = fwd(x).float()
+                    out_ = fwd(x)
                 if t_logits is not None:
                     from medvision.training.distill import distill_loss
 
-                    loss = distill_loss(logits, y[:, :1], y[:, 1:], cfg.distill, pos_weight)
+                    # a distillation token (DeiT) gets the teacher term, the pooled logit the labels
+                    logits, dist = (out_[0].float(), out_[1].float()) if isinstance(out_, tuple) else (out_.float(), None)
+                    loss = distill_loss(logits, y[:, :1], y[:, 1:], cfg.distill, pos_weight, dist)
                 else:
-                    loss = loss_fn(logits, y)
+                    loss = loss_fn(out_.float(), y)
                 (loss / t.accumulate).backward()
                 if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
                     if t.grad_clip:

@@ -61,3 +61,38 @@ def test_teacher_logits_are_computed_once(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "predict_logits", boom)
     again = teacher_logits(tiny_run, rows, tmp_path, decode_all, show_progress=False)
     np.testing.assert_array_equal(first, again)
+
+
+def test_deit_distillation_token(tiny_run, tmp_path):
+    """The distillation token's head learns from the teacher; export serves the average of both heads."""
+    import onnxruntime as ort
+
+    from medvision.training.export import load_run
+
+    out = tmp_path / "deit"
+    assert main(["distill", "--teacher", str(tiny_run), "--config", "tiny", "--out", str(out), "--no-progress",
+                 "--mode", "hard", "model.name=mv_deit_distilled_test", "train.epochs=2"]) == 0
+    _, model, _, _ = load_run(out)
+    assert model.dist_head is not None and not model.return_dist
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        model.train()
+        model.return_dist = True
+        pooled, dist = model(x)
+        model.eval()
+        served = model(x)
+    assert not torch.allclose(pooled, dist)  # the two heads learnt different things
+    assert main(["export", str(out), "--out", str(tmp_path / "m.onnx")]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logit, heat = sess.run(["logit", "heatmap"], {"image": x.numpy()})
+    np.testing.assert_allclose(logit, served.numpy(), atol=1e-5)
+    assert heat.shape == (3, 1, 8, 8)
+
+
+def test_distillation_token_loss_routes_the_teacher_to_the_token():
+    s = torch.zeros(2, 1, requires_grad=True)
+    d = torch.zeros(2, 1, requires_grad=True)
+    y = torch.ones(2, 1)
+    t = -5 * torch.ones(2, 1)
+    distill_loss(s, y, t, DistillConfig(alpha=0.5), dist_token=d).backward()
+    assert (s.grad < 0).all() and (d.grad > 0).all()  # labels pull s up, the teacher pulls d down
