@@ -13,6 +13,10 @@ from medvision.errors import ConfigError
 from medvision.manifest import read_manifest, write_manifest
 from medvision.scan import iter_files
 
+# Manifest columns that describe the finding or the device class, never the person (RSNA layout names).
+_SAFE_COLUMNS = {"density", "birads", "biopsy", "invasive", "implant", "difficult_negative_case", "site_id",
+                 "machine_id"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -68,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
         kept = []
         for row, res in zip(rows, results, strict=True):
             if res["status"] == "ok":
-                # the manifest's own columns travel along; age only under the patient-characteristics option
-                attrs = {k: v for k, v in row.attributes.items()
-                         if args.keep_patient_characteristics or k.lower() not in ("age", "patient_age")}
+                # only known non-identifying columns travel along (a CSV may carry anything); age only under
+                # the patient-characteristics option
+                keep = _SAFE_COLUMNS | ({"age"} if args.keep_patient_characteristics else set())
+                attrs = {k: v for k, v in row.attributes.items() if k.lower() in keep}
                 kept.append(ImageRow(patient_id=res["patient"], image_id=res["sop"], path=str(out / res["out"]),
                                      label=row.label, laterality=row.laterality, view=row.view, study_id=res["study"],
                                      attributes=attrs))

@@ -192,6 +192,7 @@ def test_deid_cli_with_manifest_feeds_training(synth_dir, tmp_path, capsys):
     assert len({r.patient_id for r in rows}) == len({r.patient_id for r in orig})
     assert not {r.patient_id for r in rows} & {r.patient_id for r in orig}
     assert all(Path(r.path).is_file() and r.patient_id.startswith("MV") for r in rows)
+    assert "density" in rows[0].attributes and "age" not in rows[0].attributes  # age needs the option
     # nothing identifying from the sources anywhere in the output folder: not in file names, not in any
     # value (as a whole token), and long identifiers not even as raw bytes
     secrets_ = set()
