@@ -75,8 +75,12 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
     return {"ece": float(ece), "bins": rows}
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """The temperature T minimising the binary log-loss of ``sigmoid(logit / T)`` (golden-section on log T)."""
+    """The temperature T minimising the binary log-loss of ``sigmoid(logit / T)`` (golden-section on log T,
+    within ``TEMPERATURE_RANGE``; a fit at the upper end means the logits carry almost no information)."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     z = np.asarray(logits, dtype=np.float64).ravel()
 
@@ -84,7 +88,7 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         a = z / math.exp(log_t)
         return float(np.mean(np.logaddexp(0.0, a) - y * a))  # -[y log s(a) + (1-y) log(1-s(a))]
 
-    lo, hi = math.log(0.05), math.log(20.0)
+    lo, hi = (math.log(v) for v in TEMPERATURE_RANGE)
     g = (math.sqrt(5) - 1) / 2
     c, d = hi - g * (hi - lo), lo + g * (hi - lo)
     for _ in range(80):

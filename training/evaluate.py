@@ -25,6 +25,7 @@ from medvision.data import ImageRow, load_rows, read_split
 from medvision.datacard import parse_age
 from medvision.errors import ConfigError
 from medvision.evaluation import (
+    TEMPERATURE_RANGE,
     age_band,
     aggregate,
     bootstrap_ci,
@@ -166,6 +167,11 @@ def evaluate_run(
     val_rows, val_logits = scored["val"]
     y_val = np.array([r.label for r in val_rows])
     temperature = fit_temperature(y_val, val_logits)
+    at_bound = not (TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] * 0.99)
+    if at_bound:
+        log.warning("the calibration temperature (%.3g) sits at the edge of %s: the validation logits carry "
+                    "almost no information (or are wildly overconfident); do not trust this model's probabilities",
+                    temperature, TEMPERATURE_RANGE)
     p_val = calibrate(val_logits, temperature)
     ops = [operating_point(y_val, p_val, rule) for rule in rules]
     calibration = {
@@ -173,6 +179,7 @@ def evaluate_run(
         "validation_images": len(y_val), "val_auroc": auroc(y_val, p_val),
         "val_ece_before": reliability(y_val, calibrate(val_logits, 1.0))["ece"],
         "val_ece_after": reliability(y_val, p_val)["ece"], "weights_sha256": sha256_file(ckpt),
+        "temperature_at_bound": at_bound,
     }
 
     test_rows, test_logits = scored[subset]
@@ -262,7 +269,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
          "resamples.", "",
          "## Calibration and operating points (fitted on validation)", "",
          f"Temperature {cal['temperature']:.3f} (validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}). "
-         "Probabilities below are calibrated.", "",
+         "Probabilities below are calibrated."
+         + (" **The temperature sits at the edge of its range: the model's scores carry almost no information "
+            "on validation; do not use its probabilities.**" if cal.get("temperature_at_bound") else ""), "",
          "| operating point | rule | threshold | test sensitivity | test specificity |", "|---|---|---|---|---|"]
     for name, o in r["image_level"]["operating_points"].items():
         s.append(f"| {name} | {o['rule']} | {o['threshold']:.4f} | {_fmt(o['sensitivity'])} | {_fmt(o['specificity'])} |")

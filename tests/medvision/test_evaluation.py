@@ -97,3 +97,12 @@ def test_breast_level_aggregation_and_summary():
     assert m["pr_auc_ci95"][0] < m["pr_auc"] < m["pr_auc_ci95"][1]
     assert sum(m["confusion"].values()) == 200 and set(m["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
     assert 0 <= m["calibration"]["ece"] <= 1
+
+
+def test_temperature_of_uninformative_logits_sits_at_the_bound():
+    from medvision.evaluation import TEMPERATURE_RANGE
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 500)
+    t = fit_temperature(y, rng.normal(0, 3, 500))  # logits unrelated to the labels
+    assert t == pytest.approx(TEMPERATURE_RANGE[1], rel=0.01)
