@@ -158,11 +158,22 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool = True
     interrupt a run); ``resume=True`` continues from ``out_dir/last.pt``. Under ``torchrun`` every rank
     calls this; rank 0 writes the files.
     """
+    cfg = _absolute_paths(cfg)
     dist_info = init_from_env(cfg.train.device)
     try:
         return _train(cfg, out_dir, show_progress and dist_info.is_main, resume, on_epoch_end, dist_info)
     finally:
         cleanup(dist_info)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Resolve data and teacher paths, so the saved config.yaml works from any working directory."""
+    data = {k: str(Path(v).resolve()) for k in ("manifest", "labels_csv", "image_dir", "split_file", "cache_dir")
+            if (v := getattr(cfg.data, k))}
+    update = {"data": cfg.data.model_copy(update=data)}
+    if cfg.distill.teacher:
+        update["distill"] = cfg.distill.model_copy(update={"teacher": str(Path(cfg.distill.teacher).resolve())})
+    return cfg.model_copy(update=update)
 
 
 def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resume: bool, on_epoch_end,

@@ -272,3 +272,17 @@ def test_weights_from_a_hugging_face_cache_folder(tmp_path):
         create_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "empty")), 64)
     with pytest.raises(ConfigError, match="pretrained weights not found"):
         create_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "missing.safetensors")), 64)
+
+
+def test_saved_config_holds_absolute_paths(tmp_path, synth_dir, monkeypatch):
+    """A run trained from one folder can be evaluated or exported from any other."""
+    from medvision.cli import main
+
+    monkeypatch.chdir(synth_dir)
+    assert main(["train", "--config", "tiny", "--labels", "labels.csv", "--images", "images", "--out",
+                 str(tmp_path / "run"), "--no-progress", "train.epochs=1", "data.val_fraction=0.25",
+                 "data.test_fraction=0.25"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert Path(saved["labels_csv"]).is_absolute() and Path(saved["image_dir"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "run", "--bootstrap", "50", "--no-progress"]) == 0
