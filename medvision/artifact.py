@@ -53,6 +53,7 @@ class ArtifactMetadata(BaseModel):
     temperature: float = Field(1.0, gt=0, description="calibration temperature, applied inside the graph")
     operating_points: list[dict] = Field([], description="thresholds chosen by rule on validation; the first is used")
     evaluation: dict = Field({}, description="held-out results from 'medvision evaluate' (with 95 % intervals)")
+    quantization: dict = Field({}, description="what 'medvision quantize' chose and measured; empty for fp32 exports")
     intended_use: str = (
         "Research use only. Not a medical device; not for clinical decisions. Trained on synthetic data unless "
         "stated otherwise in 'training_data'."

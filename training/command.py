@@ -97,6 +97,36 @@ def run_distill(args: argparse.Namespace) -> int:
     return _print_summary(metrics)
 
 
+def register_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="INT8 candidates measured on this CPU; ships the fastest that keeps its decisions",
+        description="Dynamic INT8 (S8, and U8 with reduce_range for CPUs without VNNI) and static QDQ calibrated "
+        "on training images (MinMax, Percentile; per channel; first convolution kept in float), each timed "
+        "against the fp32 artifact here and compared on the held-out split. Writes the chosen model (fp32 if "
+        "no INT8 candidate is faster and within 99 %% decision agreement / 0.01 AUROC) and OUT.quantize.json.",
+    )
+    p.add_argument("artifact", help="fp32 ONNX artifact from 'medvision export'")
+    p.add_argument("--run", required=True, help="the run it was exported from (calibration and test images)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--runs", type=int, default=30, help="timed runs per candidate (batch 1, median)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    require_extra("train", *TRAIN_MODULES)
+    from medvision.training.quantize import quantize_artifact
+
+    r = quantize_artifact(args.artifact, args.run, args.out, args.calibration_images, args.runs, args.threads,
+                          show_progress=not args.no_progress)
+    print(json.dumps({"chosen": r["chosen"], "reason": r["reason"], "fp32_latency_ms": r["fp32"]["latency_ms"],
+                      "candidates": {k: {m: v.get(m) for m in ("speedup", "agreement", "auroc_drop", "passes", "error")
+                                         if m in v} for k, v in r["candidates"].items()}}, indent=2))
+    return 0
+
+
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="clinical report of a trained run; fits calibration and operating points for export",
