@@ -35,6 +35,7 @@ from rich.table import Table
 from medvision.cache import ImageCache, decode_many
 from medvision.dicom_io import read_dicom
 from medvision.errors import DicomError
+from medvision.plots import pyplot
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.synth.dataset import SynthConfig, generate_dataset
 from medvision.synth.dicom_writer import save
@@ -191,11 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
+        if plt is None:
+            raise SystemExit("--plot needs matplotlib: pip install 'medvision[report]'")
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
         for name, by_kind in scaling.items():
             for kind, style in (("process", "o-"), ("thread", "s--")):

@@ -16,6 +16,7 @@ import pydicom
 
 from medvision import __version__
 from medvision.data import SPLITS, ImageRow
+from medvision.plots import pyplot
 from medvision.scan import PHI_KEYWORDS, STATUS_OK, IndexRow
 
 DEFAULT_INTENDED_USE = (
@@ -214,12 +215,8 @@ def _gaps(rows, headers, prevalence, removed, phi, burned, ages) -> list[str]:
 
 
 def _plots(name: str, rows, split, age_by_label, out_dir: Path) -> list[tuple[str, str]]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     out = []
     groups = list(SPLITS) if split else ["all"]

@@ -36,6 +36,7 @@ from medvision.evaluation import (
     summarise,
 )
 from medvision.metrics import auroc, sensitivity_specificity
+from medvision.plots import pyplot
 from medvision.preprocess import Preprocess
 from medvision.scan import scan_files
 from medvision.training.dataset import CachedImages, decode_all
@@ -46,16 +47,11 @@ CALIBRATION = "calibration.json"
 DEFAULT_SUBGROUPS = ("manufacturer", "view", "laterality", "density", "age_band")
 
 
-@torch.no_grad()
 def predict_logits(model: torch.nn.Module, images, pre: Preprocess, batch_size: int = 32) -> np.ndarray:
-    """Logits for pre-decoded images (the cache), through the shared normalisation."""
-    model.eval()
-    ds = CachedImages(images, np.zeros(len(images)), pre)
-    out = []
-    for start in range(0, len(ds), batch_size):
-        x = torch.stack([ds[i][0] for i in range(start, min(start + batch_size, len(ds)))])
-        out.append(model(x).squeeze(1).double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    """Logits for pre-decoded images (the cache), through the shared normalisation (float64 for the statistics)."""
+    from medvision.training.train import predict_logits as predict
+
+    return predict(model, CachedImages(images, np.zeros(len(images)), pre), batch_size).astype(np.float64)
 
 
 def _subgroup_values(rows: list[ImageRow], headers) -> dict[str, list[str]]:
@@ -303,12 +299,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
 
 
 def _plots(out: Path, y, p, p_raw, breast) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     from sklearn.metrics import roc_curve
 

@@ -30,6 +30,7 @@ from medvision.config import RunConfig, save_config
 from medvision.data import check_split, load_rows, patient_split, read_split, write_split
 from medvision.errors import ConfigError
 from medvision.metrics import auroc, sensitivity_specificity, threshold_for_sensitivity
+from medvision.plots import pyplot
 from medvision.preprocess import Preprocess
 from medvision.progress import progress_bar
 from medvision.training.augment import build_augment
@@ -104,16 +105,22 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, ds: CachedImages, batch_size: int,
-                  device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
+def predict_logits(model: torch.nn.Module, ds: CachedImages, batch_size: int,
+                   device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
+    """float32 logits for every image of ``ds``, in order (the model in eval mode)."""
     device = torch.device(device)
     model.eval()
     out = []
     for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
         with _autocast(device, precision):
             logits = model(x.to(device))
-        out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+        out.append(logits.float().squeeze(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def predict_probs(model: torch.nn.Module, ds: CachedImages, batch_size: int,
+                  device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
+    return torch.sigmoid(torch.from_numpy(predict_logits(model, ds, batch_size, device, precision))).numpy()
 
 
 def _rng_state(sampler_gen: torch.Generator) -> dict:
@@ -430,14 +437,8 @@ def _tensorboard(out: Path):
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not history:
+    plt = pyplot()
+    if plt is None or not history:
         return
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=110)
