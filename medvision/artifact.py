@@ -54,6 +54,9 @@ class ArtifactMetadata(BaseModel):
     operating_points: list[dict] = Field([], description="thresholds chosen by rule on validation; the first is used")
     evaluation: dict = Field({}, description="held-out results from 'medvision evaluate' (with 95 % intervals)")
     quantization: dict = Field({}, description="what 'medvision quantize' chose and measured; empty for fp32 exports")
+    split_sha256: str = Field("", description="sha256 of the training run's split.csv: the gate refuses to judge a "
+                              "model on test patients of another split")
+    gate: dict = Field({}, description="the promotion gate's result ('medvision gate'); empty if never gated")
     intended_use: str = (
         "Research use only. Not a medical device; not for clinical decisions. Trained on synthetic data unless "
         "stated otherwise in 'training_data'."

@@ -111,20 +111,93 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate (batch 1, median)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--teacher", help="then run the promotion gate against this teacher run (as 'medvision gate'): "
+                   "--out is written only if the gate passes")
+    p.add_argument("--bootstrap", type=int, default=2000, help="gate bootstrap resamples (with --teacher)")
+    p.add_argument("--non-inferiority", action="store_true", help="gate on upper 95 %% bounds (with --teacher)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_quantize)
+    p.set_defaults(func=run_quantize, max_auroc_drop=0.01, max_sensitivity_drop=0.02, min_agreement=0.99)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     require_extra("train", *TRAIN_MODULES)
+    import shutil
+    import tempfile
+
+    from medvision.training.gate import gate_artifact
     from medvision.training.quantize import quantize_artifact
 
-    r = quantize_artifact(args.artifact, args.run, args.out, args.calibration_images, args.runs, args.threads,
-                          show_progress=not args.no_progress)
-    print(json.dumps({"chosen": r["chosen"], "reason": r["reason"], "fp32_latency_ms": r["fp32"]["latency_ms"],
-                      "candidates": {k: {m: v.get(m) for m in ("speedup", "agreement", "auroc_drop", "passes", "error")
-                                         if m in v} for k, v in r["candidates"].items()}}, indent=2))
-    return 0
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="mv-gate-")) if args.teacher else None
+    target = work / out.name if work else out
+    try:
+        r = quantize_artifact(args.artifact, args.run, target, args.calibration_images, args.runs, args.threads,
+                              show_progress=not args.no_progress)
+        print(json.dumps({"chosen": r["chosen"], "reason": r["reason"], "fp32_latency_ms": r["fp32"]["latency_ms"],
+                          "candidates": {k: {m: v.get(m) for m in ("speedup", "agreement", "auroc_drop", "passes",
+                                                                    "error") if m in v}
+                                         for k, v in r["candidates"].items()}}, indent=2))
+        if not work:
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(target.with_suffix(".quantize.json")), out.with_suffix(".quantize.json"))
+        report = gate_artifact(target, args.teacher, out, args.artifact, _criteria(args), args.bootstrap,
+                               args.threads, show_progress=not args.no_progress)
+        return _gate_exit(report, str(out))
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def register_gate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gate", help="promote a student artifact only if it keeps its teacher's clinical accuracy",
+        description="On the teacher's held-out test split, paired patient-clustered bootstrap of the student "
+        "artifact against the teacher: AUROC drop <= 0.01, sensitivity drop at the stored operating points <= 2 "
+        "points, and (for a quantized artifact) >= 99 %% of decisions agreeing with its fp32 source. A passing "
+        "model is written to --out with the result in its metadata; a failing one is not written and the command "
+        "exits 3. Always writes OUT.gate.json and the model card OUT.card.md.",
+    )
+    p.add_argument("artifact", help="student ONNX artifact (from 'medvision export' or 'medvision quantize')")
+    p.add_argument("--teacher", required=True, help="the teacher's run folder (its test split is the judge)")
+    p.add_argument("--out", required=True, help="where to write the promoted model")
+    p.add_argument("--fp32", help="the fp32 export a quantized artifact came from (default: recorded by quantize)")
+    p.add_argument("--max-auroc-drop", type=float, default=0.01)
+    p.add_argument("--max-sensitivity-drop", type=float, default=0.02)
+    p.add_argument("--min-agreement", type=float, default=0.99)
+    p.add_argument("--non-inferiority", action="store_true",
+                   help="decide on the upper 95 %% bounds of the drops instead of their point estimates")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_gate)
+
+
+def _criteria(args: argparse.Namespace):
+    from medvision.training.gate import GateCriteria
+
+    return GateCriteria(args.max_auroc_drop, args.max_sensitivity_drop, args.min_agreement, args.non_inferiority)
+
+
+def _gate_exit(report: dict, out: str) -> int:
+    from medvision.training.gate import GATE_FAILED_EXIT, gate_summary
+
+    print(gate_summary(report))
+    card = Path(out).with_suffix(".card.md")
+    if report["passed"]:
+        print(f"\npromoted: {out} (model card {card})")
+        return 0
+    print(f"\nnot promoted: {'; '.join(report['reasons'])} (model card {card})")
+    return GATE_FAILED_EXIT
+
+
+def run_gate(args: argparse.Namespace) -> int:
+    require_extra("train", *TRAIN_MODULES)
+    from medvision.training.gate import gate_artifact
+
+    report = gate_artifact(args.artifact, args.teacher, args.out, args.fp32, _criteria(args), args.bootstrap,
+                           args.threads, show_progress=not args.no_progress)
+    return _gate_exit(report, args.out)
 
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:

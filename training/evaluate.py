@@ -32,6 +32,7 @@ from medvision.evaluation import (
     calibrate,
     fit_temperature,
     operating_point,
+    paired_difference,
     reliability,
     summarise,
 )
@@ -363,9 +364,7 @@ def compare_runs(runs: dict[str, str | Path], subset: str = "test", n_boot: int 
         out["runs"][name] = {"auroc": auroc(y, s), "auroc_ci95": bootstrap_ci(y, s, auroc, patients, n_boot)}
     base = scored[names[0]][1]
     for name in names[1:]:
-        both = np.stack([scored[name][1], base], axis=1)
-        diff = auroc(y, both[:, 0]) - auroc(y, both[:, 1])
-        ci = bootstrap_ci(y, both, lambda a, b: auroc(a, b[:, 0]) - auroc(a, b[:, 1]), patients, n_boot)
+        diff, ci = paired_difference(y, scored[name][1], base, auroc, clusters=patients, n=n_boot)
         out["runs"][name][f"auroc_minus_{names[0]}"] = diff
         out["runs"][name][f"auroc_minus_{names[0]}_ci95"] = ci
     return out

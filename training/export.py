@@ -171,6 +171,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         operating_points=calibration["operating_points"] if calibration else [],
         evaluation=evaluation,
         weights_sha256=sha256_file(ckpt),
+        split_sha256=sha256_file(run / "split.csv") if (run / "split.csv").is_file() else "",
         validation={k: float(metrics[k]) for k in ("val_auroc", "val_sensitivity", "val_specificity") if k in metrics},
         training_data=f"manifest {Path(cfg.data.manifest).name}" if cfg.data.manifest
         else f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",

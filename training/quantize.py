@@ -17,21 +17,18 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from medvision.artifact import METADATA_KEY, decode, encode
-from medvision.data import load_rows, read_split
+from medvision.artifact import METADATA_KEY, decode, encode, sha256_file
 from medvision.errors import ArtifactError, ConfigError
 from medvision.metrics import auroc
-from medvision.preprocess import Preprocess, normalize
-from medvision.training.dataset import decode_all
+from medvision.preprocess import Preprocess
 from medvision.training.export import load_run
+from medvision.training.onnx_scoring import latency_ms, model_inputs, probabilities, session, split_rows
 
 log = logging.getLogger(__name__)
 MIN_AGREEMENT = 0.99
@@ -50,39 +47,11 @@ class _Reader:
 
 def _inputs(run: Path, pre: Preprocess, subset: str, limit: int | None, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
     cfg, _, _, _ = load_run(run)
-    split = read_split(run / "split.csv")
-    rows = [r for r in load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
-            if split.get(r.patient_id) == subset]
+    rows = split_rows(cfg, run, subset)
     if limit:
         rows = rows[:: max(1, len(rows) // limit)][:limit]
-    images, kept = decode_all(rows, pre, f"decode {subset}", show_progress, cfg.data.cache_dir, cfg.data.cache,
-                              cfg.data.decode_workers)
-    x = np.stack([normalize(np.asarray(images[i]), pre.cfg.mean, pre.cfg.std)[None] for i in range(len(images))])
-    return x.astype(np.float32), np.array([r.label for r in kept])
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _latency_ms(sess: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
-    name = sess.get_inputs()[0].name
-    one = x[:1]
-    for _ in range(3):
-        sess.run(["probability"], {name: one})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(["probability"], {name: one})
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
-
-
-def _probs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(["probability"], {name: x[i : i + batch]})[0][:, 0] for i in range(0, len(x), batch)])
+    x, kept = model_inputs(rows, pre, cfg, f"decode {subset}", show_progress)
+    return x, np.array([r.label for r in kept])
 
 
 @contextmanager
@@ -99,11 +68,19 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def _first_conv(model: onnx.ModelProto) -> list[str]:
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            return [node.name]
-    return []
+def sensitive_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Nodes that static INT8 commonly breaks in a ViT, to keep in float.
+
+    - the first convolution (the patch embedding or conv stem sees raw pixel statistics);
+    - matrix products of two activations (attention's Q·Kᵀ and softmax·V), whose ranges vary per image.
+    LayerNorm, Softmax and the residual Adds are never quantized: only MatMul / Gemm / Conv are.
+    """
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    first_conv = next(([n.name] for n in model.graph.node if n.op_type == "Conv"), [])
+    attention = [n.name for n in model.graph.node
+                 if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+    return {"first_conv": first_conv, "activation_matmuls": attention}
 
 
 def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path, calibration_images: int = 64,
@@ -133,28 +110,34 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
         prepped = work / "pre.onnx"
         with _quiet_root_logger():
             quant_pre_process(str(artifact), str(prepped))
-        first_conv = _first_conv(onnx.load(str(prepped)))
+        sensitive = sensitive_nodes(onnx.load(str(prepped)))
+        in_float = sensitive["first_conv"] + sensitive["activation_matmuls"]
         ops = ["MatMul", "Gemm", "Conv"]
+
+        def static(method, exclude, **extra):
+            return lambda p: quantize_static(
+                prepped, p, _Reader(calib, meta.input.name), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                nodes_to_exclude=exclude, calibrate_method=method, **extra)
+
         builders = {
             "dynamic_s8": lambda p: quantize_dynamic(prepped, p, per_channel=True, weight_type=QuantType.QInt8,
                                                      op_types_to_quantize=["MatMul", "Gemm"]),
             "dynamic_u8_reduce_range": lambda p: quantize_dynamic(prepped, p, per_channel=True, reduce_range=True,
                                                                   weight_type=QuantType.QUInt8,
                                                                   op_types_to_quantize=["MatMul", "Gemm"]),
-            "static_qdq_minmax": lambda p: quantize_static(
-                prepped, p, _Reader(calib, meta.input.name), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                nodes_to_exclude=first_conv, calibrate_method=CalibrationMethod.MinMax),
-            "static_qdq_percentile": lambda p: quantize_static(
-                prepped, p, _Reader(calib, meta.input.name), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                nodes_to_exclude=first_conv, calibrate_method=CalibrationMethod.Percentile,
-                extra_options={"CalibPercentile": 99.99}),
+            "static_qdq_minmax": static(CalibrationMethod.MinMax, in_float),
+            "static_qdq_entropy": static(CalibrationMethod.Entropy, in_float),
+            "static_qdq_percentile": static(CalibrationMethod.Percentile, in_float,
+                                            extra_options={"CalibPercentile": 99.99}),
+            # the same with attention's activation products quantized too: shows what keeping them in float buys
+            "static_qdq_percentile_all_matmuls": static(CalibrationMethod.Percentile, sensitive["first_conv"],
+                                                        extra_options={"CalibPercentile": 99.99}),
         }
         threads = threads or 0
-        fp32 = _session(artifact, threads)
-        p32 = _probs(fp32, x_test)
-        base = {"latency_ms": _latency_ms(fp32, x_test, runs), "auroc": auroc(y_test, p32),
+        fp32 = session(artifact, threads)
+        p32 = probabilities(fp32, x_test)
+        base = {"latency_ms": latency_ms(fp32, x_test, runs), "auroc": auroc(y_test, p32),
                 "size_mb": artifact.stat().st_size / 1e6}
         candidates = {}
         for name, build in builders.items():
@@ -162,9 +145,9 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
             try:
                 with _quiet_root_logger():
                     build(path)
-                sess = _session(path, threads)
-                p = _probs(sess, x_test)
-                lat = _latency_ms(sess, x_test, runs)
+                sess = session(path, threads)
+                p = probabilities(sess, x_test)
+                lat = latency_ms(sess, x_test, runs)
             except Exception as exc:  # a quantizer or kernel gap: report it, try the others
                 candidates[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 continue
@@ -186,7 +169,7 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
             reason = (f"fastest candidate within the limits: {c['speedup']:.2f}x faster than fp32, "
                       f"{100 * c['agreement']:.1f} % decisions agree, AUROC drop {c['auroc_drop']:+.4f}")
         report = {"artifact": str(artifact), "threads": threads or "all", "test_images": len(y_test),
-                  "calibration_images": len(calib), "fp32": base, "candidates": candidates, "chosen": chosen,
+                  "calibration_images": len(calib), "sensitive_nodes": sensitive, "fp32": base, "candidates": candidates, "chosen": chosen,
                   "reason": reason, "limits": {"min_agreement": MIN_AGREEMENT, "max_auroc_drop": MAX_AUROC_DROP}}
         src = artifact if chosen == "fp32" else work / f"{chosen}.onnx"
         model = onnx.load(str(src))
@@ -194,6 +177,10 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
             "format": chosen, "reason": reason,
             "speedup_vs_fp32": 1.0 if chosen == "fp32" else candidates[chosen]["speedup"],
             "agreement_with_fp32": 1.0 if chosen == "fp32" else candidates[chosen]["agreement"],
+            "source": str(artifact.resolve()), "source_sha256": sha256_file(artifact),
+            "kept_in_float": {} if not chosen.startswith("static") else
+            {"first_conv": sensitive["first_conv"],
+             "activation_matmuls": [] if chosen.endswith("all_matmuls") else sensitive["activation_matmuls"]},
         }})
         del model.metadata_props[:]
         model.metadata_props.add(key=METADATA_KEY, value=encode(meta))

@@ -15,7 +15,10 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
                  "--calibration-images", "8", "--no-progress"]) == 0
     report = json.loads(out.with_suffix(".quantize.json").read_text())
     assert set(report["candidates"]) == {"dynamic_s8", "dynamic_u8_reduce_range", "static_qdq_minmax",
-                                         "static_qdq_percentile"}
+                                         "static_qdq_entropy", "static_qdq_percentile",
+                                         "static_qdq_percentile_all_matmuls"}
+    # the ViT's attention products (activation x activation) are found and kept in float by the static candidates
+    assert report["sensitive_nodes"]["first_conv"] and len(report["sensitive_nodes"]["activation_matmuls"]) >= 4
     measured = [c for c in report["candidates"].values() if "error" not in c]
     assert measured, report["candidates"]
     for c in measured:
@@ -26,6 +29,7 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
         assert report["candidates"][chosen]["passes"] and report["candidates"][chosen]["speedup"] > 1
     meta = decode({p.key: p.value for p in onnx.load(str(out)).metadata_props})
     assert meta.quantization["format"] == chosen and meta.quantization["reason"] == report["reason"]
+    assert meta.quantization["source"] == str(artifact.resolve()) and not meta.gate  # not gated without --teacher
     # the written model serves: same preprocessing, outputs and threshold as the fp32 artifact
     from medvision.serving.engine import Engine
 

@@ -1,0 +1,143 @@
+"""medvision gate: a student artifact is promoted only if it keeps its teacher's clinical accuracy."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+
+from medvision.artifact import METADATA_KEY, decode, encode, sha256_file
+from medvision.cli import main
+from medvision.training.gate import GATE_FAILED_EXIT, _criterion
+
+
+def _meta(path):
+    return decode({p.key: p.value for p in onnx.load(str(path)).metadata_props})
+
+
+def test_criterion_point_estimate_or_upper_bound():
+    assert _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, False)["passed"]
+    assert not _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, True)["passed"]  # non-inferiority
+    assert not _criterion("auroc drop", 0.02, (0.0, 0.04), 0.01, True, False)["passed"]
+    assert _criterion("agreement", 0.995, None, 0.99, False, False)["passed"]
+    assert not _criterion("agreement", 0.98, None, 0.99, False, False)["passed"]
+    assert not _criterion("auroc drop", float("nan"), None, 0.01, True, False)["passed"]
+
+
+def test_gate_promotes_the_teachers_own_export(artifact, tiny_run, tmp_path, capsys):
+    out = tmp_path / "promoted.onnx"
+    assert main(["gate", str(artifact), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
+                 "--no-progress"]) == 0
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert report["passed"] and not report["reasons"]
+    drop = report["criteria"][0]
+    assert abs(drop["measured"]) < 1e-9 and drop["ci95"][0] <= drop["measured"] <= drop["ci95"][1]
+    assert report["test_images"] == 16 and report["split_sha256"] == sha256_file(tiny_run / "split.csv")
+    gate = _meta(out).gate
+    assert gate["passed"] and gate["teacher_weights_sha256"] == report["teacher_weights_sha256"]
+    card = out.with_suffix(".card.md").read_text()
+    assert "**PROMOTED**" in card and "promoted by the gate" in card and "AUROC drop" in card
+    assert "PROMOTED" in capsys.readouterr().out
+
+
+def _broken_student(artifact, path, tmp_path):
+    """Static INT8 calibrated on blank images: the activation ranges are wrong for real mammograms."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    meta = _meta(artifact)
+    size = meta.preprocess.image_size
+    blank = iter([{"image": np.zeros((1, 1, size, size), np.float32)} for _ in range(4)])
+
+    class Reader:
+        def get_next(self):
+            return next(blank, None)
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(artifact), str(pre))
+    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Conv"],
+                    calibrate_method=CalibrationMethod.MinMax)
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    meta = meta.model_copy(update={"quantization": {"format": "static_qdq_minmax", "source": str(artifact),
+                                                    "source_sha256": sha256_file(artifact)}})
+    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    onnx.save(model, str(path))
+
+
+def test_gate_refuses_a_wrongly_calibrated_int8_student(artifact, tiny_run, tmp_path, capsys):
+    broken = tmp_path / "broken_int8.onnx"
+    _broken_student(artifact, broken, tmp_path)
+    out = tmp_path / "promoted.onnx"
+    shutil.copy(artifact, out)  # a stale promoted model from an earlier run must not survive a refusal
+    code = main(["gate", str(broken), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
+                 "--no-progress"])
+    assert code == GATE_FAILED_EXIT
+    assert not out.exists()
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert not report["passed"] and report["agreement_with_fp32"] < 0.99
+    assert any("agreeing with the fp32" in r for r in report["reasons"])
+    assert "REFUSED" in out.with_suffix(".card.md").read_text()
+    assert "not promoted" in capsys.readouterr().out
+
+
+def test_gate_needs_the_fp32_source_of_a_quantized_student(artifact, tiny_run, tmp_path):
+    broken = tmp_path / "int8.onnx"
+    _broken_student(artifact, broken, tmp_path)
+    model = onnx.load(str(broken))
+    meta = _meta(broken)
+    meta.quantization.pop("source")
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    onnx.save(model, str(broken))
+    assert main(["gate", str(broken), "--teacher", str(tiny_run), "--out", str(tmp_path / "p.onnx")]) == 2
+    other = tmp_path / "other.onnx"
+    other.write_bytes(artifact.read_bytes() + b"\0")
+    assert main(["gate", str(broken), "--teacher", str(tiny_run), "--out", str(tmp_path / "p.onnx"),
+                 "--fp32", str(other)]) == 2
+
+
+def test_gate_refuses_a_student_from_another_split(artifact, tiny_run, tmp_path, capsys):
+    model = onnx.load(str(artifact))
+    meta = _meta(artifact).model_copy(update={"split_sha256": "0" * 64})
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    other = tmp_path / "other_split.onnx"
+    onnx.save(model, str(other))
+    assert main(["gate", str(other), "--teacher", str(tiny_run), "--out", str(tmp_path / "p.onnx")]) == 2
+    assert "another patient split" in capsys.readouterr().err
+
+
+def test_gate_never_overwrites_the_judged_artifact(artifact, tiny_run):
+    before = sha256_file(artifact)
+    assert main(["gate", str(artifact), "--teacher", str(tiny_run), "--out", str(artifact)]) == 2
+    assert sha256_file(artifact) == before
+
+
+def test_quantize_with_teacher_runs_the_gate(artifact, tiny_run, tmp_path, capsys):
+    out = tmp_path / "student_int8.onnx"
+    code = main(["quantize", str(artifact), "--run", str(tiny_run), "--out", str(out), "--runs", "3",
+                 "--calibration-images", "8", "--teacher", str(tiny_run), "--bootstrap", "100", "--no-progress"])
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert code == (0 if report["passed"] else GATE_FAILED_EXIT)
+    assert out.exists() == report["passed"]
+    assert out.with_suffix(".quantize.json").is_file() and out.with_suffix(".card.md").is_file()
+    if report["passed"]:
+        meta = _meta(out)
+        assert meta.gate["passed"] and meta.quantization["source_sha256"] == sha256_file(artifact)
+        assert report["agreement_with_fp32"] is None or report["agreement_with_fp32"] >= 0.99
+
+
+def test_card_renders_any_artifact(artifact, tmp_path, capsys):
+    assert main(["card", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    assert "# Model card: model.onnx" in text and "not gated" in text and "Intended use" in text
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    assert main(["card", str(bad)]) == 2

@@ -1,0 +1,79 @@
+"""Score ONNX artifacts on a run's images with ONNX Runtime: shared by quantize, gate and bench.
+
+Inputs go through the artifact's own preprocessing (from its metadata) and the decode-once cache of
+the run that supplies the images, so every candidate model sees exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from medvision.artifact import ArtifactMetadata, decode
+from medvision.config import RunConfig
+from medvision.data import ImageRow, load_rows, read_split
+from medvision.errors import ArtifactError
+from medvision.preprocess import Preprocess, normalize
+from medvision.training.dataset import decode_all
+
+
+def read_metadata(path: str | Path) -> ArtifactMetadata:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no ONNX artifact at {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or non-ONNX file
+        raise ArtifactError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
+    return decode({p.key: p.value for p in proto.metadata_props})
+
+
+def split_rows(cfg: RunConfig, run: Path, subset: str) -> list[ImageRow]:
+    """The rows of ``subset`` in the run's own split.csv."""
+    split = read_split(run / "split.csv")
+    return [r for r in load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
+            if split.get(r.patient_id) == subset]
+
+
+def model_inputs(rows: list[ImageRow], pre: Preprocess, cfg: RunConfig, desc: str,
+                 show_progress: bool) -> tuple[np.ndarray, list[ImageRow]]:
+    """Normalised [N, 1, H, W] float32 inputs for ``rows`` (unreadable ones dropped) and the rows kept."""
+    images, kept = decode_all(rows, pre, desc, show_progress, cfg.data.cache_dir, cfg.data.cache,
+                              cfg.data.decode_workers)
+    size = pre.cfg.image_size
+    if not kept:
+        return np.zeros((0, 1, size, size), np.float32), kept
+    x = np.stack([normalize(np.asarray(images[i]), pre.cfg.mean, pre.cfg.std)[None] for i in range(len(kept))])
+    return x.astype(np.float32), kept
+
+
+def session(path: str | Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def probabilities(sess: ort.InferenceSession, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    if len(x) == 0:
+        return np.zeros(0)
+    return np.concatenate([sess.run(["probability"], {name: x[i : i + batch]})[0][:, 0]
+                           for i in range(0, len(x), batch)])
+
+
+def latency_ms(sess: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
+    """Median wall time of one single-image run (after three warm-up runs)."""
+    name = sess.get_inputs()[0].name
+    one = x[:1]
+    for _ in range(3):
+        sess.run(["probability"], {name: one})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(["probability"], {name: one})
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
