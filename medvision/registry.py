@@ -102,6 +102,11 @@ register_model(ModelSpec(
     "within the demo's budget",
 ))
 register_model(ModelSpec(
+    "mv_vit_demo_student", "vit_tiny_patch16_224",
+    dict(img_size=128, patch_size=16, embed_dim=96, depth=3, num_heads=2), 128, stem="conv", role="student",
+    description="3-layer, 96-wide ViT at 128 px: the demo's student, distilled from mv_vit_demo",
+))
+register_model(ModelSpec(
     "mv_vit_test", "vit_tiny_patch16_224",
     dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
     description="2-layer, 32-wide ViT for tests (seconds per epoch on a CPU)",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the built-in synthetic dataset: synth -> train -> export -> serve -> score held-out images.
+# The main job on the built-in synthetic dataset: synth -> train a teacher -> distill a student -> export ->
+# quantize + promotion gate -> benchmark -> serve -> score held-out images over HTTP.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-demo_out}
 PATIENTS=${DEMO_PATIENTS:-400}
 MINUTES=${DEMO_MINUTES:-7}
+STUDENT_MINUTES=${DEMO_STUDENT_MINUTES:-4}
 DIFFICULTY=${DEMO_DIFFICULTY:-0.1}
 PORT=${DEMO_PORT:-8765}
 EPOCHS=${DEMO_EPOCHS:-45}
@@ -14,28 +16,56 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step "1/7 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
+step "1/11 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
 "$BIN/medvision" synth "$OUT/data" --patients "$PATIENTS" --difficulty "$DIFFICULTY"
 
-step "2/7 manifest, patient-level split (leakage-checked) and data card"
+step "2/11 manifest, patient-level split (leakage-checked) and data card"
 "$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
 "$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
 "$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv" \
   --intended-use "Synthetic mammograms for demonstrating and testing medvision end to end. No patient data went in; results on it say nothing about real mammograms."
 
-step "3/7 train a ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
+step "3/11 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
 "$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
   --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES" "data.cache_dir=$OUT/cache"
 
-step "4/7 evaluate: calibration and operating point on validation; held-out report with 95 % CIs"
+step "4/11 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
 "$BIN/medvision" evaluate "$OUT/run" --no-progress > "$OUT/evaluation.json"
 cat "$OUT/evaluation.json"
 
-step "5/7 export ONNX with embedded metadata and calibration (parity-checked against torch)"
-"$BIN/medvision" export "$OUT/run" --out "$OUT/model.onnx"
+step "5/11 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
+"$BIN/medvision" export "$OUT/run" --out "$OUT/teacher.onnx"
 
-step "6/7 start the service on $URL"
-"$BIN/medvision" serve --model "$OUT/model.onnx" --port "$PORT" > "$OUT/serve.log" 2>&1 &
+step "6/11 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
+"$BIN/medvision" distill --teacher "$OUT/run" --config student_demo --out "$OUT/student" \
+  "train.max_minutes=$STUDENT_MINUTES" "data.cache_dir=$OUT/cache"
+
+step "7/11 evaluate and export the student"
+"$BIN/medvision" evaluate "$OUT/student" --no-progress > "$OUT/student_evaluation.json"
+"$BIN/medvision" export "$OUT/student" --out "$OUT/student_fp32.onnx"
+
+step "8/11 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
+SERVE_MODEL="$OUT/model.onnx"
+if "$BIN/medvision" quantize "$OUT/student_fp32.onnx" --run "$OUT/student" --teacher "$OUT/run" \
+     --out "$SERVE_MODEL" --no-progress > "$OUT/gate.txt"; then
+  GATE=promoted
+else
+  code=$?
+  if [ "$code" != 3 ]; then cat "$OUT/gate.txt"; exit "$code"; fi
+  GATE=refused
+  SERVE_MODEL="$OUT/teacher.onnx"
+fi
+sed -n '/PROMOTED\|REFUSED/,$p' "$OUT/gate.txt"
+[ "$GATE" = refused ] && echo "the student was not promoted: the service runs the teacher ($SERVE_MODEL)"
+
+step "9/11 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
+INT8_ARGS=()
+[ "$GATE" = promoted ] && INT8_ARGS=(--int8 "$OUT/model.onnx")
+"$BIN/medvision" bench --teacher "$OUT/run" --student "$OUT/student" --onnx "$OUT/student_fp32.onnx" \
+  "${INT8_ARGS[@]}" --seconds 2 --out "$OUT/bench" --no-progress 2>/dev/null
+
+step "10/11 start the service on $URL ($(basename "$SERVE_MODEL"))"
+"$BIN/medvision" serve --model "$SERVE_MODEL" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
@@ -44,22 +74,33 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-step "7/7 score the held-out test patients over HTTP"
+step "11/11 score the held-out test patients over HTTP"
 "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
-"$BIN/python" - "$OUT" "$BIN" <<'PY'
-import json, sys
-out = sys.argv[1]
+"$BIN/python" - "$OUT" "$BIN" "$SERVE_MODEL" <<'PY'
+import json, os, sys
+out, bin_, served = sys.argv[1], sys.argv[2], sys.argv[3]
 s = json.load(open(f"{out}/test_summary.json"))
-m = json.load(open(f"{out}/run/metrics.json"))
-e = json.load(open(f"{out}/evaluation.json"))
-lo, hi = e["auroc_ci95"]
-print(f"\nheld-out test AUROC {s['auroc']:.3f} (95 % CI {lo:.3f}-{hi:.3f}, patient bootstrap) on {s['labelled']} "
-      f"images ({s['positives']} cancer), scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity "
-      f"{s['specificity']:.2f} at the validation operating point ({m['operating_point']}, calibrated); "
-      f"validation AUROC {m['val_auroc']:.3f}")
-print(f"artifacts in {out}/: model.onnx, run/ (checkpoint, config, metrics), test_scores.csv, "
-      "data_card/synthetic_demo.md, run/evaluation/report.md")
-print(f"serve it again: {sys.argv[2]}/medvision serve --model {out}/model.onnx  (OpenAPI docs at /docs)")
+teacher = json.load(open(f"{out}/evaluation.json"))
+student = json.load(open(f"{out}/student_evaluation.json"))
+gate = json.load(open(f"{out}/model.gate.json"))
+
+
+def line(name, e):
+    lo, hi = e["auroc_ci95"]
+    return f"{name}: held-out AUROC {e['auroc']:.3f} (95 % CI {lo:.3f}-{hi:.3f}, patient bootstrap)"
+
+
+print()
+print(line("teacher (torch)", teacher))
+print(line("student (torch)", student))
+verdict = "promoted" if gate["passed"] else "REFUSED (" + "; ".join(gate["reasons"]) + ")"
+drop = gate["criteria"][0]
+print(f"gate: {verdict}; AUROC drop {drop['measured']:+.3f} (95 % CI {drop['ci95'][0]:+.3f} to {drop['ci95'][1]:+.3f})")
+print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['labelled']} images ({s['positives']} cancer) "
+      f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
+print(f"artifacts in {out}/: model.onnx (+ .card.md, .gate.json, .quantize.json), teacher.onnx, student_fp32.onnx, "
+      "run/ and student/ (checkpoints, evaluation/report.md), bench/bench.md, test_scores.csv, data_card/")
+print(f"serve it again: {bin_}/medvision serve --model {served}  (OpenAPI docs at /docs)")
 PY

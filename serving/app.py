@@ -28,8 +28,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI):
         app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
-        log.info("model %s loaded (sha256 %s…, providers %s)", info["name"], info["artifact_sha256"][:12],
-                 ",".join(info["providers"]))
+        log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
+                 info["format"], info["gate"], ",".join(info["providers"]))
         yield
         app.state.engine = None
 

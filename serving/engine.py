@@ -56,6 +56,9 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
             raise ArtifactError(f"cannot load {path} with ONNX Runtime: {exc}") from None
         self.meta: ArtifactMetadata = decode(self.session.get_modelmeta().custom_metadata_map)
+        if self.meta.gate and not self.meta.gate.get("passed"):
+            raise ArtifactError(f"{path.name} was refused by the promotion gate ("
+                                + "; ".join(self.meta.gate.get("reasons", [])) + "): it must not be served")
         self.preprocess = Preprocess(self.meta.preprocess)
         self.artifact_sha256 = sha256_file(path)
         self.limits = limits
@@ -99,4 +102,6 @@ class Engine:
             "operating_point": self.meta.operating_point,
             "threshold": self.meta.threshold,
             "providers": self.providers,
+            "format": self.meta.quantization.get("format", "fp32") if self.meta.quantization else "fp32",
+            "gate": ("promoted" if self.meta.gate.get("passed") else "refused") if self.meta.gate else "not gated",
         }

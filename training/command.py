@@ -42,6 +42,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder written by 'medvision train'")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit| difference torch vs ONNX Runtime")
+    p.add_argument("--fp16", metavar="OUT16", help="also write an fp16 copy for GPU execution providers (CUDA, "
+                   "TensorRT; float32 inputs and outputs), parity-checked against the fp32 file")
     p.set_defaults(func=run_export)
 
 
@@ -109,6 +111,8 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="the run it was exported from (calibration and test images)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--entropy-bins", type=int, default=1024,
+                   help="histogram bins for entropy calibration (>= 256; its search time grows with the square)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate (batch 1, median)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--teacher", help="then run the promotion gate against this teacher run (as 'medvision gate'): "
@@ -132,7 +136,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     target = work / out.name if work else out
     try:
         r = quantize_artifact(args.artifact, args.run, target, args.calibration_images, args.runs, args.threads,
-                              show_progress=not args.no_progress)
+                              show_progress=not args.no_progress, entropy_bins=args.entropy_bins)
         print(json.dumps({"chosen": r["chosen"], "reason": r["reason"], "fp32_latency_ms": r["fp32"]["latency_ms"],
                           "candidates": {k: {m: v.get(m) for m in ("speedup", "agreement", "auroc_drop", "passes",
                                                                     "error") if m in v}
@@ -198,6 +202,53 @@ def run_gate(args: argparse.Namespace) -> int:
     report = gate_artifact(args.artifact, args.teacher, args.out, args.fp32, _criteria(args), args.bootstrap,
                            args.threads, show_progress=not args.no_progress)
     return _gate_exit(report, args.out)
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="teacher vs student, torch vs ONNX Runtime, fp32 vs INT8: throughput, latency, memory",
+        description="Each model in its own process with the same threads, batch sizes and inputs: images/s, "
+        "latency p50 / p99, peak memory and model size, with ratios to the (first) teacher and the measured fp32 "
+        "matmul GFLOP/s. Teachers and students are run folders or registered model names (random weights); "
+        "ONNX files run on ONNX Runtime. A student without --onnx / --int8 is exported and dynamically "
+        "quantized by the bench itself.",
+    )
+    p.add_argument("--teacher", action="append", default=[], help="run folder or model name (repeatable)")
+    p.add_argument("--student", help="student run folder or model name (torch fp32 row)")
+    p.add_argument("--onnx", help="the student's fp32 ONNX artifact")
+    p.add_argument("--int8", help="the student's quantized (or promoted) ONNX artifact")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--threads", type=int, default=0, help="threads for every model (0 = all cores)")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model and batch size (at least 3 runs)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: torch in bf16 and ONNX Runtime's CUDA execution provider")
+    p.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    require_extra("train", *TRAIN_MODULES)
+    from medvision.errors import ConfigError
+    from medvision.training.bench import bench, plot, table_markdown
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--batch-sizes needs at least one positive batch size")
+    report = bench(args.teacher, args.student, args.onnx, args.int8, sizes, args.threads, args.seconds,
+                   device=args.device, show_progress=not args.no_progress)
+    table = table_markdown(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
+        (out / "bench.md").write_text(table + "\n")
+        plot(report, out / "bench.png")
+    return 1 if any("error" in r for r in report["subjects"]) else 0
 
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -300,6 +351,10 @@ def run_export(args: argparse.Namespace) -> int:
     from medvision.training.export import export_run
 
     meta = export_run(args.run, args.out, atol=args.atol)
+    if args.fp16:
+        from medvision.training.export import export_fp16
+
+        export_fp16(args.out, args.fp16, args.run)
     print(json.dumps({"artifact": args.out, "model": meta.model_name, "threshold": meta.threshold,
-                      "weights_sha256": meta.weights_sha256}, indent=2))
+                      "weights_sha256": meta.weights_sha256, **({"fp16": args.fp16} if args.fp16 else {})}, indent=2))
     return 0

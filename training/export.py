@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from medvision import __version__
-from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode, sha256_file
+from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, decode, encode, sha256_file
 from medvision.config import RunConfig
 from medvision.data import load_rows, read_split
 from medvision.dicom_io import read_dicom
@@ -226,3 +226,34 @@ def check_parity(wrapper: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol:
         )
     log.info("parity ok: max |difference| %.2e over %s on %d images (tolerance %g)", worst, ", ".join(names), len(x), atol)
     return worst
+
+
+def export_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, run_dir: str | os.PathLike,
+                atol: float = 2e-2) -> ArtifactMetadata:
+    """An fp16 copy of an fp32 artifact for GPU execution providers (CUDA, TensorRT): weights and compute in
+    float16, inputs and outputs kept float32 so callers and the service do not change. Parity with the fp32
+    artifact is checked on real validation images (ONNX Runtime, CPU); the file is removed above ``atol``."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, out = Path(fp32_path), Path(out_path)
+    proto = onnx.load(str(src))
+    meta = decode({p.key: p.value for p in proto.metadata_props})
+    half = convert_float_to_float16(proto, keep_io_types=True)
+    meta = meta.model_copy(update={"quantization": {
+        "format": "fp16", "reason": "float16 weights and compute for GPU execution providers; float32 inputs and "
+        "outputs", "source": str(src.resolve()), "source_sha256": sha256_file(src)}})
+    del half.metadata_props[:]
+    half.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    onnx.save(half, str(out))
+    cfg, _, _, _ = load_run(Path(run_dir))
+    x = parity_inputs(cfg, Path(run_dir))
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in ref.get_outputs()]
+    worst = float(max(np.abs(a - b).max() for a, b in zip(ref.run(names, {"image": x}), got.run(names, {"image": x}),
+                                                           strict=True)))
+    if not np.isfinite(worst) or worst > atol:
+        out.unlink(missing_ok=True)
+        raise ExportParityError(f"the fp16 model disagrees with fp32: max |difference| {worst:.3g} > tolerance {atol:g}")
+    log.info("fp16 parity ok: max |difference| %.2e (tolerance %g)", worst, atol)
+    return meta

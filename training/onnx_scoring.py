@@ -67,13 +67,23 @@ def probabilities(sess: ort.InferenceSession, x: np.ndarray, batch: int = 16) ->
 
 def latency_ms(sess: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
     """Median wall time of one single-image run (after three warm-up runs)."""
-    name = sess.get_inputs()[0].name
+    return paired_latency_ms([sess], x, runs)[0]
+
+
+def paired_latency_ms(sessions: list[ort.InferenceSession], x: np.ndarray, runs: int,
+                      min_seconds: float = 0.5) -> list[float]:
+    """Median single-image latency of each session, their runs interleaved (a, b, a, b, …) so that load or
+    clock changes on a shared machine hit every model alike; at least ``runs`` rounds and ``min_seconds``."""
     one = x[:1]
-    for _ in range(3):
-        sess.run(["probability"], {name: one})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(["probability"], {name: one})
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+    names = [s.get_inputs()[0].name for s in sessions]
+    for s, n in zip(sessions, names, strict=True):
+        for _ in range(3):
+            s.run(["probability"], {n: one})
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < runs or (time.perf_counter() - start < min_seconds and len(times[0]) < 50 * runs):
+        for k, (s, n) in enumerate(zip(sessions, names, strict=True)):
+            t = time.perf_counter()
+            s.run(["probability"], {n: one})
+            times[k].append(time.perf_counter() - t)
+    return [1000 * float(np.median(t)) for t in times]

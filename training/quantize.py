@@ -1,21 +1,23 @@
 """``medvision quantize``: INT8 candidates measured on this machine; the fastest that keeps its decisions ships.
 
 Candidates (ONNX Runtime, after ``quant_pre_process``): dynamic INT8 (S8 weights, per channel), dynamic
-U8 with ``reduce_range`` (for CPUs without VNNI), static QDQ calibrated on training-split images with
-MinMax and Percentile ranges (per channel; the first convolution / patch embedding stays in float).
-Each is timed side by side with the fp32 artifact on this machine and scored on the held-out split
-against fp32: decision agreement at the artifact's threshold and AUROC. A candidate passes when it
-agrees on >= 99 % of decisions and loses <= 0.01 AUROC; the fastest passing candidate that is faster
-than fp32 is written, otherwise the fp32 artifact is, and the report says why. (The clinical promotion
-gate against the teacher, with paired bootstrap intervals, is separate: M4 section 4.)
+U8 with ``reduce_range`` (for CPUs without VNNI), and static QDQ calibrated on training-split images with
+MinMax, entropy (KL, from a fine histogram) and percentile ranges, per channel, with the sensitive nodes
+(the first convolution, attention's activation-by-activation products) kept in float; one percentile
+variant quantizes the attention products too, to show what keeping them in float buys. Each candidate
+is timed interleaved with the fp32 artifact (run for run, batch 1) on this machine and scored on the
+held-out split against fp32: decision agreement at the artifact's threshold and AUROC. A candidate
+passes when it agrees on >= 99 % of decisions and loses <= 0.01 AUROC; the fastest passing candidate
+that is faster than fp32 is written, otherwise the fp32 artifact is, and the report says why. The
+clinical promotion gate against the teacher is ``medvision.training.gate`` (``--teacher``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -28,7 +30,14 @@ from medvision.errors import ArtifactError, ConfigError
 from medvision.metrics import auroc
 from medvision.preprocess import Preprocess
 from medvision.training.export import load_run
-from medvision.training.onnx_scoring import latency_ms, model_inputs, probabilities, session, split_rows
+from medvision.training.onnx_scoring import (
+    latency_ms,
+    model_inputs,
+    paired_latency_ms,
+    probabilities,
+    session,
+    split_rows,
+)
 
 log = logging.getLogger(__name__)
 MIN_AGREEMENT = 0.99
@@ -56,13 +65,13 @@ def _inputs(run: Path, pre: Preprocess, subset: str, limit: int | None, show_pro
 
 @contextmanager
 def _quiet_root_logger():
-    """The quantizers log every tensor at INFO on the root logger and print calibration progress to
-    stdout; keep stdout for the command's JSON result."""
+    """The quantizers log every tensor at INFO on the root logger and print calibration chatter to stdout;
+    keep stdout for the command's JSON result and the console for medvision's own progress."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
-        with redirect_stdout(sys.stderr):
+        with redirect_stdout(io.StringIO()):
             yield
     finally:
         root.setLevel(level)
@@ -83,8 +92,23 @@ def sensitive_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
     return {"first_conv": first_conv, "activation_matmuls": attention}
 
 
+def _entropy_ranges(model: Path, ops: list[str], reader: _Reader, work: Path, bins: int) -> Path:
+    """KL-divergence (entropy) activation ranges from a ``bins``-bin histogram, as a calibration cache file.
+    (ONNX Runtime's threshold search is quadratic in ``bins`` and pure Python: ~0.25 s per tensor at 1024.)"""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(model, ops, augmented_model_path=str(work / "entropy_augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"num_bins": max(bins, 256), "num_quantized_bins": 128})
+    calibrator.collect_data(reader)
+    path = work / "entropy_ranges.json"
+    save_tensors_data(calibrator.compute_data(), path)
+    return path
+
+
 def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path, calibration_images: int = 64,
-                      runs: int = 30, threads: int = 0, show_progress: bool = True) -> dict:
+                      runs: int = 30, threads: int = 0, show_progress: bool = True, entropy_bins: int = 1024) -> dict:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -115,10 +139,17 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
         ops = ["MatMul", "Gemm", "Conv"]
 
         def static(method, exclude, **extra):
-            return lambda p: quantize_static(
-                prepped, p, _Reader(calib, meta.input.name), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                nodes_to_exclude=exclude, calibrate_method=method, **extra)
+            def build(p):
+                reader = _Reader(calib, meta.input.name)
+                if method == CalibrationMethod.Entropy:
+                    # quantize_static's own entropy calibrator uses 128 histogram bins for 128 quantized bins,
+                    # which leaves KL nothing to choose (its ranges equal MinMax); calibrate with more bins here
+                    extra["calibration_cache_path"] = _entropy_ranges(prepped, ops, reader, work, entropy_bins)
+                    reader = None
+                quantize_static(prepped, p, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=ops, nodes_to_exclude=exclude, calibrate_method=method, **extra)
+            return build
 
         builders = {
             "dynamic_s8": lambda p: quantize_dynamic(prepped, p, per_channel=True, weight_type=QuantType.QInt8,
@@ -147,14 +178,14 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
                     build(path)
                 sess = session(path, threads)
                 p = probabilities(sess, x_test)
-                lat = latency_ms(sess, x_test, runs)
+                lat32, lat = paired_latency_ms([fp32, sess], x_test, runs)
             except Exception as exc:  # a quantizer or kernel gap: report it, try the others
                 candidates[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 continue
             agree = float(np.mean((p >= meta.threshold) == (p32 >= meta.threshold)))
             auc = auroc(y_test, p)
             candidates[name] = {
-                "latency_ms": lat, "speedup": base["latency_ms"] / lat, "auroc": auc,
+                "latency_ms": lat, "fp32_latency_ms_alongside": lat32, "speedup": lat32 / lat, "auroc": auc,
                 "auroc_drop": base["auroc"] - auc, "agreement": agree,
                 "max_probability_difference": float(np.abs(p - p32).max()), "size_mb": path.stat().st_size / 1e6,
                 "passes": agree >= MIN_AGREEMENT and base["auroc"] - auc <= MAX_AUROC_DROP,

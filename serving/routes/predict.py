@@ -28,6 +28,8 @@ class ModelInfo(BaseModel):
     operating_point: str
     threshold: float
     providers: list[str]
+    format: str = Field(description="fp32, fp16 or the INT8 variant chosen by 'medvision quantize'")
+    gate: str = Field(description="promoted, refused or not gated ('medvision gate')")
 
 
 class PredictResponse(BaseModel):

@@ -27,6 +27,7 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["model"]["name"] == "mv_vit_test"
+    assert ready["model"]["format"] == "fp32" and ready["model"]["gate"] == "not gated"
 
 
 def test_predict_raw_body_matches_local_engine(client, artifact, dicom_files):
@@ -127,3 +128,20 @@ def test_missing_artifact_fails_at_startup_with_a_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         with TestClient(create_app(Settings(artifact=str(tmp_path / "none.onnx")))):
             pass
+
+
+def test_a_model_refused_by_the_gate_is_never_served(artifact, tmp_path):
+    import onnx
+
+    from medvision.artifact import METADATA_KEY, decode, encode
+    from medvision.errors import ArtifactError
+
+    model = onnx.load(str(artifact))
+    meta = decode({p.key: p.value for p in model.metadata_props})
+    meta = meta.model_copy(update={"gate": {"passed": False, "reasons": ["AUROC drop 0.05 is not ≤ 0.01"]}})
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    refused = tmp_path / "refused.onnx"
+    onnx.save(model, str(refused))
+    with pytest.raises(ArtifactError, match="refused by the promotion gate .*AUROC drop 0.05"):
+        Engine(str(refused))

@@ -8,6 +8,7 @@ import torch
 
 from medvision import __version__
 from medvision.artifact import METADATA_KEY, decode, sha256_file
+from medvision.cli import main
 from medvision.preprocess import Preprocess
 from medvision.training.export import ExportParityError, _WithProbability, check_parity, load_run
 
@@ -91,3 +92,19 @@ def test_exported_graph_is_simplified(artifact):
     proto = onnx.load(str(artifact))
     ops = [n.op_type for n in proto.graph.node]
     assert "Identity" not in ops and "Constant" not in ops  # folded into initializers by onnxslim
+
+
+def test_fp16_copy_for_gpu_providers(tiny_run, tmp_path, capsys):
+    fp32, fp16 = tmp_path / "m.onnx", tmp_path / "m_fp16.onnx"
+    assert main(["export", str(tiny_run), "--out", str(fp32), "--fp16", str(fp16)]) == 0
+    proto = onnx.load(str(fp16))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    meta = decode({p.key: p.value for p in proto.metadata_props})
+    assert meta.quantization["format"] == "fp16" and meta.quantization["source_sha256"] == sha256_file(fp32)
+    a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+    assert b.get_inputs()[0].type == "tensor(float)"  # callers and the service keep sending float32
+    x = np.random.default_rng(0).standard_normal((3, 1, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(b.run(["probability"], {"image": x})[0], a.run(["probability"], {"image": x})[0],
+                               atol=5e-3)
+    assert json.loads(capsys.readouterr().out)["fp16"] == str(fp16)

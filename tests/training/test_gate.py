@@ -123,7 +123,7 @@ def test_gate_never_overwrites_the_judged_artifact(artifact, tiny_run):
 def test_quantize_with_teacher_runs_the_gate(artifact, tiny_run, tmp_path, capsys):
     out = tmp_path / "student_int8.onnx"
     code = main(["quantize", str(artifact), "--run", str(tiny_run), "--out", str(out), "--runs", "3",
-                 "--calibration-images", "8", "--teacher", str(tiny_run), "--bootstrap", "100", "--no-progress"])
+                 "--calibration-images", "8", "--entropy-bins", "256", "--teacher", str(tiny_run), "--bootstrap", "100", "--no-progress"])
     report = json.loads(out.with_suffix(".gate.json").read_text())
     assert code == (0 if report["passed"] else GATE_FAILED_EXIT)
     assert out.exists() == report["passed"]

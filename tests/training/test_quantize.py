@@ -12,7 +12,7 @@ from medvision.cli import main
 def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path, capsys):
     out = tmp_path / "model_int8.onnx"
     assert main(["quantize", str(artifact), "--run", str(tiny_run), "--out", str(out), "--runs", "5",
-                 "--calibration-images", "8", "--no-progress"]) == 0
+                 "--calibration-images", "8", "--entropy-bins", "256", "--no-progress"]) == 0
     report = json.loads(out.with_suffix(".quantize.json").read_text())
     assert set(report["candidates"]) == {"dynamic_s8", "dynamic_u8_reduce_range", "static_qdq_minmax",
                                          "static_qdq_entropy", "static_qdq_percentile",

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# M4 section 5: the INT8 ViT-Ti student against ViT-B and ViT-S teachers on this machine, one run, same threads,
+# batch sizes and inputs (random weights: speed does not depend on training). Prints the table and the ratios;
+# writes bench.json / bench.md / bench.png under ${OUT:-bench_out}. About 2 minutes on 2 cores.
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+"$BIN/medvision" bench --teacher vit_base_patch16_224 --teacher vit_small_patch16_224 --student vit_tiny_patch16_224 \
+  --seconds "${SECONDS_PER_BATCH:-3}" --out "${OUT:-bench_out}" "$@"

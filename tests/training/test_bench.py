@@ -1,0 +1,39 @@
+"""medvision bench: every model measured in its own process, same threads / batches / inputs, ratios to the teacher."""
+
+import json
+
+from medvision.cli import main
+
+
+def test_bench_table_teacher_student_torch_and_onnx(tiny_run, artifact, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--teacher", str(tiny_run), "--student", "mv_vit_test", "--onnx", str(artifact),
+                 "--batch-sizes", "1,4", "--seconds", "0.05", "--threads", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["threads"] == 1 and report["batch_sizes"] == [1, 4]
+    assert report["matmul"]["fp32_gflops"] > 0
+    rows = report["subjects"]
+    assert [r["kind"] for r in rows] == ["torch", "torch", "ort"]
+    for r in rows:
+        assert "error" not in r, r
+        assert set(r["results"]) == {"1", "4"}
+        for m in r["results"].values():
+            assert m["images_per_s"] > 0 and m["runs"] >= 3 and m["p50_ms"] <= m["p99_ms"]
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+    assert all(m["vs_teacher"] == 1.0 for m in rows[0]["results"].values())
+    # the ONNX Runtime worker holds no torch: its memory is what a serving process needs
+    assert rows[2]["torch_imported"] is False and rows[2]["peak_rss_mb"] < rows[0]["peak_rss_mb"]
+    table = capsys.readouterr().out
+    assert "× teacher b4" in table and "vs teacher" in table and "GFLOP/s" in table
+    assert (out / "bench.md").read_text().strip() == table.strip() and (out / "bench.png").stat().st_size > 0
+
+
+def test_bench_exports_a_named_student_and_refuses_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--batch-sizes", "2",
+                 "--seconds", "0.02", "--threads", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(ORT fp32)" in out and "(ORT dynamic_s8)" in out
+    assert main(["bench", "--student", "mv_vit_test"]) == 2
+    assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--batch-sizes", "a"]) == 2
+    assert main(["bench", "--teacher", "mv_vit_test", "--onnx", str(tmp_path / "missing.onnx")]) == 2

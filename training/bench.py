@@ -1,0 +1,246 @@
+"""``medvision bench``: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8, side by side in one run.
+
+Every subject runs in its own process (``bench_worker``) with the same thread count, the same
+batch sizes and the same seeded inputs at its own input size, so images/s, latency p50 / p99 and
+peak memory are comparable; ratios are to the first teacher. The machine's measured fp32 matmul
+GFLOP/s is printed for context. Subjects are run folders (torch), registered model names (torch,
+random weights: speed does not depend on training) or ONNX files (ONNX Runtime); given a student
+name or run but no ONNX, the bench exports it and quantizes it dynamically itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medvision.errors import ArtifactError, ConfigError
+from medvision.plots import pyplot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Subject:
+    label: str
+    kind: str  # "torch" or "ort"
+    source: str
+    image_size: int
+    role: str  # "teacher" or "student"
+    size_mb: float = float("nan")
+    spec: dict = field(default_factory=dict)
+
+
+def build_torch_model(source: str, image_size: int):
+    """A run folder's best checkpoint, or a registered architecture with random weights."""
+    path = Path(source)
+    if path.is_dir():
+        from medvision.training.export import load_run
+
+        return load_run(path)[1]
+    from medvision.config import ModelConfig
+    from medvision.training.models import create_model
+
+    return create_model(ModelConfig(name=source, drop_path_rate=0.0), image_size)
+
+
+def _torch_subject(source: str, role: str) -> Subject:
+    path = Path(source)
+    if path.is_dir():
+        from medvision.training.export import load_run
+
+        cfg, _, _, ckpt = load_run(path)
+        return Subject(f"{role} {cfg.model.name} (torch fp32)", "torch", str(path.resolve()),
+                       cfg.preprocess.image_size, role, ckpt.stat().st_size / 1e6)
+    from medvision.registry import get_model_spec
+
+    spec = get_model_spec(source)
+    model = build_torch_model(source, spec.image_size)
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    return Subject(f"{role} {source} (torch fp32)", "torch", source, spec.image_size, role, size)
+
+
+def _ort_subject(path: str | Path, label: str) -> Subject:
+    from medvision.training.onnx_scoring import read_metadata
+
+    meta = read_metadata(path)
+    fmt = meta.quantization.get("format", "fp32") if meta.quantization else "fp32"
+    return Subject(f"{label} {meta.model_name} (ORT {fmt})", "ort", str(Path(path).resolve()),
+                   meta.preprocess.image_size, "student", Path(path).stat().st_size / 1e6)
+
+
+def _export_student(source: str, work: Path) -> tuple[Path, Path]:
+    """fp32 ONNX (with medvision metadata) and its dynamic-INT8 copy, for a student given without artifacts."""
+    import datetime as _dt
+
+    import onnx
+    import torch
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    from medvision import __version__
+    from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode
+    from medvision.preprocess import PreprocessConfig
+    from medvision.registry import get_model_spec
+    from medvision.training.export import _simplify, _WithProbability
+    from medvision.training.quantize import _quiet_root_logger
+
+    subject = _torch_subject(source, "student")
+    model = build_torch_model(source, subject.image_size).eval()
+    name = Path(source).name if Path(source).is_dir() else source
+    fp32, int8 = work / f"{name}_fp32.onnx", work / f"{name}_int8.onnx"
+    wrapper = _WithProbability(model).eval()
+    outputs = ["logit", "probability"] + (["heatmap"] if wrapper.has_heatmap else [])
+    size = subject.image_size
+    with warnings.catch_warnings():  # as in export_run: parity, not the tracer's warnings, guards real artifacts
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (torch.zeros(2, 1, size, size),), str(fp32), input_names=["image"],
+                          output_names=outputs, opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]})
+    proto = _simplify(onnx.load(str(fp32)))
+    meta = ArtifactMetadata(model_name=name, architecture=get_model_spec(name).timm_name if not Path(source).is_dir()
+                            else name, medvision_version=__version__,
+                            created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                            preprocess=PreprocessConfig(image_size=size), input=InputContract(shape=["batch", 1, size, size]),
+                            threshold=0.5, weights_sha256="bench-export")
+    proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
+    onnx.save(proto, str(fp32))
+    pre = work / "pre.onnx"
+    with _quiet_root_logger():
+        quant_pre_process(str(fp32), str(pre))
+        quantize_dynamic(pre, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    q = onnx.load(str(int8))
+    del q.metadata_props[:]
+    q.metadata_props.add(key=METADATA_KEY, value=encode(meta.model_copy(update={"quantization": {"format": "dynamic_s8"}})))
+    onnx.save(q, str(int8))
+    return fp32, int8
+
+
+def _run_worker(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    try:
+        done = subprocess.run([sys.executable, "-m", "medvision.training.bench_worker"], input=json.dumps(spec),
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"took longer than {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"worker exited {done.returncode}: {tail[0][:300]}"}
+    return json.loads(done.stdout)
+
+
+def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None = None, onnx_int8: str | None = None,
+          batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 0, seconds: float = 3.0, min_runs: int = 3,
+          device: str = "cpu", timeout: float = 900.0, show_progress: bool = True) -> dict:
+    if not teachers:
+        raise ConfigError("give at least one --teacher (a run folder or a registered model name)")
+    if not (student or onnx_fp32 or onnx_int8):
+        raise ConfigError("give a --student (run folder or model name) and / or its --onnx / --int8 artifacts")
+    threads = threads or os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="mv-bench-"))
+    try:
+        subjects = [_torch_subject(t, "teacher") for t in teachers]
+        if student:
+            subjects.append(_torch_subject(student, "student"))
+        if student and not (onnx_fp32 or onnx_int8):
+            onnx_fp32, onnx_int8 = (str(p) for p in _export_student(student, work))
+        if onnx_fp32:
+            subjects.append(_ort_subject(onnx_fp32, "student"))
+        if onnx_int8:
+            subjects.append(_ort_subject(onnx_int8, "student"))
+        for s in subjects:
+            if s.kind == "ort" and not Path(s.source).is_file():
+                raise ArtifactError(f"no ONNX file at {s.source}")
+        common = {"threads": threads, "batch_sizes": list(batch_sizes), "seconds": seconds, "min_runs": min_runs,
+                  "device": device}
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None)
+        from medvision.progress import progress_bar
+
+        rows = []
+        with progress_bar("bench", len(subjects) + 1, show_progress) as advance:
+            matmul = _run_worker({"kind": "matmul", **common}, timeout)
+            advance(1)
+            for s in subjects:
+                spec = {"kind": s.kind, "source": s.source, "image_size": s.image_size, **common,
+                        "precision": "bf16" if device == "cuda" and s.kind == "torch" else "fp32",
+                        "providers": providers}
+                advance(0, status=s.label)
+                r = _run_worker(spec, timeout)
+                rows.append({"label": s.label, "kind": s.kind, "role": s.role, "image_size": s.image_size,
+                             "size_mb": s.size_mb, **r})
+                advance(1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ref = rows[0].get("results", {})
+    for row in rows:
+        for bs, m in row.get("results", {}).items():
+            base = ref.get(bs, {}).get("images_per_s")
+            m["vs_teacher"] = m["images_per_s"] / base if base else float("nan")
+    import platform
+
+    return {"threads": threads, "batch_sizes": list(batch_sizes), "device": device, "matmul": matmul,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "inputs": "seeded standard-normal images at each model's input size (speed does not depend on content)",
+            "subjects": rows}
+
+
+def table_markdown(report: dict) -> str:
+    bss = [str(b) for b in report["batch_sizes"]]
+    head = ["model", "input", "size MB", "peak RSS MB (+ over runtime)"]
+    for bs in bss:
+        head += [f"img/s b{bs}", f"p50 / p99 ms b{bs}", f"× teacher b{bs}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["subjects"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['image_size']} | {r['size_mb']:.1f} | error: {r['error']} |")
+            continue
+        label = r["label"]
+        if report["device"] == "cuda" and r["kind"] == "ort" and "CUDAExecutionProvider" not in r.get("providers", []):
+            label += " — on the CPU: no CUDA execution provider (pip install 'medvision[gpu]')"
+        cells = [label, str(r["image_size"]), f"{r['size_mb']:.1f}",
+                 f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f})"]
+        for bs in bss:
+            m = r["results"][bs]
+            cells += [f"{m['images_per_s']:.1f}", f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}", f"{m['vs_teacher']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    teachers = [r for r in report["subjects"] if r["role"] == "teacher" and "results" in r]
+    students = [r for r in report["subjects"] if r["role"] == "student" and "results" in r]
+    if teachers and students:
+        lines.append("")
+    for t in teachers:
+        for s in students:
+            ratios = ", ".join(f"{s['results'][b]['images_per_s'] / t['results'][b]['images_per_s']:.1f}× at batch {b}"
+                               for b in bss)
+            lines.append(f"- {s['label']} vs {t['label']}: {ratios}")
+    mm = report["matmul"]
+    gf = ", ".join(f"{k.replace('_gflops', '')} {v:.0f} GFLOP/s" for k, v in mm.items() if k.endswith("gflops"))
+    lines += ["", f"{report['threads']} threads on {report['device']}; measured matmul: {gf or mm.get('error', '?')}. "
+              f"Inputs: {report['inputs']}. Ratios are to the first row at the same batch size."]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    plt = pyplot()
+    rows = [r for r in report["subjects"] if "results" in r]
+    bss = [str(b) for b in report["batch_sizes"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        ax.bar(np.arange(len(bss)) + i * width, [r["results"][b]["images_per_s"] for b in bss], width, label=r["label"])
+    ax.set_xticks(np.arange(len(bss)) + width * (len(rows) - 1) / 2, [f"batch {b}" for b in bss])
+    ax.set_ylabel("images / s")
+    ax.set_yscale("log")
+    ax.set_title(f"Inference throughput, {report['threads']} threads ({report['device']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
