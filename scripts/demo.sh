@@ -64,7 +64,13 @@ INT8_ARGS=()
 "$BIN/medvision" bench --teacher "$OUT/run" --student "$OUT/student" --onnx "$OUT/student_fp32.onnx" \
   "${INT8_ARGS[@]}" --seconds 2 --out "$OUT/bench" --no-progress 2>/dev/null
 
-step "10/11 start the service on $URL ($(basename "$SERVE_MODEL"))"
+step "10/11 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
+mkdir -p "$OUT/service"
+export MEDVISION_DATABASE_URL="sqlite:///$(cd "$OUT/service" && pwd)/medvision.db"
+"$BIN/medvision" keys create demo-site --scopes score > "$OUT/service_key.json"
+"$BIN/medvision" keys create demo-admin --scopes admin > "$OUT/admin_key.json"
+KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/service_key.json")
+ADMIN_KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/admin_key.json")
 "$BIN/medvision" serve --model "$SERVE_MODEL" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -75,12 +81,12 @@ for _ in $(seq 1 120); do
 done
 
 step "11/11 score the held-out test patients over HTTP"
-"$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
+MEDVISION_API_KEY="$KEY" "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
-"$BIN/python" - "$OUT" "$BIN" "$SERVE_MODEL" <<'PY'
-import json, os, sys
-out, bin_, served = sys.argv[1], sys.argv[2], sys.argv[3]
+"$BIN/python" - "$OUT" "$BIN" "$SERVE_MODEL" "$URL" "$ADMIN_KEY" <<'PY'
+import json, os, sys, urllib.request
+out, bin_, served, url, admin = sys.argv[1:6]
 s = json.load(open(f"{out}/test_summary.json"))
 teacher = json.load(open(f"{out}/evaluation.json"))
 student = json.load(open(f"{out}/student_evaluation.json"))
@@ -102,5 +108,10 @@ print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['la
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
 print(f"artifacts in {out}/: model.onnx (+ .card.md, .gate.json, .quantize.json), teacher.onnx, student_fp32.onnx, "
       "run/ and student/ (checkpoints, evaluation/report.md), bench/bench.md, test_scores.csv, data_card/")
-print(f"serve it again: {bin_}/medvision serve --model {served}  (OpenAPI docs at /docs)")
+req = urllib.request.Request(f"{url}/v1/admin/usage", headers={"Authorization": f"Bearer {admin}"})
+usage = json.load(urllib.request.urlopen(req, timeout=10))
+print("usage metered per site and day: " + "; ".join(f"{u['site']} {u['day']}: {u['images']} images, "
+                                                      f"{u['studies']} studies" for u in usage))
+print(f"serve it again: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_URL']} {bin_}/medvision serve "
+      f"--model {served}  (OpenAPI docs at /docs; API keys: {bin_}/medvision keys create NAME --scopes score)")
 PY

@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from medvision import __version__
+from medvision.serving.db import open_database
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
-from medvision.serving.routes import health, predict
+from medvision.serving.metrics import Metrics
+from medvision.serving.routes import admin, health, predict, results
 from medvision.serving.settings import Settings
 
 log = logging.getLogger("medvision.serving")
@@ -26,12 +28,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.db = open_database(settings.database_url)
         app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
+        app.state.metrics.set_model(info)
         log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
                  info["format"], info["gate"], ",".join(info["providers"]))
         yield
         app.state.engine = None
+        app.state.db.kw["bind"].dispose()
 
     app = FastAPI(
         title="medvision",
@@ -41,6 +46,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.engine = None
+    app.state.metrics = Metrics()
 
     @app.middleware("http")
     async def request_log(request: Request, call_next):
@@ -48,13 +54,24 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         given = request.headers.get("x-request-id", "")
         request.state.request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         start = time.perf_counter()
-        response = await call_next(request)
+        metrics = app.state.metrics
+        metrics.inflight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.inflight.dec()
+        elapsed = time.perf_counter() - start
         response.headers["X-Request-ID"] = request.state.request_id
-        log.info("%s %s %d %.1f ms id=%s", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - start) * 1000, request.state.request_id)
+        # the route template, not the path: UIDs in paths would make one time series per study
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(request.method, route, str(response.status_code)).observe(elapsed)
+        log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1000,
+                 request.state.request_id)
         return response
 
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(results.router)
+    app.include_router(admin.router)
     return app

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import sys
 from pathlib import Path
 
 from medvision.errors import ConfigError
 from medvision.extras import require_extra
 
-SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx")
+SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx", "sqlalchemy", "alembic",
+                 "prometheus_client")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +40,8 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="ONNX artifact to run locally")
     target.add_argument("--url", help="base URL of a running 'medvision serve'")
+    p.add_argument("--api-key", default=os.environ.get("MEDVISION_API_KEY"),
+                   help="API key with the 'score' scope for --url (default: MEDVISION_API_KEY)")
     p.add_argument("--manifest", help="manifest CSV ('medvision data manifest'): its files and labels")
     p.add_argument("--labels", help="labels CSV with image_id and cancer columns")
     p.add_argument("--split", help="split.csv of a training run: score only the images of --subset")
@@ -44,6 +49,52 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write one CSV row per file here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_predict)
+
+
+def register_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keys", help="create, list and revoke the service's API keys",
+        description="Keys carry scopes: score (send images, read their results), review (the reading UI), admin "
+        "(keys, usage, audit, metrics; implies the others). Only a hash of each key is stored: the key is printed "
+        "once, at creation. The database is MEDVISION_DATABASE_URL (or --database).",
+    )
+    p.add_argument("--database", help="SQLAlchemy URL (default: MEDVISION_DATABASE_URL or sqlite:///medvision_data/medvision.db)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    c = actions.add_parser("create", help="create a key and print it (once)")
+    c.add_argument("name", help="the site or client it is for (unique)")
+    c.add_argument("--scopes", default="score", help="comma-separated: score, review, admin (default: score)")
+    actions.add_parser("list", help="list keys (names, scopes, prefixes, status; never secrets)")
+    r = actions.add_parser("revoke", help="revoke a key by name")
+    r.add_argument("name")
+    p.set_defaults(func=run_keys)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    require_extra("serve", *SERVE_MODULES)
+    from sqlalchemy import select
+
+    from medvision.serving.auth import create_key, revoke_key
+    from medvision.serving.db import open_database
+    from medvision.serving.settings import Settings
+    from medvision.serving.tables import ApiKey
+
+    url = args.database or Settings().database_url
+    sessions = open_database(url)
+    with sessions() as db:
+        if args.action == "create":
+            token, row = create_key(db, args.name, args.scopes)
+            print(json.dumps({"name": row.name, "scopes": row.scopes.split(","), "key": token}, indent=2))
+            print("store this key now: it is not kept and cannot be shown again", file=sys.stderr)
+        elif args.action == "revoke":
+            row = revoke_key(db, args.name)
+            print(json.dumps({"name": row.name, "revoked_at": row.revoked_at.isoformat()}, indent=2))
+        else:
+            rows = db.scalars(select(ApiKey).order_by(ApiKey.id))
+            print(json.dumps([{"name": k.name, "prefix": f"mv_{k.prefix}_…", "scopes": k.scopes.split(","),
+                               "created_at": k.created_at.isoformat(),
+                               "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+                               "revoked": k.revoked_at is not None} for k in rows], indent=2))
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -93,7 +144,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.model:
         rows, threshold = score_local(files, args.model, show_progress=show)
     else:
-        rows, threshold = score_remote(files, args.url, show_progress=show)
+        rows, threshold = score_remote(files, args.url, args.api_key, show_progress=show)
     if args.out:
         write_rows(rows, args.out)
     print(json.dumps(summarise(rows, threshold, args.labels, truth), indent=2))

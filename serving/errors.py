@@ -39,10 +39,20 @@ class MalformedRequest(MedvisionError):
     code = "malformed_request"
 
 
+class Unauthenticated(MedvisionError):
+    code = "unauthenticated"
+
+
+class Forbidden(MedvisionError):
+    code = "forbidden"
+
+
 STATUS = {
     EmptyInputError: 400,
     MissingFile: 400,
     MalformedRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     NotDicomError: 422,
@@ -71,7 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         # The code only: messages may quote file content, and logs must stay free of identifiers.
         log.info("request %s refused: %s (%d)", getattr(request.state, "request_id", "-"), exc.code, status)
-        return JSONResponse(error_body(exc.code, exc.message, request), status_code=status)
+        headers = {"WWW-Authenticate": 'Bearer realm="medvision"'} if status == 401 else None
+        return JSONResponse(error_body(exc.code, exc.message, request), status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

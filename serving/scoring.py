@@ -76,6 +76,9 @@ def score_remote(files: list[Path], url: str, api_key: str | None = None, show_p
             except httpx.TransportError as exc:
                 raise ConfigError(f"cannot reach the service at {url}: {type(exc).__name__}: {exc}") from None
             body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+            if resp.status_code in (401, 403):  # every later file would fail the same way
+                message = body.get("error", {}).get("message", resp.text[:200])
+                raise ConfigError(f"the service refused the API key ({resp.status_code}): {message}")
             if resp.status_code == 200:
                 row.sop_instance_uid, row.probability, row.label = (
                     body["sop_instance_uid"], body["probability"], body["label"])

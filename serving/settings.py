@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
+    database_url: str = Field("sqlite:///medvision_data/medvision.db",
+                              description="SQLAlchemy URL: sqlite:///path (WAL) or postgresql+psycopg://user@host/db")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"

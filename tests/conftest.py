@@ -19,8 +19,10 @@ SYNTH_ARGS = ["--patients", "16", "--rows", "256", "--columns", "208", "--preval
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_image_cache(tmp_path_factory):
-    """Keep the decode-once cache of this test session away from the user's ~/.cache."""
+    """Keep the decode-once cache and the service database of this test session out of the user's folders
+    (subprocesses inherit both)."""
     os.environ["MEDVISION_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
+    os.environ["MEDVISION_DATABASE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('service-db') / 'medvision.db'}"
     yield
 
 

@@ -17,3 +17,15 @@ def require_tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def fresh_postgres_db(url: str, name: str) -> str:
+    """A new, empty database named ``name`` on the PostgreSQL cluster at ``url`` (the ``postgres_url`` fixture)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return url.replace("@/postgres?", f"@/{name}?")

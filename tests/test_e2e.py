@@ -8,6 +8,8 @@ from fastapi.testclient import TestClient
 
 from medvision.metrics import auroc
 from medvision.serving.app import create_app
+from medvision.serving.auth import create_key
+from medvision.serving.db import open_database
 from medvision.serving.settings import Settings
 
 
@@ -16,7 +18,9 @@ def test_synth_train_export_serve_predict(synth_dir, tiny_run, artifact):
         held_out = [r for r in csv.DictReader(fh) if r["split"] == "test"]
     assert held_out
     labels, scores = [], []
-    with TestClient(create_app(Settings(artifact=str(artifact)))) as client:
+    with open_database(Settings().database_url)() as db:
+        token, _ = create_key(db, "e2e", "score")
+    with TestClient(create_app(Settings(artifact=str(artifact))), headers={"Authorization": f"Bearer {token}"}) as client:
         for r in held_out:
             data = (synth_dir / "images" / r["patient_id"] / f"{r['image_id']}.dcm").read_bytes()
             resp = client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom"})

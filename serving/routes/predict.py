@@ -9,8 +9,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from medvision.serving.auth import Caller, audit, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.usage import record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 log = logging.getLogger("medvision.serving")
@@ -92,14 +94,25 @@ async def read_dicom_upload(request: Request) -> bytes:
         "application/dicom": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
     }, "required": True}},
-    responses={400: {"description": "empty body / no file"}, 413: {"description": "too large"},
+    responses={400: {"description": "empty body / no file"}, 401: {"description": "no valid API key"},
+               403: {"description": "the key lacks the 'score' scope"}, 413: {"description": "too large"},
                415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"}},
 )
-async def predict(request: Request, engine: Engine = Depends(get_engine)) -> PredictResponse:
+async def predict(request: Request, engine: Engine = Depends(get_engine), caller: Caller = require("score")) -> PredictResponse:
     data = await read_dicom_upload(request)
     # Decoding and inference are CPU-bound: keep them off the event loop.
     result = await run_in_threadpool(engine.predict, data)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
+    info = engine.model_info()
+    app = request.app.state
+    app.metrics.inference.observe(result.inference_ms / 1000)
+    app.metrics.scores.observe(result.probability)
+    app.metrics.images.labels(caller.name).inc()
+    await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
+                            result.meta.study_instance_uid, None, result.probability, result.label,
+                            engine.meta.threshold, info, result.inference_ms)
+    await run_in_threadpool(audit, app.db, request, "score", 200, result.meta.sop_instance_uid or "",
+                            caller.key_id)
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,
@@ -108,6 +121,6 @@ async def predict(request: Request, engine: Engine = Depends(get_engine)) -> Pre
         threshold=engine.meta.threshold,
         above_threshold=result.above_threshold,
         operating_point=engine.meta.operating_point,
-        model=ModelInfo(**engine.model_info()),
+        model=ModelInfo(**info),
         inference_ms=result.inference_ms,
     )

@@ -1,6 +1,7 @@
 """A wheel installed with only the ``serve`` extra (no torch) starts the service and scores a DICOM over HTTP."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -57,9 +58,14 @@ def test_serve_extra_alone_serves_without_torch(wheel, artifact, dicom_files, tm
     train = subprocess.run([str(exe), "train", "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert train.returncode == 2 and "medvision[train]" in train.stderr
 
+    env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}"}
+    made = subprocess.run([str(exe), "keys", "create", "pacs", "--scopes", "score"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
     port = _free_port()
     proc = subprocess.Popen([str(exe), "serve", "--model", str(artifact), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -73,13 +79,19 @@ def test_serve_extra_alone_serves_without_torch(wheel, artifact, dicom_files, tm
                     raise AssertionError("service did not become ready") from None
                 time.sleep(0.3)
         f = dicom_files[5]
+        anonymous = urllib.request.Request(base + "/v1/predict", data=f.read_bytes(),
+                                           headers={"Content-Type": "application/dicom"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(anonymous, timeout=30)
+        assert info.value.code == 401
+        auth = {"Authorization": f"Bearer {key}"}
         req = urllib.request.Request(base + "/v1/predict", data=f.read_bytes(),
-                                     headers={"Content-Type": "application/dicom"}, method="POST")
+                                     headers={"Content-Type": "application/dicom", **auth}, method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
             body = json.loads(r.read())
         assert body["probability"] == pytest.approx(Engine(artifact).predict(f).probability, abs=1e-6)
-        bad = urllib.request.Request(base + "/v1/predict", data=b"", headers={"Content-Type": "application/dicom"},
-                                     method="POST")
+        bad = urllib.request.Request(base + "/v1/predict", data=b"",
+                                     headers={"Content-Type": "application/dicom", **auth}, method="POST")
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(bad, timeout=30)
         assert info.value.code == 400

@@ -1,0 +1,128 @@
+"""API keys with scopes, and the audit trail of who accessed what.
+
+A key reads ``mv_<prefix>_<secret>``: the prefix is public and finds the row, the secret proves it; only
+the secret's SHA-256 is stored (keys are 256-bit random, so a fast hash is the right one — there is no
+password to brute-force), compared in constant time. Scopes: ``score`` (send images, read their
+results), ``review`` (the reading UI), ``admin`` (keys, usage, metrics; implies the others).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from medvision.errors import ConfigError
+from medvision.serving.errors import Forbidden, Unauthenticated
+from medvision.serving.tables import ApiKey, AuditEvent, utcnow
+
+SCOPES = ("score", "review", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated key, as routes see it (no secret, no ORM session attached)."""
+
+    key_id: int
+    name: str
+    scopes: frozenset[str]
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_scopes(text: str) -> list[str]:
+    scopes = sorted({s.strip() for s in text.split(",") if s.strip()})
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise ConfigError(f"scopes must be a comma-separated subset of {', '.join(SCOPES)}; got {text!r}")
+    return scopes
+
+
+def create_key(db: Session, name: str, scopes: str) -> tuple[str, ApiKey]:
+    """A new key; the returned token is shown once and cannot be recovered from the database."""
+    if not name or len(name) > 128:
+        raise ConfigError("a key needs a name (the site or client it is for), at most 128 characters")
+    if db.scalar(select(ApiKey).where(ApiKey.name == name)) is not None:
+        raise ConfigError(f"a key named {name!r} exists already (revoke it or choose another name)")
+    prefix, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
+    row = ApiKey(name=name, prefix=prefix, secret_sha256=_digest(secret), scopes=",".join(parse_scopes(scopes)))
+    db.add(row)
+    db.commit()
+    return f"mv_{prefix}_{secret}", row
+
+
+def revoke_key(db: Session, name: str) -> ApiKey:
+    row = db.scalar(select(ApiKey).where(ApiKey.name == name))
+    if row is None:
+        raise ConfigError(f"no key named {name!r}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        db.commit()
+    return row
+
+
+def verify(db: Session, token: str) -> ApiKey | None:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != "mv":
+        return None
+    row = db.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.secret_sha256, _digest(parts[2])):
+        return None
+    row.last_used_at = utcnow()
+    db.commit()
+    return row
+
+
+def audit(sessions: sessionmaker[Session], request: Request, action: str, status: int, resource: str = "",
+          key_id: int | None = None, **detail) -> None:
+    """One audit row. ``resource`` holds UIDs or route paths, never names or other identifiers."""
+    with sessions() as db:
+        db.add(AuditEvent(key_id=key_id, action=action, resource=resource[:256], status=status,
+                          request_id=getattr(request.state, "request_id", ""), detail=detail))
+        db.commit()
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def require(*scopes: str):
+    """Route dependency: a valid, unrevoked key holding one of ``scopes`` (or ``admin``); 401 / 403
+    otherwise, every refusal audited."""
+    if not scopes or any(s not in SCOPES for s in scopes):
+        raise ValueError(scopes)
+
+    async def dependency(request: Request) -> Caller:
+        sessions = request.app.state.db
+        token = _token(request)
+        row = await run_in_threadpool(_lookup, sessions, token) if token else None
+        if row is None:
+            await run_in_threadpool(audit, sessions, request, "auth_failed", 401, request.url.path,
+                                    reason="missing" if not token else "invalid")
+            raise Unauthenticated("a valid API key is required: send 'Authorization: Bearer <key>' (create one "
+                                  "with 'medvision keys create')" if not token else
+                                  "the API key is not valid or has been revoked")
+        caller = Caller(row.id, row.name, frozenset(row.scopes.split(",")))
+        if not caller.scopes & {*scopes, "admin"}:
+            await run_in_threadpool(audit, sessions, request, "forbidden", 403, request.url.path, key_id=row.id)
+            raise Forbidden(f"this key lacks the {' or '.join(repr(s) for s in scopes)} scope")
+        request.state.caller = caller
+        return caller
+
+    return Depends(dependency)
+
+
+def _lookup(sessions: sessionmaker[Session], token: str) -> ApiKey | None:
+    with sessions() as db:
+        return verify(db, token)

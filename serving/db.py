@@ -1,0 +1,62 @@
+"""The service's database: SQLAlchemy with SQLite (WAL) by default or PostgreSQL by URL; schema by Alembic.
+
+``open_database(url)`` upgrades the schema to the latest migration and returns a session factory.
+SQLite gets WAL journaling (readers never block the writer), a busy timeout and foreign keys;
+PostgreSQL is used as given (``postgresql+psycopg://user@host/db``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from medvision.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True)
+    raise ConfigError(f"database URL must start with sqlite:// or postgresql://, not {url.split(':', 1)[0]!r}")
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the schema to the newest migration; returns the revision now in place."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision() or ""
+
+
+def open_database(url: str) -> sessionmaker[Session]:
+    engine = make_engine(url)
+    revision = migrate(engine)
+    log.info("database %s at schema revision %s", engine.url.get_backend_name(), revision)
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,28 @@
+"""Prometheus metrics (one registry per app, so several apps in one process never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Histogram("medvision_request_duration_seconds", "HTTP request latency",
+                                  ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("medvision_requests_in_flight", "requests being handled", registry=r)
+        self.inference = Histogram("medvision_inference_seconds", "model forward time per image",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.scores = Histogram("medvision_probability", "cancer probabilities returned",
+                                buckets=tuple(i / 20 for i in range(1, 20)), registry=r)
+        self.images = Counter("medvision_images_scored", "images scored, per API key (site)", ["site"], registry=r)
+        self.refused = Counter("medvision_images_refused", "inputs refused, by reason", ["reason"], registry=r)
+        self.model = Gauge("medvision_model_info", "the served model (value 1)",
+                           ["name", "artifact_sha256", "format", "gate"], registry=r)
+
+    def set_model(self, info: dict) -> None:
+        self.model.clear()
+        self.model.labels(info["name"], info["artifact_sha256"][:16], info["format"], info["gate"]).set(1)

@@ -1,0 +1,77 @@
+"""Operations: usage per site and day, the audit log, Prometheus metrics (``admin`` scope)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from medvision.serving.auth import Caller, audit, require
+from medvision.serving.tables import ApiKey, AuditEvent, Usage
+
+router = APIRouter(tags=["admin"])
+
+
+class UsageRow(BaseModel):
+    day: str
+    site: str
+    images: int
+    studies: int
+    inference_seconds: float
+
+
+class AuditRow(BaseModel):
+    at: _dt.datetime
+    key: str | None
+    action: str
+    resource: str
+    status: int
+    request_id: str
+
+
+def _usage(sessions, since: str, until: str) -> list[UsageRow]:
+    stmt = (select(Usage, ApiKey.name).join(ApiKey, Usage.key_id == ApiKey.id)
+            .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, ApiKey.name))
+    with sessions() as db:
+        return [UsageRow(day=u.day, site=name, images=u.images, studies=u.studies,
+                         inference_seconds=round(u.inference_ms / 1000, 3)) for u, name in db.execute(stmt)]
+
+
+def _audit_rows(sessions, limit: int, action: str | None) -> list[AuditRow]:
+    stmt = (select(AuditEvent, ApiKey.name).join(ApiKey, AuditEvent.key_id == ApiKey.id, isouter=True)
+            .order_by(AuditEvent.id.desc()).limit(limit))
+    if action:
+        stmt = stmt.where(AuditEvent.action == action)
+    with sessions() as db:
+        return [AuditRow(at=e.at, key=name, action=e.action, resource=e.resource, status=e.status,
+                         request_id=e.request_id) for e, name in db.execute(stmt)]
+
+
+@router.get("/v1/admin/usage", response_model=list[UsageRow], summary="Images and studies scored per site per day")
+async def usage(request: Request, since: _dt.date = Query(None, description="first UTC day (default: 30 days ago)"),
+                until: _dt.date = Query(None, description="last UTC day (default: today)"),
+                caller: Caller = require("admin")) -> list[UsageRow]:
+    today = _dt.datetime.now(_dt.UTC).date()
+    since, until = since or today - _dt.timedelta(days=30), until or today
+    rows = await run_in_threadpool(_usage, request.app.state.db, since.isoformat(), until.isoformat())
+    await run_in_threadpool(audit, request.app.state.db, request, "read_usage", 200, "", caller.key_id)
+    return rows
+
+
+@router.get("/v1/admin/audit", response_model=list[AuditRow], summary="The newest audit events")
+async def audit_log(request: Request, limit: int = Query(100, ge=1, le=10_000), action: str | None = None,
+                    caller: Caller = require("admin")) -> list[AuditRow]:
+    rows = await run_in_threadpool(_audit_rows, request.app.state.db, limit, action)
+    await run_in_threadpool(audit, request.app.state.db, request, "read_audit", 200, "", caller.key_id)
+    return rows
+
+
+@router.get("/metrics", summary="Prometheus metrics (scrape with an admin key as bearer token)",
+            response_class=Response)
+async def metrics(request: Request, caller: Caller = require("admin")) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

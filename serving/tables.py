@@ -1,0 +1,86 @@
+"""The service's tables (SQLAlchemy 2 ORM). The schema itself is created and changed by Alembic
+migrations (``medvision/serving/migrations``), never by ``create_all``, so SQLite and PostgreSQL
+deployments upgrade the same way.
+
+No patient identifiers are stored: studies and images are keyed by their DICOM UIDs, which the
+service needs to send results back to the PACS, and the accession number, which readers search by.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; ``prefix`` (public) finds it, the secret proves it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True, index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[str] = mapped_column(String(128), doc="comma-separated: score, review, admin")
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEvent(Base):
+    """One access: who (key), what (action on a resource), when, how it ended, and the request id."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(256), default="")
+    status: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Usage(Base):
+    """Images and studies scored per key (site) per UTC day: what a deployment bills or budgets by."""
+
+    __tablename__ = "usage"
+    __table_args__ = (UniqueConstraint("day", "key_id", name="uq_usage_day_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), index=True, doc="YYYY-MM-DD, UTC")
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    inference_ms: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ScoredImage(Base):
+    """One scored image; re-sending the same SOP Instance UID returns this row instead of scoring again."""
+
+    __tablename__ = "scored_images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True, default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    probability: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(32))
+    threshold: Mapped[float] = mapped_column(Float)
+    model_name: Mapped[str] = mapped_column(String(128))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    inference_ms: Mapped[float] = mapped_column(Float)
+    scored_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    note: Mapped[str] = mapped_column(Text, default="")

@@ -1,0 +1,57 @@
+"""What was scored, for whom: results, usage per key per day, and the audit of each result returned."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from medvision.serving.tables import ScoredImage, Usage, utcnow
+
+
+def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
+                 accession: str | None, probability: float, label: str, threshold: float, model: dict,
+                 inference_ms: float) -> None:
+    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site.
+
+    Two requests may create the same usage row or result row at once: the loser of that race hits the
+    unique constraint, rolls back and retries against the winner's row.
+    """
+    for attempt in range(3):
+        try:
+            _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
+                    inference_ms)
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
+
+
+def _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
+            inference_ms) -> None:
+    day = _dt.datetime.now(_dt.UTC).date().isoformat()
+    with sessions() as db:
+        new_study = False
+        if sop_uid:
+            study = study_uid or ""
+            new_study = bool(study) and db.scalar(
+                select(ScoredImage.id).where(ScoredImage.study_instance_uid == study, ScoredImage.key_id == key_id)
+                .limit(1)) is None
+            row = db.scalar(select(ScoredImage).where(ScoredImage.sop_instance_uid == sop_uid))
+            if row is None:
+                row = ScoredImage(sop_instance_uid=sop_uid)
+                db.add(row)
+            row.study_instance_uid, row.accession_number, row.key_id = study, (accession or "")[:16], key_id
+            row.probability, row.label, row.threshold = probability, label, threshold
+            row.model_name, row.artifact_sha256 = model["name"], model["artifact_sha256"]
+            row.inference_ms, row.scored_at = inference_ms, utcnow()
+        usage = db.scalar(select(Usage).where(Usage.day == day, Usage.key_id == key_id))
+        if usage is None:
+            usage = Usage(day=day, key_id=key_id, images=0, studies=0, inference_ms=0.0)
+            db.add(usage)
+        usage.images += 1
+        usage.studies += int(new_study)
+        usage.inference_ms += inference_ms
+        db.commit()

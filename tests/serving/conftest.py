@@ -1,0 +1,52 @@
+"""Service fixtures: a database per test module (SQLite, or a real PostgreSQL started for the session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+def _pg_tool(name: str) -> str:
+    found = sorted(PG_BIN.glob(f"*/bin/{name}")) if PG_BIN.is_dir() else []
+    path = str(found[-1]) if found else shutil.which(name)
+    if not path:
+        pytest.fail(f"PostgreSQL's '{name}' is not installed (Debian package 'postgresql'; .ci/run installs it)")
+    return path
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # initdb refuses to run as root: use Debian's 'postgres' system user then
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster listening on a Unix socket only (no TCP: unreachable from outside)."""
+    # directly under /tmp: pytest's own temporary folders are private to root, which 'postgres' cannot enter
+    base = Path(tempfile.mkdtemp(prefix="medvision-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    for p in (base, sock):
+        p.chmod(0o777)
+    subprocess.run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                                 "--no-sync"]), check=True, capture_output=True, timeout=120)
+    with socket.socket() as s:  # a free port number only names the socket file
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off"
+    subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w",
+                                 "start"]), check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+    finally:
+        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
