@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Demo size: `make demo` (default, ~8 min on 2 cores after the install), `make demo-large`, or e.g.
+# Demo size: `make demo` (default, ~14 min on 2 cores after the install), `make demo-large`, or e.g.
 # `make demo DEMO_PATIENTS=1000 DEMO_MINUTES=20 DEMO_EPOCHS=60 DEMO_DIFFICULTY=0.3`.
 DEMO_DIR ?= demo_out
 DEMO_PATIENTS ?= 400

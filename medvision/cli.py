@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Codecs and the HTTP client log every tile / request at INFO; keep the console for progress and results.
-    for noisy in ("openjpeg", "pydicom", "httpx", "httpcore", "matplotlib"):
+    for noisy in ("openjpeg", "pydicom", "httpx", "httpcore", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         result = args.func(args)
