@@ -14,8 +14,9 @@ from medvision import __version__
 from medvision.serving.db import open_database
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
+from medvision.serving.jobs import Worker
 from medvision.serving.metrics import Metrics
-from medvision.serving.routes import admin, health, predict, results
+from medvision.serving.routes import admin, dicomweb, health, predict, results
 from medvision.serving.settings import Settings
 
 log = logging.getLogger("medvision.serving")
@@ -32,9 +33,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
         app.state.metrics.set_model(info)
+        if settings.job_workers:
+            app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
+            app.state.worker.start()
         log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
                  info["format"], info["gate"], ",".join(info["providers"]))
         yield
+        if app.state.worker is not None:
+            app.state.worker.shutdown()
+            app.state.worker = None
         app.state.engine = None
         app.state.db.kw["bind"].dispose()
 
@@ -47,6 +54,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = None
     app.state.metrics = Metrics()
+    app.state.worker = None
 
     @app.middleware("http")
     async def request_log(request: Request, call_next):
@@ -73,5 +81,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(results.router)
+    app.include_router(dicomweb.router)
     app.include_router(admin.router)
     return app

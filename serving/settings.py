@@ -16,6 +16,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
     database_url: str = Field("sqlite:///medvision_data/medvision.db",
                               description="SQLAlchemy URL: sqlite:///path (WAL) or postgresql+psycopg://user@host/db")
+    data_dir: str = Field("medvision_data", description="received instances (instances/) and reports (reports/)")
+    pacs_url: str | None = Field(None, description="DICOMweb root of the PACS to store reports into by STOW-RS")
+    pacs_username: str | None = Field(None, description="HTTP basic auth user for pacs_url")
+    pacs_password: str | None = Field(None, description="HTTP basic auth password for pacs_url")
+    job_workers: int = Field(1, ge=0, description="threads scoring received studies (0: receive only)")
+    job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"

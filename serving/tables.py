@@ -84,3 +84,53 @@ class ScoredImage(Base):
     inference_ms: Mapped[float] = mapped_column(Float)
     scored_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class Study(Base):
+    """A study received over STOW-RS: where its scoring stands and where its report went."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="received", doc="received, scored, failed")
+    report_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    report_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    report_path: Mapped[str] = mapped_column(String(512), default="")
+    pushed_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    push_error: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Instance(Base):
+    """A received DICOM instance, stored on disk before the STOW-RS response acknowledged it."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str] = mapped_column(String(512))
+    received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="received", doc="received, scored, refused")
+    error_code: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Job(Base):
+    """Scoring work for one study, claimed by one worker at a time under a renewable lease."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True, doc="queued, running, done, failed")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

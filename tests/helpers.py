@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -29,3 +31,56 @@ def fresh_postgres_db(url: str, name: str) -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return url.replace("@/postgres?", f"@/{name}?")
+
+
+def stow_body(files: list[bytes], content_types: dict[int, str] | None = None) -> tuple[bytes, str]:
+    """A STOW-RS request body (``multipart/related; type="application/dicom"``) and its content type."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = b""
+    for i, data in enumerate(files):
+        ctype = (content_types or {}).get(i, "application/dicom")
+        body += f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+class LiveServer:
+    """The real app under uvicorn on a loopback port, in a thread (dicomweb-client needs real HTTP)."""
+
+    def __init__(self, settings) -> None:
+        import httpx
+        import uvicorn
+
+        from medvision.serving.app import create_app
+        from medvision.serving.auth import create_key
+        from medvision.serving.db import open_database
+
+        with open_database(settings.database_url)() as db:
+            self.key = create_key(db, "pacs", "score")[0]
+            self.reader = create_key(db, "reader", "review")[0]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def wait_scored(self, study_uid: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.client.get(f"/v1/studies/{study_uid}")
+            if r.status_code == 200 and r.json()["status"] in ("scored", "failed"):
+                return r.json()
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)

@@ -20,10 +20,11 @@ def url(request, tmp_path):
 
 def test_migrations_build_the_orm_schema(url):
     engine = make_engine(url)
-    assert migrate(engine) == "0001"
-    assert migrate(engine) == "0001"  # idempotent: a restarted service upgrades nothing
+    assert migrate(engine) == "0002"
+    assert migrate(engine) == "0002"  # idempotent: a restarted service upgrades nothing
     tables = set(inspect(engine).get_table_names())
-    assert {"api_keys", "audit_log", "usage", "scored_images", "alembic_version"} <= tables
+    assert {"api_keys", "audit_log", "usage", "scored_images", "studies", "instances", "jobs",
+            "alembic_version"} <= tables
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], diff

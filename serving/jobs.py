@@ -1,0 +1,188 @@
+"""The persisted scoring queue: studies received over STOW-RS are scored by workers that claim jobs.
+
+A job is claimed with a compare-and-set ``UPDATE … WHERE status = 'queued' OR the lease expired``: on
+PostgreSQL and SQLite alike exactly one worker wins, even across service processes sharing the
+database. The winner holds a lease it renews after every image; a worker killed mid-job (``kill -9``)
+stops renewing, and once the lease lapses any worker (the restarted service included) takes the job
+over. Instances already scored are skipped, so every SOP Instance UID is scored once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from medvision.errors import MedvisionError
+from medvision.serving.structured_report import ImageScore, build_sr
+from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
+from medvision.serving.usage import record_score
+
+log = logging.getLogger("medvision.serving.jobs")
+MAX_ATTEMPTS = 3
+
+
+def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
+    now = utcnow()
+    claimable = or_(Job.status == "queued", (Job.status == "running") & (Job.lease_until < now))
+    with sessions() as db:
+        for job_id in db.scalars(select(Job.id).where(claimable).order_by(Job.id).limit(5)):
+            won = db.execute(
+                update(Job).where(Job.id == job_id, claimable)
+                .values(status="running", lease_owner=owner, attempts=Job.attempts + 1,
+                        lease_until=now + _dt.timedelta(seconds=lease_seconds), updated_at=now)
+            ).rowcount
+            db.commit()
+            if won == 1:
+                return db.get(Job, job_id)
+    return None
+
+
+def _renew(sessions, job: Job, owner: str, lease_seconds: float) -> None:
+    with sessions() as db:
+        db.execute(update(Job).where(Job.id == job.id, Job.lease_owner == owner)
+                   .values(lease_until=utcnow() + _dt.timedelta(seconds=lease_seconds)))
+        db.commit()
+
+
+def _finish(sessions, job: Job, owner: str, status: str, error: str = "") -> None:
+    with sessions() as db:
+        db.execute(update(Job).where(Job.id == job.id, Job.lease_owner == owner)
+                   .values(status=status, last_error=error[:256], lease_until=None, updated_at=utcnow()))
+        db.commit()
+
+
+class Worker:
+    """Background threads that score queued studies with the app's engine and write their SR."""
+
+    def __init__(self, app_state, threads: int = 1, lease_seconds: float = 60.0, poll_seconds: float = 1.0) -> None:
+        self.state = app_state
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.owner = f"{os.uname().nodename[:24]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, name=f"medvision-job-{i}", daemon=True)
+                        for i in range(threads)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        self.wake.set()
+        for t in self.threads:
+            t.join(timeout)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                job = claim(self.state.db, self.owner, self.lease_seconds)
+            except Exception as exc:  # the database may be briefly unavailable: retry, never die
+                log.warning("job claim failed: %s", type(exc).__name__)
+                job = None
+            if job is None:
+                self.wake.wait(self.poll_seconds)
+                self.wake.clear()
+                continue
+            self.run(job)
+
+    def run(self, job: Job) -> None:
+        try:
+            self.score_study(job)
+        except Exception as exc:  # record it, let another attempt (or an operator) deal with it
+            error = exc.code if isinstance(exc, MedvisionError) else type(exc).__name__
+            retry = job.attempts < MAX_ATTEMPTS
+            log.warning("job %d (attempt %d) failed: %s%s", job.id, job.attempts, error, "; will retry" if retry else "")
+            _finish(self.state.db, job, self.owner, "queued" if retry else "failed", error)
+            if not retry:
+                self._set_study(job.study_instance_uid, status="failed")
+            return
+        _finish(self.state.db, job, self.owner, "done")
+
+    def score_study(self, job: Job) -> None:
+        engine, sessions, metrics = self.state.engine, self.state.db, self.state.metrics
+        info = engine.model_info()
+        with sessions() as db:
+            study = db.scalar(select(Study).where(Study.study_instance_uid == job.study_instance_uid))
+            instances = list(db.scalars(select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
+                                        .order_by(Instance.id)))
+        key_id = study.key_id if study else None
+        for inst in instances:
+            if inst.status != "received":
+                continue  # scored (or refused) before: never twice
+            try:
+                result = engine.predict(Path(inst.path))
+            except MedvisionError as exc:
+                self._set_instance(inst.id, "refused", exc.code)
+                metrics.refused.labels(exc.code).inc()
+                continue
+            record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, None, result.probability,
+                         result.label, engine.meta.threshold, info, result.inference_ms)
+            self._set_instance(inst.id, "scored")
+            metrics.inference.observe(result.inference_ms / 1000)
+            metrics.scores.observe(result.probability)
+            _renew(sessions, job, self.owner, self.lease_seconds)
+        self.write_report(job.study_instance_uid, info)
+
+    def write_report(self, study_uid: str, info: dict) -> None:
+        sessions = self.state.db
+        with sessions() as db:
+            rows = list(db.execute(
+                select(Instance.path, ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold)
+                .join(ScoredImage, ScoredImage.sop_instance_uid == Instance.sop_instance_uid)
+                .where(Instance.study_instance_uid == study_uid, Instance.status == "scored")
+                .order_by(Instance.id)))
+        if not rows:
+            self._set_study(study_uid, status="failed")
+            return
+        sources = [dcmread(path, stop_before_pixels=True) for path, *_ in rows]
+        scores = [ImageScore(uid, p, p >= thr) for _, uid, p, thr in rows]
+        sr = build_sr(sources, scores, info)
+        folder = Path(self.state.settings.data_dir) / "reports" / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{sr.SOPInstanceUID}.dcm"
+        tmp = path.with_suffix(".partial")
+        sr.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, path)
+        self._set_study(study_uid, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
+                        report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path))
+        pacs = self.state.settings.pacs_url
+        if pacs:
+            self.push(study_uid, sr, pacs)
+
+    def push(self, study_uid: str, sr, pacs: str) -> None:
+        """Store the SR into the PACS by STOW-RS (dicomweb-client)."""
+        from dicomweb_client.api import DICOMwebClient
+
+        settings = self.state.settings
+        try:
+            session = None
+            if settings.pacs_username:
+                from dicomweb_client.session_utils import create_session_from_user_pass
+
+                session = create_session_from_user_pass(settings.pacs_username, settings.pacs_password)
+            DICOMwebClient(url=pacs, session=session).store_instances([sr])
+        except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
+            log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
+            self._set_study(study_uid, push_error=type(exc).__name__)
+            return
+        self._set_study(study_uid, pushed_at=utcnow(), push_error="")
+
+    def _set_instance(self, instance_id: int, status: str, error_code: str = "") -> None:
+        with self.state.db() as db:
+            db.execute(update(Instance).where(Instance.id == instance_id).values(status=status, error_code=error_code))
+            db.commit()
+
+    def _set_study(self, study_uid: str, **values) -> None:
+        with self.state.db() as db:
+            db.execute(update(Study).where(Study.study_instance_uid == study_uid).values(updated_at=utcnow(), **values))
+            db.commit()

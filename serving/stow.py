@@ -1,0 +1,264 @@
+"""STOW-RS reception: a ``multipart/related; type="application/dicom"`` body, parsed as it streams in.
+
+Every part is written to disk (fsync, then an atomic rename) and recorded in the database before the
+response acknowledges it, so an instance the PACS was told is stored survives a crash; its study is
+queued for scoring. Parts that are not usable DICOM images are reported per instance in the response
+with a DICOM failure reason, as PS3.18 says, and the rest are still stored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart.multipart import MultipartParseError, MultipartParser
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from medvision.dicom_io import ReadLimits, read_header
+from medvision.errors import (
+    MedvisionError,
+    MissingCodecError,
+    NotAnImageError,
+    NotDicomError,
+    UnsupportedImageError,
+)
+from medvision.serving.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.tables import Instance, Job, Study, utcnow
+
+# PS3.4 / PS3.18 failure reasons (Failure Reason, 0008,1197)
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+STUDY_MISMATCH = 0xA900  # "Data Set does not match SOP Class" is what PS3.18 asks for a wrong study
+CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
+@dataclass
+class Part:
+    path: Path
+    content_type: str = ""
+    size: int = 0
+
+
+@dataclass
+class Outcome:
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    failure: int | None = None
+    reason: str = ""
+    already_stored: bool = False
+
+
+@dataclass
+class _Collector:
+    incoming: Path
+    limit: int
+    parts: list[Part] = field(default_factory=list)
+    size: int = 0
+    ended: bool = False
+    _field: bytearray = field(default_factory=bytearray)
+    _value: bytearray = field(default_factory=bytearray)
+    _headers: dict = field(default_factory=dict)
+    _fh: object = None
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.begin, "on_header_field": self.header_field,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_headers_finished": self.headers_done, "on_part_data": self.data, "on_part_end": self.end,
+                "on_end": self.finish}
+
+    def begin(self) -> None:
+        self._headers = {}
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def header_end(self) -> None:
+        self._headers[bytes(self._field).decode("latin-1").strip().lower()] = bytes(self._value).decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def headers_done(self) -> None:
+        fd, name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        self._fh = os.fdopen(fd, "wb")
+        self.parts.append(Part(Path(name), self._headers.get("content-type", "").split(";")[0].strip().lower()))
+
+    def data(self, data: bytes, start: int, end: int) -> None:
+        n = end - start
+        self.size += n
+        if self.size > self.limit:
+            raise PayloadTooLarge(f"STOW-RS body exceeds the limit of {self.limit:,} bytes")
+        self.parts[-1].size += n
+        self._fh.write(data[start:end])
+
+    def end(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+
+    def finish(self) -> None:
+        self.ended = True
+
+    def cleanup(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        for p in self.parts:
+            p.path.unlink(missing_ok=True)
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The boundary of a ``multipart/related`` body whose root type is ``application/dicom``."""
+    main, _, params = content_type.partition(";")
+    if main.strip().lower() != "multipart/related":
+        raise UnsupportedMediaType(f"STOW-RS takes 'multipart/related; type=\"application/dicom\"', not "
+                                   f"'{main.strip() or 'no content type'}'")
+    values = {}
+    for item in params.split(";"):
+        k, _, v = item.partition("=")
+        values[k.strip().lower()] = v.strip().strip('"')
+    if values.get("type", "application/dicom").lower() != "application/dicom":
+        raise UnsupportedMediaType(f"only type=\"application/dicom\" parts are accepted (got {values['type']!r}); "
+                                   "DICOM JSON / XML metadata with bulk data is not supported")
+    if not values.get("boundary"):
+        raise MalformedRequest("the multipart/related content type has no boundary parameter")
+    return values["boundary"].encode("latin-1")
+
+
+async def receive_parts(request, incoming: Path, limit: int) -> list[Part]:
+    """Stream the body into one temporary file per part; refuse a truncated or oversized body."""
+    boundary = boundary_of(request.headers.get("content-type", ""))
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"STOW-RS body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+    incoming.mkdir(parents=True, exist_ok=True)
+    collector = _Collector(incoming, limit)
+    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        collector.cleanup()
+        raise MalformedRequest(f"could not parse the multipart/related body: {exc}") from None
+    except BaseException:
+        collector.cleanup()
+        raise
+    if not collector.ended:
+        collector.cleanup()
+        raise MalformedRequest("the multipart/related body ended before its closing boundary (truncated upload)")
+    if not collector.parts:
+        collector.cleanup()
+        raise MalformedRequest("the multipart/related body holds no parts")
+    return collector.parts
+
+
+def _failure_for(exc: MedvisionError) -> int:
+    if isinstance(exc, MissingCodecError):
+        return TRANSFER_SYNTAX_NOT_SUPPORTED
+    if isinstance(exc, (NotAnImageError, UnsupportedImageError)):
+        return SOP_CLASS_NOT_SUPPORTED
+    if isinstance(exc, NotDicomError):
+        return CANNOT_UNDERSTAND
+    return CANNOT_UNDERSTAND
+
+
+def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Path, key_id: int | None,
+                study_in_url: str | None, limits: ReadLimits) -> list[Outcome]:
+    """Validate, file and record every part (blocking: run it in a worker thread)."""
+    outcomes = []
+    try:
+        for part in parts:
+            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits))
+    finally:
+        for part in parts:
+            part.path.unlink(missing_ok=True)
+    return outcomes
+
+
+def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits) -> Outcome:
+    if part.content_type not in ("application/dicom", ""):
+        return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")
+    try:
+        ds, meta = read_header(part.path, limits)
+    except MedvisionError as exc:
+        return Outcome(failure=_failure_for(exc), reason=exc.code)
+    out = Outcome(sop_class_uid=str(ds.get("SOPClassUID", "")), sop_instance_uid=meta.sop_instance_uid or "",
+                  study_instance_uid=meta.study_instance_uid or "", series_instance_uid=str(ds.get("SeriesInstanceUID", "")))
+    if not out.sop_instance_uid or not out.study_instance_uid:
+        out.failure, out.reason = CANNOT_UNDERSTAND, "missing SOP or Study Instance UID"
+        return out
+    if study_in_url and out.study_instance_uid != study_in_url:
+        out.failure, out.reason = STUDY_MISMATCH, "instance belongs to another study than the request URL"
+        return out
+    target = storage / _safe(out.study_instance_uid) / f"{_safe(out.sop_instance_uid)}.dcm"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with sessions() as db:
+        if db.scalar(select(Instance.id).where(Instance.sop_instance_uid == out.sop_instance_uid)) is not None:
+            out.already_stored = True  # an idempotent re-send: stored and scored once
+            return out
+        os.replace(part.path, target)
+        _fsync_dir(target.parent)
+        try:
+            db.add(Instance(sop_instance_uid=out.sop_instance_uid, study_instance_uid=out.study_instance_uid,
+                            series_instance_uid=out.series_instance_uid, sop_class_uid=out.sop_class_uid,
+                            path=str(target)))
+            study = db.scalar(select(Study).where(Study.study_instance_uid == out.study_instance_uid))
+            if study is None:
+                db.add(Study(study_instance_uid=out.study_instance_uid, key_id=key_id))
+            else:
+                study.updated_at = utcnow()
+            if db.scalar(select(Job.id).where(Job.study_instance_uid == out.study_instance_uid,
+                                              Job.status == "queued")) is None:
+                db.add(Job(study_instance_uid=out.study_instance_uid))
+            db.commit()
+        except IntegrityError:  # the same instance or study arrived concurrently: the other request stored it
+            db.rollback()
+            out.already_stored = True
+    return out
+
+
+def _safe(uid: str) -> str:
+    return "".join(c for c in uid if c.isdigit() or c == ".")[:64] or "unknown"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def response_body(outcomes: list[Outcome], base_url: str) -> tuple[int, dict]:
+    """The PS3.18 store response (DICOM JSON) and its status: 200 all stored, 202 some failed, 409 none."""
+    stored = [o for o in outcomes if o.failure is None]
+    failed = [o for o in outcomes if o.failure is not None]
+    body: dict = {}
+    studies = sorted({o.study_instance_uid for o in stored})
+    if len(studies) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base_url}/dicomweb/studies/{studies[0]}"]}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [{
+            "00081150": {"vr": "UI", "Value": [o.sop_class_uid]},
+            "00081155": {"vr": "UI", "Value": [o.sop_instance_uid]},
+            "00081190": {"vr": "UR", "Value": [f"{base_url}/dicomweb/studies/{o.study_instance_uid}/series/"
+                                               f"{o.series_instance_uid}/instances/{o.sop_instance_uid}"]},
+        } for o in stored]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [{
+            **({"00081150": {"vr": "UI", "Value": [o.sop_class_uid]}} if o.sop_class_uid else {}),
+            **({"00081155": {"vr": "UI", "Value": [o.sop_instance_uid]}} if o.sop_instance_uid else {}),
+            "00081197": {"vr": "US", "Value": [o.failure]},
+        } for o in failed]}
+    status = 200 if not failed else 202 if stored else 409
+    return status, body

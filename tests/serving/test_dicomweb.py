@@ -1,0 +1,141 @@
+"""DICOMweb in: STOW-RS reception (standard responses, per-instance failures, idempotent re-sends, chunked
+bodies), the persisted scoring queue, the TID 1500 SR (valid by dciodvfy) retrievable by WADO-RS."""
+
+import subprocess
+import time
+
+import httpx
+import pydicom
+import pytest
+from helpers import LiveServer as Server
+from helpers import require_tool, stow_body
+
+from medvision.serving.engine import Engine
+from medvision.serving.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    base = tmp_path_factory.mktemp("dicomweb")
+    s = Server(Settings(artifact=str(artifact), database_url=f"sqlite:///{base / 'db.sqlite'}",
+                        data_dir=str(base / "data"), job_lease_seconds=5, max_upload_bytes=20_000_000))
+    yield s
+    s.stop()
+
+
+def _study(dicom_files, patient: int) -> list:
+    return dicom_files[4 * patient: 4 * patient + 4]
+
+
+def test_stow_stores_scores_and_reports_a_study(server, dicom_files, tmp_path):
+    files = _study(dicom_files, 0)
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    r = server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom+json")
+    stored = r.json()["00081199"]["Value"]
+    uids = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert [s["00081155"]["Value"][0] for s in stored] == [str(d.SOPInstanceUID) for d in uids]
+    study_uid = str(uids[0].StudyInstanceUID)
+    assert r.json()["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{study_uid}")
+
+    status = server.wait_scored(study_uid)
+    assert status["status"] == "scored" and status["instances"] == {"scored": 4}
+    results = server.client.get(f"/v1/studies/{study_uid}/results").json()["images"]
+    engine = Engine(server.server.config.app.state.settings.artifact)
+    for f, row in zip(files, results, strict=True):
+        assert row["probability"] == pytest.approx(engine.predict(f).probability, abs=1e-6)
+
+    # the report: retrievable by WADO-RS, referencing the four images, valid for dciodvfy
+    sr_uid = status["report_sop_instance_uid"]
+    series = status["report_series_instance_uid"]
+    assert server.client.get(f"/dicomweb/studies/{study_uid}/series/1.2.3/instances/{sr_uid}").status_code == 404
+    r = server.client.get(f"/dicomweb/studies/{study_uid}/series/{series}/instances/{sr_uid}")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/related")
+    boundary = r.headers["content-type"].split("boundary=")[1].encode()
+    part = r.content.split(b"--" + boundary)[1].split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0]
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(part)
+    sr = pydicom.dcmread(sr_path)
+    assert sr.Modality == "SR" and str(sr.StudyInstanceUID) == study_uid
+    referenced = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                  for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert referenced == {str(d.SOPInstanceUID) for d in uids}
+    out = subprocess.run([require_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+
+
+def test_resending_a_study_scores_nothing_twice(server, dicom_files):
+    files = _study(dicom_files, 1)
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    first = server.wait_scored(study_uid)
+    before = server.client.get(f"/v1/studies/{study_uid}/results").json()["images"]
+    r = server.client.post(f"/dicomweb/studies/{study_uid}", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200 and len(r.json()["00081199"]["Value"]) == 4
+    time.sleep(1.0)
+    after = server.client.get(f"/v1/studies/{study_uid}/results").json()["images"]
+    assert [i["scored_at"] for i in after] == [i["scored_at"] for i in before]
+    assert server.client.get(f"/v1/studies/{study_uid}").json()["instances"] == first["instances"]
+
+
+def test_per_instance_failures_and_chunked_bodies(server, dicom_files):
+    good = _study(dicom_files, 2)[0]
+    sr_only = pydicom.data.get_testdata_file("test-SR.dcm")
+    parts = [good.read_bytes(), b"not a dicom file at all", open(sr_only, "rb").read()]
+    body, ctype = stow_body(parts)
+
+    def chunks():  # no Content-Length: a chunked upload, as Orthanc sends with ChunkedTransfers
+        for i in range(0, len(body), 7000):
+            yield body[i:i + 7000]
+
+    r = server.client.post("/dicomweb/studies", content=chunks(), headers={"Content-Type": ctype})
+    assert r.status_code == 202, r.text
+    failed = r.json()["00081198"]["Value"]
+    assert sorted(f["00081197"]["Value"][0] for f in failed) == [0x0122, 0xC000]
+    assert len(r.json()["00081199"]["Value"]) == 1
+
+    other_study = _study(dicom_files, 3)[0]
+    b2, c2 = stow_body([other_study.read_bytes()])
+    r = server.client.post(f"/dicomweb/studies/{pydicom.dcmread(good, stop_before_pixels=True).StudyInstanceUID}",
+                           content=b2, headers={"Content-Type": c2})
+    assert r.status_code == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"][0] == 0xA900
+
+
+@pytest.mark.parametrize("case,headers,body,status,code", [
+    ("no key", {"Authorization": ""}, None, 401, "unauthenticated"),
+    ("form upload", {"Content-Type": "multipart/form-data; boundary=x"}, b"--x--", 415, "unsupported_media_type"),
+    ("json metadata", {"Content-Type": 'multipart/related; type="application/dicom+json"; boundary=x'}, b"--x--",
+     415, "unsupported_media_type"),
+    ("no boundary", {"Content-Type": 'multipart/related; type="application/dicom"'}, b"", 400, "malformed_request"),
+    ("truncated", None, "truncate", 400, "malformed_request"),
+    ("empty", {"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}, b"--x--\r\n", 400,
+     "malformed_request"),
+])
+def test_bad_stow_requests_are_refused_clearly(server, dicom_files, case, headers, body, status, code):
+    full, ctype = stow_body([dicom_files[20].read_bytes()])
+    if body == "truncate":
+        body, headers = full[: len(full) // 2], {"Content-Type": ctype}
+    r = server.client.post("/dicomweb/studies", content=body or b"", headers={"Content-Type": ctype, **(headers or {})})
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert server.client.get("/healthz").status_code == 200  # still up
+
+
+def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session
+
+    session = create_session()
+    session.headers["Authorization"] = f"Bearer {server.key}"
+    client = DICOMwebClient(url=f"{server.url}/dicomweb", session=session)
+    datasets = [pydicom.dcmread(f) for f in _study(dicom_files, 4)]
+    response = client.store_instances(datasets)
+    assert len(response.ReferencedSOPSequence) == 4
+    study_uid = str(datasets[0].StudyInstanceUID)
+    status = server.wait_scored(study_uid)
+    sr = client.retrieve_instance(study_uid, status["report_series_instance_uid"], status["report_sop_instance_uid"])
+    assert sr.Modality == "SR" and sr.SOPInstanceUID == status["report_sop_instance_uid"]
+    # a reader (review scope) sees the study; another site's score key would not
+    reader = httpx.get(f"{server.url}/v1/studies/{study_uid}", headers={"Authorization": f"Bearer {server.reader}"})
+    assert reader.status_code == 200

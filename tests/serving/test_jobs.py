@@ -1,0 +1,118 @@
+"""The persisted job queue: exactly one claimer per job (threads and databases alike), lease takeover after a
+crash, and a study acknowledged by STOW-RS survives kill -9 of the service and is scored after restart."""
+
+import datetime as _dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pydicom
+import pytest
+from helpers import fresh_postgres_db, stow_body
+
+from medvision.serving.db import open_database
+from medvision.serving.jobs import claim
+from medvision.serving.tables import Job, utcnow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path):
+    if request.param == "sqlite":
+        return open_database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    return open_database(fresh_postgres_db(request.getfixturevalue("postgres_url"), f"jobs_{tmp_path.name[-12:]}"))
+
+
+def test_each_job_is_claimed_by_exactly_one_worker(sessions):
+    with sessions() as db:
+        db.add_all([Job(study_instance_uid=f"1.2.{i}") for i in range(40)])
+        db.commit()
+    claimed: dict[str, list[int]] = {}
+
+    def worker(name):
+        mine = claimed.setdefault(name, [])
+        while (job := claim(sessions, name, 60)) is not None:
+            mine.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ids = [j for js in claimed.values() for j in js]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 40
+    with sessions() as db:
+        assert {j.attempts for j in db.query(Job)} == {1}
+
+
+def test_a_dead_workers_job_is_taken_over_after_its_lease(sessions):
+    now = utcnow()
+    with sessions() as db:
+        db.add(Job(study_instance_uid="1.2.3", status="running", lease_owner="dead", attempts=1,
+                   lease_until=now - _dt.timedelta(seconds=1)))
+        db.add(Job(study_instance_uid="1.2.4", status="running", lease_owner="alive", attempts=1,
+                   lease_until=now + _dt.timedelta(seconds=600)))
+        db.commit()
+    job = claim(sessions, "new", 60)
+    assert job.study_instance_uid == "1.2.3" and job.lease_owner == "new" and job.attempts == 2
+    assert claim(sessions, "other", 60) is None  # the live lease is respected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(env, artifact, port):
+    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact, dicom_files, tmp_path):
+    env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+           "MEDVISION_DATA_DIR": str(tmp_path / "data"), "MEDVISION_JOB_WORKERS": "0"}
+    made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "pacs"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    key = json.loads(made.stdout)["key"]
+    port = _free_port()
+    proc = _start(env, artifact, port)  # receive only: nothing gets scored before the crash
+    files = dicom_files[24:28]
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    auth = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(f"http://127.0.0.1:{port}/dicomweb/studies", content=body,
+                   headers={"Content-Type": ctype, **auth}, timeout=60)
+    assert r.status_code == 200
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+    env["MEDVISION_JOB_WORKERS"] = "1"
+    proc = _start(env, artifact, port)
+    try:
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        deadline = time.monotonic() + 60
+        while True:
+            s = httpx.get(f"http://127.0.0.1:{port}/v1/studies/{study}", headers=auth, timeout=10).json()
+            if s["status"] == "scored":
+                break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.3)
+        assert s["instances"] == {"scored": 4} and s["report_sop_instance_uid"]
+    finally:
+        proc.terminate()
+        proc.wait(30)

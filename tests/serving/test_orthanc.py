@@ -1,0 +1,133 @@
+"""The PACS round trip against a real Orthanc: storescu C-STOREs a study into Orthanc, Orthanc pushes it to
+medvision over STOW-RS, medvision scores it and stores its DICOM SR back into Orthanc over STOW-RS, where it
+is found by QIDO-RS, retrieved by WADO-RS (dicomweb-client) and valid for dciodvfy.
+
+Orthanc has no bind-address setting: its REST API is kept to loopback (RemoteAccessAllowed false) behind a
+password, and its DICOM port accepts stores only from the registered test AE on 127.0.0.1."""
+
+import json
+import secrets
+import socket
+import subprocess
+import time
+
+import httpx
+import pydicom
+import pytest
+from helpers import LiveServer as Server
+from helpers import require_tool
+
+from medvision.serving.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+STORESCU_FLAG = {  # storescu proposes only the transfer syntax it is told to
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def orthanc_and_medvision(artifact, tmp_path):
+    orthanc_bin = require_tool("Orthanc")
+    require_tool("storescu")
+    password = secrets.token_hex(8)
+    http_port, dicom_port = _port(), _port()
+    medvision = None
+    # medvision first (Orthanc must know its URL); it pushes reports to Orthanc's DICOMweb root
+    medvision = Server(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'mv.db'}",
+                                data_dir=str(tmp_path / "mv"), pacs_url=f"http://127.0.0.1:{http_port}/dicom-web",
+                                pacs_username="mv", pacs_password=password))
+    config = {
+        "Name": "medvision-test", "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"mv": password},
+        "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True, "DicomCheckCalledAet": True,
+        "DicomModalities": {"testscu": ["TESTSCU", "127.0.0.1", 104]},
+        "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
+        "Plugins": [PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"medvision": {
+            "Url": f"{medvision.url}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {medvision.key}"},
+            "ChunkedTransfers": True}}},
+    }
+    path = tmp_path / "orthanc.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([orthanc_bin, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", auth=("mv", password), timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api.get("/system").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
+            time.sleep(0.2)
+        yield api, dicom_port, medvision, http_port, password
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        api.close()
+        medvision.stop()
+
+
+def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
+    api, dicom_port, medvision, http_port, password = orthanc_and_medvision
+    assert httpx.get(f"http://127.0.0.1:{http_port}/system").status_code == 401  # Orthanc wants its password
+    files = dicom_files[32:36]
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        flag = [STORESCU_FLAG[ts]] if ts in STORESCU_FLAG else []
+        done = subprocess.run(["storescu", "-aet", "TESTSCU", "-aec", "ORTHANC", *flag, "127.0.0.1", str(dicom_port),
+                               str(f)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    found = api.post("/tools/lookup", content=study_uid).json()
+    orthanc_study = next(x["ID"] for x in found if x["Type"] == "Study")
+    assert len(api.get(f"/studies/{orthanc_study}/instances").json()) == 4
+
+    # Orthanc pushes the study to medvision over STOW-RS
+    r = api.post("/dicom-web/servers/medvision/stow", json={"Resources": [orthanc_study], "Synchronous": True})
+    assert r.status_code == 200, r.text
+    status = medvision.wait_scored(study_uid)
+    assert status["status"] == "scored" and status["instances"] == {"scored": 4}
+    deadline = time.monotonic() + 30
+    while not status["pushed_to_pacs"]:
+        assert not status["push_error"] and time.monotonic() < deadline, status
+        time.sleep(0.3)
+        status = medvision.client.get(f"/v1/studies/{study_uid}").json()
+
+    # the SR is now in Orthanc: find it by QIDO-RS, fetch it by WADO-RS
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    pacs = DICOMwebClient(url=f"http://127.0.0.1:{http_port}/dicom-web",
+                          session=create_session_from_user_pass("mv", password))
+    series = pacs.search_for_series(study_uid, search_filters={"Modality": "SR"})
+    assert len(series) == 1
+    sr_series = series[0]["0020000E"]["Value"][0]
+    (meta,) = pacs.search_for_instances(study_uid, sr_series)
+    sr_uid = meta["00080018"]["Value"][0]
+    assert sr_uid == status["report_sop_instance_uid"]
+    sr = pacs.retrieve_instance(study_uid, sr_series, sr_uid)
+    path = tmp_path / "from_orthanc.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    out = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+    # the probabilities in the SR are the ones medvision stored for the images
+    results = {i["sop_instance_uid"]: i["probability"]
+               for i in medvision.client.get(f"/v1/studies/{study_uid}/results").json()["images"]}
+    values = [float(item.MeasuredValueSequence[0].NumericValue)
+              for group in sr.ContentSequence if group.ConceptNameCodeSequence[0].CodeValue == "126010"
+              for g in group.ContentSequence for item in getattr(g, "ContentSequence", [])
+              if getattr(item, "ValueType", "") == "NUM"]
+    assert sorted(round(v, 6) for v in values) == sorted(round(p, 6) for p in results.values())
