@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from medvision import __version__
+from medvision.serving.batcher import Batcher
 from medvision.serving.db import open_database
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
@@ -33,6 +34,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
         app.state.metrics.set_model(info)
+        app.state.batcher = Batcher(app.state.engine.run, settings.batch_max_size, settings.batch_max_wait_ms,
+                                    settings.queue_max, settings.request_timeout_s, app.state.metrics)
+        await app.state.batcher.start()
         if settings.job_workers:
             app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
             app.state.worker.start()
@@ -42,6 +46,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if app.state.worker is not None:
             app.state.worker.shutdown()
             app.state.worker = None
+        await app.state.batcher.stop()
         app.state.engine = None
         app.state.db.kw["bind"].dispose()
 

@@ -82,14 +82,20 @@ class Engine:
         """Probabilities for a preprocessed batch of shape (N, 1, H, W)."""
         return self.session.run(["probability"], {self.input_name: batch})[0][:, 0]
 
-    def predict(self, source: Source) -> Prediction:
+    def prepare(self, source: Source) -> tuple[np.ndarray, DicomMeta]:
+        """Read and preprocess one DICOM: the model input (1, H, W) and its metadata."""
         stored, meta = read_dicom(source, self.limits)
-        x = self.preprocess(stored, meta)
+        return self.preprocess(stored, meta), meta
+
+    def prediction(self, probability: float, meta: DicomMeta, inference_ms: float) -> Prediction:
+        above = probability >= self.meta.threshold
+        return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms)
+
+    def predict(self, source: Source) -> Prediction:
+        x, meta = self.prepare(source)
         start = time.perf_counter()
         prob = float(self.run(x[None])[0])
-        elapsed = (time.perf_counter() - start) * 1000
-        above = prob >= self.meta.threshold
-        return Prediction(prob, self.meta.labels[int(above)], above, meta, elapsed)
+        return self.prediction(prob, meta, (time.perf_counter() - start) * 1000)
 
     def model_info(self) -> dict:
         return {

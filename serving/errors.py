@@ -19,6 +19,7 @@ from medvision.errors import (
     PreprocessError,
     UnsupportedImageError,
 )
+from medvision.serving.batcher import Overloaded, TimedOut
 
 log = logging.getLogger("medvision.serving")
 
@@ -54,6 +55,8 @@ STATUS = {
     Unauthenticated: 401,
     Forbidden: 403,
     PayloadTooLarge: 413,
+    Overloaded: 429,
+    TimedOut: 503,
     UnsupportedMediaType: 415,
     NotDicomError: 422,
     NotAnImageError: 422,
@@ -82,6 +85,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # The code only: messages may quote file content, and logs must stay free of identifiers.
         log.info("request %s refused: %s (%d)", getattr(request.state, "request_id", "-"), exc.code, status)
         headers = {"WWW-Authenticate": 'Bearer realm="medvision"'} if status == 401 else None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(exc.code, exc.message, request), status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)

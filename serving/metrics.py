@@ -20,6 +20,9 @@ class Metrics:
                                 buckets=tuple(i / 20 for i in range(1, 20)), registry=r)
         self.images = Counter("medvision_images_scored", "images scored, per API key (site)", ["site"], registry=r)
         self.refused = Counter("medvision_images_refused", "inputs refused, by reason", ["reason"], registry=r)
+        self.batch_size = Histogram("medvision_batch_size", "images per ONNX Runtime call (micro-batching)",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_depth = Gauge("medvision_queue_depth", "images waiting for the model", registry=r)
         self.model = Gauge("medvision_model_info", "the served model (value 1)",
                            ["name", "artifact_sha256", "format", "gate"], registry=r)
 

@@ -12,6 +12,10 @@ class Settings(BaseSettings):
     artifact: str = Field("model.onnx", description="ONNX artifact written by 'medvision export'")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads, 0 = library default")
     providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
+    batch_max_size: int = Field(8, ge=1, description="micro-batching: most images per model call (1 = off)")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")
+    queue_max: int = Field(64, ge=1, description="images allowed to wait; beyond it requests get 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for the model gets 503")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
     database_url: str = Field("sqlite:///medvision_data/medvision.db",

@@ -100,11 +100,13 @@ async def read_dicom_upload(request: Request) -> bytes:
 )
 async def predict(request: Request, engine: Engine = Depends(get_engine), caller: Caller = require("score")) -> PredictResponse:
     data = await read_dicom_upload(request)
-    # Decoding and inference are CPU-bound: keep them off the event loop.
-    result = await run_in_threadpool(engine.predict, data)
+    app = request.app.state
+    # Decoding is CPU-bound: off the event loop, in parallel across requests; inference is micro-batched.
+    x, meta = await run_in_threadpool(engine.prepare, data)
+    probability, inference_ms, _ = await app.batcher.submit(x)
+    result = engine.prediction(probability, meta, inference_ms)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
     info = engine.model_info()
-    app = request.app.state
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
     app.metrics.images.labels(caller.name).inc()

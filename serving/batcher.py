@@ -1,0 +1,109 @@
+"""Dynamic micro-batching: concurrent requests are scored together in one ONNX Runtime call.
+
+Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images per call; one inference
+thread runs the calls in turn (batches must not fight each other for the cores). The queue is
+bounded: when it is full a request is refused at once with 429 and a Retry-After estimate instead of
+piling up, and a request that waits longer than its timeout gets 503, never a hung connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from medvision.errors import MedvisionError
+
+
+class Overloaded(MedvisionError):
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TimedOut(MedvisionError):
+    code = "timeout"
+
+
+class Batcher:
+    def __init__(self, run, max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
+                 timeout_s: float = 60.0, metrics=None) -> None:
+        self.run = run
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.timeout = timeout_s
+        self.metrics = metrics
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="medvision-infer")
+        self.seconds_per_image = 0.01  # running estimate, for Retry-After
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray) -> tuple[float, float, int]:
+        """(probability, inference ms of its batch, batch size) for one preprocessed image (1, H, W)."""
+        waiting = self.queue.qsize()
+        if waiting >= self.max_queue:
+            retry = max(1, math.ceil(waiting * self.seconds_per_image))
+            raise Overloaded(f"the service is at capacity ({waiting} images queued): retry after {retry} s", retry)
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((x, future))
+        if self.metrics:
+            self.metrics.queue_depth.set(self.queue.qsize())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimedOut(f"scoring did not finish within {self.timeout:g} s; the request was dropped") from None
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            batch = [(x, f) for x, f in batch if not f.cancelled()]  # timed out while queued
+            if self.metrics:
+                self.metrics.queue_depth.set(self.queue.qsize())
+            if not batch:
+                continue
+            xs = np.stack([x for x, _ in batch])
+            start = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(self.pool, self.run, xs)
+            except Exception as exc:  # a runtime failure fails this batch's requests, not the service
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            ms = (time.perf_counter() - start) * 1000
+            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * ms / 1000 / len(batch)
+            if self.metrics:
+                self.metrics.batch_size.observe(len(batch))
+            for (_, f), p in zip(batch, probs, strict=True):
+                if not f.done():
+                    f.set_result((float(p), ms, len(batch)))
