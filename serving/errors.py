@@ -40,6 +40,18 @@ class MalformedRequest(MedvisionError):
     code = "malformed_request"
 
 
+class PacsNotConfigured(MedvisionError):
+    code = "pacs_not_configured"
+
+
+class PacsUnavailable(MedvisionError):
+    code = "pacs_unavailable"
+
+
+class StudyNotFound(MedvisionError):
+    code = "study_not_found"
+
+
 class Unauthenticated(MedvisionError):
     code = "unauthenticated"
 
@@ -56,6 +68,9 @@ STATUS = {
     Forbidden: 403,
     PayloadTooLarge: 413,
     Overloaded: 429,
+    StudyNotFound: 404,
+    PacsNotConfigured: 503,
+    PacsUnavailable: 502,
     TimedOut: 503,
     UnsupportedMediaType: 415,
     NotDicomError: 422,

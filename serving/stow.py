@@ -185,6 +185,15 @@ def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Pat
     return outcomes
 
 
+def store_file(path: Path, sessions: sessionmaker[Session], storage: Path, key_id: int | None,
+               study_uid: str | None, limits: ReadLimits) -> Outcome:
+    """File one DICOM already on local disk (e.g. fetched from the PACS by WADO-RS); ``path`` is consumed."""
+    try:
+        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits) -> Outcome:
     if part.content_type not in ("application/dicom", ""):
         return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")

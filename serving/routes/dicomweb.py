@@ -126,3 +126,31 @@ async def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, reque
     body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
             + f"\r\n--{boundary}--\r\n".encode())
     return Response(body, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+
+
+class PullRequest(BaseModel):
+    study_instance_uid: str
+
+
+class PullResponse(BaseModel):
+    study_instance_uid: str
+    stored: int
+    already_stored: int
+    refused: int
+
+
+@router.post("/v1/pull", response_model=PullResponse, tags=["results"],
+             summary="Fetch a study from the configured PACS (QIDO-RS + WADO-RS) and queue it for scoring",
+             responses={404: {"description": "the PACS has no such study"}, 502: {"description": "PACS unreachable"}})
+async def pull(body: PullRequest, request: Request, caller: Caller = require("score")) -> PullResponse:
+    from medvision.serving.pull import pull_study
+
+    state = request.app.state
+    outcomes = await run_in_threadpool(pull_study, state.settings, state.db, body.study_instance_uid, caller.key_id)
+    if state.worker is not None:
+        state.worker.wake.set()
+    stored = [o for o in outcomes if o.failure is None]
+    await run_in_threadpool(audit, state.db, request, "pull", 200, body.study_instance_uid, caller.key_id,
+                            stored=len(stored))
+    return PullResponse(study_instance_uid=body.study_instance_uid, stored=sum(not o.already_stored for o in stored),
+                        already_stored=sum(o.already_stored for o in stored), refused=len(outcomes) - len(stored))

@@ -139,3 +139,8 @@ def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
     # a reader (review scope) sees the study; another site's score key would not
     reader = httpx.get(f"{server.url}/v1/studies/{study_uid}", headers={"Authorization": f"Bearer {server.reader}"})
     assert reader.status_code == 200
+
+
+def test_pull_without_a_configured_pacs_says_so(server):
+    r = server.client.post("/v1/pull", json={"study_instance_uid": "1.2.3"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "pacs_not_configured"

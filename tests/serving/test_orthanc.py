@@ -79,16 +79,45 @@ def orthanc_and_medvision(artifact, tmp_path):
         medvision.stop()
 
 
-def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
-    api, dicom_port, medvision, http_port, password = orthanc_and_medvision
-    assert httpx.get(f"http://127.0.0.1:{http_port}/system").status_code == 401  # Orthanc wants its password
-    files = dicom_files[32:36]
+def _c_store(files, dicom_port):
     for f in files:
         ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         flag = [STORESCU_FLAG[ts]] if ts in STORESCU_FLAG else []
         done = subprocess.run(["storescu", "-aet", "TESTSCU", "-aec", "ORTHANC", *flag, "127.0.0.1", str(dicom_port),
                                str(f)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+
+
+def _wait_pushed(medvision, study_uid):
+    status = medvision.wait_scored(study_uid)
+    deadline = time.monotonic() + 30
+    while not status["pushed_to_pacs"]:
+        assert not status["push_error"] and time.monotonic() < deadline, status
+        time.sleep(0.3)
+        status = medvision.client.get(f"/v1/studies/{study_uid}").json()
+    return status
+
+
+def test_pull_mode_fetches_a_study_from_the_pacs(orthanc_and_medvision, dicom_files):
+    api, dicom_port, medvision, http_port, password = orthanc_and_medvision
+    files = dicom_files[36:40]
+    _c_store(files, dicom_port)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    r = medvision.client.post("/v1/pull", json={"study_instance_uid": study_uid})
+    assert r.status_code == 200 and r.json()["stored"] == 4, r.text
+    status = _wait_pushed(medvision, study_uid)
+    assert status["instances"] == {"scored": 4}
+    again = medvision.client.post("/v1/pull", json={"study_instance_uid": study_uid}).json()
+    assert again["stored"] == 0 and again["already_stored"] == 4  # scored once
+    missing = medvision.client.post("/v1/pull", json={"study_instance_uid": "1.2.3.4.5"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "study_not_found"
+
+
+def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
+    api, dicom_port, medvision, http_port, password = orthanc_and_medvision
+    assert httpx.get(f"http://127.0.0.1:{http_port}/system").status_code == 401  # Orthanc wants its password
+    files = dicom_files[32:36]
+    _c_store(files, dicom_port)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     found = api.post("/tools/lookup", content=study_uid).json()
     orthanc_study = next(x["ID"] for x in found if x["Type"] == "Study")
@@ -97,13 +126,8 @@ def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
     # Orthanc pushes the study to medvision over STOW-RS
     r = api.post("/dicom-web/servers/medvision/stow", json={"Resources": [orthanc_study], "Synchronous": True})
     assert r.status_code == 200, r.text
-    status = medvision.wait_scored(study_uid)
+    status = _wait_pushed(medvision, study_uid)
     assert status["status"] == "scored" and status["instances"] == {"scored": 4}
-    deadline = time.monotonic() + 30
-    while not status["pushed_to_pacs"]:
-        assert not status["push_error"] and time.monotonic() < deadline, status
-        time.sleep(0.3)
-        status = medvision.client.get(f"/v1/studies/{study_uid}").json()
 
     # the SR is now in Orthanc: find it by QIDO-RS, fetch it by WADO-RS
     from dicomweb_client.api import DICOMwebClient
