@@ -79,7 +79,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(request.method, route, str(response.status_code)).observe(elapsed)
         log.info("%s %s %d %.1f ms id=%s", request.method, route, response.status_code, elapsed * 1000,
-                 request.state.request_id)
+                 request.state.request_id, extra={"request_id": request.state.request_id, "method": request.method,
+                                                  "route": route, "status": response.status_code,
+                                                  "duration_ms": round(elapsed * 1000, 2)})
         return response
 
     install_error_handlers(app)

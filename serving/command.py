@@ -108,6 +108,10 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
     settings = Settings(**overrides)
+    if settings.log_format == "json":
+        from medvision.serving.logs import use_json_logs
+
+        use_json_logs()
     # Load before binding the port: a bad artifact is a one-line error, not a failed-startup traceback.
     engine = Engine.from_settings(settings)
     uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port,

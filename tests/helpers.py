@@ -49,7 +49,7 @@ def stow_body(files: list[bytes], content_types: dict[int, str] | None = None) -
 class LiveServer:
     """The real app under uvicorn on a loopback port, in a thread (dicomweb-client needs real HTTP)."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, key_suffix: str = "") -> None:
         import httpx
         import uvicorn
 
@@ -58,8 +58,8 @@ class LiveServer:
         from medvision.serving.db import open_database
 
         with open_database(settings.database_url)() as db:
-            self.key = create_key(db, "pacs", "score")[0]
-            self.reader = create_key(db, "reader", "review")[0]
+            self.key = create_key(db, f"pacs{key_suffix}", "score")[0]
+            self.reader = create_key(db, f"reader{key_suffix}", "review")[0]
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

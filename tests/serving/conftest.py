@@ -50,3 +50,21 @@ def postgres_url():
         subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
                        capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(artifact, tmp_path_factory):
+    """The app in a TestClient with a fresh SQLite database and a 'score' key sent on every request."""
+    from fastapi.testclient import TestClient
+
+    from medvision.serving.app import create_app
+    from medvision.serving.auth import create_key
+    from medvision.serving.db import open_database
+    from medvision.serving.settings import Settings
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('app') / 'medvision.db'}"
+    with open_database(url)() as db:
+        token, _ = create_key(db, "tests", "score")
+    settings = Settings(artifact=str(artifact), max_upload_bytes=2_000_000, database_url=url)
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
+        yield c

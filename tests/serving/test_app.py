@@ -11,22 +11,10 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
 from medvision.serving.app import create_app
-from medvision.serving.auth import create_key
-from medvision.serving.db import open_database
 from medvision.serving.engine import Engine
 from medvision.serving.settings import Settings
 
 DICOM = {"Content-Type": "application/dicom"}
-
-
-@pytest.fixture(scope="module")
-def client(artifact, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('app') / 'medvision.db'}"
-    with open_database(url)() as db:
-        token, _ = create_key(db, "tests", "score")
-    settings = Settings(artifact=str(artifact), max_upload_bytes=2_000_000, database_url=url)
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
-        yield c
 
 
 def test_health_and_readiness(client):

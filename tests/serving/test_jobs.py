@@ -116,3 +116,34 @@ def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.integration
+def test_two_services_sharing_postgresql_score_each_study_once(artifact, dicom_files, postgres_url, tmp_path):
+    from helpers import LiveServer
+
+    from medvision.serving.settings import Settings
+    from medvision.serving.tables import ScoredImage, Usage
+
+    url = fresh_postgres_db(postgres_url, "two_services")
+    data = str(tmp_path / "shared")  # one storage volume, as two replicas behind a load balancer would share
+    a = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2))
+    b = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2), key_suffix="b")
+    try:
+        studies = []
+        for n, server in enumerate([a, b, a, b, a, b]):
+            files = dicom_files[4 * n: 4 * n + 4]
+            body, ctype = stow_body([f.read_bytes() for f in files])
+            assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+            studies.append(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
+        for n, uid in enumerate(studies):
+            assert (a if n % 2 == 0 else b).wait_scored(uid)["instances"] == {"scored": 4}
+    finally:
+        a.stop()
+        b.stop()
+    sessions = open_database(url)
+    with sessions() as db:
+        jobs = db.query(Job).all()
+        assert len(jobs) == 6 and all(j.status == "done" and j.attempts == 1 for j in jobs)
+        assert sum(u.images for u in db.query(Usage)) == 24  # metered once per image: nothing scored twice
+        assert db.query(ScoredImage).count() == 24
