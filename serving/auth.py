@@ -8,6 +8,7 @@ results), ``review`` (the reading UI), ``admin`` (keys, usage, metrics; implies 
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import hmac
 import secrets
@@ -76,8 +77,13 @@ def verify(db: Session, token: str) -> ApiKey | None:
     row = db.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.secret_sha256, _digest(parts[2])):
         return None
-    row.last_used_at = utcnow()
-    db.commit()
+    now = utcnow()
+    last = row.last_used_at
+    if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
+        last = last.replace(tzinfo=_dt.UTC)
+    if last is None or now - last > _dt.timedelta(minutes=5):  # not a write on every request
+        row.last_used_at = now
+        db.commit()
     return row
 
 

@@ -1,6 +1,8 @@
 """Dynamic micro-batching: concurrent requests are scored together in one ONNX Runtime call.
 
-Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images per call; one inference
+Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images per call, and only while
+other requests are on their way (being decoded, announced by ``incoming()``): a lone request runs at
+once, so batching costs no latency at low load. One inference
 thread runs the calls in turn (batches must not fight each other for the cores). The queue is
 bounded: when it is full a request is refused at once with 429 and a Retry-After estimate instead of
 piling up, and a request that waits longer than its timeout gets 503, never a hung connection.
@@ -12,6 +14,7 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -43,6 +46,16 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="medvision-infer")
         self.seconds_per_image = 0.01  # running estimate, for Retry-After
+        self.pending = 0  # requests decoding now, whose images will arrive shortly
+
+    @contextmanager
+    def incoming(self):
+        """Wrap the decoding of a request that will ``submit``: the batcher waits for it if it can."""
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -78,7 +91,7 @@ class Batcher:
         while True:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and (self.pending > 0 or not self.queue.empty()):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -13,7 +13,7 @@ from medvision.serving.tables import ScoredImage, Usage, utcnow
 
 def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
                  accession: str | None, probability: float, label: str, threshold: float, model: dict,
-                 inference_ms: float) -> None:
+                 inference_ms: float, audit_event=None) -> None:
     """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site.
 
     Two requests may create the same usage row or result row at once: the loser of that race hits the
@@ -22,7 +22,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
     for attempt in range(3):
         try:
             _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
-                    inference_ms)
+                    inference_ms, audit_event)
             return
         except IntegrityError:
             if attempt == 2:
@@ -30,7 +30,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
 
 
 def _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
-            inference_ms) -> None:
+            inference_ms, audit_event) -> None:
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     with sessions() as db:
         new_study = False
@@ -54,4 +54,6 @@ def _record(sessions, key_id, sop_uid, study_uid, accession, probability, label,
         usage.images += 1
         usage.studies += int(new_study)
         usage.inference_ms += inference_ms
+        if audit_event is not None:  # the access record commits with the result it describes
+            db.add(audit_event)
         db.commit()

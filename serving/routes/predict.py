@@ -9,9 +9,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from medvision.serving.auth import Caller, audit, require
+from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.tables import AuditEvent
 from medvision.serving.usage import record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -102,7 +103,8 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     data = await read_dicom_upload(request)
     app = request.app.state
     # Decoding is CPU-bound: off the event loop, in parallel across requests; inference is micro-batched.
-    x, meta = await run_in_threadpool(engine.prepare, data)
+    with app.batcher.incoming():
+        x, meta = await run_in_threadpool(engine.prepare, data)
     probability, inference_ms, _ = await app.batcher.submit(x)
     result = engine.prediction(probability, meta, inference_ms)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
@@ -110,11 +112,11 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
     app.metrics.images.labels(caller.name).inc()
+    event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "", status=200,
+                       request_id=request.state.request_id, detail={})
     await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
                             result.meta.study_instance_uid, None, result.probability, result.label,
-                            engine.meta.threshold, info, result.inference_ms)
-    await run_in_threadpool(audit, app.db, request, "score", 200, result.meta.sop_instance_uid or "",
-                            caller.key_id)
+                            engine.meta.threshold, info, result.inference_ms, event)
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,

@@ -1,0 +1,173 @@
+"""Load test of the service on loopback: served throughput and latency against raw ONNX Runtime, in one run.
+
+    python benchmarks/serve_load.py --model demo_out/model.onnx --images demo_out/data/images
+    python benchmarks/serve_load.py --model M --images DIR --concurrency 1,8,32 --seconds 15 --json out.json
+
+Measured side by side on this machine, with the same artifact and images:
+  raw model      ONNX Runtime alone on pre-decoded tensors, batch 1 and the batcher's maximum batch;
+  raw pipeline   decode + preprocess + model, one image at a time (what one request costs without HTTP);
+  served         `medvision serve` (a separate process) driven over HTTP by an asyncio client at each
+                 concurrency, with micro-batching on (max batch 8) and off (max batch 1).
+Every level is bounded in requests and seconds. The client shares the machine's cores with the service,
+so served numbers on a 2-core box include the client's cost; the ratios say how much HTTP, decoding and
+queueing cost on top of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw(model: str, files: list[Path], max_batch: int, seconds: float) -> dict:
+    from medvision.serving.engine import Engine
+
+    engine = Engine(model)
+    xs = np.stack([engine.prepare(f)[0] for f in files[:max_batch]])
+    out = {}
+    for bs in (1, max_batch):
+        batch = np.resize(xs, (bs, *xs.shape[1:])).astype(np.float32)
+        engine.run(batch)
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds and len(times) < 5000:
+            t = time.perf_counter()
+            engine.run(batch)
+            times.append(time.perf_counter() - t)
+        out[f"model_b{bs}"] = {"images_per_s": bs * len(times) / sum(times),
+                               "p50_ms": 1000 * float(np.median(times))}
+    times, start, i = [], time.perf_counter(), 0
+    while time.perf_counter() - start < seconds and i < 2000:
+        t = time.perf_counter()
+        engine.predict(files[i % len(files)])
+        times.append(time.perf_counter() - t)
+        i += 1
+    out["pipeline_b1"] = {"images_per_s": len(times) / sum(times), "p50_ms": 1000 * float(np.median(times))}
+    return out
+
+
+async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int) -> dict:
+    import httpx
+
+    latencies, codes = [], {}
+    counter = iter(range(limit))
+    deadline = 0.0
+
+    async def one(client):
+        nonlocal deadline
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            t = time.perf_counter()
+            r = await client.post("/v1/predict", content=payloads[i % len(payloads)],
+                                  headers={"Content-Type": "application/dicom"})
+            latencies.append(time.perf_counter() - t)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        for payload in payloads[:2]:  # warm-up
+            await client.post("/v1/predict", content=payload, headers={"Content-Type": "application/dicom"})
+        start = time.perf_counter()
+        deadline = start + seconds
+        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ms = 1000 * np.asarray(latencies)
+    return {"requests": len(latencies), "images_per_s": codes.get(200, 0) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "status": codes}
+
+
+def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="mv-load-"))
+    env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
+           "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_BATCH_MAX_SIZE": str(max_batch),
+           "MEDVISION_QUEUE_MAX": "256", "MEDVISION_LOG_LEVEL": "warning"}
+    made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "load"], env=env,
+                          capture_output=True, text=True, check=True)
+    key = json.loads(made.stdout)["key"]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", model, "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the service did not start")
+            time.sleep(0.2)
+        payloads = [f.read_bytes() for f in files]
+        return {c: asyncio.run(_drive(url, key, payloads, c, seconds, limit)) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo_out/model.onnx")
+    p.add_argument("--images", default="demo_out/data/images")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=10.0, help="per level")
+    p.add_argument("--requests", type=int, default=2000, help="most requests per level")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--json")
+    args = p.parse_args()
+    files = sorted(Path(args.images).rglob("*.dcm"))[:64]
+    if not files or not Path(args.model).is_file():
+        raise SystemExit("give --model and --images (run 'make demo' first for demo_out/)")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report = {"raw": raw(args.model, files, args.max_batch, args.seconds / 2),
+              "batching_on": served(args.model, files, args.max_batch, levels, args.seconds, args.requests),
+              "batching_off": served(args.model, files, 1, levels, args.seconds, args.requests),
+              "cores": os.cpu_count(), "images": len(files)}
+    r = report["raw"]
+    table = Table(title=f"served vs raw ONNX Runtime ({report['cores']} cores, {len(files)} distinct images); "
+                  f"× model: to the model alone at batch {args.max_batch}; × pipeline: to decode + model, one image")
+    for col in ("batching", "conc.", "img/s", "p50 ms", "p99 ms", "× model", "× pipeline", "refused"):
+        table.add_column(col, no_wrap=True)
+    for name in ("batching_on", "batching_off"):
+        for c, m in report[name].items():
+            refused = sum(v for k, v in m["status"].items() if k != 200)
+            table.add_row(name.split("_")[1], str(c), f"{m['images_per_s']:.1f}", f"{m['p50_ms']:.1f}",
+                          f"{m['p99_ms']:.1f}", f"{m['images_per_s'] / r[f'model_b{args.max_batch}']['images_per_s']:.2f}",
+                          f"{m['images_per_s'] / r['pipeline_b1']['images_per_s']:.2f}", str(refused))
+    console.print(table)
+    console.print(f"raw model: {r['model_b1']['images_per_s']:.1f} img/s at batch 1 (p50 {r['model_b1']['p50_ms']:.2f} ms), "
+                  f"{r[f'model_b{args.max_batch}']['images_per_s']:.1f} at batch {args.max_batch}; raw decode + "
+                  f"preprocess + model: {r['pipeline_b1']['images_per_s']:.1f} img/s (p50 {r['pipeline_b1']['p50_ms']:.1f} ms)")
+    c1 = report["batching_on"].get(1)
+    if c1:
+        console.print(f"concurrency 1: served p50 {c1['p50_ms']:.1f} ms vs raw pipeline {r['pipeline_b1']['p50_ms']:.1f} ms "
+                      f"(+{c1['p50_ms'] - r['pipeline_b1']['p50_ms']:.1f} ms for HTTP, auth, records and batching)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
