@@ -71,7 +71,7 @@ export MEDVISION_DATABASE_URL="sqlite:///$(cd "$OUT/service" && pwd)/medvision.d
 "$BIN/medvision" keys create demo-admin --scopes admin > "$OUT/admin_key.json"
 KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/service_key.json")
 ADMIN_KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/admin_key.json")
-"$BIN/medvision" serve --model "$SERVE_MODEL" --port "$PORT" > "$OUT/serve.log" 2>&1 &
+MEDVISION_DATA_DIR="$OUT/service" "$BIN/medvision" serve --model "$SERVE_MODEL" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
@@ -108,10 +108,35 @@ print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['la
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
 print(f"artifacts in {out}/: model.onnx (+ .card.md, .gate.json, .quantize.json), teacher.onnx, student_fp32.onnx, "
       "run/ and student/ (checkpoints, evaluation/report.md), bench/bench.md, test_scores.csv, data_card/")
+# the PACS path: push one held-out study by STOW-RS (as a PACS would), wait for its score and its DICOM SR
+import csv, glob, time
+import pydicom
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session
+key = json.load(open(f"{out}/service_key.json"))["key"]
+test_patient = next(r["patient_id"] for r in csv.DictReader(open(f"{out}/run/split.csv")) if r["split"] == "test")
+study = [pydicom.dcmread(f) for f in sorted(glob.glob(f"{out}/data/images/{test_patient}/*.dcm"))]
+session = create_session()
+session.headers["Authorization"] = f"Bearer {key}"
+DICOMwebClient(url=f"{url}/dicomweb", session=session).store_instances(study)
+uid = str(study[0].StudyInstanceUID)
+for _ in range(120):
+    status = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/v1/studies/{uid}", headers={"Authorization": f"Bearer {key}"}), timeout=10))
+    if status["status"] != "received":
+        break
+    time.sleep(0.5)
+results = json.load(urllib.request.urlopen(urllib.request.Request(
+    f"{url}/v1/studies/{uid}/results", headers={"Authorization": f"Bearer {key}"}), timeout=10))
+print(f"STOW-RS: a {len(study)}-image study pushed over DICOMweb was {status['status']} "
+      f"(max probability {results['max_probability']:.3f}); its DICOM SR {status['report_sop_instance_uid']} is at "
+      f"{url}/dicomweb/studies/{uid}/series/{status['report_series_instance_uid']}/instances/"
+      f"{status['report_sop_instance_uid']}")
 req = urllib.request.Request(f"{url}/v1/admin/usage", headers={"Authorization": f"Bearer {admin}"})
 usage = json.load(urllib.request.urlopen(req, timeout=10))
 print("usage metered per site and day: " + "; ".join(f"{u['site']} {u['day']}: {u['images']} images, "
                                                       f"{u['studies']} studies" for u in usage))
-print(f"serve it again: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_URL']} {bin_}/medvision serve "
+print(f"serve it again: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_URL']} "
+      f"MEDVISION_DATA_DIR={out}/service {bin_}/medvision serve "
       f"--model {served}  (OpenAPI docs at /docs; API keys: {bin_}/medvision keys create NAME --scopes score)")
 PY

@@ -116,9 +116,16 @@ class Worker:
             instances = list(db.scalars(select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
                                         .order_by(Instance.id)))
         key_id = study.key_id if study else None
+        with sessions() as db:  # images this model already scored (e.g. through /v1/predict): reuse, not rerun
+            known = set(db.scalars(select(ScoredImage.sop_instance_uid).where(
+                ScoredImage.sop_instance_uid.in_([i.sop_instance_uid for i in instances]),
+                ScoredImage.artifact_sha256 == info["artifact_sha256"])))
         for inst in instances:
             if inst.status != "received":
                 continue  # scored (or refused) before: never twice
+            if inst.sop_instance_uid in known:
+                self._set_instance(inst.id, "scored")
+                continue
             try:
                 result = engine.predict(Path(inst.path))
             except MedvisionError as exc:

@@ -144,3 +144,25 @@ def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
 def test_pull_without_a_configured_pacs_says_so(server):
     r = server.client.post("/v1/pull", json={"study_instance_uid": "1.2.3"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "pacs_not_configured"
+
+
+def test_an_image_already_scored_by_predict_is_not_scored_again(server, dicom_files):
+    files = _study(dicom_files, 5)
+    first = server.client.post("/v1/predict", content=files[0].read_bytes(),
+                               headers={"Content-Type": "application/dicom"}).json()
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    study_uid = first["study_instance_uid"]
+    assert server.wait_scored(study_uid)["instances"] == {"scored": 4}
+    rows = server.client.get(f"/v1/studies/{study_uid}/results").json()["images"]
+    reused = next(r for r in rows if r["sop_instance_uid"] == first["sop_instance_uid"])
+    assert reused["probability"] == first["probability"]
+    state = server.server.config.app.state
+    from medvision.serving.tables import ScoredImage, Usage
+
+    with state.db() as db:
+        assert db.query(ScoredImage).filter_by(study_instance_uid=study_uid).count() == 4
+        key_id = db.query(ScoredImage).filter_by(study_instance_uid=study_uid).first().key_id
+        # metered: 1 image by predict + 3 by the queue (not 5), summed with this key's other studies
+        total_scored = db.query(ScoredImage).filter_by(key_id=key_id).count()
+        assert sum(u.images for u in db.query(Usage).filter_by(key_id=key_id)) == total_scored
