@@ -40,8 +40,8 @@ def make_engine(url: str) -> Engine:
     raise ConfigError(f"database URL must start with sqlite:// or postgresql://, not {url.split(':', 1)[0]!r}")
 
 
-def migrate(engine: Engine) -> str:
-    """Upgrade the schema to the newest migration; returns the revision now in place."""
+def migrate(engine: Engine, revision: str = "head") -> str:
+    """Upgrade the schema to ``revision`` (the newest by default); returns the revision now in place."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
@@ -50,7 +50,7 @@ def migrate(engine: Engine) -> str:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision() or ""
 

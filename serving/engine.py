@@ -82,6 +82,15 @@ class Engine:
         """Probabilities for a preprocessed batch of shape (N, 1, H, W)."""
         return self.session.run(["probability"], {self.input_name: batch})[0][:, 0]
 
+    @property
+    def has_heatmap(self) -> bool:
+        return any(o.name == "heatmap" for o in self.session.get_outputs())
+
+    def run_with_heatmap(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and the per-location logits (N, 1, rows, cols) from the same forward pass."""
+        prob, heat = self.session.run(["probability", "heatmap"], {self.input_name: batch})
+        return prob[:, 0], heat
+
     def prepare(self, source: Source) -> tuple[np.ndarray, DicomMeta]:
         """Read and preprocess one DICOM: the model input (1, H, W) and its metadata."""
         stored, meta = read_dicom(source, self.limits)

@@ -17,10 +17,12 @@ import uuid
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.errors import MedvisionError
+from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
 from medvision.serving.usage import record_score
@@ -29,9 +31,18 @@ log = logging.getLogger("medvision.serving.jobs")
 MAX_ATTEMPTS = 3
 
 
+def _save(ds, folder: Path) -> Path:
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    tmp = path.with_suffix(".partial")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return path
+
+
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
     now = utcnow()
-    claimable = or_(Job.status == "queued", (Job.status == "running") & (Job.lease_until < now))
+    ready = (Job.status == "queued") & or_(Job.not_before.is_(None), Job.not_before <= now)
+    claimable = or_(ready, (Job.status == "running") & (Job.lease_until < now))
     with sessions() as db:
         for job_id in db.scalars(select(Job.id).where(claimable).order_by(Job.id).limit(5)):
             won = db.execute(
@@ -156,18 +167,23 @@ class Worker:
         sr = build_sr(sources, scores, info)
         folder = Path(self.state.settings.data_dir) / "reports" / study_uid
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{sr.SOPInstanceUID}.dcm"
-        tmp = path.with_suffix(".partial")
-        sr.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
+        path = _save(sr, folder)
+        outputs = [sr]
+        engine = self.state.engine
+        if self.state.settings.heatmap_capture and engine.has_heatmap:
+            series = generate_uid()
+            for n, (source_path, *_) in enumerate(rows, start=1):
+                capture = build_capture(engine, source_path, series, n)
+                _save(capture, folder)
+                outputs.append(capture)
         self._set_study(study_uid, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
                         report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path))
         pacs = self.state.settings.pacs_url
         if pacs:
-            self.push(study_uid, sr, pacs)
+            self.push(study_uid, outputs, pacs)
 
-    def push(self, study_uid: str, sr, pacs: str) -> None:
-        """Store the SR into the PACS by STOW-RS (dicomweb-client)."""
+    def push(self, study_uid: str, outputs: list, pacs: str) -> None:
+        """Store the SR (and heatmap captures) into the PACS by STOW-RS (dicomweb-client)."""
         from dicomweb_client.api import DICOMwebClient
 
         settings = self.state.settings
@@ -177,7 +193,7 @@ class Worker:
                 from dicomweb_client.session_utils import create_session_from_user_pass
 
                 session = create_session_from_user_pass(settings.pacs_username, settings.pacs_password)
-            DICOMwebClient(url=pacs, session=session).store_instances([sr])
+            DICOMwebClient(url=pacs, session=session).store_instances(outputs)
         except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
             log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
             self._set_study(study_uid, push_error=type(exc).__name__)

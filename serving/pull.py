@@ -51,5 +51,5 @@ def pull_study(settings, sessions: sessionmaker[Session], study_uid: str, key_id
         with tempfile.NamedTemporaryFile(dir=incoming, suffix=".dcm", delete=False) as fh:
             path = Path(fh.name)
         ds.save_as(path, enforce_file_format=True)
-        outcomes.append(store_file(path, sessions, storage, key_id, study_uid, limits))
+        outcomes.append(store_file(path, sessions, storage, key_id, study_uid, limits, settings.study_stable_seconds))
     return outcomes

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     pacs_url: str | None = Field(None, description="DICOMweb root of the PACS to store reports into by STOW-RS")
     pacs_username: str | None = Field(None, description="HTTP basic auth user for pacs_url")
     pacs_password: str | None = Field(None, description="HTTP basic auth password for pacs_url")
+    heatmap_capture: bool = Field(False, description="with each SR, a Secondary Capture per image with the heatmap "
+                                  "overlaid (stored next to the SR and sent to the PACS with it)")
+    study_stable_seconds: float = Field(2.0, ge=0, description="score a received study once no instance of it "
+                                        "arrived for this long (one report per study, not one per request)")
     job_workers: int = Field(1, ge=0, description="threads scoring received studies (0: receive only)")
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
     host: str = "127.0.0.1"

@@ -8,6 +8,7 @@ with a DICOM failure reason, as PS3.18 says, and the rest are still stored.
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -173,12 +174,12 @@ def _failure_for(exc: MedvisionError) -> int:
 
 
 def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Path, key_id: int | None,
-                study_in_url: str | None, limits: ReadLimits) -> list[Outcome]:
+                study_in_url: str | None, limits: ReadLimits, stable_seconds: float = 0.0) -> list[Outcome]:
     """Validate, file and record every part (blocking: run it in a worker thread)."""
     outcomes = []
     try:
         for part in parts:
-            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits))
+            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits, stable_seconds))
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)
@@ -186,15 +187,16 @@ def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Pat
 
 
 def store_file(path: Path, sessions: sessionmaker[Session], storage: Path, key_id: int | None,
-               study_uid: str | None, limits: ReadLimits) -> Outcome:
+               study_uid: str | None, limits: ReadLimits, stable_seconds: float = 0.0) -> Outcome:
     """File one DICOM already on local disk (e.g. fetched from the PACS by WADO-RS); ``path`` is consumed."""
     try:
-        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits)
+        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits,
+                          stable_seconds)
     finally:
         path.unlink(missing_ok=True)
 
 
-def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits) -> Outcome:
+def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits, stable_seconds: float = 0.0) -> Outcome:
     if part.content_type not in ("application/dicom", ""):
         return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")
     try:
@@ -226,9 +228,14 @@ def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits
                 db.add(Study(study_instance_uid=out.study_instance_uid, key_id=key_id))
             else:
                 study.updated_at = utcnow()
-            if db.scalar(select(Job.id).where(Job.study_instance_uid == out.study_instance_uid,
-                                              Job.status == "queued")) is None:
-                db.add(Job(study_instance_uid=out.study_instance_uid))
+            # the study is scored once it is stable: no new instance for stable_seconds (as a PACS's
+            # "stable study" event), so a study arriving over several requests gets one report, not several
+            not_before = utcnow() + _dt.timedelta(seconds=stable_seconds)
+            job = db.scalar(select(Job).where(Job.study_instance_uid == out.study_instance_uid, Job.status == "queued"))
+            if job is None:
+                db.add(Job(study_instance_uid=out.study_instance_uid, not_before=not_before))
+            else:
+                job.not_before = not_before
             db.commit()
         except IntegrityError:  # the same instance or study arrived concurrently: the other request stored it
             db.rollback()

@@ -131,6 +131,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str] = mapped_column(String(64), default="")
     lease_until: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    not_before: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

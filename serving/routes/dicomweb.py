@@ -29,7 +29,8 @@ async def _stow(request: Request, caller: Caller, study_uid: str | None) -> JSON
     settings = state.settings
     parts = await receive_parts(request, Path(settings.data_dir) / "incoming", settings.max_upload_bytes)
     outcomes = await run_in_threadpool(store_parts, parts, state.db, Path(settings.data_dir) / "instances",
-                                       caller.key_id, study_uid, ReadLimits(max_pixels=settings.max_pixels))
+                                       caller.key_id, study_uid, ReadLimits(max_pixels=settings.max_pixels),
+                                       settings.study_stable_seconds)
     if state.worker is not None:
         state.worker.wake.set()
     status, body = response_body(outcomes, str(request.base_url).rstrip("/"))
@@ -81,7 +82,9 @@ def _status(sessions, study_uid: str, caller: Caller) -> StudyStatus | None:
             return None
         counts = dict(db.execute(select(Instance.status, func.count()).where(Instance.study_instance_uid == study_uid)
                                  .group_by(Instance.status)).all())
-    return StudyStatus(study_instance_uid=study_uid, status=study.status, instances=counts,
+    # "scored" only once every received instance is through: more may have arrived after the last job
+    status = "received" if counts.get("received") else study.status
+    return StudyStatus(study_instance_uid=study_uid, status=status, instances=counts,
                        report_series_instance_uid=study.report_series_instance_uid,
                        report_sop_instance_uid=study.report_sop_instance_uid, pushed_to_pacs=study.pushed_at,
                        push_error=study.push_error)

@@ -8,7 +8,7 @@ from sqlalchemy import inspect, text
 
 from medvision.errors import ConfigError
 from medvision.serving.db import make_engine, migrate, open_database
-from medvision.serving.tables import Base
+from medvision.serving.tables import Base, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -20,8 +20,8 @@ def url(request, tmp_path):
 
 def test_migrations_build_the_orm_schema(url):
     engine = make_engine(url)
-    assert migrate(engine) == "0002"
-    assert migrate(engine) == "0002"  # idempotent: a restarted service upgrades nothing
+    assert migrate(engine) == "0003"
+    assert migrate(engine) == "0003"  # idempotent: a restarted service upgrades nothing
     tables = set(inspect(engine).get_table_names())
     assert {"api_keys", "audit_log", "usage", "scored_images", "studies", "instances", "jobs",
             "alembic_version"} <= tables
@@ -41,3 +41,24 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
 def test_unsupported_database_url_is_refused():
     with pytest.raises(ConfigError, match="sqlite:// or postgresql://"):
         make_engine("mysql://u@h/db")
+
+
+def test_upgrading_an_older_database_keeps_its_rows(url):
+    from sqlalchemy import insert
+
+    from medvision.serving.tables import ApiKey, Job
+
+    engine = make_engine(url)
+    assert migrate(engine, "0002") == "0002"
+    with engine.begin() as conn:
+        conn.execute(insert(ApiKey.__table__).values(name="site", prefix="abcd1234", secret_sha256="0" * 64,
+                                                     scopes="score", created_at=utcnow()))
+        conn.execute(insert(Job.__table__).values(
+            study_instance_uid="1.2.3", status="queued", attempts=0, lease_owner="", last_error="",
+            created_at=utcnow(), updated_at=utcnow()))
+    assert migrate(engine) == "0003"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM api_keys")).scalar() == "site"
+        row = conn.execute(text("SELECT study_instance_uid, not_before FROM jobs")).one()
+        assert row == ("1.2.3", None)
+    engine.dispose()

@@ -18,7 +18,8 @@ from medvision.serving.settings import Settings
 def server(artifact, tmp_path_factory):
     base = tmp_path_factory.mktemp("dicomweb")
     s = Server(Settings(artifact=str(artifact), database_url=f"sqlite:///{base / 'db.sqlite'}",
-                        data_dir=str(base / "data"), job_lease_seconds=5, max_upload_bytes=20_000_000))
+                        data_dir=str(base / "data"), job_lease_seconds=5, max_upload_bytes=20_000_000,
+                        study_stable_seconds=0.5))
     yield s
     s.stop()
 
@@ -166,3 +167,15 @@ def test_an_image_already_scored_by_predict_is_not_scored_again(server, dicom_fi
         # metered: 1 image by predict + 3 by the queue (not 5), summed with this key's other studies
         total_scored = db.query(ScoredImage).filter_by(key_id=key_id).count()
         assert sum(u.images for u in db.query(Usage).filter_by(key_id=key_id)) == total_scored
+
+
+def test_a_study_sent_in_pieces_gets_one_report(server, dicom_files):
+    files = _study(dicom_files, 6)
+    for piece in (files[:2], files[2:]):  # two requests, as a PACS sending series by series would
+        body, ctype = stow_body([f.read_bytes() for f in piece])
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    status = server.wait_scored(study_uid)
+    assert status["instances"] == {"scored": 4}
+    reports = list((server.data_dir / "reports" / study_uid).glob("*.dcm"))
+    assert len(reports) == 1 and reports[0].stem == status["report_sop_instance_uid"]

@@ -86,7 +86,8 @@ def _start(env, artifact, port):
 @pytest.mark.integration
 def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact, dicom_files, tmp_path):
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
-           "MEDVISION_DATA_DIR": str(tmp_path / "data"), "MEDVISION_JOB_WORKERS": "0"}
+           "MEDVISION_DATA_DIR": str(tmp_path / "data"), "MEDVISION_JOB_WORKERS": "0",
+           "MEDVISION_STUDY_STABLE_SECONDS": "0.3"}
     made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "pacs"], env=env,
                           capture_output=True, text=True, timeout=60)
     key = json.loads(made.stdout)["key"]
@@ -127,8 +128,9 @@ def test_two_services_sharing_postgresql_score_each_study_once(artifact, dicom_f
 
     url = fresh_postgres_db(postgres_url, "two_services")
     data = str(tmp_path / "shared")  # one storage volume, as two replicas behind a load balancer would share
-    a = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2))
-    b = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2), key_suffix="b")
+    a = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2, study_stable_seconds=0.3))
+    b = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=data, job_workers=2, study_stable_seconds=0.3),
+                   key_suffix="b")
     try:
         studies = []
         for n, server in enumerate([a, b, a, b, a, b]):

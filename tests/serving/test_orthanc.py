@@ -1,6 +1,7 @@
 """The PACS round trip against a real Orthanc: storescu C-STOREs a study into Orthanc, Orthanc pushes it to
 medvision over STOW-RS, medvision scores it and stores its DICOM SR back into Orthanc over STOW-RS, where it
-is found by QIDO-RS, retrieved by WADO-RS (dicomweb-client) and valid for dciodvfy.
+is found by QIDO-RS, retrieved by WADO-RS (dicomweb-client) and valid for dciodvfy, with a heatmap Secondary
+Capture per image.
 
 Orthanc has no bind-address setting: its REST API is kept to loopback (RemoteAccessAllowed false) behind a
 password, and its DICOM port accepts stores only from the registered test AE on 127.0.0.1."""
@@ -45,7 +46,8 @@ def orthanc_and_medvision(artifact, tmp_path):
     # medvision first (Orthanc must know its URL); it pushes reports to Orthanc's DICOMweb root
     medvision = Server(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'mv.db'}",
                                 data_dir=str(tmp_path / "mv"), pacs_url=f"http://127.0.0.1:{http_port}/dicom-web",
-                                pacs_username="mv", pacs_password=password))
+                                pacs_username="mv", pacs_password=password, heatmap_capture=True,
+                                study_stable_seconds=0.5))
     config = {
         "Name": "medvision-test", "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"mv": password},
@@ -147,6 +149,15 @@ def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
     out = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+    # and with it one heatmap Secondary Capture per image, valid too
+    captures = pacs.search_for_instances(study_uid, search_filters={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"})
+    assert len(captures) == 4
+    sc_meta = captures[0]
+    sc = pacs.retrieve_instance(study_uid, sc_meta["0020000E"]["Value"][0], sc_meta["00080018"]["Value"][0])
+    sc_path = tmp_path / "sc_from_orthanc.dcm"
+    sc.save_as(sc_path, enforce_file_format=True)
+    out = subprocess.run([require_tool("dciodvfy"), str(sc_path)], capture_output=True, text=True)
+    assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     # the probabilities in the SR are the ones medvision stored for the images
     results = {i["sop_instance_uid"]: i["probability"]
                for i in medvision.client.get(f"/v1/studies/{study_uid}/results").json()["images"]}

@@ -1,0 +1,103 @@
+"""The model's heatmap over the image, as a DICOM Secondary Capture a PACS viewer can show next to the exam.
+
+The heatmap lives on the model-input grid (after crop, orientation and resize); every output pixel is
+mapped back through the preprocessing's geometry, so the colours sit on the breast where the model saw
+them, in the image's own orientation, not in the flipped / cropped model view. Colour encodes the
+per-location cancer logit relative to this image's range (a heatmap says *where*, the SR says *how
+likely*); outside the model's field of view the image is left grey.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from medvision.dicom_io import read_dicom
+from medvision.preprocess import to_display
+
+MAX_SIDE = 1024
+
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """A perceptually ordered blue -> yellow -> red ramp for v in [0, 1]; (..., 3) floats in [0, 1]."""
+    stops = np.array([[0.05, 0.10, 0.55], [0.10, 0.60, 0.85], [0.95, 0.90, 0.20], [0.90, 0.15, 0.10]])
+    x = np.clip(v, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    t = (x - i)[..., None]
+    return stops[i] * (1 - t) + stops[i + 1] * t
+
+
+def _bilinear(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    gh, gw = grid.shape
+    x = np.clip(x, 0, gw - 1)
+    y = np.clip(y, 0, gh - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, gw - 1), np.minimum(y0 + 1, gh - 1)
+    tx, ty = x - x0, y - y0
+    top = grid[y0, x0] * (1 - tx) + grid[y0, x1] * tx
+    bottom = grid[y1, x0] * (1 - tx) + grid[y1, x1] * tx
+    return top * (1 - ty) + bottom * ty
+
+
+def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
+    """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
+    stored, meta = read_dicom(path, engine.limits)
+    x = engine.preprocess(stored, meta)
+    probability, heat = engine.run_with_heatmap(x[None])
+    heat = heat[0, 0]
+    geo = engine.preprocess.geometry(stored, meta)
+    grey = to_display(stored, meta, engine.preprocess.cfg).astype(np.float32)
+    h, w = grey.shape
+    f = min(1.0, MAX_SIDE / max(h, w))
+    oh, ow = max(1, round(h * f)), max(1, round(w * f))
+    ys = (np.arange(oh) + 0.5) / f
+    xs = (np.arange(ow) + 0.5) / f
+    small = grey[np.minimum(ys.astype(int), h - 1)][:, np.minimum(xs.astype(int), w - 1)]
+    top, bottom, left, right = geo.box
+    cx = xs[None, :] - left
+    cy = ys[:, None] - top
+    if geo.flipped:
+        cx = (right - left) - cx
+    ix, iy = cx * geo.scale, cy * geo.scale + geo.top_pad
+    gh, gw = heat.shape
+    fx, fy = ix / geo.size * gw, iy / geo.size * gh  # continuous heatmap-grid coordinates
+    inside = (fx >= 0) & (fx < gw) & (fy >= 0) & (fy < gh)
+    inside &= (xs[None, :] >= left) & (xs[None, :] < right) & (ys[:, None] >= top) & (ys[:, None] < bottom)
+    lo, hi = float(heat.min()), float(heat.max())
+    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    v = np.where(inside, _bilinear(norm, fx - 0.5, fy - 0.5), 0.0)  # cell centres at +0.5
+    alpha = np.where(inside, 0.15 + 0.45 * v, 0.0)[..., None]
+    rgb = small[..., None] * (1 - alpha) + _colormap(v) * alpha
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), float(probability[0])
+
+
+def build_capture(engine, path: str | Path, series_instance_uid: str, instance_number: int,
+                  series_number: int = 9902) -> hd.sc.SCImage:
+    rgb, _ = overlay(engine, path)
+    ref = dcmread(path, stop_before_pixels=True)
+    orientation = tuple(ref.get("PatientOrientation", []) or ()) or None
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_instance_uid, series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer="medvision",
+        patient_orientation=orientation if orientation and len(orientation) == 2 else ("A", "R"),
+        laterality=str(ref.get("ImageLaterality", ref.get("Laterality", ""))) or None,
+    )
+    capture.SeriesDescription = "medvision heatmap (research use only)"
+    capture.BurnedInAnnotation = "NO"
+    capture.ImageComments = f"model {engine.meta.model_name}: where the model looked; see the SR for the probability"
+    capture.SourceImageSequence = [_reference(ref)]
+    return capture
+
+
+def _reference(ref):
+    from pydicom import Dataset
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = ref.SOPClassUID
+    item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    return item
