@@ -19,6 +19,7 @@ from medvision.serving.jobs import Worker
 from medvision.serving.metrics import Metrics
 from medvision.serving.routes import admin, dicomweb, health, predict, results
 from medvision.serving.settings import Settings
+from medvision.serving.stow import requeue_orphans
 
 log = logging.getLogger("medvision.serving")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.db = open_database(settings.database_url)
+        if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
+            log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
         info = app.state.engine.model_info()
         app.state.metrics.set_model(info)

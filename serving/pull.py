@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.dicom_io import ReadLimits
 from medvision.serving.errors import PacsNotConfigured, PacsUnavailable, StudyNotFound
-from medvision.serving.stow import Outcome, store_file
+from medvision.serving.stow import Outcome, enqueue, store_file
 
 
 def pacs_client(settings):
@@ -51,5 +51,6 @@ def pull_study(settings, sessions: sessionmaker[Session], study_uid: str, key_id
         with tempfile.NamedTemporaryFile(dir=incoming, suffix=".dcm", delete=False) as fh:
             path = Path(fh.name)
         ds.save_as(path, enforce_file_format=True)
-        outcomes.append(store_file(path, sessions, storage, key_id, study_uid, limits, settings.study_stable_seconds))
+        outcomes.append(store_file(path, sessions, storage, key_id, study_uid, limits))
+    enqueue(sessions, {study_uid}, settings.study_stable_seconds)
     return outcomes

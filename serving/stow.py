@@ -175,28 +175,46 @@ def _failure_for(exc: MedvisionError) -> int:
 
 def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Path, key_id: int | None,
                 study_in_url: str | None, limits: ReadLimits, stable_seconds: float = 0.0) -> list[Outcome]:
-    """Validate, file and record every part (blocking: run it in a worker thread)."""
+    """Validate, file and record every part, then queue the studies (blocking: run it in a worker thread)."""
     outcomes = []
     try:
         for part in parts:
-            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits, stable_seconds))
+            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits))
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)
+        enqueue(sessions, {o.study_instance_uid for o in outcomes if o.failure is None}, stable_seconds)
     return outcomes
 
 
+def enqueue(sessions: sessionmaker[Session], study_uids: set[str], stable_seconds: float) -> None:
+    """One queued job per study, due once the study is stable: no new instance for ``stable_seconds`` (as a
+    PACS's "stable study" event), so a study arriving over several requests gets one report, not several."""
+    not_before = utcnow() + _dt.timedelta(seconds=stable_seconds)
+    for uid in sorted(study_uids):
+        with sessions() as db:
+            if db.scalar(select(Instance.id).where(Instance.study_instance_uid == uid, Instance.status == "received")
+                         .limit(1)) is None:
+                continue  # everything of it is scored already: a re-send must not produce a second report
+            job = db.scalar(select(Job).where(Job.study_instance_uid == uid, Job.status == "queued"))
+            if job is None:
+                db.add(Job(study_instance_uid=uid, not_before=not_before))
+            else:
+                job.not_before = not_before
+            db.commit()
+
+
 def store_file(path: Path, sessions: sessionmaker[Session], storage: Path, key_id: int | None,
-               study_uid: str | None, limits: ReadLimits, stable_seconds: float = 0.0) -> Outcome:
-    """File one DICOM already on local disk (e.g. fetched from the PACS by WADO-RS); ``path`` is consumed."""
+               study_uid: str | None, limits: ReadLimits) -> Outcome:
+    """File one DICOM already on local disk (e.g. fetched from the PACS by WADO-RS); ``path`` is consumed.
+    The caller queues the study with ``enqueue`` once all its instances are filed."""
     try:
-        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits,
-                          stable_seconds)
+        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits)
     finally:
         path.unlink(missing_ok=True)
 
 
-def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits, stable_seconds: float = 0.0) -> Outcome:
+def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits) -> Outcome:
     if part.content_type not in ("application/dicom", ""):
         return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")
     try:
@@ -228,14 +246,6 @@ def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits
                 db.add(Study(study_instance_uid=out.study_instance_uid, key_id=key_id))
             else:
                 study.updated_at = utcnow()
-            # the study is scored once it is stable: no new instance for stable_seconds (as a PACS's
-            # "stable study" event), so a study arriving over several requests gets one report, not several
-            not_before = utcnow() + _dt.timedelta(seconds=stable_seconds)
-            job = db.scalar(select(Job).where(Job.study_instance_uid == out.study_instance_uid, Job.status == "queued"))
-            if job is None:
-                db.add(Job(study_instance_uid=out.study_instance_uid, not_before=not_before))
-            else:
-                job.not_before = not_before
             db.commit()
         except IntegrityError:  # the same instance or study arrived concurrently: the other request stored it
             db.rollback()
@@ -278,3 +288,14 @@ def response_body(outcomes: list[Outcome], base_url: str) -> tuple[int, dict]:
         } for o in failed]}
     status = 200 if not failed else 202 if stored else 409
     return status, body
+
+
+def requeue_orphans(sessions: sessionmaker[Session], stable_seconds: float = 0.0) -> int:
+    """Studies with unscored instances but no live job (the service died between filing and queueing): queue them.
+    Run at start-up; returns how many studies were queued."""
+    with sessions() as db:
+        pending = set(db.scalars(select(Instance.study_instance_uid).where(Instance.status == "received").distinct()))
+        live = set(db.scalars(select(Job.study_instance_uid).where(Job.status.in_(("queued", "running")))))
+    orphans = pending - live
+    enqueue(sessions, orphans, stable_seconds)
+    return len(orphans)

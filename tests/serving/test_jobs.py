@@ -149,3 +149,17 @@ def test_two_services_sharing_postgresql_score_each_study_once(artifact, dicom_f
         assert len(jobs) == 6 and all(j.status == "done" and j.attempts == 1 for j in jobs)
         assert sum(u.images for u in db.query(Usage)) == 24  # metered once per image: nothing scored twice
         assert db.query(ScoredImage).count() == 24
+
+
+def test_instances_filed_without_a_job_are_queued_at_start_up(sessions):
+    from medvision.serving.stow import requeue_orphans
+    from medvision.serving.tables import Instance
+
+    with sessions() as db:  # the service died after filing these and before queueing their study
+        db.add(Instance(sop_instance_uid="1.2.3.1", study_instance_uid="1.2.3", path="/x", status="received"))
+        db.add(Instance(sop_instance_uid="1.2.4.1", study_instance_uid="1.2.4", path="/y", status="scored"))
+        db.commit()
+    assert requeue_orphans(sessions) == 1
+    assert requeue_orphans(sessions) == 0  # queued now
+    with sessions() as db:
+        assert [j.study_instance_uid for j in db.query(Job)] == ["1.2.3"]
