@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -75,10 +76,10 @@ def run_keys(args: argparse.Namespace) -> int:
 
     from medvision.serving.auth import create_key, revoke_key
     from medvision.serving.db import open_database
-    from medvision.serving.settings import Settings
+    from medvision.serving.settings import load_settings
     from medvision.serving.tables import ApiKey
 
-    url = args.database or Settings().database_url
+    url = args.database or load_settings().database_url
     sessions = open_database(url)
     with sessions() as db:
         if args.action == "create":
@@ -103,11 +104,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from medvision.serving.app import create_app
     from medvision.serving.engine import Engine
-    from medvision.serving.settings import Settings
+    from medvision.serving.settings import load_settings
 
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level.upper())  # medvision's own loggers follow MEDVISION_LOG_LEVEL too
     if settings.log_format == "json":
         from medvision.serving.logs import use_json_logs
 

@@ -34,5 +34,18 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
     host: str = "127.0.0.1"
     port: int = 8000
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment and ``overrides``; a bad value is a one-line error naming the variable."""
+    from pydantic import ValidationError
+
+    from medvision.errors import ConfigError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"MEDVISION_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid service setting(s): {problems}") from None

@@ -74,3 +74,10 @@ def test_predict_from_a_manifest_matches_the_labels_csv(artifact, synth_dir, tin
     assert by_manifest["auroc"] == pytest.approx(by_labels["auroc"])
     assert main(["predict", str(synth_dir / "images"), "--manifest", str(m), "--model", str(artifact)]) == 2
     assert main(["predict", "--model", str(artifact)]) == 2
+
+
+def test_a_bad_service_setting_is_one_clear_line(artifact, monkeypatch, capsys):
+    monkeypatch.setenv("MEDVISION_PORT", "eighty")
+    assert main(["serve", "--model", str(artifact)]) == 2
+    err = capsys.readouterr().err
+    assert "MEDVISION_PORT" in err and "Traceback" not in err
