@@ -34,6 +34,10 @@ class Caller:
     name: str
     scopes: frozenset[str]
 
+    def sees(self, owner_key_id: int | None) -> bool:
+        """``score`` keys see what they sent; ``review`` and ``admin`` keys see everything."""
+        return bool(self.scopes & {"review", "admin"}) or owner_key_id == self.key_id
+
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()

@@ -143,7 +143,7 @@ class Worker:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
-            record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, None, result.probability,
+            record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
                          result.label, engine.meta.threshold, info, result.inference_ms)
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)

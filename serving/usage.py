@@ -12,7 +12,7 @@ from medvision.serving.tables import ScoredImage, Usage, utcnow
 
 
 def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
-                 accession: str | None, probability: float, label: str, threshold: float, model: dict,
+                 probability: float, label: str, threshold: float, model: dict,
                  inference_ms: float, audit_event=None) -> None:
     """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site.
 
@@ -21,7 +21,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
     """
     for attempt in range(3):
         try:
-            _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
+            _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
                     inference_ms, audit_event)
             return
         except IntegrityError:
@@ -29,7 +29,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
                 raise
 
 
-def _record(sessions, key_id, sop_uid, study_uid, accession, probability, label, threshold, model,
+def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
             inference_ms, audit_event) -> None:
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     with sessions() as db:
@@ -43,7 +43,7 @@ def _record(sessions, key_id, sop_uid, study_uid, accession, probability, label,
             if row is None:
                 row = ScoredImage(sop_instance_uid=sop_uid)
                 db.add(row)
-            row.study_instance_uid, row.accession_number, row.key_id = study, (accession or "")[:16], key_id
+            row.study_instance_uid, row.key_id = study, key_id
             row.probability, row.label, row.threshold = probability, label, threshold
             row.model_name, row.artifact_sha256 = model["name"], model["artifact_sha256"]
             row.inference_ms, row.scored_at = inference_ms, utcnow()

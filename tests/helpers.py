@@ -22,6 +22,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fresh_postgres_db(url: str, name: str) -> str:
     """A new, empty database named ``name`` on the PostgreSQL cluster at ``url`` (the ``postgres_url`` fixture)."""
     from sqlalchemy import create_engine, text

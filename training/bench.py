@@ -54,19 +54,17 @@ def build_torch_model(source: str, image_size: int):
 
 
 def _torch_subject(source: str, role: str) -> Subject:
+    """A run folder (its checkpoint's size) or a registered name (its size comes from the worker's count)."""
     path = Path(source)
     if path.is_dir():
-        from medvision.training.export import load_run
+        from medvision.training.export import read_run
 
-        cfg, _, _, ckpt = load_run(path)
+        cfg, _, ckpt = read_run(path)
         return Subject(f"{role} {cfg.model.name} (torch fp32)", "torch", str(path.resolve()),
                        cfg.preprocess.image_size, role, ckpt.stat().st_size / 1e6)
     from medvision.registry import get_model_spec
 
-    spec = get_model_spec(source)
-    model = build_torch_model(source, spec.image_size)
-    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
-    return Subject(f"{role} {source} (torch fp32)", "torch", source, spec.image_size, role, size)
+    return Subject(f"{role} {source} (torch fp32)", "torch", source, get_model_spec(source).image_size, role)
 
 
 def _ort_subject(path: str | Path, label: str) -> Subject:
@@ -175,8 +173,9 @@ def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None
                         "providers": providers}
                 advance(0, status=s.label)
                 r = _run_worker(spec, timeout)
+                size = s.size_mb if s.size_mb == s.size_mb else r.get("parameters", float("nan")) * 4 / 1e6  # fp32
                 rows.append({"label": s.label, "kind": s.kind, "role": s.role, "image_size": s.image_size,
-                             "size_mb": s.size_mb, **r})
+                             "size_mb": size, **r})
                 advance(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)

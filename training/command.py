@@ -74,11 +74,11 @@ def run_distill(args: argparse.Namespace) -> int:
     from medvision.errors import ConfigError
     from medvision.training.distill import write_comparison
     from medvision.training.evaluate import compare_runs
-    from medvision.training.export import load_run
+    from medvision.training.export import read_run
     from medvision.training.train import train
 
     teacher = Path(args.teacher)
-    tcfg, _, _, _ = load_run(teacher)
+    tcfg, _, _ = read_run(teacher)
     if not (teacher / "split.csv").is_file():
         raise ConfigError(f"{teacher} has no split.csv: distill from a run written by 'medvision train'")
     data = [f"data.{k}={v}" for k, v in tcfg.data.model_dump().items() if v is not None and k != "split_file"]

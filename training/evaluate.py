@@ -42,6 +42,7 @@ from medvision.preprocess import Preprocess
 from medvision.scan import scan_files
 from medvision.training.dataset import CachedImages, decode_all
 from medvision.training.export import load_run
+from medvision.training.onnx_scoring import split_rows
 
 log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
@@ -336,9 +337,7 @@ def score_split(run_dir: str | Path, subset: str = "test", show_progress: bool =
     """The run's rows of ``subset`` (by its own split.csv) and its model's logits for them."""
     run = Path(run_dir)
     cfg, model, _, _ = load_run(run)
-    split = read_split(run / "split.csv")
-    rows = [r for r in load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
-            if split.get(r.patient_id) == subset]
+    rows = split_rows(cfg, run, subset)
     pre = Preprocess(cfg.preprocess)
     images, kept = decode_all(rows, pre, f"decode {subset}", show_progress, cfg.data.cache_dir, cfg.data.cache,
                               cfg.data.decode_workers)

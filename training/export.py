@@ -81,17 +81,24 @@ def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, dict]:
     return cal, summary
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, dict, Path]:
+def read_run(run_dir: Path) -> tuple[RunConfig, dict, Path]:
+    """A run's config (from its checkpoint's metadata), metrics and checkpoint path, without loading weights."""
+    run_dir = Path(run_dir)
     ckpt = run_dir / "best.safetensors"
     if not ckpt.is_file():
         raise ArtifactError(f"no checkpoint at {ckpt}: run 'medvision train' first")
     with safe_open(str(ckpt), framework="pt") as fh:
         cfg = RunConfig.model_validate_json(fh.metadata()["config"])
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return cfg, metrics, ckpt
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, dict, Path]:
+    cfg, metrics, ckpt = read_run(run_dir)
     model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size)
     model.load_state_dict(load_file(str(ckpt)))
     model.eval()
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return cfg, model, metrics, ckpt
 
 
@@ -245,7 +252,7 @@ def export_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, run_d
     del half.metadata_props[:]
     half.metadata_props.add(key=METADATA_KEY, value=encode(meta))
     onnx.save(half, str(out))
-    cfg, _, _, _ = load_run(Path(run_dir))
+    cfg, _, _ = read_run(Path(run_dir))
     x = parity_inputs(cfg, Path(run_dir))
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -38,7 +38,7 @@ from medvision.metrics import auroc, sensitivity_specificity
 from medvision.model_card import gate_lines, render
 from medvision.preprocess import Preprocess
 from medvision.training.evaluate import score_split
-from medvision.training.export import load_calibration, load_run
+from medvision.training.export import load_calibration, read_run
 from medvision.training.onnx_scoring import model_inputs, probabilities, read_metadata, session
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class GateCriteria:
 
 def _teacher_scores(teacher: Path, show_progress: bool):
     """Teacher rows, calibrated probabilities on its test split, its operating threshold and rule."""
-    cfg, _, metrics, ckpt = load_run(teacher)
+    cfg, metrics, ckpt = read_run(teacher)
     rows, logits = score_split(teacher, "test", show_progress)
     calibration, _ = load_calibration(teacher, ckpt)
     if calibration and calibration.get("operating_points"):
@@ -187,9 +187,8 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
             out.unlink()
         log.warning("gate: refused %s: %s", artifact.name, "; ".join(reasons))
     out.with_suffix(".gate.json").write_text(json.dumps(report, indent=2))
-    card_src = out if passed else artifact
-    out.with_suffix(".card.md").write_text(render(gated, out if passed else artifact,
-                                                  card_src.stat().st_size, sha256_file(card_src)))
+    card_of = out if passed else artifact
+    out.with_suffix(".card.md").write_text(render(gated, card_of, card_of.stat().st_size, sha256_file(card_of)))
     return report
 
 

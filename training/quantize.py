@@ -29,7 +29,7 @@ from medvision.artifact import METADATA_KEY, decode, encode, sha256_file
 from medvision.errors import ArtifactError, ConfigError
 from medvision.metrics import auroc
 from medvision.preprocess import Preprocess
-from medvision.training.export import load_run
+from medvision.training.export import read_run
 from medvision.training.onnx_scoring import (
     latency_ms,
     model_inputs,
@@ -55,7 +55,7 @@ class _Reader:
 
 
 def _inputs(run: Path, pre: Preprocess, subset: str, limit: int | None, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    cfg, _, _, _ = load_run(run)
+    cfg, _, _ = read_run(run)
     rows = split_rows(cfg, run, subset)
     if limit:
         rows = rows[:: max(1, len(rows) // limit)][:limit]

@@ -75,10 +75,15 @@ class StudyStatus(BaseModel):
     push_error: str
 
 
+def _visible_study(db, study_uid: str, caller: Caller) -> Study | None:
+    study = db.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    return study if study is not None and caller.sees(study.key_id) else None
+
+
 def _status(sessions, study_uid: str, caller: Caller) -> StudyStatus | None:
     with sessions() as db:
-        study = db.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-        if study is None or (not caller.scopes & {"review", "admin"} and study.key_id != caller.key_id):
+        study = _visible_study(db, study_uid, caller)
+        if study is None:
             return None
         counts = dict(db.execute(select(Instance.status, func.count()).where(Instance.study_instance_uid == study_uid)
                                  .group_by(Instance.status)).all())
@@ -103,8 +108,8 @@ async def study_status(study_uid: str, request: Request, caller: Caller = requir
 
 def _find_file(sessions, study_uid: str, series_uid: str, sop_uid: str, caller: Caller) -> Path | None:
     with sessions() as db:
-        study = db.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-        if study is None or (not caller.scopes & {"review", "admin"} and study.key_id != caller.key_id):
+        study = _visible_study(db, study_uid, caller)
+        if study is None:
             return None
         if (study.report_sop_instance_uid, study.report_series_instance_uid) == (sop_uid, series_uid):
             return Path(study.report_path)

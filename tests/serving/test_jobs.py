@@ -5,7 +5,6 @@ import datetime as _dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 import httpx
 import pydicom
 import pytest
-from helpers import fresh_postgres_db, stow_body
+from helpers import free_port, fresh_postgres_db, stow_body
 
 from medvision.serving.db import open_database
 from medvision.serving.jobs import claim
@@ -63,11 +62,6 @@ def test_a_dead_workers_job_is_taken_over_after_its_lease(sessions):
     assert claim(sessions, "other", 60) is None  # the live lease is respected
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start(env, artifact, port):
     proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
@@ -91,7 +85,7 @@ def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact
     made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "pacs"], env=env,
                           capture_output=True, text=True, timeout=60)
     key = json.loads(made.stdout)["key"]
-    port = _free_port()
+    port = free_port()
     proc = _start(env, artifact, port)  # receive only: nothing gets scored before the crash
     files = dicom_files[24:28]
     body, ctype = stow_body([f.read_bytes() for f in files])

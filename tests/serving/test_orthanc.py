@@ -8,7 +8,6 @@ password, and its DICOM port accepts stores only from the registered test AE on 
 
 import json
 import secrets
-import socket
 import subprocess
 import time
 
@@ -16,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 from helpers import LiveServer as Server
-from helpers import require_tool
+from helpers import free_port, require_tool
 
 from medvision.serving.settings import Settings
 
@@ -30,18 +29,13 @@ STORESCU_FLAG = {  # storescu proposes only the transfer syntax it is told to
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture()
 def orthanc_and_medvision(artifact, tmp_path):
     orthanc_bin = require_tool("Orthanc")
     require_tool("storescu")
     password = secrets.token_hex(8)
-    http_port, dicom_port = _port(), _port()
+    http_port, dicom_port = free_port(), free_port()
     medvision = None
     # medvision first (Orthanc must know its URL); it pushes reports to Orthanc's DICOMweb root
     medvision = Server(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'mv.db'}",

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from medvision.serving.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def test_serve_extra_alone_serves_without_torch(wheel, artifact, dicom_files, tm
                           env=env, timeout=120)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)["key"]
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(exe), "serve", "--model", str(artifact), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
