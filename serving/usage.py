@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,13 +47,12 @@ def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold,
             row.probability, row.label, row.threshold = probability, label, threshold
             row.model_name, row.artifact_sha256 = model["name"], model["artifact_sha256"]
             row.inference_ms, row.scored_at = inference_ms, utcnow()
-        usage = db.scalar(select(Usage).where(Usage.day == day, Usage.key_id == key_id))
-        if usage is None:
-            usage = Usage(day=day, key_id=key_id, images=0, studies=0, inference_ms=0.0)
-            db.add(usage)
-        usage.images += 1
-        usage.studies += int(new_study)
-        usage.inference_ms += inference_ms
+        # an increment in SQL, not read-modify-write: concurrent workers must not lose each other's counts
+        bumped = db.execute(update(Usage).where(Usage.day == day, Usage.key_id == key_id).values(
+            images=Usage.images + 1, studies=Usage.studies + int(new_study),
+            inference_ms=Usage.inference_ms + inference_ms)).rowcount
+        if not bumped:  # the key's first image today (a concurrent first insert is retried by the caller)
+            db.add(Usage(day=day, key_id=key_id, images=1, studies=int(new_study), inference_ms=inference_ms))
         if audit_event is not None:  # the access record commits with the result it describes
             db.add(audit_event)
         db.commit()
