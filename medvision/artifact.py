@@ -57,6 +57,8 @@ class ArtifactMetadata(BaseModel):
     split_sha256: str = Field("", description="sha256 of the training run's split.csv: the gate refuses to judge a "
                               "model on test patients of another split")
     gate: dict = Field({}, description="the promotion gate's result ('medvision gate'); empty if never gated")
+    runtime_ops: list[str] = Field([], description="non-standard operators the graph needs (ONNX Runtime contrib "
+                                   "operators such as com.microsoft.Attention); empty: standard ONNX only")
     intended_use: str = (
         "Research use only. Not a medical device; not for clinical decisions. Trained on synthetic data unless "
         "stated otherwise in 'training_data'."

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,41 +80,34 @@ def _export_student(source: str, work: Path) -> tuple[Path, Path]:
     import datetime as _dt
 
     import onnx
-    import torch
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     from medvision import __version__
     from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode
     from medvision.preprocess import PreprocessConfig
     from medvision.registry import get_model_spec
-    from medvision.training.export import _simplify, _WithProbability
-    from medvision.training.quantize import _quiet_root_logger
+    from medvision.training.export import _simplify, _WithProbability, trace_onnx
+    from medvision.training.quantize import DYNAMIC_OPS, _quiet_root_logger
 
     subject = _torch_subject(source, "student")
     model = build_torch_model(source, subject.image_size).eval()
     name = Path(source).name if Path(source).is_dir() else source
     fp32, int8 = work / f"{name}_fp32.onnx", work / f"{name}_int8.onnx"
-    wrapper = _WithProbability(model).eval()
-    outputs = ["logit", "probability"] + (["heatmap"] if wrapper.has_heatmap else [])
     size = subject.image_size
-    with warnings.catch_warnings():  # as in export_run: parity, not the tracer's warnings, guards real artifacts
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (torch.zeros(2, 1, size, size),), str(fp32), input_names=["image"],
-                          output_names=outputs, opset_version=17, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]})
+    _, fused = trace_onnx(_WithProbability(model).eval(), fp32, size)
     proto = _simplify(onnx.load(str(fp32)))
     meta = ArtifactMetadata(model_name=name, architecture=get_model_spec(name).timm_name if not Path(source).is_dir()
                             else name, medvision_version=__version__,
                             created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             preprocess=PreprocessConfig(image_size=size), input=InputContract(shape=["batch", 1, size, size]),
-                            threshold=0.5, weights_sha256="bench-export")
+                            threshold=0.5, weights_sha256="bench-export",
+                            runtime_ops=["com.microsoft.Attention"] if fused else [])
     proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
     onnx.save(proto, str(fp32))
     pre = work / "pre.onnx"
     with _quiet_root_logger():
         quant_pre_process(str(fp32), str(pre))
-        quantize_dynamic(pre, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(pre, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=DYNAMIC_OPS)
     q = onnx.load(str(int8))
     del q.metadata_props[:]
     q.metadata_props.add(key=METADATA_KEY, value=encode(meta.model_copy(update={"quantization": {"format": "dynamic_s8"}})))

@@ -44,6 +44,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit| difference torch vs ONNX Runtime")
     p.add_argument("--fp16", metavar="OUT16", help="also write an fp16 copy for GPU execution providers (CUDA, "
                    "TensorRT; float32 inputs and outputs), parity-checked against the fp32 file")
+    p.add_argument("--portable", action="store_true", help="standard ONNX operators only: attention is not exported "
+                   "as ONNX Runtime's fused com.microsoft.Attention (slower, but runs on any ONNX runtime)")
     p.set_defaults(func=run_export)
 
 
@@ -350,7 +352,7 @@ def run_export(args: argparse.Namespace) -> int:
     require_extra("train", *TRAIN_MODULES)
     from medvision.training.export import export_run
 
-    meta = export_run(args.run, args.out, atol=args.atol)
+    meta = export_run(args.run, args.out, atol=args.atol, portable=args.portable)
     if args.fp16:
         from medvision.training.export import export_fp16
 

@@ -25,6 +25,7 @@ from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
 from medvision.training.models import class_activation_map, create_model, has_exact_heatmap
+from medvision.training.ort_attention import DOMAIN, with_fused_attention
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -127,8 +128,31 @@ def parity_inputs(cfg: RunConfig, run_dir: Path, n: int = 8) -> np.ndarray:
     return np.stack(batch)
 
 
-def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: float = 1e-4) -> ArtifactMetadata:
+def trace_onnx(wrapper: _WithProbability, out: Path, size: int, portable: bool = False) -> tuple[list[str], int]:
+    """Trace ``wrapper`` to ``out`` (opset 17, dynamic batch); its output names and how many attention blocks
+    were exported as ONNX Runtime's fused ``Attention`` (none when ``portable``: standard ONNX operators only)."""
+    outputs = ["logit", "probability"] + (["heatmap"] if wrapper.has_heatmap else [])
+    traced, fused = (wrapper, 0) if portable else with_fused_attention(wrapper)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export; the parity check against the
+        # original model is what guarantees the graph, not the tracer's warnings.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            traced, (torch.zeros(2, 1, size, size),), str(out), input_names=["image"], output_names=outputs,
+            opset_version=OPSET, dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]}, dynamo=False,
+        )
+    if fused:
+        log.info("%d attention blocks exported as ONNX Runtime's fused %s.Attention", fused, DOMAIN)
+    return outputs, fused
+
+
+def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: float = 1e-4,
+               portable: bool = False) -> ArtifactMetadata:
     """Write ``out_path`` (ONNX, opset 17, dynamic batch) with embedded metadata; check parity.
+
+    Attention blocks are exported as ONNX Runtime's fused ``com.microsoft.Attention`` (faster, and
+    quantizable as a whole) unless ``portable``, which keeps the graph to standard ONNX operators.
 
     Raises:
         ExportParityError: torch and onnxruntime disagree by more than ``atol`` on any logit; the
@@ -142,19 +166,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     calibration, evaluation = load_calibration(run, ckpt)
     temperature = calibration["temperature"] if calibration else 1.0
     wrapper = _WithProbability(model, temperature).eval()
-    outputs = ["logit", "probability"] + (["heatmap"] if wrapper.has_heatmap else [])
-    dummy = torch.zeros(2, 1, size, size)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of torch.export (planned with M4's graph work);
-        # parity below is what guarantees the graph, not the tracer's warnings.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            wrapper, (dummy,), str(out), input_names=["image"], output_names=outputs,
-            opset_version=OPSET,
-            dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
-            dynamo=False,
-        )
+    _, fused = trace_onnx(wrapper, out, size, portable)
     spec = get_model_spec(cfg.model.name)
     meta = ArtifactMetadata(
         model_name=cfg.model.name,
@@ -180,6 +192,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         weights_sha256=sha256_file(ckpt),
         split_sha256=sha256_file(run / "split.csv") if (run / "split.csv").is_file() else "",
         validation={k: float(metrics[k]) for k in ("val_auroc", "val_sensitivity", "val_specificity") if k in metrics},
+        runtime_ops=[f"{DOMAIN}.Attention"] if fused else [],
         training_data=f"manifest {Path(cfg.data.manifest).name}" if cfg.data.manifest
         else f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",
     )

@@ -42,6 +42,8 @@ from medvision.training.onnx_scoring import (
 log = logging.getLogger(__name__)
 MIN_AGREEMENT = 0.99
 MAX_AUROC_DROP = 0.01
+# dynamic INT8 quantizes the weight products, and ONNX Runtime's fused Attention (as QAttention) where exported
+DYNAMIC_OPS = ["MatMul", "Gemm", "Attention"]
 
 
 class _Reader:
@@ -153,10 +155,10 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
 
         builders = {
             "dynamic_s8": lambda p: quantize_dynamic(prepped, p, per_channel=True, weight_type=QuantType.QInt8,
-                                                     op_types_to_quantize=["MatMul", "Gemm"]),
+                                                     op_types_to_quantize=DYNAMIC_OPS),
             "dynamic_u8_reduce_range": lambda p: quantize_dynamic(prepped, p, per_channel=True, reduce_range=True,
                                                                   weight_type=QuantType.QUInt8,
-                                                                  op_types_to_quantize=["MatMul", "Gemm"]),
+                                                                  op_types_to_quantize=DYNAMIC_OPS),
             "static_qdq_minmax": static(CalibrationMethod.MinMax, in_float),
             "static_qdq_entropy": static(CalibrationMethod.Entropy, in_float),
             "static_qdq_percentile": static(CalibrationMethod.Percentile, in_float,

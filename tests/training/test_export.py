@@ -108,3 +108,47 @@ def test_fp16_copy_for_gpu_providers(tiny_run, tmp_path, capsys):
     np.testing.assert_allclose(b.run(["probability"], {"image": x})[0], a.run(["probability"], {"image": x})[0],
                                atol=5e-3)
     assert json.loads(capsys.readouterr().out)["fp16"] == str(fp16)
+
+
+def test_attention_is_exported_fused_and_quantizes_as_qattention(artifact, tiny_run, dicom_files, tmp_path):
+    """Each ViT block's attention is one com.microsoft.Attention node computing what timm computes; dynamic
+    INT8 turns it into QAttention (the qkv product in INT8) and still agrees with fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from medvision.training.quantize import DYNAMIC_OPS
+
+    proto = onnx.load(str(artifact))
+    cfg, model, _, _ = load_run(tiny_run)
+    blocks = len(model.backbone.blocks)
+    assert [n.op_type for n in proto.graph.node if n.domain == "com.microsoft"] == ["Attention"] * blocks
+    assert not any(n.op_type == "Softmax" for n in proto.graph.node)  # no unfused attention left behind
+    assert decode({p.key: p.value for p in proto.metadata_props}).runtime_ops == ["com.microsoft.Attention"]
+    # ORT's fused kernel against the original (unreplaced) torch model, on real images
+    x = np.stack([Preprocess(cfg.preprocess).from_dicom(f)[0] for f in dicom_files[:6]])
+    assert check_parity(_WithProbability(model).eval(), artifact, x, atol=1e-4) <= 1e-4
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(str(artifact), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=DYNAMIC_OPS)
+    assert sum(n.op_type == "QAttention" for n in onnx.load(str(int8)).graph.node) == blocks
+    p32 = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"]).run(["probability"], {"image": x})[0]
+    p8 = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(["probability"], {"image": x})[0]
+    assert np.abs(p8 - p32).max() < 0.05
+
+
+def test_attention_with_qk_norm_is_left_unfused():
+    """Only blocks that are exactly packed-qkv scaled-dot-product attention are replaced."""
+    import timm
+
+    from medvision.training.ort_attention import fusable, with_fused_attention
+
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=1)
+    normed = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                               num_classes=1, qk_norm=True)
+    assert fusable(plain.blocks[0].attn) and not fusable(normed.blocks[0].attn)
+    fused, count = with_fused_attention(plain)
+    assert count == 2 and with_fused_attention(normed)[1] == 0
+    assert plain.blocks[0].attn.__class__.__name__ == "Attention"  # the original is not modified
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain.eval()(x), atol=1e-5, rtol=1e-5)

@@ -17,8 +17,8 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
     assert set(report["candidates"]) == {"dynamic_s8", "dynamic_u8_reduce_range", "static_qdq_minmax",
                                          "static_qdq_entropy", "static_qdq_percentile",
                                          "static_qdq_percentile_all_matmuls"}
-    # the ViT's attention products (activation x activation) are found and kept in float by the static candidates
-    assert report["sensitive_nodes"]["first_conv"] and len(report["sensitive_nodes"]["activation_matmuls"]) >= 4
+    # the default export fuses attention (one com.microsoft.Attention node per block): no activation products left
+    assert report["sensitive_nodes"]["first_conv"] and report["sensitive_nodes"]["activation_matmuls"] == []
     measured = [c for c in report["candidates"].values() if "error" not in c]
     assert measured, report["candidates"]
     for c in measured:
@@ -37,3 +37,17 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
     x = np.zeros((2, 1, meta.preprocess.image_size, meta.preprocess.image_size), np.float32)
     assert engine.run(x).shape == (2,)
     assert json.loads(capsys.readouterr().out)["chosen"] == chosen
+
+
+def test_portable_export_keeps_attention_products_in_float(tiny_run, tmp_path):
+    """--portable: standard ONNX only, so attention's activation x activation MatMuls exist; the static
+    candidates find them and keep them in float (the all-MatMul variant quantizes them)."""
+    portable, out = tmp_path / "portable.onnx", tmp_path / "portable_int8.onnx"
+    assert main(["export", str(tiny_run), "--out", str(portable), "--portable"]) == 0
+    proto = onnx.load(str(portable))
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert decode({p.key: p.value for p in proto.metadata_props}).runtime_ops == []
+    assert main(["quantize", str(portable), "--run", str(tiny_run), "--out", str(out), "--runs", "3",
+                 "--calibration-images", "8", "--entropy-bins", "256", "--no-progress"]) == 0
+    report = json.loads(out.with_suffix(".quantize.json").read_text())
+    assert len(report["sensitive_nodes"]["activation_matmuls"]) >= 4
