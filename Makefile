@@ -12,6 +12,7 @@ DEMO_MINUTES ?= 7
 DEMO_DIFFICULTY ?= 0.1
 DEMO_PORT ?= 8765
 DEMO_EPOCHS ?= 45
+DEMO_KEEP_SERVING ?= 1  # 0: stop the service when the demo ends (default: keep it up for the review UI)
 
 .PHONY: install demo demo-large test lint clean
 
@@ -25,7 +26,7 @@ install: $(STAMP)
 
 demo: install
 	DEMO_DIR=$(DEMO_DIR) DEMO_PATIENTS=$(DEMO_PATIENTS) DEMO_MINUTES=$(DEMO_MINUTES) \
-	DEMO_DIFFICULTY=$(DEMO_DIFFICULTY) DEMO_PORT=$(DEMO_PORT) DEMO_EPOCHS=$(DEMO_EPOCHS) BIN=$(BIN) \
+	DEMO_DIFFICULTY=$(DEMO_DIFFICULTY) DEMO_PORT=$(DEMO_PORT) DEMO_EPOCHS=$(DEMO_EPOCHS) KEEP_SERVING=$(DEMO_KEEP_SERVING) BIN=$(BIN) \
 	bash scripts/demo.sh
 
 demo-large:

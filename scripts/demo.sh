@@ -16,35 +16,35 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step "1/11 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
+step "1/12 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
 "$BIN/medvision" synth "$OUT/data" --patients "$PATIENTS" --difficulty "$DIFFICULTY"
 
-step "2/11 manifest, patient-level split (leakage-checked) and data card"
+step "2/12 manifest, patient-level split (leakage-checked) and data card"
 "$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
 "$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
 "$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv" \
   --intended-use "Synthetic mammograms for demonstrating and testing medvision end to end. No patient data went in; results on it say nothing about real mammograms."
 
-step "3/11 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
+step "3/12 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
 "$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
   --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES" "data.cache_dir=$OUT/cache"
 
-step "4/11 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
+step "4/12 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
 "$BIN/medvision" evaluate "$OUT/run" --no-progress > "$OUT/evaluation.json"
 cat "$OUT/evaluation.json"
 
-step "5/11 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
+step "5/12 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
 "$BIN/medvision" export "$OUT/run" --out "$OUT/teacher.onnx"
 
-step "6/11 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
+step "6/12 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
 "$BIN/medvision" distill --teacher "$OUT/run" --config student_demo --out "$OUT/student" \
   "train.max_minutes=$STUDENT_MINUTES" "data.cache_dir=$OUT/cache"
 
-step "7/11 evaluate and export the student"
+step "7/12 evaluate and export the student"
 "$BIN/medvision" evaluate "$OUT/student" --no-progress > "$OUT/student_evaluation.json"
 "$BIN/medvision" export "$OUT/student" --out "$OUT/student_fp32.onnx"
 
-step "8/11 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
+step "8/12 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
 SERVE_MODEL="$OUT/model.onnx"
 if "$BIN/medvision" quantize "$OUT/student_fp32.onnx" --run "$OUT/student" --teacher "$OUT/run" \
      --out "$SERVE_MODEL" --no-progress > "$OUT/gate.txt"; then
@@ -58,13 +58,13 @@ fi
 sed -n '/PROMOTED\|REFUSED/,$p' "$OUT/gate.txt"
 [ "$GATE" = refused ] && echo "the student was not promoted: the service runs the teacher ($SERVE_MODEL)"
 
-step "9/11 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
+step "9/12 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
 INT8_ARGS=()
 [ "$GATE" = promoted ] && INT8_ARGS=(--int8 "$OUT/model.onnx")
 "$BIN/medvision" bench --teacher "$OUT/run" --student "$OUT/student" --onnx "$OUT/student_fp32.onnx" \
   "${INT8_ARGS[@]}" --seconds 2 --out "$OUT/bench" --no-progress 2>/dev/null
 
-step "10/11 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
+step "10/12 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
 mkdir -p "$OUT/service"
 export MEDVISION_DATABASE_URL="sqlite:///$(cd "$OUT/service" && pwd)/medvision.db"
 "$BIN/medvision" keys create demo-site --scopes score > "$OUT/service_key.json"
@@ -80,7 +80,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-step "11/11 score the held-out test patients over HTTP"
+step "11/12 score the held-out test patients over HTTP"
 MEDVISION_API_KEY="$KEY" "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
@@ -108,35 +108,62 @@ print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['la
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
 print(f"artifacts in {out}/: model.onnx (+ .card.md, .gate.json, .quantize.json), teacher.onnx, student_fp32.onnx, "
       "run/ and student/ (checkpoints, evaluation/report.md), bench/bench.md, test_scores.csv, data_card/")
-# the PACS path: push one held-out study by STOW-RS (as a PACS would), wait for its score and its DICOM SR
+# the PACS path: push every held-out study by STOW-RS (as a PACS would), wait for their scores and DICOM SRs;
+# their images stay on the service for the review UI (images /v1/predict scored already are not scored again)
 import csv, glob, time
 import pydicom
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session
 key = json.load(open(f"{out}/service_key.json"))["key"]
-test_patient = next(r["patient_id"] for r in csv.DictReader(open(f"{out}/run/split.csv")) if r["split"] == "test")
-study = [pydicom.dcmread(f) for f in sorted(glob.glob(f"{out}/data/images/{test_patient}/*.dcm"))]
+test_patients = sorted({r["patient_id"] for r in csv.DictReader(open(f"{out}/run/split.csv")) if r["split"] == "test"})
 session = create_session()
 session.headers["Authorization"] = f"Bearer {key}"
-DICOMwebClient(url=f"{url}/dicomweb", session=session).store_instances(study)
-uid = str(study[0].StudyInstanceUID)
-for _ in range(120):
-    status = json.load(urllib.request.urlopen(urllib.request.Request(
+client = DICOMwebClient(url=f"{url}/dicomweb", session=session)
+uids = []
+for patient in test_patients:
+    study = [pydicom.dcmread(f) for f in sorted(glob.glob(f"{out}/data/images/{patient}/*.dcm"))]
+    client.store_instances(study)
+    uids.append(str(study[0].StudyInstanceUID))
+
+
+def status_of(uid):
+    return json.load(urllib.request.urlopen(urllib.request.Request(
         f"{url}/v1/studies/{uid}", headers={"Authorization": f"Bearer {key}"}), timeout=10))
-    if status["status"] != "received":
-        break
-    time.sleep(0.5)
+
+
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline and any(status_of(u)["status"] == "received" for u in uids):
+    time.sleep(1)
+states = [status_of(u) for u in uids]
+uid, status = uids[0], states[0]
 results = json.load(urllib.request.urlopen(urllib.request.Request(
     f"{url}/v1/studies/{uid}/results", headers={"Authorization": f"Bearer {key}"}), timeout=10))
-print(f"STOW-RS: a {len(study)}-image study pushed over DICOMweb was {status['status']} "
-      f"(max probability {results['max_probability']:.3f}); its DICOM SR {status['report_sop_instance_uid']} is at "
-      f"{url}/dicomweb/studies/{uid}/series/{status['report_series_instance_uid']}/instances/"
-      f"{status['report_sop_instance_uid']}")
+print(f"STOW-RS: {len(uids)} held-out studies pushed over DICOMweb, {sum(s['status'] == 'scored' for s in states)} "
+      f"scored with a DICOM SR each; e.g. study 1 (max probability {results['max_probability']:.3f}): its SR "
+      f"{status['report_sop_instance_uid']} is at {url}/dicomweb/studies/{uid}/series/"
+      f"{status['report_series_instance_uid']}/instances/{status['report_sop_instance_uid']}")
 req = urllib.request.Request(f"{url}/v1/admin/usage", headers={"Authorization": f"Bearer {admin}"})
 usage = json.load(urllib.request.urlopen(req, timeout=10))
 print("usage metered per site and day: " + "; ".join(f"{u['site']} {u['day']}: {u['images']} images, "
                                                       f"{u['studies']} studies" for u in usage))
-print(f"serve it again: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_URL']} "
+print(f"serve it later: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_URL']} "
       f"MEDVISION_DATA_DIR={out}/service {bin_}/medvision serve "
       f"--model {served}  (OpenAPI docs at /docs; API keys: {bin_}/medvision keys create NAME --scopes score)")
 PY
+
+step "12/12 the clinician review UI: a reader account, the held-out studies on its worklist"
+"$BIN/medvision" users create reader --role reader > "$OUT/reader_account.json" 2>/dev/null
+"$BIN/medvision" users create admin --role admin > "$OUT/admin_account.json" 2>/dev/null
+"$BIN/python" - "$OUT" "$URL" <<'PY'
+import json, sys
+out, url = sys.argv[1:3]
+reader, admin = (json.load(open(f"{out}/{n}_account.json")) for n in ("reader", "admin"))
+print(f"review UI: {url}/ui  (sign in as '{reader['username']}' / {reader['password']}; admin: "
+      f"'{admin['username']}' / {admin['password']}; both also in {out}/*_account.json)")
+print("  worklist sorted by AI suspicion -> Enter opens a study; H heatmap, W window presets, A / D / U agree / "
+      "disagree / uncertain, N / P next / previous, Esc back")
+PY
+if [ "${KEEP_SERVING:-1}" = 1 ]; then
+  echo "the service keeps running for the review UI; Ctrl-C stops it"
+  wait "$SERVER"
+fi

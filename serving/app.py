@@ -9,6 +9,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.staticfiles import StaticFiles
 
 from medvision import __version__
 from medvision.serving.batcher import Batcher
@@ -17,7 +18,7 @@ from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker
 from medvision.serving.metrics import Metrics
-from medvision.serving.routes import admin, dicomweb, health, predict, results
+from medvision.serving.routes import admin, dicomweb, health, predict, results, ui
 from medvision.serving.settings import Settings
 from medvision.serving.stow import requeue_orphans
 
@@ -93,4 +94,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(results.router)
     app.include_router(dicomweb.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=str(ui.UI_DIR / "static")), name="ui-static")
     return app

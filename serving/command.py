@@ -98,6 +98,70 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_users(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "users", help="create, list and disable review-UI accounts",
+        description="Accounts for the clinician review UI (/ui). Roles: reader (worklist, viewer, calls) and admin "
+        "(also agreement rates, the audit log and the CSV export of calls). Passwords are stored as salted scrypt "
+        "hashes; give one on standard input (--password-stdin) or let create generate and print one.",
+    )
+    p.add_argument("--database", help="SQLAlchemy URL (default: MEDVISION_DATABASE_URL or sqlite:///medvision_data/medvision.db)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    c = actions.add_parser("create", help="create an account")
+    c.add_argument("username")
+    c.add_argument("--role", choices=("reader", "admin"), default="reader")
+    c.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    pw = actions.add_parser("passwd", help="set a new password (signs the user out everywhere)")
+    pw.add_argument("username")
+    pw.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    actions.add_parser("list", help="list accounts (names, roles, status; never passwords)")
+    d = actions.add_parser("disable", help="disable an account and end its sessions")
+    d.add_argument("username")
+    p.set_defaults(func=run_users)
+
+
+def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n"), False
+    if args.action == "passwd":
+        import getpass
+
+        return getpass.getpass("new password: "), False
+    import secrets
+
+    return secrets.token_urlsafe(12), True
+
+
+def run_users(args: argparse.Namespace) -> int:
+    require_extra("serve", *SERVE_MODULES)
+    from sqlalchemy import select
+
+    from medvision.serving.db import open_database
+    from medvision.serving.settings import load_settings
+    from medvision.serving.tables import User
+    from medvision.serving.users import create_user, disable_user, set_password
+
+    sessions = open_database(args.database or load_settings().database_url)
+    with sessions() as db:
+        if args.action in ("create", "passwd"):
+            password, generated = _new_password(args)
+            user = (create_user(db, args.username, password, args.role) if args.action == "create"
+                    else set_password(db, args.username, password))
+            out = {"username": user.username, "role": user.role}
+            if generated:
+                out["password"] = password
+                print("store this password now: only its hash is kept", file=sys.stderr)
+            print(json.dumps(out, indent=2))
+        elif args.action == "disable":
+            user = disable_user(db, args.username)
+            print(json.dumps({"username": user.username, "disabled_at": user.disabled_at.isoformat()}, indent=2))
+        else:
+            print(json.dumps([{"username": u.username, "role": u.role, "created_at": u.created_at.isoformat(),
+                               "disabled": u.disabled_at is not None} for u in db.scalars(select(User).order_by(User.id))],
+                             indent=2))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     import uvicorn

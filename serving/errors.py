@@ -60,6 +60,14 @@ class Forbidden(MedvisionError):
     code = "forbidden"
 
 
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
+
+
+class ImageNotStored(StudyNotFound):
+    code = "image_not_stored"
+
+
 STATUS = {
     EmptyInputError: 400,
     MissingFile: 400,

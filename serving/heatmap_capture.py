@@ -43,16 +43,16 @@ def _bilinear(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return top * (1 - ty) + bottom * ty
 
 
-def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
-    """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
-    stored, meta = read_dicom(path, engine.limits)
+def heat_layer(engine, stored: np.ndarray, meta, max_side: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """On the displayed image (long side <= ``max_side``): its greys, the heatmap normalised to [0, 1] per
+    image, the mask of pixels inside the model's field of view, and the image's probability."""
     x = engine.preprocess(stored, meta)
     probability, heat = engine.run_with_heatmap(x[None])
     heat = heat[0, 0]
     geo = engine.preprocess.geometry(stored, meta)
     grey = to_display(stored, meta, engine.preprocess.cfg).astype(np.float32)
     h, w = grey.shape
-    f = min(1.0, MAX_SIDE / max(h, w))
+    f = min(1.0, max_side / max(h, w))
     oh, ow = max(1, round(h * f)), max(1, round(w * f))
     ys = (np.arange(oh) + 0.5) / f
     xs = (np.arange(ow) + 0.5) / f
@@ -70,9 +70,23 @@ def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     v = np.where(inside, _bilinear(norm, fx - 0.5, fy - 0.5), 0.0)  # cell centres at +0.5
+    return small, v, inside, float(probability[0])
+
+
+def colour_layer(v: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """RGBA uint8: the colour ramp, more opaque where the model looked harder, transparent outside its view."""
+    alpha = np.where(inside, 0.15 + 0.45 * v, 0.0)
+    rgba = np.concatenate([_colormap(v), alpha[..., None]], axis=-1)
+    return (np.clip(rgba, 0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
+    """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
+    stored, meta = read_dicom(path, engine.limits)
+    small, v, inside, probability = heat_layer(engine, stored, meta)
     alpha = np.where(inside, 0.15 + 0.45 * v, 0.0)[..., None]
     rgb = small[..., None] * (1 - alpha) + _colormap(v) * alpha
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), float(probability[0])
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), probability
 
 
 def build_capture(engine, path: str | Path, series_instance_uid: str, instance_number: int,

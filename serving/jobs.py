@@ -39,6 +39,14 @@ def _save(ds, folder: Path) -> Path:
     return path
 
 
+def _accession(path: str) -> str:
+    """The exam's Accession Number, which readers search the worklist by (stored, never logged)."""
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"]).get("AccessionNumber", ""))
+    except Exception:  # the image was scored; a header that cannot be re-read only costs the search key
+        return ""
+
+
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
     now = utcnow()
     ready = (Job.status == "queued") & or_(Job.not_before.is_(None), Job.not_before <= now)
@@ -144,7 +152,8 @@ class Worker:
                 metrics.refused.labels(exc.code).inc()
                 continue
             record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
-                         result.label, engine.meta.threshold, info, result.inference_ms)
+                         result.label, engine.meta.threshold, info, result.inference_ms,
+                         accession=_accession(inst.path))
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)

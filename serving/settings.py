@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                                         "arrived for this long (one report per study, not one per request)")
     job_workers: int = Field(1, ge=0, description="threads scoring received studies (0: receive only)")
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
+    ui_session_minutes: float = Field(30.0, gt=0, description="review UI: a session ends after this long without "
+                                      "activity")
+    ui_secure_cookies: bool = Field(False, description="review UI: mark the session cookie Secure (set it when the "
+                                    "service is reached over HTTPS, e.g. behind a TLS proxy)")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -37,6 +37,54 @@ class ApiKey(Base):
     last_used_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class User(Base):
+    """A person who signs in to the review UI; only a salted scrypt hash of the password is stored."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), doc="reader or admin")
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class UiSession(Base):
+    """A signed-in browser: the cookie holds a random token, the table its SHA-256."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Review(Base):
+    """A reader's call on a study, with the AI result it was made against (one row per reader and study;
+    every change is also in the audit log)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "user_id", name="uq_review_study_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    call: Mapped[str] = mapped_column(String(16), doc="agree, disagree or uncertain")
+    birads: Mapped[str] = mapped_column(String(4), default="")
+    comment: Mapped[str] = mapped_column(Text, default="")
+    model_name: Mapped[str] = mapped_column(String(128))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float, doc="the study's AI probability the reader saw")
+    threshold: Mapped[float] = mapped_column(Float)
+    called_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class AuditEvent(Base):
     """One access: who (key), what (action on a resource), when, how it ended, and the request id."""
 
@@ -45,6 +93,8 @@ class AuditEvent(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True,
+                                                doc="the reader, for actions in the review UI")
     action: Mapped[str] = mapped_column(String(64))
     resource: Mapped[str] = mapped_column(String(256), default="")
     status: Mapped[int] = mapped_column(Integer)

@@ -13,7 +13,7 @@ from medvision.serving.tables import ScoredImage, Usage, utcnow
 
 def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
-                 inference_ms: float, audit_event=None) -> None:
+                 inference_ms: float, audit_event=None, accession: str = "") -> None:
     """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site.
 
     Two requests may create the same usage row or result row at once: the loser of that race hits the
@@ -22,7 +22,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
     for attempt in range(3):
         try:
             _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
-                    inference_ms, audit_event)
+                    inference_ms, audit_event, accession)
             return
         except IntegrityError:
             if attempt == 2:
@@ -30,7 +30,7 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
 
 
 def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
-            inference_ms, audit_event) -> None:
+            inference_ms, audit_event, accession) -> None:
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     with sessions() as db:
         new_study = False
@@ -44,6 +44,8 @@ def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold,
                 row = ScoredImage(sop_instance_uid=sop_uid)
                 db.add(row)
             row.study_instance_uid, row.key_id = study, key_id
+            if accession:
+                row.accession_number = accession[:16]
             row.probability, row.label, row.threshold = probability, label, threshold
             row.model_name, row.artifact_sha256 = model["name"], model["artifact_sha256"]
             row.inference_ms, row.scored_at = inference_ms, utcnow()

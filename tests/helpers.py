@@ -56,6 +56,10 @@ def stow_body(files: list[bytes], content_types: dict[int, str] | None = None) -
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
+READER = ("reader1", "reader-password-1")  # review-UI accounts made by the ui_server fixture
+ADMIN = ("admin1", "admin-password-1")
+
+
 class LiveServer:
     """The real app under uvicorn on a loopback port, in a thread (dicomweb-client needs real HTTP)."""
 

@@ -68,3 +68,34 @@ def client(artifact, tmp_path_factory):
     settings = Settings(artifact=str(artifact), max_upload_bytes=2_000_000, database_url=url)
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def ui_server(artifact, dicom_files, tmp_path_factory):
+    """The live service with six synthetic studies received by STOW-RS and scored, a reader and an admin."""
+    from helpers import ADMIN, READER, LiveServer, stow_body
+
+    from medvision.serving.settings import Settings
+    from medvision.serving.users import create_user
+
+    base = tmp_path_factory.mktemp("ui")
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{base / 'db.sqlite'}",
+                                 data_dir=str(base / "data"), study_stable_seconds=0.2, max_upload_bytes=20_000_000))
+    import pydicom
+
+    studies = []
+    for patient in range(6):
+        files = dicom_files[4 * patient: 4 * patient + 4]
+        body, ctype = stow_body([f.read_bytes() for f in files])
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        studies.append(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
+    for uid in studies:
+        assert server.wait_scored(uid)["status"] == "scored"
+    from medvision.serving.db import open_database
+
+    with open_database(server.server.config.app.state.settings.database_url)() as db:
+        create_user(db, *READER, "reader")
+        create_user(db, *ADMIN, "admin")
+    server.studies = studies
+    yield server
+    server.stop()

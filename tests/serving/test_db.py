@@ -20,8 +20,8 @@ def url(request, tmp_path):
 
 def test_migrations_build_the_orm_schema(url):
     engine = make_engine(url)
-    assert migrate(engine) == "0003"
-    assert migrate(engine) == "0003"  # idempotent: a restarted service upgrades nothing
+    assert migrate(engine) == "0004"
+    assert migrate(engine) == "0004"  # idempotent: a restarted service upgrades nothing
     tables = set(inspect(engine).get_table_names())
     assert {"api_keys", "audit_log", "usage", "scored_images", "studies", "instances", "jobs",
             "alembic_version"} <= tables
@@ -46,7 +46,7 @@ def test_unsupported_database_url_is_refused():
 def test_upgrading_an_older_database_keeps_its_rows(url):
     from sqlalchemy import insert
 
-    from medvision.serving.tables import ApiKey, Job
+    from medvision.serving.tables import ApiKey, AuditEvent, Job
 
     engine = make_engine(url)
     assert migrate(engine, "0002") == "0002"
@@ -56,9 +56,13 @@ def test_upgrading_an_older_database_keeps_its_rows(url):
         conn.execute(insert(Job.__table__).values(
             study_instance_uid="1.2.3", status="queued", attempts=0, lease_owner="", last_error="",
             created_at=utcnow(), updated_at=utcnow()))
-    assert migrate(engine) == "0003"
+        conn.execute(insert(AuditEvent.__table__).values(at=utcnow(), action="score", resource="1.2.3.4", status=200,
+                                                         request_id="r1", detail={}))
+    assert migrate(engine) == "0004"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM api_keys")).scalar() == "site"
         row = conn.execute(text("SELECT study_instance_uid, not_before FROM jobs")).one()
         assert row == ("1.2.3", None)
+        # 0004 rebuilt the audit table (SQLite) to add the reader's user id: its rows are kept
+        assert conn.execute(text("SELECT action, resource, user_id FROM audit_log")).one() == ("score", "1.2.3.4", None)
     engine.dispose()

@@ -1,0 +1,119 @@
+"""Images for the review UI: windowed greyscale PNGs and heatmap overlays, cached on disk.
+
+The browser never receives DICOM: it gets the image rendered here through the same reader and DICOM
+grey pipeline the model uses (modality LUT / rescale, VOI window or LUT, MONOCHROME1 inversion), with
+the long side limited to what a screen shows. Window / level changes are renderings at another window
+(centre and width in modality units); the presets are the file's own window and windows derived from
+the image's value distribution. The heatmap is a transparent RGBA layer of the same size, mapped back
+through the preprocessing's geometry, so it sits on the image whatever crop or flip the model used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medvision.dicom_io import ReadLimits, read_dicom
+from medvision.preprocess import apply_lut_table, apply_rescale, apply_window, needs_inversion, to_display
+
+SIZES = (512, 1024, 2048)
+
+
+def _modality_values(stored: np.ndarray, meta) -> np.ndarray:
+    if meta.modality_lut is not None:
+        return apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
+    return apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
+
+
+def _shrink(grey: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = grey.shape
+    f = min(1.0, max_side / max(h, w))
+    if f == 1.0:
+        return grey
+    img = Image.fromarray(grey.astype(np.float32), mode="F")
+    return np.asarray(img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX))
+
+
+def image_info(path: str | Path, limits: ReadLimits) -> dict:
+    """What the viewer needs to label an image and offer window presets (no identifiers)."""
+    stored, meta = read_dicom(path, limits)
+    values = _modality_values(stored, meta)
+    body = values[values > values.min()] if np.ptp(values) > 0 else values.ravel()
+    if body.size == 0:
+        body = values.ravel()
+    p = np.percentile(body, [1, 20, 50, 99, 99.5])
+    lo, hi = float(values.min()), float(values.max())
+
+    def window(a: float, b: float) -> dict:
+        return {"center": round((a + b) / 2, 3), "width": round(max(b - a, 1.0), 3)}
+
+    presets = {}
+    if meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
+        presets["default"] = {"center": meta.window_centers[0], "width": meta.window_widths[0]}
+    else:
+        presets["default"] = window(p[0], p[3])
+    presets.update({"full range": window(lo, hi), "soft tissue": window(p[1], p[4]), "dense": window(p[2], p[4])})
+    return {"sop_instance_uid": meta.sop_instance_uid, "laterality": meta.laterality or "", "view": meta.view or "",
+            "rows": meta.rows, "columns": meta.columns, "range": [lo, hi], "presets": presets,
+            "inverted": needs_inversion(meta.photometric, meta.presentation_lut_shape)}
+
+
+def render(path: str | Path, limits: ReadLimits, cfg, max_side: int, center: float | None = None,
+           width: float | None = None) -> bytes:
+    """8-bit greyscale PNG: the file's default display (``to_display``, as the model sees it before its
+    geometry) or the given window in modality units; bright = dense either way."""
+    stored, meta = read_dicom(path, limits)
+    if center is None or width is None:
+        grey = to_display(stored, meta, cfg)
+    else:
+        grey = apply_window(_modality_values(stored, meta), center, max(width, 1.0), "LINEAR")
+        if needs_inversion(meta.photometric, meta.presentation_lut_shape):
+            grey = 1.0 - grey
+    small = _shrink(grey, max_side)
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(small, 0, 1) * 255).round().astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def render_heatmap(engine, path: str | Path, max_side: int) -> bytes:
+    """RGBA PNG of the model's heatmap for this image, the same size as ``render`` at ``max_side``."""
+    from medvision.serving.heatmap_capture import colour_layer, heat_layer
+
+    stored, meta = read_dicom(path, engine.limits)
+    h, w = stored.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    _, v, inside, _ = heat_layer(engine, stored, meta, max_side)
+    rgba = colour_layer(v, inside)
+    want = (max(1, round(w * f)), max(1, round(h * f)))
+    img = Image.fromarray(rgba, mode="RGBA")
+    if img.size != want:
+        img = img.resize(want, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class RenderCache:
+    """PNG renderings on disk, keyed by the image, the artifact (for heatmaps) and the rendering's parameters."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def get(self, make, *key) -> bytes:
+        name = hashlib.sha256(repr(key).encode()).hexdigest()
+        path = self.folder / name[:2] / f"{name}.png"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        data = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return data

@@ -1,0 +1,379 @@
+"""The clinician review UI at ``/ui``: sign in, AI-prioritised worklist, study viewer, calls, export, admin.
+
+Server-rendered pages (Jinja2) with two small scripts; everything the page loads comes from this service.
+Every page, image and API route needs a signed-in session (pages redirect to the sign-in form, images and
+API calls get 401); state-changing requests must carry the session's CSRF token. Views, calls, exports,
+sign-ins and refusals are written to the audit log with the reader's user id; study UIDs and accession
+numbers appear in URLs and the audit log, patient names nowhere.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from medvision.errors import ConfigError
+from medvision.serving import reviews
+from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
+from medvision.serving.rendering import SIZES, RenderCache, image_info, render, render_heatmap
+from medvision.serving.tables import AuditEvent, User
+from medvision.serving.users import Reader, authenticate, end_session, resume_session, start_session
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+COOKIE = "mv_session"
+router = APIRouter(prefix="/ui", include_in_schema=False)
+templates = Jinja2Templates(directory=str(UI_DIR / "templates"))
+
+
+# -- sessions and audit ---------------------------------------------------------------------------
+
+
+def _minutes(request: Request) -> float:
+    return request.app.state.settings.ui_session_minutes
+
+
+async def _reader(request: Request) -> Reader | None:
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return None
+
+    def lookup():
+        with request.app.state.db() as db:
+            return resume_session(db, token, _minutes(request))
+
+    return await run_in_threadpool(lookup)
+
+
+async def _api_reader(request: Request, admin: bool = False) -> Reader:
+    reader = await _reader(request)
+    if reader is None:
+        await _audit(request, "ui_refused", 401, request.url.path)
+        raise Unauthenticated("sign in to the review UI first (/ui/login)")
+    if admin and not reader.is_admin:
+        await _audit(request, "ui_forbidden", 403, request.url.path, reader)
+        raise Forbidden("this needs the admin role")
+    return reader
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/ui/login?next={quote(target, safe='')}", status_code=303)
+
+
+async def _audit(request: Request, action: str, status: int, resource: str = "", reader: Reader | None = None,
+                 **detail) -> None:
+    def write():
+        with request.app.state.db() as db:
+            db.add(AuditEvent(user_id=reader.user_id if reader else None, action=action, resource=resource[:256],
+                              status=status, request_id=getattr(request.state, "request_id", ""), detail=detail))
+            db.commit()
+
+    await run_in_threadpool(write)
+
+
+def _check_csrf(request: Request, reader: Reader, given: str | None) -> None:
+    import hmac
+
+    if not given or not hmac.compare_digest(given, reader.csrf_token):
+        raise CsrfFailed("the request did not carry this session's CSRF token: reload the page")
+
+
+def _page(request: Request, name: str, reader: Reader | None, **context) -> HTMLResponse:
+    response = templates.TemplateResponse(request, name, {"reader": reader, **context})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# -- sign in / out --------------------------------------------------------------------------------
+
+
+def _safe_next(target: str | None) -> str:
+    return target if target and target.startswith("/ui/") and not target.startswith("//") else "/ui/worklist"
+
+
+@router.get("", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse)
+async def home(request: Request):
+    return RedirectResponse("/ui/worklist", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_form(request: Request, next: str | None = None):
+    return _page(request, "login.html", None, next=_safe_next(next), error="")
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("")):
+    def check():
+        with request.app.state.db() as db:
+            user, reason = authenticate(db, username.strip(), password)
+            if user is None:
+                return None, reason
+            return (start_session(db, user, _minutes(request)), user.id, user.role), ""
+
+    found, reason = await run_in_threadpool(check)
+    if found is None:
+        await _audit(request, "ui_login_failed", 401, username.strip()[:64], reason=reason)
+        return _page(request, "login.html", None, next=_safe_next(next),
+                     error="Unknown user name or wrong password (accounts lock for 15 minutes after 5 failures).")
+    token, user_id, role = found
+    await _audit(request, "ui_login", 200, username.strip()[:64], Reader(user_id, username, role, ""))
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ui",
+                        secure=request.app.state.settings.ui_secure_cookies,
+                        max_age=int(_minutes(request) * 60))
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, csrf: str = Form("")):
+    reader = await _reader(request)
+    if reader is not None:
+        _check_csrf(request, reader, csrf)
+        token = request.cookies[COOKIE]
+
+        def end():
+            with request.app.state.db() as db:
+                end_session(db, token)
+
+        await run_in_threadpool(end)
+        await _audit(request, "ui_logout", 200, "", reader)
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+# -- worklist --------------------------------------------------------------------------------------
+
+
+def _date(text: str | None, name: str) -> _dt.date | None:
+    if not text:
+        return None
+    try:
+        return _dt.date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def _filters(status, model, site, day_from, day_to, q, sort) -> dict:
+    return {"status": status or None, "model": model or None, "site": site or None, "day_from": _date(day_from, "from"),
+            "day_to": _date(day_to, "to"), "q": q or None, "sort": sort if sort in ("suspicion", "newest") else "suspicion"}
+
+
+@router.get("/worklist", response_class=HTMLResponse)
+async def worklist_page(request: Request):
+    reader = await _reader(request)
+    if reader is None:
+        return _to_login(request)
+
+    def choices():
+        with request.app.state.db() as db:
+            return reviews.filters(db)
+
+    await _audit(request, "ui_view_worklist", 200, "/ui/worklist", reader)
+    return _page(request, "worklist.html", reader, choices=await run_in_threadpool(choices),
+                 statuses=reviews.STATUSES, args=dict(request.query_params))
+
+
+@router.get("/api/worklist")
+async def worklist_api(request: Request, status: str = "", model: str = "", site: str = "", day_from: str = Query("", alias="from"),
+                       day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
+    await _api_reader(request)
+    f = _filters(status, model, site, day_from, day_to, q, sort)
+
+    def load():
+        with request.app.state.db() as db:
+            return reviews.worklist(db, **f)
+
+    rows = await run_in_threadpool(load)
+    return JSONResponse({"studies": rows, "count": len(rows)}, headers={"Cache-Control": "no-store"})
+
+
+# -- study view -------------------------------------------------------------------------------------
+
+
+_HANGING = {("R", "CC"): 0, ("L", "CC"): 1, ("R", "MLO"): 2, ("L", "MLO"): 3}
+
+
+@router.get("/studies/{study_uid}", response_class=HTMLResponse)
+async def study_page(request: Request, study_uid: str):
+    reader = await _reader(request)
+    if reader is None:
+        return _to_login(request)
+    engine = request.app.state.engine
+    return _page(request, "study.html", reader, study_uid=study_uid, query=request.url.query,
+                 operating_point=engine.meta.operating_point, model_name=engine.meta.model_name,
+                 has_heatmap=engine.has_heatmap, calls=reviews.CALLS, birads=reviews.BIRADS)
+
+
+@router.get("/api/studies/{study_uid}")
+async def study_api(request: Request, study_uid: str, status: str = "", model: str = "", site: str = "",
+                    day_from: str = Query("", alias="from"), day_to: str = Query("", alias="to"), q: str = "",
+                    sort: str = "suspicion"):
+    reader = await _api_reader(request)
+    f = _filters(status, model, site, day_from, day_to, q, sort)
+    app = request.app.state
+
+    def load():
+        with app.db() as db:
+            found = reviews.study(db, study_uid)
+            if found is None:
+                return None
+            paths = {i["sop_instance_uid"]: reviews.image_path(db, i["sop_instance_uid"]) for i in found["images_detail"]}
+            previous, following = reviews.neighbours(db, study_uid, **f)
+        cache = RenderCache(Path(app.settings.data_dir) / "renders")
+        import json
+
+        for image in found["images_detail"]:
+            path = paths[image["sop_instance_uid"]]
+            if path and Path(path).is_file():
+                info = json.loads(cache.get(lambda p=path: json.dumps(image_info(p, app.engine.limits)).encode(),
+                                            "info", image["sop_instance_uid"]))
+                image.update(info)
+            image["stored"] = bool(path and Path(path).is_file())
+        found["images_detail"].sort(key=lambda i: (_HANGING.get((i.get("laterality"), i.get("view")), 9),
+                                                   i["sop_instance_uid"]))
+        found["previous"], found["next"] = previous, following
+        return found
+
+    found = await run_in_threadpool(load)
+    if found is None:
+        await _audit(request, "ui_view_study", 404, study_uid, reader)
+        raise StudyNotFound(f"no scored study {study_uid}")
+    mine = next((r for r in found["reviews"] if r["reader"] == reader.username), None)
+    found["my_call"] = mine
+    found["operating_point"] = app.engine.meta.operating_point
+    await _audit(request, "ui_view_study", 200, study_uid, reader)
+    return JSONResponse(found, headers={"Cache-Control": "no-store"})
+
+
+class CallBody(BaseModel):
+    call: str = Field(description="agree, disagree or uncertain")
+    birads: str = ""
+    comment: str = ""
+
+
+@router.post("/api/studies/{study_uid}/call")
+async def record_call(request: Request, study_uid: str, body: CallBody):
+    reader = await _api_reader(request)
+    _check_csrf(request, reader, request.headers.get("x-csrf-token"))
+
+    def save():
+        with request.app.state.db() as db:
+            try:
+                row = reviews.record_call(db, study_uid, reader.user_id, body.call, body.birads, body.comment)
+            except LookupError:
+                return None
+            db.add(AuditEvent(user_id=reader.user_id, action="ui_call", resource=study_uid, status=200,
+                              request_id=request.state.request_id,
+                              detail={"call": row.call, "birads": row.birads, "comment_chars": len(row.comment)}))
+            db.commit()  # the call and its audit record commit together
+            return {"call": row.call, "birads": row.birads, "comment": row.comment, "reader": reader.username}
+
+    saved = await run_in_threadpool(save)
+    if saved is None:
+        raise StudyNotFound(f"no scored study {study_uid}")
+    return saved
+
+
+# -- images ------------------------------------------------------------------------------------------
+
+
+def _size(size: int) -> int:
+    return min(SIZES, key=lambda s: abs(s - size))
+
+
+async def _image_path(request: Request, sop_uid: str, reader: Reader) -> str:
+    def lookup():
+        with request.app.state.db() as db:
+            return reviews.image_path(db, sop_uid)
+
+    path = await run_in_threadpool(lookup)
+    if not path or not Path(path).is_file():
+        await _audit(request, "ui_view_image", 404, sop_uid, reader)
+        raise ImageNotStored(f"image {sop_uid} is not stored on this service (only studies received by STOW-RS are)")
+    return path
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/images/{sop_uid}.png")
+async def image(request: Request, sop_uid: str, size: int = 1024, wc: float | None = None, ww: float | None = None):
+    reader = await _api_reader(request)
+    path = await _image_path(request, sop_uid, reader)
+    app = request.app.state
+    side = _size(size)
+    window = (round(wc, 1), round(max(ww, 1.0), 1)) if wc is not None and ww is not None else (None, None)
+    cache = RenderCache(Path(app.settings.data_dir) / "renders")
+    cfg = app.engine.preprocess.cfg
+    data = await run_in_threadpool(cache.get, lambda: render(path, app.engine.limits, cfg, side, *window),
+                                   "image", sop_uid, side, window, cfg.model_dump_json())
+    return _png(data)
+
+
+@router.get("/images/{sop_uid}/heatmap.png")
+async def heatmap(request: Request, sop_uid: str, size: int = 1024):
+    reader = await _api_reader(request)
+    app = request.app.state
+    if not app.engine.has_heatmap:
+        raise ImageNotStored("this model has no heatmap output")
+    path = await _image_path(request, sop_uid, reader)
+    side = _size(size)
+    cache = RenderCache(Path(app.settings.data_dir) / "renders")
+    sha = app.engine.model_info()["artifact_sha256"]
+    data = await run_in_threadpool(cache.get, lambda: render_heatmap(app.engine, path, side), "heatmap", sop_uid, side, sha)
+    return _png(data)
+
+
+# -- export and admin ------------------------------------------------------------------------------------
+
+
+@router.get("/export.csv")
+async def export(request: Request):
+    reader = await _api_reader(request, admin=True)
+
+    def load():
+        with request.app.state.db() as db:
+            return reviews.export_csv(db)
+
+    text = await run_in_threadpool(load)
+    await _audit(request, "ui_export", 200, "/ui/export.csv", reader, rows=max(0, text.count("\n") - 1))
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Response(text, media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="medvision-calls-{stamp}.csv"', "Cache-Control": "no-store"})
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def admin_page(request: Request, action: str = ""):
+    reader = await _reader(request)
+    if reader is None:
+        return _to_login(request)
+    if not reader.is_admin:
+        await _audit(request, "ui_forbidden", 403, "/ui/admin", reader)
+        return _page(request, "forbidden.html", reader)
+
+    def load():
+        from sqlalchemy import select
+
+        with request.app.state.db() as db:
+            query = (select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.user_id)
+                     .order_by(AuditEvent.id.desc()).limit(200))
+            if action:
+                query = query.where(AuditEvent.action == action)
+            events = [{"at": reviews._iso(e.at), "user": name or "", "key_id": e.key_id, "action": e.action,
+                       "resource": e.resource, "status": e.status, "detail": e.detail} for e, name in db.execute(query)]
+            return reviews.agreement(db), events
+
+    agreement, events = await run_in_threadpool(load)
+    await _audit(request, "ui_view_admin", 200, "/ui/admin", reader)
+    return _page(request, "admin.html", reader, agreement=agreement, events=events, action=action,
+                 query=urlencode({"action": action}) if action else "")

@@ -1,0 +1,230 @@
+"""The review UI over HTTP: refusal without a session, sign-in and lockout, the worklist's order and filters,
+calls (CSRF, audit, export, agreement), rendered images and heatmaps, session expiry, the users CLI."""
+
+import csv
+import io
+import json
+import re
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from helpers import ADMIN, READER
+from PIL import Image
+
+from medvision.cli import main
+
+
+def _login(server, user) -> httpx.Client:
+    c = httpx.Client(base_url=server.url, timeout=60)
+    r = c.post("/ui/login", data={"username": user[0], "password": user[1], "next": "/ui/worklist"})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/worklist", r.text
+    return c
+
+
+def _csrf(client) -> str:
+    page = client.get("/ui/worklist").text
+    return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
+
+
+def _sop(server) -> str:
+    return server.client.get(f"/v1/studies/{server.studies[0]}/results").json()["images"][0]["sop_instance_uid"]
+
+
+def test_every_ui_page_image_and_api_refuses_without_a_session(ui_server):
+    study, sop = ui_server.studies[0], _sop(ui_server)
+    anon = httpx.Client(base_url=ui_server.url, timeout=30)
+    for path in ("/ui/worklist", f"/ui/studies/{study}", "/ui/admin"):
+        r = anon.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next="), path
+    # an API key is not a UI session, and neither is a made-up cookie
+    keyed = httpx.Client(base_url=ui_server.url, timeout=30, headers={"Authorization": f"Bearer {ui_server.key}"})
+    forged = httpx.Client(base_url=ui_server.url, timeout=30, cookies={"mv_session": "not-a-session"})
+    for c in (anon, keyed, forged):
+        for path in ("/ui/api/worklist", f"/ui/api/studies/{study}", f"/ui/images/{sop}.png",
+                     f"/ui/images/{sop}/heatmap.png", "/ui/export.csv"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated", (path, r.text)
+            assert not r.headers["content-type"].startswith("image/")
+        r = c.post(f"/ui/api/studies/{study}/call", json={"call": "agree"})
+        assert r.status_code == 401
+    assert "Sign in" in anon.get("/ui/login").text
+
+
+def test_wrong_passwords_lock_the_account_and_are_audited(ui_server):
+    from medvision.serving.db import open_database
+    from medvision.serving.tables import AuditEvent
+    from medvision.serving.users import create_user
+
+    sessions = open_database(ui_server.server.config.app.state.settings.database_url)
+    with sessions() as db:
+        create_user(db, "locked1", "right-password-1", "reader")
+    c = httpx.Client(base_url=ui_server.url, timeout=30)
+    for _ in range(5):
+        r = c.post("/ui/login", data={"username": "locked1", "password": "wrong-password"})
+        assert r.status_code == 200 and "wrong password" in r.text and "mv_session" not in r.cookies
+    r = c.post("/ui/login", data={"username": "locked1", "password": "right-password-1"})
+    assert r.status_code == 200 and "mv_session" not in r.cookies  # locked for 15 minutes, even with the right one
+    # an unknown user gets the same page: the form cannot be used to find user names
+    assert "wrong password" in c.post("/ui/login", data={"username": "nobody", "password": "x"}).text
+    with sessions() as db:
+        reasons = [e.detail.get("reason") for e in db.query(AuditEvent).filter(AuditEvent.action == "ui_login_failed",
+                                                                              AuditEvent.resource == "locked1")]
+    assert reasons.count("wrong_password") == 5 and reasons[-1] == "locked"
+    # an open redirect is not possible through ?next=
+    r = _login(ui_server, READER).post("/ui/login", data={"username": READER[0], "password": READER[1],
+                                                        "next": "https://evil.example/"})
+    assert r.headers["location"] == "/ui/worklist"
+
+
+def test_worklist_is_in_suspicion_order_with_filters_and_search(ui_server):
+    c = _login(ui_server, READER)
+    studies = c.get("/ui/api/worklist").json()["studies"]
+    assert {s["study_instance_uid"] for s in studies} == set(ui_server.studies)
+    probabilities = [s["probability"] for s in studies]
+    assert probabilities == sorted(probabilities, reverse=True)
+    results = {u: ui_server.client.get(f"/v1/studies/{u}/results").json()["images"] for u in ui_server.studies}
+    for s in studies:  # a study's suspicion is its most suspicious image
+        assert s["probability"] == pytest.approx(max(i["probability"] for i in results[s["study_instance_uid"]]))
+        assert s["images"] == 4 and s["site"] == "pacs" and s["accession"]
+    target = studies[-1]
+    found = c.get("/ui/api/worklist", params={"q": target["accession"]}).json()["studies"]
+    assert [s["study_instance_uid"] for s in found] == [target["study_instance_uid"]]
+    assert c.get("/ui/api/worklist", params={"q": target["study_instance_uid"]}).json()["count"] == 1
+    assert c.get("/ui/api/worklist", params={"site": "elsewhere"}).json()["count"] == 0
+    assert c.get("/ui/api/worklist", params={"model": target["model_version"]}).json()["count"] == len(studies)
+    assert c.get("/ui/api/worklist", params={"from": "2999-01-01"}).json()["count"] == 0
+    r = c.get("/ui/api/worklist", params={"from": "yesterday"})
+    assert r.status_code == 422 and "YYYY-MM-DD" in r.json()["error"]["message"]
+    newest = c.get("/ui/api/worklist", params={"sort": "newest"}).json()["studies"]
+    assert [s["scored_at"] for s in newest] == sorted((s["scored_at"] for s in newest), reverse=True)
+    # the study view: images in hanging order with presets, neighbours in worklist order
+    detail = c.get(f"/ui/api/studies/{studies[1]['study_instance_uid']}").json()
+    assert detail["previous"] == studies[0]["study_instance_uid"] and detail["next"] == studies[2]["study_instance_uid"]
+    hanging = [(i["laterality"], i["view"]) for i in detail["images_detail"]]
+    assert hanging == [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]
+    assert all(i["stored"] and "default" in i["presets"] for i in detail["images_detail"])
+    assert c.get("/ui/api/studies/1.2.3.4.5").status_code == 404
+
+
+def test_a_call_needs_the_csrf_token_and_lands_in_audit_export_and_agreement(ui_server):
+    reader, admin = _login(ui_server, READER), _login(ui_server, ADMIN)
+    study = ui_server.studies[2]
+    r = reader.post(f"/ui/api/studies/{study}/call", json={"call": "disagree", "comment": "benign calcification"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+    token = _csrf(reader)
+    bad = reader.post(f"/ui/api/studies/{study}/call", json={"call": "maybe"}, headers={"X-CSRF-Token": token})
+    assert bad.status_code == 422 and "agree, disagree, uncertain" in bad.json()["error"]["message"]
+    bad = reader.post(f"/ui/api/studies/{study}/call", json={"call": "agree", "birads": "7"}, headers={"X-CSRF-Token": token})
+    assert bad.status_code == 422
+    r = reader.post(f"/ui/api/studies/{study}/call", json={"call": "disagree", "birads": "2", "comment": "benign calcification"},
+                    headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json()["call"] == "disagree"
+    assert [s["study_instance_uid"] for s in reader.get("/ui/api/worklist", params={"status": "disagreed"}).json()["studies"]] == [study]
+    assert study not in {s["study_instance_uid"] for s in reader.get("/ui/api/worklist", params={"status": "unread"}).json()["studies"]}
+    admin_token = _csrf(admin)
+    assert admin.post(f"/ui/api/studies/{ui_server.studies[3]}/call", json={"call": "agree"},
+                      headers={"X-CSRF-Token": admin_token}).status_code == 200
+    # readers cannot export or see the admin page; the admin can
+    assert reader.get("/ui/export.csv").status_code == 403
+    assert "needs the admin role" in reader.get("/ui/admin").text
+    r = admin.get("/ui/export.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    mine = [row for row in rows if row["study_instance_uid"] == study]
+    assert mine and mine[0]["call"] == "disagree" and mine[0]["comment"] == "benign calcification"
+    assert mine[0]["reader"] == READER[0] and mine[0]["birads"] == "2" and float(mine[0]["ai_probability"]) > 0
+    page = admin.get("/ui/admin").text
+    assert "ui_call" in page and study in page and "50.0 % (1)" in page  # one agree, one disagree
+    assert "benign calcification" not in page  # comments are in the export, not in the audit log
+
+
+def test_images_render_through_the_dicom_pipeline_with_windows_and_heatmap(ui_server):
+    from medvision.dicom_io import read_dicom
+    from medvision.preprocess import to_display
+
+    c = _login(ui_server, READER)
+    sop = _sop(ui_server)
+    app = ui_server.server.config.app.state
+    r = c.get(f"/ui/images/{sop}.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    from medvision.serving import reviews
+
+    with app.db() as db:
+        path = reviews.image_path(db, sop)
+    stored, meta = read_dicom(path)
+    expected = (to_display(stored, meta, app.engine.preprocess.cfg) * 255).round()
+    assert img.shape == stored.shape and np.abs(img.astype(float) - expected).max() <= 1
+    info = c.get(f"/ui/api/studies/{ui_server.studies[0]}").json()["images_detail"]
+    preset = next(i for i in info if i["sop_instance_uid"] == sop)["presets"]["dense"]
+    narrow = np.asarray(Image.open(io.BytesIO(c.get(f"/ui/images/{sop}.png", params={"wc": preset["center"],
+                                                                                    "ww": preset["width"]}).content)))
+    assert narrow.shape == img.shape and not np.array_equal(narrow, img)
+    heat = Image.open(io.BytesIO(c.get(f"/ui/images/{sop}/heatmap.png").content))
+    assert heat.mode == "RGBA" and heat.size == (img.shape[1], img.shape[0])
+    alpha = np.asarray(heat)[..., 3]
+    assert alpha.max() > 0 and alpha.min() == 0  # coloured where the model looked, transparent outside its view
+    assert c.get("/ui/images/1.2.3.png").status_code == 404
+
+
+def test_sessions_expire_and_sign_out_ends_them(ui_server):
+    import datetime as _dt
+
+    from medvision.serving.db import open_database
+    from medvision.serving.tables import UiSession
+
+    c = _login(ui_server, READER)
+    assert c.get("/ui/api/worklist").status_code == 200
+    with open_database(ui_server.server.config.app.state.settings.database_url)() as db:
+        for s in db.query(UiSession).all():
+            s.expires_at = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=1)
+        db.commit()
+    assert c.get("/ui/api/worklist").status_code == 401
+    c = _login(ui_server, READER)
+    token = _csrf(c)
+    assert c.post("/ui/logout", data={"csrf": token}).status_code == 303
+    assert c.get("/ui/api/worklist").status_code == 401
+
+
+def test_users_cli_creates_lists_and_disables(tmp_path, monkeypatch, capsys):
+    db = f"sqlite:///{tmp_path / 'users.db'}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password\n"))
+    assert main(["users", "--database", db, "create", "dr.grey", "--role", "admin", "--password-stdin"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"username": "dr.grey", "role": "admin"}
+    assert main(["users", "--database", db, "create", "dr.house"]) == 0
+    generated = json.loads(capsys.readouterr().out)["password"]
+    assert len(generated) >= 12
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["users", "--database", db, "create", "dr.who", "--password-stdin"]) != 0
+    assert "at least 10 characters" in capsys.readouterr().err
+    assert main(["users", "--database", db, "disable", "dr.house"]) == 0
+    capsys.readouterr()
+    assert main(["users", "--database", db, "list"]) == 0
+    listed = {u["username"]: u for u in json.loads(capsys.readouterr().out)}
+    assert listed["dr.house"]["disabled"] and not listed["dr.grey"]["disabled"] and listed["dr.grey"]["role"] == "admin"
+    assert "password" not in json.dumps(listed)
+    from medvision.serving.db import open_database
+    from medvision.serving.users import authenticate
+
+    with open_database(db)() as s:
+        assert authenticate(s, "dr.grey", "a-long-password")[0] is not None
+        assert authenticate(s, "dr.house", generated) == (None, "disabled")
+
+
+def test_monochrome1_renders_bright_where_dense(ui_server, dicom_files):
+    """A MONOCHROME1 image is inverted on display (high stored values are dark), whatever window is asked for."""
+    from medvision.serving import reviews
+
+    c = _login(ui_server, READER)
+    app = ui_server.server.config.app.state
+    with app.db() as db:
+        sops = [i["sop_instance_uid"] for u in ui_server.studies for i in reviews.study(db, u)["images_detail"]]
+        paths = {s: reviews.image_path(db, s) for s in sops}
+    mono1 = [s for s, p in paths.items() if pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation == "MONOCHROME1"]
+    assert mono1, "the synthetic set should contain MONOCHROME1 images"
+    ds = pydicom.dcmread(paths[mono1[0]])
+    raw = ds.pixel_array.astype(float)
+    img = np.asarray(Image.open(io.BytesIO(c.get(f"/ui/images/{mono1[0]}.png", params={"wc": raw.mean(), "ww": np.ptp(raw)}).content)))
+    assert img[raw == raw.max()].mean() < img[raw == raw.min()].mean()

@@ -1,0 +1,108 @@
+"""The review UI in a real browser (Debian's chromium, headless, driven by Playwright): sign in -> worklist in
+suspicion order -> open a study -> toggle the heatmap -> record a disagreement with a comment -> see it in
+the audit log and the export. Screenshots of the worklist and the study view are saved (to
+MEDVISION_SCREENSHOT_DIR when set: the README's come from there)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import ADMIN, READER, require_tool
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=ARGS)
+        yield b
+        b.close()
+
+
+def _sign_in(page, base: str, user) -> None:
+    page.goto(f"{base}/ui/worklist")
+    assert "/ui/login" in page.url  # not signed in: the page itself is refused
+    page.get_by_label("User name").fill(user[0])
+    page.get_by_label("Password").fill(user[1])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/ui/worklist")
+
+
+def _save(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000
+    target = os.environ.get("MEDVISION_SCREENSHOT_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / name)
+
+
+def test_read_a_study_in_the_browser(ui_server, browser, tmp_path):
+    base = ui_server.url
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, accept_downloads=True)
+    page = context.new_page()
+    outside, failed = [], []
+    page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    _sign_in(page, base, READER)
+
+    # the worklist, most suspicious first
+    page.wait_for_selector("#rows tr")
+    rows = page.locator("#rows tr")
+    assert rows.count() == len(ui_server.studies)
+    shown = [float(t.split()[0]) for t in page.locator("#rows tr td:nth-child(2)").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True) and shown[0] > shown[-1]
+    _save(page, tmp_path, "ui-worklist.png")
+
+    # open the top study with the keyboard
+    top = rows.first.get_attribute("data-study")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{base}/ui/studies/{top}*")
+    page.wait_for_function("document.querySelectorAll('.pane img.base').length === 4 && "
+                           "[...document.querySelectorAll('.pane img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator(".pane .label").all_inner_texts()[0].startswith("R CC")
+    assert "%" in page.locator("#prob").inner_text()
+    assert "threshold" in page.locator("#op").inner_text()
+    heat = page.locator(".pane img.heat").first
+    assert heat.is_visible()
+    page.keyboard.press("h")
+    assert not heat.is_visible()
+    page.locator("#heat-on").check()
+    assert heat.is_visible()
+    page.get_by_label("Heatmap opacity").fill("35")
+    assert abs(float(heat.evaluate("e => e.style.opacity")) - 0.35) < 1e-6
+    _save(page, tmp_path, "ui-study.png")
+
+    # record a disagreement with a comment
+    page.get_by_label("Comment (optional)").fill("benign: vascular calcification")
+    page.get_by_label("BI-RADS (optional)").select_option("2")
+    page.get_by_role("button", name="Disagree").click()
+    page.wait_for_selector("text=Saved: disagree.")
+    assert "reader1: disagree, BI-RADS 2 — benign: vascular calcification" in page.locator("#reviews").inner_text()
+    page.keyboard.press("Escape")
+    page.wait_for_url(f"{base}/ui/worklist*")
+    page.wait_for_selector(f"#rows tr[data-study='{top}'] .badge.disagreed")
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{base}/ui/login")
+
+    # the admin sees the call in the audit log and downloads it in the export
+    _sign_in(page, base, ADMIN)
+    page.goto(f"{base}/ui/admin")
+    audit = page.locator("#audit").inner_text()
+    assert "ui_call" in audit and top in audit and "reader1" in audit
+    assert "ui_view_study" in audit
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export all calls (CSV)").click()
+    text = Path(download.value.path()).read_text()
+    assert top in text and "benign: vascular calcification" in text and "disagree" in text
+    assert not outside, f"the page loaded something from outside the service: {outside}"
+    # a download ends its navigation as "aborted": not a failure of the page
+    assert not [u for u in failed if not u.endswith("/ui/export.csv")], failed
+    context.close()
