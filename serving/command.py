@@ -162,6 +162,66 @@ def run_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="score a whole archive (folders, a manifest or a PACS), resumably; locally or on Ray",
+        description="One row per file (scored, or refused with the reason) as Parquet parts or a CSV in OUT, plus "
+        "exam and breast aggregates and summary.json. Decoding runs in a process pool (or Ray tasks) overlapped "
+        "with batched ONNX Runtime inference. Rerunning the same command skips what OUT already holds; an "
+        "interruption loses at most the batch in flight.",
+    )
+    p.add_argument("inputs", nargs="*", help="DICOM files or folders (every file under a folder gets a row)")
+    p.add_argument("--model", required=True, help="ONNX artifact from 'medvision export' / 'quantize' / 'gate'")
+    p.add_argument("--out", required=True, help="output folder (created; resumed when it exists)")
+    p.add_argument("--manifest", help="score the files of a manifest CSV ('medvision data')")
+    p.add_argument("--pacs", metavar="URL", help="DICOMweb root of a PACS to fetch --studies from (WADO-RS)")
+    p.add_argument("--studies", help="with --pacs: Study Instance UIDs, comma-separated or a file with one per line")
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="with --engine ray: an existing Ray cluster (default: start one on this machine)")
+    p.add_argument("--actors", type=int, default=1, help="with --engine ray: ONNX Runtime actors")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    require_extra("serve", *SERVE_MODULES)
+    from medvision.serving.archive import Options, list_inputs, score_archive
+
+    if args.batch_size < 1 or args.workers < 0 or args.actors < 1:
+        raise ConfigError("--batch-size and --actors must be >= 1, --workers >= 0")
+    if args.engine == "ray" and args.format != "parquet":
+        raise ConfigError("the Ray engine writes Parquet: drop --format csv")
+    if args.engine != "ray" and args.address:
+        raise ConfigError("--address is for --engine ray")
+    paths = list_inputs(args.inputs, args.manifest)
+    if args.pacs:
+        from medvision.serving.archive_pacs import fetch_studies
+
+        fetched, not_found = fetch_studies(args.pacs, args.studies, Path(args.out) / "pacs",
+                                           show_progress=not args.no_progress)
+        paths += fetched
+    elif args.studies:
+        raise ConfigError("--studies needs --pacs")
+    if not paths:
+        raise ConfigError("nothing to score: give files or folders, --manifest, or --pacs with --studies")
+    options = Options(batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                      show_progress=not args.no_progress)
+    if args.engine == "ray":
+        from medvision.serving.archive_ray import score_archive_ray
+
+        summary = score_archive_ray(paths, args.model, args.out, options, address=args.address, actors=args.actors)
+    else:
+        summary = score_archive(paths, args.model, args.out, args.format, options)
+    if args.pacs:
+        summary["pacs_studies_not_found"] = not_found
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     import uvicorn

@@ -25,7 +25,7 @@ from medvision.errors import MedvisionError
 from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
-from medvision.serving.usage import record_score
+from medvision.serving.usage import accession_of, record_score
 
 log = logging.getLogger("medvision.serving.jobs")
 MAX_ATTEMPTS = 3
@@ -37,14 +37,6 @@ def _save(ds, folder: Path) -> Path:
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
     return path
-
-
-def _accession(path: str) -> str:
-    """The exam's Accession Number, which readers search the worklist by (stored, never logged)."""
-    try:
-        return str(dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"]).get("AccessionNumber", ""))
-    except Exception:  # the image was scored; a header that cannot be re-read only costs the search key
-        return ""
 
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
@@ -144,6 +136,7 @@ class Worker:
                 continue  # scored (or refused) before: never twice
             if inst.sop_instance_uid in known:
                 self._set_instance(inst.id, "scored")
+                self._fill_accession(inst)
                 continue
             try:
                 result = engine.predict(Path(inst.path))
@@ -153,7 +146,7 @@ class Worker:
                 continue
             record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
                          result.label, engine.meta.threshold, info, result.inference_ms,
-                         accession=_accession(inst.path))
+                         accession=accession_of(inst.path))
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)
@@ -208,6 +201,16 @@ class Worker:
             self._set_study(study_uid, push_error=type(exc).__name__)
             return
         self._set_study(study_uid, pushed_at=utcnow(), push_error="")
+
+    def _fill_accession(self, inst: Instance) -> None:
+        """An image scored before through /v1/predict: its row gains the accession the reviewers search by."""
+        accession = accession_of(inst.path)
+        if accession:
+            with self.state.db() as db:
+                db.execute(update(ScoredImage).where(ScoredImage.sop_instance_uid == inst.sop_instance_uid,
+                                                     ScoredImage.accession_number == "")
+                           .values(accession_number=accession[:16]))
+                db.commit()
 
     def _set_instance(self, instance_id: int, status: str, error_code: str = "") -> None:
         with self.state.db() as db:

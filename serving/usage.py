@@ -11,6 +11,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from medvision.serving.tables import ScoredImage, Usage, utcnow
 
 
+def accession_of(source: str | bytes) -> str:
+    """The exam's Accession Number, which readers search the worklist by (stored, never logged); "" if unreadable."""
+    import io
+
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True,
+                     specific_tags=["AccessionNumber"])
+        return str(ds.get("AccessionNumber", "") or "")
+    except Exception:  # the image was scored; a header that cannot be re-read only costs the search key
+        return ""
+
+
 def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
                  inference_ms: float, audit_event=None, accession: str = "") -> None:

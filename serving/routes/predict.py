@@ -13,7 +13,7 @@ from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
 from medvision.serving.tables import AuditEvent
-from medvision.serving.usage import record_score
+from medvision.serving.usage import accession_of, record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 log = logging.getLogger("medvision.serving")
@@ -116,7 +116,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
                        request_id=request.state.request_id, detail={})
     await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
                             result.meta.study_instance_uid, result.probability, result.label,
-                            engine.meta.threshold, info, result.inference_ms, event)
+                            engine.meta.threshold, info, result.inference_ms, event, accession_of(data))
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,

@@ -163,6 +163,9 @@ def test_an_image_already_scored_by_predict_is_not_scored_again(server, dicom_fi
 
     with state.db() as db:
         assert db.query(ScoredImage).filter_by(study_instance_uid=study_uid).count() == 4
+        # every row carries the accession number the review UI searches by, the predicted one too
+        accession = str(pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber)
+        assert {r.accession_number for r in db.query(ScoredImage).filter_by(study_instance_uid=study_uid)} == {accession}
         key_id = db.query(ScoredImage).filter_by(study_instance_uid=study_uid).first().key_id
         # metered: 1 image by predict + 3 by the queue (not 5), summed with this key's other studies
         total_scored = db.query(ScoredImage).filter_by(key_id=key_id).count()

@@ -160,3 +160,26 @@ def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):
               for g in group.ContentSequence for item in getattr(g, "ContentSequence", [])
               if getattr(item, "ValueType", "") == "NUM"]
     assert sorted(round(v, 6) for v in values) == sorted(round(p, 6) for p in results.values())
+
+
+def test_score_fetches_an_archive_from_the_pacs(orthanc_and_medvision, dicom_files, tmp_path, monkeypatch, capsys):
+    """medvision score --pacs: WADO-RS from Orthanc into the output folder, scored like local files, fetched once."""
+    from medvision.cli import main
+
+    api, dicom_port, medvision, http_port, password = orthanc_and_medvision
+    files = dicom_files[40:48]
+    _c_store(files, dicom_port)
+    studies = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files})
+    monkeypatch.setenv("MEDVISION_PACS_USERNAME", "mv")
+    monkeypatch.setenv("MEDVISION_PACS_PASSWORD", password)
+    out = tmp_path / "scores"
+    args = ["score", "--pacs", f"http://127.0.0.1:{http_port}/dicom-web", "--studies", ",".join([*studies, "1.2.3.4.5"]),
+            "--model", medvision.server.config.app.state.settings.artifact, "--out", str(out), "--no-progress",
+            "--format", "csv"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scored_now"] == 8 and summary["total"]["exams"] == 2
+    assert summary["pacs_studies_not_found"] == ["1.2.3.4.5"]
+    assert main(args) == 0  # again: nothing fetched or scored twice
+    again = json.loads(capsys.readouterr().out)
+    assert again["already_done"] == 8 and again["processed_now"] == 0

@@ -29,7 +29,9 @@
       cell(tr, s.ai_positive ? "above threshold" : "below threshold", s.ai_positive ? "pos" : "neg");
       const st = cell(tr, ""); const b = document.createElement("span"); b.className = "badge " + s.status; b.textContent = s.status; st.appendChild(b);
       cell(tr, s.accession || "—");
-      const u = cell(tr, s.study_instance_uid, "uidcell"); u.title = s.study_instance_uid;
+      const u = cell(tr, "", "uidcell"); u.title = s.study_instance_uid;
+      const link = document.createElement("a");  // Tab reaches every study, not only J / K
+      link.href = href(s); link.textContent = s.study_instance_uid; u.appendChild(link);
       cell(tr, String(s.images));
       cell(tr, s.scored_at.replace("T", " ").slice(0, 16));
       cell(tr, s.model_name + " " + s.model_version);
@@ -42,11 +44,11 @@
   function mark() {
     [...body.children].forEach((tr, i) => { tr.classList.toggle("sel", i === selected); tr.setAttribute("aria-selected", i === selected ? "true" : "false"); });
   }
-  function open(i) {
-    const s = rows[i]; if (!s) return;
+  function href(s) {
     const q = query();
-    location.href = "/ui/studies/" + encodeURIComponent(s.study_instance_uid) + (q ? "?" + q : "");
+    return "/ui/studies/" + encodeURIComponent(s.study_instance_uid) + (q ? "?" + q : "");
   }
+  function open(i) { const s = rows[i]; if (s) location.href = href(s); }
   async function load() {
     const q = query();
     const r = await fetch("/ui/api/worklist" + (q ? "?" + q : ""), { credentials: "same-origin" });
