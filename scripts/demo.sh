@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in synthetic dataset: synth -> train a teacher -> distill a student -> export ->
-# quantize + promotion gate -> benchmark -> serve -> score held-out images over HTTP.
+# quantize + promotion gate -> benchmark -> serve -> score held-out images over HTTP and by STOW-RS -> batch-score
+# the held-out archive -> the review UI (the service keeps running; KEEP_SERVING=0 stops it).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-demo_out}
@@ -16,35 +17,35 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step "1/12 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
+step "1/13 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
 "$BIN/medvision" synth "$OUT/data" --patients "$PATIENTS" --difficulty "$DIFFICULTY"
 
-step "2/12 manifest, patient-level split (leakage-checked) and data card"
+step "2/13 manifest, patient-level split (leakage-checked) and data card"
 "$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
 "$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
 "$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv" \
   --intended-use "Synthetic mammograms for demonstrating and testing medvision end to end. No patient data went in; results on it say nothing about real mammograms."
 
-step "3/12 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
+step "3/13 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
 "$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
   --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES" "data.cache_dir=$OUT/cache"
 
-step "4/12 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
+step "4/13 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
 "$BIN/medvision" evaluate "$OUT/run" --no-progress > "$OUT/evaluation.json"
 cat "$OUT/evaluation.json"
 
-step "5/12 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
+step "5/13 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
 "$BIN/medvision" export "$OUT/run" --out "$OUT/teacher.onnx"
 
-step "6/12 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
+step "6/13 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
 "$BIN/medvision" distill --teacher "$OUT/run" --config student_demo --out "$OUT/student" \
   "train.max_minutes=$STUDENT_MINUTES" "data.cache_dir=$OUT/cache"
 
-step "7/12 evaluate and export the student"
+step "7/13 evaluate and export the student"
 "$BIN/medvision" evaluate "$OUT/student" --no-progress > "$OUT/student_evaluation.json"
 "$BIN/medvision" export "$OUT/student" --out "$OUT/student_fp32.onnx"
 
-step "8/12 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
+step "8/13 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
 SERVE_MODEL="$OUT/model.onnx"
 if "$BIN/medvision" quantize "$OUT/student_fp32.onnx" --run "$OUT/student" --teacher "$OUT/run" \
      --out "$SERVE_MODEL" --no-progress > "$OUT/gate.txt"; then
@@ -58,13 +59,13 @@ fi
 sed -n '/PROMOTED\|REFUSED/,$p' "$OUT/gate.txt"
 [ "$GATE" = refused ] && echo "the student was not promoted: the service runs the teacher ($SERVE_MODEL)"
 
-step "9/12 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
+step "9/13 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
 INT8_ARGS=()
 [ "$GATE" = promoted ] && INT8_ARGS=(--int8 "$OUT/model.onnx")
 "$BIN/medvision" bench --teacher "$OUT/run" --student "$OUT/student" --onnx "$OUT/student_fp32.onnx" \
   "${INT8_ARGS[@]}" --seconds 2 --out "$OUT/bench" --no-progress 2>/dev/null
 
-step "10/12 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
+step "10/13 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
 mkdir -p "$OUT/service"
 export MEDVISION_DATABASE_URL="sqlite:///$(cd "$OUT/service" && pwd)/medvision.db"
 "$BIN/medvision" keys create demo-site --scopes score > "$OUT/service_key.json"
@@ -80,7 +81,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-step "11/12 score the held-out test patients over HTTP"
+step "11/13 score the held-out test patients over HTTP"
 MEDVISION_API_KEY="$KEY" "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
@@ -151,7 +152,20 @@ print(f"serve it later: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_U
       f"--model {served}  (OpenAPI docs at /docs; API keys: {bin_}/medvision keys create NAME --scopes score)")
 PY
 
-step "12/12 the clinician review UI: a reader account, the held-out studies on its worklist"
+step "12/13 score the held-out archive in batch: medvision score (decode pool + batched ONNX Runtime, resumable)"
+mapfile -t TEST_DIRS < <("$BIN/python" -c "import csv,sys; [print(f'{sys.argv[1]}/data/images/{p}') for p in sorted({r['patient_id'] for r in csv.DictReader(open(f'{sys.argv[1]}/run/split.csv')) if r['split'] == 'test'})]" "$OUT")
+"$BIN/medvision" score "${TEST_DIRS[@]}" --model "$SERVE_MODEL" --out "$OUT/archive_scores" --no-progress \
+  > "$OUT/archive_summary.json"
+"$BIN/python" - "$OUT" <<'PY'
+import json, sys
+s = json.load(open(f"{sys.argv[1]}/archive_summary.json"))
+print(f"medvision score: {s['scored_now']} images scored, {sum(s['refused_now'].values())} refused, {s['total']['exams']} "
+      f"exams, {s['images_per_s']} images/s ({s['decode_ms_per_image']} ms decode per image in {s['decode_workers']} "
+      f"processes, {s['inference_ms_per_image']} ms inference); rows in {s['outputs']['images']}, exams in "
+      f"{s['outputs']['exams']}; rerunning the command skips what is there")
+PY
+
+step "13/13 the clinician review UI: a reader account, the held-out studies on its worklist"
 "$BIN/medvision" users create reader --role reader > "$OUT/reader_account.json" 2>/dev/null
 "$BIN/medvision" users create admin --role admin > "$OUT/admin_account.json" 2>/dev/null
 "$BIN/python" - "$OUT" "$URL" <<'PY'
