@@ -107,8 +107,22 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
     """Stored values -> display greys in [0, 1] (bright = dense), following the DICOM order.
 
     Windows apply before a VOI LUT Sequence when a file has both (the first window is the default
-    presentation); percentiles are the fallback when it has neither.
+    presentation); percentiles are the fallback when it has neither. For 8- and 16-bit integer pixels
+    with a window or VOI LUT, the whole chain is evaluated once per possible stored value and applied
+    as one table lookup (as viewers do): the same element-wise arithmetic, so bit-identical, at a
+    fraction of the cost on a 3328 x 2560 mammogram.
     """
+    uses_percentiles = not (cfg.voi == "dicom" and (
+        (meta.window_centers and meta.window_widths and meta.window_widths[0] > 0) or meta.voi_lut is not None))
+    if stored.dtype in (np.uint8, np.int8, np.uint16, np.int16) and stored.ndim == 2 and not uses_percentiles:
+        unsigned = np.dtype(f"uint{stored.dtype.itemsize * 8}")
+        domain = np.arange(1 << (8 * stored.dtype.itemsize), dtype=unsigned).view(stored.dtype)[None, :]
+        table = _display_chain(domain, meta, cfg)[0]
+        return table[stored.view(unsigned)]
+    return _display_chain(stored, meta, cfg)
+
+
+def _display_chain(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
     if meta.modality_lut is not None:
         values = apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
     else:
