@@ -152,7 +152,7 @@ class ResultStore:
             self._repair_csv()
             with self.csv.open(newline="") as fh:
                 for r in csv.DictReader(fh):
-                    rows.append({k: (float(v) if k in FLOAT_FIELDS and v != "" else v) for k, v in r.items()})
+                    rows.append({k: ((float(v) if v != "" else None) if k in FLOAT_FIELDS else v) for k, v in r.items()})
         seen: set[str] = set()
         return [r for r in rows if not (r["path"] in seen or seen.add(r["path"]))]
 
@@ -237,15 +237,6 @@ def schema():
     types.update({f: pa.float64() for f in FLOAT_FIELDS})
     types["above_threshold"] = pa.int8()
     return pa.schema([(f, types[f]) for f in FIELDS])
-
-
-def normalise(row: dict) -> dict:
-    """Types as the Parquet schema has them (CSV cells are text)."""
-    out = dict(row)
-    out["above_threshold"] = None if out.get("above_threshold") in ("", None) else int(out["above_threshold"])
-    for f in FLOAT_FIELDS:
-        out[f] = None if out.get(f) in ("", None) else float(out[f])
-    return out
 
 
 # -- the local engine --------------------------------------------------------------------------------------------

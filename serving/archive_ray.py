@@ -10,6 +10,7 @@ folder at the same paths (a shared filesystem), and have medvision installed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -46,8 +47,6 @@ def _decode_batch(batch: dict, preprocess_json: str, max_pixels: int, size: int)
         out["path"].append(str(path))
         out["ok"].append(x is not None)
         out["x"].append(x if x is not None else np.zeros((1, size, size), np.float32))
-        import json
-
         out["meta"].append(json.dumps(d))
     return {"path": np.array(out["path"]), "ok": np.array(out["ok"]), "x": np.stack(out["x"]),
             "meta": np.array(out["meta"])}
@@ -63,8 +62,6 @@ class OrtScorer:
         self.model = model_info(self.engine)
 
     def __call__(self, batch: dict):
-        import json
-
         import pyarrow as pa
 
         decoded = []
@@ -114,7 +111,8 @@ def score_archive_ray(paths: list[str], artifact: str, out: str | os.PathLike, o
         ds.write_parquet(str(store.parts.resolve()))  # appends: the parts already there stay
     wall = time.perf_counter() - start
     rows = store.read()
-    now = [r for r in rows if r["path"] in set(todo)]
+    todo_set = set(todo)
+    now = [r for r in rows if r["path"] in todo_set]
     counts = Counter(r["status"] if r["status"] == "scored" else f"refused:{r['error_code']}" for r in now)
     decode_ms = sum(r["decode_ms"] or 0.0 for r in now)
     inference_ms = sum(r["inference_ms"] or 0.0 for r in now)

@@ -77,14 +77,15 @@ def worklist(db: Session, status: str | None = None, model: str | None = None, s
         out.append({
             "study_instance_uid": r["study"], "accession": r["accession"] or "", "probability": float(r["probability"]),
             "threshold": float(r["threshold"]), "ai_positive": bool(r["positives"]), "images": int(r["images"]),
-            "scored_at": _iso(r["scored_at"]), "model_name": r["model_name"], "model_version": r["artifact_sha256"][:12],
+            "scored_at": iso(r["scored_at"]), "model_name": r["model_name"], "model_version": r["artifact_sha256"][:12],
+            "artifact_sha256": r["artifact_sha256"],
             "site": r["site"] or "", "calls": int(calls_n),
             "status": "unread" if not calls_n else "disagreed" if disagreements else "read",
         })
     return out
 
 
-def _iso(t: _dt.datetime | None) -> str:
+def iso(t: _dt.datetime | None) -> str:
     if t is None:
         return ""
     return (t if t.tzinfo else t.replace(tzinfo=_dt.UTC)).isoformat(timespec="seconds")
@@ -112,7 +113,7 @@ def study(db: Session, study_uid: str) -> dict | None:
             "images_detail": [{"sop_instance_uid": uid, "probability": float(p), "threshold": float(t),
                                "stored": bool(path)} for uid, p, t, path in images],
             "reviews": [{"reader": name, "call": r.call, "birads": r.birads, "comment": r.comment,
-                         "called_at": _iso(r.called_at)} for r, name in calls]}
+                         "called_at": iso(r.called_at)} for r, name in calls]}
 
 
 def image_path(db: Session, sop_uid: str) -> str | None:
@@ -142,14 +143,12 @@ def record_call(db: Session, study_uid: str, user_id: int, call: str, birads: st
     if not found or found[0]["study_instance_uid"] != study_uid:
         raise LookupError(study_uid)
     ai = found[0]
-    studies = _studies().where(ScoredImage.study_instance_uid == study_uid).subquery()
-    sha = db.scalar(select(studies.c.artifact_sha256))
     row = db.scalar(select(Review).where(Review.study_instance_uid == study_uid, Review.user_id == user_id))
     if row is None:
         row = Review(study_instance_uid=study_uid, user_id=user_id)
         db.add(row)
     row.call, row.birads, row.comment = call, birads, comment
-    row.model_name, row.artifact_sha256 = ai["model_name"], sha
+    row.model_name, row.artifact_sha256 = ai["model_name"], ai["artifact_sha256"]
     row.probability, row.threshold, row.called_at = ai["probability"], ai["threshold"], utcnow()
     return row
 
@@ -169,7 +168,7 @@ def export_csv(db: Session) -> str:
     out = csv.writer(buf)
     out.writerow(EXPORT_COLUMNS)
     for r, reader, acc in rows:
-        out.writerow([r.study_instance_uid, acc or "", reader, r.call, r.birads, r.comment, _iso(r.called_at),
+        out.writerow([r.study_instance_uid, acc or "", reader, r.call, r.birads, r.comment, iso(r.called_at),
                       f"{r.probability:.6f}", f"{r.threshold:.6f}", int(r.probability >= r.threshold), r.model_name,
                       r.artifact_sha256])
     return buf.getvalue()

@@ -10,6 +10,8 @@ numbers appear in URLs and the audit log, patient names nowhere.
 from __future__ import annotations
 
 import datetime as _dt
+import hmac
+import json
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -79,8 +81,6 @@ async def _audit(request: Request, action: str, status: int, resource: str = "",
 
 
 def _check_csrf(request: Request, reader: Reader, given: str | None) -> None:
-    import hmac
-
     if not given or not hmac.compare_digest(given, reader.csrf_token):
         raise CsrfFailed("the request did not carry this session's CSRF token: reload the page")
 
@@ -229,8 +229,6 @@ async def study_api(request: Request, study_uid: str, status: str = "", model: s
             paths = {i["sop_instance_uid"]: reviews.image_path(db, i["sop_instance_uid"]) for i in found["images_detail"]}
             previous, following = reviews.neighbours(db, study_uid, **f)
         cache = RenderCache(Path(app.settings.data_dir) / "renders")
-        import json
-
         for image in found["images_detail"]:
             path = paths[image["sop_instance_uid"]]
             if path and Path(path).is_file():
@@ -369,7 +367,7 @@ async def admin_page(request: Request, action: str = ""):
                      .order_by(AuditEvent.id.desc()).limit(200))
             if action:
                 query = query.where(AuditEvent.action == action)
-            events = [{"at": reviews._iso(e.at), "user": name or "", "key_id": e.key_id, "action": e.action,
+            events = [{"at": reviews.iso(e.at), "user": name or "", "key_id": e.key_id, "action": e.action,
                        "resource": e.resource, "status": e.status, "detail": e.detail} for e, name in db.execute(query)]
             return reviews.agreement(db), events
 

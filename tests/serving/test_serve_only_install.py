@@ -32,7 +32,9 @@ def test_wheel_maps_training_and_serving_into_the_namespace(wheel):
     top = {n.split("/")[0] for n in names}
     assert top <= {"medvision", next(t for t in top if t.endswith(".dist-info"))}
     for needed in ("medvision/training/train.py", "medvision/serving/app.py", "medvision/synth/phantom.py",
-                   "medvision/training/configs/demo.yaml", "medvision/serving/routes/predict.py"):
+                   "medvision/training/configs/demo.yaml", "medvision/serving/routes/predict.py",
+                   "medvision/serving/migrations/versions/0004_review_ui.py", "medvision/serving/ui/templates/study.html",
+                   "medvision/serving/ui/static/viewer.js", "medvision/serving/ui/static/app.css"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -90,6 +92,11 @@ def test_serve_extra_alone_serves_without_torch(wheel, artifact, dicom_files, tm
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(bad, timeout=30)
         assert info.value.code == 400
+        # the review UI's pages and scripts ship in the wheel
+        with urllib.request.urlopen(base + "/ui/login", timeout=30) as r:
+            assert r.status == 200 and b"Sign in" in r.read()
+        with urllib.request.urlopen(base + "/ui/static/viewer.js", timeout=30) as r:
+            assert r.status == 200
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
