@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # M4 section 5: the INT8 ViT-Ti student against ViT-B and ViT-S teachers on this machine, one run, same threads,
 # batch sizes and inputs (random weights: speed does not depend on training). Prints the table and the ratios;
-# writes bench.json / bench.md / bench.png under ${OUT:-bench_out}. About 2 minutes on 2 cores.
+# writes bench.json / bench.md / bench.png under ${OUT:-bench_out}. About 6 minutes on 2 cores (3 interleaved rounds, the median kept; ROUNDS=1 for one).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 "$BIN/medvision" bench --teacher vit_base_patch16_224 --teacher vit_small_patch16_224 --student vit_tiny_patch16_224 \
-  --seconds "${SECONDS_PER_BATCH:-3}" --out "${OUT:-bench_out}" "$@"
+  --seconds "${SECONDS_PER_BATCH:-3}" --rounds "${ROUNDS:-3}" --out "${OUT:-bench_out}" "$@"

@@ -128,9 +128,29 @@ def _run_worker(spec: dict, timeout: float) -> dict:
     return json.loads(done.stdout)
 
 
+def _median_round(runs: list[dict]) -> dict:
+    """One subject's rounds -> per batch size the round with the median images/s (its latencies with it), the
+    highest peak memory, and every round's images/s."""
+    ok = [r for r in runs if "results" in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    out["results"] = {}
+    for bs in ok[0]["results"]:
+        ordered = sorted((r["results"][bs] for r in ok), key=lambda m: m["images_per_s"])
+        out["results"][bs] = {**ordered[len(ordered) // 2], "rounds": [m["images_per_s"] for m in ordered]}
+    for key in ("peak_rss_mb", "baseline_rss_mb"):
+        if key in out:
+            out[key] = max(r[key] for r in ok)
+    return out
+
+
 def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None = None, onnx_int8: str | None = None,
           batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 0, seconds: float = 3.0, min_runs: int = 3,
-          device: str = "cpu", timeout: float = 900.0, show_progress: bool = True) -> dict:
+          device: str = "cpu", timeout: float = 900.0, show_progress: bool = True, rounds: int = 1) -> dict:
+    """``rounds`` > 1 measures every subject that many times, interleaved (the order rotates each round), and
+    keeps each subject's median round per batch size: drift in the machine's load then hits all subjects
+    alike instead of whichever happened to run during it."""
     if not teachers:
         raise ConfigError("give at least one --teacher (a run folder or a registered model name)")
     if not (student or onnx_fp32 or onnx_int8):
@@ -155,20 +175,27 @@ def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None)
         from medvision.progress import progress_bar
 
-        rows = []
-        with progress_bar("bench", len(subjects) + 1, show_progress) as advance:
+        if rounds < 1:
+            raise ConfigError("--rounds must be >= 1")
+        measured: list[list[dict]] = [[] for _ in subjects]
+        with progress_bar("bench", len(subjects) * rounds + 1, show_progress) as advance:
             matmul = _run_worker({"kind": "matmul", **common}, timeout)
             advance(1)
-            for s in subjects:
-                spec = {"kind": s.kind, "source": s.source, "image_size": s.image_size, **common,
-                        "precision": "bf16" if device == "cuda" and s.kind == "torch" else "fp32",
-                        "providers": providers}
-                advance(0, status=s.label)
-                r = _run_worker(spec, timeout)
-                size = s.size_mb if s.size_mb == s.size_mb else r.get("parameters", float("nan")) * 4 / 1e6  # fp32
-                rows.append({"label": s.label, "kind": s.kind, "role": s.role, "image_size": s.image_size,
-                             "size_mb": size, **r})
-                advance(1)
+            for rnd in range(rounds):
+                for i in [(j + rnd) % len(subjects) for j in range(len(subjects))]:
+                    s = subjects[i]
+                    spec = {"kind": s.kind, "source": s.source, "image_size": s.image_size, **common,
+                            "precision": "bf16" if device == "cuda" and s.kind == "torch" else "fp32",
+                            "providers": providers}
+                    advance(0, status=f"{s.label}" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""))
+                    measured[i].append(_run_worker(spec, timeout))
+                    advance(1)
+        rows = []
+        for s, runs in zip(subjects, measured, strict=True):
+            r = _median_round(runs)
+            size = s.size_mb if s.size_mb == s.size_mb else r.get("parameters", float("nan")) * 4 / 1e6  # fp32
+            rows.append({"label": s.label, "kind": s.kind, "role": s.role, "image_size": s.image_size,
+                         "size_mb": size, **r})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ref = rows[0].get("results", {})
@@ -178,7 +205,7 @@ def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None
             m["vs_teacher"] = m["images_per_s"] / base if base else float("nan")
     import platform
 
-    return {"threads": threads, "batch_sizes": list(batch_sizes), "device": device, "matmul": matmul,
+    return {"threads": threads, "batch_sizes": list(batch_sizes), "device": device, "matmul": matmul, "rounds": rounds,
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "inputs": "seeded standard-normal images at each model's input size (speed does not depend on content)",
             "subjects": rows}
@@ -215,7 +242,8 @@ def table_markdown(report: dict) -> str:
     mm = report["matmul"]
     gf = ", ".join(f"{k.replace('_gflops', '')} {v:.0f} GFLOP/s" for k, v in mm.items() if k.endswith("gflops"))
     lines += ["", f"{report['threads']} threads on {report['device']}; measured matmul: {gf or mm.get('error', '?')}. "
-              f"Inputs: {report['inputs']}. Ratios are to the first row at the same batch size."]
+              f"Inputs: {report['inputs']}. Ratios are to the first row at the same batch size."
+              + (f" Each cell: the median of {report['rounds']} interleaved rounds." if report.get("rounds", 1) > 1 else "")]
     return "\n".join(lines)
 
 

@@ -224,6 +224,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model and batch size (at least 3 runs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: torch in bf16 and ONNX Runtime's CUDA execution provider")
+    p.add_argument("--rounds", type=int, default=1, help="measure every model this many times, interleaved, and keep "
+                   "the median (steadier ratios on a shared machine)")
     p.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_bench)
@@ -241,7 +243,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise ConfigError("--batch-sizes needs at least one positive batch size")
     report = bench(args.teacher, args.student, args.onnx, args.int8, sizes, args.threads, args.seconds,
-                   device=args.device, show_progress=not args.no_progress)
+                   device=args.device, show_progress=not args.no_progress, rounds=args.rounds)
     table = table_markdown(report)
     print(table)
     if args.out:

@@ -31,9 +31,13 @@ def test_bench_table_teacher_student_torch_and_onnx(tiny_run, artifact, tmp_path
 
 def test_bench_exports_a_named_student_and_refuses_bad_arguments(tmp_path, capsys):
     assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--batch-sizes", "2",
-                 "--seconds", "0.02", "--threads", "1", "--no-progress"]) == 0
+                 "--seconds", "0.02", "--threads", "1", "--no-progress", "--rounds", "3", "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "(ORT fp32)" in out and "(ORT dynamic_s8)" in out
+    assert "(ORT fp32)" in out and "(ORT dynamic_s8)" in out and "median of 3 interleaved rounds" in out
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    for row in report["subjects"]:  # every model measured three times; the cell is the median round
+        m = row["results"]["2"]
+        assert len(m["rounds"]) == 3 and m["images_per_s"] == sorted(m["rounds"])[1]
     assert main(["bench", "--student", "mv_vit_test"]) == 2
     assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--batch-sizes", "a"]) == 2
     assert main(["bench", "--teacher", "mv_vit_test", "--onnx", str(tmp_path / "missing.onnx")]) == 2
