@@ -85,9 +85,19 @@ def _check_csrf(request: Request, reader: Reader, given: str | None) -> None:
         raise CsrfFailed("the request did not carry this session's CSRF token: reload the page")
 
 
+# Everything comes from this service (the browser enforces it), no framing, and no Referer: URLs hold study UIDs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; "
+                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
 def _page(request: Request, name: str, reader: Reader | None, **context) -> HTMLResponse:
     response = templates.TemplateResponse(request, name, {"reader": reader, **context})
-    response.headers["Cache-Control"] = "no-store"
+    response.headers.update({"Cache-Control": "no-store", **SECURITY_HEADERS})
     return response
 
 

@@ -49,7 +49,11 @@ def test_every_ui_page_image_and_api_refuses_without_a_session(ui_server):
             assert not r.headers["content-type"].startswith("image/")
         r = c.post(f"/ui/api/studies/{study}/call", json={"call": "agree"})
         assert r.status_code == 401
-    assert "Sign in" in anon.get("/ui/login").text
+    login = anon.get("/ui/login")
+    assert "Sign in" in login.text
+    # pages may load nothing from elsewhere, cannot be framed and send no Referer (URLs carry study UIDs)
+    assert "default-src 'self'" in login.headers["content-security-policy"]
+    assert login.headers["referrer-policy"] == "no-referrer" and login.headers["x-frame-options"] == "DENY"
 
 
 def test_wrong_passwords_lock_the_account_and_are_audited(ui_server):

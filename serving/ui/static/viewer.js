@@ -153,9 +153,9 @@
     });
     if (!r.ok) { const e = await r.json().catch(() => ({})); saved.textContent = "Not saved: " + ((e.error && e.error.message) || r.status); return; }
     press(call);
-    saved.textContent = "Saved: " + call + ".";
     const again = await api("/ui/api/studies/" + encodeURIComponent(uid) + qs);
     if (again.ok) { const s = await again.json(); showReviews(s.reviews); document.getElementById("status").textContent = s.status; }
+    saved.textContent = "Saved: " + call + ".";  // last: the list above already shows the call
   }
 
   document.querySelectorAll("[data-call]").forEach(b => b.addEventListener("click", () => record(b.dataset.call)));
