@@ -72,8 +72,7 @@ def create_user(db: Session, username: str, password: str, role: str) -> User:
         raise ConfigError("a username is 2-64 letters, digits or . _ @ - (not a patient name: it appears in the audit log)")
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if len(password) < MIN_PASSWORD:
-        raise ConfigError(f"a password needs at least {MIN_PASSWORD} characters")
+    _check_rules(password)
     if db.scalar(select(User).where(User.username == username)) is not None:
         raise ConfigError(f"a user named {username!r} exists already")
     user = User(username=username, password_hash=hash_password(password), role=role, failed_logins=0)
@@ -84,8 +83,7 @@ def create_user(db: Session, username: str, password: str, role: str) -> User:
 
 def set_password(db: Session, username: str, password: str) -> User:
     user = _get(db, username)
-    if len(password) < MIN_PASSWORD:
-        raise ConfigError(f"a password needs at least {MIN_PASSWORD} characters")
+    _check_rules(password)
     user.password_hash, user.failed_logins, user.locked_until = hash_password(password), 0, None
     db.execute(delete(UiSession).where(UiSession.user_id == user.id))  # a new password signs everyone out
     db.commit()
@@ -99,6 +97,11 @@ def disable_user(db: Session, username: str) -> User:
     db.execute(delete(UiSession).where(UiSession.user_id == user.id))
     db.commit()
     return user
+
+
+def _check_rules(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise ConfigError(f"a password needs at least {MIN_PASSWORD} characters")
 
 
 def _get(db: Session, username: str) -> User:
