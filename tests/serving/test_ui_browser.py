@@ -94,6 +94,33 @@ def test_read_a_study_in_the_browser(ui_server, browser, tmp_path):
     assert abs(float(heat.evaluate("e => e.style.opacity")) - 0.35) < 1e-6
     _save(page, tmp_path, "ui-study.png")
 
+    # window presets (W), window / level by Shift+drag, zoom by wheel, reset (R)
+    base_img = page.locator(".pane img.base").first
+    page.keyboard.press("w")
+    assert page.locator("#preset").input_value() == "full range"
+    _wait_until(page, "document.querySelector('.pane img.base').src.includes('wc=')")
+    _wait_until(page, "[...document.querySelectorAll('.pane img.base')].every(i => i.complete && i.naturalWidth > 0)")
+    before = base_img.get_attribute("src")
+    box = page.locator(".pane").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.keyboard.down("Shift")
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 80, cy + 40, steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    _wait_until(page, f"document.querySelector('.pane img.base').src !== {before!r}")
+    assert "W " in page.locator("#wl").inner_text()
+    _wait_until(page, "document.querySelector('.pane img.base').complete && "
+                      "document.querySelector('.pane img.base').naturalWidth > 0")
+    page.mouse.move(cx, cy)
+    page.mouse.wheel(0, -300)
+    stage = page.locator(".pane .stage").first
+    _wait_until(page, "document.querySelector('.pane .stage').style.transform.includes('scale(') && "
+                      "!document.querySelector('.pane .stage').style.transform.includes('scale(1)')")
+    page.keyboard.press("r")
+    assert "scale(1)" in stage.evaluate("e => e.style.transform")
+
     # record a disagreement with a comment
     page.get_by_label("Comment (optional)").fill("benign: vascular calcification")
     page.get_by_label("BI-RADS (optional)").select_option("2")
