@@ -122,11 +122,15 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
     return _display_chain(stored, meta, cfg)
 
 
-def _display_chain(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
+def modality_values(stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
+    """Modality LUT Sequence or rescale slope / intercept: stored values -> modality units (float32)."""
     if meta.modality_lut is not None:
-        values = apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
-    else:
-        values = apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
+        return apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
+    return apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
+
+
+def _display_chain(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
+    values = modality_values(stored, meta)
     if cfg.voi == "dicom" and meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
         grey = apply_window(values, meta.window_centers[0], meta.window_widths[0], meta.voi_lut_function)
     elif cfg.voi == "dicom" and meta.voi_lut is not None:

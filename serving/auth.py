@@ -92,10 +92,11 @@ def verify(db: Session, token: str) -> ApiKey | None:
 
 
 def audit(sessions: sessionmaker[Session], request: Request, action: str, status: int, resource: str = "",
-          key_id: int | None = None, **detail) -> None:
-    """One audit row. ``resource`` holds UIDs or route paths, never names or other identifiers."""
+          key_id: int | None = None, user_id: int | None = None, **detail) -> None:
+    """One audit row (by an API key or a review-UI reader). ``resource`` holds UIDs or route paths, never names
+    or other identifiers."""
     with sessions() as db:
-        db.add(AuditEvent(key_id=key_id, action=action, resource=resource[:256], status=status,
+        db.add(AuditEvent(key_id=key_id, user_id=user_id, action=action, resource=resource[:256], status=status,
                           request_id=getattr(request.state, "request_id", ""), detail=detail))
         db.commit()
 

@@ -73,9 +73,14 @@ def heat_layer(engine, stored: np.ndarray, meta, max_side: int = MAX_SIDE) -> tu
     return small, v, inside, float(probability[0])
 
 
+def _alpha(v: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """More opaque where the model looked harder, transparent outside its field of view."""
+    return np.where(inside, 0.15 + 0.45 * v, 0.0)
+
+
 def colour_layer(v: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """RGBA uint8: the colour ramp, more opaque where the model looked harder, transparent outside its view."""
-    alpha = np.where(inside, 0.15 + 0.45 * v, 0.0)
+    """RGBA uint8: the colour ramp with ``_alpha`` as its opacity (the review UI's overlay)."""
+    alpha = _alpha(v, inside)
     rgba = np.concatenate([_colormap(v), alpha[..., None]], axis=-1)
     return (np.clip(rgba, 0, 1) * 255).round().astype(np.uint8)
 
@@ -84,7 +89,7 @@ def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
     """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
     stored, meta = read_dicom(path, engine.limits)
     small, v, inside, probability = heat_layer(engine, stored, meta)
-    alpha = np.where(inside, 0.15 + 0.45 * v, 0.0)[..., None]
+    alpha = _alpha(v, inside)[..., None]
     rgb = small[..., None] * (1 - alpha) + _colormap(v) * alpha
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), probability
 

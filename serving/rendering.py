@@ -19,15 +19,9 @@ import numpy as np
 from PIL import Image
 
 from medvision.dicom_io import ReadLimits, read_dicom
-from medvision.preprocess import apply_lut_table, apply_rescale, apply_window, needs_inversion, to_display
+from medvision.preprocess import apply_window, modality_values, needs_inversion, to_display
 
 SIZES = (512, 1024, 2048)
-
-
-def _modality_values(stored: np.ndarray, meta) -> np.ndarray:
-    if meta.modality_lut is not None:
-        return apply_lut_table(stored, meta.modality_lut.first_mapped, meta.modality_lut.table)
-    return apply_rescale(stored, meta.rescale_slope, meta.rescale_intercept)
 
 
 def _shrink(grey: np.ndarray, max_side: int) -> np.ndarray:
@@ -42,7 +36,7 @@ def _shrink(grey: np.ndarray, max_side: int) -> np.ndarray:
 def image_info(path: str | Path, limits: ReadLimits) -> dict:
     """What the viewer needs to label an image and offer window presets (no identifiers)."""
     stored, meta = read_dicom(path, limits)
-    values = _modality_values(stored, meta)
+    values = modality_values(stored, meta)
     body = values[values > values.min()] if np.ptp(values) > 0 else values.ravel()
     if body.size == 0:
         body = values.ravel()
@@ -71,7 +65,7 @@ def render(path: str | Path, limits: ReadLimits, cfg, max_side: int, center: flo
     if center is None or width is None:
         grey = to_display(stored, meta, cfg)
     else:
-        grey = apply_window(_modality_values(stored, meta), center, max(width, 1.0), "LINEAR")
+        grey = apply_window(modality_values(stored, meta), center, max(width, 1.0), "LINEAR")
         if needs_inversion(meta.photometric, meta.presentation_lut_shape):
             grey = 1.0 - grey
     small = _shrink(grey, max_side)

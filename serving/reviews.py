@@ -23,16 +23,18 @@ STATUSES = ("unread", "read", "disagreed")
 MAX_COMMENT = 2000
 
 
-def _studies():
-    """One row per scored study: its most suspicious probability, threshold, images, model, site."""
+def _studies(study_uid: str | None = None):
+    """One row per scored study (or only ``study_uid``'s): its most suspicious probability, threshold, images,
+    model, site."""
     s = ScoredImage
-    return (select(s.study_instance_uid.label("study"), func.max(s.probability).label("probability"),
+    query = (select(s.study_instance_uid.label("study"), func.max(s.probability).label("probability"),
                    func.max(s.threshold).label("threshold"), func.count(s.id).label("images"),
                    func.sum(case((s.probability >= s.threshold, 1), else_=0)).label("positives"),
                    func.max(s.scored_at).label("scored_at"), func.max(s.accession_number).label("accession"),
                    func.max(s.model_name).label("model_name"), func.max(s.artifact_sha256).label("artifact_sha256"),
                    func.max(s.key_id).label("key_id"))
             .where(s.study_instance_uid != "").group_by(s.study_instance_uid))
+    return query.where(s.study_instance_uid == study_uid) if study_uid else query
 
 
 def _calls():
@@ -44,11 +46,12 @@ def _calls():
 
 def worklist(db: Session, status: str | None = None, model: str | None = None, site: str | None = None,
              day_from: _dt.date | None = None, day_to: _dt.date | None = None, q: str | None = None,
-             sort: str = "suspicion", limit: int = 500) -> list[dict]:
-    """Scored studies, most suspicious first (``sort="suspicion"``) or newest first (``"newest"``)."""
+             sort: str = "suspicion", limit: int = 500, study_uid: str | None = None) -> list[dict]:
+    """Scored studies, most suspicious first (``sort="suspicion"``) or newest first (``"newest"``);
+    ``study_uid`` looks up one study without aggregating the others."""
     if status and status not in STATUSES:
         raise ConfigError(f"status must be one of {', '.join(STATUSES)}")
-    studies, calls = _studies().subquery(), _calls().subquery()
+    studies, calls = _studies(study_uid).subquery(), _calls().subquery()
     query = (select(studies, calls.c.calls, calls.c.disagreements, ApiKey.name.label("site"))
              .outerjoin(calls, calls.c.study == studies.c.study)
              .outerjoin(ApiKey, ApiKey.id == studies.c.key_id))
@@ -100,8 +103,8 @@ def filters(db: Session) -> dict:
 
 def study(db: Session, study_uid: str) -> dict | None:
     """The study's AI result and images (with the stored file where the service received it)."""
-    found = worklist(db, q=study_uid, limit=1)
-    if not found or found[0]["study_instance_uid"] != study_uid:
+    found = worklist(db, study_uid=study_uid, limit=1)
+    if not found:
         return None
     images = db.execute(
         select(ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold, Instance.path)
@@ -139,8 +142,8 @@ def record_call(db: Session, study_uid: str, user_id: int, call: str, birads: st
     comment = (comment or "").strip()
     if len(comment) > MAX_COMMENT:
         raise ConfigError(f"a comment is at most {MAX_COMMENT} characters")
-    found = worklist(db, q=study_uid, limit=1)
-    if not found or found[0]["study_instance_uid"] != study_uid:
+    found = worklist(db, study_uid=study_uid, limit=1)
+    if not found:
         raise LookupError(study_uid)
     ai = found[0]
     row = db.scalar(select(Review).where(Review.study_instance_uid == study_uid, Review.user_id == user_id))

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.errors import ConfigError
 from medvision.serving import reviews
+from medvision.serving.auth import audit
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
 from medvision.serving.rendering import SIZES, RenderCache, image_info, render, render_heatmap
 from medvision.serving.tables import AuditEvent, User
@@ -71,13 +72,8 @@ def _to_login(request: Request) -> RedirectResponse:
 
 async def _audit(request: Request, action: str, status: int, resource: str = "", reader: Reader | None = None,
                  **detail) -> None:
-    def write():
-        with request.app.state.db() as db:
-            db.add(AuditEvent(user_id=reader.user_id if reader else None, action=action, resource=resource[:256],
-                              status=status, request_id=getattr(request.state, "request_id", ""), detail=detail))
-            db.commit()
-
-    await run_in_threadpool(write)
+    await run_in_threadpool(audit, request.app.state.db, request, action, status, resource,
+                            user_id=reader.user_id if reader else None, **detail)
 
 
 def _check_csrf(request: Request, reader: Reader, given: str | None) -> None:
