@@ -107,6 +107,10 @@ register_model(ModelSpec(
     description="3-layer, 96-wide ViT at 128 px: the demo's student, distilled from mv_vit_demo",
 ))
 register_model(ModelSpec(
+    "mv_cnn_test", "test_resnet", {}, 64, pool="timm",
+    description="timm's 0.4 M-parameter test ResNet (global average pooling): the CNN student for tests",
+))
+register_model(ModelSpec(
     "mv_vit_test", "vit_tiny_patch16_224",
     dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2), 64,
     description="2-layer, 32-wide ViT for tests (seconds per epoch on a CPU)",

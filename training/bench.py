@@ -4,8 +4,10 @@ Every subject runs in its own process (``bench_worker``) with the same thread co
 batch sizes and the same seeded inputs at its own input size, so images/s, latency p50 / p99 and
 peak memory are comparable; ratios are to the first teacher. The machine's measured fp32 matmul
 GFLOP/s is printed for context. Subjects are run folders (torch), registered model names (torch,
-random weights: speed does not depend on training) or ONNX files (ONNX Runtime); given a student
-name or run but no ONNX, the bench exports it and quantizes it dynamically itself.
+random weights: speed does not depend on training) or ONNX files (ONNX Runtime); given student
+names or runs but no ONNX, the bench exports each and quantizes it itself the way ``medvision quantize``
+would win on it: dynamic INT8 for a ViT (its MatMuls), static QDQ for a CNN (dynamic INT8 leaves Conv in
+float).
 """
 
 from __future__ import annotations
@@ -39,8 +41,19 @@ class Subject:
     spec: dict = field(default_factory=dict)
 
 
+def named_size(source: str) -> tuple[str, int | None]:
+    """``"vit_tiny_patch16_224@192"`` -> ``("vit_tiny_patch16_224", 192)``: a registered model at another input size
+    (a ViT then has fewer or more patch tokens); a plain name -> ``(name, None)``."""
+    name, at, size = source.partition("@")
+    if not at:
+        return source, None
+    if not size.isdigit() or not 16 <= int(size) <= 4096:
+        raise ConfigError(f"'{source}': the input size after '@' must be a whole number of pixels (16-4096)")
+    return name, int(size)
+
+
 def build_torch_model(source: str, image_size: int):
-    """A run folder's best checkpoint, or a registered architecture with random weights."""
+    """A run folder's best checkpoint, or a registered architecture (``NAME`` or ``NAME@SIZE``) with random weights."""
     path = Path(source)
     if path.is_dir():
         from medvision.training.export import load_run
@@ -49,11 +62,12 @@ def build_torch_model(source: str, image_size: int):
     from medvision.config import ModelConfig
     from medvision.training.models import create_model
 
-    return create_model(ModelConfig(name=source, drop_path_rate=0.0), image_size)
+    return create_model(ModelConfig(name=named_size(source)[0], drop_path_rate=0.0), image_size)
 
 
 def _torch_subject(source: str, role: str) -> Subject:
-    """A run folder (its checkpoint's size) or a registered name (its size comes from the worker's count)."""
+    """A run folder (its checkpoint's size) or a registered name, ``@SIZE`` for another input size than the
+    registered one (its model size comes from the worker's parameter count)."""
     path = Path(source)
     if path.is_dir():
         from medvision.training.export import read_run
@@ -63,7 +77,8 @@ def _torch_subject(source: str, role: str) -> Subject:
                        cfg.preprocess.image_size, role, ckpt.stat().st_size / 1e6)
     from medvision.registry import get_model_spec
 
-    return Subject(f"{role} {source} (torch fp32)", "torch", source, get_model_spec(source).image_size, role)
+    name, size = named_size(source)
+    return Subject(f"{role} {source} (torch fp32)", "torch", source, size or get_model_spec(name).image_size, role)
 
 
 def _ort_subject(path: str | Path, label: str) -> Subject:
@@ -76,41 +91,64 @@ def _ort_subject(path: str | Path, label: str) -> Subject:
 
 
 def _export_student(source: str, work: Path) -> tuple[Path, Path]:
-    """fp32 ONNX (with medvision metadata) and its dynamic-INT8 copy, for a student given without artifacts."""
+    """fp32 ONNX (with medvision metadata) and its INT8 copy, for a student given without artifacts.
+
+    A token-pooled ViT is quantized dynamically (``DYNAMIC_OPS``, attention fused); anything else (a CNN) by
+    static QDQ as ``medvision quantize`` builds it (per-channel, the first convolution in float), calibrated
+    on eight of the bench's seeded inputs: the ranges then fit random images, not mammograms, which changes
+    no kernel and so no timing (the real calibration is ``quantize``'s, on training images).
+    """
     import datetime as _dt
 
     import onnx
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     from medvision import __version__
     from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode
     from medvision.preprocess import PreprocessConfig
     from medvision.registry import get_model_spec
     from medvision.training.export import _simplify, _WithProbability, trace_onnx
-    from medvision.training.quantize import DYNAMIC_OPS, _quiet_root_logger
+    from medvision.training.quantize import DYNAMIC_OPS, _quiet_root_logger, _Reader, sensitive_nodes
 
     subject = _torch_subject(source, "student")
     model = build_torch_model(source, subject.image_size).eval()
     name = Path(source).name if Path(source).is_dir() else source
-    fp32, int8 = work / f"{name}_fp32.onnx", work / f"{name}_int8.onnx"
+    stem = name.replace("@", "_")
+    fp32, int8, pre = work / f"{stem}_fp32.onnx", work / f"{stem}_int8.onnx", work / f"{stem}_pre.onnx"
     size = subject.image_size
     _, fused = trace_onnx(_WithProbability(model).eval(), fp32, size)
     proto = _simplify(onnx.load(str(fp32)))
-    meta = ArtifactMetadata(model_name=name, architecture=get_model_spec(name).timm_name if not Path(source).is_dir()
-                            else name, medvision_version=__version__,
+    meta = ArtifactMetadata(model_name=name, architecture=name if Path(source).is_dir()
+                            else get_model_spec(named_size(name)[0]).timm_name, medvision_version=__version__,
                             created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             preprocess=PreprocessConfig(image_size=size), input=InputContract(shape=["batch", 1, size, size]),
                             threshold=0.5, weights_sha256="bench-export",
                             runtime_ops=["com.microsoft.Attention"] if fused else [])
     proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
     onnx.save(proto, str(fp32))
-    pre = work / "pre.onnx"
+    vit = hasattr(model, "token_logits")
     with _quiet_root_logger():
         quant_pre_process(str(fp32), str(pre))
-        quantize_dynamic(pre, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=DYNAMIC_OPS)
+        if vit:
+            quantize_dynamic(pre, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=DYNAMIC_OPS)
+        else:
+            from medvision.training.bench_worker import seeded_inputs
+
+            in_float = sensitive_nodes(onnx.load(str(pre)))
+            quantize_static(pre, int8, _Reader(seeded_inputs(size, 8), meta.input.name), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                            nodes_to_exclude=in_float["first_conv"] + in_float["activation_matmuls"])
     q = onnx.load(str(int8))
     del q.metadata_props[:]
-    q.metadata_props.add(key=METADATA_KEY, value=encode(meta.model_copy(update={"quantization": {"format": "dynamic_s8"}})))
+    fmt = "dynamic_s8" if vit else "static_qdq"
+    q.metadata_props.add(key=METADATA_KEY, value=encode(meta.model_copy(update={"quantization": {"format": fmt}})))
     onnx.save(q, str(int8))
     return fp32, int8
 
@@ -145,7 +183,8 @@ def _median_round(runs: list[dict]) -> dict:
     return out
 
 
-def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None = None, onnx_int8: str | None = None,
+def bench(teachers: list[str], student: str | list[str] | None = None, onnx_fp32: str | None = None,
+          onnx_int8: str | None = None,
           batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 0, seconds: float = 3.0, min_runs: int = 3,
           device: str = "cpu", timeout: float = 900.0, show_progress: bool = True, rounds: int = 1) -> dict:
     """``rounds`` > 1 measures every subject that many times, interleaved (the order rotates each round), and
@@ -153,16 +192,19 @@ def bench(teachers: list[str], student: str | None = None, onnx_fp32: str | None
     alike instead of whichever happened to run during it."""
     if not teachers:
         raise ConfigError("give at least one --teacher (a run folder or a registered model name)")
-    if not (student or onnx_fp32 or onnx_int8):
+    students = [student] if isinstance(student, str) else list(student or [])
+    if not (students or onnx_fp32 or onnx_int8):
         raise ConfigError("give a --student (run folder or model name) and / or its --onnx / --int8 artifacts")
+    if len(students) > 1 and (onnx_fp32 or onnx_int8):
+        raise ConfigError("--onnx / --int8 belong to one student: with several --student the bench exports each")
     threads = threads or os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="mv-bench-"))
     try:
         subjects = [_torch_subject(t, "teacher") for t in teachers]
-        if student:
-            subjects.append(_torch_subject(student, "student"))
-        if student and not (onnx_fp32 or onnx_int8):
-            onnx_fp32, onnx_int8 = (str(p) for p in _export_student(student, work))
+        for name in students:
+            subjects.append(_torch_subject(name, "student"))
+            if not (onnx_fp32 or onnx_int8):
+                subjects += [_ort_subject(p, "student") for p in _export_student(name, work)]
         if onnx_fp32:
             subjects.append(_ort_subject(onnx_fp32, "student"))
         if onnx_int8:

@@ -53,9 +53,13 @@ def _time_batches(call, x: np.ndarray, batch_sizes: list[int], seconds: float, m
     return out
 
 
+def seeded_inputs(size: int, n: int = 32, seed: int = 0) -> np.ndarray:
+    """The seeded standard-normal images every model is timed on (and a CNN student calibrated on)."""
+    return np.random.default_rng(seed).standard_normal((n, 1, size, size)).astype(np.float32)
+
+
 def _inputs(spec: dict) -> np.ndarray:
-    size = spec["image_size"]
-    return np.random.default_rng(spec.get("seed", 0)).standard_normal((32, 1, size, size)).astype(np.float32)
+    return seeded_inputs(spec["image_size"], seed=spec.get("seed", 0))
 
 
 def run_ort(spec: dict) -> dict:

@@ -212,13 +212,15 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         description="Each model in its own process with the same threads, batch sizes and inputs: images/s, "
         "latency p50 / p99, peak memory and model size, with ratios to the (first) teacher and the measured fp32 "
         "matmul GFLOP/s. Teachers and students are run folders or registered model names (random weights); "
-        "ONNX files run on ONNX Runtime. A student without --onnx / --int8 is exported and dynamically "
-        "quantized by the bench itself.",
+        "ONNX files run on ONNX Runtime. A student without --onnx / --int8 is exported and quantized by the "
+        "bench itself (dynamic INT8 for a ViT, static QDQ for a CNN); --student may be repeated to compare "
+        "students.",
     )
     p.add_argument("--teacher", action="append", default=[], help="run folder or model name (repeatable)")
-    p.add_argument("--student", help="student run folder or model name (torch fp32 row)")
-    p.add_argument("--onnx", help="the student's fp32 ONNX artifact")
-    p.add_argument("--int8", help="the student's quantized (or promoted) ONNX artifact")
+    p.add_argument("--student", action="append", default=[],
+                   help="student run folder or model name (torch fp32 row; repeatable)")
+    p.add_argument("--onnx", help="the (one) student's fp32 ONNX artifact")
+    p.add_argument("--int8", help="the (one) student's quantized (or promoted) ONNX artifact")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--threads", type=int, default=0, help="threads for every model (0 = all cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model and batch size (at least 3 runs)")

@@ -41,3 +41,26 @@ def test_bench_exports_a_named_student_and_refuses_bad_arguments(tmp_path, capsy
     assert main(["bench", "--student", "mv_vit_test"]) == 2
     assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--batch-sizes", "a"]) == 2
     assert main(["bench", "--teacher", "mv_vit_test", "--onnx", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_bench_compares_several_students_and_quantizes_a_cnn_statically(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test@32", "--student", "mv_cnn_test",
+                 "--batch-sizes", "2", "--seconds", "0.02", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["subjects"]
+    assert [(r["role"], r["kind"]) for r in rows] == [("teacher", "torch")] + [("student", "torch"), ("student", "ort"),
+                                                                               ("student", "ort")] * 2
+    labels = [r["label"] for r in rows]
+    # a ViT is quantized dynamically (its MatMuls); a CNN statically, or its convolutions would stay in float
+    assert "mv_vit_test@32 (ORT dynamic_s8)" in labels[3] and "mv_cnn_test (ORT static_qdq)" in labels[6]
+    # NAME@SIZE: the registered ViT at another input size (a quarter of the patch tokens here)
+    assert [r["image_size"] for r in rows] == [64, 32, 32, 32, 64, 64, 64]
+    assert all("error" not in r for r in rows)
+    assert rows[6]["size_mb"] < rows[5]["size_mb"] / 2  # the convolutions' weights really are INT8
+    table = capsys.readouterr().out
+    assert table.count("vs teacher mv_vit_test (torch") == 6
+    # --onnx / --int8 name one student's files: ambiguous with two students
+    assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test", "--student", "mv_cnn_test",
+                 "--onnx", str(tmp_path / "x.onnx")]) == 2
+    assert main(["bench", "--teacher", "mv_vit_test", "--student", "mv_vit_test@big"]) == 2
+    assert "input size after '@'" in capsys.readouterr().err

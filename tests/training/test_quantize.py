@@ -16,7 +16,7 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
     report = json.loads(out.with_suffix(".quantize.json").read_text())
     assert set(report["candidates"]) == {"dynamic_s8", "dynamic_u8_reduce_range", "static_qdq_minmax",
                                          "static_qdq_entropy", "static_qdq_percentile",
-                                         "static_qdq_percentile_all_matmuls"}
+                                         "static_qdq_percentile_all_matmuls", "static_qdq_minmax_all_nodes"}
     # the default export fuses attention (one com.microsoft.Attention node per block): no activation products left
     assert report["sensitive_nodes"]["first_conv"] and report["sensitive_nodes"]["activation_matmuls"] == []
     measured = [c for c in report["candidates"].values() if "error" not in c]

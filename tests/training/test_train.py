@@ -256,7 +256,8 @@ def test_every_recipe_validates_and_builds_its_model(recipe):
     size = cfg.preprocess.image_size
     with torch.no_grad():
         assert model(torch.zeros(1, 1, size, size)).shape == (1, 1)
-    assert {"vit_small", "vit_base", "student_vit_tiny", "student_deit_tiny", "student_resnet18"} <= set(RECIPES)
+    assert {"vit_small", "vit_base", "student_vit_tiny", "student_deit_tiny", "student_resnet18",
+            "student_vit_tiny_192"} <= set(RECIPES)
 
 
 def test_weights_from_a_hugging_face_cache_folder(tmp_path):
