@@ -167,3 +167,73 @@ def test_table_lookup_display_is_bit_identical_to_the_float_chain(dicom_files):
     for v in variants:
         meta = dataclasses.replace(base, **v)
         assert np.array_equal(to_display(stored, meta, cfg), _display_chain(stored, meta, cfg)), v
+
+
+def _reference_box(stored, meta, cfg):
+    from medvision.preprocess import _display_chain
+
+    grey = _display_chain(stored, meta, cfg)
+    mask = grey > 0.08
+    rows, cols = np.flatnonzero(mask.mean(axis=1) > 0.01), np.flatnonzero(mask.mean(axis=0) > 0.01)
+    if not cfg.crop_to_breast or not (rows.size and cols.size):
+        return 0, grey.shape[0], 0, grey.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _reference_preprocess(stored, meta, cfg):
+    """The pipeline as first written: the whole image through the float chain, then crop (mean-based box),
+    orient, resize, normalise. ``Preprocess`` crops before its table lookup and must give exactly this."""
+    from medvision.preprocess import _display_chain, normalize, orient_chest_wall_left, resize_pad
+
+    top, bottom, left, right = _reference_box(stored, meta, cfg)
+    grey = _display_chain(stored, meta, cfg)[top:bottom, left:right]
+    if cfg.orientation == "chest_wall_left":
+        grey = orient_chest_wall_left(grey)
+    return normalize(resize_pad(grey, cfg.image_size), cfg.mean, cfg.std)[None]
+
+
+def test_cropping_before_the_lookup_is_bit_identical_to_the_whole_image_chain(dicom_files):
+    """The box is found on the stored values (a cut value when the chain is monotone, a boolean table when it
+    is not) and only the box is looked up: same model input, bit for bit, and the same geometry."""
+    import dataclasses
+
+    from medvision.dicom_io import Lut
+    from medvision.preprocess import Preprocess, PreprocessConfig
+
+    configs = [PreprocessConfig(image_size=96), PreprocessConfig(image_size=64, crop_to_breast=False),
+               PreprocessConfig(image_size=80, orientation="none", voi="percentile")]
+    for f in dicom_files:
+        stored, meta = read_dicom(f)
+        for cfg in configs:
+            np.testing.assert_array_equal(Preprocess(cfg)(stored, meta), _reference_preprocess(stored, meta, cfg))
+    # signed pixels with a breast-like bright region on air, every VOI flavour, and a non-monotone VOI LUT
+    rng = np.random.default_rng(1)
+    stored = rng.integers(-1500, -900, size=(120, 90)).astype(np.int16)
+    stored[20:100, 5:60] = rng.integers(-300, 2500, size=(80, 55))
+    _, base = read_dicom(dicom_files[0])
+    bump = (np.sin(np.linspace(0, 6 * np.pi, 4096)) * 120 + 128).round()
+    variants = [
+        dict(rescale_slope=0.5, rescale_intercept=-1024.0, window_centers=(40.0,), window_widths=(400.0,)),
+        dict(window_centers=(100.0,), window_widths=(700.0,), voi_lut_function="SIGMOID", photometric="MONOCHROME1"),
+        dict(window_centers=(0.0,), window_widths=(1000.0,), voi_lut_function="LINEAR_EXACT"),
+        dict(window_centers=(), window_widths=(), modality_lut=Lut(-2000, 12, np.linspace(0, 4095, 5001)),
+             voi_lut=Lut(0, 8, bump)),
+        dict(window_centers=(-5000.0,), window_widths=(10.0,)),  # every pixel white: no cut, the whole image
+        dict(window_centers=(9000.0,), window_widths=(10.0,)),  # every pixel air: no box, the whole image
+    ]
+    boxes = []
+    for v in variants:
+        meta = dataclasses.replace(base, **v)
+        for cfg in configs[:2]:
+            pre = Preprocess(cfg)
+            np.testing.assert_array_equal(pre(stored, meta), _reference_preprocess(stored, meta, cfg), err_msg=str(v))
+            assert pre.geometry(stored, meta).box == _reference_box(stored, meta, cfg)
+            boxes.append(pre.geometry(stored, meta).box)
+    assert (20, 100, 5, 60) in boxes and (0, 120, 0, 90) in boxes  # both a real crop and the whole image
+    # 8-bit unsigned pixels
+    small = rng.integers(0, 15, size=(50, 40)).astype(np.uint8)  # air: greys below 0.08
+    small[10:40, 0:25] = rng.integers(80, 255, size=(30, 25))
+    meta = dataclasses.replace(base, window_centers=(128.0,), window_widths=(256.0,), rescale_slope=1.0,
+                               rescale_intercept=0.0)
+    np.testing.assert_array_equal(Preprocess(configs[0])(small, meta), _reference_preprocess(small, meta, configs[0]))
+    assert Preprocess(configs[0]).geometry(small, meta).box == (10, 40, 0, 25)
