@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from medvision.serving.tables import ScoredImage, Usage, utcnow
+from medvision.serving.tables import AuditEvent, ScoredImage, Usage, utcnow
 
 
 def accession_of(source: str | bytes) -> str:
@@ -28,47 +27,71 @@ def accession_of(source: str | bytes) -> str:
 def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
                  inference_ms: float, audit_event=None, accession: str = "") -> None:
-    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site.
+    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site, with
+    the audit record of the access, in one transaction.
 
-    Two requests may create the same usage row or result row at once: the loser of that race hits the
-    unique constraint, rolls back and retries against the winner's row.
+    Both writes are upserts (``INSERT ... ON CONFLICT DO UPDATE``): two requests creating the same result or
+    usage row at once both land, the usage counts as increments in SQL, never a lost update, and a study
+    counts once however many of its images are scored at the same time.
     """
-    for attempt in range(3):
-        try:
-            _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
-                    inference_ms, audit_event, accession)
-            return
-        except IntegrityError:
-            if attempt == 2:
-                raise
+    _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model, inference_ms, audit_event,
+            accession)
+
+
+_STATEMENTS: dict[str, dict] = {}
+
+
+def _statements(dialect: str) -> dict:
+    """The scoring path's statements, built once per SQL dialect and executed with parameters: building a
+    SQLAlchemy statement costs more than running it against SQLite."""
+    if dialect not in _STATEMENTS:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        images, usage, audit = ScoredImage.__table__, Usage.__table__, AuditEvent.__table__
+        result = insert(images)
+        replaced = {c: result.excluded[c] for c in ("study_instance_uid", "key_id", "probability", "label", "threshold",
+                                                    "model_name", "artifact_sha256", "inference_ms", "scored_at")}
+        # a re-score without an accession number keeps the one recorded before
+        replaced["accession_number"] = case((result.excluded.accession_number != "", result.excluded.accession_number),
+                                            else_=images.c.accession_number)
+        metered = insert(usage)
+        _STATEMENTS[dialect] = {
+            "study_seen": select(images.c.id).where(images.c.study_instance_uid == bindparam("study"),
+                                                    images.c.key_id == bindparam("key_id")).limit(1),
+            "result": result.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=replaced),
+            # increments in SQL, not read-modify-write: concurrent workers must not lose each other's counts
+            "usage": metered.on_conflict_do_update(index_elements=["day", "key_id"], set_={
+                "images": usage.c.images + metered.excluded.images,
+                "inference_ms": usage.c.inference_ms + metered.excluded.inference_ms}),
+            "new_study": update(usage).where(usage.c.day == bindparam("d"), usage.c.key_id == bindparam("k"))
+                                      .values(studies=usage.c.studies + 1),
+            "audit": audit.insert(),
+        }
+    return _STATEMENTS[dialect]
 
 
 def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
             inference_ms, audit_event, accession) -> None:
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     with sessions() as db:
-        new_study = False
+        sql = _statements(db.get_bind().dialect.name)
+        # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
+        # the site's scorers take turns from here on and each sees the results the others committed — four views
+        # of one study scored at once count as one study, not four.
+        db.execute(sql["usage"], {"day": day, "key_id": key_id, "images": 1, "studies": 0,
+                                  "inference_ms": inference_ms})
         if sop_uid:
             study = study_uid or ""
-            new_study = bool(study) and db.scalar(
-                select(ScoredImage.id).where(ScoredImage.study_instance_uid == study, ScoredImage.key_id == key_id)
-                .limit(1)) is None
-            row = db.scalar(select(ScoredImage).where(ScoredImage.sop_instance_uid == sop_uid))
-            if row is None:
-                row = ScoredImage(sop_instance_uid=sop_uid)
-                db.add(row)
-            row.study_instance_uid, row.key_id = study, key_id
-            if accession:
-                row.accession_number = accession[:16]
-            row.probability, row.label, row.threshold = probability, label, threshold
-            row.model_name, row.artifact_sha256 = model["name"], model["artifact_sha256"]
-            row.inference_ms, row.scored_at = inference_ms, utcnow()
-        # an increment in SQL, not read-modify-write: concurrent workers must not lose each other's counts
-        bumped = db.execute(update(Usage).where(Usage.day == day, Usage.key_id == key_id).values(
-            images=Usage.images + 1, studies=Usage.studies + int(new_study),
-            inference_ms=Usage.inference_ms + inference_ms)).rowcount
-        if not bumped:  # the key's first image today (a concurrent first insert is retried by the caller)
-            db.add(Usage(day=day, key_id=key_id, images=1, studies=int(new_study), inference_ms=inference_ms))
+            if study and db.execute(sql["study_seen"], {"study": study, "key_id": key_id}).first() is None:
+                db.execute(sql["new_study"], {"d": day, "k": key_id})
+            db.execute(sql["result"], {
+                "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id, "probability": probability,
+                "label": label, "threshold": threshold, "model_name": model["name"],
+                "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
+                "accession_number": (accession or "")[:16]})
         if audit_event is not None:  # the access record commits with the result it describes
-            db.add(audit_event)
+            db.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
+                                      if getattr(audit_event, c.key) is not None})
         db.commit()

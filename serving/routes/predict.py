@@ -114,9 +114,13 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     app.metrics.images.labels(caller.name).inc()
     event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "", status=200,
                        request_id=request.state.request_id, detail={})
-    await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
-                            result.meta.study_instance_uid, result.probability, result.label,
-                            engine.meta.threshold, info, result.inference_ms, event, accession_of(data))
+
+    def store() -> None:  # off the event loop, the accession's header read included
+        record_score(app.db, caller.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid,
+                     result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
+                     accession_of(data))
+
+    await run_in_threadpool(store)
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,
