@@ -132,12 +132,15 @@ class DicomMeta:
 Source = str | os.PathLike | bytes | bytearray | BinaryIO
 
 
-def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
+def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
+               identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
     """Read one greyscale DICOM image.
 
     Args:
         source: a path, the file's bytes, or a binary file object.
         limits: declared-size limits checked before decoding.
+        identifiers: if given, receives the exam's ``AccessionNumber`` ("" when absent) from the same parse:
+            the key readers search results by, kept out of ``DicomMeta`` on purpose; store it, never log it.
 
     Returns:
         ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.
@@ -151,6 +154,8 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.nd
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
         pixels = _decode(ds, meta)
+        if identifiers is not None:
+            identifiers["AccessionNumber"] = str(ds.get("AccessionNumber", "") or "")
     except (MedvisionError, *_INTERRUPTS):
         raise
     except BaseException as exc:  # a malformed value pydicom parses lazily (e.g. an IS of '1A'): never a crash

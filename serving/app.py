@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from medvision import __version__
+from medvision.serving.auth import KeyCache
 from medvision.serving.batcher import Batcher
 from medvision.serving.db import open_database
 from medvision.serving.engine import Engine
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.engine = None
     app.state.metrics = Metrics()
     app.state.worker = None

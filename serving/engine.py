@@ -91,17 +91,18 @@ class Engine:
         prob, heat = self.session.run(["probability", "heatmap"], {self.input_name: batch})
         return prob[:, 0], heat
 
-    def prepare(self, source: Source) -> tuple[np.ndarray, DicomMeta]:
-        """Read and preprocess one DICOM: the model input (1, H, W) and its metadata."""
-        stored, meta = read_dicom(source, self.limits)
+    def prepare(self, source: Source, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        """Read and preprocess one DICOM: the model input (1, H, W) and its metadata (``identifiers``: see
+        ``read_dicom``)."""
+        stored, meta = read_dicom(source, self.limits, identifiers)
         return self.preprocess(stored, meta), meta
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float) -> Prediction:
         above = probability >= self.meta.threshold
         return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms)
 
-    def predict(self, source: Source) -> Prediction:
-        x, meta = self.prepare(source)
+    def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
+        x, meta = self.prepare(source, identifiers)
         start = time.perf_counter()
         prob = float(self.run(x[None])[0])
         return self.prediction(prob, meta, (time.perf_counter() - start) * 1000)

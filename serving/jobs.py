@@ -138,15 +138,16 @@ class Worker:
                 self._set_instance(inst.id, "scored")
                 self._fill_accession(inst)
                 continue
+            ids: dict[str, str] = {}
             try:
-                result = engine.predict(Path(inst.path))
+                result = engine.predict(Path(inst.path), ids)
             except MedvisionError as exc:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
             record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
                          result.label, engine.meta.threshold, info, result.inference_ms,
-                         accession=accession_of(inst.path))
+                         accession=ids.get("AccessionNumber", ""))
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for the model gets 503")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
+    key_cache_seconds: float = Field(5.0, ge=0, description="a verified API key is trusted this long without a "
+                                     "database lookup; a revoked key stops working within it (0: look up every "
+                                     "request)")
     database_url: str = Field("sqlite:///medvision_data/medvision.db",
                               description="SQLAlchemy URL: sqlite:///path (WAL) or postgresql+psycopg://user@host/db")
     data_dir: str = Field("medvision_data", description="received instances (instances/) and reports (reports/)")

@@ -13,7 +13,7 @@ from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
 from medvision.serving.tables import AuditEvent
-from medvision.serving.usage import accession_of, record_score
+from medvision.serving.usage import record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 log = logging.getLogger("medvision.serving")
@@ -103,8 +103,9 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     data = await read_dicom_upload(request)
     app = request.app.state
     # Decoding is CPU-bound: off the event loop, in parallel across requests; inference is micro-batched.
+    ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
     with app.batcher.incoming():
-        x, meta = await run_in_threadpool(engine.prepare, data)
+        x, meta = await run_in_threadpool(engine.prepare, data, ids)
     probability, inference_ms, _ = await app.batcher.submit(x)
     result = engine.prediction(probability, meta, inference_ms)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
@@ -115,12 +116,9 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "", status=200,
                        request_id=request.state.request_id, detail={})
 
-    def store() -> None:  # off the event loop, the accession's header read included
-        record_score(app.db, caller.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid,
-                     result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
-                     accession_of(data))
-
-    await run_in_threadpool(store)
+    await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
+                            result.meta.study_instance_uid, result.probability, result.label, engine.meta.threshold,
+                            info, result.inference_ms, event, ids.get("AccessionNumber", ""))
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,

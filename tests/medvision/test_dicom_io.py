@@ -241,3 +241,21 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(dicom_files):
     assert len(data) < 1 << 20
     with pytest.raises(UnsupportedImageError, match="inflates to more than"):
         read_dicom(data, ReadLimits(max_pixels=1_000_000))
+
+
+def test_identifiers_come_only_when_asked_and_never_in_the_meta(dicom_files):
+    import dataclasses
+
+    ds = pydicom.dcmread(dicom_files[0])
+    ds.AccessionNumber = "ACC-7"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    ids: dict[str, str] = {}
+    _, meta = read_dicom(buf.getvalue(), identifiers=ids)
+    assert ids == {"AccessionNumber": "ACC-7"}
+    assert "ACC-7" not in repr(meta) and "ACC-7" not in str(dataclasses.asdict(meta))
+    del ds.AccessionNumber
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    _, _ = read_dicom(buf.getvalue(), identifiers=ids)
+    assert ids == {"AccessionNumber": ""}

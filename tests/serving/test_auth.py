@@ -113,3 +113,37 @@ def test_keys_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path, capsys)
     assert main(["keys", "--database", url, "create", "x", "--scopes", "root"]) == 2
     assert main(["keys", "--database", url, "revoke", "pacs-1"]) == 0
     assert main(["keys", "--database", url, "revoke", "nobody"]) == 2
+
+
+def test_a_verified_key_is_trusted_for_key_cache_seconds_then_looked_up_again(artifact, tmp_path):
+    import time
+
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    sessions = open_database(url)
+    with sessions() as db:
+        token = create_key(db, "pacs", "score")[0]
+        reader = create_key(db, "reader", "review")[0]
+    settings = Settings(artifact=str(artifact), database_url=url, key_cache_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        results = "/v1/studies/1.2.3/results"
+        assert client.get(results, headers=_auth(token)).status_code == 404  # valid key: no such study
+        cache = client.app.state.key_cache
+        assert token not in str(cache._held) and len(cache._held) == 1  # held under its digest only
+        with sessions() as db:
+            revoke_key(db, "pacs")
+        assert client.get(results, headers=_auth(token)).status_code == 404  # still trusted, within 0.5 s
+        # a cached key still gets only its scopes; a wrong key is never cached
+        assert client.get("/v1/admin/usage", headers=_auth(reader)).status_code == 403
+        assert client.get("/v1/admin/usage", headers=_auth(reader)).status_code == 403
+        assert client.get(results, headers=_auth(token + "x")).status_code == 401
+        time.sleep(0.6)
+        assert client.get(results, headers=_auth(token)).status_code == 401  # revocation has taken effect
+    settings = Settings(artifact=str(artifact), database_url=url, key_cache_seconds=0)
+    with sessions() as db:
+        fresh = create_key(db, "pacs-2", "score")[0]
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/studies/1.2.3/results", headers=_auth(fresh)).status_code == 404
+        with sessions() as db:
+            revoke_key(db, "pacs-2")
+        assert client.get("/v1/studies/1.2.3/results", headers=_auth(fresh)).status_code == 401  # at once
+        assert client.app.state.key_cache._held == {}
