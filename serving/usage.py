@@ -24,20 +24,6 @@ def accession_of(source: str | bytes) -> str:
         return ""
 
 
-def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
-                 probability: float, label: str, threshold: float, model: dict,
-                 inference_ms: float, audit_event=None, accession: str = "") -> None:
-    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site, with
-    the audit record of the access, in one transaction.
-
-    Both writes are upserts (``INSERT ... ON CONFLICT DO UPDATE``): two requests creating the same result or
-    usage row at once both land, the usage counts as increments in SQL, never a lost update, and a study
-    counts once however many of its images are scored at the same time.
-    """
-    _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model, inference_ms, audit_event,
-            accession)
-
-
 _STATEMENTS: dict[str, dict] = {}
 
 
@@ -72,8 +58,16 @@ def _statements(dialect: str) -> dict:
     return _STATEMENTS[dialect]
 
 
-def _record(sessions, key_id, sop_uid, study_uid, probability, label, threshold, model,
-            inference_ms, audit_event, accession) -> None:
+def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
+                 probability: float, label: str, threshold: float, model: dict,
+                 inference_ms: float, audit_event=None, accession: str = "") -> None:
+    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site, with
+    the audit record of the access, in one transaction.
+
+    Both writes are upserts (``INSERT ... ON CONFLICT DO UPDATE``): two requests creating the same result or
+    usage row at once both land, the usage counts as increments in SQL, never a lost update, and a study
+    counts once however many of its images are scored at the same time.
+    """
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     with sessions() as db:
         sql = _statements(db.get_bind().dialect.name)

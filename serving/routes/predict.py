@@ -115,7 +115,6 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     app.metrics.images.labels(caller.name).inc()
     event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "", status=200,
                        request_id=request.state.request_id, detail={})
-
     await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
                             result.meta.study_instance_uid, result.probability, result.label, engine.meta.threshold,
                             info, result.inference_ms, event, ids.get("AccessionNumber", ""))
