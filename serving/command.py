@@ -52,6 +52,18 @@ def register_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
 
+def _database_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database", help="SQLAlchemy URL (default: MEDVISION_DATABASE_URL or sqlite:///medvision_data/medvision.db)")
+
+
+def _open_database(args: argparse.Namespace):
+    """The sessions of ``--database``, else of the service's own settings (what ``medvision serve`` would open)."""
+    from medvision.serving.db import open_database
+    from medvision.serving.settings import load_settings
+
+    return open_database(args.database or load_settings().database_url)
+
+
 def register_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keys", help="create, list and revoke the service's API keys",
@@ -59,7 +71,7 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
         "(keys, usage, audit, metrics; implies the others). Only a hash of each key is stored: the key is printed "
         "once, at creation. The database is MEDVISION_DATABASE_URL (or --database).",
     )
-    p.add_argument("--database", help="SQLAlchemy URL (default: MEDVISION_DATABASE_URL or sqlite:///medvision_data/medvision.db)")
+    _database_option(p)
     actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
     c = actions.add_parser("create", help="create a key and print it (once)")
     c.add_argument("name", help="the site or client it is for (unique)")
@@ -75,12 +87,9 @@ def run_keys(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from medvision.serving.auth import create_key, revoke_key
-    from medvision.serving.db import open_database
-    from medvision.serving.settings import load_settings
     from medvision.serving.tables import ApiKey
 
-    url = args.database or load_settings().database_url
-    sessions = open_database(url)
+    sessions = _open_database(args)
     with sessions() as db:
         if args.action == "create":
             token, row = create_key(db, args.name, args.scopes)
@@ -105,7 +114,7 @@ def register_users(sub: argparse._SubParsersAction) -> None:
         "(also agreement rates, the audit log and the CSV export of calls). Passwords are stored as salted scrypt "
         "hashes; give one on standard input (--password-stdin) or let create generate and print one.",
     )
-    p.add_argument("--database", help="SQLAlchemy URL (default: MEDVISION_DATABASE_URL or sqlite:///medvision_data/medvision.db)")
+    _database_option(p)
     actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
     c = actions.add_parser("create", help="create an account")
     c.add_argument("username")
@@ -136,12 +145,10 @@ def run_users(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     from sqlalchemy import select
 
-    from medvision.serving.db import open_database
-    from medvision.serving.settings import load_settings
     from medvision.serving.tables import User
     from medvision.serving.users import create_user, disable_user, set_password
 
-    sessions = open_database(args.database or load_settings().database_url)
+    sessions = _open_database(args)
     with sessions() as db:
         if args.action in ("create", "passwd"):
             password, generated = _new_password(args)
