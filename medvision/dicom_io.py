@@ -478,16 +478,29 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
 
 
 def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
+    """Refuse what a codec would choke on before it runs: GDCM, the fallback JPEG decoder, aborts the whole
+    process (an uncatchable C++ exception) on e.g. 32-bit samples declared for a JPEG stream."""
     if meta.transfer_syntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES:
         return
     from pydicom.encaps import generate_fragments
 
+    name = pydicom.uid.UID(meta.transfer_syntax).name
+    if meta.transfer_syntax in _JPEG_SYNTAXES:  # PS3.5 8.2.1 and 8.2.3: 8 or 16 bits allocated, baseline 8
+        allocated = ds.get("BitsAllocated")
+        allowed = (8,) if meta.transfer_syntax == "1.2.840.10008.1.2.4.50" else (8, 16)
+        if allocated not in allowed or not 1 <= meta.bits_stored <= allocated:
+            raise CorruptDicomError(
+                f"{name} carries {' or '.join(map(str, allowed))}-bit samples, but the header says Bits Allocated "
+                f"{allocated}, Bits Stored {meta.bits_stored}: refused before decoding"
+            )
     try:
         items = generate_fragments(ds.PixelData)
         next(items, None)  # the Basic Offset Table item
         first = next(items, b"")
     except Exception as exc:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+    if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
+        raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
     size = codestream_size(meta.transfer_syntax, first)
     if size is not None and size != (meta.rows, meta.columns):
         raise CorruptDicomError(

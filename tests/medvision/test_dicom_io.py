@@ -218,6 +218,39 @@ def test_a_header_smaller_than_its_codestream_is_refused(dicom_files):
         read_dicom(buf.getvalue())
 
 
+@pytest.mark.parametrize("source,syntax", [
+    ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.70"),  # JPEG Lossless SV1: only GDCM decodes it here
+    ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.50"),  # pillow fails, GDCM is tried next
+    ("MR_small_RLE.dcm", "1.2.840.10008.1.2.4.50"),  # not a JPEG stream at all
+])
+def test_bits_a_jpeg_cannot_carry_are_refused_before_a_codec_can_abort_the_process(source, syntax, tmp_path):
+    """GDCM aborts the whole process (an uncaught C++ exception) when a JPEG stream is declared with 32-bit
+    samples: found by fuzzing the service. Decoded in a child process so a regression fails this test only."""
+    import subprocess
+    import sys
+
+    ds = pydicom.dcmread(pydicom_file(source))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    code = ("import sys; from medvision.dicom_io import read_dicom; from medvision.errors import CorruptDicomError\n"
+            "try:\n    read_dicom(sys.argv[1])\nexcept CorruptDicomError as e:\n    print('refused:', e)")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "header says Bits Allocated 32" in done.stdout and "refused before decoding" in done.stdout
+
+
+def test_a_jpeg_syntax_without_a_jpeg_stream_is_refused(dicom_files):
+    ds = pydicom.dcmread(pydicom_file("MR_small_RLE.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    with pytest.raises(CorruptDicomError, match="not a JPEG Lossless.* codestream"):
+        read_dicom(buf.getvalue())
+
+
 def test_a_deflate_bomb_is_refused_without_inflating_it(dicom_files):
     import struct
     import zlib
