@@ -2,8 +2,9 @@
 
 Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images per call, and only while
 other requests are on their way (being decoded, announced by ``incoming()``): a lone request runs at
-once, so batching costs no latency at low load. One inference
-thread runs the calls in turn (batches must not fight each other for the cores). The queue is
+once, so batching costs no latency at low load. A request that finds nothing queued, decoding or running is
+scored in the thread that decoded it (``run_alone``): the batch would be that one image anyway, and it saves two
+thread hops. Model calls run one at a time (batches must not fight each other for the cores). The queue is
 bounded: when it is full a request is refused at once with 429 and a Retry-After estimate instead of
 piling up, and a request that waits longer than its timeout gets 503, never a hung connection.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ class Batcher:
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="medvision-infer")
+        self.slot = threading.Lock()  # held during every model call, batched or alone
         self.seconds_per_image = 0.01  # running estimate, for Retry-After
         self.pending = 0  # requests decoding now, whose images will arrive shortly
 
@@ -69,6 +72,29 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self.pool.shutdown(wait=True)
+
+    def run_alone(self, x: np.ndarray) -> tuple[float, float, int] | None:
+        """Called inside ``incoming()`` from the thread that decoded ``x``: score it now if it is the only request
+        about (nothing queued, no other decoding, no model call running) and return what ``submit`` would; else
+        None, and the caller submits it."""
+        if self.pending > 1 or self.queue.qsize() or not self.slot.acquire(blocking=False):
+            return None
+        try:
+            start = time.perf_counter()
+            prob = float(self.run(x[None])[0])
+        finally:
+            self.slot.release()
+        return prob, self._ran(1, time.perf_counter() - start), 1
+
+    def _ran(self, n: int, seconds: float) -> float:
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * seconds / n
+        if self.metrics:
+            self.metrics.batch_size.observe(n)
+        return seconds * 1000
+
+    def _run_batch(self, xs: np.ndarray) -> np.ndarray:
+        with self.slot:
+            return self.run(xs)
 
     async def submit(self, x: np.ndarray) -> tuple[float, float, int]:
         """(probability, inference ms of its batch, batch size) for one preprocessed image (1, H, W)."""
@@ -107,16 +133,13 @@ class Batcher:
             xs = np.stack([x for x, _ in batch])
             start = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self.pool, self.run, xs)
+                probs = await loop.run_in_executor(self.pool, self._run_batch, xs)
             except Exception as exc:  # a runtime failure fails this batch's requests, not the service
                 for _, f in batch:
                     if not f.done():
                         f.set_exception(exc)
                 continue
-            ms = (time.perf_counter() - start) * 1000
-            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * ms / 1000 / len(batch)
-            if self.metrics:
-                self.metrics.batch_size.observe(len(batch))
+            ms = self._ran(len(batch), time.perf_counter() - start)
             for (_, f), p in zip(batch, probs, strict=True):
                 if not f.done():
                     f.set_result((float(p), ms, len(batch)))

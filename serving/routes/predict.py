@@ -102,22 +102,37 @@ async def read_dicom_upload(request: Request) -> bytes:
 async def predict(request: Request, engine: Engine = Depends(get_engine), caller: Caller = require("score")) -> PredictResponse:
     data = await read_dicom_upload(request)
     app = request.app.state
-    # Decoding is CPU-bound: off the event loop, in parallel across requests; inference is micro-batched.
     ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
-    with app.batcher.incoming():
-        x, meta = await run_in_threadpool(engine.prepare, data, ids)
-    probability, inference_ms, _ = await app.batcher.submit(x)
-    result = engine.prediction(probability, meta, inference_ms)
-    log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
+
+    def record(result) -> None:
+        event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
+                           status=200, request_id=request.state.request_id, detail={})
+        record_score(app.db, caller.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid,
+                     result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
+                     ids.get("AccessionNumber", ""))
+
+    def decode_and_score_if_alone():
+        # Decoding is CPU-bound: off the event loop, in parallel across requests. A request alone in the service
+        # is scored and recorded right here (one thread hop in all); others are micro-batched.
+        x, meta = engine.prepare(data, ids)
+        scored = app.batcher.run_alone(x)
+        if scored is None:
+            return x, meta, None
+        result = engine.prediction(scored[0], meta, scored[1])
+        record(result)
+        return x, meta, result
+
     info = engine.model_info()
+    with app.batcher.incoming():
+        x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
+    if result is None:
+        probability, inference_ms, _ = await app.batcher.submit(x)
+        result = engine.prediction(probability, meta, inference_ms)
+        await run_in_threadpool(record, result)
+    log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
     app.metrics.images.labels(caller.name).inc()
-    event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "", status=200,
-                       request_id=request.state.request_id, detail={})
-    await run_in_threadpool(record_score, app.db, caller.key_id, result.meta.sop_instance_uid,
-                            result.meta.study_instance_uid, result.probability, result.label, engine.meta.threshold,
-                            info, result.inference_ms, event, ids.get("AccessionNumber", ""))
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,

@@ -70,6 +70,44 @@ def test_a_full_queue_is_refused_with_a_retry_estimate():
     assert [p for p, _, _ in asyncio.run(scenario())] == [0.5, 0.5, 0.5]
 
 
+def test_a_lone_request_is_scored_where_it_was_decoded_and_never_alongside_a_batch():
+    calls, active, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def run(xs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        calls.append((threading.current_thread().name, len(xs)))
+        with lock:
+            active[0] -= 1
+        return np.full(len(xs), 0.25)
+
+    async def scenario():
+        b = Batcher(run, max_batch=4, max_wait_ms=20, max_queue=8, timeout_s=10)
+        await b.start()
+        x = np.zeros((1, 8, 8), np.float32)
+        with b.incoming():
+            alone = await asyncio.to_thread(b.run_alone, x)
+        assert alone[0] == 0.25 and alone[2] == 1 and alone[1] >= 50
+        assert calls[-1][0] != "medvision-infer_0" and calls[-1][1] == 1  # in the caller's thread
+        with b.incoming(), b.incoming():  # another request is decoding: it may be batched with this one
+            assert await asyncio.to_thread(b.run_alone, x) is None
+        with b.incoming():  # a lone call holds the model while two requests are submitted: they wait for it
+            lone = asyncio.create_task(asyncio.to_thread(b.run_alone, x))
+            await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(b.run_alone, x) is None  # the model is busy
+            batched = await asyncio.gather(b.submit(x), b.submit(x))
+            assert (await lone)[2] == 1
+        await b.stop()
+        return batched
+
+    assert [p for p, _, n in asyncio.run(scenario())] == [0.25, 0.25]
+    assert most[0] == 1  # never two model calls at once
+    assert calls[-1] == ("medvision-infer_0", 2)
+
+
 def test_a_request_past_its_timeout_gets_an_error_not_a_hang():
     async def scenario():
         b = Batcher(_slow(0.5), max_batch=1, max_wait_ms=0, max_queue=8, timeout_s=0.1)
