@@ -15,6 +15,7 @@ from medvision import __version__
 from medvision.serving.auth import KeyCache
 from medvision.serving.batcher import Batcher
 from medvision.serving.db import open_database
+from medvision.serving.decode_pool import DecodePool
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker
@@ -88,6 +89,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.batcher = Batcher(app.state.engine.run, settings.batch_max_size, settings.batch_max_wait_ms,
                                     settings.queue_max, settings.request_timeout_s, app.state.metrics)
         await app.state.batcher.start()
+        if settings.decode_processes:
+            loaded = app.state.engine
+            app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decode_processes)
         if settings.job_workers:
             app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
             app.state.worker.start()
@@ -98,6 +102,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             app.state.worker.shutdown()
             app.state.worker = None
         await app.state.batcher.stop()
+        if app.state.decoder is not None:
+            app.state.decoder.close()
+            app.state.decoder = None
         app.state.engine = None
         app.state.db.kw["bind"].dispose()
 
@@ -112,6 +119,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = None
     app.state.metrics = Metrics()
     app.state.worker = None
+    app.state.decoder = None  # a DecodePool when settings.decode_processes
 
     app.add_middleware(RequestLog, metrics=app.state.metrics)
     install_error_handlers(app)

@@ -101,11 +101,14 @@ class Engine:
         above = probability >= self.meta.threshold
         return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms)
 
-    def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
-        x, meta = self.prepare(source, identifiers)
+    def score(self, x: np.ndarray, meta: DicomMeta) -> Prediction:
+        """The prediction for one prepared image (``prepare``, or a ``DecodePool``'s)."""
         start = time.perf_counter()
         prob = float(self.run(x[None])[0])
         return self.prediction(prob, meta, (time.perf_counter() - start) * 1000)
+
+    def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
+        return self.score(*self.prepare(source, identifiers))
 
     def model_info(self) -> dict:
         return {

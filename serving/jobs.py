@@ -140,7 +140,7 @@ class Worker:
                 continue
             ids: dict[str, str] = {}
             try:
-                result = engine.predict(Path(inst.path), ids)
+                result = engine.score(*(self.state.decoder or engine).prepare(Path(inst.path), ids))
             except MedvisionError as exc:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")
     queue_max: int = Field(64, ge=1, description="images allowed to wait; beyond it requests get 429")
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for the model gets 503")
+    decode_processes: int = Field(0, ge=0, description="decode uploads and received studies in this many worker "
+                                  "processes (0: in threads of the service process). Threads decode about one image "
+                                  "at a time (parsing and several codecs hold the GIL); processes use every core and "
+                                  "survive a codec that crashes (set threads to 1 with them)")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
     key_cache_seconds: float = Field(5.0, ge=0, description="a verified API key is trusted this long without a "

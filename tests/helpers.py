@@ -99,3 +99,12 @@ class LiveServer:
                 return r.json()
             assert time.monotonic() < deadline, r.text
             time.sleep(0.2)
+
+
+def decode_or_die(data: bytes, want_ids: bool):
+    """A DecodePool target for tests: a worker process that gets b"DIE" dies the way a crashing codec does."""
+    if data == b"DIE":
+        os._exit(134)
+    from medvision.serving.decode_pool import _prepare
+
+    return _prepare(data, want_ids)

@@ -114,7 +114,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests. A request alone in the service
         # is scored and recorded right here (one thread hop in all); others are micro-batched.
-        x, meta = engine.prepare(data, ids)
+        x, meta = (app.decoder or engine).prepare(data, ids)
         scored = app.batcher.run_alone(x)
         if scored is None:
             return x, meta, None

@@ -1,0 +1,96 @@
+"""Decoding in worker processes (``MEDVISION_DECODE_PROCESSES``).
+
+In threads, DICOM parsing and several codecs (GDCM's bindings, pydicom itself) hold the GIL, so a busy service
+decodes about one image at a time whatever the cores. Worker processes decode side by side, and a codec that
+dies natively (an uncaught C++ exception, a segfault) takes down one worker, not the service: its file is
+refused with ``decoder_crashed``, the pool is started again, and the other requests caught in the crash go through.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
+from medvision.errors import CorruptDicomError
+from medvision.preprocess import Preprocess, PreprocessConfig
+
+log = logging.getLogger("medvision.serving")
+
+
+class DecoderCrashed(CorruptDicomError):
+    code = "decoder_crashed"
+
+
+_worker: tuple[Preprocess, ReadLimits] | None = None
+
+
+def _start(config: PreprocessConfig, limits: ReadLimits) -> None:
+    global _worker
+    _worker = (Preprocess(config), limits)
+
+
+def _prepare(data: bytes | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
+    preprocess, limits = _worker
+    ids: dict[str, str] = {}
+    stored, meta = read_dicom(data, limits, ids if want_ids else None)
+    return preprocess(stored, meta), meta, ids
+
+
+def _ready() -> bool:
+    return _worker is not None
+
+
+class DecodePool:
+    """``prepare(data, identifiers)`` as ``Engine.prepare`` does it, in one of ``processes`` worker processes
+    (``data``: the bytes of a DICOM file or its path, read by the worker)."""
+
+    def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare) -> None:
+        self.config, self.limits, self.processes, self.target = config, limits, processes, target
+        self.lock = threading.Lock()
+        self.pool = self._new_pool()
+
+    def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
+        # spawn, not fork: the service has threads (a forked child could inherit a held lock)
+        n = processes or self.processes
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                                   initargs=(self.config, self.limits))
+        for f in [pool.submit(_ready) for _ in range(n)]:  # start them now, not on the first request
+            f.result(timeout=120)
+        return pool
+
+    def prepare(self, data: bytes | Path, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        pool = self.pool
+        try:
+            x, meta, ids = pool.submit(self.target, data, identifiers is not None).result()
+        except (BrokenProcessPool, RuntimeError):  # RuntimeError: shut down as broken by another thread just now
+            # Which file killed the worker is unknown: every request caught in the crash is tried again, each in a
+            # process of its own, so the culprit fails alone and the others go through.
+            self._replace(pool)
+            alone = self._new_pool(1)
+            try:
+                x, meta, ids = alone.submit(self.target, data, identifiers is not None).result()
+            except BrokenProcessPool:
+                raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
+                                     "the service carries on") from None
+            finally:
+                alone.shutdown(wait=False, cancel_futures=True)
+        if identifiers is not None:
+            identifiers.update(ids)
+        return x, meta
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self.lock:
+            if self.pool is broken:  # the first thread to notice starts the new pool; the others reuse it
+                log.error("a decoding worker process died; starting the pool again")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.pool = self._new_pool()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,91 @@
+"""Decoding in worker processes (MEDVISION_DECODE_PROCESSES): the same scores and refusals as decoding in threads,
+and a worker that dies costs its own request a clear refusal, never the service."""
+
+import threading
+
+import httpx
+import pydicom
+import pytest
+from helpers import LiveServer, decode_or_die, stow_body
+
+from medvision.dicom_io import ReadLimits
+from medvision.serving.decode_pool import DecodePool, DecoderCrashed
+from medvision.serving.engine import Engine
+from medvision.serving.settings import Settings
+
+
+def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, dicom_files, tmp_path):
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
+                                 data_dir=str(tmp_path / "d"), decode_processes=2))
+    try:
+        assert server.server.config.app.state.decoder is not None
+        engine = Engine(artifact)
+        results = {}
+
+        def send(i):
+            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as c:
+                results[i] = c.post("/v1/predict", content=dicom_files[i].read_bytes(),
+                                    headers={"Content-Type": "application/dicom"})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(8):
+            assert results[i].status_code == 200, results[i].text
+            assert results[i].json()["probability"] == pytest.approx(engine.predict(dicom_files[i]).probability,
+                                                                      abs=1e-5)
+        refused = server.client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 200,
+                                     headers={"Content-Type": "application/dicom"})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "not_dicom"
+        body, ctype = stow_body([f.read_bytes() for f in dicom_files[8:12]])  # a study pushed by a PACS: the job
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        study = str(pydicom.dcmread(dicom_files[8], stop_before_pixels=True).StudyInstanceUID)
+        assert server.wait_scored(study)["status"] == "scored"
+        images = server.client.get(f"/v1/studies/{study}/results").json()["images"]
+        by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in dicom_files[8:12]}
+        assert len(images) == len(by_uid) == 4
+        for image in images:
+            assert image["probability"] == pytest.approx(engine.predict(by_uid[image["sop_instance_uid"]]).probability,
+                                                         abs=1e-5)
+    finally:
+        server.stop()
+    assert server.server.config.app.state.decoder is None  # the pool was shut down with the service
+
+
+def test_a_worker_that_dies_refuses_its_file_and_the_pool_comes_back(artifact, dicom_files):
+    engine = Engine(artifact)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 2, target=decode_or_die)
+    try:
+        first = pool.pool
+        with pytest.raises(DecoderCrashed, match="decoder crashed on this file"):
+            pool.prepare(b"DIE")
+        assert pool.pool is not first  # started again
+        ids: dict[str, str] = {}
+        x, meta = pool.prepare(dicom_files[0].read_bytes(), ids)
+        expected, expected_meta = engine.prepare(dicom_files[0])
+        assert (x == expected).all() and meta == expected_meta and "AccessionNumber" in ids
+    finally:
+        pool.close()
+
+
+def test_requests_caught_in_a_crash_are_tried_again(artifact, dicom_files):
+    engine = Engine(artifact)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die)
+    outcomes = {}
+
+    def good(i):
+        outcomes[i] = pool.prepare(dicom_files[i].read_bytes())[0].shape
+
+    try:
+        threads = [threading.Thread(target=good, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        with pytest.raises(DecoderCrashed):
+            pool.prepare(b"DIE")
+        for t in threads:
+            t.join(120)
+        assert len(outcomes) == 4  # every bystander decoded, on the first pool or the new one
+    finally:
+        pool.close()
