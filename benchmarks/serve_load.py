@@ -7,8 +7,10 @@ Measured side by side on this machine, with the same artifact and images:
   raw model      ONNX Runtime alone on pre-decoded tensors, batch 1 and the batcher's maximum batch;
   raw pipeline   decode + preprocess + model, one image at a time (what one request costs without HTTP);
   served         `medvision serve` (a separate process) driven over HTTP by an asyncio client at each
-                 concurrency, with micro-batching on (max batch 8) and off (max batch 1); concurrency 1 (batching
-                 on) alternates with the raw pipeline in slices, so the latency comparison sees the same machine.
+                 concurrency, with micro-batching on (max batch 8) and off (max batch 1), decoding in threads;
+                 then batching on with decoding in worker processes (MEDVISION_DECODE_PROCESSES, one per core,
+                 and one ONNX Runtime thread); concurrency 1 (batching on, threads) alternates with the raw
+                 pipeline in slices, so the latency comparison sees the same machine.
 Every level is bounded in requests and seconds. The client shares the machine's cores with the service,
 so served numbers on a 2-core box include the client's cost; the ratios say how much HTTP, decoding and
 queueing cost on top of the model.
@@ -154,11 +156,13 @@ def _interleaved_c1(url: str, key: str, engine, files: list[Path], payloads: lis
 
 
 def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
-           interleave: bool = False) -> dict:
+           interleave: bool = False, decode_processes: int = 0) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mv-load-"))
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
            "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_BATCH_MAX_SIZE": str(max_batch),
            "MEDVISION_QUEUE_MAX": "256", "MEDVISION_LOG_LEVEL": "warning"}
+    if decode_processes:  # the worker processes take the cores: ONNX Runtime runs in the calling thread only
+        env.update(MEDVISION_DECODE_PROCESSES=str(decode_processes), MEDVISION_THREADS="1")
     made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "load"], env=env,
                           capture_output=True, text=True, check=True)
     key = json.loads(made.stdout)["key"]
@@ -203,6 +207,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="per level")
     p.add_argument("--requests", type=int, default=2000, help="most requests per level")
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--decode-processes", type=int, default=os.cpu_count() or 1,
+                   help="also serve with batching on and decoding in this many worker processes (0: skip)")
     p.add_argument("--json")
     args = p.parse_args()
     files = sorted(Path(args.images).rglob("*.dcm"))[:64]
@@ -213,16 +219,18 @@ def main() -> None:
               "batching_on": served(args.model, files, args.max_batch, levels, args.seconds, args.requests,
                                     interleave=True),
               "batching_off": served(args.model, files, 1, levels, args.seconds, args.requests),
+              "processes": served(args.model, files, args.max_batch, levels, args.seconds, args.requests,
+                                  decode_processes=args.decode_processes) if args.decode_processes else {},
               "cores": os.cpu_count(), "images": len(files)}
     r = report["raw"]
     table = Table(title=f"served vs raw ONNX Runtime ({report['cores']} cores, {len(files)} distinct images); "
                   f"× model: to the model alone at batch {args.max_batch}; × pipeline: to decode + model, one image")
     for col in ("batching", "conc.", "img/s", "p50 ms", "p99 ms", "× model", "× pipeline", "refused"):
         table.add_column(col, no_wrap=True)
-    for name in ("batching_on", "batching_off"):
+    for name, label in (("batching_on", "on"), ("batching_off", "off"), ("processes", f"on, {args.decode_processes} proc.")):
         for c, m in report[name].items():
             refused = sum(v for k, v in m["status"].items() if k != 200)
-            table.add_row(name.split("_")[1], str(c), f"{m['images_per_s']:.1f}", f"{m['p50_ms']:.1f}",
+            table.add_row(label, str(c), f"{m['images_per_s']:.1f}", f"{m['p50_ms']:.1f}",
                           f"{m['p99_ms']:.1f}", f"{m['images_per_s'] / r[f'model_b{args.max_batch}']['images_per_s']:.2f}",
                           f"{m['images_per_s'] / r['pipeline_b1']['images_per_s']:.2f}", str(refused))
     console.print(table)
