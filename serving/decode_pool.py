@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -31,9 +33,18 @@ class DecoderCrashed(CorruptDicomError):
 _worker: tuple[Preprocess, ReadLimits] | None = None
 
 
-def _start(config: PreprocessConfig, limits: ReadLimits) -> None:
+def _start(config: PreprocessConfig, limits: ReadLimits, service: int) -> None:
     global _worker
     _worker = (Preprocess(config), limits)
+    threading.Thread(target=_exit_with, args=(service,), daemon=True).start()
+
+
+def _exit_with(service: int) -> None:
+    """A worker waits for work forever: when the service is killed (kill -9 leaves no time to shut the pool down)
+    it would linger, one set more after every crash and restart. Re-parented means the service is gone."""
+    while os.getppid() == service:
+        time.sleep(1)
+    os._exit(0)
 
 
 def _prepare(data: bytes | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
@@ -60,7 +71,7 @@ class DecodePool:
         # spawn, not fork: the service has threads (a forked child could inherit a held lock)
         n = processes or self.processes
         pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                                   initargs=(self.config, self.limits))
+                                   initargs=(self.config, self.limits, os.getpid()))
         for f in [pool.submit(_ready) for _ in range(n)]:  # start them now, not on the first request
             f.result(timeout=120)
         return pool

@@ -1,12 +1,19 @@
 """Decoding in worker processes (MEDVISION_DECODE_PROCESSES): the same scores and refusals as decoding in threads,
 and a worker that dies costs its own request a clear refusal, never the service."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from helpers import LiveServer, decode_or_die, stow_body
+from helpers import LiveServer, decode_or_die, free_port, stow_body
 
 from medvision.dicom_io import ReadLimits
 from medvision.serving.decode_pool import DecodePool, DecoderCrashed
@@ -89,3 +96,48 @@ def test_requests_caught_in_a_crash_are_tried_again(artifact, dicom_files):
         assert len(outcomes) == 4  # every bystander decoded, on the first pool or the new one
     finally:
         pool.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+@pytest.mark.integration
+def test_decoding_workers_exit_when_the_service_is_killed(artifact, dicom_files, tmp_path):
+    env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+           "MEDVISION_DATA_DIR": str(tmp_path / "data"), "MEDVISION_DECODE_PROCESSES": "2"}
+    key = json.loads(subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "k"], env=env,
+                                    capture_output=True, text=True, timeout=60).stdout)["key"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", content=dicom_files[0].read_bytes(), timeout=60,
+                       headers={"Content-Type": "application/dicom", "Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        workers = _children(proc.pid)
+        assert len(workers) >= 2  # the decoding processes (and multiprocessing's resource tracker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 20
+    while alive := [w for w in workers if Path(f"/proc/{w}").exists() and "(python" in Path(f"/proc/{w}/stat")
+                    .read_text() and " Z " not in Path(f"/proc/{w}/stat").read_text()]:
+        assert time.monotonic() < deadline, f"decoding workers still running after the service was killed: {alive}"
+        time.sleep(0.5)
