@@ -131,12 +131,23 @@ class Worker:
             known = set(db.scalars(select(ScoredImage.sop_instance_uid).where(
                 ScoredImage.sop_instance_uid.in_([i.sop_instance_uid for i in instances]),
                 ScoredImage.artifact_sha256 == info["artifact_sha256"])))
+        # A job is claimed more than MAX_ATTEMPTS times only by taking it over from holders that died mid-job (a
+        # failure that raises stops at MAX_ATTEMPTS): each time the service died on the first image still unscored,
+        # in this order. That image (a file that crashes a codec natively, say) is refused, the rest scored.
+        suspect = job.attempts > MAX_ATTEMPTS
         for inst in instances:
             if inst.status != "received":
                 continue  # scored (or refused) before: never twice
             if inst.sop_instance_uid in known:
                 self._set_instance(inst.id, "scored")
                 self._fill_accession(inst)
+                continue
+            if suspect:
+                suspect = False
+                log.error("job %d: the service died %d times scoring this study, on image %d each time: refused",
+                          job.id, job.attempts - 1, inst.id)
+                self._set_instance(inst.id, "refused", "service_died")
+                metrics.refused.labels("service_died").inc()
                 continue
             ids: dict[str, str] = {}
             try:

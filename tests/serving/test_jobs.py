@@ -157,3 +157,39 @@ def test_instances_filed_without_a_job_are_queued_at_start_up(sessions):
     assert requeue_orphans(sessions) == 0  # queued now
     with sessions() as db:
         assert [j.study_instance_uid for j in db.query(Job)] == ["1.2.3"]
+
+
+def test_an_image_the_service_died_on_three_times_is_refused_and_the_rest_scored(artifact, dicom_files, tmp_path):
+    """No crash loop: a file that kills the service natively would otherwise be retried after every restart."""
+    from helpers import LiveServer
+
+    from medvision.serving.jobs import MAX_ATTEMPTS, Worker
+    from medvision.serving.settings import Settings
+    from medvision.serving.tables import Instance
+
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(tmp_path / "data"), job_workers=0, study_stable_seconds=0))
+    state = server.server.config.app.state
+    try:
+        files = dicom_files[32:36]
+        body, ctype = stow_body([f.read_bytes() for f in files])
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        with state.db() as db:  # as left by the last of MAX_ATTEMPTS holders that died on the first image
+            job = db.query(Job).filter_by(study_instance_uid=study).one()
+            job.status, job.lease_owner, job.attempts = "running", "dead", MAX_ATTEMPTS
+            job.lease_until = utcnow() - _dt.timedelta(seconds=1)
+            db.commit()
+            first = db.query(Instance).filter_by(study_instance_uid=study).order_by(Instance.id).first().id
+        worker = Worker(state, 1, 60, poll_seconds=0.1)
+        worker.start()
+        try:
+            assert server.wait_scored(study)["status"] == "scored"
+        finally:
+            worker.shutdown()
+        with state.db() as db:
+            rows = {i.id: (i.status, i.error_code) for i in db.query(Instance).filter_by(study_instance_uid=study)}
+        assert rows.pop(first) == ("refused", "service_died")
+        assert set(rows.values()) == {("scored", "")} and len(rows) == 3
+    finally:
+        server.stop()
