@@ -43,6 +43,26 @@ def fresh_postgres_db(url: str, name: str) -> str:
     return url.replace("@/postgres?", f"@/{name}?")
 
 
+def start_service(env: dict, artifact, port: int, timeout: float = 90):
+    """``medvision serve`` as a process of its own (to be killed for real), once it answers /readyz."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+        time.sleep(0.2)
+
+
 def stow_body(files: list[bytes], content_types: dict[int, str] | None = None) -> tuple[bytes, str]:
     """A STOW-RS request body (``multipart/related; type="application/dicom"``) and its content type."""
     import uuid

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from helpers import LiveServer, decode_or_die, free_port, stow_body
+from helpers import LiveServer, decode_or_die, free_port, start_service, stow_body
 
 from medvision.dicom_io import ReadLimits
 from medvision.serving.decode_pool import DecodePool, DecoderCrashed
@@ -116,18 +116,8 @@ def test_decoding_workers_exit_when_the_service_is_killed(artifact, dicom_files,
     key = json.loads(subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "k"], env=env,
                                     capture_output=True, text=True, timeout=60).stdout)["key"]
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_service(env, artifact, port)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
-            time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", content=dicom_files[0].read_bytes(), timeout=60,
                        headers={"Content-Type": "application/dicom", "Authorization": f"Bearer {key}"})
         assert r.status_code == 200

@@ -13,7 +13,7 @@ import time
 import httpx
 import pydicom
 import pytest
-from helpers import free_port, fresh_postgres_db, stow_body
+from helpers import free_port, fresh_postgres_db, start_service, stow_body
 
 from medvision.serving.db import open_database
 from medvision.serving.jobs import claim
@@ -63,20 +63,6 @@ def test_a_dead_workers_job_is_taken_over_after_its_lease(sessions):
 
 
 
-def _start(env, artifact, port):
-    proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", str(artifact), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
-        time.sleep(0.2)
-
-
 @pytest.mark.integration
 def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact, dicom_files, tmp_path):
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
@@ -86,7 +72,7 @@ def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact
                           capture_output=True, text=True, timeout=60)
     key = json.loads(made.stdout)["key"]
     port = free_port()
-    proc = _start(env, artifact, port)  # receive only: nothing gets scored before the crash
+    proc = start_service(env, artifact, port)  # receive only: nothing gets scored before the crash
     files = dicom_files[24:28]
     body, ctype = stow_body([f.read_bytes() for f in files])
     auth = {"Authorization": f"Bearer {key}"}
@@ -97,7 +83,7 @@ def test_acknowledged_study_survives_kill_9_and_is_scored_after_restart(artifact
     proc.wait(30)
 
     env["MEDVISION_JOB_WORKERS"] = "1"
-    proc = _start(env, artifact, port)
+    proc = start_service(env, artifact, port)
     try:
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         deadline = time.monotonic() + 60
