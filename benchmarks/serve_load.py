@@ -155,14 +155,12 @@ def _interleaved_c1(url: str, key: str, engine, files: list[Path], payloads: lis
     return out
 
 
-def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
-           interleave: bool = False, decode_processes: int = 0) -> dict:
+def start_service(model: str, settings: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+    """`medvision serve` in a process of its own on a fresh SQLite database, once ready: (process, url, API key).
+    ``settings``: MEDVISION_* variables on top of the environment."""
     work = Path(tempfile.mkdtemp(prefix="mv-load-"))
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
-           "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_BATCH_MAX_SIZE": str(max_batch),
-           "MEDVISION_QUEUE_MAX": "256", "MEDVISION_LOG_LEVEL": "warning"}
-    if decode_processes:  # the worker processes take the cores: ONNX Runtime runs in the calling thread only
-        env.update(MEDVISION_DECODE_PROCESSES=str(decode_processes), MEDVISION_THREADS="1")
+           "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_LOG_LEVEL": "warning", **settings}
     made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "load"], env=env,
                           capture_output=True, text=True, check=True)
     key = json.loads(made.stdout)["key"]
@@ -170,19 +168,28 @@ def served(model: str, files: list[Path], max_batch: int, levels: list[int], sec
     proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", model, "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
+    import httpx
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the service did not start")
-            time.sleep(0.2)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the service did not start")
+        time.sleep(0.2)
+
+
+def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
+           interleave: bool = False, decode_processes: int = 0) -> dict:
+    settings = {"MEDVISION_BATCH_MAX_SIZE": str(max_batch), "MEDVISION_QUEUE_MAX": "256"}
+    if decode_processes:  # the worker processes take the cores: ONNX Runtime runs in the calling thread only
+        settings.update(MEDVISION_DECODE_PROCESSES=str(decode_processes), MEDVISION_THREADS="1")
+    proc, url, key = start_service(model, settings)
+    try:
         payloads = [f.read_bytes() for f in files]
         out = {}
         for c in levels:
