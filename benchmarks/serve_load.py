@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +156,10 @@ def _interleaved_c1(url: str, key: str, engine, files: list[Path], payloads: lis
     return out
 
 
-def start_service(model: str, settings: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
-    """`medvision serve` in a process of its own on a fresh SQLite database, once ready: (process, url, API key).
-    ``settings``: MEDVISION_* variables on top of the environment."""
+@contextmanager
+def service(model: str, settings: dict[str, str]):
+    """`medvision serve` in a process of its own on a fresh SQLite database: (url, API key) once it is ready,
+    stopped on leaving. ``settings``: MEDVISION_* variables on top of the environment."""
     work = Path(tempfile.mkdtemp(prefix="mv-load-"))
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
            "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_LOG_LEVEL": "warning", **settings}
@@ -171,16 +173,20 @@ def start_service(model: str, settings: dict[str, str]) -> tuple[subprocess.Pope
     import httpx
 
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url, key
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the service did not start")
-        time.sleep(0.2)
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the service did not start")
+            time.sleep(0.2)
+        yield url, key
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
@@ -188,8 +194,7 @@ def served(model: str, files: list[Path], max_batch: int, levels: list[int], sec
     settings = {"MEDVISION_BATCH_MAX_SIZE": str(max_batch), "MEDVISION_QUEUE_MAX": "256"}
     if decode_processes:  # the worker processes take the cores: ONNX Runtime runs in the calling thread only
         settings.update(MEDVISION_DECODE_PROCESSES=str(decode_processes), MEDVISION_THREADS="1")
-    proc, url, key = start_service(model, settings)
-    try:
+    with service(model, settings) as (url, key):
         payloads = [f.read_bytes() for f in files]
         out = {}
         for c in levels:
@@ -201,9 +206,6 @@ def served(model: str, files: list[Path], max_batch: int, levels: list[int], sec
                 out[c] = asyncio.run(_drive(url, key, payloads, c, seconds, limit))
             out[c].pop("latencies_ms")
         return out
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import httpx
 import pydicom
 from rich.console import Console
 from rich.table import Table
-from serve_load import start_service
+from serve_load import service
 
 console = Console()
 
@@ -33,29 +33,25 @@ def _stow_body(files: list[Path]) -> tuple[bytes, str]:
 
 
 def run(model: str, studies: list[tuple[str, list[Path]]], settings: dict[str, str], timeout: float) -> dict:
-    proc, url, key = start_service(model, {"MEDVISION_STUDY_STABLE_SECONDS": "0", **settings})
-    try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
-            start = time.perf_counter()
-            for _, files in studies:
-                body, ctype = _stow_body(files)
-                r = c.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
-                if r.status_code != 200:
-                    raise SystemExit(f"STOW-RS answered {r.status_code}: {r.text[:300]}")
-            received = time.perf_counter() - start
-            receive_only = settings.get("MEDVISION_JOB_WORKERS") == "0"
-            pending = set() if receive_only else {uid for uid, _ in studies}
-            while pending:
-                for uid in list(pending):
-                    if c.get(f"/v1/studies/{uid}").json()["status"] in ("scored", "failed"):
-                        pending.discard(uid)
-                if time.perf_counter() - start > timeout:
-                    raise SystemExit(f"{len(pending)} studies still unscored after {timeout:g} s")
-                time.sleep(0.05)
-            return {"received_s": received, "scored_s": time.perf_counter() - start}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with service(model, {"MEDVISION_STUDY_STABLE_SECONDS": "0", **settings}) as (url, key), \
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+        start = time.perf_counter()
+        for _, files in studies:
+            body, ctype = _stow_body(files)
+            r = c.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            if r.status_code != 200:
+                raise SystemExit(f"STOW-RS answered {r.status_code}: {r.text[:300]}")
+        received = time.perf_counter() - start
+        receive_only = settings.get("MEDVISION_JOB_WORKERS") == "0"
+        pending = set() if receive_only else {uid for uid, _ in studies}
+        while pending:
+            for uid in list(pending):
+                if c.get(f"/v1/studies/{uid}").json()["status"] in ("scored", "failed"):
+                    pending.discard(uid)
+            if time.perf_counter() - start > timeout:
+                raise SystemExit(f"{len(pending)} studies still unscored after {timeout:g} s")
+            time.sleep(0.05)
+        return {"received_s": received, "scored_s": time.perf_counter() - start}
 
 
 def main() -> None:
