@@ -25,6 +25,12 @@ class DicomError(MedvisionError):
     code = "invalid_dicom"
 
 
+class InvalidUidError(DicomError):
+    """A value that stands where a DICOM UID belongs is not one (PS3.5 9.1: digits and dots, <= 64 characters)."""
+
+    code = "invalid_uid"
+
+
 class EmptyInputError(DicomError):
     """Zero bytes were given where a DICOM file was expected."""
 
