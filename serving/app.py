@@ -19,20 +19,31 @@ from medvision.serving.decode_pool import DecodePool
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker
+from medvision.serving.limits import BodyLimit
 from medvision.serving.metrics import Metrics
+from medvision.serving.rendering import RenderCache
 from medvision.serving.routes import admin, dicomweb, health, predict, results, ui
 from medvision.serving.settings import Settings
+from medvision.serving.storage import DataFolder
 from medvision.serving.stow import requeue_orphans
 
 log = logging.getLogger("medvision.serving")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+# On every response: nothing sniffed, framed or referred (URLs carry study UIDs); API answers load nothing. The review
+# UI's pages set their own, stricter-than-nothing policy (``routes.ui``); the interactive API docs are left alone.
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"same-origin")]
+API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOCS = ("/docs", "/redoc")
+
+
 class RequestLog:
     """Every HTTP request: a request id (the caller's ``X-Request-ID`` if it is safe, else a new one) in
-    ``request.state`` and the response headers, the in-flight gauge, the latency histogram by route
-    template, and one log line with method, route, status and timing only — no headers, query strings or
-    bodies (they may carry PHI).
+    ``request.state`` and the response headers, the security headers, the in-flight gauge, the latency
+    histogram by route template, and one log line with method, route, status and timing only — no headers,
+    query strings or bodies (they may carry PHI).
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs each request in
     an extra task behind memory streams, which cost about a millisecond per request on this service.
@@ -55,7 +66,12 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [h for h in SECURITY_HEADERS if h[0] not in present]
+                if API_CSP[0] not in present and not scope["path"].startswith(_DOCS):
+                    headers.append(API_CSP)
+                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
             await send(message)
 
         start = time.perf_counter()
@@ -74,12 +90,26 @@ class RequestLog:
                             "duration_ms": round(elapsed * 1000, 2)})
 
 
+def quiet_libraries() -> None:
+    """highdicom logs SOP Instance UIDs at INFO, and pydicom quotes invalid values (any text a file holds) in the
+    warnings and log lines of its value validation: none of it may reach the service log. The service checks the
+    values it uses itself (``identifiers``)."""
+    import pydicom.config
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app; the artifact is loaded in the lifespan handler (or ``engine`` is used as given)."""
     settings = settings or Settings()
+    quiet_libraries()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.data = DataFolder(settings.data_dir)
+        app.state.renders = RenderCache(app.state.data.folder("renders"), settings.render_cache_bytes)
         app.state.db = open_database(settings.database_url)
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
@@ -121,7 +151,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.worker = None
     app.state.decoder = None  # a DecodePool when settings.decode_processes
 
-    app.add_middleware(RequestLog, metrics=app.state.metrics)
+    app.add_middleware(BodyLimit, dicom_bytes=settings.max_upload_bytes, other_bytes=settings.max_form_bytes)
+    app.add_middleware(RequestLog, metrics=app.state.metrics)  # outermost: it sees every answer, refusals included
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)

@@ -2,7 +2,9 @@
 
 Each study lands in ``FOLDER/<study uid>/<sop uid>.dcm`` and is marked complete only once every instance
 is on disk, so an interrupted fetch is redone and a finished one is never fetched twice. HTTP basic
-credentials come from ``MEDVISION_PACS_USERNAME`` / ``MEDVISION_PACS_PASSWORD`` when set.
+credentials come from ``MEDVISION_PACS_USERNAME`` / ``MEDVISION_PACS_PASSWORD`` when set. Both UIDs name a path,
+so both are checked first (the PACS's answers are data from outside too): an instance whose SOP Instance UID is
+malformed is skipped, with a warning.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 
 from medvision.errors import ConfigError
+from medvision.identifiers import is_uid
 from medvision.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -23,9 +26,10 @@ def parse_studies(spec: str | None) -> list[str]:
     p = Path(spec)
     items = p.read_text().split() if p.is_file() else spec.split(",")
     uids = [u.strip() for u in items if u.strip()]
-    bad = [u for u in uids if not all(c.isdigit() or c == "." for c in u) or len(u) > 64]
+    bad = [u for u in uids if not is_uid(u)]
     if bad:
-        raise ConfigError(f"not a Study Instance UID: {bad[0]!r} (digits and dots, at most 64 characters)")
+        raise ConfigError(f"not a Study Instance UID: {bad[0]!r} (digits and dots, no empty or leading-zero "
+                          "components, at most 64 characters)")
     return list(dict.fromkeys(uids))
 
 
@@ -59,7 +63,12 @@ def fetch_studies(url: str, spec: str | None, folder: Path, show_progress: bool 
                 except RequestsConnectionError:
                     raise ConfigError(f"cannot reach the PACS at {url}") from None
                 target.mkdir(parents=True, exist_ok=True)
+                malformed = [ds for ds in instances if not is_uid(str(ds.get("SOPInstanceUID", "")))]
+                if malformed:
+                    log.warning("skipped %d instance(s) whose SOP Instance UID is malformed", len(malformed))
                 for ds in instances:
+                    if any(ds is m for m in malformed):
+                        continue
                     tmp = target / f"{ds.SOPInstanceUID}.tmp"
                     ds.save_as(tmp, enforce_file_format=True)
                     os.replace(tmp, target / f"{ds.SOPInstanceUID}.dcm")

@@ -2,8 +2,13 @@
 
 A key reads ``mv_<prefix>_<secret>``: the prefix is public and finds the row, the secret proves it; only
 the secret's SHA-256 is stored (keys are 256-bit random, so a fast hash is the right one — there is no
-password to brute-force), compared in constant time. Scopes: ``score`` (send images, read their
-results), ``review`` (the reading UI), ``admin`` (keys, usage, metrics; implies the others).
+password to brute-force), compared in constant time. Each key belongs to a **site**, which owns what the key
+sends (several keys may share a site, so a key can be rotated without losing the site's results).
+
+Scopes: ``score`` (send images; read the results, reports and images of its own site), ``pull`` (make the
+service fetch a study from the configured PACS: that reads any study the PACS holds, so give it only to
+trusted integrations), ``review`` (read every site's results: the reading side), ``admin`` (keys, usage,
+audit, metrics; implies the others). Every key and user change is written to the audit log.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.errors import ConfigError
 from medvision.serving.errors import Forbidden, Unauthenticated
+from medvision.serving.identifiers import Owner, is_site
 from medvision.serving.tables import ApiKey, AuditEvent, utcnow
 
-SCOPES = ("score", "review", "admin")
+SCOPES = ("score", "pull", "review", "admin")
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,21 @@ class Caller:
 
     key_id: int
     name: str
+    site: str
     scopes: frozenset[str]
 
-    def sees(self, owner_key_id: int | None) -> bool:
-        """``score`` keys see what they sent; ``review`` and ``admin`` keys see everything."""
-        return bool(self.scopes & {"review", "admin"}) or owner_key_id == self.key_id
+    @property
+    def reads_all(self) -> bool:
+        """``review`` and ``admin`` keys read every site's results; ``score`` keys only their own site's."""
+        return bool(self.scopes & {"review", "admin"})
+
+    @property
+    def owner(self) -> Owner:
+        """What this key sends belongs to its site."""
+        return Owner(self.site, self.key_id)
+
+    def sees(self, site: str) -> bool:
+        return self.reads_all or site == self.site
 
 
 class KeyCache:
@@ -83,25 +99,35 @@ def parse_scopes(text: str) -> list[str]:
     return scopes
 
 
-def create_key(db: Session, name: str, scopes: str) -> tuple[str, ApiKey]:
-    """A new key; the returned token is shown once and cannot be recovered from the database."""
+def create_key(db: Session, name: str, scopes: str, site: str | None = None, actor: str = "") -> tuple[str, ApiKey]:
+    """A new key of ``site`` (default: a site named like the key); the returned token is shown once and cannot be
+    recovered from the database. ``actor`` (who made it, e.g. the operating-system user of the CLI) is audited."""
     if not name or len(name) > 128:
         raise ConfigError("a key needs a name (the site or client it is for), at most 128 characters")
+    site = name if site is None else site
+    if not is_site(site):
+        raise ConfigError("a site name is 1-64 letters, digits or . _ @ - , starting with a letter or digit (give "
+                          "--site when the key's name is not one)")
     if db.scalar(select(ApiKey).where(ApiKey.name == name)) is not None:
         raise ConfigError(f"a key named {name!r} exists already (revoke it or choose another name)")
     prefix, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
-    row = ApiKey(name=name, prefix=prefix, secret_sha256=_digest(secret), scopes=",".join(parse_scopes(scopes)))
+    row = ApiKey(name=name, site=site, prefix=prefix, secret_sha256=_digest(secret),
+                 scopes=",".join(parse_scopes(scopes)))
     db.add(row)
+    db.flush()
+    db.add(AuditEvent(key_id=row.id, action="key_create", resource=name[:256], status=200,
+                      detail={"by": actor, "site": site, "scopes": row.scopes}))
     db.commit()
     return f"mv_{prefix}_{secret}", row
 
 
-def revoke_key(db: Session, name: str) -> ApiKey:
+def revoke_key(db: Session, name: str, actor: str = "") -> ApiKey:
     row = db.scalar(select(ApiKey).where(ApiKey.name == name))
     if row is None:
         raise ConfigError(f"no key named {name!r}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        db.add(AuditEvent(key_id=row.id, action="key_revoke", resource=name[:256], status=200, detail={"by": actor}))
         db.commit()
     return row
 
@@ -159,7 +185,7 @@ def require(*scopes: str):
                 raise Unauthenticated("a valid API key is required: send 'Authorization: Bearer <key>' (create one "
                                       "with 'medvision keys create')" if not token else
                                       "the API key is not valid or has been revoked")
-            caller = Caller(row.id, row.name, frozenset(row.scopes.split(",")))
+            caller = Caller(row.id, row.name, row.site, frozenset(row.scopes.split(",")))
             if cache is not None:
                 cache.put(token, caller)
         if not caller.scopes & {*scopes, "admin"}:

@@ -67,19 +67,33 @@ def _open_database(args: argparse.Namespace):
 def register_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keys", help="create, list and revoke the service's API keys",
-        description="Keys carry scopes: score (send images, read their results), review (the reading UI), admin "
-        "(keys, usage, audit, metrics; implies the others). Only a hash of each key is stored: the key is printed "
-        "once, at creation. The database is MEDVISION_DATABASE_URL (or --database).",
+        description="Keys carry scopes: score (send images, read their site's results), pull (make the service fetch "
+        "studies from the PACS), review (read every site's results), admin (keys, usage, audit, metrics; implies "
+        "the others). Each key belongs to a site, which owns what the key sends. Only a hash of each key is stored: "
+        "the key is printed once, at creation. Every change is audited. The database is MEDVISION_DATABASE_URL (or "
+        "--database).",
     )
     _database_option(p)
     actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
     c = actions.add_parser("create", help="create a key and print it (once)")
     c.add_argument("name", help="the site or client it is for (unique)")
-    c.add_argument("--scopes", default="score", help="comma-separated: score, review, admin (default: score)")
+    c.add_argument("--scopes", default="score", help="comma-separated: score, pull, review, admin (default: score)")
+    c.add_argument("--site", help="the site that owns what the key sends (default: the key's name); give an "
+                   "existing site to rotate its key without losing its results")
     actions.add_parser("list", help="list keys (names, scopes, prefixes, status; never secrets)")
     r = actions.add_parser("revoke", help="revoke a key by name")
     r.add_argument("name")
     p.set_defaults(func=run_keys)
+
+
+def _actor() -> str:
+    """Who ran the command, for the audit log: the operating-system user."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment (a container without a passwd entry)
+        return f"cli:uid {os.getuid()}"
 
 
 def run_keys(args: argparse.Namespace) -> int:
@@ -92,15 +106,17 @@ def run_keys(args: argparse.Namespace) -> int:
     sessions = _open_database(args)
     with sessions() as db:
         if args.action == "create":
-            token, row = create_key(db, args.name, args.scopes)
-            print(json.dumps({"name": row.name, "scopes": row.scopes.split(","), "key": token}, indent=2))
+            token, row = create_key(db, args.name, args.scopes, site=args.site, actor=_actor())
+            print(json.dumps({"name": row.name, "site": row.site, "scopes": row.scopes.split(","), "key": token},
+                             indent=2))
             print("store this key now: it is not kept and cannot be shown again", file=sys.stderr)
         elif args.action == "revoke":
-            row = revoke_key(db, args.name)
+            row = revoke_key(db, args.name, actor=_actor())
             print(json.dumps({"name": row.name, "revoked_at": row.revoked_at.isoformat()}, indent=2))
         else:
             rows = db.scalars(select(ApiKey).order_by(ApiKey.id))
-            print(json.dumps([{"name": k.name, "prefix": f"mv_{k.prefix}_…", "scopes": k.scopes.split(","),
+            print(json.dumps([{"name": k.name, "site": k.site, "prefix": f"mv_{k.prefix}_…",
+                               "scopes": k.scopes.split(","),
                                "created_at": k.created_at.isoformat(),
                                "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
                                "revoked": k.revoked_at is not None} for k in rows], indent=2))
@@ -152,15 +168,15 @@ def run_users(args: argparse.Namespace) -> int:
     with sessions() as db:
         if args.action in ("create", "passwd"):
             password, generated = _new_password(args)
-            user = (create_user(db, args.username, password, args.role) if args.action == "create"
-                    else set_password(db, args.username, password))
+            user = (create_user(db, args.username, password, args.role, actor=_actor()) if args.action == "create"
+                    else set_password(db, args.username, password, actor=_actor()))
             out = {"username": user.username, "role": user.role}
             if generated:
                 out["password"] = password
                 print("store this password now: only its hash is kept", file=sys.stderr)
             print(json.dumps(out, indent=2))
         elif args.action == "disable":
-            user = disable_user(db, args.username)
+            user = disable_user(db, args.username, actor=_actor())
             print(json.dumps({"username": user.username, "disabled_at": user.disabled_at.isoformat()}, indent=2))
         else:
             print(json.dumps([{"username": u.username, "role": u.role, "created_at": u.created_at.isoformat(),
@@ -240,6 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
     settings = load_settings(**overrides)
+    os.umask(0o077)  # whatever the service writes (data, database, logs it opens) is its user's alone
     logging.getLogger().setLevel(settings.log_level.upper())  # medvision's own loggers follow MEDVISION_LOG_LEVEL too
     if settings.log_format == "json":
         from medvision.serving.logs import use_json_logs

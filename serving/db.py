@@ -1,13 +1,15 @@
 """The service's database: SQLAlchemy with SQLite (WAL) by default or PostgreSQL by URL; schema by Alembic.
 
 ``open_database(url)`` upgrades the schema to the latest migration and returns a session factory.
-SQLite gets WAL journaling (readers never block the writer), a busy timeout and foreign keys;
-PostgreSQL is used as given (``postgresql+psycopg://user@host/db``).
+SQLite gets WAL journaling (readers never block the writer), a busy timeout and foreign keys, and a database
+file readable by the service's user only (0600: it holds accession numbers and readers' comments; SQLite gives
+its -wal and -shm files the same mode); PostgreSQL is used as given (``postgresql+psycopg://user@host/db``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -21,9 +23,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(path))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -38,6 +40,17 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql"):
         return create_engine(url, pool_pre_ping=True)
     raise ConfigError(f"database URL must start with sqlite:// or postgresql://, not {url.split(':', 1)[0]!r}")
+
+
+def _private_file(path: Path) -> None:
+    if not path.parent.exists():
+        from medvision.serving.storage import private_folder
+
+        private_folder(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists() and p.stat().st_mode & 0o077:
+            p.chmod(0o600)
 
 
 def migrate(engine: Engine, revision: str = "head") -> str:

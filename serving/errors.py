@@ -40,6 +40,24 @@ class MalformedRequest(MedvisionError):
     code = "malformed_request"
 
 
+class TooManyParts(PayloadTooLarge):
+    code = "too_many_parts"
+
+
+class InvalidParameter(MalformedRequest):
+    """A path, query or body parameter that cannot be what it names (a malformed UID, site name...)."""
+
+    def __init__(self, message: str, code: str = "invalid_parameter") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AmbiguousStudy(MedvisionError):
+    """A reading key asked for a Study UID that several sites sent: it must say which site's."""
+
+    code = "ambiguous_study"
+
+
 class PacsNotConfigured(MedvisionError):
     code = "pacs_not_configured"
 
@@ -77,6 +95,7 @@ STATUS = {
     PayloadTooLarge: 413,
     Overloaded: 429,
     StudyNotFound: 404,
+    AmbiguousStudy: 409,
     PacsNotConfigured: 503,
     PacsUnavailable: 502,
     TimedOut: 503,
@@ -114,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

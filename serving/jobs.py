@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import uuid
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -23,20 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.errors import MedvisionError
 from medvision.serving.heatmap_capture import build_capture
+from medvision.serving.identifiers import Owner
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
 from medvision.serving.usage import accession_of, record_score
 
 log = logging.getLogger("medvision.serving.jobs")
 MAX_ATTEMPTS = 3
-
-
-def _save(ds, folder: Path) -> Path:
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".partial")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-    return path
 
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
@@ -115,7 +107,7 @@ class Worker:
             log.warning("job %d (attempt %d) failed: %s%s", job.id, job.attempts, error, "; will retry" if retry else "")
             _finish(self.state.db, job, self.owner, "queued" if retry else "failed", error)
             if not retry:
-                self._set_study(job.study_instance_uid, status="failed")
+                self._set_study(job, status="failed")
             return
         _finish(self.state.db, job, self.owner, "done")
 
@@ -123,12 +115,15 @@ class Worker:
         engine, sessions, metrics = self.state.engine, self.state.db, self.state.metrics
         info = engine.model_info()
         with sessions() as db:
-            study = db.scalar(select(Study).where(Study.study_instance_uid == job.study_instance_uid))
-            instances = list(db.scalars(select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
+            study = db.scalar(select(Study).where(Study.site == job.site,
+                                                  Study.study_instance_uid == job.study_instance_uid))
+            instances = list(db.scalars(select(Instance).where(Instance.site == job.site,
+                                                               Instance.study_instance_uid == job.study_instance_uid)
                                         .order_by(Instance.id)))
-        key_id = study.key_id if study else None
-        with sessions() as db:  # images this model already scored (e.g. through /v1/predict): reuse, not rerun
+        owner = Owner(job.site, study.key_id if study else None)
+        with sessions() as db:  # images this model already scored for this site (e.g. through /v1/predict): reuse
             known = set(db.scalars(select(ScoredImage.sop_instance_uid).where(
+                ScoredImage.site == job.site,
                 ScoredImage.sop_instance_uid.in_([i.sop_instance_uid for i in instances]),
                 ScoredImage.artifact_sha256 == info["artifact_sha256"])))
         # A job is claimed more than MAX_ATTEMPTS times only by taking it over from holders that died mid-job (a
@@ -151,52 +146,53 @@ class Worker:
                 continue
             ids: dict[str, str] = {}
             try:
-                result = engine.score(*(self.state.decoder or engine).prepare(Path(inst.path), ids))
+                path = self.state.data.inside(inst.path)
+                result = engine.score(*(self.state.decoder or engine).prepare(path, ids))
             except MedvisionError as exc:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
-            record_score(sessions, key_id, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
+            record_score(sessions, owner, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
                          result.label, engine.meta.threshold, info, result.inference_ms,
                          accession=ids.get("AccessionNumber", ""))
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)
             _renew(sessions, job, self.owner, self.lease_seconds)
-        self.write_report(job.study_instance_uid, info)
+        self.write_report(job, info)
 
-    def write_report(self, study_uid: str, info: dict) -> None:
-        sessions = self.state.db
+    def write_report(self, job: Job, info: dict) -> None:
+        sessions, data = self.state.db, self.state.data
         with sessions() as db:
             rows = list(db.execute(
                 select(Instance.path, ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold)
-                .join(ScoredImage, ScoredImage.sop_instance_uid == Instance.sop_instance_uid)
-                .where(Instance.study_instance_uid == study_uid, Instance.status == "scored")
+                .join(ScoredImage, (ScoredImage.site == Instance.site)
+                      & (ScoredImage.sop_instance_uid == Instance.sop_instance_uid))
+                .where(Instance.site == job.site, Instance.study_instance_uid == job.study_instance_uid,
+                       Instance.status == "scored")
                 .order_by(Instance.id)))
         if not rows:
-            self._set_study(study_uid, status="failed")
+            self._set_study(job, status="failed")
             return
-        sources = [dcmread(path, stop_before_pixels=True) for path, *_ in rows]
+        sources = [dcmread(data.inside(path), stop_before_pixels=True) for path, *_ in rows]
         scores = [ImageScore(uid, p, p >= thr) for _, uid, p, thr in rows]
         sr = build_sr(sources, scores, info)
-        folder = Path(self.state.settings.data_dir) / "reports" / study_uid
-        folder.mkdir(parents=True, exist_ok=True)
-        path = _save(sr, folder)
+        path = data.write_dataset(sr)
         outputs = [sr]
         engine = self.state.engine
         if self.state.settings.heatmap_capture and engine.has_heatmap:
             series = generate_uid()
             for n, (source_path, *_) in enumerate(rows, start=1):
-                capture = build_capture(engine, source_path, series, n)
-                _save(capture, folder)
+                capture = build_capture(engine, data.inside(source_path), series, n)
+                data.write_dataset(capture)
                 outputs.append(capture)
-        self._set_study(study_uid, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
+        self._set_study(job, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
                         report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path))
         pacs = self.state.settings.pacs_url
         if pacs:
-            self.push(study_uid, outputs, pacs)
+            self.push(job, outputs, pacs)
 
-    def push(self, study_uid: str, outputs: list, pacs: str) -> None:
+    def push(self, job: Job, outputs: list, pacs: str) -> None:
         """Store the SR (and heatmap captures) into the PACS by STOW-RS (dicomweb-client)."""
         from dicomweb_client.api import DICOMwebClient
 
@@ -210,16 +206,17 @@ class Worker:
             DICOMwebClient(url=pacs, session=session).store_instances(outputs)
         except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
             log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
-            self._set_study(study_uid, push_error=type(exc).__name__)
+            self._set_study(job, push_error=type(exc).__name__)
             return
-        self._set_study(study_uid, pushed_at=utcnow(), push_error="")
+        self._set_study(job, pushed_at=utcnow(), push_error="")
 
     def _fill_accession(self, inst: Instance) -> None:
         """An image scored before through /v1/predict: its row gains the accession the reviewers search by."""
-        accession = accession_of(inst.path)
+        accession = accession_of(str(self.state.data.inside(inst.path)))
         if accession:
             with self.state.db() as db:
-                db.execute(update(ScoredImage).where(ScoredImage.sop_instance_uid == inst.sop_instance_uid,
+                db.execute(update(ScoredImage).where(ScoredImage.site == inst.site,
+                                                     ScoredImage.sop_instance_uid == inst.sop_instance_uid,
                                                      ScoredImage.accession_number == "")
                            .values(accession_number=accession[:16]))
                 db.commit()
@@ -229,7 +226,8 @@ class Worker:
             db.execute(update(Instance).where(Instance.id == instance_id).values(status=status, error_code=error_code))
             db.commit()
 
-    def _set_study(self, study_uid: str, **values) -> None:
+    def _set_study(self, job: Job, **values) -> None:
         with self.state.db() as db:
-            db.execute(update(Study).where(Study.study_instance_uid == study_uid).values(updated_at=utcnow(), **values))
+            db.execute(update(Study).where(Study.site == job.site, Study.study_instance_uid == job.study_instance_uid)
+                       .values(updated_at=utcnow(), **values))
             db.commit()

@@ -1,19 +1,23 @@
 """Pull mode: fetch a study from the configured PACS (QIDO-RS, then WADO-RS with dicomweb-client) and queue it.
 
 Only the PACS named in the settings is ever contacted: a URL taken from a request would let any API
-key make the service fetch from arbitrary hosts.
+key make the service fetch from arbitrary hosts. The PACS's answers are data from outside too: the series and
+instance UIDs it lists are checked before they go into a WADO-RS URL.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import os
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.dicom_io import ReadLimits
+from medvision.errors import InvalidUidError
+from medvision.identifiers import check_uid
 from medvision.serving.errors import PacsNotConfigured, PacsUnavailable, StudyNotFound
-from medvision.serving.stow import Outcome, enqueue, store_file
+from medvision.serving.identifiers import Owner
+from medvision.serving.storage import DataFolder
+from medvision.serving.stow import CANNOT_UNDERSTAND, Outcome, enqueue, store_file
 
 
 def pacs_client(settings):
@@ -27,8 +31,16 @@ def pacs_client(settings):
     return DICOMwebClient(url=settings.pacs_url, session=session)
 
 
-def pull_study(settings, sessions: sessionmaker[Session], study_uid: str, key_id: int | None) -> list[Outcome]:
-    """Blocking (run it in a worker thread): every instance of the study, filed as if it had been pushed."""
+def _listed(meta: dict, tag: str, what: str) -> str:
+    try:
+        return check_uid(meta[tag]["Value"][0], what)
+    except (KeyError, IndexError, TypeError):
+        raise InvalidUidError(f"the PACS listed an instance without a {what}") from None
+
+
+def pull_study(settings, sessions: sessionmaker[Session], folder: DataFolder, study_uid: str,
+               owner: Owner) -> list[Outcome]:
+    """Blocking (run it in a worker thread): every instance of the study, filed for ``owner`` as if pushed."""
     client = pacs_client(settings)
     try:
         found = client.search_for_instances(study_instance_uid=study_uid)
@@ -36,21 +48,22 @@ def pull_study(settings, sessions: sessionmaker[Session], study_uid: str, key_id
         raise PacsUnavailable(f"the PACS did not answer the QIDO-RS query: {type(exc).__name__}") from None
     if not found:
         raise StudyNotFound("the PACS holds no instances of this study")
-    storage = Path(settings.data_dir) / "instances"
-    incoming = Path(settings.data_dir) / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
     limits = ReadLimits(max_pixels=settings.max_pixels)
     outcomes = []
     for meta in found:
-        series = meta["0020000E"]["Value"][0]
-        sop = meta["00080018"]["Value"][0]
+        try:
+            series = _listed(meta, "0020000E", "Series Instance UID")
+            sop = _listed(meta, "00080018", "SOP Instance UID")
+        except InvalidUidError as exc:
+            outcomes.append(Outcome(failure=CANNOT_UNDERSTAND, reason=exc.code))
+            continue
         try:
             ds = client.retrieve_instance(study_uid, series, sop)
         except Exception as exc:
             raise PacsUnavailable(f"the PACS did not return an instance by WADO-RS: {type(exc).__name__}") from None
-        with tempfile.NamedTemporaryFile(dir=incoming, suffix=".dcm", delete=False) as fh:
-            path = Path(fh.name)
-        ds.save_as(path, enforce_file_format=True)
-        outcomes.append(store_file(path, sessions, storage, key_id, study_uid, limits))
-    enqueue(sessions, {study_uid}, settings.study_stable_seconds)
+        fd, path = folder.temporary(".dcm")
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+        outcomes.append(store_file(path, sessions, folder, owner, study_uid, limits))
+    enqueue(sessions, {(owner.site, study_uid)}, settings.study_stable_seconds)
     return outcomes

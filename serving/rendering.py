@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -93,21 +94,56 @@ def render_heatmap(engine, path: str | Path, max_side: int) -> bytes:
 
 
 class RenderCache:
-    """PNG renderings on disk, keyed by the image, the artifact (for heatmaps) and the rendering's parameters."""
+    """PNG renderings on disk, keyed by the image, the artifact (for heatmaps) and the rendering's parameters.
 
-    def __init__(self, folder: str | Path) -> None:
+    Bounded: past ``max_bytes`` the least recently used renderings are deleted (a hit refreshes a file's time),
+    down to 90 % of the bound. Files are 0600: they are pictures of patients. ``max_bytes`` = 0 caches nothing.
+    """
+
+    def __init__(self, folder: str | Path, max_bytes: int) -> None:
         self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self.size = sum(p.stat().st_size for p in self._files())
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.folder.glob("*/*.png") if p.is_file()]
 
     def get(self, make, *key) -> bytes:
+        if self.max_bytes <= 0:
+            return make()
         name = hashlib.sha256(repr(key).encode()).hexdigest()
         path = self.folder / name[:2] / f"{name}.png"
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
+            os.utime(path)
+            return data
         except FileNotFoundError:
             pass
         data = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
+        with self._lock:
+            self.size += len(data)
+            if self.size > self.max_bytes:
+                self._evict()
         return data
+
+    def _evict(self) -> None:
+        files = []
+        for p in self._files():
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        files.sort()
+        self.size = sum(size for _, size, _ in files)
+        for _, size, p in files:
+            if self.size <= 0.9 * self.max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            self.size -= size

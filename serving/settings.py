@@ -22,14 +22,22 @@ class Settings(BaseSettings):
                                   "processes (0: in threads of the service process). Threads decode about one image "
                                   "at a time (parsing and several codecs hold the GIL); processes use every core and "
                                   "survive a codec that crashes (set threads to 1 with them)")
-    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted DICOM request body "
+                                  "(/v1/predict, STOW-RS), counted as it streams in however it is framed")
+    max_form_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted body on every other route (JSON "
+                                "and form requests)")
+    max_stow_parts: int = Field(200, ge=1, description="most instances in one STOW-RS request (a larger study is "
+                                "sent in several requests)")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
     key_cache_seconds: float = Field(5.0, ge=0, description="a verified API key is trusted this long without a "
                                      "database lookup; a revoked key stops working within it (0: look up every "
                                      "request)")
     database_url: str = Field("sqlite:///medvision_data/medvision.db",
                               description="SQLAlchemy URL: sqlite:///path (WAL) or postgresql+psycopg://user@host/db")
-    data_dir: str = Field("medvision_data", description="received instances (instances/) and reports (reports/)")
+    data_dir: str = Field("medvision_data", description="received instances (instances/), reports (reports/), the "
+                          "review UI's renderings (renders/); created 0700, files 0600")
+    render_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="review UI: most bytes of rendered PNGs "
+                                    "kept on disk (the least recently used go first; 0: no cache)")
     pacs_url: str | None = Field(None, description="DICOMweb root of the PACS to store reports into by STOW-RS")
     pacs_username: str | None = Field(None, description="HTTP basic auth user for pacs_url")
     pacs_password: str | None = Field(None, description="HTTP basic auth password for pacs_url")
@@ -41,12 +49,20 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
     ui_session_minutes: float = Field(30.0, gt=0, description="review UI: a session ends after this long without "
                                       "activity")
-    ui_secure_cookies: bool = Field(False, description="review UI: mark the session cookie Secure (set it when the "
-                                    "service is reached over HTTPS, e.g. behind a TLS proxy)")
+    ui_secure_cookies: bool | None = Field(None, description="review UI: mark the session cookie Secure (HTTPS "
+                                           "only). Default: on unless the service binds a loopback address (behind a "
+                                           "TLS proxy on the same host, or local use)")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+
+
+    @property
+    def secure_cookies(self) -> bool:
+        if self.ui_secure_cookies is not None:
+            return self.ui_secure_cookies
+        return self.host not in ("127.0.0.1", "localhost", "::1")
 
 
 def load_settings(**overrides) -> Settings:

@@ -1,16 +1,17 @@
 """STOW-RS reception: a ``multipart/related; type="application/dicom"`` body, parsed as it streams in.
 
-Every part is written to disk (fsync, then an atomic rename) and recorded in the database before the
-response acknowledges it, so an instance the PACS was told is stored survives a crash; its study is
-queued for scoring. Parts that are not usable DICOM images are reported per instance in the response
-with a DICOM failure reason, as PS3.18 says, and the rest are still stored.
+Every part is written to disk (fsync, then an atomic, exclusive link under a name the service chooses) and
+recorded in the database before the response acknowledges it, so an instance the PACS was told is stored
+survives a crash; its study is queued for scoring. Parts that are not usable DICOM images, or whose UIDs are
+not well-formed, are reported per instance in the response with a DICOM failure reason, as PS3.18 says, and
+the rest are still stored. What a site sends is that site's: the same UIDs from another site are another
+site's records (``tables``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,10 @@ from medvision.errors import (
     NotDicomError,
     UnsupportedImageError,
 )
-from medvision.serving.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType
+from medvision.identifiers import check_uid
+from medvision.serving.errors import MalformedRequest, PayloadTooLarge, TooManyParts, UnsupportedMediaType
+from medvision.serving.identifiers import Owner
+from medvision.serving.storage import DataFolder
 from medvision.serving.tables import Instance, Job, Study, utcnow
 
 # PS3.4 / PS3.18 failure reasons (Failure Reason, 0008,1197)
@@ -58,8 +62,9 @@ class Outcome:
 
 @dataclass
 class _Collector:
-    incoming: Path
+    folder: DataFolder
     limit: int
+    max_parts: int
     parts: list[Part] = field(default_factory=list)
     size: int = 0
     ended: bool = False
@@ -89,9 +94,12 @@ class _Collector:
         self._value.clear()
 
     def headers_done(self) -> None:
-        fd, name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        if len(self.parts) >= self.max_parts:
+            raise TooManyParts(f"a STOW-RS request holds at most {self.max_parts} instances: send a larger study "
+                               "in several requests")
+        fd, path = self.folder.temporary()
         self._fh = os.fdopen(fd, "wb")
-        self.parts.append(Part(Path(name), self._headers.get("content-type", "").split(";")[0].strip().lower()))
+        self.parts.append(Part(path, self._headers.get("content-type", "").split(";")[0].strip().lower()))
 
     def data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
@@ -135,14 +143,13 @@ def boundary_of(content_type: str) -> bytes:
     return values["boundary"].encode("latin-1")
 
 
-async def receive_parts(request, incoming: Path, limit: int) -> list[Part]:
-    """Stream the body into one temporary file per part; refuse a truncated or oversized body."""
+async def receive_parts(request, folder: DataFolder, limit: int, max_parts: int) -> list[Part]:
+    """Stream the body into one temporary file per part; refuse a truncated or oversized body, or too many parts."""
     boundary = boundary_of(request.headers.get("content-type", ""))
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"STOW-RS body of {int(declared):,} bytes exceeds the limit of {limit:,}")
-    incoming.mkdir(parents=True, exist_ok=True)
-    collector = _Collector(incoming, limit)
+    collector = _Collector(folder, limit, max_parts)
     parser = MultipartParser(boundary, collector.callbacks())
     try:
         async for chunk in request.stream():
@@ -173,96 +180,103 @@ def _failure_for(exc: MedvisionError) -> int:
     return CANNOT_UNDERSTAND
 
 
-def store_parts(parts: list[Part], sessions: sessionmaker[Session], storage: Path, key_id: int | None,
+def store_parts(parts: list[Part], sessions: sessionmaker[Session], folder: DataFolder, owner: Owner,
                 study_in_url: str | None, limits: ReadLimits, stable_seconds: float = 0.0) -> list[Outcome]:
     """Validate, file and record every part, then queue the studies (blocking: run it in a worker thread)."""
     outcomes = []
     try:
         for part in parts:
-            outcomes.append(_store_one(part, sessions, storage, key_id, study_in_url, limits))
+            outcomes.append(_store_one(part, sessions, folder, owner, study_in_url, limits))
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)
-        enqueue(sessions, {o.study_instance_uid for o in outcomes if o.failure is None}, stable_seconds)
+        enqueue(sessions, {(owner.site, o.study_instance_uid) for o in outcomes if o.failure is None}, stable_seconds)
     return outcomes
 
 
-def enqueue(sessions: sessionmaker[Session], study_uids: set[str], stable_seconds: float) -> None:
-    """One queued job per study, due once the study is stable: no new instance for ``stable_seconds`` (as a
+def enqueue(sessions: sessionmaker[Session], studies: set[tuple[str, str]], stable_seconds: float) -> None:
+    """One queued job per (site, study), due once the study is stable: no new instance for ``stable_seconds`` (as a
     PACS's "stable study" event), so a study arriving over several requests gets one report, not several."""
     not_before = utcnow() + _dt.timedelta(seconds=stable_seconds)
-    for uid in sorted(study_uids):
+    for site, uid in sorted(studies):
         with sessions() as db:
-            if db.scalar(select(Instance.id).where(Instance.study_instance_uid == uid, Instance.status == "received")
-                         .limit(1)) is None:
+            if db.scalar(select(Instance.id).where(Instance.site == site, Instance.study_instance_uid == uid,
+                                                   Instance.status == "received").limit(1)) is None:
                 continue  # everything of it is scored already: a re-send must not produce a second report
-            job = db.scalar(select(Job).where(Job.study_instance_uid == uid, Job.status == "queued"))
+            job = db.scalar(select(Job).where(Job.site == site, Job.study_instance_uid == uid, Job.status == "queued"))
             if job is None:
-                db.add(Job(study_instance_uid=uid, not_before=not_before))
+                db.add(Job(site=site, study_instance_uid=uid, not_before=not_before))
             else:
                 job.not_before = not_before
             db.commit()
 
 
-def store_file(path: Path, sessions: sessionmaker[Session], storage: Path, key_id: int | None,
-               study_uid: str | None, limits: ReadLimits) -> Outcome:
+def store_file(path: Path, sessions: sessionmaker[Session], folder: DataFolder, owner: Owner, study_uid: str | None,
+               limits: ReadLimits) -> Outcome:
     """File one DICOM already on local disk (e.g. fetched from the PACS by WADO-RS); ``path`` is consumed.
     The caller queues the study with ``enqueue`` once all its instances are filed."""
     try:
-        return _store_one(Part(path, "application/dicom"), sessions, storage, key_id, study_uid, limits)
+        return _store_one(Part(path, "application/dicom"), sessions, folder, owner, study_uid, limits)
     finally:
         path.unlink(missing_ok=True)
 
 
-def _store_one(part: Part, sessions, storage: Path, key_id, study_in_url, limits) -> Outcome:
+def _checked_uids(ds, meta) -> Outcome:
+    """The part's UIDs, each checked: a malformed one (a path, a name, an over-long value) refuses the part."""
+    out = Outcome()
+    for field_name, what, value in (("sop_instance_uid", "SOP Instance UID", meta.sop_instance_uid),
+                                    ("study_instance_uid", "Study Instance UID", meta.study_instance_uid),
+                                    ("series_instance_uid", "Series Instance UID", ds.get("SeriesInstanceUID")),
+                                    ("sop_class_uid", "SOP Class UID", ds.get("SOPClassUID"))):
+        text = "" if value is None else str(value)
+        if not text:
+            out.failure, out.reason = CANNOT_UNDERSTAND, f"missing {what}"
+            continue
+        check_uid(text, what)
+        setattr(out, field_name, text)
+    return out
+
+
+def _store_one(part: Part, sessions, folder: DataFolder, owner: Owner, study_in_url, limits) -> Outcome:
     if part.content_type not in ("application/dicom", ""):
         return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")
     try:
         ds, meta = read_header(part.path, limits)
+        out = _checked_uids(ds, meta)
     except MedvisionError as exc:
         return Outcome(failure=_failure_for(exc), reason=exc.code)
-    out = Outcome(sop_class_uid=str(ds.get("SOPClassUID", "")), sop_instance_uid=meta.sop_instance_uid or "",
-                  study_instance_uid=meta.study_instance_uid or "", series_instance_uid=str(ds.get("SeriesInstanceUID", "")))
-    if not out.sop_instance_uid or not out.study_instance_uid:
-        out.failure, out.reason = CANNOT_UNDERSTAND, "missing SOP or Study Instance UID"
+    if out.failure is not None:
         return out
     if study_in_url and out.study_instance_uid != study_in_url:
         out.failure, out.reason = STUDY_MISMATCH, "instance belongs to another study than the request URL"
         return out
-    target = storage / _safe(out.study_instance_uid) / f"{_safe(out.sop_instance_uid)}.dcm"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with sessions() as db:
-        if db.scalar(select(Instance.id).where(Instance.sop_instance_uid == out.sop_instance_uid)) is not None:
-            out.already_stored = True  # an idempotent re-send: stored and scored once
-            return out
-        os.replace(part.path, target)
-        _fsync_dir(target.parent)
-        try:
-            db.add(Instance(sop_instance_uid=out.sop_instance_uid, study_instance_uid=out.study_instance_uid,
-                            series_instance_uid=out.series_instance_uid, sop_class_uid=out.sop_class_uid,
-                            path=str(target)))
-            study = db.scalar(select(Study).where(Study.study_instance_uid == out.study_instance_uid))
+    mine = (Instance.site == owner.site, Instance.sop_instance_uid == out.sop_instance_uid)
+    target: Path | None = None
+    for _ in range(3):  # a concurrent request may create the same study row first: then try again, it exists
+        with sessions() as db:
+            if db.scalar(select(Instance.id).where(*mine)) is not None:
+                out.already_stored = True  # an idempotent re-send by the same site: stored and scored once
+                break
+            target = target or folder.file_instance(part.path)
+            db.add(Instance(site=owner.site, sop_instance_uid=out.sop_instance_uid,
+                            study_instance_uid=out.study_instance_uid, series_instance_uid=out.series_instance_uid,
+                            sop_class_uid=out.sop_class_uid, path=str(target)))
+            study = db.scalar(select(Study).where(Study.site == owner.site,
+                                                  Study.study_instance_uid == out.study_instance_uid))
             if study is None:
-                db.add(Study(study_instance_uid=out.study_instance_uid, key_id=key_id))
+                db.add(Study(site=owner.site, study_instance_uid=out.study_instance_uid, key_id=owner.key_id))
             else:
                 study.updated_at = utcnow()
-            db.commit()
-        except IntegrityError:  # the same instance or study arrived concurrently: the other request stored it
-            db.rollback()
-            out.already_stored = True
+            try:
+                db.commit()
+                return out
+            except IntegrityError:
+                db.rollback()
+    else:
+        out.failure, out.reason = PROCESSING_FAILURE, "the instance could not be recorded (concurrent requests)"
+    if target is not None:
+        target.unlink(missing_ok=True)
     return out
-
-
-def _safe(uid: str) -> str:
-    return "".join(c for c in uid if c.isdigit() or c == ".")[:64] or "unknown"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def response_body(outcomes: list[Outcome], base_url: str) -> tuple[int, dict]:
@@ -294,8 +308,10 @@ def requeue_orphans(sessions: sessionmaker[Session], stable_seconds: float = 0.0
     """Studies with unscored instances but no live job (the service died between filing and queueing): queue them.
     Run at start-up; returns how many studies were queued."""
     with sessions() as db:
-        pending = set(db.scalars(select(Instance.study_instance_uid).where(Instance.status == "received").distinct()))
-        live = set(db.scalars(select(Job.study_instance_uid).where(Job.status.in_(("queued", "running")))))
+        pending = set(db.execute(select(Instance.site, Instance.study_instance_uid)
+                                 .where(Instance.status == "received").distinct()).tuples())
+        live = set(db.execute(select(Job.site, Job.study_instance_uid)
+                              .where(Job.status.in_(("queued", "running")))).tuples())
     orphans = pending - live
     enqueue(sessions, orphans, stable_seconds)
     return len(orphans)

@@ -4,13 +4,28 @@ deployments upgrade the same way.
 
 No patient identifiers are stored: studies and images are keyed by their DICOM UIDs, which the
 service needs to send results back to the PACS, and the accession number, which readers search by.
+
+Everything received belongs to a **site** (the sending API key's site): studies, instances, results, jobs and
+readers' calls are unique per site and UID, never per UID alone, so another site sending the same UIDs gets
+records of its own and can neither see nor change the first site's.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -29,9 +44,11 @@ class ApiKey(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    site: Mapped[str] = mapped_column(String(64), doc="the site that owns what this key sends (several keys may share "
+                                      "one site, e.g. while a key is rotated)")
     prefix: Mapped[str] = mapped_column(String(16), unique=True, index=True)
     secret_sha256: Mapped[str] = mapped_column(String(64))
-    scopes: Mapped[str] = mapped_column(String(128), doc="comma-separated: score, review, admin")
+    scopes: Mapped[str] = mapped_column(String(128), doc="comma-separated: score, pull, review, admin")
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_used_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -48,8 +65,19 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), doc="reader or admin")
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     disabled_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class LoginFailure(Base):
+    """A failed sign-in, for throttling by client address (never by account alone: that would let anyone lock a
+    named reader out). The typed user name is kept only as a keyed digest: people type passwords into it."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_address_at", "address", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    address: Mapped[str] = mapped_column(String(64))
+    username_digest: Mapped[str] = mapped_column(String(64))
 
 
 class UiSession(Base):
@@ -70,9 +98,10 @@ class Review(Base):
     every change is also in the audit log)."""
 
     __tablename__ = "reviews"
-    __table_args__ = (UniqueConstraint("study_instance_uid", "user_id", name="uq_review_study_user"),)
+    __table_args__ = (UniqueConstraint("site", "study_instance_uid", "user_id", name="uq_reviews_site_study_user"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     call: Mapped[str] = mapped_column(String(16), doc="agree, disagree or uncertain")
@@ -120,9 +149,11 @@ class ScoredImage(Base):
     """One scored image; re-sending the same SOP Instance UID returns this row instead of scoring again."""
 
     __tablename__ = "scored_images"
+    __table_args__ = (UniqueConstraint("site", "sop_instance_uid", name="uq_scored_images_site_sop"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True, default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
@@ -140,9 +171,11 @@ class Study(Base):
     """A study received over STOW-RS: where its scoring stands and where its report went."""
 
     __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("site", "study_instance_uid", name="uq_studies_site_study"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
     received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -158,13 +191,15 @@ class Instance(Base):
     """A received DICOM instance, stored on disk before the STOW-RS response acknowledged it."""
 
     __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("site", "sop_instance_uid", name="uq_instances_site_sop"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
-    path: Mapped[str] = mapped_column(String(512))
+    path: Mapped[str] = mapped_column(String(512), doc="inside the data folder, named by the service (never by a UID)")
     received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default="received", doc="received, scored, refused")
     error_code: Mapped[str] = mapped_column(String(64), default="")
@@ -176,6 +211,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True, doc="queued, running, done, failed")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -7,6 +7,7 @@ import datetime as _dt
 from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from medvision.serving.identifiers import Owner
 from medvision.serving.tables import AuditEvent, ScoredImage, Usage, utcnow
 
 
@@ -46,7 +47,8 @@ def _statements(dialect: str) -> dict:
         _STATEMENTS[dialect] = {
             "study_seen": select(images.c.id).where(images.c.study_instance_uid == bindparam("study"),
                                                     images.c.key_id == bindparam("key_id")).limit(1),
-            "result": result.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=replaced),
+            # a re-score replaces the row of the same site only: the same UID from another site is another row
+            "result": result.on_conflict_do_update(index_elements=["site", "sop_instance_uid"], set_=replaced),
             # increments in SQL, not read-modify-write: concurrent workers must not lose each other's counts
             "usage": metered.on_conflict_do_update(index_elements=["day", "key_id"], set_={
                 "images": usage.c.images + metered.excluded.images,
@@ -58,17 +60,18 @@ def _statements(dialect: str) -> dict:
     return _STATEMENTS[dialect]
 
 
-def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | None, study_uid: str | None,
+def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
                  inference_ms: float, audit_event=None, accession: str = "") -> None:
-    """Store the result (a re-scored SOP Instance UID replaces its row) and meter it for the key's site, with
-    the audit record of the access, in one transaction.
+    """Store the result for ``owner``'s site (a SOP Instance UID the site re-scores replaces its row) and meter it
+    for the key, with the audit record of the access, in one transaction.
 
     Both writes are upserts (``INSERT ... ON CONFLICT DO UPDATE``): two requests creating the same result or
     usage row at once both land, the usage counts as increments in SQL, never a lost update, and a study
     counts once however many of its images are scored at the same time.
     """
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
+    key_id = owner.key_id
     with sessions() as db:
         sql = _statements(db.get_bind().dialect.name)
         # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
@@ -81,7 +84,8 @@ def record_score(sessions: sessionmaker[Session], key_id: int, sop_uid: str | No
             if study and db.execute(sql["study_seen"], {"study": study, "key_id": key_id}).first() is None:
                 db.execute(sql["new_study"], {"d": day, "k": key_id})
             db.execute(sql["result"], {
-                "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id, "probability": probability,
+                "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
+                "probability": probability,
                 "label": label, "threshold": threshold, "model_name": model["name"],
                 "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
                 "accession_number": (accession or "")[:16]})

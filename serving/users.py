@@ -1,7 +1,10 @@
 """Review-UI accounts and browser sessions.
 
-Passwords are stored as salted scrypt hashes (``hashlib.scrypt``, n=2**14, r=8, p=1: memory-hard, in the
-standard library); five wrong passwords lock an account for 15 minutes. A session is a random 256-bit
+Passwords are stored as salted scrypt hashes (``hashlib.scrypt``, n=2**17, r=8, p=1 as OWASP recommends:
+memory-hard, in the standard library; older hashes are upgraded at the next sign-in). Every sign-in attempt
+costs exactly one scrypt, whether the user exists, is disabled or not, so timing does not tell known from
+unknown names. Failed attempts are throttled per client address (5 per user name, 20 in all, per 15 minutes),
+never per account: an account lock would let anyone lock a named reader out. A session is a random 256-bit
 token in an ``HttpOnly``, ``SameSite=Strict`` cookie; the database keeps its SHA-256 and a CSRF token that
 every state-changing request must echo. Sessions expire after ``ui_session_minutes`` without activity.
 Single sign-on (OIDC / SAML) is a documented extension point: it would replace ``authenticate`` and
@@ -16,20 +19,27 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from medvision.errors import ConfigError
-from medvision.serving.tables import UiSession, User, utcnow
+from medvision.serving.tables import AuditEvent, LoginFailure, UiSession, User, utcnow
 
 ROLES = ("reader", "admin")
 MIN_PASSWORD = 10
-MAX_FAILURES = 5
-LOCK_MINUTES = 15
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+THROTTLE_MINUTES = 15
+MAX_FAILURES_PER_NAME = 5  # from one address, for one user name
+MAX_FAILURES_PER_ADDRESS = 20  # from one address, all names
+_SCRYPT = {"n": 2**17, "r": 8, "p": 1}
+_MAXMEM = 256 * 1024 * 1024  # n=2**17, r=8 needs 128 MiB
+_SLOTS = threading.BoundedSemaphore(2)  # at most two hashes at once: 256 MiB, however many sign in together
 _USERNAME = re.compile(r"[A-Za-z0-9_.@-]{2,64}")
+# A hash nobody's password matches, with today's parameters: checking it costs what a real check costs.
+_NOBODY = "scrypt${n}${r}${p}$".format(**_SCRYPT) + base64.b64encode(b"medvision-nobody").decode() + "$" + \
+    base64.b64encode(bytes(32)).decode()
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,14 @@ class Reader:
         return self.role == "admin"
 
 
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    with _SLOTS:
+        return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=_MAXMEM)
+
+
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    digest = _scrypt(password, salt, **_SCRYPT)
     return "scrypt${n}${r}${p}$".format(**_SCRYPT) + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
 
 
@@ -57,17 +72,25 @@ def check_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+        got = _scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def _outdated(stored: str) -> bool:
+    return not stored.startswith("scrypt${n}${r}${p}$".format(**_SCRYPT))
 
 
 def _aware(t: _dt.datetime | None) -> _dt.datetime | None:
     return t.replace(tzinfo=_dt.UTC) if t is not None and t.tzinfo is None else t  # SQLite hands back naive UTC
 
 
-def create_user(db: Session, username: str, password: str, role: str) -> User:
+def _audit(db: Session, action: str, username: str, actor: str) -> None:
+    db.add(AuditEvent(action=action, resource=username, status=200, detail={"by": actor}))
+
+
+def create_user(db: Session, username: str, password: str, role: str, actor: str = "") -> User:
     if not _USERNAME.fullmatch(username or ""):
         raise ConfigError("a username is 2-64 letters, digits or . _ @ - (not a patient name: it appears in the audit log)")
     if role not in ROLES:
@@ -75,25 +98,28 @@ def create_user(db: Session, username: str, password: str, role: str) -> User:
     _check_rules(password)
     if db.scalar(select(User).where(User.username == username)) is not None:
         raise ConfigError(f"a user named {username!r} exists already")
-    user = User(username=username, password_hash=hash_password(password), role=role, failed_logins=0)
+    user = User(username=username, password_hash=hash_password(password), role=role)
     db.add(user)
+    _audit(db, "user_create", username, actor)
     db.commit()
     return user
 
 
-def set_password(db: Session, username: str, password: str) -> User:
+def set_password(db: Session, username: str, password: str, actor: str = "") -> User:
     user = _get(db, username)
     _check_rules(password)
-    user.password_hash, user.failed_logins, user.locked_until = hash_password(password), 0, None
+    user.password_hash = hash_password(password)
     db.execute(delete(UiSession).where(UiSession.user_id == user.id))  # a new password signs everyone out
+    _audit(db, "user_passwd", username, actor)
     db.commit()
     return user
 
 
-def disable_user(db: Session, username: str) -> User:
+def disable_user(db: Session, username: str, actor: str = "") -> User:
     user = _get(db, username)
     if user.disabled_at is None:
         user.disabled_at = utcnow()
+        _audit(db, "user_disable", username, actor)
     db.execute(delete(UiSession).where(UiSession.user_id == user.id))
     db.commit()
     return user
@@ -111,25 +137,45 @@ def _get(db: Session, username: str) -> User:
     return user
 
 
-def authenticate(db: Session, username: str, password: str) -> tuple[User | None, str]:
-    """``(user, "")`` when the password is right, else ``(None, reason)`` with reason for the audit log
-    (the page itself always says the same thing, so it cannot be used to find user names)."""
+def _name_digest(username: str) -> str:
+    """16 bits of the typed name: enough to throttle per name, too few to test a password typed into it against."""
+    return hashlib.sha256(username.encode("utf-8", "replace")).hexdigest()[:4]
+
+
+def throttled(db: Session, address: str) -> tuple[int, dict[str, int]]:
+    """Failures from ``address`` in the throttle window: in all, and by name digest."""
+    since = utcnow() - _dt.timedelta(minutes=THROTTLE_MINUTES)
+    rows = db.execute(select(LoginFailure.username_digest, func.count()).where(
+        LoginFailure.address == address, LoginFailure.at > since).group_by(LoginFailure.username_digest)).all()
+    by_name = dict(rows)
+    return sum(by_name.values()), by_name
+
+
+def authenticate(db: Session, username: str, password: str, address: str) -> tuple[User | None, str]:
+    """``(user, "")`` when the password is right, else ``(None, reason)`` with reason for the audit log (the page
+    says the same for every reason but ``throttled``, so it cannot be used to find user names).
+
+    One scrypt per attempt, whoever the name belongs to (a hash nobody matches for unknown names; the real check
+    for disabled users too). ``address`` is the client's: past the throttle limits an attempt is refused without a
+    check, and that depends only on the address and the typed name, never on whether the user exists.
+    """
+    address, digest = address[:64], _name_digest(username)
+    total, by_name = throttled(db, address)
+    if total >= MAX_FAILURES_PER_ADDRESS or by_name.get(digest, 0) >= MAX_FAILURES_PER_NAME:
+        return None, "throttled"
     user = db.scalar(select(User).where(User.username == username))
-    if user is None:
-        check_password(password, hash_password("timing equaliser"))  # same cost as a real check
-        return None, "unknown_user"
-    if user.disabled_at is not None:
-        return None, "disabled"
+    right = check_password(password, user.password_hash if user is not None else _NOBODY)
+    reason = ("unknown_user" if user is None else "disabled" if user.disabled_at is not None
+              else "" if right else "wrong_password")
     now = utcnow()
-    if user.locked_until is not None and _aware(user.locked_until) > now:
-        return None, "locked"
-    if not check_password(password, user.password_hash):
-        user.failed_logins += 1
-        if user.failed_logins >= MAX_FAILURES:
-            user.locked_until, user.failed_logins = now + _dt.timedelta(minutes=LOCK_MINUTES), 0
+    if reason:
+        db.add(LoginFailure(at=now, address=address, username_digest=digest))
+        db.execute(delete(LoginFailure).where(LoginFailure.at < now - _dt.timedelta(minutes=THROTTLE_MINUTES)))
         db.commit()
-        return None, "wrong_password"
-    user.failed_logins, user.locked_until = 0, None
+        return None, reason
+    db.execute(delete(LoginFailure).where(LoginFailure.address == address, LoginFailure.username_digest == digest))
+    if _outdated(user.password_hash):
+        user.password_hash = hash_password(password)
     db.commit()
     return user, ""
 

@@ -91,9 +91,11 @@ class LiveServer:
         from medvision.serving.auth import create_key
         from medvision.serving.db import open_database
 
-        with open_database(settings.database_url)() as db:
+        self.sessions = open_database(settings.database_url)
+        with self.sessions() as db:
             self.key = create_key(db, f"pacs{key_suffix}", "score")[0]
             self.reader = create_key(db, f"reader{key_suffix}", "review")[0]
+        self.clients: list = []
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -106,8 +108,21 @@ class LiveServer:
         self.data_dir = Path(settings.data_dir)
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
 
+    def client_for(self, name: str, scopes: str, site: str | None = None):
+        """An HTTP client with a new key of its own (``site`` defaults to the key's name)."""
+        import httpx
+
+        from medvision.serving.auth import create_key
+
+        with self.sessions() as db:
+            token = create_key(db, name, scopes, site=site)[0]
+        client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        self.clients.append(client)
+        return client
+
     def stop(self) -> None:
-        self.client.close()
+        for c in (self.client, *self.clients):
+            c.close()
         self.server.should_exit = True
         self.thread.join(30)
 

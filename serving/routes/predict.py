@@ -8,7 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
+from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
@@ -63,15 +65,15 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 async def read_dicom_upload(request: Request) -> bytes:
-    """The DICOM bytes from a raw body or from the first file part of a multipart form."""
+    """The DICOM bytes from a raw body or from the first file part of a multipart form. The body is counted while
+    it streams in, however it is framed (``limits.BodyLimit``); a form's file part spools to disk, not memory."""
     limit = request.app.state.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_part_size=limit)
+            form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
+        except HTTPException:  # over the upload limit
+            raise
         except Exception as exc:  # starlette raises several types for malformed multipart bodies
             raise MalformedRequest(f"could not parse the multipart body: {exc}") from None
         files = [v for v in form.values() if isinstance(v, UploadFile)]
@@ -83,6 +85,14 @@ async def read_dicom_upload(request: Request) -> bytes:
     raise UnsupportedMediaType(
         f"content type '{ctype}' is not accepted: send 'application/dicom' or a 'multipart/form-data' upload"
     )
+
+
+def _check_uids(meta) -> None:
+    """The image's UIDs key its result: a malformed one is refused (a missing one only means nothing is stored)."""
+    if meta.sop_instance_uid:
+        check_uid(meta.sop_instance_uid, "the image's SOP Instance UID")
+    if meta.study_instance_uid:
+        check_uid(meta.study_instance_uid, "the image's Study Instance UID")
 
 
 @router.post(
@@ -107,7 +117,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     def record(result) -> None:
         event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
                            status=200, request_id=request.state.request_id, detail={})
-        record_score(app.db, caller.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid,
+        record_score(app.db, caller.owner, result.meta.sop_instance_uid, result.meta.study_instance_uid,
                      result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
                      ids.get("AccessionNumber", ""))
 
@@ -115,6 +125,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         # Decoding is CPU-bound: off the event loop, in parallel across requests. A request alone in the service
         # is scored and recorded right here (one thread hop in all); others are micro-batched.
         x, meta = (app.decoder or engine).prepare(data, ids)
+        _check_uids(meta)
         scored = app.batcher.run_alone(x)
         if scored is None:
             return x, meta, None

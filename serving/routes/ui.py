@@ -25,9 +25,17 @@ from medvision.errors import ConfigError
 from medvision.serving import reviews
 from medvision.serving.auth import audit
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
-from medvision.serving.rendering import SIZES, RenderCache, image_info, render, render_heatmap
+from medvision.serving.identifiers import request_site, request_uid
+from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
 from medvision.serving.tables import AuditEvent, User
-from medvision.serving.users import Reader, authenticate, end_session, resume_session, start_session
+from medvision.serving.users import (
+    THROTTLE_MINUTES,
+    Reader,
+    authenticate,
+    end_session,
+    resume_session,
+    start_session,
+)
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 COOKIE = "mv_session"
@@ -117,24 +125,34 @@ async def login_form(request: Request, next: str | None = None):
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("")):
+    username = username.strip()[:128]
+    address = request.client.host if request.client else "unknown"
+
     def check():
         with request.app.state.db() as db:
-            user, reason = authenticate(db, username.strip(), password)
+            user, reason = authenticate(db, username, password, address)
             if user is None:
                 return None, reason
             return (start_session(db, user, _minutes(request)), user.id, user.role), ""
 
     found, reason = await run_in_threadpool(check)
     if found is None:
-        await _audit(request, "ui_login_failed", 401, username.strip()[:64], reason=reason)
-        return _page(request, "login.html", None, next=_safe_next(next),
-                     error="Unknown user name or wrong password (accounts lock for 15 minutes after 5 failures).")
+        # the typed name goes to the audit log only when it is a user's: people type passwords into it
+        known = reason in ("wrong_password", "disabled")
+        await _audit(request, "ui_login_failed", 429 if reason == "throttled" else 401, username if known else "",
+                     reason=reason)
+        if reason == "throttled":
+            page = _page(request, "login.html", None, next=_safe_next(next),
+                         error=f"Too many failed sign-ins from this address: try again in {THROTTLE_MINUTES} minutes.")
+            page.status_code = 429
+            page.headers["Retry-After"] = str(THROTTLE_MINUTES * 60)
+            return page
+        return _page(request, "login.html", None, next=_safe_next(next), error="Unknown user name or wrong password.")
     token, user_id, role = found
-    await _audit(request, "ui_login", 200, username.strip()[:64], Reader(user_id, username, role, ""))
+    await _audit(request, "ui_login", 200, username, Reader(user_id, username, role, ""))
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ui",
-                        secure=request.app.state.settings.ui_secure_cookies,
-                        max_age=int(_minutes(request) * 60))
+                        secure=request.app.state.settings.secure_cookies, max_age=int(_minutes(request) * 60))
     return response
 
 
@@ -191,14 +209,18 @@ async def worklist_page(request: Request):
 @router.get("/api/worklist")
 async def worklist_api(request: Request, status: str = "", model: str = "", site: str = "", day_from: str = Query("", alias="from"),
                        day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
-    await _api_reader(request)
-    f = _filters(status, model, site, day_from, day_to, q, sort)
+    reader = await _api_reader(request)
+    f = _filters(status, model, request_site(site), day_from, day_to, q, sort)
 
     def load():
         with request.app.state.db() as db:
             return reviews.worklist(db, **f)
 
     rows = await run_in_threadpool(load)
+    # a search names what the reader looked for (an accession number, a Study UID): it is an access
+    used = {k: str(v) for k, v in f.items() if v is not None and k != "sort"}
+    if used:
+        await _audit(request, "ui_search_worklist", 200, "/ui/api/worklist", reader, rows=len(rows), filters=used)
     return JSONResponse({"studies": rows, "count": len(rows)}, headers={"Cache-Control": "no-store"})
 
 
@@ -208,40 +230,49 @@ async def worklist_api(request: Request, status: str = "", model: str = "", site
 _HANGING = {("R", "CC"): 0, ("L", "CC"): 1, ("R", "MLO"): 2, ("L", "MLO"): 3}
 
 
-@router.get("/studies/{study_uid}", response_class=HTMLResponse)
-async def study_page(request: Request, study_uid: str):
+def _study_key(site: str, study_uid: str) -> tuple[str, str]:
+    return request_site(site) or "", request_uid(study_uid, "the Study Instance UID")
+
+
+@router.get("/studies/{site}/{study_uid}", response_class=HTMLResponse)
+async def study_page(request: Request, site: str, study_uid: str):
     reader = await _reader(request)
     if reader is None:
         return _to_login(request)
+    site, study_uid = _study_key(site, study_uid)
     engine = request.app.state.engine
-    return _page(request, "study.html", reader, study_uid=study_uid, query=request.url.query,
+    return _page(request, "study.html", reader, site=site, study_uid=study_uid, query=request.url.query,
                  operating_point=engine.meta.operating_point, model_name=engine.meta.model_name,
                  has_heatmap=engine.has_heatmap, calls=reviews.CALLS, birads=reviews.BIRADS)
 
 
-@router.get("/api/studies/{study_uid}")
-async def study_api(request: Request, study_uid: str, status: str = "", model: str = "", site: str = "",
-                    day_from: str = Query("", alias="from"), day_to: str = Query("", alias="to"), q: str = "",
-                    sort: str = "suspicion"):
+@router.get("/api/studies/{site}/{study_uid}")
+async def study_api(request: Request, site: str, study_uid: str, status: str = "", model: str = "",
+                    filter_site: str = Query("", alias="site"), day_from: str = Query("", alias="from"),
+                    day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
     reader = await _api_reader(request)
-    f = _filters(status, model, site, day_from, day_to, q, sort)
+    site, study_uid = _study_key(site, study_uid)
+    f = _filters(status, model, request_site(filter_site), day_from, day_to, q, sort)
     app = request.app.state
 
     def load():
         with app.db() as db:
-            found = reviews.study(db, study_uid)
+            found = reviews.study(db, site, study_uid)
             if found is None:
                 return None
-            paths = {i["sop_instance_uid"]: reviews.image_path(db, i["sop_instance_uid"]) for i in found["images_detail"]}
-            previous, following = reviews.neighbours(db, study_uid, **f)
-        cache = RenderCache(Path(app.settings.data_dir) / "renders")
+            paths = {i["image_id"]: reviews.image_path(db, i["image_id"]) for i in found["images_detail"]
+                     if i["image_id"] is not None}
+            previous, following = reviews.neighbours(db, (site, study_uid), **f)
+        cache = app.renders
         for image in found["images_detail"]:
-            path = paths[image["sop_instance_uid"]]
-            if path and Path(path).is_file():
+            path = _stored(app, paths.get(image["image_id"]))
+            if path is not None:
                 info = json.loads(cache.get(lambda p=path: json.dumps(image_info(p, app.engine.limits)).encode(),
-                                            "info", image["sop_instance_uid"]))
+                                            "info", str(path)))
                 image.update(info)
-            image["stored"] = bool(path and Path(path).is_file())
+            image["stored"] = path is not None
+            if path is None:
+                image["image_id"] = None
         found["images_detail"].sort(key=lambda i: (_HANGING.get((i.get("laterality"), i.get("view")), 9),
                                                    i["sop_instance_uid"]))
         found["previous"], found["next"] = previous, following
@@ -249,12 +280,12 @@ async def study_api(request: Request, study_uid: str, status: str = "", model: s
 
     found = await run_in_threadpool(load)
     if found is None:
-        await _audit(request, "ui_view_study", 404, study_uid, reader)
-        raise StudyNotFound(f"no scored study {study_uid}")
+        await _audit(request, "ui_view_study", 404, f"{site}/{study_uid}", reader)
+        raise StudyNotFound("no such scored study")
     mine = next((r for r in found["reviews"] if r["reader"] == reader.username), None)
     found["my_call"] = mine
     found["operating_point"] = app.engine.meta.operating_point
-    await _audit(request, "ui_view_study", 200, study_uid, reader)
+    await _audit(request, "ui_view_study", 200, f"{site}/{study_uid}", reader)
     return JSONResponse(found, headers={"Cache-Control": "no-store"})
 
 
@@ -264,18 +295,19 @@ class CallBody(BaseModel):
     comment: str = ""
 
 
-@router.post("/api/studies/{study_uid}/call")
-async def record_call(request: Request, study_uid: str, body: CallBody):
+@router.post("/api/studies/{site}/{study_uid}/call")
+async def record_call(request: Request, site: str, study_uid: str, body: CallBody):
     reader = await _api_reader(request)
     _check_csrf(request, reader, request.headers.get("x-csrf-token"))
+    site, study_uid = _study_key(site, study_uid)
 
     def save():
         with request.app.state.db() as db:
             try:
-                row = reviews.record_call(db, study_uid, reader.user_id, body.call, body.birads, body.comment)
+                row = reviews.record_call(db, site, study_uid, reader.user_id, body.call, body.birads, body.comment)
             except LookupError:
                 return None
-            db.add(AuditEvent(user_id=reader.user_id, action="ui_call", resource=study_uid, status=200,
+            db.add(AuditEvent(user_id=reader.user_id, action="ui_call", resource=f"{site}/{study_uid}", status=200,
                               request_id=request.state.request_id,
                               detail={"call": row.call, "birads": row.birads, "comment_chars": len(row.comment)}))
             db.commit()  # the call and its audit record commit together
@@ -283,7 +315,7 @@ async def record_call(request: Request, study_uid: str, body: CallBody):
 
     saved = await run_in_threadpool(save)
     if saved is None:
-        raise StudyNotFound(f"no scored study {study_uid}")
+        raise StudyNotFound("no such scored study")
     return saved
 
 
@@ -294,15 +326,25 @@ def _size(size: int) -> int:
     return min(SIZES, key=lambda s: abs(s - size))
 
 
-async def _image_path(request: Request, sop_uid: str, reader: Reader) -> str:
+def _stored(app, path: str | None) -> Path | None:
+    """A stored image's file, checked to lie in the data folder; ``None`` if there is none."""
+    if not path:
+        return None
+    found = app.data.inside(path)
+    return found if found.is_file() else None
+
+
+async def _image_path(request: Request, image_id: int, reader: Reader, what: str) -> Path:
+    app = request.app.state
+
     def lookup():
-        with request.app.state.db() as db:
-            return reviews.image_path(db, sop_uid)
+        with app.db() as db:
+            return _stored(app, reviews.image_path(db, image_id))
 
     path = await run_in_threadpool(lookup)
-    if not path or not Path(path).is_file():
-        await _audit(request, "ui_view_image", 404, sop_uid, reader)
-        raise ImageNotStored(f"image {sop_uid} is not stored on this service (only studies received by STOW-RS are)")
+    await _audit(request, what, 200 if path else 404, str(image_id), reader)
+    if path is None:
+        raise ImageNotStored("no such image is stored on this service (only studies received by STOW-RS are)")
     return path
 
 
@@ -310,31 +352,30 @@ def _png(data: bytes) -> Response:
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.get("/images/{sop_uid}.png")
-async def image(request: Request, sop_uid: str, size: int = 1024, wc: float | None = None, ww: float | None = None):
+@router.get("/images/{image_id}.png")
+async def image(request: Request, image_id: int, size: int = 1024, wc: float | None = None, ww: float | None = None):
     reader = await _api_reader(request)
-    path = await _image_path(request, sop_uid, reader)
+    path = await _image_path(request, image_id, reader, "ui_view_image")
     app = request.app.state
     side = _size(size)
     window = (round(wc, 1), round(max(ww, 1.0), 1)) if wc is not None and ww is not None else (None, None)
-    cache = RenderCache(Path(app.settings.data_dir) / "renders")
     cfg = app.engine.preprocess.cfg
-    data = await run_in_threadpool(cache.get, lambda: render(path, app.engine.limits, cfg, side, *window),
-                                   "image", sop_uid, side, window, cfg.model_dump_json())
+    data = await run_in_threadpool(app.renders.get, lambda: render(path, app.engine.limits, cfg, side, *window),
+                                   "image", str(path), side, window, cfg.model_dump_json())
     return _png(data)
 
 
-@router.get("/images/{sop_uid}/heatmap.png")
-async def heatmap(request: Request, sop_uid: str, size: int = 1024):
+@router.get("/images/{image_id}/heatmap.png")
+async def heatmap(request: Request, image_id: int, size: int = 1024):
     reader = await _api_reader(request)
     app = request.app.state
     if not app.engine.has_heatmap:
         raise ImageNotStored("this model has no heatmap output")
-    path = await _image_path(request, sop_uid, reader)
+    path = await _image_path(request, image_id, reader, "ui_view_heatmap")
     side = _size(size)
-    cache = RenderCache(Path(app.settings.data_dir) / "renders")
     sha = app.engine.model_info()["artifact_sha256"]
-    data = await run_in_threadpool(cache.get, lambda: render_heatmap(app.engine, path, side), "heatmap", sop_uid, side, sha)
+    data = await run_in_threadpool(app.renders.get, lambda: render_heatmap(app.engine, path, side), "heatmap",
+                                   str(path), side, sha)
     return _png(data)
 
 

@@ -165,3 +165,13 @@ def test_ray_engine_writes_the_rows_the_local_engine_writes(mixed_folder, artifa
         if want[p]["probability"] is not None:
             assert abs(got[p]["probability"] - want[p]["probability"]) <= 1e-6
     assert np.isclose(sum(r["probability"] or 0 for r in got.values()), sum(r["probability"] or 0 for r in want.values()))
+
+
+def test_study_uids_for_a_pacs_fetch_are_checked_before_they_name_a_folder():
+    from medvision.errors import ConfigError
+    from medvision.serving.archive_pacs import parse_studies
+
+    assert parse_studies("1.2.3, 1.2.4,1.2.3") == ["1.2.3", "1.2.4"]
+    for bad in ("..", "...", "1.2/../..", "1.02.3", "1.2." + "3" * 70):
+        with pytest.raises(ConfigError, match="not a Study Instance UID"):
+            parse_studies(f"1.2.3,{bad}")

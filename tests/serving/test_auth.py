@@ -91,7 +91,8 @@ def test_results_usage_audit_and_metrics(service, dicom_files):
         assert ("score", "site-b", s["sop_instance_uid"]) in actions
     assert ("read_results", "site-b", study) in actions
     assert any(a["action"] == "auth_failed" and a["key"] is None for a in audit)
-    assert all(a["request_id"] for a in audit)
+    assert all(a["request_id"] for a in audit if a["action"] not in ("key_create", "key_revoke"))
+    assert ("key_create", "site-b", "site-b") in actions and ("key_revoke", "old", "old") in actions
 
     text = client.get("/metrics", headers=_auth(keys["ops"])).text
     assert 'medvision_images_scored_total{site="site-b"} 3.0' in text
@@ -111,8 +112,20 @@ def test_keys_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path, capsys)
     assert listed[0]["name"] == "pacs-1" and listed[0]["scopes"] == ["review", "score"] and token not in str(listed)
     assert main(["keys", "--database", url, "create", "pacs-1"]) == 2  # names are unique
     assert main(["keys", "--database", url, "create", "x", "--scopes", "root"]) == 2
+    assert main(["keys", "--database", url, "create", "pacs-1b", "--site", "pacs-1"]) == 0  # a second key, one site
+    assert json.loads(capsys.readouterr().out)["site"] == "pacs-1"
+    assert main(["keys", "--database", url, "create", "y", "--site", "../etc"]) == 2  # a site is a plain name
     assert main(["keys", "--database", url, "revoke", "pacs-1"]) == 0
     assert main(["keys", "--database", url, "revoke", "nobody"]) == 2
+    # every change is in the audit log, with who made it (the operating-system user of the CLI)
+    from sqlalchemy import select
+
+    from medvision.serving.tables import AuditEvent
+
+    with open_database(url)() as db:
+        rows = [(e.action, e.resource, e.detail["by"]) for e in db.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert [r[:2] for r in rows] == [("key_create", "pacs-1"), ("key_create", "pacs-1b"), ("key_revoke", "pacs-1")]
+    assert all(r[2].startswith("cli:") for r in rows)
 
 
 def test_a_verified_key_is_trusted_for_key_cache_seconds_then_looked_up_again(artifact, tmp_path):

@@ -143,7 +143,7 @@ def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
 
 
 def test_pull_without_a_configured_pacs_says_so(server):
-    r = server.client.post("/v1/pull", json={"study_instance_uid": "1.2.3"})
+    r = server.client_for("puller", "pull").post("/v1/pull", json={"study_instance_uid": "1.2.3"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "pacs_not_configured"
 
 
@@ -180,5 +180,6 @@ def test_a_study_sent_in_pieces_gets_one_report(server, dicom_files):
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     status = server.wait_scored(study_uid)
     assert status["instances"] == {"scored": 4}
-    reports = list((server.data_dir / "reports" / study_uid).glob("*.dcm"))
-    assert len(reports) == 1 and reports[0].stem == status["report_sop_instance_uid"]
+    reports = [pydicom.dcmread(p, stop_before_pixels=True) for p in (server.data_dir / "reports").glob("*.dcm")]
+    mine = [r for r in reports if r.StudyInstanceUID == study_uid]
+    assert len(mine) == 1 and mine[0].SOPInstanceUID == status["report_sop_instance_uid"]

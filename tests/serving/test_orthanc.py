@@ -99,13 +99,15 @@ def test_pull_mode_fetches_a_study_from_the_pacs(orthanc_and_medvision, dicom_fi
     files = dicom_files[36:40]
     _c_store(files, dicom_port)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    r = medvision.client.post("/v1/pull", json={"study_instance_uid": study_uid})
+    assert medvision.client.post("/v1/pull", json={"study_instance_uid": study_uid}).status_code == 403  # no pull scope
+    puller = medvision.client_for("integration", "pull", site="pacs")  # pulls for the PACS key's site
+    r = puller.post("/v1/pull", json={"study_instance_uid": study_uid})
     assert r.status_code == 200 and r.json()["stored"] == 4, r.text
     status = _wait_pushed(medvision, study_uid)
     assert status["instances"] == {"scored": 4}
-    again = medvision.client.post("/v1/pull", json={"study_instance_uid": study_uid}).json()
+    again = puller.post("/v1/pull", json={"study_instance_uid": study_uid}).json()
     assert again["stored"] == 0 and again["already_stored"] == 4  # scored once
-    missing = medvision.client.post("/v1/pull", json={"study_instance_uid": "1.2.3.4.5"})
+    missing = puller.post("/v1/pull", json={"study_instance_uid": "1.2.3.4.5"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "study_not_found"
 
 

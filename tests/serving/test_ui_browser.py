@@ -78,7 +78,7 @@ def test_read_a_study_in_the_browser(ui_server, browser, tmp_path):
     # open the top study with the keyboard
     top = rows.first.get_attribute("data-study")
     page.keyboard.press("Enter")
-    page.wait_for_url(f"{base}/ui/studies/{top}*")
+    page.wait_for_url(f"{base}/ui/studies/pacs/{top}*")
     _wait_until(page, "document.querySelectorAll('.pane img.base').length === 4 && "
                       "[...document.querySelectorAll('.pane img')].every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator(".pane .label").all_inner_texts()[0].startswith("R CC")

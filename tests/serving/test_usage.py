@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from medvision.serving.auth import create_key
 from medvision.serving.db import open_database
+from medvision.serving.identifiers import Owner
 from medvision.serving.tables import AuditEvent, ScoredImage, Usage
 from medvision.serving.usage import record_score
 
@@ -23,22 +24,24 @@ def sessions(request, tmp_path):
     return open_database(url)
 
 
-def _key(sessions, name="site") -> int:
+def _key(sessions, name="site") -> Owner:
     with sessions() as db:
-        return create_key(db, name, "score")[1].id
+        row = create_key(db, name, "score")[1]
+        return Owner(row.site, row.id)
 
 
 def test_a_rescore_replaces_the_result_keeps_the_accession_and_meters_one_study(sessions):
     key = _key(sessions)
     record_score(sessions, key, "1.2.1", "1.3.1", 0.2, "no cancer", 0.5, MODEL, 1.5,
-                 AuditEvent(key_id=key, action="score", resource="1.2.1", status=200, request_id="r1", detail={}),
+                 AuditEvent(key_id=key.key_id, action="score", resource="1.2.1", status=200, request_id="r1",
+                            detail={}),
                  "ACC1")
     record_score(sessions, key, "1.2.2", "1.3.1", 0.4, "no cancer", 0.5, MODEL, 2.0)
     record_score(sessions, key, "1.2.1", "1.3.1", 0.9, "cancer", 0.5, {**MODEL, "name": "m2"}, 2.5)  # no accession
     with sessions() as db:
         rows = {r.sop_instance_uid: r for r in db.scalars(select(ScoredImage))}
         usage = db.scalars(select(Usage)).all()
-        audit = db.scalars(select(AuditEvent)).all()
+        audit = db.scalars(select(AuditEvent).where(AuditEvent.action == "score")).all()
     assert set(rows) == {"1.2.1", "1.2.2"}
     again = rows["1.2.1"]
     assert (again.probability, again.label, again.model_name, again.inference_ms) == (0.9, "cancer", "m2", 2.5)
@@ -61,5 +64,17 @@ def test_concurrent_scores_lose_no_count(sessions):
     with sessions() as db:
         usage = {u.key_id: u for u in db.scalars(select(Usage))}
         assert db.query(ScoredImage).count() == 64
-    assert [usage[k].images for k in keys] == [32, 32]
-    assert [usage[k].studies for k in keys] == [16, 16]
+    assert [usage[k.key_id].images for k in keys] == [32, 32]
+    assert [usage[k.key_id].studies for k in keys] == [16, 16]
+
+
+def test_the_same_uid_from_two_sites_is_two_results(sessions):
+    a, b = _key(sessions, "site-a"), _key(sessions, "site-b")
+    record_score(sessions, a, "1.2.1", "1.3.1", 0.2, "no cancer", 0.5, MODEL, 1.0, accession="A1")
+    record_score(sessions, b, "1.2.1", "1.3.1", 0.9, "cancer", 0.5, MODEL, 1.0, accession="B1")
+    record_score(sessions, b, "1.2.1", "1.3.1", 0.8, "cancer", 0.5, MODEL, 1.0)  # site B re-scores its own
+    with sessions() as db:
+        rows = {r.site: r for r in db.scalars(select(ScoredImage))}
+    assert set(rows) == {"site-a", "site-b"}
+    assert (rows["site-a"].probability, rows["site-a"].accession_number, rows["site-a"].key_id) == (0.2, "A1", a.key_id)
+    assert (rows["site-b"].probability, rows["site-b"].accession_number) == (0.8, "B1")

@@ -2,7 +2,8 @@
 (function () {
   "use strict";
   const root = document.querySelector(".study");
-  const uid = root.dataset.study, query = root.dataset.query;
+  const uid = root.dataset.study, site = root.dataset.site, query = root.dataset.query;
+  const studyPath = encodeURIComponent(site) + "/" + encodeURIComponent(uid);
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const panesEl = document.getElementById("panes");
   const heatOn = document.getElementById("heat-on"), opacity = document.getElementById("heat-opacity");
@@ -17,7 +18,7 @@
 
   function imageUrl(p) {
     const size = p.zoom > 1.5 ? 2048 : 1024;
-    let url = "/ui/images/" + encodeURIComponent(p.uid) + ".png?size=" + size;
+    let url = "/ui/images/" + p.id + ".png?size=" + size;
     if (p.window) url += "&wc=" + p.window.center.toFixed(1) + "&ww=" + p.window.width.toFixed(1);
     return url;
   }
@@ -50,7 +51,7 @@
     const label = document.createElement("span"); label.className = "label";
     label.textContent = name + " · " + pct(img.probability) + (img.probability >= img.threshold ? " ▲" : "");
     el.appendChild(label);
-    const p = { uid: img.sop_instance_uid, el, info: img, x: 0, y: 0, zoom: 1, window: null };
+    const p = { id: img.image_id, el, info: img, x: 0, y: 0, zoom: 1, window: null };
     if (!img.stored) {
       const m = document.createElement("div"); m.className = "missing";
       m.textContent = "Image not stored on this service (scored through /v1/predict).";
@@ -61,7 +62,7 @@
     stage.appendChild(base);
     if (hasHeat) {
       const heat = document.createElement("img"); heat.alt = ""; heat.className = "heat";
-      heat.src = "/ui/images/" + encodeURIComponent(p.uid) + "/heatmap.png?size=1024";
+      heat.src = "/ui/images/" + p.id + "/heatmap.png?size=1024";
       stage.appendChild(heat); p.heat = heat;
     }
     el.appendChild(stage);
@@ -108,12 +109,15 @@
   }
   function step(id, target) {
     const a = document.getElementById(id);
-    if (target) { a.href = "/ui/studies/" + encodeURIComponent(target) + qs; a.removeAttribute("aria-disabled"); }
+    if (target) {
+      a.href = "/ui/studies/" + encodeURIComponent(target.site) + "/" + encodeURIComponent(target.study_instance_uid) + qs;
+      a.removeAttribute("aria-disabled");
+    }
     else { a.removeAttribute("href"); a.setAttribute("aria-disabled", "true"); }
   }
 
   async function load() {
-    const r = await api("/ui/api/studies/" + encodeURIComponent(uid) + qs);
+    const r = await api("/ui/api/studies/" + studyPath + qs);
     if (r.status === 401) { location.href = "/ui/login?next=" + encodeURIComponent(location.pathname + location.search); return; }
     if (!r.ok) { document.getElementById("prob").textContent = "not found"; return; }
     study = await r.json();
@@ -147,13 +151,13 @@
   }
   async function record(call) {
     saved.textContent = "Saving…";
-    const r = await api("/ui/api/studies/" + encodeURIComponent(uid) + "/call", {
+    const r = await api("/ui/api/studies/" + studyPath + "/call", {
       method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify({ call, birads: document.getElementById("birads").value, comment: document.getElementById("comment").value }),
     });
     if (!r.ok) { const e = await r.json().catch(() => ({})); saved.textContent = "Not saved: " + ((e.error && e.error.message) || r.status); return; }
     press(call);
-    const again = await api("/ui/api/studies/" + encodeURIComponent(uid) + qs);
+    const again = await api("/ui/api/studies/" + studyPath + qs);
     if (again.ok) { const s = await again.json(); showReviews(s.reviews); document.getElementById("status").textContent = s.status; }
     saved.textContent = "Saved: " + call + ".";  // last: the list above already shows the call
   }

@@ -20,7 +20,7 @@
       const tr = document.createElement("tr");
       tr.tabIndex = -1;
       tr.dataset.study = s.study_instance_uid;
-      if (fresh.has(s.study_instance_uid)) tr.classList.add("new");
+      if (fresh.has(s.site + "/" + s.study_instance_uid)) tr.classList.add("new");
       cell(tr, String(i + 1));
       const p = cell(tr, "");
       const bar = document.createElement("span"); bar.className = "bar-p"; bar.setAttribute("aria-hidden", "true");
@@ -46,7 +46,7 @@
   }
   function href(s) {
     const q = query();
-    return "/ui/studies/" + encodeURIComponent(s.study_instance_uid) + (q ? "?" + q : "");
+    return "/ui/studies/" + encodeURIComponent(s.site) + "/" + encodeURIComponent(s.study_instance_uid) + (q ? "?" + q : "");
   }
   function open(i) { const s = rows[i]; if (s) location.href = href(s); }
   async function load() {
@@ -55,7 +55,7 @@
     if (r.status === 401) { location.href = "/ui/login?next=" + encodeURIComponent(location.pathname + location.search); return; }
     if (!r.ok) { live.textContent = "Could not load the worklist (" + r.status + ")."; return; }
     const data = await r.json();
-    const uids = new Set(data.studies.map(s => s.study_instance_uid));
+    const uids = new Set(data.studies.map(s => s.site + "/" + s.study_instance_uid));
     const fresh = known ? new Set([...uids].filter(u => !known.has(u))) : new Set();
     known = uids;
     rows = data.studies;

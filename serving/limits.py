@@ -1,0 +1,70 @@
+"""Request-body limits, counted while the body streams in, on every route and for every framing.
+
+A declared ``Content-Length`` over the limit is answered 413 before anything is read. A chunked body (or one
+that lies about its length) is counted as it arrives: the first chunk past the limit raises a 413 inside
+whatever is reading it (a multipart parser, the JSON body of a form, a STOW-RS collector), so no route ever
+holds more than its limit. Routes that receive DICOM get ``max_upload_bytes``; every other route, whose body is
+a small form or JSON document, gets ``max_form_bytes``. An answer given before the body was read to its end (a
+refusal: too large, wrong type, no key) closes the connection, so the client stops sending instead of the service
+reading and discarding the rest.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.exceptions import HTTPException
+
+DICOM_ROUTES = ("/v1/predict", "/dicomweb/studies")
+
+
+class BodyLimit:
+    """A plain ASGI middleware (no extra task per request, unlike ``BaseHTTPMiddleware``)."""
+
+    def __init__(self, app, dicom_bytes: int, other_bytes: int) -> None:
+        self.app = app
+        self.dicom_bytes = dicom_bytes
+        self.other_bytes = other_bytes
+
+    def limit_for(self, path: str) -> int:
+        return self.dicom_bytes if path.startswith(DICOM_ROUTES) else self.other_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(scope, send, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+            return
+        received = 0
+        chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        unread = chunked or (declared.isdigit() and int(declared) > 0)
+
+        async def counted() -> dict:
+            nonlocal received, unread
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, f"request body exceeds the limit of {limit:,} bytes")
+                unread = unread and message.get("more_body", False)
+            return message
+
+        async def closing(message) -> None:
+            if message["type"] == "http.response.start" and unread:
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message["headers"] = [*headers, (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, counted, closing)
+
+
+async def _refuse(scope, send, message: str) -> None:
+    request_id = scope.get("state", {}).get("request_id")
+    body = json.dumps({"error": {"code": "payload_too_large", "message": message, "request_id": request_id}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
