@@ -1,5 +1,6 @@
 # The serving image: ONNX Runtime + FastAPI, no torch. Build: docker build -t medvision-serve .
 # Run:   docker run -p 8000:8000 -v $PWD/model.onnx:/models/model.onnx:ro medvision-serve
+# Put it behind a TLS proxy (docs/security.md): it binds 0.0.0.0, so the review UI's cookie is marked Secure.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
@@ -10,7 +11,8 @@ RUN pip wheel --no-cache-dir --no-deps -w /wheels .
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    MEDVISION_ARTIFACT=/models/model.onnx MEDVISION_HOST=0.0.0.0 MEDVISION_PORT=8000
+    MEDVISION_ARTIFACT=/models/model.onnx MEDVISION_HOST=0.0.0.0 MEDVISION_PORT=8000 \
+    MEDVISION_UI_SECURE_COOKIES=true
 COPY --from=build /wheels /wheels
 RUN WHEEL=$(ls /wheels/medvision-*.whl) && pip install --no-cache-dir "${WHEEL}[serve]" && rm -rf /wheels \
  && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
