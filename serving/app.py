@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
+import traceback
 import uuid
 from contextlib import asynccontextmanager
 
@@ -43,7 +45,9 @@ class RequestLog:
     """Every HTTP request: a request id (the caller's ``X-Request-ID`` if it is safe, else a new one) in
     ``request.state`` and the response headers, the security headers, the in-flight gauge, the latency
     histogram by route template, and one log line with method, route, status and timing only — no headers,
-    query strings or bodies (they may carry PHI).
+    query strings or bodies (they may carry PHI). An exception that escapes the app ends here: answered 500 and
+    logged as its type and the line it came from, never re-raised: the server's traceback would print request
+    values (a database error quotes its parameters, a password typed as a user name among them).
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs each request in
     an extra task behind memory streams, which cost about a millisecond per request on this service.
@@ -60,12 +64,12 @@ class RequestLog:
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
         request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
-        status = 500  # if the app fails before it answers
+        status, started = 500, False  # if the app fails before it answers
 
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
                 headers += [h for h in SECURITY_HEADERS if h[0] not in present]
@@ -78,6 +82,14 @@ class RequestLog:
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # a bug: answered 500 here, and only where it happened goes to the log
+            _log_failure(request_id, exc)
+            if not started:
+                await send_with_id({"type": "http.response.start", "status": 500,
+                                    "headers": [(b"content-type", b"application/json")]})
+                await send_with_id({"type": "http.response.body", "body": json.dumps({"error": {
+                    "code": "internal_error", "message": "internal error; quote the request id when reporting it",
+                    "request_id": request_id}}).encode()})
         finally:
             self.metrics.inflight.dec()
             elapsed = time.perf_counter() - start
@@ -88,6 +100,12 @@ class RequestLog:
             log.info("%s %s %d %.1f ms id=%s", method, route, status, elapsed * 1000, request_id,
                      extra={"request_id": request_id, "method": method, "route": route, "status": status,
                             "duration_ms": round(elapsed * 1000, 2)})
+
+
+def _log_failure(request_id: str, exc: Exception) -> None:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} in {where.name}" if where else ""
+    log.error("request %s failed: %s%s", request_id, type(exc).__name__, at)
 
 
 def quiet_libraries() -> None:
@@ -109,6 +127,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.data = DataFolder(settings.data_dir)
+        if swept := app.state.data.sweep_incoming():
+            log.warning("deleted %d partial upload(s) an interrupted request left in the data folder", swept)
         app.state.renders = RenderCache(app.state.data.folder("renders"), settings.render_cache_bytes)
         app.state.db = open_database(settings.database_url)
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
@@ -125,6 +145,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.job_workers:
             app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
             app.state.worker.start()
+        if settings.secure_cookies and settings.ui_secure_cookies is None:
+            log.info("review UI cookies are Secure (the service binds %s, not loopback): reach /ui over HTTPS, e.g. "
+                     "through a TLS proxy (docs/security.md)", settings.host)
+        if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.forwarded_allow_ips == "127.0.0.1,::1":
+            log.warning("the service binds %s but trusts X-Forwarded-For from loopback only: behind a proxy on "
+                        "another host every reader shares the proxy's address for sign-in throttling; set "
+                        "MEDVISION_FORWARDED_ALLOW_IPS to the proxy's address", settings.host)
         log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
                  info["format"], info["gate"], ",".join(info["providers"]))
         yield

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from medvision.errors import ConfigError
+from medvision.serving.audit import audit_failure
 from medvision.serving.errors import Forbidden, Unauthenticated
 from medvision.serving.identifiers import Owner, is_site
 from medvision.serving.tables import ApiKey, AuditEvent, utcnow
@@ -149,16 +150,6 @@ def verify(db: Session, token: str) -> ApiKey | None:
     return row
 
 
-def audit(sessions: sessionmaker[Session], request: Request, action: str, status: int, resource: str = "",
-          key_id: int | None = None, user_id: int | None = None, **detail) -> None:
-    """One audit row (by an API key or a review-UI reader). ``resource`` holds UIDs or route paths, never names
-    or other identifiers."""
-    with sessions() as db:
-        db.add(AuditEvent(key_id=key_id, user_id=user_id, action=action, resource=resource[:256], status=status,
-                          request_id=getattr(request.state, "request_id", ""), detail=detail))
-        db.commit()
-
-
 def _token(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
@@ -180,8 +171,7 @@ def require(*scopes: str):
         if caller is None:
             row = await run_in_threadpool(_lookup, sessions, token) if token else None
             if row is None:
-                await run_in_threadpool(audit, sessions, request, "auth_failed", 401, request.url.path,
-                                        reason="missing" if not token else "invalid")
+                await audit_failure(request, "auth_failed", 401, reason="missing" if not token else "invalid")
                 raise Unauthenticated("a valid API key is required: send 'Authorization: Bearer <key>' (create one "
                                       "with 'medvision keys create')" if not token else
                                       "the API key is not valid or has been revoked")
@@ -189,7 +179,7 @@ def require(*scopes: str):
             if cache is not None:
                 cache.put(token, caller)
         if not caller.scopes & {*scopes, "admin"}:
-            await run_in_threadpool(audit, sessions, request, "forbidden", 403, request.url.path, key_id=caller.key_id)
+            await audit_failure(request, "forbidden", 403, key_id=caller.key_id)
             raise Forbidden(f"this key lacks the {' or '.join(repr(s) for s in scopes)} scope")
         request.state.caller = caller
         return caller

@@ -265,7 +265,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Load before binding the port: a bad artifact is a one-line error, not a failed-startup traceback.
     engine = Engine.from_settings(settings)
     uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)  # our middleware logs without query strings
+                log_level=settings.log_level, access_log=False,  # our middleware logs without query strings
+                proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     return 0
 
 

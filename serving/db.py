@@ -1,6 +1,7 @@
 """The service's database: SQLAlchemy with SQLite (WAL) by default or PostgreSQL by URL; schema by Alembic.
 
 ``open_database(url)`` upgrades the schema to the latest migration and returns a session factory.
+Statement parameters are never quoted in database errors (``hide_parameters``): they are request data.
 SQLite gets WAL journaling (readers never block the writer), a busy timeout and foreign keys, and a database
 file readable by the service's user only (0600: it holds accession numbers and readers' comments; SQLite gives
 its -wal and -shm files the same mode); PostgreSQL is used as given (``postgresql+psycopg://user@host/db``).
@@ -26,7 +27,7 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
             _private_file(Path(path))
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record) -> None:
@@ -38,7 +39,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     raise ConfigError(f"database URL must start with sqlite:// or postgresql://, not {url.split(':', 1)[0]!r}")
 
 

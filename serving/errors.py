@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvision.errors import (
@@ -120,10 +121,23 @@ def status_for(exc: MedvisionError) -> int:
     return 422
 
 
+async def _audit_refusal(request: Request, status: int, code: str) -> None:
+    """A refusal of a known caller (key or signed-in reader) that its route did not audit itself."""
+    from medvision.serving.audit import audit, route_of
+
+    caller, reader = getattr(request.state, "caller", None), getattr(request.state, "reader", None)
+    if (caller is None and reader is None) or getattr(request.state, "audited", False):
+        return
+    await run_in_threadpool(audit, request.app.state.db, request, "refused", status, route_of(request),
+                            key_id=caller.key_id if caller else None, user_id=reader.user_id if reader else None,
+                            code=code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MedvisionError)
     async def _domain(request: Request, exc: MedvisionError) -> JSONResponse:
         status = status_for(exc)
+        await _audit_refusal(request, status, exc.code)
         # The code only: messages may quote file content, and logs must stay free of identifiers.
         log.info("request %s refused: %s (%d)", getattr(request.state, "request_id", "-"), exc.code, status)
         headers = {"WWW-Authenticate": 'Bearer realm="medvision"'} if status == 401 else None
@@ -134,17 +148,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        await _audit_refusal(request, exc.status_code, code)
         return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        await _audit_refusal(request, 422, "invalid_request")
         return JSONResponse(error_body("invalid_request", str(exc.errors()), request), status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), type(exc).__name__)
-        return JSONResponse(
-            error_body("internal_error", "internal error; quote the request id when reporting it", request),
-            status_code=500,
-        )

@@ -1,4 +1,5 @@
-"""Request-body limits, counted while the body streams in, on every route and for every framing.
+"""Request limits: body sizes counted while the body streams in, on every route and for every framing, and URLs
+without control characters (a NUL reaches no query, path or log).
 
 A declared ``Content-Length`` over the limit is answered 413 before anything is read. A chunked body (or one
 that lies about its length) is counted as it arrives: the first chunk past the limit raises a 413 inside
@@ -12,10 +13,13 @@ reading and discarding the rest.
 from __future__ import annotations
 
 import json
+import re
+from urllib.parse import unquote_to_bytes
 
 from starlette.exceptions import HTTPException
 
 DICOM_ROUTES = ("/v1/predict", "/dicomweb/studies")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class BodyLimit:
@@ -33,7 +37,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope.get("path", ""))
+        path = scope.get("path", "")
+        if _CONTROL.search(path.encode("utf-8", "surrogateescape")) or _CONTROL.search(
+                unquote_to_bytes(scope.get("query_string", b""))):
+            await _refuse(scope, send, "the URL holds control characters", 400, "invalid_request")
+            return
+        limit = self.limit_for(path)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > limit:
             await _refuse(scope, send, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}")
@@ -61,10 +70,10 @@ class BodyLimit:
         await self.app(scope, counted, closing)
 
 
-async def _refuse(scope, send, message: str) -> None:
+async def _refuse(scope, send, message: str, status: int = 413, code: str = "payload_too_large") -> None:
     request_id = scope.get("state", {}).get("request_id")
-    body = json.dumps({"error": {"code": "payload_too_large", "message": message, "request_id": request_id}}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -150,6 +150,8 @@ def record_call(db: Session, site: str, study_uid: str, user_id: int, call: str,
     comment = (comment or "").strip()
     if len(comment) > MAX_COMMENT:
         raise ConfigError(f"a comment is at most {MAX_COMMENT} characters")
+    if any(not (c.isprintable() or c in "\n\t") for c in comment):
+        raise ConfigError("a comment holds control characters: only text, line breaks and tabs")
     found = worklist(db, site=site, study_uid=study_uid, limit=1)
     if not found:
         raise LookupError(study_uid)

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     ui_secure_cookies: bool | None = Field(None, description="review UI: mark the session cookie Secure (HTTPS "
                                            "only). Default: on unless the service binds a loopback address (behind a "
                                            "TLS proxy on the same host, or local use)")
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="addresses of the reverse proxies whose "
+                                     "X-Forwarded-For is trusted for the client's address (comma-separated, as "
+                                     "uvicorn's --forwarded-allow-ips); never '*' when clients can reach the "
+                                     "service directly")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -68,6 +68,22 @@ class DataFolder:
             raise OutsideDataFolder("a stored path points outside the data folder")
         return resolved
 
+    def sweep_incoming(self, older_than_seconds: float = 3600) -> int:
+        """Delete parts a request left in ``incoming/`` when the service died under it (they hold patient data);
+        only old ones, since another service process may be receiving into the same folder. Returns how many."""
+        import time
+
+        gone = 0
+        cutoff = time.time() - older_than_seconds
+        for p in self.incoming.iterdir():
+            try:
+                if p.is_file() and p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    gone += 1
+            except FileNotFoundError:
+                continue
+        return gone
+
     def temporary(self, suffix: str = ".part") -> tuple[int, Path]:
         """A new private temporary file in ``incoming/``: ``(fd, path)``."""
         fd, name = tempfile.mkstemp(dir=self.incoming, suffix=suffix)  # mkstemp: mode 0600, O_EXCL

@@ -47,6 +47,7 @@ class Part:
     path: Path
     content_type: str = ""
     size: int = 0
+    disposition: str = ""  # Content-Disposition (form uploads name their file part there)
 
 
 @dataclass
@@ -95,17 +96,18 @@ class _Collector:
 
     def headers_done(self) -> None:
         if len(self.parts) >= self.max_parts:
-            raise TooManyParts(f"a STOW-RS request holds at most {self.max_parts} instances: send a larger study "
-                               "in several requests")
+            raise TooManyParts(f"a request holds at most {self.max_parts} parts (STOW-RS: send a larger study in "
+                               "several requests)")
         fd, path = self.folder.temporary()
         self._fh = os.fdopen(fd, "wb")
-        self.parts.append(Part(path, self._headers.get("content-type", "").split(";")[0].strip().lower()))
+        self.parts.append(Part(path, self._headers.get("content-type", "").split(";")[0].strip().lower(),
+                               disposition=self._headers.get("content-disposition", "")))
 
     def data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
         self.size += n
         if self.size > self.limit:
-            raise PayloadTooLarge(f"STOW-RS body exceeds the limit of {self.limit:,} bytes")
+            raise PayloadTooLarge(f"the request body exceeds the limit of {self.limit:,} bytes")
         self.parts[-1].size += n
         self._fh.write(data[start:end])
 
@@ -143,12 +145,20 @@ def boundary_of(content_type: str) -> bytes:
     return values["boundary"].encode("latin-1")
 
 
-async def receive_parts(request, folder: DataFolder, limit: int, max_parts: int) -> list[Part]:
-    """Stream the body into one temporary file per part; refuse a truncated or oversized body, or too many parts."""
-    boundary = boundary_of(request.headers.get("content-type", ""))
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"STOW-RS body of {int(declared):,} bytes exceeds the limit of {limit:,}")
+def form_boundary(content_type: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` body."""
+    for item in content_type.partition(";")[2].split(";"):
+        k, _, v = item.partition("=")
+        if k.strip().lower() == "boundary" and v.strip().strip('"'):
+            return v.strip().strip('"').encode("latin-1")
+    raise MalformedRequest("the multipart/form-data content type has no boundary parameter")
+
+
+async def receive_parts(request, folder: DataFolder, limit: int, max_parts: int,
+                        boundary: bytes | None = None) -> list[Part]:
+    """Stream a multipart body (STOW-RS's ``multipart/related`` unless ``boundary`` is given) into one private
+    temporary file per part in the data folder; refuse a truncated or oversized body, or too many parts."""
+    boundary = boundary or boundary_of(request.headers.get("content-type", ""))
     collector = _Collector(folder, limit, max_parts)
     parser = MultipartParser(boundary, collector.callbacks())
     try:
@@ -157,16 +167,16 @@ async def receive_parts(request, folder: DataFolder, limit: int, max_parts: int)
         parser.finalize()
     except MultipartParseError as exc:
         collector.cleanup()
-        raise MalformedRequest(f"could not parse the multipart/related body: {exc}") from None
+        raise MalformedRequest(f"could not parse the multipart body: {exc}") from None
     except BaseException:
         collector.cleanup()
         raise
     if not collector.ended:
         collector.cleanup()
-        raise MalformedRequest("the multipart/related body ended before its closing boundary (truncated upload)")
+        raise MalformedRequest("the multipart body ended before its closing boundary (truncated upload)")
     if not collector.parts:
         collector.cleanup()
-        raise MalformedRequest("the multipart/related body holds no parts")
+        raise MalformedRequest("the multipart body holds no parts")
     return collector.parts
 
 
@@ -239,7 +249,7 @@ def _checked_uids(ds, meta) -> Outcome:
 
 def _store_one(part: Part, sessions, folder: DataFolder, owner: Owner, study_in_url, limits) -> Outcome:
     if part.content_type not in ("application/dicom", ""):
-        return Outcome(failure=CANNOT_UNDERSTAND, reason=f"part of type '{part.content_type}' is not application/dicom")
+        return Outcome(failure=CANNOT_UNDERSTAND, reason="not_application_dicom")
     try:
         ds, meta = read_header(part.path, limits)
         out = _checked_uids(ds, meta)

@@ -11,6 +11,11 @@ from medvision.serving.identifiers import Owner
 from medvision.serving.tables import AuditEvent, ScoredImage, Usage, utcnow
 
 
+def printable(text: str, length: int) -> str:
+    """``text`` without control characters (a NUL cannot even be stored in PostgreSQL), cut to ``length``."""
+    return "".join(c for c in text if c.isprintable())[:length]
+
+
 def accession_of(source: str | bytes) -> str:
     """The exam's Accession Number, which readers search the worklist by (stored, never logged); "" if unreadable."""
     import io
@@ -20,7 +25,7 @@ def accession_of(source: str | bytes) -> str:
     try:
         ds = dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True,
                      specific_tags=["AccessionNumber"])
-        return str(ds.get("AccessionNumber", "") or "")
+        return printable(str(ds.get("AccessionNumber", "") or ""), 16)
     except Exception:  # the image was scored; a header that cannot be re-read only costs the search key
         return ""
 
@@ -88,7 +93,7 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
                 "probability": probability,
                 "label": label, "threshold": threshold, "model_name": model["name"],
                 "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
-                "accession_number": (accession or "")[:16]})
+                "accession_number": printable(accession or "", 16)})
         if audit_event is not None:  # the access record commits with the result it describes
             db.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
                                       if getattr(audit_event, c.key) is not None})

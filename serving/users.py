@@ -3,7 +3,7 @@
 Passwords are stored as salted scrypt hashes (``hashlib.scrypt``, n=2**17, r=8, p=1 as OWASP recommends:
 memory-hard, in the standard library; older hashes are upgraded at the next sign-in). Every sign-in attempt
 costs exactly one scrypt, whether the user exists, is disabled or not, so timing does not tell known from
-unknown names. Failed attempts are throttled per client address (5 per user name, 20 in all, per 15 minutes),
+unknown names. Failed attempts are throttled per client address (5 per user name, 50 in all, per 15 minutes),
 never per account: an account lock would let anyone lock a named reader out. A session is a random 256-bit
 token in an ``HttpOnly``, ``SameSite=Strict`` cookie; the database keeps its SHA-256 and a CSRF token that
 every state-changing request must echo. Sessions expire after ``ui_session_minutes`` without activity.
@@ -32,7 +32,7 @@ ROLES = ("reader", "admin")
 MIN_PASSWORD = 10
 THROTTLE_MINUTES = 15
 MAX_FAILURES_PER_NAME = 5  # from one address, for one user name
-MAX_FAILURES_PER_ADDRESS = 20  # from one address, all names
+MAX_FAILURES_PER_ADDRESS = 50  # from one address, all names (readers behind one NAT share it)
 _SCRYPT = {"n": 2**17, "r": 8, "p": 1}
 _MAXMEM = 256 * 1024 * 1024  # n=2**17, r=8 needs 128 MiB
 _SLOTS = threading.BoundedSemaphore(2)  # at most two hashes at once: 256 MiB, however many sign in together
@@ -163,13 +163,18 @@ def authenticate(db: Session, username: str, password: str, address: str) -> tup
     total, by_name = throttled(db, address)
     if total >= MAX_FAILURES_PER_ADDRESS or by_name.get(digest, 0) >= MAX_FAILURES_PER_NAME:
         return None, "throttled"
-    user = db.scalar(select(User).where(User.username == username))
+    now = utcnow()
+    # counted as a failure from the start, so attempts racing each other cannot pass the limit together
+    db.add(LoginFailure(at=now, address=address, username_digest=digest))
+    db.commit()
+    # a typed name that cannot be a user name (control characters, a sentence) is nobody's: never queried
+    user = db.scalar(select(User).where(User.username == username)) if _USERNAME.fullmatch(username) else None
     right = check_password(password, user.password_hash if user is not None else _NOBODY)
+    if user is not None and _outdated(user.password_hash):
+        check_password(password, _NOBODY)  # an older, cheaper hash must not answer sooner than an unknown name
     reason = ("unknown_user" if user is None else "disabled" if user.disabled_at is not None
               else "" if right else "wrong_password")
-    now = utcnow()
     if reason:
-        db.add(LoginFailure(at=now, address=address, username_digest=digest))
         db.execute(delete(LoginFailure).where(LoginFailure.at < now - _dt.timedelta(minutes=THROTTLE_MINUTES)))
         db.commit()
         return None, reason

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from medvision.serving.auth import Caller, audit, require
+from medvision.serving.audit import audit
+from medvision.serving.auth import Caller, require
 from medvision.serving.tables import ApiKey, AuditEvent, Usage
 
 router = APIRouter(tags=["admin"])
@@ -20,6 +21,7 @@ router = APIRouter(tags=["admin"])
 class UsageRow(BaseModel):
     day: str
     site: str
+    key: str
     images: int
     studies: int
     inference_seconds: float
@@ -35,11 +37,11 @@ class AuditRow(BaseModel):
 
 
 def _usage(sessions, since: str, until: str) -> list[UsageRow]:
-    stmt = (select(Usage, ApiKey.name).join(ApiKey, Usage.key_id == ApiKey.id)
-            .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, ApiKey.name))
+    stmt = (select(Usage, ApiKey.site, ApiKey.name).join(ApiKey, Usage.key_id == ApiKey.id)
+            .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, ApiKey.site, ApiKey.name))
     with sessions() as db:
-        return [UsageRow(day=u.day, site=name, images=u.images, studies=u.studies,
-                         inference_seconds=round(u.inference_ms / 1000, 3)) for u, name in db.execute(stmt)]
+        return [UsageRow(day=u.day, site=site, key=name, images=u.images, studies=u.studies,
+                         inference_seconds=round(u.inference_ms / 1000, 3)) for u, site, name in db.execute(stmt)]
 
 
 def _audit_rows(sessions, limit: int, action: str | None) -> list[AuditRow]:
@@ -52,7 +54,7 @@ def _audit_rows(sessions, limit: int, action: str | None) -> list[AuditRow]:
                          request_id=e.request_id) for e, name in db.execute(stmt)]
 
 
-@router.get("/v1/admin/usage", response_model=list[UsageRow], summary="Images and studies scored per site per day")
+@router.get("/v1/admin/usage", response_model=list[UsageRow], summary="Images and studies scored per site and key per day")
 async def usage(request: Request, since: _dt.date = Query(None, description="first UTC day (default: 30 days ago)"),
                 until: _dt.date = Query(None, description="last UTC day (default: today)"),
                 caller: Caller = require("admin")) -> list[UsageRow]:

@@ -15,9 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from medvision.dicom_io import ReadLimits
-from medvision.errors import MedvisionError
-from medvision.serving.auth import Caller, audit, require
-from medvision.serving.errors import AmbiguousStudy, status_for
+from medvision.serving.audit import audit
+from medvision.serving.auth import Caller, require
+from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.stow import receive_parts, response_body, store_parts
 from medvision.serving.tables import Instance, Study
@@ -192,12 +192,7 @@ async def pull(body: PullRequest, request: Request, caller: Caller = require("pu
 
     state = request.app.state
     study_uid = request_uid(body.study_instance_uid, "study_instance_uid")
-    try:
-        outcomes = await run_in_threadpool(pull_study, state.settings, state.db, state.data, study_uid, caller.owner)
-    except MedvisionError as exc:  # the PACS is down, has no such study, or none is configured: audited too
-        await run_in_threadpool(audit, state.db, request, "pull", status_for(exc), study_uid, caller.key_id,
-                                error=exc.code)
-        raise
+    outcomes = await run_in_threadpool(pull_study, state.settings, state.db, state.data, study_uid, caller.owner)
     if state.worker is not None:
         state.worker.wake.set()
     stored = [o for o in outcomes if o.failure is None]

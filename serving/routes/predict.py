@@ -7,17 +7,17 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
-from medvision.serving.errors import MalformedRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.stow import form_boundary, receive_parts
 from medvision.serving.tables import AuditEvent
 from medvision.serving.usage import record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
+FORM_PARTS = 16  # a form upload: the file and a few fields
 log = logging.getLogger("medvision.serving")
 
 
@@ -65,21 +65,24 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 async def read_dicom_upload(request: Request) -> bytes:
-    """The DICOM bytes from a raw body or from the first file part of a multipart form. The body is counted while
-    it streams in, however it is framed (``limits.BodyLimit``); a form's file part spools to disk, not memory."""
-    limit = request.app.state.settings.max_upload_bytes
+    """The DICOM bytes from a raw body or from the file part of a multipart form. The body is counted while it
+    streams in, however it is framed (``limits.BodyLimit``); a form's parts go to private files in the data
+    folder, never to memory or the system's temporary folder."""
+    state = request.app.state
+    limit = state.settings.max_upload_bytes
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+        parts = await receive_parts(request, state.data, limit, FORM_PARTS,
+                                    form_boundary(request.headers.get("content-type", "")))
         try:
-            form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-        except HTTPException:  # over the upload limit
-            raise
-        except Exception as exc:  # starlette raises several types for malformed multipart bodies
-            raise MalformedRequest(f"could not parse the multipart body: {exc}") from None
-        files = [v for v in form.values() if isinstance(v, UploadFile)]
-        if not files:
-            raise MissingFile("multipart body has no file part: send the DICOM as a form field named 'file'")
-        return await files[0].read()
+            files = [p for p in parts if "filename=" in p.disposition] or \
+                [p for p in parts if 'name="file"' in p.disposition]
+            if not files:
+                raise MissingFile("multipart body has no file part: send the DICOM as a form field named 'file'")
+            return await run_in_threadpool(files[0].path.read_bytes)
+        finally:
+            for p in parts:
+                p.path.unlink(missing_ok=True)
     if ctype in ("application/dicom", "application/octet-stream", ""):
         return await _read_limited(request, limit)
     raise UnsupportedMediaType(

@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from medvision.serving.auth import Caller, audit, require
+from medvision.serving.audit import audit
+from medvision.serving.auth import Caller, require
 from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.routes.dicomweb import SITE_QUERY

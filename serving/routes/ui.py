@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import anyio
 from fastapi import APIRouter, Form, Query, Request
+from fastapi import Path as Path_
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
@@ -23,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.errors import ConfigError
 from medvision.serving import reviews
-from medvision.serving.auth import audit
+from medvision.serving.audit import audit, audit_failure
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
@@ -65,11 +67,12 @@ async def _reader(request: Request) -> Reader | None:
 async def _api_reader(request: Request, admin: bool = False) -> Reader:
     reader = await _reader(request)
     if reader is None:
-        await _audit(request, "ui_refused", 401, request.url.path)
+        await audit_failure(request, "ui_refused", 401)
         raise Unauthenticated("sign in to the review UI first (/ui/login)")
     if admin and not reader.is_admin:
-        await _audit(request, "ui_forbidden", 403, request.url.path, reader)
+        await audit_failure(request, "ui_forbidden", 403, user_id=reader.user_id)
         raise Forbidden("this needs the admin role")
+    request.state.reader = reader  # a refusal further on is audited with the reader (``errors``)
     return reader
 
 
@@ -123,6 +126,18 @@ async def login_form(request: Request, next: str | None = None):
     return _page(request, "login.html", None, next=_safe_next(next), error="")
 
 
+LOGIN_THREADS = 2  # password checks at once: each takes ~0.5 s of a core and 128 MiB
+LOGIN_QUEUE = 16  # sign-ins waiting for one; beyond it 503, so a flood of sign-ins never waits in the API's threads
+
+
+def _login_limiter(app) -> anyio.CapacityLimiter:
+    """Sign-ins run in threads of their own (at most ``LOGIN_THREADS``), not the shared pool the API's database
+    work runs in: a flood of sign-ins slows sign-ins, not the PACS's requests."""
+    if getattr(app.state, "login_limiter", None) is None:
+        app.state.login_limiter = anyio.CapacityLimiter(LOGIN_THREADS)
+    return app.state.login_limiter
+
+
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("")):
     username = username.strip()[:128]
@@ -135,7 +150,13 @@ async def login(request: Request, username: str = Form(""), password: str = Form
                 return None, reason
             return (start_session(db, user, _minutes(request)), user.id, user.role), ""
 
-    found, reason = await run_in_threadpool(check)
+    limiter = _login_limiter(request.app)
+    if limiter.statistics().tasks_waiting >= LOGIN_QUEUE:
+        await _audit(request, "ui_login_failed", 503, "", reason="busy")
+        page = _page(request, "login.html", None, next=_safe_next(next), error="Sign-in is busy: try again shortly.")
+        page.status_code, page.headers["Retry-After"] = 503, "5"
+        return page
+    found, reason = await anyio.to_thread.run_sync(check, limiter=limiter)
     if found is None:
         # the typed name goes to the audit log only when it is a user's: people type passwords into it
         known = reason in ("wrong_password", "disabled")
@@ -181,9 +202,12 @@ def _date(text: str | None, name: str) -> _dt.date | None:
     if not text:
         return None
     try:
-        return _dt.date.fromisoformat(text)
+        day = _dt.date.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a date as YYYY-MM-DD, got {text!r}") from None
+        raise ConfigError(f"{name} must be a date as YYYY-MM-DD") from None
+    if not _dt.date(1900, 1, 1) <= day <= _dt.date(2999, 12, 31):
+        raise ConfigError(f"{name} must be a date between 1900-01-01 and 2999-12-31")
+    return day
 
 
 def _filters(status, model, site, day_from, day_to, q, sort) -> dict:
@@ -352,8 +376,11 @@ def _png(data: bytes) -> Response:
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
+IMAGE_ID = Path_(ge=1, le=2**31 - 1, description="the image's number (its row in the service's database)")
+
+
 @router.get("/images/{image_id}.png")
-async def image(request: Request, image_id: int, size: int = 1024, wc: float | None = None, ww: float | None = None):
+async def image(request: Request, image_id: int = IMAGE_ID, size: int = 1024, wc: float | None = None, ww: float | None = None):
     reader = await _api_reader(request)
     path = await _image_path(request, image_id, reader, "ui_view_image")
     app = request.app.state
@@ -366,7 +393,7 @@ async def image(request: Request, image_id: int, size: int = 1024, wc: float | N
 
 
 @router.get("/images/{image_id}/heatmap.png")
-async def heatmap(request: Request, image_id: int, size: int = 1024):
+async def heatmap(request: Request, image_id: int = IMAGE_ID, size: int = 1024):
     reader = await _api_reader(request)
     app = request.app.state
     if not app.engine.has_heatmap:

@@ -118,8 +118,8 @@ def test_malformed_uids_in_urls_and_bodies_are_refused_by_name(sites, dicom_file
                  f"/dicomweb/studies/1.2.3/series/1.2.3/instances/{quoted}"):
         r = sites.client.get(path)
         assert r.status_code in (400, 404), (path, r.status_code)
-        if r.status_code == 400:
-            assert r.json()["error"]["code"] == "invalid_uid", (path, r.text)
+        if r.status_code == 400:  # a control character is refused before any route sees the URL
+            assert r.json()["error"]["code"] == ("invalid_request" if "\n" in bad else "invalid_uid"), (path, r.text)
     if "/" not in bad and bad not in ("..",) and "\n" not in bad:
         r = _stow(sites.client, [dicom_files[0].read_bytes()], f"/dicomweb/studies/{bad}")
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_uid", r.text
@@ -309,3 +309,61 @@ def test_no_uid_or_refused_value_reaches_the_log(sites, dicom_files, caplog, rec
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
     for secret in (study, sop, status["report_sop_instance_uid"], "leaked_value"):
         assert not [line for line in said if secret in line], secret
+
+
+def test_control_characters_and_out_of_range_values_get_a_clear_4xx_never_a_500(sites):
+    anon = httpx.Client(base_url=sites.url, timeout=30)
+    for path in ("/v1/studies/%00/results", "/v1/studies/1.2.3/results?site=%00", "/ui/api/studies/%00/1.2",
+                 "/ui/api/worklist?q=1.2.3%00", "/v1/admin/audit?action=x%00"):
+        for client in (anon, sites.reviewer):
+            r = client.get(path)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", (path, r.text)
+    # a NUL typed into the sign-in form: the same page as any unknown name (PostgreSQL cannot even store one)
+    r = anon.post("/ui/login", data={"username": "MySecretPassw0rd\x00", "password": "x"})
+    assert r.status_code == 200 and "wrong password" in r.text
+    r = sites.client.post("/v1/pull", json={"study_instance_uid": "1.2.3\x00"})
+    assert r.status_code == 403  # a score key: the scope is checked first
+    r = sites.puller.post("/v1/pull", json={"study_instance_uid": "1.2.3\x00"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_uid"
+    anon.close()
+
+
+def test_a_bug_answers_500_and_logs_no_request_data(sites, monkeypatch, caplog):
+    import logging
+
+    from medvision.serving.routes import results
+
+    def broken(*args):
+        raise ValueError("SELECT ... [parameters: {'username': 'MySecretPassw0rd'}]")
+
+    monkeypatch.setattr(results, "_query", broken)
+    caplog.set_level(logging.DEBUG)
+    r = sites.client.get("/v1/studies/1.2.3/results")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+    said = "\n".join(rec.getMessage() + (str(rec.exc_info) if rec.exc_info else "") for rec in caplog.records)
+    assert "MySecretPassw0rd" not in said
+    assert f"request {r.headers['x-request-id']} failed: ValueError at test_security.py" in said
+
+
+def test_refusals_of_a_known_key_are_audited_and_anonymous_ones_name_the_route(sites, dicom_files):
+    from sqlalchemy import select
+
+    from medvision.serving.tables import AuditEvent
+
+    body, ctype = stow_body([b""] * 9)
+    assert sites.b.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 413
+    assert sites.b.post("/v1/predict", content=b"not a dicom", headers={"Content-Type": "application/dicom"}
+                        ).status_code == 422
+    assert sites.b.get("/v1/studies/1.02/results").status_code == 400
+    assert httpx.get(f"{sites.url}/v1/studies/DOE%5EJANE%20MRN123/results").status_code == 401
+    with sites.sessions() as db:
+        rows = list(db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(4)))[::-1]
+        planted = [r for r in db.scalars(select(AuditEvent)) if "DOE" in r.resource or "MRN" in r.resource]
+    assert not planted
+    refused = [(r.action, r.status, r.resource, r.detail.get("code")) for r in rows[:3]]
+    assert refused == [("refused", 413, "/dicomweb/studies", "too_many_parts"),
+                       ("refused", 422, "/v1/predict", "not_dicom"),
+                       ("refused", 400, "/v1/studies/{study_uid}/results", "invalid_uid")]
+    assert all(r.key_id is not None for r in rows[:3])
+    assert (rows[3].action, rows[3].resource) == ("auth_failed", "/v1/studies/{study_uid}/results")

@@ -108,6 +108,25 @@ def test_failed_sign_ins_are_throttled_per_address_and_never_lock_a_reader_out(u
     assert r.headers["location"] == "/ui/worklist"
 
 
+def test_sign_ins_racing_each_other_stay_within_the_throttle_and_a_flood_gets_busy(ui_server, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medvision.serving.routes import ui
+    from medvision.serving.users import MAX_FAILURES_PER_NAME
+
+    def attempt(_):
+        with _from("127.0.0.9") as c:
+            return c.post(f"{ui_server.url}/ui/login", data={"username": READER[0], "password": "wrong-password"})
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = [r.status_code for r in pool.map(attempt, range(12))]
+    # each attempt counts from its start: racing ones cannot all slip under the limit together
+    assert answers.count(200) <= MAX_FAILURES_PER_NAME + 1 and answers.count(429) >= 12 - MAX_FAILURES_PER_NAME - 1
+    monkeypatch.setattr(ui, "LOGIN_QUEUE", 0)  # as if sign-ins were already queued for the password checks
+    r = _from("127.0.0.10").post(f"{ui_server.url}/ui/login", data={"username": READER[0], "password": READER[1]})
+    assert r.status_code == 503 and r.headers["retry-after"] and "busy" in r.text
+
+
 def test_worklist_is_in_suspicion_order_with_filters_and_search(ui_server):
     c = _login(ui_server, READER)
     studies = c.get("/ui/api/worklist").json()["studies"]
@@ -127,6 +146,7 @@ def test_worklist_is_in_suspicion_order_with_filters_and_search(ui_server):
     assert c.get("/ui/api/worklist", params={"from": "2999-01-01"}).json()["count"] == 0
     r = c.get("/ui/api/worklist", params={"from": "yesterday"})
     assert r.status_code == 422 and "YYYY-MM-DD" in r.json()["error"]["message"]
+    assert c.get("/ui/api/worklist", params={"to": "9999-12-31"}).status_code == 422  # not a 500 (date overflow)
     with ui_server.sessions() as db:  # searches are accesses: audited with what was asked for
         from medvision.serving.tables import AuditEvent
 
@@ -216,6 +236,7 @@ def test_images_render_through_the_dicom_pipeline_with_windows_and_heatmap(ui_se
     alpha = np.asarray(heat)[..., 3]
     assert alpha.max() > 0 and alpha.min() == 0  # coloured where the model looked, transparent outside its view
     assert c.get("/ui/images/999999.png").status_code == 404
+    assert c.get("/ui/images/99999999999999999999.png").status_code == 422  # out of range: refused, not a 500
     assert c.get("/ui/images/1.2.3.png").status_code == 422  # an image is named by its number, nothing else
     # every view is audited, with the image it showed
     from medvision.serving.tables import AuditEvent

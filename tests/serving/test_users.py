@@ -54,6 +54,22 @@ def test_every_sign_in_costs_exactly_one_scrypt_with_todays_parameters(sessions,
     assert scrypt_calls == [(2**17, 8, 1)]
 
 
+def test_a_user_with_an_older_cheaper_hash_costs_at_least_what_an_unknown_name_costs(sessions, scrypt_calls,
+                                                                                      monkeypatch):
+    import medvision.serving.users as users
+    from medvision.serving.tables import User
+
+    with monkeypatch.context() as m:
+        m.setattr(users, "_SCRYPT", {"n": 2**14, "r": 8, "p": 1})
+        old = hash_password("an-older-password")
+    with sessions() as db:
+        db.query(User).filter(User.username == "reader1").update({"password_hash": old})
+        db.commit()
+        scrypt_calls.clear()
+        assert authenticate(db, "reader1", "a-wrong-password", "10.0.0.9") == (None, "wrong_password")
+    assert (2**17, 8, 1) in scrypt_calls  # the check at today's cost runs too
+
+
 def test_a_throttled_address_is_refused_before_any_check_whoever_it_names(sessions, scrypt_calls):
     with sessions() as db:
         for _ in range(MAX_FAILURES_PER_NAME):
