@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medvision.artifact import ArtifactMetadata
+from medvision.artifact import ArtifactMetadata, GateReport
 
 
 def _num(v, digits: int = 3) -> str:
@@ -26,24 +26,22 @@ def _ci(pair) -> str:
     return f" (95 % CI {_num(pair[0])} to {_num(pair[1])})"
 
 
-def gate_lines(gate: dict) -> list[str]:
+def gate_lines(gate: GateReport | None) -> list[str]:
     """The gate's verdict and its table (also printed by ``medvision gate``)."""
-    if not gate:
+    if gate is None:
         return ["Not gated: run `medvision gate` (or `medvision quantize --teacher`) before clinical evaluation."]
-    verdict = "**PROMOTED**" if gate.get("passed") else "**REFUSED**"
-    lines = [f"{verdict} on {gate.get('test_images', '?')} held-out test images of {gate.get('test_patients', '?')} "
-             f"patients ({gate.get('test_positives', '?')} cancer), against teacher `{gate.get('teacher_model', '?')}` "
-             f"(weights {str(gate.get('teacher_weights_sha256', ''))[:12]}), paired patient-clustered bootstrap with "
-             f"{gate.get('bootstrap', '?')} resamples, {gate.get('decided_on', 'point estimates')}.", "",
+    verdict = "**PROMOTED**" if gate.passed else "**REFUSED**"
+    lines = [f"{verdict} on {gate.test_images} held-out test images of {gate.test_patients} patients "
+             f"({gate.test_positives} cancer), against teacher `{gate.teacher_model}` (weights "
+             f"{gate.teacher_weights_sha256[:12]}), paired patient-clustered bootstrap with {gate.bootstrap} resamples, "
+             f"{gate.decided_on}.", "",
              "| criterion | measured | 95 % interval | limit | result |", "|---|---|---|---|---|"]
-    for c in gate.get("criteria", []):
-        ci = c.get("ci95")
-        lines.append(f"| {c['name']} | {_num(c.get('measured'), 4)} | "
-                     f"{f'{_num(ci[0], 4)} to {_num(ci[1], 4)}' if ci else '—'} | {c['limit']} | "
-                     f"{'pass' if c['passed'] else 'FAIL'} |")
-    if gate.get("reasons"):
-        lines += ["", "Refused because: " + "; ".join(gate["reasons"]) + "."]
-    for note in gate.get("notes", []):
+    for c in gate.criteria:
+        interval = f"{_num(c.ci95[0], 4)} to {_num(c.ci95[1], 4)}" if c.ci95 else "—"
+        lines.append(f"| {c.name} | {_num(c.measured, 4)} | {interval} | {c.limit} | {'pass' if c.passed else 'FAIL'} |")
+    if gate.reasons:
+        lines += ["", "Refused because: " + "; ".join(gate.reasons) + "."]
+    for note in gate.notes:
         lines += ["", f"Note: {note}"]
     return lines
 
@@ -55,8 +53,8 @@ def render(meta: ArtifactMetadata, artifact: str | Path | None = None, size_byte
     lines = [f"# Model card: {name}", "",
              f"`{meta.model_name}` ({meta.architecture}), exported by medvision {meta.medvision_version} on "
              f"{meta.created_utc}.", "",
-             "**Status: " + ("promoted by the gate" if meta.gate.get("passed") else "REFUSED by the gate — do not deploy"
-                             if meta.gate else "not gated") + ".**", ""]
+             "**Status: " + {"promoted": "promoted by the gate", "refused": "REFUSED by the gate — do not deploy",
+                             "not gated": "not gated"}[meta.gate_status] + ".**", ""]
     if sha256 or size_bytes:
         lines += [f"File: {f'{size_bytes / 1e6:.1f} MB' if size_bytes else ''}"
                   f"{f', sha256 `{sha256}`' if sha256 else ''}; weights sha256 `{meta.weights_sha256[:16]}`.", ""]
@@ -73,34 +71,34 @@ def render(meta: ArtifactMetadata, artifact: str | Path | None = None, size_byte
               "## Operating point", "",
               f"Probability ≥ **{meta.threshold:.4f}** reads as '{meta.labels[-1]}': {meta.operating_point}."]
     for op in meta.operating_points[1:]:
-        lines.append(f"Alternative: {op.get('rule')} → threshold {op.get('threshold', float('nan')):.4f}.")
+        lines.append(f"Alternative: {op.label} → threshold {op.threshold:.4f}.")
     lines.append("")
     if meta.validation:
         lines += ["## Validation (model selection split)", "",
                   ", ".join(f"{k.replace('val_', '')} {_num(v)}" for k, v in meta.validation.items()) + ".", ""]
     e = meta.evaluation
-    if e:
-        lines += [f"## Held-out evaluation ({e.get('subset', 'test')}, {e.get('images', '?')} images, "
-                  f"{e.get('positives', '?')} cancer; fp32 model before compression)", "",
-                  f"- AUROC {_num(e.get('auroc'))}{_ci(e.get('auroc_ci95'))}",
-                  f"- Sensitivity {_num(e.get('sensitivity'))}{_ci(e.get('sensitivity_ci95'))}, specificity "
-                  f"{_num(e.get('specificity'))}{_ci(e.get('specificity_ci95'))} at the operating point"]
-        if "breast_auroc" in e:
-            lines.append(f"- Breast-level AUROC {_num(e['breast_auroc'])}{_ci(e.get('breast_auroc_ci95'))}")
-        if "ece" in e:
-            lines.append(f"- Expected calibration error {_num(e['ece'])}")
+    if e is not None:
+        lines += [f"## Held-out evaluation ({e.subset}, {e.images} images, {e.positives} cancer; fp32 model before "
+                  "compression)", "",
+                  f"- AUROC {_num(e.auroc)}{_ci(e.auroc_ci95)}",
+                  f"- Sensitivity {_num(e.sensitivity)}{_ci(e.sensitivity_ci95)}, specificity "
+                  f"{_num(e.specificity)}{_ci(e.specificity_ci95)} at the operating point"]
+        if e.breast_auroc is not None:
+            lines.append(f"- Breast-level AUROC {_num(e.breast_auroc)}{_ci(e.breast_auroc_ci95)}")
+        if e.ece is not None:
+            lines.append(f"- Expected calibration error {_num(e.ece)}")
         lines.append("")
     q = meta.quantization
     lines += ["## Compression", ""]
-    if q:
-        text = f"Format `{q.get('format')}`" + (f": {q['reason']}" if q.get("reason") else "") + "."
-        if "speedup_vs_fp32" in q:
-            text += f" Speed-up over fp32 on the quantizing machine {_num(q['speedup_vs_fp32'], 2)}×."
-        if "agreement_with_fp32" in q:
-            text += f" Decisions agreeing with fp32 on the held-out split: {_num(100 * q['agreement_with_fp32'], 1)} %."
-        floats = q.get("kept_in_float") or {}
-        if any(floats.values()):
-            text += " Kept in float: " + ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in floats.items() if v) + "."
+    if q.format != "fp32" or q.reason:
+        text = f"Format `{q.format}`" + (f": {q.reason}" if q.reason else "") + "."
+        if q.speedup_vs_fp32 is not None:
+            text += f" Speed-up over fp32 on the quantizing machine {_num(q.speedup_vs_fp32, 2)}×."
+        if q.agreement_with_fp32 is not None:
+            text += f" Decisions agreeing with fp32 on the held-out split: {_num(100 * q.agreement_with_fp32, 1)} %."
+        if any(q.kept_in_float.values()):
+            text += " Kept in float: " + ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in q.kept_in_float.items()
+                                                   if v) + "."
         lines += [text, ""]
     else:
         lines += ["fp32 (not quantized).", ""]

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from medvision import __version__
-from medvision.artifact import ArtifactMetadata, decode, sha256_file
+from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
@@ -55,10 +55,10 @@ class Engine:
             self.session = ort.InferenceSession(str(path), opts, providers=choose_providers(providers))
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
             raise ArtifactError(f"cannot load {path} with ONNX Runtime: {exc}") from None
-        self.meta: ArtifactMetadata = decode(self.session.get_modelmeta().custom_metadata_map)
-        if self.meta.gate and not self.meta.gate.get("passed"):
+        self.meta: ArtifactMetadata = session_metadata(self.session)
+        if self.meta.gate is not None and not self.meta.gate.passed:
             raise ArtifactError(f"{path.name} was refused by the promotion gate ("
-                                + "; ".join(self.meta.gate.get("reasons", [])) + "): it must not be served")
+                                + "; ".join(self.meta.gate.reasons) + "): it must not be served")
         self.preprocess = Preprocess(self.meta.preprocess)
         self.artifact_sha256 = sha256_file(path)
         self.limits = limits
@@ -121,6 +121,6 @@ class Engine:
             "operating_point": self.meta.operating_point,
             "threshold": self.meta.threshold,
             "providers": self.providers,
-            "format": self.meta.quantization.get("format", "fp32") if self.meta.quantization else "fp32",
-            "gate": ("promoted" if self.meta.gate.get("passed") else "refused") if self.meta.gate else "not gated",
+            "format": self.meta.format,
+            "gate": self.meta.gate_status,
         }

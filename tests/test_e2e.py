@@ -61,6 +61,6 @@ def test_teacher_to_gated_student(tiny_run, tmp_path, capsys):
         import onnx
 
         meta = decode({p.key: p.value for p in onnx.load(str(out)).metadata_props})
-        assert meta.gate["passed"] and meta.gate["student"]["artifact_sha256"]
+        assert meta.gate.passed and meta.gate.student.artifact_sha256
         with TestClient(create_app(Settings(artifact=str(out)))) as client:
             assert client.get("/readyz").status_code == 200

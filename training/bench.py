@@ -82,11 +82,10 @@ def _torch_subject(source: str, role: str) -> Subject:
 
 
 def _ort_subject(path: str | Path, label: str) -> Subject:
-    from medvision.training.onnx_scoring import read_metadata
+    from medvision.artifact import read_artifact
 
-    meta = read_metadata(path)
-    fmt = meta.quantization.get("format", "fp32") if meta.quantization else "fp32"
-    return Subject(f"{label} {meta.model_name} (ORT {fmt})", "ort", str(Path(path).resolve()),
+    meta = read_artifact(path)
+    return Subject(f"{label} {meta.model_name} (ORT {meta.format})", "ort", str(Path(path).resolve()),
                    meta.preprocess.image_size, "student", Path(path).stat().st_size / 1e6)
 
 
@@ -110,7 +109,13 @@ def _export_student(source: str, work: Path) -> tuple[Path, Path]:
     )
 
     from medvision import __version__
-    from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, encode
+    from medvision.artifact import (
+        ArtifactMetadata,
+        InputContract,
+        OperatingPoint,
+        QuantizationReport,
+        write_artifact,
+    )
     from medvision.preprocess import PreprocessConfig
     from medvision.registry import get_model_spec
     from medvision.training.export import _simplify, _WithProbability, trace_onnx
@@ -128,10 +133,9 @@ def _export_student(source: str, work: Path) -> tuple[Path, Path]:
                             else get_model_spec(named_size(name)[0]).timm_name, medvision_version=__version__,
                             created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             preprocess=PreprocessConfig(image_size=size), input=InputContract(shape=["batch", 1, size, size]),
-                            threshold=0.5, weights_sha256="bench-export",
-                            runtime_ops=["com.microsoft.Attention"] if fused else [])
-    proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    onnx.save(proto, str(fp32))
+                            operating_points=[OperatingPoint(rule="threshold 0.5 (benchmark export)", threshold=0.5)],
+                            weights_sha256="bench-export", runtime_ops=["com.microsoft.Attention"] if fused else [])
+    write_artifact(proto, meta, fp32)
     vit = hasattr(model, "token_logits")
     with _quiet_root_logger():
         quant_pre_process(str(fp32), str(pre))
@@ -145,11 +149,8 @@ def _export_student(source: str, work: Path) -> tuple[Path, Path]:
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                             nodes_to_exclude=in_float["first_conv"] + in_float["activation_matmuls"])
-    q = onnx.load(str(int8))
-    del q.metadata_props[:]
     fmt = "dynamic_s8" if vit else "static_qdq"
-    q.metadata_props.add(key=METADATA_KEY, value=encode(meta.model_copy(update={"quantization": {"format": fmt}})))
-    onnx.save(q, str(int8))
+    write_artifact(onnx.load(str(int8)), meta.model_copy(update={"quantization": QuantizationReport(format=fmt)}), int8)
     return fp32, int8
 
 

@@ -185,15 +185,15 @@ def _criteria(args: argparse.Namespace):
     return GateCriteria(args.max_auroc_drop, args.max_sensitivity_drop, args.min_agreement, args.non_inferiority)
 
 
-def _gate_exit(report: dict, out: str) -> int:
+def _gate_exit(report, out: str) -> int:
     from medvision.training.gate import GATE_FAILED_EXIT, gate_summary
 
     print(gate_summary(report))
     card = Path(out).with_suffix(".card.md")
-    if report["passed"]:
+    if report.passed:
         print(f"\npromoted: {out} (model card {card})")
         return 0
-    print(f"\nnot promoted: {'; '.join(report['reasons'])} (model card {card})")
+    print(f"\nnot promoted: {'; '.join(report.reasons)} (model card {card})")
     return GATE_FAILED_EXIT
 
 

@@ -17,7 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from medvision import __version__
-from medvision.artifact import METADATA_KEY, ArtifactMetadata, InputContract, decode, encode, sha256_file
+from medvision.artifact import (
+    ArtifactMetadata,
+    EvaluationSummary,
+    InputContract,
+    OperatingPoint,
+    QuantizationReport,
+    read_artifact,
+    sha256_file,
+    write_artifact,
+)
 from medvision.config import RunConfig
 from medvision.data import load_rows, read_split
 from medvision.dicom_io import read_dicom
@@ -57,29 +66,27 @@ class _WithProbability(torch.nn.Module):
         return (logit, prob, heat) if self.has_heatmap else (logit, prob)
 
 
-def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, dict]:
+def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, EvaluationSummary | None]:
     """``RUN/calibration.json`` and the evaluation summary, if they were made for these weights."""
     path = run / "calibration.json"
     if not path.is_file():
-        return None, {}
+        return None, None
     cal = json.loads(path.read_text())
     if cal.get("weights_sha256") != sha256_file(ckpt):
         log.warning("ignoring %s: it was fitted for other weights; run 'medvision evaluate' again", path)
-        return None, {}
-    summary: dict = {}
+        return None, None
     report = run / "evaluation" / "report.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
-        if r.get("calibration", {}).get("weights_sha256") == cal["weights_sha256"]:
-            m = r["image_level"]
-            summary = {"subset": r["subset"], "images": m["n"], "positives": m["positives"], "auroc": m["auroc"],
-                       "auroc_ci95": m["auroc_ci95"], "sensitivity": m["sensitivity"],
-                       "sensitivity_ci95": m["sensitivity_ci95"], "specificity": m["specificity"],
-                       "specificity_ci95": m["specificity_ci95"], "ece": m["calibration"]["ece"]}
-            if r.get("breast_level"):
-                summary["breast_auroc"] = r["breast_level"]["auroc"]
-                summary["breast_auroc_ci95"] = r["breast_level"]["auroc_ci95"]
-    return cal, summary
+    if not report.is_file():
+        return cal, None
+    r = json.loads(report.read_text())
+    if r.get("calibration", {}).get("weights_sha256") != cal["weights_sha256"]:
+        return cal, None
+    m, breast = r["image_level"], r.get("breast_level") or {}
+    return cal, EvaluationSummary(
+        subset=r["subset"], images=m["n"], positives=m["positives"], auroc=m["auroc"], auroc_ci95=m["auroc_ci95"],
+        sensitivity=m["sensitivity"], sensitivity_ci95=m["sensitivity_ci95"], specificity=m["specificity"],
+        specificity_ci95=m["specificity_ci95"], ece=m["calibration"]["ece"], breast_auroc=breast.get("auroc"),
+        breast_auroc_ci95=breast.get("auroc_ci95"))
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Path]:
@@ -176,9 +183,9 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         preprocess=cfg.preprocess,
         input=InputContract(shape=["batch", 1, size, size]),
         labels=list(spec.labels),
-        threshold=float(calibration["operating_points"][0]["threshold"] if calibration else metrics.get("threshold", 0.5)),
-        operating_point=(calibration["operating_points"][0]["rule"] + " (calibrated)") if calibration
-        else metrics.get("operating_point", "default 0.5 (no validation metrics found)"),
+        operating_points=[OperatingPoint(**op, calibrated=True) for op in calibration["operating_points"]]
+        if calibration else [OperatingPoint(rule=metrics.get("operating_point", "default 0.5 (no validation metrics "
+                                                              "found)"), threshold=float(metrics.get("threshold", 0.5)))],
         temperature=temperature,
         outputs={"logit": "cancer logit, shape [batch, 1]",
                  "probability": "sigmoid(logit / temperature), calibrated on validation",
@@ -187,7 +194,6 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
                                 + (" averaged with the distillation token's logit"
                                    if getattr(model, "dist_head", None) is not None else "")}
                     if wrapper.has_heatmap else {})},
-        operating_points=calibration["operating_points"] if calibration else [],
         evaluation=evaluation,
         weights_sha256=sha256_file(ckpt),
         split_sha256=sha256_file(run / "split.csv") if (run / "split.csv").is_file() else "",
@@ -201,12 +207,10 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     nodes_before = len(proto.graph.node)
     proto = _simplify(proto)
     log.info("graph simplified: %d -> %d nodes", nodes_before, len(proto.graph.node))
-    del proto.metadata_props[:]
-    proto.metadata_props.add(key=METADATA_KEY, value=encode(meta))
     proto.producer_name = "medvision"
     proto.producer_version = __version__
     proto.doc_string = f"{meta.model_name}: cancer probability for {meta.input.modality} images"
-    onnx.save(proto, str(out))
+    write_artifact(proto, meta, out)
 
     x = parity_inputs(cfg, run)
     try:
@@ -256,15 +260,12 @@ def export_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, run_d
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src, out = Path(fp32_path), Path(out_path)
-    proto = onnx.load(str(src))
-    meta = decode({p.key: p.value for p in proto.metadata_props})
-    half = convert_float_to_float16(proto, keep_io_types=True)
-    meta = meta.model_copy(update={"quantization": {
-        "format": "fp16", "reason": "float16 weights and compute for GPU execution providers; float32 inputs and "
-        "outputs", "source": str(src.resolve()), "source_sha256": sha256_file(src)}})
-    del half.metadata_props[:]
-    half.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    onnx.save(half, str(out))
+    meta = read_artifact(src)
+    half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    meta = meta.model_copy(update={"quantization": QuantizationReport(
+        format="fp16", reason="float16 weights and compute for GPU execution providers; float32 inputs and outputs",
+        source=str(src.resolve()), source_sha256=sha256_file(src))})
+    write_artifact(half, meta, out)
     cfg, _, _ = read_run(Path(run_dir))
     x = parity_inputs(cfg, Path(run_dir))
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])

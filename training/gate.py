@@ -22,16 +22,21 @@ written (a stale file at ``out`` is removed). Either way ``out.gate.json`` and t
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from medvision.artifact import METADATA_KEY, encode, sha256_file
+from medvision.artifact import (
+    GateCriterion,
+    GateReport,
+    GateScores,
+    read_artifact,
+    sha256_file,
+    write_artifact,
+)
 from medvision.errors import ArtifactError, ConfigError
 from medvision.evaluation import calibrate, paired_difference
 from medvision.metrics import auroc, sensitivity_specificity
@@ -39,7 +44,7 @@ from medvision.model_card import gate_lines, render
 from medvision.preprocess import Preprocess
 from medvision.training.evaluate import score_split
 from medvision.training.export import load_calibration, read_run
-from medvision.training.onnx_scoring import model_inputs, probabilities, read_metadata, session
+from medvision.training.onnx_scoring import model_inputs, probabilities, session
 
 log = logging.getLogger(__name__)
 GATE_FAILED_EXIT = 3
@@ -67,18 +72,19 @@ def _teacher_scores(teacher: Path, show_progress: bool):
 
 def _fp32_source(artifact_meta, fp32: str | Path | None) -> Path | None:
     q = artifact_meta.quantization
-    if not q or q.get("format") in (None, "fp32"):
+    if q.format == "fp32":
         return None
-    path = Path(fp32) if fp32 else Path(q["source"]) if q.get("source") else None
+    path = Path(fp32) if fp32 else Path(q.source) if q.source else None
     if path is None or not path.is_file():
         raise ConfigError("the artifact is quantized: give its fp32 source with --fp32 (the export it was "
                           "quantized from) so INT8 and fp32 decisions can be compared")
-    if q.get("source_sha256") and sha256_file(path) != q["source_sha256"]:
+    if q.source_sha256 and sha256_file(path) != q.source_sha256:
         raise ConfigError(f"{path} is not the fp32 model this artifact was quantized from (sha256 differs)")
     return path
 
 
-def _criterion(name: str, measured: float, ci, limit: float, lower_is_better: bool, decide_on_bound: bool) -> dict:
+def _criterion(name: str, measured: float, ci, limit: float, lower_is_better: bool,
+               decide_on_bound: bool) -> GateCriterion:
     if lower_is_better:
         value = ci[1] if decide_on_bound and ci else measured
         passed = bool(np.isfinite(value) and value <= limit + 1e-12)
@@ -87,15 +93,15 @@ def _criterion(name: str, measured: float, ci, limit: float, lower_is_better: bo
         value = ci[0] if decide_on_bound and ci else measured
         passed = bool(np.isfinite(value) and value >= limit - 1e-12)
         limit_text = f"≥ {limit:g}"
-    return {"name": name, "measured": float(measured), "ci95": [float(c) for c in ci] if ci else None,
-            "limit": limit_text, "passed": passed}
+    return GateCriterion(name=name, measured=float(measured), ci95=[float(c) for c in ci] if ci else None,
+                         limit=limit_text, passed=passed)
 
 
 def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path, fp32: str | Path | None = None,
                   criteria: GateCriteria = GateCriteria(), n_boot: int = 2000, threads: int = 0,
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True) -> GateReport:
     artifact, teacher, out = Path(artifact), Path(teacher_run), Path(out)
-    meta = read_metadata(artifact)
+    meta = read_artifact(artifact)
     if not (teacher / "split.csv").is_file():
         raise ConfigError(f"{teacher} has no split.csv: give the teacher's run folder from 'medvision train'")
     split_sha = sha256_file(teacher / "split.csv")
@@ -145,52 +151,45 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
     if np.isfinite(auc_ci[1]) and auc_ci[1] - auc_drop > margin:
         notes.append(f"the AUROC-drop interval ({auc_ci[0]:+.3f} to {auc_ci[1]:+.3f}) is wider than the {margin:g} "
                      "margin: this test set is too small to show non-inferiority; more test patients narrow it")
-    student_rule = meta.operating_points[0]["rule"] if meta.operating_points else meta.operating_point
-    if student_rule.replace(" (calibrated)", "") != teacher_rule:
-        notes.append(f"the teacher's operating point ({teacher_rule}) and the student's ({student_rule}) were "
+    if meta.operating.rule != teacher_rule:
+        notes.append(f"the teacher's operating point ({teacher_rule}) and the student's ({meta.operating.rule}) were "
                      "chosen by different rules")
-    reasons = [f"{c['name']} {c['measured']:.4f}"
-               + (f" (upper 95 % bound {c['ci95'][1]:.4f})" if bound and c["ci95"] else "") + f" is not {c['limit']}"
-               for c in checks if not c["passed"]]
+    reasons = [f"{c.name} {c.measured:.4f}"
+               + (f" (upper 95 % bound {c.ci95[1]:.4f})" if bound and c.ci95 else "") + f" is not {c.limit}"
+               for c in checks if not c.passed]
     passed = not reasons
     t_sens, t_spec = sensitivity_specificity(y, p_teacher, thr_teacher)
     s_sens, s_spec = sensitivity_specificity(y, p_student, thr_student)
-    report = {
-        "passed": passed, "reasons": reasons, "criteria": checks, "notes": notes,
-        "decided_on": "upper 95 % bounds (non-inferiority)" if bound else "point estimates (upper 95 % bounds stated)",
-        "limits": asdict(criteria), "bootstrap": n_boot,
-        "test_images": len(y), "test_patients": len(set(patients)), "test_positives": int(y.sum()),
-        "split_sha256": split_sha, "teacher_run": str(teacher.resolve()), "teacher_model": tcfg.model.name,
-        "teacher_weights_sha256": sha256_file(tckpt),
-        "teacher": {"auroc": auroc(y, p_teacher), "threshold": thr_teacher, "operating_point": teacher_rule,
-                    "sensitivity": t_sens, "specificity": t_spec},
-        "student": {"artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "model": meta.model_name,
-                    "format": meta.quantization.get("format", "fp32"), "auroc": auroc(y, p_student),
-                    "threshold": thr_student, "operating_point": student_rule, "sensitivity": s_sens,
-                    "specificity": s_spec},
-        "agreement_with_fp32": agreement, "fp32_source_sha256": sha256_file(fp32_path) if fp32_path else None,
-        "gated_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+    report = GateReport(
+        passed=passed, reasons=reasons, criteria=checks, notes=notes,
+        decided_on="upper 95 % bounds (non-inferiority)" if bound else "point estimates (upper 95 % bounds stated)",
+        limits=asdict(criteria), bootstrap=n_boot,
+        test_images=len(y), test_patients=len(set(patients)), test_positives=int(y.sum()),
+        split_sha256=split_sha, teacher_run=str(teacher.resolve()), teacher_model=tcfg.model.name,
+        teacher_weights_sha256=sha256_file(tckpt),
+        teacher=GateScores(auroc=auroc(y, p_teacher), threshold=thr_teacher, operating_point=teacher_rule,
+                           sensitivity=t_sens, specificity=t_spec, model=tcfg.model.name),
+        student=GateScores(auroc=auroc(y, p_student), threshold=thr_student, operating_point=meta.operating_point,
+                           sensitivity=s_sens, specificity=s_spec, model=meta.model_name, artifact=artifact.name,
+                           artifact_sha256=sha256_file(artifact), format=meta.format),
+        agreement_with_fp32=agreement, fp32_source_sha256=sha256_file(fp32_path) if fp32_path else None,
+        gated_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
     gated = meta.model_copy(update={"gate": report})
     if passed:
-        model = onnx.load(str(artifact))
-        del model.metadata_props[:]
-        model.metadata_props.add(key=METADATA_KEY, value=encode(gated))
-        tmp = out.with_suffix(".onnx.partial")
-        onnx.save(model, str(tmp))
-        shutil.move(str(tmp), out)
+        write_artifact(onnx.load(str(artifact)), gated, out)
         log.info("gate: promoted %s -> %s", artifact.name, out)
     else:
         if out.exists():
             log.warning("gate: removing %s, left by an earlier run: this model is not promoted", out)
             out.unlink()
         log.warning("gate: refused %s: %s", artifact.name, "; ".join(reasons))
-    out.with_suffix(".gate.json").write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".gate.json").write_text(report.model_dump_json(indent=2))
     card_of = out if passed else artifact
     out.with_suffix(".card.md").write_text(render(gated, card_of, card_of.stat().st_size, sha256_file(card_of)))
     return report
 
 
-def gate_summary(report: dict) -> str:
+def gate_summary(report: GateReport) -> str:
     return "\n".join(gate_lines(report))

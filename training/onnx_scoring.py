@@ -10,26 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from medvision.artifact import ArtifactMetadata, decode
 from medvision.config import RunConfig
 from medvision.data import ImageRow, load_rows, read_split
-from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess, normalize
 from medvision.training.dataset import decode_all
-
-
-def read_metadata(path: str | Path) -> ArtifactMetadata:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no ONNX artifact at {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a truncated or non-ONNX file
-        raise ArtifactError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
-    return decode({p.key: p.value for p in proto.metadata_props})
 
 
 def split_rows(cfg: RunConfig, run: Path, subset: str) -> list[ImageRow]:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from medvision.artifact import METADATA_KEY, decode, encode, sha256_file
-from medvision.errors import ArtifactError, ConfigError
+from medvision.artifact import QuantizationReport, read_artifact, sha256_file, write_artifact
+from medvision.errors import ConfigError
 from medvision.metrics import auroc
 from medvision.preprocess import Preprocess
 from medvision.training.export import read_run
@@ -122,10 +122,7 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
     )
 
     artifact, run, out = Path(artifact), Path(run_dir), Path(out)
-    if not artifact.is_file():
-        raise ArtifactError(f"no artifact at {artifact}: run 'medvision export' first")
-    proto = onnx.load(str(artifact))
-    meta = decode({p.key: p.value for p in proto.metadata_props})
+    meta = read_artifact(artifact)
     pre = Preprocess(meta.preprocess)
     calib, _ = _inputs(run, pre, "train", calibration_images, show_progress)
     x_test, y_test = _inputs(run, pre, "test", None, show_progress)
@@ -209,18 +206,13 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
                   "calibration_images": len(calib), "sensitive_nodes": sensitive, "fp32": base, "candidates": candidates, "chosen": chosen,
                   "reason": reason, "limits": {"min_agreement": MIN_AGREEMENT, "max_auroc_drop": MAX_AUROC_DROP}}
         src = artifact if chosen == "fp32" else work / f"{chosen}.onnx"
-        model = onnx.load(str(src))
-        meta = meta.model_copy(update={"quantization": {
-            "format": chosen, "reason": reason,
-            "speedup_vs_fp32": 1.0 if chosen == "fp32" else candidates[chosen]["speedup"],
-            "agreement_with_fp32": 1.0 if chosen == "fp32" else candidates[chosen]["agreement"],
-            "source": str(artifact.resolve()), "source_sha256": sha256_file(artifact),
-            "kept_in_float": getattr(builders.get(chosen), "kept_in_float", {}),
-        }})
-        del model.metadata_props[:]
-        model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(out))
+        meta = meta.model_copy(update={"quantization": QuantizationReport(
+            format=chosen, reason=reason,
+            speedup_vs_fp32=1.0 if chosen == "fp32" else candidates[chosen]["speedup"],
+            agreement_with_fp32=1.0 if chosen == "fp32" else candidates[chosen]["agreement"],
+            source=str(artifact.resolve()), source_sha256=sha256_file(artifact),
+            kept_in_float=getattr(builders.get(chosen), "kept_in_float", {}))})
+        write_artifact(onnx.load(str(src)), meta, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.with_suffix(".quantize.json").write_text(json.dumps(report, indent=2))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medvision.artifact import decode, sha256_file
-from medvision.errors import ArtifactError
+from medvision.artifact import read_artifact, sha256_file
 from medvision.model_card import render
 
 
@@ -22,16 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import onnxruntime as ort
-
     path = Path(args.artifact)
-    if not path.is_file():
-        raise ArtifactError(f"no ONNX artifact at {path}")
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-        raise ArtifactError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
-    meta = decode(sess.get_modelmeta().custom_metadata_map)
+    meta = read_artifact(path)
     text = render(meta, path, path.stat().st_size, sha256_file(path))
     if args.out:
         Path(args.out).write_text(text)

@@ -127,15 +127,11 @@ def test_missing_artifact_fails_at_startup_with_a_clear_error(tmp_path):
 def test_a_model_refused_by_the_gate_is_never_served(artifact, tmp_path):
     import onnx
 
-    from medvision.artifact import METADATA_KEY, decode, encode
+    from medvision.artifact import GateReport, read_artifact, write_artifact
     from medvision.errors import ArtifactError
 
-    model = onnx.load(str(artifact))
-    meta = decode({p.key: p.value for p in model.metadata_props})
-    meta = meta.model_copy(update={"gate": {"passed": False, "reasons": ["AUROC drop 0.05 is not ≤ 0.01"]}})
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    refused = tmp_path / "refused.onnx"
-    onnx.save(model, str(refused))
+    meta = read_artifact(artifact).model_copy(update={"gate": GateReport(
+        passed=False, reasons=["AUROC drop 0.05 is not ≤ 0.01"])})
+    refused = write_artifact(onnx.load(str(artifact)), meta, tmp_path / "refused.onnx")
     with pytest.raises(ArtifactError, match="refused by the promotion gate .*AUROC drop 0.05"):
         Engine(str(refused))

@@ -4,11 +4,10 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
-from medvision.artifact import decode
+from medvision.artifact import read_artifact
 from medvision.cli import main
 
 
@@ -53,10 +52,12 @@ def test_calibration_is_fitted_on_validation_and_exported_into_the_graph(evaluat
     assert [o["name"] for o in cal["operating_points"]] == ["sens90", "spec80"]
     out = tmp_path / "model.onnx"
     assert main(["export", str(evaluated), "--out", str(out)]) == 0
-    meta = decode({p.key: p.value for p in onnx.load(str(out)).metadata_props})
+    meta = read_artifact(out)
     assert meta.temperature == pytest.approx(cal["temperature"])
     assert meta.threshold == pytest.approx(cal["operating_points"][0]["threshold"])
-    assert meta.evaluation["auroc"] == json.loads((evaluated / "evaluation" / "report.json").read_text())["image_level"]["auroc"]
+    assert [o.name for o in meta.operating_points] == ["sens90", "spec80"] and meta.operating.calibrated
+    assert meta.operating_point == cal["operating_points"][0]["rule"] + " (calibrated)"
+    assert meta.evaluation.auroc == json.loads((evaluated / "evaluation" / "report.json").read_text())["image_level"]["auroc"]
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     size = meta.input.shape[-1]
     x = np.random.default_rng(0).standard_normal((3, 1, size, size)).astype(np.float32)
@@ -71,8 +72,9 @@ def test_calibration_for_other_weights_is_not_exported(evaluated, tmp_path):
     cal["weights_sha256"] = "0" * 64
     (run / "calibration.json").write_text(json.dumps(cal))
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
-    meta = decode({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props})
-    assert meta.temperature == 1.0 and meta.operating_points == [] and meta.evaluation == {}
+    meta = read_artifact(tmp_path / "m.onnx")
+    assert meta.temperature == 1.0 and meta.evaluation is None
+    assert len(meta.operating_points) == 1 and not meta.operating.calibrated  # the training run's own threshold
 
 
 def test_bad_rules_and_runs_are_clear_errors(evaluated, tmp_path, capsys):

@@ -17,14 +17,14 @@ def test_artifact_carries_its_metadata(artifact, tiny_run):
     proto = onnx.load(str(artifact))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = json.loads(props[METADATA_KEY])
-    assert meta["schema_version"] == 1
+    assert meta["schema_version"] == 2
     assert meta["model_name"] == "mv_vit_test"
     assert meta["medvision_version"] == __version__
     assert meta["preprocess"]["image_size"] == 64
     assert meta["labels"] == ["non-cancer", "cancer"]
     assert meta["weights_sha256"] == sha256_file(tiny_run / "best.safetensors")
     metrics = json.loads((tiny_run / "metrics.json").read_text())
-    assert meta["threshold"] == pytest.approx(metrics["threshold"])
+    assert meta["operating_points"][0]["threshold"] == pytest.approx(metrics["threshold"])
     assert proto.opset_import[0].version >= 17
     decode(props)  # validates against the schema
 
@@ -46,6 +46,31 @@ def test_parity_check_fails_loudly_when_the_graph_differs(artifact, tiny_run):
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)
     with pytest.raises(ExportParityError, match="disagrees"):
         check_parity(_WithProbability(model).eval(), artifact, x, atol=1e-4)
+
+
+def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
+    """Version 1 stored the applied threshold and rule beside untyped operating points and empty dicts."""
+    import onnx
+
+    from medvision.artifact import read_artifact
+
+    current = read_artifact(artifact)
+    v1 = json.loads(current.model_dump_json())
+    v1.update(schema_version=1, threshold=0.42, operating_point="sensitivity >= 0.90 on validation (calibrated)",
+              operating_points=[{"name": "sens90", "rule": "sensitivity >= 0.90 on validation", "threshold": 0.42,
+                                 "sensitivity": 0.9, "specificity": 0.5}],
+              evaluation={}, quantization={}, gate={})
+    model = onnx.load(str(artifact))
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(v1))
+    old = tmp_path / "v1.onnx"
+    onnx.save(model, str(old))
+    meta = read_artifact(old)
+    assert meta.schema_version == 2 and meta.threshold == 0.42 and meta.operating.calibrated
+    assert meta.operating_point == "sensitivity >= 0.90 on validation (calibrated)"
+    assert meta.evaluation is None and meta.gate is None and meta.format == "fp32"
+    v1.update(operating_points=[], operating_point="default 0.5 (no validation metrics found)", threshold=0.5)
+    assert decode({METADATA_KEY: json.dumps(v1)}).operating_point == "default 0.5 (no validation metrics found)"
 
 
 def test_unknown_schema_is_refused():
@@ -100,7 +125,7 @@ def test_fp16_copy_for_gpu_providers(tiny_run, tmp_path, capsys):
     proto = onnx.load(str(fp16))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
     meta = decode({p.key: p.value for p in proto.metadata_props})
-    assert meta.quantization["format"] == "fp16" and meta.quantization["source_sha256"] == sha256_file(fp32)
+    assert meta.quantization.format == "fp16" and meta.quantization.source_sha256 == sha256_file(fp32)
     a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
     assert b.get_inputs()[0].type == "tensor(float)"  # callers and the service keep sending float32

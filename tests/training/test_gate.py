@@ -6,22 +6,20 @@ import shutil
 import numpy as np
 import onnx
 
-from medvision.artifact import METADATA_KEY, decode, encode, sha256_file
+from medvision.artifact import QuantizationReport, read_artifact, sha256_file, write_artifact
 from medvision.cli import main
 from medvision.training.gate import GATE_FAILED_EXIT, _criterion
 
-
-def _meta(path):
-    return decode({p.key: p.value for p in onnx.load(str(path)).metadata_props})
+_meta = read_artifact
 
 
 def test_criterion_point_estimate_or_upper_bound():
-    assert _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, False)["passed"]
-    assert not _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, True)["passed"]  # non-inferiority
-    assert not _criterion("auroc drop", 0.02, (0.0, 0.04), 0.01, True, False)["passed"]
-    assert _criterion("agreement", 0.995, None, 0.99, False, False)["passed"]
-    assert not _criterion("agreement", 0.98, None, 0.99, False, False)["passed"]
-    assert not _criterion("auroc drop", float("nan"), None, 0.01, True, False)["passed"]
+    assert _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, False).passed
+    assert not _criterion("auroc drop", 0.005, (-0.03, 0.04), 0.01, True, True).passed  # non-inferiority
+    assert not _criterion("auroc drop", 0.02, (0.0, 0.04), 0.01, True, False).passed
+    assert _criterion("agreement", 0.995, None, 0.99, False, False).passed
+    assert not _criterion("agreement", 0.98, None, 0.99, False, False).passed
+    assert not _criterion("auroc drop", float("nan"), None, 0.01, True, False).passed
 
 
 def test_gate_promotes_the_teachers_own_export(artifact, tiny_run, tmp_path, capsys):
@@ -34,7 +32,7 @@ def test_gate_promotes_the_teachers_own_export(artifact, tiny_run, tmp_path, cap
     assert abs(drop["measured"]) < 1e-9 and drop["ci95"][0] <= drop["measured"] <= drop["ci95"][1]
     assert report["test_images"] == 16 and report["split_sha256"] == sha256_file(tiny_run / "split.csv")
     gate = _meta(out).gate
-    assert gate["passed"] and gate["teacher_weights_sha256"] == report["teacher_weights_sha256"]
+    assert gate.passed and gate.teacher_weights_sha256 == report["teacher_weights_sha256"]
     card = out.with_suffix(".card.md").read_text()
     assert "**PROMOTED**" in card and "promoted by the gate" in card and "AUROC drop" in card
     assert "PROMOTED" in capsys.readouterr().out
@@ -63,12 +61,9 @@ def _broken_student(artifact, path, tmp_path):
     quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Conv"],
                     calibrate_method=CalibrationMethod.MinMax)
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    meta = meta.model_copy(update={"quantization": {"format": "static_qdq_minmax", "source": str(artifact),
-                                                    "source_sha256": sha256_file(artifact)}})
-    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    onnx.save(model, str(path))
+    meta = meta.model_copy(update={"quantization": QuantizationReport(
+        format="static_qdq_minmax", source=str(artifact), source_sha256=sha256_file(artifact))})
+    write_artifact(onnx.load(str(path)), meta, path)
 
 
 def test_gate_refuses_a_wrongly_calibrated_int8_student(artifact, tiny_run, tmp_path, capsys):
@@ -90,12 +85,9 @@ def test_gate_refuses_a_wrongly_calibrated_int8_student(artifact, tiny_run, tmp_
 def test_gate_needs_the_fp32_source_of_a_quantized_student(artifact, tiny_run, tmp_path):
     broken = tmp_path / "int8.onnx"
     _broken_student(artifact, broken, tmp_path)
-    model = onnx.load(str(broken))
     meta = _meta(broken)
-    meta.quantization.pop("source")
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    onnx.save(model, str(broken))
+    meta = meta.model_copy(update={"quantization": meta.quantization.model_copy(update={"source": ""})})
+    write_artifact(onnx.load(str(broken)), meta, broken)
     assert main(["gate", str(broken), "--teacher", str(tiny_run), "--out", str(tmp_path / "p.onnx")]) == 2
     other = tmp_path / "other.onnx"
     other.write_bytes(artifact.read_bytes() + b"\0")
@@ -104,12 +96,8 @@ def test_gate_needs_the_fp32_source_of_a_quantized_student(artifact, tiny_run, t
 
 
 def test_gate_refuses_a_student_from_another_split(artifact, tiny_run, tmp_path, capsys):
-    model = onnx.load(str(artifact))
     meta = _meta(artifact).model_copy(update={"split_sha256": "0" * 64})
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=encode(meta))
-    other = tmp_path / "other_split.onnx"
-    onnx.save(model, str(other))
+    other = write_artifact(onnx.load(str(artifact)), meta, tmp_path / "other_split.onnx")
     assert main(["gate", str(other), "--teacher", str(tiny_run), "--out", str(tmp_path / "p.onnx")]) == 2
     assert "another patient split" in capsys.readouterr().err
 
@@ -130,7 +118,7 @@ def test_quantize_with_teacher_runs_the_gate(artifact, tiny_run, tmp_path, capsy
     assert out.with_suffix(".quantize.json").is_file() and out.with_suffix(".card.md").is_file()
     if report["passed"]:
         meta = _meta(out)
-        assert meta.gate["passed"] and meta.quantization["source_sha256"] == sha256_file(artifact)
+        assert meta.gate.passed and meta.quantization.source_sha256 == sha256_file(artifact)
         assert report["agreement_with_fp32"] is None or report["agreement_with_fp32"] >= 0.99
 
 

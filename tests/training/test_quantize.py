@@ -28,8 +28,8 @@ def test_quantize_measures_candidates_and_ships_one(artifact, tiny_run, tmp_path
     if chosen != "fp32":
         assert report["candidates"][chosen]["passes"] and report["candidates"][chosen]["speedup"] > 1
     meta = decode({p.key: p.value for p in onnx.load(str(out)).metadata_props})
-    assert meta.quantization["format"] == chosen and meta.quantization["reason"] == report["reason"]
-    assert meta.quantization["source"] == str(artifact.resolve()) and not meta.gate  # not gated without --teacher
+    assert meta.quantization.format == chosen and meta.quantization.reason == report["reason"]
+    assert meta.quantization.source == str(artifact.resolve()) and meta.gate is None  # not gated without --teacher
     # the written model serves: same preprocessing, outputs and threshold as the fp32 artifact
     from medvision.serving.engine import Engine
 
