@@ -5,7 +5,7 @@ Written by ``export``, ``quantize``, ``gate`` and ``bench`` (``write_artifact``:
 else (``read_artifact`` from a file, ``session_metadata`` from an ONNX Runtime
 session the service has loaded anyway), so serving rebuilds its preprocessing, threshold and operating point from the file alone. Every
 part is typed; nothing is read back with ``.get()`` chains. Artifacts of the previous schema version still load
-(``_upgrade_v1``).
+(``_upgrade_v1``; version 2 lacked the decode contract, ``PreprocessConfig.decode_long_side``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medvision.errors import ArtifactError
 from medvision.preprocess import PreprocessConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METADATA_KEY = "medvision"
 _METADATA_PROPS = 14  # ModelProto.metadata_props (onnx.proto)
 
@@ -204,9 +204,11 @@ def decode(custom_metadata: dict[str, str]) -> ArtifactMetadata:
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version == 1:
         data = _upgrade_v1(data)
+    elif version == 2:  # version 3 added the decode contract; a version-2 model decodes every pixel (the default)
+        data = dict(data, schema_version=SCHEMA_VERSION)
     elif version != SCHEMA_VERSION:
         raise ArtifactError(
-            f"artifact schema version {version!r} is not supported (this medvision reads 1 and {SCHEMA_VERSION})"
+            f"artifact schema version {version!r} is not supported (this medvision reads 1 to {SCHEMA_VERSION})"
         )
     try:
         return ArtifactMetadata.model_validate(data)

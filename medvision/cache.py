@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from medvision import __version__
-from medvision.dicom_io import read_dicom
 from medvision.errors import DicomError, PreprocessError
 from medvision.parallel import process_pool
 from medvision.preprocess import Preprocess, PreprocessConfig
@@ -76,7 +75,7 @@ def _init_worker(cfg_json: str) -> None:
 def _decode_one(path: str, pre: Preprocess | None = None) -> tuple[np.ndarray | None, str]:
     pre = pre or _worker_pre
     try:
-        stored, meta = read_dicom(path)
+        stored, meta = pre.read(path)
         return pre.display(stored, meta), ""
     except (DicomError, PreprocessError) as exc:
         return None, f"{exc.code}: {exc.message}"

@@ -18,7 +18,7 @@ import io
 import os
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import BinaryIO
 
 import numpy as np
@@ -35,12 +35,20 @@ from medvision.errors import (
     NotDicomError,
     UnsupportedImageError,
 )
+from medvision.resolution import (
+    NATIVE_SYNTAXES,
+    DecodePlan,
+    area_downsample,
+    decode_j2k_reduced,
+    j2k_levels,
+    native_view,
+    plan_decode,
+    reduced_size,
+)
 
 # JPEG syntaxes that pydicom can hand to pillow, which decodes only 8-bit samples.
 _PILLOW_8_BIT_ONLY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 
-# Uncompressed transfer syntaxes: the pixel data's byte length is known from the header.
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 # Never swallowed by the "any decoder failure is a domain error" handlers below.
 _INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -121,6 +129,8 @@ class DicomMeta:
     view: str | None = None
     manufacturer: str | None = None
     presentation_intent: str | None = None
+    decode: str = "full"  # the resolution plan carried out (``medvision.resolution``), e.g. "1/8 wavelet"
+    decode_factor: int = 1  # the pixels are at 1/decode_factor of rows x columns
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,7 +143,7 @@ Source = str | os.PathLike | bytes | bytearray | BinaryIO
 
 
 def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
-               identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+               identifiers: dict[str, str] | None = None, long_side: int = 0) -> tuple[np.ndarray, DicomMeta]:
     """Read one greyscale DICOM image.
 
     Args:
@@ -141,6 +151,9 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         limits: declared-size limits checked before decoding.
         identifiers: if given, receives the exam's ``AccessionNumber`` ("" when absent) from the same parse:
             the key readers search results by, kept out of ``DicomMeta`` on purpose; store it, never log it.
+        long_side: the long side, in pixels, the caller needs (``PreprocessConfig.decode_long_side``): the image
+            is decoded at the coarsest power-of-two reduction that keeps it (``medvision.resolution``); 0 decodes
+            every pixel. ``meta.decode`` says what was done.
 
     Returns:
         ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.
@@ -149,11 +162,14 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         EmptyInputError, NotDicomError, NotAnImageError, CorruptDicomError, UnsupportedImageError,
         MissingCodecError: each with a message naming the problem.
     """
-    ds = _parse(source, limits=limits)
+    ds = _parse(source, limits=limits, defer_pixels=isinstance(source, (str, os.PathLike, bytes, bytearray)))
     try:
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
-        pixels = _decode(ds, meta)
+        plan = plan_decode(meta.transfer_syntax, meta.rows, meta.columns, long_side)
+        pixels, plan = _decode_planned(ds, meta, plan, source)
+        if plan.factor != 1:
+            meta = replace(meta, decode=str(plan), decode_factor=plan.factor)
         if identifiers is not None:
             identifiers["AccessionNumber"] = str(ds.get("AccessionNumber", "") or "")
     except (MedvisionError, *_INTERRUPTS):
@@ -185,7 +201,7 @@ def read_header(source: str | os.PathLike | bytes, limits: ReadLimits = ReadLimi
 
 def _check_native_length(ds: Dataset, meta: DicomMeta, source) -> None:
     elem = ds.get_item("PixelData", keep_deferred=True)
-    if elem is None or meta.transfer_syntax not in _NATIVE_SYNTAXES or not isinstance(source, (str, os.PathLike)):
+    if elem is None or meta.transfer_syntax not in NATIVE_SYNTAXES or not isinstance(source, (str, os.PathLike)):
         return
     tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
     if tell is None or length is None or length == 0xFFFFFFFF:
@@ -231,7 +247,10 @@ def _check_deflate(fileobj: BinaryIO, head: bytes, limits: ReadLimits) -> None:
         fileobj.seek(0)
 
 
-def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = ReadLimits()) -> Dataset:
+def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = ReadLimits(),
+           defer_pixels: bool = False) -> Dataset:
+    """The dataset, refused by name when it is no DICOM or is truncated. Pixel data is read now unless
+    ``headers_only`` or ``defer_pixels`` (then ``_load_pixel_data``, or a view of the bytes, reads it later)."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
         if not data:
@@ -260,8 +279,8 @@ def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = Read
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                # Deferred values are re-read from the path when touched, so defer only for paths.
-                defer = 4096 if headers_only and isinstance(source, (str, os.PathLike)) else None
+                # Deferred values are re-read from the path (or the bytes) when touched: never from a caller's stream.
+                defer = 4096 if (headers_only and isinstance(source, (str, os.PathLike))) or defer_pixels else None
                 ds = pydicom.dcmread(fileobj, force=not has_marker, defer_size=defer)
         except InvalidDicomError as exc:
             raise NotDicomError(f"not a DICOM file: {exc}") from None
@@ -276,19 +295,23 @@ def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = Read
             raise CorruptDicomError(f"truncated DICOM file: {truncated[0]}")
         if not has_marker and not _looks_like_dataset(ds):
             raise NotDicomError("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM attributes found")
-        try:
-            if "PixelData" in ds and not headers_only:
-                ds.PixelData  # noqa: B018 - force the deferred read
-            if len(ds) == 0:
-                raise CorruptDicomError("no data elements could be read after the file meta: truncated or malformed")
-        except CorruptDicomError:
-            raise
-        except Exception as exc:
-            raise CorruptDicomError(f"truncated or malformed pixel data: {exc}") from None
+        if len(ds) == 0:
+            raise CorruptDicomError("no data elements could be read after the file meta: truncated or malformed")
+        if not headers_only and not defer_pixels:
+            _load_pixel_data(ds)
         return ds
     finally:
         if isinstance(source, (str, os.PathLike)):
             fileobj.close()
+
+
+def _load_pixel_data(ds: Dataset) -> None:
+    """Read deferred pixel data now; a file that ends inside it is refused by name."""
+    try:
+        if "PixelData" in ds:
+            ds.PixelData  # noqa: B018 - force the deferred read
+    except Exception as exc:
+        raise CorruptDicomError(f"truncated or malformed pixel data: {exc}") from None
 
 
 def _looks_like_dataset(ds: Dataset) -> bool:
@@ -512,6 +535,85 @@ def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
 # Where pydicom's own order is not the best: CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here
 # (11 vs 20 ms for a 512 x 416 image; GDCM wraps CharLS too, so both accept the same streams).
 _PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
+def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> tuple[np.ndarray, DecodePlan]:
+    """Carry out ``plan``: the pixels at 1/plan.factor of the image's size, and the plan as carried out."""
+    if plan.factor == 1:
+        _load_pixel_data(ds)
+        return _decode(ds, meta), plan
+    if plan.method == "area" and meta.transfer_syntax in NATIVE_SYNTAXES:
+        view = _native_pixels(ds, meta, source)
+        if view is not None:
+            return area_downsample(view, plan.factor), plan
+    _load_pixel_data(ds)
+    if plan.method == "wavelet":
+        _check_codestream(ds, meta)
+        reduced, plan = _wavelet(ds, meta, plan)
+        if reduced is not None:
+            return reduced, plan
+    return area_downsample(_decode(ds, meta), plan.factor), plan
+
+
+def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
+    allocated = int(ds.get("BitsAllocated", 16) or 16)
+    return np.dtype(f"{'i' if meta.signed else 'u'}{max(1, allocated // 8)}")
+
+
+def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan) -> tuple[np.ndarray | None, DecodePlan]:
+    """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
+    plan's note when this codestream cannot be (the caller then decodes in full and block-averages)."""
+    from pydicom.encaps import generate_frames
+
+    wanted = plan.factor.bit_length() - 1
+    try:
+        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        found = j2k_levels(codestream)
+        if found is None:
+            return None, replace(plan, method="area", note="full decode: the codestream's levels are unreadable")
+        if found[1:] != (meta.bits_stored, meta.signed):  # pydicom reconciles header and codestream; leave it to it
+            return None, replace(plan, method="area", note="full decode: the codestream's samples disagree with the "
+                                 "header's Bits Stored / Pixel Representation")
+        levels = min(wanted, found[0])
+        arr = decode_j2k_reduced(codestream, levels, _stored_dtype(ds, meta))
+    except _INTERRUPTS:
+        raise
+    except BaseException as exc:  # OpenJPEG through Pillow raises several types; the full decoder then decides
+        return None, replace(plan, method="area", note=f"full decode: reduced decoding failed ({type(exc).__name__})")
+    if arr.shape != reduced_size(meta.rows, meta.columns, 1 << levels):
+        return None, replace(plan, method="area", note=f"full decode: reduced decoding gave {arr.shape}")
+    if levels < wanted:
+        return area_downsample(arr, 1 << (wanted - levels)), replace(
+            plan, note=f"the codestream has {found[0]} levels: the last 1/{1 << (wanted - levels)} by area")
+    return arr, plan
+
+
+def _native_pixels(ds: Dataset, meta: DicomMeta, source) -> np.ndarray | None:
+    """Uncompressed pixel data as a view of the file (memory-mapped) or of the caller's bytes, without reading it
+    into a copy; None when it is not laid out plainly or the file ends early (the full path then refuses it)."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem is None:
+        return None
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    if meta.signed and meta.bits_stored != allocated:
+        return None  # sign extension from Bits Stored is the full decoder's job
+    tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    value = getattr(elem, "value", None)
+    if value is not None:
+        buffer = value  # read already (pixel data of a few kB is never deferred)
+    elif tell is None or length is None or length == 0xFFFFFFFF:
+        return None
+    elif isinstance(source, (bytes, bytearray)):
+        if tell + length > len(source):
+            return None
+        buffer = memoryview(source)[tell:tell + length]
+    elif isinstance(source, (str, os.PathLike)):
+        if tell + length > os.path.getsize(source):
+            return None
+        buffer = np.memmap(source, dtype=np.uint8, mode="r", offset=tell, shape=(length,))
+    else:
+        return None
+    return native_view(buffer, meta.transfer_syntax, meta.rows, meta.columns, allocated, meta.signed)
 
 
 def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:

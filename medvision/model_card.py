@@ -65,7 +65,7 @@ def render(meta: ArtifactMetadata, artifact: str | Path | None = None, size_byte
               f"- Input `{meta.input.name}`: {meta.input.dtype} {size}, {meta.input.modality}; "
               f"{meta.input.value_range}.",
               f"- Preprocessing (inside the service, from this metadata): {meta.preprocess.image_size} px, "
-              f"mean {meta.preprocess.mean}, std {meta.preprocess.std}.",
+              f"mean {meta.preprocess.mean}, std {meta.preprocess.std}; images {meta.preprocess.decoding}.",
               *[f"- Output `{k}`: {v}." for k, v in meta.outputs.items()],
               f"- Labels: {', '.join(meta.labels)}; calibration temperature {meta.temperature:.3f}.", "",
               "## Operating point", "",

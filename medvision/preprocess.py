@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
 from medvision.errors import PreprocessError
@@ -38,6 +38,23 @@ class PreprocessConfig(BaseModel):
     )
     mean: float = 0.5
     std: float = 0.5
+    decode_long_side: int = Field(
+        0, ge=0, le=16384, description="the long side, in pixels, the crop and resize need: images are decoded at "
+        "the coarsest power-of-two reduction that keeps it (JPEG 2000 wavelet levels skipped, block means for other "
+        "syntaxes); 0 decodes every pixel. Part of the contract: a model is served as it was trained")
+
+    @model_validator(mode="after")
+    def _decode_not_below_input(self) -> PreprocessConfig:
+        if 0 < self.decode_long_side < self.image_size:
+            raise ValueError(f"decode_long_side {self.decode_long_side} is below image_size {self.image_size}: the "
+                             "model would see upsampled pixels (use 0 for full resolution, or >= image_size)")
+        return self
+
+    @property
+    def decoding(self) -> str:
+        """The decode contract in words (model card, logs)."""
+        return (f"decoded at the coarsest power-of-two reduction with a long side of at least {self.decode_long_side}"
+                " px" if self.decode_long_side else "decoded at full resolution")
 
 
 # -- the grey-scale pipeline ------------------------------------------------------------------
@@ -254,21 +271,35 @@ def normalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where stored pixels land in the model input: crop box, horizontal flip, scale and padding."""
+    """Where the image's pixels land in the model input: crop box, horizontal flip, scale and padding. The image
+    may have been decoded at 1/``factor`` of its size (the decode contract); coordinates given to ``to_input`` and
+    ``covers`` are always the DICOM image's own (its Rows and Columns), whatever it was decoded at."""
 
-    box: tuple[int, int, int, int]  # top, bottom, left, right of the crop in stored pixels
+    box: tuple[int, int, int, int]  # top, bottom, left, right of the crop in decoded pixels
     flipped: bool
-    scale: float
+    scale: float  # model-input pixels per decoded pixel
     top_pad: int
     size: int
+    factor: int = 1  # decoded pixels are this many image pixels wide
 
-    def to_input(self, x: float, y: float) -> tuple[float, float]:
-        """Stored-pixel coordinates (column x, row y, pixel centres at +0.5) -> model-input coordinates."""
+    @property
+    def image_scale(self) -> float:
+        """Model-input pixels per image pixel."""
+        return self.scale / self.factor
+
+    def to_input(self, x, y):
+        """Image coordinates (column x, row y, pixel centres at +0.5; floats or arrays) -> model-input coordinates."""
         t, _, left, right = self.box
-        cx, cy = x - left, y - t
+        cx, cy = x / self.factor - left, y / self.factor - t
         if self.flipped:
             cx = (right - left) - cx
         return cx * self.scale, cy * self.scale + self.top_pad
+
+    def covers(self, x, y):
+        """Whether image coordinates fall inside the crop (floats or arrays)."""
+        t, b, left, right = self.box
+        dx, dy = x / self.factor, y / self.factor
+        return (dx >= left) & (dx < right) & (dy >= t) & (dy < b)
 
 
 class Preprocess:
@@ -308,10 +339,17 @@ class Preprocess:
         h, w = crop.shape
         scale = self.cfg.image_size / max(h, w)
         nh = max(1, round(h * scale))
-        return Geometry(box, flipped, scale, (self.cfg.image_size - nh) // 2, self.cfg.image_size)
+        return Geometry(box, flipped, scale, (self.cfg.image_size - nh) // 2, self.cfg.image_size, meta.decode_factor)
+
+    def read(self, source: Source, limits: ReadLimits = ReadLimits(),
+             identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        """The stored pixels at the resolution this preprocessing's contract needs (``decode_long_side``), and the
+        meta (``meta.decode`` says how): the one way training, evaluation, export, quantization, the gate, the
+        service, batch scoring and the review UI read an image for the model."""
+        return read_dicom(source, limits, identifiers, long_side=self.cfg.decode_long_side)
 
     def from_dicom(self, source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
-        stored, meta = read_dicom(source, limits)
+        stored, meta = self.read(source, limits)
         return self(stored, meta), meta
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvision.dicom_io import ReadLimits, read_dicom
+from medvision.dicom_io import ReadLimits
 from medvision.errors import ConfigError, MedvisionError
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.progress import progress_bar
@@ -38,7 +38,7 @@ from medvision.progress import progress_bar
 log = logging.getLogger(__name__)
 
 FIELDS = ["path", "status", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "laterality", "view",
-          "transfer_syntax", "probability", "label", "above_threshold", "threshold", "model_name", "artifact_sha256",
+          "transfer_syntax", "decode", "probability", "label", "above_threshold", "threshold", "model_name", "artifact_sha256",
           "decode_ms", "inference_ms", "error_code", "error", "scored_at"]
 FLOAT_FIELDS = {"probability", "threshold", "decode_ms", "inference_ms"}
 
@@ -80,11 +80,11 @@ def decode(path: str) -> dict:
     start = time.perf_counter()
     out: dict = {"path": path}
     try:
-        stored, meta = read_dicom(path, _WORKER["limits"])
+        stored, meta = _WORKER["pre"].read(path, _WORKER["limits"])
         out["x"] = _WORKER["pre"](stored, meta)
         out.update(sop_instance_uid=meta.sop_instance_uid or "", study_instance_uid=meta.study_instance_uid or "",
                    series_instance_uid=meta.series_instance_uid or "", laterality=meta.laterality or "",
-                   view=meta.view or "", transfer_syntax=meta.transfer_syntax)
+                   view=meta.view or "", transfer_syntax=meta.transfer_syntax, decode=meta.decode)
     except MedvisionError as exc:
         out.update(error_code=exc.code, error=exc.message[:300])
     except Exception as exc:  # a codec's own exception: refuse the file, keep going

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
+from medvision.dicom_io import DicomMeta, ReadLimits
 from medvision.errors import CorruptDicomError
 from medvision.preprocess import Preprocess, PreprocessConfig
 
@@ -50,7 +50,7 @@ def _exit_with(service: int) -> None:
 def _prepare(data: bytes | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
     preprocess, limits = _worker
     ids: dict[str, str] = {}
-    stored, meta = read_dicom(data, limits, ids if want_ids else None)
+    stored, meta = preprocess.read(data, limits, ids if want_ids else None)
     return preprocess(stored, meta), meta, ids
 
 

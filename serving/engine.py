@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
-from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
+from medvision.dicom_io import DicomMeta, ReadLimits, Source
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
 from medvision.serving.settings import Settings
@@ -71,8 +71,16 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
-        return cls(settings.artifact, threads=settings.threads, providers=settings.providers,
-                   limits=ReadLimits(max_pixels=settings.max_pixels))
+        engine = cls(settings.artifact, threads=settings.threads, providers=settings.providers,
+                     limits=ReadLimits(max_pixels=settings.max_pixels))
+        pinned, trained = settings.decode_long_side, engine.meta.preprocess.decode_long_side
+        if pinned is not None and pinned != trained:
+            raise ArtifactError(
+                f"decode contract mismatch: {Path(settings.artifact).name} was trained on images "
+                f"{engine.meta.preprocess.decoding} (decode_long_side {trained}), but this deployment is pinned to "
+                f"decode_long_side {pinned} (MEDVISION_DECODE_LONG_SIDE): serving it would feed the model other pixels "
+                "than it learned from")
+        return engine
 
     @property
     def providers(self) -> list[str]:
@@ -94,7 +102,7 @@ class Engine:
     def prepare(self, source: Source, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
         """Read and preprocess one DICOM: the model input (1, H, W) and its metadata (``identifiers``: see
         ``read_dicom``)."""
-        stored, meta = read_dicom(source, self.limits, identifiers)
+        stored, meta = self.preprocess.read(source, self.limits, identifiers)
         return self.preprocess(stored, meta), meta
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float) -> Prediction:

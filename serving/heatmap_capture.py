@@ -43,30 +43,32 @@ def _bilinear(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return top * (1 - ty) + bottom * ty
 
 
-def heat_layer(engine, stored: np.ndarray, meta, max_side: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """On the displayed image (long side <= ``max_side``): its greys, the heatmap normalised to [0, 1] per
-    image, the mask of pixels inside the model's field of view, and the image's probability."""
+def heat_layer(engine, path: str | Path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """On the displayed image (``rendering.display_size``): its greys, the heatmap normalised to [0, 1] per image,
+    the mask of pixels inside the model's field of view, and the image's probability.
+
+    The model sees the image as its contract decodes it (the pixels it was scored on); the greys come from a
+    decode at the display's resolution. Both are placed by the image's own rows and columns, so the colours land
+    where the model looked whatever the two resolutions are."""
+    from medvision.serving.rendering import display_size
+
+    stored, meta = engine.preprocess.read(path, engine.limits)
     x = engine.preprocess(stored, meta)
     probability, heat = engine.run_with_heatmap(x[None])
     heat = heat[0, 0]
     geo = engine.preprocess.geometry(stored, meta)
-    grey = to_display(stored, meta, engine.preprocess.cfg).astype(np.float32)
+    shown, shown_meta = read_dicom(path, engine.limits, long_side=max_side)
+    grey = to_display(shown, shown_meta, engine.preprocess.cfg).astype(np.float32)
+    oh, ow = display_size(meta.rows, meta.columns, max_side)
+    ys = (np.arange(oh) + 0.5) * (meta.rows / oh)  # output pixel centres, in the image's own pixels
+    xs = (np.arange(ow) + 0.5) * (meta.columns / ow)
     h, w = grey.shape
-    f = min(1.0, max_side / max(h, w))
-    oh, ow = max(1, round(h * f)), max(1, round(w * f))
-    ys = (np.arange(oh) + 0.5) / f
-    xs = (np.arange(ow) + 0.5) / f
-    small = grey[np.minimum(ys.astype(int), h - 1)][:, np.minimum(xs.astype(int), w - 1)]
-    top, bottom, left, right = geo.box
-    cx = xs[None, :] - left
-    cy = ys[:, None] - top
-    if geo.flipped:
-        cx = (right - left) - cx
-    ix, iy = cx * geo.scale, cy * geo.scale + geo.top_pad
+    small = grey[np.minimum((ys / shown_meta.decode_factor).astype(int), h - 1)][
+        :, np.minimum((xs / shown_meta.decode_factor).astype(int), w - 1)]
+    ix, iy = geo.to_input(xs[None, :], ys[:, None])
     gh, gw = heat.shape
     fx, fy = ix / geo.size * gw, iy / geo.size * gh  # continuous heatmap-grid coordinates
-    inside = (fx >= 0) & (fx < gw) & (fy >= 0) & (fy < gh)
-    inside &= (xs[None, :] >= left) & (xs[None, :] < right) & (ys[:, None] >= top) & (ys[:, None] < bottom)
+    inside = (fx >= 0) & (fx < gw) & (fy >= 0) & (fy < gh) & geo.covers(xs[None, :], ys[:, None])
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     v = np.where(inside, _bilinear(norm, fx - 0.5, fy - 0.5), 0.0)  # cell centres at +0.5
@@ -87,8 +89,7 @@ def colour_layer(v: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
     """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
-    stored, meta = read_dicom(path, engine.limits)
-    small, v, inside, probability = heat_layer(engine, stored, meta)
+    small, v, inside, probability = heat_layer(engine, path)
     alpha = _alpha(v, inside)[..., None]
     rgb = small[..., None] * (1 - alpha) + _colormap(v) * alpha
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), probability

@@ -25,18 +25,24 @@ from medvision.preprocess import apply_window, modality_values, needs_inversion,
 SIZES = (512, 1024, 2048)
 
 
-def _shrink(grey: np.ndarray, max_side: int) -> np.ndarray:
-    h, w = grey.shape
-    f = min(1.0, max_side / max(h, w))
-    if f == 1.0:
+def display_size(rows: int, columns: int, max_side: int) -> tuple[int, int]:
+    """``(height, width)`` of an image of ``rows`` x ``columns`` shown with its long side at most ``max_side``: the
+    size of every rendering (image and heatmap alike), whatever resolution it was decoded at."""
+    f = min(1.0, max_side / max(rows, columns))
+    return max(1, round(rows * f)), max(1, round(columns * f))
+
+
+def _shrink(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if grey.shape == size:
         return grey
     img = Image.fromarray(grey.astype(np.float32), mode="F")
-    return np.asarray(img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX))
+    return np.asarray(img.resize((size[1], size[0]), Image.Resampling.BOX))
 
 
 def image_info(path: str | Path, limits: ReadLimits) -> dict:
-    """What the viewer needs to label an image and offer window presets (no identifiers)."""
-    stored, meta = read_dicom(path, limits)
+    """What the viewer needs to label an image and offer window presets (no identifiers). The value statistics
+    come from the image decoded at 1024 px: the presets need the distribution, not every pixel."""
+    stored, meta = read_dicom(path, limits, long_side=1024)
     values = modality_values(stored, meta)
     body = values[values > values.min()] if np.ptp(values) > 0 else values.ravel()
     if body.size == 0:
@@ -61,15 +67,16 @@ def image_info(path: str | Path, limits: ReadLimits) -> dict:
 def render(path: str | Path, limits: ReadLimits, cfg, max_side: int, center: float | None = None,
            width: float | None = None) -> bytes:
     """8-bit greyscale PNG: the file's default display (``to_display``, as the model sees it before its
-    geometry) or the given window in modality units; bright = dense either way."""
-    stored, meta = read_dicom(path, limits)
+    geometry) or the given window in modality units; bright = dense either way. Decoded at the coarsest
+    resolution that still fills ``max_side`` (``medvision.resolution``)."""
+    stored, meta = read_dicom(path, limits, long_side=max_side)
     if center is None or width is None:
         grey = to_display(stored, meta, cfg)
     else:
         grey = apply_window(modality_values(stored, meta), center, max(width, 1.0), "LINEAR")
         if needs_inversion(meta.photometric, meta.presentation_lut_shape):
             grey = 1.0 - grey
-    small = _shrink(grey, max_side)
+    small = _shrink(grey, display_size(meta.rows, meta.columns, max_side))
     buf = io.BytesIO()
     Image.fromarray((np.clip(small, 0, 1) * 255).round().astype(np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
@@ -79,15 +86,8 @@ def render_heatmap(engine, path: str | Path, max_side: int) -> bytes:
     """RGBA PNG of the model's heatmap for this image, the same size as ``render`` at ``max_side``."""
     from medvision.serving.heatmap_capture import colour_layer, heat_layer
 
-    stored, meta = read_dicom(path, engine.limits)
-    h, w = stored.shape[:2]
-    f = min(1.0, max_side / max(h, w))
-    _, v, inside, _ = heat_layer(engine, stored, meta, max_side)
-    rgba = colour_layer(v, inside)
-    want = (max(1, round(w * f)), max(1, round(h * f)))
-    img = Image.fromarray(rgba, mode="RGBA")
-    if img.size != want:
-        img = img.resize(want, Image.Resampling.BILINEAR)
+    _, v, inside, _ = heat_layer(engine, path, max_side)
+    img = Image.fromarray(colour_layer(v, inside), mode="RGBA")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

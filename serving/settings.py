@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_stow_parts: int = Field(200, ge=1, description="most instances in one STOW-RS request (a larger study is "
                                 "sent in several requests)")
     max_pixels: int = Field(80_000_000, ge=1, description="largest declared rows x columns x frames")
+    decode_long_side: int | None = Field(None, ge=0, description="the decode contract this deployment validated "
+                                         "(the artifact's preprocess.decode_long_side; 0: full resolution): a model "
+                                         "trained under another is refused at start-up. Unset: the artifact's own")
     key_cache_seconds: float = Field(5.0, ge=0, description="a verified API key is trusted this long without a "
                                      "database lookup; a revoked key stops working within it (0: look up every "
                                      "request)")

@@ -163,6 +163,7 @@ class ScoredImage(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     artifact_sha256: Mapped[str] = mapped_column(String(64))
     inference_ms: Mapped[float] = mapped_column(Float)
+    decode: Mapped[str] = mapped_column(String(96), default="", doc="how the image was decoded, e.g. '1/8 wavelet'")
     scored_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     note: Mapped[str] = mapped_column(Text, default="")
 

@@ -44,7 +44,8 @@ def _statements(dialect: str) -> dict:
         images, usage, audit = ScoredImage.__table__, Usage.__table__, AuditEvent.__table__
         result = insert(images)
         replaced = {c: result.excluded[c] for c in ("study_instance_uid", "key_id", "probability", "label", "threshold",
-                                                    "model_name", "artifact_sha256", "inference_ms", "scored_at")}
+                                                    "model_name", "artifact_sha256", "inference_ms", "decode",
+                                                    "scored_at")}
         # a re-score without an accession number keeps the one recorded before
         replaced["accession_number"] = case((result.excluded.accession_number != "", result.excluded.accession_number),
                                             else_=images.c.accession_number)
@@ -67,7 +68,7 @@ def _statements(dialect: str) -> dict:
 
 def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
-                 inference_ms: float, audit_event=None, accession: str = "") -> None:
+                 inference_ms: float, audit_event=None, accession: str = "", decode: str = "") -> None:
     """Store the result for ``owner``'s site (a SOP Instance UID the site re-scores replaces its row) and meter it
     for the key, with the audit record of the access, in one transaction.
 
@@ -90,7 +91,7 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
                 db.execute(sql["new_study"], {"d": day, "k": key_id})
             db.execute(sql["result"], {
                 "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
-                "probability": probability,
+                "probability": probability, "decode": decode[:96],
                 "label": label, "threshold": threshold, "model_name": model["name"],
                 "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
                 "accession_number": printable(accession or "", 16)})

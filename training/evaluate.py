@@ -75,7 +75,6 @@ def pointing_game(model: torch.nn.Module, pre: Preprocess, rows: list[ImageRow],
     ``lesions_csv`` (written by ``medvision synth``) locates; None if the model has no exact heatmap."""
     import csv
 
-    from medvision.dicom_io import read_dicom
     from medvision.heatmap import chance_rate, pointing_hit
     from medvision.preprocess import normalize
     from medvision.training.models import class_activation_map, has_exact_heatmap
@@ -92,13 +91,13 @@ def pointing_game(model: torch.nn.Module, pre: Preprocess, rows: list[ImageRow],
     for row in rows:
         if row.label != 1 or row.image_id not in found:
             continue
-        stored, meta = read_dicom(row.path)
+        stored, meta = pre.read(row.path)
         geom = pre.geometry(stored, meta)
         grey = pre.display(stored, meta)
         with torch.no_grad():
             x = torch.from_numpy(normalize(grey, pre.cfg.mean, pre.cfg.std)[None, None])
             heat = class_activation_map(model, x)[0, 0].numpy()
-        mapped = [(*geom.to_input(lx, ly), lr * geom.scale) for lx, ly, lr, _ in found[row.image_id]]
+        mapped = [(*geom.to_input(lx, ly), lr * geom.image_scale) for lx, ly, lr, _ in found[row.image_id]]
         hits.append(float(pointing_hit(heat, geom.size, mapped)))
         chance.append(chance_rate(grey > 0.08, heat.shape, mapped))
         patients.append(row.patient_id)

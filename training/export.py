@@ -29,7 +29,6 @@ from medvision.artifact import (
 )
 from medvision.config import RunConfig
 from medvision.data import load_rows, read_split
-from medvision.dicom_io import read_dicom
 from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
@@ -123,7 +122,7 @@ def parity_inputs(cfg: RunConfig, run_dir: Path, n: int = 8) -> np.ndarray:
             rows = []
         for r in rows:
             try:
-                batch.append(pre(*read_dicom(r.path)))
+                batch.append(pre(*pre.read(r.path)))
             except (DicomError, OSError):
                 continue
             if len(batch) == n:

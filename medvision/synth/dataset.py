@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
 
 from medvision.progress import progress_bar
 from medvision.synth.dicom_writer import ImageRecord, build_dataset, save, uid_for
@@ -22,7 +23,7 @@ from medvision.synth.phantom import (
     Finding,
     render_breast,
 )
-from medvision.synth.vendors import VENDORS, default_window, to_stored
+from medvision.synth.vendors import VENDORS, Vendor, default_window, to_stored
 
 LABEL_COLUMNS = [
     "site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer", "biopsy", "invasive",
@@ -83,6 +84,23 @@ def _findings_for_view(planned, geom: BreastGeometry, view: str, shape, rng) -> 
         y = (geom.center_y + y_frac * geom.half_height) * h + (0.06 * h if view == "MLO" else 0.0)
         out.append(Finding(kind, malignant, float(x), float(y), float(radius)))
     return out
+
+
+def example_image(vendor: Vendor, rows: int, columns: int, seed: int = 0, malignant: bool = True,
+                  view: str = "CC") -> Dataset:
+    """One synthetic view as ``vendor`` stores it (uncompressed), for tests and benchmarks that need the same
+    image from every vendor or in every transfer syntax (``dicom_writer.save`` compresses it)."""
+    cfg = SynthConfig(rows=rows, columns=columns, seed=seed, difficulty=0.3)
+    rng = np.random.default_rng([seed, 7])
+    geom, planned = _breast_plan(cfg, rng, malignant, (rows, columns))
+    findings = _findings_for_view(planned, geom, view, (rows, columns), rng)
+    att = render_breast((rows, columns), view, geom, "B", findings, 0.45 - 0.37 * cfg.difficulty, rng)
+    stored = to_stored(att, vendor)
+    rec = ImageRecord(patient_id="EX1", patient_name="SYNTHETIC^EXAMPLE", age=55, study_uid=uid_for("study", seed, 0),
+                      series_uid=uid_for("series", seed, 0, "L", view), sop_uid=uid_for("sop", seed, 0, "L", view),
+                      accession="EX0000001", laterality="L", view=view, instance_number=1,
+                      study_date=_dt.date(2026, 1, 5))
+    return build_dataset(stored, rec, vendor, default_window(stored, att > 0.05), FIELD_OF_VIEW_MM / rows)
 
 
 def _patient_task(args: tuple) -> tuple[list[dict], list[dict], list[str]]:

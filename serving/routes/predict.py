@@ -47,6 +47,8 @@ class PredictResponse(BaseModel):
     operating_point: str
     model: ModelInfo
     inference_ms: float
+    decode: str = Field(description="how the image was decoded under the model's contract: 'full', or e.g. "
+                        "'1/8 wavelet' (JPEG 2000 levels skipped) / '1/8 area' (block means)")
 
 
 def get_engine(request: Request) -> Engine:
@@ -122,7 +124,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
                            status=200, request_id=request.state.request_id, detail={})
         record_score(app.db, caller.owner, result.meta.sop_instance_uid, result.meta.study_instance_uid,
                      result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
-                     ids.get("AccessionNumber", ""))
+                     ids.get("AccessionNumber", ""), result.meta.decode)
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests. A request alone in the service
@@ -157,4 +159,5 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         operating_point=engine.meta.operating_point,
         model=ModelInfo(**info),
         inference_ms=result.inference_ms,
+        decode=result.meta.decode,
     )

@@ -8,7 +8,6 @@ import pytest
 
 import medvision.cache as cache_mod
 from medvision.cache import ImageCache, decode_many, fingerprint
-from medvision.dicom_io import read_dicom
 from medvision.preprocess import Preprocess, PreprocessConfig
 
 
@@ -29,7 +28,7 @@ def files(dicom_files, tmp_path):
 
 
 def _direct(pre, path):
-    return pre.display(*read_dicom(path))
+    return pre.display(*pre.read(path))
 
 
 def test_cached_pixels_equal_direct_decoding_and_are_reused(pre, files, tmp_path, monkeypatch):
@@ -67,6 +66,16 @@ def test_another_preprocessing_uses_another_cache(pre, files, tmp_path):
     a, _, _ = ImageCache(pre, tmp_path / "c").load(files[:1], workers=1, show_progress=False)
     b, _, _ = ImageCache(other, tmp_path / "c").load(files[:1], workers=1, show_progress=False)
     assert a.shape[1:] == (64, 64) and b.shape[1:] == (48, 48)
+
+
+def test_the_cache_decodes_under_the_preprocessing_contract(files, tmp_path):
+    reduced = Preprocess(PreprocessConfig(image_size=64, decode_long_side=96))  # 256-row images at half size
+    assert fingerprint(reduced.cfg) != fingerprint(PreprocessConfig(image_size=64))
+    images, kept, _ = ImageCache(reduced, tmp_path / "c").load(files[:2], workers=1, show_progress=False)
+    for j, i in enumerate(kept):
+        stored, meta = reduced.read(files[i])
+        assert meta.decode_factor == 2
+        np.testing.assert_array_equal(images[j], reduced.display(stored, meta))
 
 
 def test_processes_threads_and_serial_decode_agree(pre, files):

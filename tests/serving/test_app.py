@@ -37,6 +37,15 @@ def test_predict_raw_body_matches_local_engine(client, artifact, dicom_files):
     assert body["label"] == ("cancer" if body["probability"] >= body["threshold"] else "non-cancer")
     assert body["model"]["name"] == "mv_vit_test" and len(body["model"]["artifact_sha256"]) == 64
     assert r.headers["X-Request-ID"]
+    # decoded under the model's contract (96 px for a 256-row image: half size), said in the answer and the record
+    assert body["decode"] == local.meta.decode and body["decode"].startswith("1/2 ")
+    from sqlalchemy import select
+
+    from medvision.serving.tables import ScoredImage
+
+    with client.app.state.db() as db:
+        assert db.scalar(select(ScoredImage.decode).where(ScoredImage.sop_instance_uid == body["sop_instance_uid"])
+                         ) == body["decode"]
 
 
 def test_predict_multipart_upload(client, dicom_files):
@@ -122,6 +131,16 @@ def test_missing_artifact_fails_at_startup_with_a_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         with TestClient(create_app(Settings(artifact=str(tmp_path / "none.onnx")))):
             pass
+
+
+def test_a_model_trained_under_another_decode_contract_is_refused_by_name(artifact):
+    from medvision.errors import ArtifactError
+    from medvision.serving.settings import Settings
+
+    with pytest.raises(ArtifactError, match=r"decode contract mismatch: .*decode_long_side 96.*pinned to "
+                                            r"decode_long_side 0"):
+        Engine.from_settings(Settings(artifact=str(artifact), decode_long_side=0))
+    assert Engine.from_settings(Settings(artifact=str(artifact), decode_long_side=96)).meta.preprocess.decode_long_side == 96
 
 
 def test_a_model_refused_by_the_gate_is_never_served(artifact, tmp_path):

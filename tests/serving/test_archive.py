@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from medvision.cli import main
-from medvision.serving import archive
 from medvision.serving.archive import Options, ResultStore, list_inputs, score_archive
 
 
@@ -57,6 +56,8 @@ def test_every_file_gets_one_row_with_identifiers_and_reasons(mixed_folder, arti
         assert r["sop_instance_uid"] and r["study_instance_uid"] and r["laterality"] in ("L", "R")
         assert r["label"] == engine.meta.labels[int(r["probability"] >= engine.meta.threshold)]
         assert r["model_name"] == engine.meta.model_name and r["artifact_sha256"] == engine.artifact_sha256
+        # the model's contract asks for 96 px: these 256-row images are decoded at half size, and the row says how
+        assert r["decode"] in ("1/2 area", "1/2 wavelet"), r["decode"]
     assert not any("PatientName" in k or "patient" in k.lower() for k in next(iter(rows.values())))
     import pyarrow.parquet as pq
 
@@ -110,14 +111,16 @@ def test_an_interrupted_run_resumes_without_duplicates_or_losses(mixed_folder, a
 
 def test_a_crashing_decoder_refuses_only_its_file(mixed_folder, artifact, tmp_path, monkeypatch):
     crash = str(mixed_folder / "10001" / sorted(os.listdir(mixed_folder / "10001"))[0])
-    real_read = archive.read_dicom
+    from medvision.preprocess import Preprocess
 
-    def read_dicom(path, limits):
+    real_read = Preprocess.read
+
+    def read(self, path, limits=None, identifiers=None):
         if str(path) == crash:
             os._exit(11)  # what a segfaulting codec does to its worker process
-        return real_read(path, limits)
+        return real_read(self, path, limits)
 
-    monkeypatch.setattr(archive, "read_dicom", read_dicom)  # the forked workers inherit it
+    monkeypatch.setattr(Preprocess, "read", read)  # the forked workers inherit it
     files = list_inputs([str(mixed_folder)])
     summary = score_archive(files, str(artifact), tmp_path / "out", "parquet",
                             Options(batch_size=8, workers=2, show_progress=False))

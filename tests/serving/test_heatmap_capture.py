@@ -8,7 +8,6 @@ import pydicom
 from helpers import require_tool
 from pydicom.uid import generate_uid
 
-from medvision.dicom_io import read_dicom
 from medvision.serving.engine import Engine
 from medvision.serving.heatmap_capture import build_capture, overlay
 
@@ -17,7 +16,7 @@ def test_hot_cell_maps_back_through_crop_flip_and_resize(artifact, dicom_files):
     engine = Engine(artifact)
     flips = set()
     for path in dicom_files[:8]:  # both lateralities: some images are flipped to chest wall left, some not
-        stored, meta = read_dicom(path)
+        stored, meta = engine.preprocess.read(path)  # as the model's contract decodes it
         geo = engine.preprocess.geometry(stored, meta)
         flips.add(geo.flipped)
         _, heat = engine.run_with_heatmap(engine.preprocess(stored, meta)[None])
@@ -33,7 +32,7 @@ def test_hot_cell_maps_back_through_crop_flip_and_resize(artifact, dicom_files):
         del engine.run_with_heatmap
         red = rgb[..., 0].astype(int) - rgb[..., 2].astype(int)  # the hot end of the ramp is red
         y, x = np.unravel_index(np.argmax(red), red.shape)
-        scale = max(stored.shape) / max(rgb.shape[:2])
+        scale = max(meta.rows, meta.columns) / max(rgb.shape[:2])  # capture pixels -> image pixels
         ix, iy = geo.to_input((x + 0.5) * scale, (y + 0.5) * scale)
         cell = (int(iy / geo.size * gh), int(ix / geo.size * gw))
         assert abs(cell[0] - gh // 2) <= 1 and abs(cell[1] - gw // 4) <= 1, (path.name, cell, geo.flipped)

@@ -17,7 +17,7 @@ def test_artifact_carries_its_metadata(artifact, tiny_run):
     proto = onnx.load(str(artifact))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = json.loads(props[METADATA_KEY])
-    assert meta["schema_version"] == 2
+    assert meta["schema_version"] == 3
     assert meta["model_name"] == "mv_vit_test"
     assert meta["medvision_version"] == __version__
     assert meta["preprocess"]["image_size"] == 64
@@ -60,13 +60,15 @@ def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
               operating_points=[{"name": "sens90", "rule": "sensitivity >= 0.90 on validation", "threshold": 0.42,
                                  "sensitivity": 0.9, "specificity": 0.5}],
               evaluation={}, quantization={}, gate={})
+    v1["preprocess"].pop("decode_long_side")  # version 1 and 2 had no decode contract
     model = onnx.load(str(artifact))
     del model.metadata_props[:]
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(v1))
     old = tmp_path / "v1.onnx"
     onnx.save(model, str(old))
     meta = read_artifact(old)
-    assert meta.schema_version == 2 and meta.threshold == 0.42 and meta.operating.calibrated
+    assert meta.schema_version == 3 and meta.threshold == 0.42 and meta.operating.calibrated
+    assert meta.preprocess.decode_long_side == 0  # before the decode contract, every pixel was decoded
     assert meta.operating_point == "sensitivity >= 0.90 on validation (calibrated)"
     assert meta.evaluation is None and meta.gate is None and meta.format == "fp32"
     v1.update(operating_points=[], operating_point="default 0.5 (no validation metrics found)", threshold=0.5)
