@@ -8,8 +8,8 @@ Measured side by side on this machine, with the same artifact and images:
   raw pipeline   decode + preprocess + model, one image at a time (what one request costs without HTTP);
   served         `medvision serve` (a separate process) driven over HTTP by an asyncio client at each
                  concurrency, with micro-batching on (max batch 8) and off (max batch 1), decoding in threads;
-                 then batching on with decoding in worker processes (MEDVISION_DECODE_PROCESSES, one per core,
-                 and one ONNX Runtime thread); concurrency 1 (batching on, threads) alternates with the raw
+                 then batching on with decoding in worker processes (MEDVISION_DECODE_PROCESSES, one per core: the
+                 service's default); concurrency 1 (batching on, threads) alternates with the raw
                  pipeline in slices, so the latency comparison sees the same machine.
 Every level is bounded in requests and seconds. The client shares the machine's cores with the service,
 so served numbers on a 2-core box include the client's cost; the ratios say how much HTTP, decoding and
@@ -191,9 +191,8 @@ def service(model: str, settings: dict[str, str]):
 
 def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
            interleave: bool = False, decode_processes: int = 0) -> dict:
-    settings = {"MEDVISION_BATCH_MAX_SIZE": str(max_batch), "MEDVISION_QUEUE_MAX": "256"}
-    if decode_processes:  # the worker processes take the cores: ONNX Runtime runs in the calling thread only
-        settings.update(MEDVISION_DECODE_PROCESSES=str(decode_processes), MEDVISION_THREADS="1")
+    settings = {"MEDVISION_BATCH_MAX_SIZE": str(max_batch), "MEDVISION_QUEUE_MAX": "256",
+                "MEDVISION_DECODE_PROCESSES": str(decode_processes)}
     with service(model, settings) as (url, key):
         payloads = [f.read_bytes() for f in files]
         out = {}

@@ -38,9 +38,9 @@ from medvision.errors import (
 from medvision.resolution import (
     NATIVE_SYNTAXES,
     DecodePlan,
-    area_downsample,
     decode_j2k_reduced,
     j2k_levels,
+    lowpass,
     native_view,
     plan_decode,
     reduced_size,
@@ -139,7 +139,43 @@ class DicomMeta:
         return d
 
 
-Source = str | os.PathLike | bytes | bytearray | BinaryIO
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+_BUFFERS = (bytes, bytearray, memoryview)
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable, read-only file over a memory buffer without copying it (``io.BytesIO`` copies a memoryview): a
+    request body in shared memory is parsed where it lies, and uncompressed pixels are viewed, never copied."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos:end])
+        self._pos = max(self._pos, end)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
@@ -162,7 +198,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         EmptyInputError, NotDicomError, NotAnImageError, CorruptDicomError, UnsupportedImageError,
         MissingCodecError: each with a message naming the problem.
     """
-    ds = _parse(source, limits=limits, defer_pixels=isinstance(source, (str, os.PathLike, bytes, bytearray)))
+    ds = _parse(source, limits=limits, defer_pixels=isinstance(source, (str, os.PathLike, *_BUFFERS)))
     try:
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
@@ -251,11 +287,10 @@ def _parse(source: Source, headers_only: bool = False, limits: ReadLimits = Read
            defer_pixels: bool = False) -> Dataset:
     """The dataset, refused by name when it is no DICOM or is truncated. Pixel data is read now unless
     ``headers_only`` or ``defer_pixels`` (then ``_load_pixel_data``, or a view of the bytes, reads it later)."""
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-        if not data:
+    if isinstance(source, _BUFFERS):
+        if not len(source):
             raise EmptyInputError("empty input: expected a DICOM file, got 0 bytes")
-        fileobj: BinaryIO = io.BytesIO(data)
+        fileobj: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else _ViewReader(memoryview(source))
         name = "the input"
     elif isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
@@ -542,17 +577,18 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> t
     if plan.factor == 1:
         _load_pixel_data(ds)
         return _decode(ds, meta), plan
-    if plan.method == "area" and meta.transfer_syntax in NATIVE_SYNTAXES:
+    levels = plan.factor.bit_length() - 1
+    if plan.method == "lowpass" and meta.transfer_syntax in NATIVE_SYNTAXES:
         view = _native_pixels(ds, meta, source)
         if view is not None:
-            return area_downsample(view, plan.factor), plan
+            return lowpass(view, levels, meta.bits_stored, meta.signed), plan
     _load_pixel_data(ds)
     if plan.method == "wavelet":
         _check_codestream(ds, meta)
         reduced, plan = _wavelet(ds, meta, plan)
         if reduced is not None:
             return reduced, plan
-    return area_downsample(_decode(ds, meta), plan.factor), plan
+    return lowpass(_decode(ds, meta), levels, meta.bits_stored, meta.signed), plan
 
 
 def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
@@ -562,7 +598,7 @@ def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
 
 def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan) -> tuple[np.ndarray | None, DecodePlan]:
     """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
-    plan's note when this codestream cannot be (the caller then decodes in full and block-averages)."""
+    plan's note when this codestream cannot be (the caller then decodes in full and computes the band)."""
     from pydicom.encaps import generate_frames
 
     wanted = plan.factor.bit_length() - 1
@@ -570,21 +606,22 @@ def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan) -> tuple[np.ndarray
         codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
         found = j2k_levels(codestream)
         if found is None:
-            return None, replace(plan, method="area", note="full decode: the codestream's levels are unreadable")
+            return None, replace(plan, method="lowpass", note="full decode: the codestream's levels are unreadable")
         if found[1:] != (meta.bits_stored, meta.signed):  # pydicom reconciles header and codestream; leave it to it
-            return None, replace(plan, method="area", note="full decode: the codestream's samples disagree with the "
-                                 "header's Bits Stored / Pixel Representation")
+            return None, replace(plan, method="lowpass", note="full decode: the codestream's samples disagree with "
+                                 "the header's Bits Stored / Pixel Representation")
         levels = min(wanted, found[0])
         arr = decode_j2k_reduced(codestream, levels, _stored_dtype(ds, meta))
     except _INTERRUPTS:
         raise
     except BaseException as exc:  # OpenJPEG through Pillow raises several types; the full decoder then decides
-        return None, replace(plan, method="area", note=f"full decode: reduced decoding failed ({type(exc).__name__})")
+        return None, replace(plan, method="lowpass",
+                             note=f"full decode: reduced decoding failed ({type(exc).__name__})")
     if arr.shape != reduced_size(meta.rows, meta.columns, 1 << levels):
-        return None, replace(plan, method="area", note=f"full decode: reduced decoding gave {arr.shape}")
-    if levels < wanted:
-        return area_downsample(arr, 1 << (wanted - levels)), replace(
-            plan, note=f"the codestream has {found[0]} levels: the last 1/{1 << (wanted - levels)} by area")
+        return None, replace(plan, method="lowpass", note=f"full decode: reduced decoding gave {arr.shape}")
+    if levels < wanted:  # the same low-pass steps, computed: the result is what more levels would have given
+        return lowpass(arr, wanted - levels, meta.bits_stored, meta.signed), replace(
+            plan, note=f"the codestream has {found[0]} levels: the last {wanted - levels} computed")
     return arr, plan
 
 
@@ -603,10 +640,11 @@ def _native_pixels(ds: Dataset, meta: DicomMeta, source) -> np.ndarray | None:
         buffer = value  # read already (pixel data of a few kB is never deferred)
     elif tell is None or length is None or length == 0xFFFFFFFF:
         return None
-    elif isinstance(source, (bytes, bytearray)):
-        if tell + length > len(source):
+    elif isinstance(source, _BUFFERS):
+        view = memoryview(source).cast("B") if isinstance(source, memoryview) else memoryview(source)
+        if tell + length > len(view):
             return None
-        buffer = memoryview(source)[tell:tell + length]
+        buffer = view[tell:tell + length]
     elif isinstance(source, (str, os.PathLike)):
         if tell + length > os.path.getsize(source):
             return None

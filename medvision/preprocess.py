@@ -40,8 +40,8 @@ class PreprocessConfig(BaseModel):
     std: float = 0.5
     decode_long_side: int = Field(
         0, ge=0, le=16384, description="the long side, in pixels, the crop and resize need: images are decoded at "
-        "the coarsest power-of-two reduction that keeps it (JPEG 2000 wavelet levels skipped, block means for other "
-        "syntaxes); 0 decodes every pixel. Part of the contract: a model is served as it was trained")
+        "the coarsest power-of-two reduction that keeps it: JPEG 2000's own low-pass band (its finest wavelet levels "
+        "never decoded; other syntaxes get the same band computed, bit for bit); 0 decodes every pixel. Part of the contract: a model is served as it was trained")
 
     @model_validator(mode="after")
     def _decode_not_below_input(self) -> PreprocessConfig:

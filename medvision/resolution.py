@@ -2,18 +2,22 @@
 
 A model looks at a few hundred pixels; a full-field mammogram has 8.5 million. The preprocessing contract
 (``PreprocessConfig.decode_long_side``) states the long side the crop and resize need; ``plan_decode`` picks the
-coarsest power-of-two reduction of the image that still has it, from the header alone:
+coarsest power-of-two reduction of the image that still has it, from the header alone. The reduced image is
+defined as JPEG 2000's own: the low-pass band of ``levels`` steps of the reversible 5/3 wavelet (ISO/IEC 15444-1
+Annex F, vertical then horizontal lifting, symmetric extension), rounded as the standard rounds, clamped to the
+stored range. So every transfer syntax gives the same pixels:
 
-- JPEG 2000 and HTJ2K: the finest wavelet levels are discarded (OpenJPEG through Pillow), so their code-blocks
-  are never entropy-decoded: most of the work. A codestream with fewer levels than asked is decoded at its
-  coarsest level and block-averaged the rest of the way.
-- Uncompressed: block means computed straight from the file's pixel bytes (a memory map, or a view of the
-  request's buffer), with no full-size copy.
-- RLE, JPEG-LS and JPEG: no resolution scalability, so a full decode, then the same block means.
+- JPEG 2000 and HTJ2K: the finest wavelet levels are simply not decoded (OpenJPEG through Pillow), so their
+  code-blocks are never entropy-decoded: most of the work. For a lossless (5/3) codestream this *is* the
+  reference, bit for bit; a lossy (9/7) one gives its own low-pass band, as close as lossy pixels are.
+- Uncompressed: the low-pass band computed straight from the file's pixel bytes (a memory map, or a view of the
+  request's buffer), with no full-size copy of the input.
+- RLE, JPEG-LS and JPEG: no resolution scalability, so a full decode, then the same low-pass band.
 
-Either way the image arrives at 1/factor of its size (``ceil`` of each side), in its stored integer values,
-before any LUT: the grey-scale pipeline and the geometry run on it unchanged. What was done is recorded as the
-plan's text (``"1/8 wavelet"``, ``"1/8 area"``, ``"full"``), in ``DicomMeta.decode`` and every score row.
+The image arrives at 1/factor of its size (``ceil`` of each side) in its stored integer values, before any LUT:
+the grey-scale pipeline and the geometry run on it unchanged. What was done is recorded as the plan's text
+(``"1/8 wavelet"``: levels skipped, ``"1/8 lowpass"``: computed, ``"full"``) in ``DicomMeta.decode`` and every
+score row.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class DecodePlan:
     """How one image is decoded: at 1/``factor`` of its size, by ``method``; ``note`` says why a plan changed."""
 
     factor: int = 1
-    method: str = "full"  # "full", "wavelet" (JPEG 2000 levels discarded) or "area" (block means)
+    method: str = "full"  # "full", "wavelet" (JPEG 2000 levels not decoded) or "lowpass" (computed after decoding)
     note: str = ""
 
     def __str__(self) -> str:
@@ -58,46 +62,57 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
     factor = reduction(rows, columns, long_side)
     if factor == 1:
         return DecodePlan()
-    return DecodePlan(factor, "wavelet" if transfer_syntax in J2K_SYNTAXES else "area")
+    return DecodePlan(factor, "wavelet" if transfer_syntax in J2K_SYNTAXES else "lowpass")
 
 
 def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:
     return -(-rows // factor), -(-columns // factor)
 
 
-def area_downsample(stored: np.ndarray, factor: int) -> np.ndarray:
-    """Block means over ``factor`` x ``factor`` blocks (the last row / column of blocks may be narrower),
-    rounded back to the stored integer type. Sums are taken over strided views: no full-size copy is made, and
-    each input value is read once."""
-    if factor == 1:
+def _half(x: np.ndarray, axis: int) -> np.ndarray:
+    """One reversible 5/3 lifting step along ``axis`` (samples 2k low-pass, 2k+1 high-pass): the low-pass band,
+    int32. Symmetric extension at both ends, and the standard's integer rounding (F.3.8.2):
+    d[k] = x[2k+1] - floor((x[2k] + x[2k+2]) / 2);  s[k] = x[2k] + floor((d[k-1] + d[k] + 2) / 4)."""
+    def take(a, s):
+        return a[(s, slice(None))] if axis == 0 else a[(slice(None), s)]
+
+    even, odd = take(x, slice(0, None, 2)), take(x, slice(1, None, 2))
+    ne, no = even.shape[axis], odd.shape[axis]
+    if no == 0:
+        return np.asarray(even, dtype=np.int32)
+    d = np.empty(odd.shape, np.int32)
+    m = ne - 1  # odd samples with a right neighbour; the last one of an even length mirrors x[n-2]
+    np.add(take(even, slice(0, m)), take(even, slice(1, None)), out=take(d, slice(0, m)), dtype=np.int32,
+           casting="unsafe")
+    if no > m:
+        np.add(take(even, slice(m, m + 1)), take(even, slice(m, m + 1)), out=take(d, slice(m, m + 1)),
+               dtype=np.int32, casting="unsafe")
+    np.right_shift(d, 1, out=d)
+    np.subtract(odd, d, out=d, dtype=np.int32, casting="unsafe")
+    s = np.empty(even.shape, np.int32)
+    np.add(take(d, slice(0, 1)), take(d, slice(0, 1)), out=take(s, slice(0, 1)))  # d[-1] mirrors d[0]
+    np.add(take(d, slice(0, no - 1)), take(d, slice(1, no)), out=take(s, slice(1, no)))
+    if ne > no:  # an odd length: the last even sample's right detail mirrors d[no-1]
+        np.add(take(d, slice(no - 1, no)), take(d, slice(no - 1, no)), out=take(s, slice(no, no + 1)))
+    s += 2
+    np.right_shift(s, 2, out=s)
+    np.add(s, even, out=s, dtype=np.int32, casting="unsafe")
+    return s
+
+
+def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> np.ndarray:
+    """The image at 1/2**levels of its size: the low-pass band of ``levels`` 2-D steps of the reversible 5/3
+    wavelet, as JPEG 2000 computes it (bit for bit what OpenJPEG gives for a lossless codestream decoded at that
+    reduction), clamped to the ``bits_stored`` range and returned in the stored type. Each input value is read
+    once; no full-size copy of the input is made."""
+    if levels == 0:
         return stored
-    h, w = stored.shape
-    small = stored.dtype.kind == "u" and stored.dtype.itemsize <= 2 and factor <= 128
-    wide = np.uint32 if small else np.int64 if stored.dtype.kind == "i" else np.float64 if stored.dtype.kind == "f" \
-        else np.uint64  # 128 x 128 sixteen-bit values still fit 32 bits
-    cols = np.empty((h, -(-w // factor)), dtype=wide)
-    whole = w // factor
-    np.copyto(cols[:, :whole], stored[:, 0:whole * factor:factor], casting="unsafe")
-    for j in range(1, factor):
-        cols[:, :whole] += stored[:, j:whole * factor:factor]
-    if whole < cols.shape[1]:  # the last, narrower column of blocks
-        cols[:, whole] = stored[:, whole * factor:].sum(axis=1, dtype=wide)
-    full_rows = h // factor
-    out = np.empty((-(-h // factor), cols.shape[1]), dtype=wide)
-    np.copyto(out[:full_rows], cols[0:full_rows * factor:factor], casting="unsafe")
-    for i in range(1, factor):
-        out[:full_rows] += cols[i:full_rows * factor:factor]
-    if full_rows < out.shape[0]:
-        out[full_rows] = cols[full_rows * factor:].sum(axis=0, dtype=wide)
-    counts_r = np.full(out.shape[0], factor, np.float64)
-    counts_c = np.full(out.shape[1], factor, np.float64)
-    counts_r[full_rows:] = h - full_rows * factor
-    counts_c[whole:] = w - whole * factor
-    means = out / counts_r[:, None] / counts_c[None, :]
-    if stored.dtype.kind == "f":
-        return means.astype(stored.dtype)
+    a = stored
+    for _ in range(levels):
+        a = _half(_half(a, 0), 1)
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     info = np.iinfo(stored.dtype)
-    return np.clip(np.rint(means), info.min, info.max).astype(stored.dtype)
+    return np.clip(a, max(lo, info.min), min(hi, info.max)).astype(stored.dtype)
 
 
 def native_view(buffer, transfer_syntax: str, rows: int, columns: int, bits_allocated: int,

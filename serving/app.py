@@ -139,9 +139,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.batcher = Batcher(app.state.engine.run, settings.batch_max_size, settings.batch_max_wait_ms,
                                     settings.queue_max, settings.request_timeout_s, app.state.metrics)
         await app.state.batcher.start()
-        if settings.decode_processes:
+        if settings.decoders:
             loaded = app.state.engine
-            app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decode_processes)
+            app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decoders)
         if settings.job_workers:
             app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
             app.state.worker.start()
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = None
     app.state.metrics = Metrics()
     app.state.worker = None
-    app.state.decoder = None  # a DecodePool when settings.decode_processes
+    app.state.decoder = None  # a DecodePool when settings.decoders
 
     app.add_middleware(BodyLimit, dicom_bytes=settings.max_upload_bytes, other_bytes=settings.max_form_bytes)
     app.add_middleware(RequestLog, metrics=app.state.metrics)  # outermost: it sees every answer, refusals included

@@ -73,6 +73,11 @@ class Batcher:
                 pass
         self.pool.shutdown(wait=True)
 
+    def alone(self) -> bool:
+        """True when the caller (inside ``incoming()``) is the only request about: nothing else decoding, queued or
+        being scored. Such a request decodes in its own thread: a hop to a worker process would only add latency."""
+        return self.pending <= 1 and not self.queue.qsize() and not self.slot.locked()
+
     def run_alone(self, x: np.ndarray) -> tuple[float, float, int] | None:
         """Called inside ``incoming()`` from the thread that decoded ``x``: score it now if it is the only request
         about (nothing queued, no other decoding, no model call running) and return what ``submit`` would; else

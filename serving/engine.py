@@ -44,13 +44,15 @@ class Engine:
     """Load an artifact; ``predict(source)`` reads, preprocesses and scores one DICOM."""
 
     def __init__(self, artifact: str | Path, threads: int = 0, providers: list[str] | None = None,
-                 limits: ReadLimits = ReadLimits()) -> None:
+                 limits: ReadLimits = ReadLimits(), spinning: bool = True) -> None:
         path = Path(artifact)
         if not path.is_file():
             raise ArtifactError(f"model artifact not found: {path} (set MEDVISION_ARTIFACT or --model)")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spinning:  # idle ONNX Runtime threads sleep instead of spinning: decoding processes need the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=choose_providers(providers))
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
@@ -72,7 +74,7 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
         engine = cls(settings.artifact, threads=settings.threads, providers=settings.providers,
-                     limits=ReadLimits(max_pixels=settings.max_pixels))
+                     limits=ReadLimits(max_pixels=settings.max_pixels), spinning=not settings.decoders)
         pinned, trained = settings.decode_long_side, engine.meta.preprocess.decode_long_side
         if pinned is not None and pinned != trained:
             raise ArtifactError(

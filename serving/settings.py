@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -18,10 +19,12 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")
     queue_max: int = Field(64, ge=1, description="images allowed to wait; beyond it requests get 429")
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for the model gets 503")
-    decode_processes: int = Field(0, ge=0, description="decode uploads and received studies in this many worker "
-                                  "processes (0: in threads of the service process). Threads decode about one image "
-                                  "at a time (parsing and several codecs hold the GIL); processes use every core and "
-                                  "survive a codec that crashes (set threads to 1 with them)")
+    decode_processes: int | None = Field(None, ge=0, description="decode uploads and received studies in this many "
+                                         "worker processes (default: one per core when there are several; 0: in "
+                                         "threads of the service process). Threads decode about one image at a time "
+                                         "(parsing and several codecs hold the GIL); processes use every core and "
+                                         "survive a codec that crashes. A request alone in the service is decoded in "
+                                         "its own thread (no hop to a process)")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted DICOM request body "
                                   "(/v1/predict, STOW-RS), counted as it streams in however it is framed")
     max_form_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted body on every other route (JSON "
@@ -64,6 +67,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
+
+    @property
+    def decoders(self) -> int:
+        """Decoding worker processes to start (0: decode in threads)."""
+        if self.decode_processes is not None:
+            return self.decode_processes
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cores if cores > 1 else 0
 
     @property
     def secure_cookies(self) -> bool:

@@ -23,6 +23,9 @@ def _private_image_cache(tmp_path_factory):
     (subprocesses inherit both)."""
     os.environ["MEDVISION_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
     os.environ["MEDVISION_DATABASE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('service-db') / 'medvision.db'}"
+    # services started by the tests decode in threads (spawning worker processes for each of dozens of short-lived
+    # apps would dominate the suite); tests/serving/test_decode_pool.py runs the worker processes, the default
+    os.environ["MEDVISION_DECODE_PROCESSES"] = "0"
     yield
 
 

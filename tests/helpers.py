@@ -136,10 +136,12 @@ class LiveServer:
             time.sleep(0.2)
 
 
-def decode_or_die(data: bytes, want_ids: bool):
+def decode_or_die(data, want_ids: bool):
     """A DecodePool target for tests: a worker process that gets b"DIE" dies the way a crashing codec does."""
-    if data == b"DIE":
-        os._exit(134)
-    from medvision.serving.decode_pool import _prepare
+    from medvision.serving.decode_pool import Shared, _prepare
 
+    if isinstance(data, Shared):
+        with data.attach() as view:
+            if bytes(view) == b"DIE":
+                os._exit(134)
     return _prepare(data, want_ids)

@@ -48,7 +48,7 @@ class PredictResponse(BaseModel):
     model: ModelInfo
     inference_ms: float
     decode: str = Field(description="how the image was decoded under the model's contract: 'full', or e.g. "
-                        "'1/8 wavelet' (JPEG 2000 levels skipped) / '1/8 area' (block means)")
+                        "'1/8 wavelet' (JPEG 2000 levels not decoded) / '1/8 lowpass' (the same low-pass band computed)")
 
 
 def get_engine(request: Request) -> Engine:
@@ -127,9 +127,11 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
                      ids.get("AccessionNumber", ""), result.meta.decode)
 
     def decode_and_score_if_alone():
-        # Decoding is CPU-bound: off the event loop, in parallel across requests. A request alone in the service
-        # is scored and recorded right here (one thread hop in all); others are micro-batched.
-        x, meta = (app.decoder or engine).prepare(data, ids)
+        # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
+        # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
+        # all, no hop to a process); others are decoded by the workers and micro-batched.
+        decoder = engine if app.decoder is None or app.batcher.alone() else app.decoder
+        x, meta = decoder.prepare(data, ids)
         _check_uids(meta)
         scored = app.batcher.run_alone(x)
         if scored is None:

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,12 @@ def test_a_model_refused_by_the_gate_is_never_served(artifact, tmp_path):
     refused = write_artifact(onnx.load(str(artifact)), meta, tmp_path / "refused.onnx")
     with pytest.raises(ArtifactError, match="refused by the promotion gate .*AUROC drop 0.05"):
         Engine(str(refused))
+
+
+def test_decoding_processes_default_to_one_per_core(monkeypatch):
+    from medvision.serving.settings import Settings
+
+    monkeypatch.delenv("MEDVISION_DECODE_PROCESSES", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert Settings().decoders == (cores if cores > 1 else 0)
+    assert Settings(decode_processes=0).decoders == 0 and Settings(decode_processes=3).decoders == 3

@@ -57,7 +57,7 @@ def test_every_file_gets_one_row_with_identifiers_and_reasons(mixed_folder, arti
         assert r["label"] == engine.meta.labels[int(r["probability"] >= engine.meta.threshold)]
         assert r["model_name"] == engine.meta.model_name and r["artifact_sha256"] == engine.artifact_sha256
         # the model's contract asks for 96 px: these 256-row images are decoded at half size, and the row says how
-        assert r["decode"] in ("1/2 area", "1/2 wavelet"), r["decode"]
+        assert r["decode"] in ("1/2 lowpass", "1/2 wavelet"), r["decode"]
     assert not any("PatientName" in k or "patient" in k.lower() for k in next(iter(rows.values())))
     import pyarrow.parquet as pq
 

@@ -25,8 +25,15 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
     server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                  data_dir=str(tmp_path / "d"), decode_processes=2))
     try:
-        assert server.server.config.app.state.decoder is not None
+        pool = server.server.config.app.state.decoder
+        assert pool is not None
         engine = Engine(artifact)
+        handed, real = [], pool.prepare
+        pool.prepare = lambda data, ids=None: handed.append(1) or real(data, ids)
+        # a request alone in the service is decoded in its own thread: a hop to a process would only add latency
+        alone = server.client.post("/v1/predict", content=dicom_files[0].read_bytes(),
+                                   headers={"Content-Type": "application/dicom"})
+        assert alone.status_code == 200 and handed == []
         results = {}
 
         def send(i):
@@ -39,6 +46,7 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
             t.start()
         for t in threads:
             t.join(120)
+        assert handed  # requests that arrived together went to the workers
         for i in range(8):
             assert results[i].status_code == 200, results[i].text
             assert results[i].json()["probability"] == pytest.approx(engine.predict(dicom_files[i]).probability,

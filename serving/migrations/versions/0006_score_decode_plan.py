@@ -1,4 +1,4 @@
-"""Each scored image records how it was decoded (the resolution plan: 'full', '1/8 wavelet', '1/8 area')
+"""Each scored image records how it was decoded (the resolution plan: 'full', '1/8 wavelet', '1/8 lowpass')
 
 Revision ID: 0006
 Revises: 0005

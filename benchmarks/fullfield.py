@@ -1,0 +1,210 @@
+"""Full-field mammograms, served: medvision against what a team would otherwise run, side by side in one run.
+
+    python benchmarks/fullfield.py --model demo_out/model.onnx
+    python benchmarks/fullfield.py --model M --archive fullfield_archive --images 48 --seconds 20 --json out.json
+
+The archive (made once, then reused): synthetic 3328 x 2560 mammograms, about half JPEG 2000 lossless and the rest
+JPEG-LS, RLE and uncompressed, as a hospital archive holds them. Measured on this machine, one after the other:
+
+  pipeline   medvision's decode + preprocess + model in this process, one image at a time (the limit per core)
+  medvision  `medvision serve` with its defaults, driven over HTTP at each concurrency (bare HTTP/1.1 client)
+  naive      FastAPI + pydicom pixel_array + timm ViT-S/16 (and ViT-B/16) in torch fp32, one forward per request
+             (benchmarks/naive_service.py), driven the same way
+  score      `medvision score` over the archive (batch scoring, default workers)
+
+For the whole mix and per transfer syntax: images/s, p50 / p99 latency, core-seconds per 4-view study and the cost
+of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCPU hour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import _drive, _free_port, service  # noqa: E402 - the same client and service start as serve_load
+
+console = Console()
+MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
+       "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1")  # JPEG-LS, RLE, uncompressed
+SHORT = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.5": "RLE",
+         "1.2.840.10008.1.2.1": "uncompressed"}
+
+
+def build_archive(folder: Path, images: int) -> dict[str, list[Path]]:
+    """``folder/<syntax>/<n>.dcm``: synthetic full-field views (every vendor of the generator), each written in the
+    syntax its place in MIX gives it. Returns the files per syntax."""
+    from pydicom.uid import UID
+
+    from medvision.synth.dataset import example_image
+    from medvision.synth.dicom_writer import save
+    from medvision.synth.vendors import VENDORS
+
+    files: dict[str, list[Path]] = {}
+    for i in range(images):
+        syntax = MIX[i % len(MIX)]
+        path = folder / SHORT[syntax].replace(" ", "_") / f"{i:04d}.dcm"
+        files.setdefault(syntax, []).append(path)
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds = example_image(VENDORS[i % len(VENDORS)], 3328, 2560, seed=i, malignant=i % 4 == 0,
+                           view=("CC", "MLO")[i % 2])
+        save(copy.deepcopy(ds), path, UID(syntax))
+        console.print(f"archive: {i + 1}/{images} {path.relative_to(folder)}")
+    return files
+
+
+def pipeline_rate(model: str, files: list[Path], seconds: float) -> dict:
+    """One image at a time in this process, as `medvision predict` does: bytes -> model input -> probability."""
+    from medvision.serving.engine import Engine
+
+    engine = Engine(model, threads=1)
+    payloads = [f.read_bytes() for f in files]
+    engine.predict(payloads[0])
+    times, i, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or i < len(payloads):
+        t = time.perf_counter()
+        engine.predict(payloads[i % len(payloads)])
+        times.append(time.perf_counter() - t)
+        i += 1
+    return {"images_per_s": len(times) / sum(times), "p50_ms": 1000 * float(np.median(times)),
+            "decode": engine.prepare(payloads[0])[1].decode}
+
+
+@contextmanager
+def naive(model_name: str):
+    port = _free_port()
+    env = {**os.environ, "NAIVE_MODEL": model_name}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_service:app", "--app-dir",
+                             str(Path(__file__).resolve().parent), "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import httpx
+
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the naive service did not start")
+            time.sleep(0.5)
+        yield url, "none"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: float, limit: int) -> dict:
+    payloads = [f.read_bytes() for f in files]
+    out = {}
+    for c in levels:
+        r = asyncio.run(_drive(url, key, payloads, c, seconds, limit))
+        r.pop("latencies_ms")
+        out[c] = r
+    return out
+
+
+def score_rate(model: str, files: list[Path], work: Path) -> dict:
+    out = work / "score_out"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "medvision.cli", "score", *map(str, files), "--model", model,
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"error": done.stderr[-500:]}
+    summary = json.loads(done.stdout)
+    return {"images_per_s": len(files) / wall, "wall_s": wall, "scored": summary.get("scored_now")}
+
+
+def costs(images_per_s: float, cores: int, price: float) -> dict:
+    core_s_per_study = 4 * cores / images_per_s if images_per_s else float("inf")
+    return {"core_s_per_study": core_s_per_study, "usd_per_1000_studies": core_s_per_study * 1000 / 3600 * price}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo_out/model.onnx", help="the served (promoted) artifact")
+    p.add_argument("--archive", default="fullfield_archive", help="folder of the synthetic archive (made if missing)")
+    p.add_argument("--images", type=int, default=36, help="archive size (a multiple of 6 keeps the mix exact)")
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--seconds", type=float, default=20.0, help="per level")
+    p.add_argument("--requests", type=int, default=400, help="most requests per level")
+    p.add_argument("--naive-models", default="vit_small_patch16_224,vit_base_patch16_224")
+    p.add_argument("--per-syntax", action="store_true", help="also drive each transfer syntax alone")
+    p.add_argument("--core-hour-price", type=float, default=0.05)
+    p.add_argument("--json")
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+    levels = [int(c) for c in args.concurrency.split(",")]
+    archive = Path(args.archive)
+    by_syntax = build_archive(archive, args.images)
+    every = sorted(f for fs in by_syntax.values() for f in fs)
+    groups = {"mix": every, **({SHORT[s]: fs for s, fs in by_syntax.items()} if args.per_syntax else {})}
+
+    report: dict = {"cores": cores, "images": len(every), "core_hour_price": args.core_hour_price,
+                    "mix": {SHORT[s]: len(fs) for s, fs in by_syntax.items()}, "groups": {}}
+    for name, files in groups.items():
+        g = report["groups"][name] = {"pipeline": pipeline_rate(args.model, files, args.seconds / 2)}
+        with service(args.model, {}) as (url, key):
+            g["medvision"] = drive(url, key, files, levels, args.seconds, args.requests)
+        for model_name in args.naive_models.split(","):
+            if name != "mix" and model_name != "vit_small_patch16_224":
+                continue  # per syntax: the ViT-S peer only (time)
+            with naive(model_name) as (url, key):
+                g[f"naive {model_name.split('_patch')[0]}"] = drive(url, key, files, levels, args.seconds,
+                                                                     args.requests)
+        if name == "mix":
+            g["score"] = score_rate(args.model, files, archive)
+    _print(report, levels)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def _print(report: dict, levels: list[int]) -> None:
+    cores, price = report["cores"], report["core_hour_price"]
+    for name, g in report["groups"].items():
+        pipe = g["pipeline"]
+        limit = cores * pipe["images_per_s"]
+        table = Table(title=f"{name} ({'; '.join(f'{k} {v}' for k, v in report['mix'].items()) if name == 'mix' else name}"
+                      f", 3328 x 2560): pipeline {pipe['images_per_s']:.1f} img/s per core (p50 {pipe['p50_ms']:.1f} ms, "
+                      f"decode {pipe['decode']}); limit {cores} cores x pipeline = {limit:.1f} img/s")
+        for col in ("system", "conc.", "img/s", "p50 ms", "p99 ms", "core-s / study", f"$ / 1,000 studies", "x naive ViT-S",
+                    "% of limit"):
+            table.add_column(col, no_wrap=True)
+        base = g.get("naive vit_small", {})
+        for system, runs in g.items():
+            if system in ("pipeline", "score"):
+                continue
+            for c in levels:
+                r = runs[c]
+                cst = costs(r["images_per_s"], cores, price)
+                ratio = r["images_per_s"] / base[c]["images_per_s"] if base.get(c, {}).get("images_per_s") else float("nan")
+                table.add_row(system, str(c), f"{r['images_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+                              f"{cst['core_s_per_study']:.2f}", f"{cst['usd_per_1000_studies']:.4f}", f"{ratio:.1f}",
+                              f"{100 * r['images_per_s'] / limit:.0f}")
+        if "score" in g and "images_per_s" in g["score"]:
+            s = g["score"]
+            cst = costs(s["images_per_s"], cores, price)
+            table.add_row("medvision score", "-", f"{s['images_per_s']:.2f}", "-", "-", f"{cst['core_s_per_study']:.2f}",
+                          f"{cst['usd_per_1000_studies']:.4f}", "-", f"{100 * s['images_per_s'] / limit:.0f}")
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()
