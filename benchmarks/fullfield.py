@@ -184,7 +184,7 @@ def _print(report: dict, levels: list[int]) -> None:
         table = Table(title=f"{name} ({'; '.join(f'{k} {v}' for k, v in report['mix'].items()) if name == 'mix' else name}"
                       f", 3328 x 2560): pipeline {pipe['images_per_s']:.1f} img/s per core (p50 {pipe['p50_ms']:.1f} ms, "
                       f"decode {pipe['decode']}); limit {cores} cores x pipeline = {limit:.1f} img/s")
-        for col in ("system", "conc.", "img/s", "p50 ms", "p99 ms", "core-s / study", f"$ / 1,000 studies", "x naive ViT-S",
+        for col in ("system", "conc.", "img/s", "p50 ms", "p99 ms", "core-s / study", "$ / 1,000 studies", "x naive ViT-S",
                     "% of limit"):
             table.add_column(col, no_wrap=True)
         base = g.get("naive vit_small", {})
