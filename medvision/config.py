@@ -47,6 +47,9 @@ class AugmentConfig(BaseModel):
     brightness_contrast: float = Field(0.5, ge=0, le=1)
     gamma: float = Field(0.3, ge=0, le=1)
     noise: float = Field(0.2, ge=0, le=1)
+    full_decode: float = Field(0.0, ge=0, le=1, description="share of training samples drawn from the image decoded "
+                               "at full resolution instead of under the decode contract (preprocess.decode_long_side): "
+                               "a model that learned from both scores an image alike whichever way it is decoded")
 
 
 class TrainConfig(BaseModel):

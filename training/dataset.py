@@ -48,10 +48,13 @@ class CachedImages(Dataset):
     """
 
     def __init__(self, images, labels: np.ndarray, pre: Preprocess, transform=None, seed: int = 0,
-                 extra: np.ndarray | None = None) -> None:
-        """``extra`` (e.g. a teacher's logits) travels with the label: targets become ``[label, extra]``."""
+                 extra: np.ndarray | None = None, alternate=None, alternate_share: float = 0.0) -> None:
+        """``extra`` (e.g. a teacher's logits) travels with the label: targets become ``[label, extra]``.
+        ``alternate`` (the same images decoded another way, e.g. at full resolution) replaces an image in
+        ``alternate_share`` of the draws, seeded like the augmentation."""
         self.images, self.labels, self.pre, self.transform = images, labels.astype(np.float32), pre, transform
         self.extra = None if extra is None else np.asarray(extra, dtype=np.float32)
+        self.alternate, self.alternate_share = alternate, alternate_share if alternate is not None else 0.0
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,9 +64,13 @@ class CachedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draw = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
         if self.transform is not None:
-            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
-        grey = augment(self.transform, np.asarray(self.images[i]))
+            self.transform.set_random_seed(draw)
+        source = self.images
+        if self.alternate_share and np.random.default_rng([draw, 1]).random() < self.alternate_share:
+            source = self.alternate
+        grey = augment(self.transform, np.asarray(source[i]))
         x = normalize(grey, self.pre.cfg.mean, self.pre.cfg.std)[None]
         target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
         return torch.from_numpy(x), torch.tensor(target)

@@ -52,6 +52,19 @@ LAST = "last.pt"
 BEST = "best.safetensors"
 
 
+
+def _full_decodes(augment_cfg, pre: Preprocess, rows, show_progress: bool, cache: dict):
+    """The training images decoded at full resolution too, when augmentation draws from them
+    (``augment.full_decode``) and the contract reduces; else None."""
+    if not (augment_cfg.enabled and augment_cfg.full_decode > 0 and pre.cfg.decode_long_side):
+        return None
+    full = Preprocess(pre.cfg.model_copy(update={"decode_long_side": 0}))
+    images, kept = decode_all(rows, full, "decode train (full resolution)", show_progress, **cache)
+    if len(kept) != len(rows):
+        raise ConfigError("some training images decode under the contract but not at full resolution: turn "
+                          "train.augment.full_decode off")
+    return images
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -231,6 +244,7 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
         barrier(dist_info)
     train_imgs, train_rows = decode_all(by_split["train"], pre, "decode train", show_progress, **cache)
     val_imgs, val_rows = decode_all(by_split["val"], pre, "decode val", show_progress, **cache)
+    full_imgs = _full_decodes(t.augment, pre, train_rows, show_progress, cache)
     if main:
         barrier(dist_info)
     y_train = np.array([r.label for r in train_rows])
@@ -247,7 +261,8 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
                                   lambda r, p, d, sp: decode_all(r, p, d, sp, **cache), show_progress)
         if main:
             barrier(dist_info)
-    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed, extra=t_logits)
+    train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed, extra=t_logits,
+                            alternate=full_imgs, alternate_share=t.augment.full_decode)
     val_ds = CachedImages(val_imgs, y_val, pre)
 
     sampler_gen = torch.Generator().manual_seed(t.seed)

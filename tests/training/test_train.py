@@ -287,3 +287,31 @@ def test_saved_config_holds_absolute_paths(tmp_path, synth_dir, monkeypatch):
     assert Path(saved["labels_csv"]).is_absolute() and Path(saved["image_dir"]).is_absolute()
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "run", "--bootstrap", "50", "--no-progress"]) == 0
+
+
+def test_full_decode_augmentation_draws_the_full_resolution_image_in_its_share_repeatably(synth_dir):
+    from medvision.cache import decode_many
+    from medvision.preprocess import Preprocess, PreprocessConfig
+    from medvision.training.dataset import CachedImages
+
+    paths = sorted(str(p) for p in (synth_dir / "images").rglob("*.dcm"))[:8]
+    reduced = Preprocess(PreprocessConfig(image_size=64, decode_long_side=96))
+    full = Preprocess(PreprocessConfig(image_size=64))
+    a = np.stack([img for img, _ in decode_many(paths, reduced, workers=1, show_progress=False)])
+    b = np.stack([img for img, _ in decode_many(paths, full, workers=1, show_progress=False)])
+    assert not np.array_equal(a, b)  # the two decodes differ a little
+
+    def drawn(share, epoch):
+        ds = CachedImages(a, np.zeros(len(a)), reduced, seed=3, alternate=b, alternate_share=share)
+        ds.set_epoch(epoch)
+        out = []
+        for i in range(len(ds)):
+            x = ds[i][0].numpy()[0]
+            normal = lambda img: (img - 0.5) / 0.5  # noqa: E731
+            out.append("full" if np.allclose(x, normal(b[i])) else "reduced" if np.allclose(x, normal(a[i])) else "?")
+        return out
+
+    assert drawn(0.0, 0) == ["reduced"] * 8 and drawn(1.0, 0) == ["full"] * 8
+    half = drawn(0.5, 0)
+    assert set(half) == {"full", "reduced"} and drawn(0.5, 0) == half  # both, and the same for a seed and epoch
+    assert drawn(0.5, 1) != half
