@@ -50,6 +50,27 @@ from medvision.resolution import (
 _PILLOW_8_BIT_ONLY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 
 
+# The transfer syntaxes read_dicom decodes with the plugins medvision installs (12-bit JPEG Extended excepted: it
+# needs the GPL pylibjpeg-libjpeg, see _CODEC_HINTS). A DICOM node accepts exactly these, as sent.
+READABLE_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (8-bit; 12-bit needs pylibjpeg-libjpeg)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
 # Never swallowed by the "any decoder failure is a domain error" handlers below.
 _INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 

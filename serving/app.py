@@ -145,6 +145,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.job_workers:
             app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
             app.state.worker.start()
+        if settings.dimse_port is not None:
+            from medvision.serving.dimse import StorageSCP
+
+            app.state.dimse = StorageSCP(settings, app.state.db, app.state.data, app.state.metrics,
+                                         app.state.worker.wake if app.state.worker else None)
+            app.state.dimse.start()
         if settings.secure_cookies and settings.ui_secure_cookies is None:
             log.info("review UI cookies are Secure (the service binds %s, not loopback): reach /ui over HTTPS, e.g. "
                      "through a TLS proxy (docs/security.md)", settings.host)
@@ -155,6 +161,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
                  info["format"], info["gate"], ",".join(info["providers"]))
         yield
+        if app.state.dimse is not None:
+            app.state.dimse.stop()
+            app.state.dimse = None
         if app.state.worker is not None:
             app.state.worker.shutdown()
             app.state.worker = None
@@ -176,6 +185,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = None
     app.state.metrics = Metrics()
     app.state.worker = None
+    app.state.dimse = None  # a StorageSCP when settings.dimse_port
     app.state.decoder = None  # a DecodePool when settings.decoders
 
     app.add_middleware(BodyLimit, dicom_bytes=settings.max_upload_bytes, other_bytes=settings.max_form_bytes)

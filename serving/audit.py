@@ -28,6 +28,14 @@ def audit(sessions: sessionmaker[Session], request: Request, action: str, status
     request.state.audited = True
 
 
+def write_audit(sessions: sessionmaker[Session], action: str, status: int, resource: str = "",
+                key_id: int | None = None, **detail) -> None:
+    """An audit row for something no HTTP request carries (a DICOM association, a CLI change)."""
+    with sessions() as db:
+        db.add(AuditEvent(key_id=key_id, action=action, resource=resource[:256], status=status, detail=detail))
+        db.commit()
+
+
 def route_of(request: Request) -> str:
     """The route template (``/v1/studies/{study_uid}``), never the path: a path is whatever the caller typed."""
     return getattr(request.scope.get("route"), "path", "unmatched")
@@ -59,13 +67,13 @@ class FailureBudget:
         return suppressed
 
 
-_FAILURES = FailureBudget()
+FAILURES = FailureBudget()  # shared by every way in: HTTP, the DICOM node
 
 
 async def audit_failure(request: Request, action: str, status: int, user_id: int | None = None,
                         key_id: int | None = None, **detail) -> None:
     """Audit an authentication failure or refusal on ``request``'s route, within the address's budget."""
-    suppressed = _FAILURES.take(request.client.host if request.client else "")
+    suppressed = FAILURES.take(request.client.host if request.client else "")
     if suppressed is None:
         return
     if suppressed:

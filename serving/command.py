@@ -14,7 +14,7 @@ from medvision.errors import ConfigError
 from medvision.extras import require_extra
 
 SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx", "sqlalchemy", "alembic",
-                 "prometheus_client", "highdicom", "dicomweb_client")
+                 "prometheus_client", "highdicom", "dicomweb_client", "pynetdicom")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

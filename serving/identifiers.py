@@ -25,6 +25,11 @@ class Owner:
     site: str
     key_id: int | None = None
 
+    @property
+    def meter(self) -> str:
+        """Whose usage this is: the key, or (no key: images that came by C-STORE) the site's DICOM callers."""
+        return f"key:{self.key_id}" if self.key_id is not None else f"dimse:{self.site}"
+
 
 def is_site(value: object) -> bool:
     return isinstance(value, str) and _SITE.fullmatch(value) is not None

@@ -93,10 +93,23 @@ class Worker:
                 log.warning("job claim failed: %s", type(exc).__name__)
                 job = None
             if job is None:
+                self._deliver()
                 self.wake.wait(self.poll_seconds)
                 self.wake.clear()
                 continue
             self.run(job)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Reports due to go back by C-STORE (``dimse.deliver_due``), between jobs."""
+        if not self.state.settings.dimse_destination:
+            return
+        from medvision.serving.dimse import deliver_due
+
+        try:
+            deliver_due(self.state.settings, self.state.db, self.state.data, self.state.metrics)
+        except Exception as exc:  # the database may be briefly unavailable: the next round tries again
+            log.warning("report delivery round failed: %s", type(exc).__name__)
 
     def run(self, job: Job) -> None:
         try:
@@ -178,16 +191,19 @@ class Worker:
         scores = [ImageScore(uid, p, p >= thr) for _, uid, p, thr in rows]
         sr = build_sr(sources, scores, info)
         path = data.write_dataset(sr)
-        outputs = [sr]
-        engine = self.state.engine
-        if self.state.settings.heatmap_capture and engine.has_heatmap:
+        outputs, files = [sr], [str(path)]
+        engine, settings = self.state.engine, self.state.settings
+        if settings.heatmap_capture and engine.has_heatmap:
             series = generate_uid()
             for n, (source_path, *_) in enumerate(rows, start=1):
                 capture = build_capture(engine, data.inside(source_path), series, n)
-                data.write_dataset(capture)
+                files.append(str(data.write_dataset(capture)))
                 outputs.append(capture)
+        # a report made again (more instances arrived) goes back again by C-STORE
         self._set_study(job, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
-                        report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path))
+                        report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path),
+                        report_files=files, **({"dimse_next_at": utcnow(), "dimse_sent_at": None, "dimse_error": "",
+                                                "dimse_attempts": 0} if settings.dimse_destination else {}))
         pacs = self.state.settings.pacs_url
         if pacs:
             self.push(job, outputs, pacs)

@@ -23,6 +23,12 @@ class Metrics:
         self.batch_size = Histogram("medvision_batch_size", "images per ONNX Runtime call (micro-batching)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("medvision_queue_depth", "images waiting for the model", registry=r)
+        self.dimse_associations = Counter("medvision_dimse_associations", "DICOM associations, by outcome",
+                                          ["outcome"], registry=r)
+        self.dimse_instances = Counter("medvision_dimse_instances", "instances received by C-STORE, by outcome",
+                                       ["outcome"], registry=r)
+        self.results_sent = Counter("medvision_results_sent", "reports sent back to the PACS, by route and outcome",
+                                    ["via", "outcome"], registry=r)
         self.model = Gauge("medvision_model_info", "the served model (value 1)",
                            ["name", "artifact_sha256", "format", "gate"], registry=r)
 

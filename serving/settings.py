@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,25 @@ class Settings(BaseSettings):
                                         "arrived for this long (one report per study, not one per request)")
     job_workers: int = Field(1, ge=0, description="threads scoring received studies (0: receive only)")
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
+    dimse_port: int | None = Field(None, ge=0, le=65535, description="DICOM storage SCP port (C-ECHO, C-STORE in); "
+                                   "unset: no DICOM node (0: any free port)")
+    dimse_host: str = Field("127.0.0.1", description="address the DICOM node binds")
+    dimse_ae_title: str = Field("MEDVISION", min_length=1, max_length=16, description="the node's AE title")
+    dimse_callers: str = Field("", description="who may send: AET=SITE[@ADDRESS] entries, comma-separated (the site "
+                               "owns what that AE sends; an address pins it); anyone else is refused at association")
+    dimse_max_associations: int = Field(20, ge=1, description="associations at once (a PACS burst: several "
+                                        "associations of a few instances each)")
+    dimse_acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
+    dimse_dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
+    dimse_network_timeout: float = Field(120.0, gt=0, description="seconds an idle association is kept")
+    dimse_min_free_bytes: int = Field(1 << 30, ge=0, description="below this much free disk in the data folder, "
+                                      "C-STORE answers 0xA700 (out of resources) before writing")
+    dimse_tls_cert: str | None = Field(None, description="PEM certificate for DICOM over TLS (PS3.15); with the key")
+    dimse_tls_key: str | None = Field(None, description="PEM private key of dimse_tls_cert")
+    dimse_tls_ca: str | None = Field(None, description="PEM CA bundle: callers must present a certificate it signed")
+    dimse_destination: str | None = Field(None, description="where reports go back by C-STORE: AET@HOST:PORT")
+    dimse_destination_tls: bool = Field(False, description="send to the destination over TLS (verified with "
+                                        "dimse_tls_ca, or the system's CAs)")
     ui_session_minutes: float = Field(30.0, gt=0, description="review UI: a session ends after this long without "
                                       "activity")
     ui_secure_cookies: bool | None = Field(None, description="review UI: mark the session cookie Secure (HTTPS "
@@ -68,6 +87,21 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
 
+    @field_validator("dimse_callers")
+    @classmethod
+    def _callers(cls, value: str) -> str:
+        from medvision.serving.dimse import parse_callers
+
+        parse_callers(value)
+        return value
+
+    @field_validator("dimse_destination")
+    @classmethod
+    def _destination(cls, value: str | None) -> str | None:
+        if value:
+            parse_destination(value)
+        return value
+
     @property
     def decoders(self) -> int:
         """Decoding worker processes to start (0: decode in threads)."""
@@ -81,6 +115,15 @@ class Settings(BaseSettings):
         if self.ui_secure_cookies is not None:
             return self.ui_secure_cookies
         return self.host not in ("127.0.0.1", "localhost", "::1")
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """``AET@HOST:PORT`` -> (ae title, host, port)."""
+    aet, sep, where = text.partition("@")
+    host, _, port = where.rpartition(":")
+    if not sep or not aet or len(aet) > 16 or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a DICOM destination reads AET@HOST:PORT, not {text!r}")
+    return aet, host, int(port)
 
 
 def load_settings(**overrides) -> Settings:

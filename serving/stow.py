@@ -318,10 +318,10 @@ def requeue_orphans(sessions: sessionmaker[Session], stable_seconds: float = 0.0
     """Studies with unscored instances but no live job (the service died between filing and queueing): queue them.
     Run at start-up; returns how many studies were queued."""
     with sessions() as db:
-        pending = set(db.execute(select(Instance.site, Instance.study_instance_uid)
-                                 .where(Instance.status == "received").distinct()).tuples())
-        live = set(db.execute(select(Job.site, Job.study_instance_uid)
-                              .where(Job.status.in_(("queued", "running")))).tuples())
+        pending = {tuple(row) for row in db.execute(select(Instance.site, Instance.study_instance_uid)
+                                                    .where(Instance.status == "received").distinct())}
+        live = {tuple(row) for row in db.execute(select(Job.site, Job.study_instance_uid)
+                                                 .where(Job.status.in_(("queued", "running"))))}
     orphans = pending - live
     enqueue(sessions, orphans, stable_seconds)
     return len(orphans)

@@ -132,14 +132,17 @@ class AuditEvent(Base):
 
 
 class Usage(Base):
-    """Images and studies scored per key (site) per UTC day: what a deployment bills or budgets by."""
+    """Images and studies scored per sender per UTC day: what a deployment bills or budgets by. A sender is an API
+    key (``meter`` ``key:<id>``) or the site's DICOM callers together (``dimse:<site>``)."""
 
     __tablename__ = "usage"
-    __table_args__ = (UniqueConstraint("day", "key_id", name="uq_usage_day_key"),)
+    __table_args__ = (UniqueConstraint("day", "meter", name="uq_usage_day_meter"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     day: Mapped[str] = mapped_column(String(10), index=True, doc="YYYY-MM-DD, UTC")
-    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    site: Mapped[str] = mapped_column(String(64), default="")
+    meter: Mapped[str] = mapped_column(String(80), doc="key:<id> or dimse:<site>")
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
     images: Mapped[int] = mapped_column(Integer, default=0)
     studies: Mapped[int] = mapped_column(Integer, default=0)
     inference_ms: Mapped[float] = mapped_column(Float, default=0.0)
@@ -184,8 +187,15 @@ class Study(Base):
     report_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     report_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     report_path: Mapped[str] = mapped_column(String(512), default="")
+    report_files: Mapped[list] = mapped_column(JSON, default=list, doc="the SR and its heatmap captures, in order")
     pushed_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     push_error: Mapped[str] = mapped_column(String(256), default="")
+    dimse_sent_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                               doc="when the report went back by C-STORE")
+    dimse_error: Mapped[str] = mapped_column(String(256), default="")
+    dimse_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dimse_next_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True,
+                                                               doc="the next C-STORE attempt is due (None: none due)")
 
 
 class Instance(Base):

@@ -1,4 +1,4 @@
-"""What was scored, for whom: results, usage per key per day, and the audit of each result returned."""
+"""What was scored, for whom: results, usage per sender per day, and the audit of each result returned."""
 
 from __future__ import annotations
 
@@ -51,15 +51,16 @@ def _statements(dialect: str) -> dict:
                                             else_=images.c.accession_number)
         metered = insert(usage)
         _STATEMENTS[dialect] = {
-            "study_seen": select(images.c.id).where(images.c.study_instance_uid == bindparam("study"),
-                                                    images.c.key_id == bindparam("key_id")).limit(1),
+            "study_seen": select(images.c.id).where(images.c.site == bindparam("site"),
+                                                    images.c.study_instance_uid == bindparam("study"),
+                                                    images.c.key_id.is_not_distinct_from(bindparam("key_id"))).limit(1),
             # a re-score replaces the row of the same site only: the same UID from another site is another row
             "result": result.on_conflict_do_update(index_elements=["site", "sop_instance_uid"], set_=replaced),
             # increments in SQL, not read-modify-write: concurrent workers must not lose each other's counts
-            "usage": metered.on_conflict_do_update(index_elements=["day", "key_id"], set_={
+            "usage": metered.on_conflict_do_update(index_elements=["day", "meter"], set_={
                 "images": usage.c.images + metered.excluded.images,
                 "inference_ms": usage.c.inference_ms + metered.excluded.inference_ms}),
-            "new_study": update(usage).where(usage.c.day == bindparam("d"), usage.c.key_id == bindparam("k"))
+            "new_study": update(usage).where(usage.c.day == bindparam("d"), usage.c.meter == bindparam("m"))
                                       .values(studies=usage.c.studies + 1),
             "audit": audit.insert(),
         }
@@ -83,12 +84,13 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
         # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
         # the site's scorers take turns from here on and each sees the results the others committed — four views
         # of one study scored at once count as one study, not four.
-        db.execute(sql["usage"], {"day": day, "key_id": key_id, "images": 1, "studies": 0,
-                                  "inference_ms": inference_ms})
+        db.execute(sql["usage"], {"day": day, "site": owner.site, "meter": owner.meter, "key_id": key_id, "images": 1,
+                                  "studies": 0, "inference_ms": inference_ms})
         if sop_uid:
             study = study_uid or ""
-            if study and db.execute(sql["study_seen"], {"study": study, "key_id": key_id}).first() is None:
-                db.execute(sql["new_study"], {"d": day, "k": key_id})
+            if study and db.execute(sql["study_seen"], {"site": owner.site, "study": study,
+                                                        "key_id": key_id}).first() is None:
+                db.execute(sql["new_study"], {"d": day, "m": owner.meter})
             db.execute(sql["result"], {
                 "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
                 "probability": probability, "decode": decode[:96],

@@ -37,11 +37,12 @@ class AuditRow(BaseModel):
 
 
 def _usage(sessions, since: str, until: str) -> list[UsageRow]:
-    stmt = (select(Usage, ApiKey.site, ApiKey.name).join(ApiKey, Usage.key_id == ApiKey.id)
-            .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, ApiKey.site, ApiKey.name))
-    with sessions() as db:
-        return [UsageRow(day=u.day, site=site, key=name, images=u.images, studies=u.studies,
-                         inference_seconds=round(u.inference_ms / 1000, 3)) for u, site, name in db.execute(stmt)]
+    stmt = (select(Usage, ApiKey.name).join(ApiKey, Usage.key_id == ApiKey.id, isouter=True)
+            .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, Usage.site, Usage.meter))
+    with sessions() as db:  # images that came by C-STORE have no key: their row says so
+        return [UsageRow(day=u.day, site=u.site, key=name if u.key_id is not None else "(DICOM C-STORE)",
+                         images=u.images, studies=u.studies, inference_seconds=round(u.inference_ms / 1000, 3))
+                for u, name in db.execute(stmt)]
 
 
 def _audit_rows(sessions, limit: int, action: str | None) -> list[AuditRow]:

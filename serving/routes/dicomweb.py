@@ -82,6 +82,9 @@ class StudyStatus(BaseModel):
     report_sop_instance_uid: str
     pushed_to_pacs: _dt.datetime | None
     push_error: str
+    sent_by_c_store: _dt.datetime | None = None
+    c_store_error: str = ""
+    c_store_attempts: int = 0
 
 
 SITE_QUERY = Query(None, description="review / admin keys: which site's study, when several sites sent this Study "
@@ -117,7 +120,8 @@ def _status(sessions, study_uid: str, caller: Caller, site: str | None) -> Study
     return StudyStatus(study_instance_uid=study_uid, site=study.site, status=status, instances=counts,
                        report_series_instance_uid=study.report_series_instance_uid,
                        report_sop_instance_uid=study.report_sop_instance_uid, pushed_to_pacs=study.pushed_at,
-                       push_error=study.push_error)
+                       push_error=study.push_error, sent_by_c_store=study.dimse_sent_at, c_store_error=study.dimse_error,
+                       c_store_attempts=study.dimse_attempts)
 
 
 @router.get("/v1/studies/{study_uid}", response_model=StudyStatus, tags=["results"],
