@@ -63,17 +63,20 @@ def main() -> None:
     n = sum(len(g) for g in groups)
     work = Path(tempfile.mkdtemp(prefix="mv-dimse-bench-"))
 
-    port = _free_port()
-    out = work / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    try:
-        dcmtk_s = send(port, groups, "STORESCP")
-    finally:
-        scp.terminate()
-        scp.wait(30)
+    dcmtk = {}
+    for mode in ("--single-process", "--fork"):  # storescp's default, and a process per association
+        port = _free_port()
+        out = work / f"storescp{mode}"
+        out.mkdir()
+        scp = subprocess.Popen(["storescp", mode, "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        try:
+            dcmtk[mode] = send(port, groups, "STORESCP")
+        finally:
+            scp.terminate()
+            scp.wait(30)
+    dcmtk_s = min(dcmtk.values())  # the faster of the two is the bar
 
     port, http_port = _free_port(), _free_port()
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
@@ -99,13 +102,15 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
-    report = {"instances": n, "associations": len(groups), "storescp_per_s": n / dcmtk_s,
+    report = {"instances": n, "associations": len(groups),
+              "storescp_single_process_per_s": n / dcmtk["--single-process"], "storescp_fork_per_s": n / dcmtk["--fork"],
               "medvision_per_s": n / medvision_s, "ratio": dcmtk_s / medvision_s,
               "mix": {SHORT[s]: len(f) for s, f in by_syntax.items()}}
     console.print(f"{n} full-field instances over {len(groups)} associations at once: dcmtk storescp "
-                  f"{report['storescp_per_s']:.1f} instances/s, medvision {report['medvision_per_s']:.1f} instances/s "
-                  f"(acknowledged after fsync and a database row; scoring behind) = "
-                  f"{100 * report['ratio']:.0f} % of storescp")
+                  f"{report['storescp_single_process_per_s']:.1f} instances/s (default, one process), "
+                  f"{report['storescp_fork_per_s']:.1f} instances/s (--fork, no fsync); medvision "
+                  f"{report['medvision_per_s']:.1f} instances/s (acknowledged after fsync and a database row; "
+                  f"scoring behind) = {100 * report['ratio']:.0f} % of the faster storescp")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -1,7 +1,8 @@
 """The DICOM node, with real tools on loopback: dcmtk's storescu sends studies in every transfer syntax the reader
-decodes, the reports come back by C-STORE to a dcmtk storescp and pass dciodvfy; unknown callers are refused at
-association, a full disk answers 0xA700, 20 associations at once lose nothing, and kill -9 in the middle of an
-association loses nothing that was acknowledged."""
+decodes, the reports come back by C-STORE to a dcmtk storescp and pass dciodvfy; a real Orthanc routes a study to
+medvision and gets the report back by C-STORE; unknown callers are refused at association, a full disk answers
+0xA700, 20 associations at once lose nothing, and kill -9 in the middle of an association loses nothing that was
+acknowledged."""
 
 from __future__ import annotations
 
@@ -298,3 +299,73 @@ def test_the_conformance_statement_lists_what_the_node_accepts(node):
     assert set(READABLE_SYNTAXES) <= syntaxes
     assert accepted | syntaxes <= listed, (accepted | syntaxes) - listed
     assert listed <= accepted | syntaxes | {"1.2.840.10008.5.1.4.1.1.88.34"}, listed - accepted - syntaxes
+
+
+def test_orthanc_routes_a_study_by_c_store_and_gets_the_report_back_by_c_store(artifact, tmp_path):
+    """A real PACS: Orthanc, with medvision as one of its DICOM modalities, sends a study with
+    ``/modalities/medvision/store``; the SR comes back into Orthanc by C-STORE and is found there by QIDO-RS."""
+    import json
+    import secrets
+
+    import httpx
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    orthanc_bin = require_tool("Orthanc")
+    password = secrets.token_hex(8)
+    http_port, orthanc_dicom = free_port(), free_port()
+    medvision = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'mv.db'}",
+                                    data_dir=str(tmp_path / "mv"), study_stable_seconds=0.5, dimse_port=0,
+                                    dimse_callers="ORTHANC=site-o@127.0.0.1", dimse_min_free_bytes=0,
+                                    dimse_destination=f"ORTHANC@127.0.0.1:{orthanc_dicom}"))
+    mv_port = medvision.server.config.app.state.dimse.port
+    config = {
+        "Name": "medvision-dimse-test", "HttpPort": http_port, "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"mv": password},
+        "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True, "DicomCheckCalledAet": True,
+        "DicomModalities": {"medvision": ["MEDVISION", "127.0.0.1", mv_port],
+                            "testscu": ["TESTSCU", "127.0.0.1", 104]},
+        "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([orthanc_bin, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", auth=("mv", password), timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api.get("/system").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
+            time.sleep(0.2)
+        study, files = _study(tmp_path / "study", 4, seed=11,
+                              syntaxes=["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"])
+        for f in files:  # into Orthanc first, as a modality would
+            syntax = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            _storescu(orthanc_dicom, [f], "TESTSCU", SYNTAXES[syntax][1], called="ORTHANC")
+        orthanc_study = next(x["ID"] for x in api.post("/tools/lookup", content=study).json() if x["Type"] == "Study")
+        r = api.post("/modalities/medvision/store", json={"Resources": [orthanc_study], "Synchronous": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["InstancesCount"] == 4 and r.json()["FailedInstancesCount"] == 0, r.text
+
+        deadline = time.monotonic() + 90
+        reviewer = medvision.client_for("orthanc-reviewer", "review", site="site-o")
+        while not (status := reviewer.get(f"/v1/studies/{study}").json()).get("sent_by_c_store"):
+            assert not status.get("c_store_error") and time.monotonic() < deadline, status
+            time.sleep(0.3)
+        assert status["site"] == "site-o" and status["instances"] == {"scored": 4}
+        pacs = DICOMwebClient(url=f"http://127.0.0.1:{http_port}/dicom-web",
+                              session=create_session_from_user_pass("mv", password))
+        (series,) = pacs.search_for_series(study, search_filters={"Modality": "SR"})
+        (meta,) = pacs.search_for_instances(study, series["0020000E"]["Value"][0])
+        assert meta["00080018"]["Value"][0] == status["report_sop_instance_uid"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        api.close()
+        medvision.stop()
