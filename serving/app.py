@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from medvision import __version__
+from medvision.serving.audit import FailureBudget
 from medvision.serving.auth import KeyCache
 from medvision.serving.batcher import Batcher
 from medvision.serving.db import open_database
@@ -149,7 +150,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             from medvision.serving.dimse import StorageSCP
 
             app.state.dimse = StorageSCP(settings, app.state.db, app.state.data, app.state.metrics,
-                                         app.state.worker.wake if app.state.worker else None)
+                                         app.state.worker.wake if app.state.worker else None, app.state.failures)
             app.state.dimse.start()
         if settings.secure_cookies and settings.ui_secure_cookies is None:
             log.info("review UI cookies are Secure (the service binds %s, not loopback): reach /ui over HTTPS, e.g. "
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.engine = None
     app.state.metrics = Metrics()
+    app.state.failures = FailureBudget()  # audit rows for anyone's failures: a budget per address, HTTP and DIMSE
     app.state.worker = None
     app.state.dimse = None  # a StorageSCP when settings.dimse_port
     app.state.decoder = None  # a DecodePool when settings.decoders

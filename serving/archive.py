@@ -32,6 +32,7 @@ import numpy as np
 
 from medvision.dicom_io import ReadLimits
 from medvision.errors import ConfigError, MedvisionError
+from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.progress import progress_bar
 
@@ -71,6 +72,7 @@ _WORKER: dict = {}
 
 
 def init_decoder(preprocess_json: str, max_pixels: int) -> None:
+    keep_freed_memory()
     _WORKER["pre"] = Preprocess(PreprocessConfig.model_validate_json(preprocess_json))
     _WORKER["limits"] = ReadLimits(max_pixels=max_pixels)
 

@@ -67,13 +67,10 @@ class FailureBudget:
         return suppressed
 
 
-FAILURES = FailureBudget()  # shared by every way in: HTTP, the DICOM node
-
-
 async def audit_failure(request: Request, action: str, status: int, user_id: int | None = None,
                         key_id: int | None = None, **detail) -> None:
     """Audit an authentication failure or refusal on ``request``'s route, within the address's budget."""
-    suppressed = FAILURES.take(request.client.host if request.client else "")
+    suppressed = request.app.state.failures.take(request.client.host if request.client else "")
     if suppressed is None:
         return
     if suppressed:

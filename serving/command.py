@@ -12,6 +12,7 @@ from pathlib import Path
 
 from medvision.errors import ConfigError
 from medvision.extras import require_extra
+from medvision.memory import keep_freed_memory
 
 SERVE_MODULES = ("onnxruntime", "fastapi", "uvicorn", "pydantic_settings", "httpx", "sqlalchemy", "alembic",
                  "prometheus_client", "highdicom", "dicomweb_client", "pynetdicom")
@@ -214,6 +215,8 @@ def run_score(args: argparse.Namespace) -> int:
     require_extra("serve", *SERVE_MODULES)
     from medvision.serving.archive import Options, list_inputs, score_archive
 
+    keep_freed_memory()  # the forked decoders inherit it
+
     if args.batch_size < 1 or args.workers < 0 or args.actors < 1:
         raise ConfigError("--batch-size and --actors must be >= 1, --workers >= 0")
     if args.engine == "ray" and args.format != "parquet":
@@ -256,6 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
                                    "threads": args.threads}.items() if v is not None}
     settings = load_settings(**overrides)
+    keep_freed_memory()  # image-sized buffers reused, not faulted in again for every request
     os.umask(0o077)  # whatever the service writes (data, database, logs it opens) is its user's alone
     logging.getLogger().setLevel(settings.log_level.upper())  # medvision's own loggers follow MEDVISION_LOG_LEVEL too
     if settings.log_format == "json":

@@ -25,6 +25,7 @@ import numpy as np
 
 from medvision.dicom_io import DicomMeta, ReadLimits
 from medvision.errors import CorruptDicomError
+from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
 
 log = logging.getLogger("medvision.serving")
@@ -39,6 +40,7 @@ _worker: tuple[Preprocess, ReadLimits] | None = None
 
 def _start(config: PreprocessConfig, limits: ReadLimits, service: int) -> None:
     global _worker
+    keep_freed_memory()
     _worker = (Preprocess(config), limits)
     threading.Thread(target=_exit_with, args=(service,), daemon=True).start()
 

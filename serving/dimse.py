@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.dicom_io import READABLE_SYNTAXES, ReadLimits
 from medvision.errors import ConfigError
-from medvision.serving.audit import FAILURES, write_audit
+from medvision.serving.audit import FailureBudget, write_audit
 from medvision.serving.identifiers import Owner, is_site
 from medvision.serving.storage import DataFolder
 from medvision.serving.stow import CANNOT_UNDERSTAND, PROCESSING_FAILURE, STUDY_MISMATCH, enqueue, store_file
@@ -115,8 +115,9 @@ class StorageSCP:
     """The Storage SCP, on its own threads (one per association; pynetdicom's threaded server)."""
 
     def __init__(self, settings, sessions: sessionmaker[Session], data: DataFolder, metrics=None,
-                 wake: threading.Event | None = None) -> None:
+                 wake: threading.Event | None = None, failures: FailureBudget | None = None) -> None:
         self.settings, self.sessions, self.data, self.metrics, self.wake = settings, sessions, data, metrics, wake
+        self.failures = failures or FailureBudget()
         self.senders = parse_callers(settings.dimse_callers)
         self.limits = ReadLimits(max_pixels=settings.max_pixels)
         self.server = None
@@ -195,7 +196,7 @@ class StorageSCP:
         pinned = {s.address for s in self.senders.values()}
         if None in pinned or client_address[0] in pinned:
             return True
-        suppressed = FAILURES.take(client_address[0])  # anyone can connect: audited within a budget
+        suppressed = self.failures.take(client_address[0])  # anyone can connect: audited within a budget
         if suppressed is not None:
             write_audit(self.sessions, "dimse_refused", 403, "", address=client_address[0], reason="address",
                         **({"suppressed": suppressed} if suppressed else {}))
@@ -211,7 +212,7 @@ class StorageSCP:
         assoc = event.assoc
         sender = self._sender(assoc)
         if sender is None:  # an allowed AE title from an address it is not pinned to: every C-STORE gets 0x0124
-            suppressed = FAILURES.take(assoc.requestor.address)
+            suppressed = self.failures.take(assoc.requestor.address)
             if suppressed is not None:
                 write_audit(self.sessions, "dimse_refused", 403, assoc.requestor.ae_title.strip(),
                             address=assoc.requestor.address, reason="address for this AE title",
@@ -224,7 +225,7 @@ class StorageSCP:
 
     def _rejected(self, event) -> None:
         assoc = event.assoc
-        suppressed = FAILURES.take(assoc.requestor.address)  # a flood of refusals is audited within a budget
+        suppressed = self.failures.take(assoc.requestor.address)  # a flood of refusals is audited within a budget
         if suppressed is not None:
             write_audit(self.sessions, "dimse_refused", 403, assoc.requestor.ae_title.strip(),
                         address=assoc.requestor.address, reason="calling AE title or association limit",

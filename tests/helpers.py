@@ -96,7 +96,8 @@ class LiveServer:
             self.key = create_key(db, f"pacs{key_suffix}", "score")[0]
             self.reader = create_key(db, f"reader{key_suffix}", "review")[0]
         self.clients: list = []
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
