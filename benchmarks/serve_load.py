@@ -80,11 +80,21 @@ class _Connection:
         self.reader = self.writer = None
 
     async def post(self, path: str, body: bytes) -> int:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
-                          + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        status = int((await self.reader.readline()).split()[1])
+        for attempt in (0, 1):  # a server may close a keep-alive connection that sat idle: open a new one once
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
+                                  + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await self.writer.drain()
+                line = await self.reader.readline()
+            except ConnectionError:
+                line = b""
+            if line or attempt:
+                break
+            self.writer.close()
+            self.writer = None
+        status = int(line.split()[1])
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
