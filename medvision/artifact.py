@@ -48,7 +48,7 @@ class OperatingPoint(_Part):
     threshold: float = Field(ge=0.0, le=1.0, description="probability at or above which the label is 'cancer'")
     sensitivity: float | None = None
     specificity: float | None = None
-    calibrated: bool = Field(False, description="chosen on temperature-calibrated probabilities")
+    calibrated: bool = Field(False, description="chosen on calibrated probabilities")
 
     @property
     def label(self) -> str:
@@ -69,6 +69,7 @@ class EvaluationSummary(_Part):
     specificity: float
     specificity_ci95: list[float | None]
     ece: float | None = None
+    ece_ci95: list[float | None] | None = None
     breast_auroc: float | None = None
     breast_auroc_ci95: list[float | None] | None = None
 
@@ -143,13 +144,18 @@ class ArtifactMetadata(_Part):
     preprocess: PreprocessConfig
     input: InputContract
     outputs: dict[str, str] = {"logit": "cancer logit, shape [batch, 1]",
-                               "probability": "sigmoid(logit / temperature), calibrated on validation"}
+                               "probability": "sigmoid(logit / temperature + calibration_bias), calibrated on "
+                                              "validation"}
     labels: list[str] = ["non-cancer", "cancer"]
     operating_points: list[OperatingPoint] = Field(min_length=1, description="thresholds chosen by rule; the first "
                                                    "is the one the service applies")
     weights_sha256: str
     validation: dict[str, float] = {}
     temperature: float = Field(1.0, gt=0, description="calibration temperature, applied inside the graph")
+    calibration_bias: float = Field(0.0, description="calibration bias (Platt scaling), applied inside the graph "
+                                    "after the temperature: probability = sigmoid(logit / temperature + bias)")
+    calibration_method: Literal["none", "temperature", "platt"] = Field(
+        "none", description="how the probability was calibrated on validation ('none': it was not)")
     evaluation: EvaluationSummary | None = None
     quantization: QuantizationReport = QuantizationReport()
     split_sha256: str = Field("", description="sha256 of the training run's split.csv: the gate refuses to judge a "
@@ -210,6 +216,8 @@ def decode(custom_metadata: dict[str, str]) -> ArtifactMetadata:
         raise ArtifactError(
             f"artifact schema version {version!r} is not supported (this medvision reads 1 to {SCHEMA_VERSION})"
         )
+    if isinstance(data, dict) and "calibration_method" not in data and data.get("temperature", 1.0) != 1.0:
+        data = dict(data, calibration_method="temperature")  # written before Platt scaling: a temperature only
     try:
         return ArtifactMetadata.model_validate(data)
     except ValidationError as exc:

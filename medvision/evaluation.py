@@ -78,6 +78,11 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
 TEMPERATURE_RANGE = (0.05, 20.0)
 
 
+def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary log-loss of ``sigmoid(logits)`` (``labels`` may be soft targets)."""
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
 def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     """The temperature T minimising the binary log-loss of ``sigmoid(logit / T)`` (golden-section on log T,
     within ``TEMPERATURE_RANGE``; a fit at the upper end means the logits carry almost no information)."""
@@ -85,8 +90,7 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     z = np.asarray(logits, dtype=np.float64).ravel()
 
     def nll(log_t: float) -> float:
-        a = z / math.exp(log_t)
-        return float(np.mean(np.logaddexp(0.0, a) - y * a))  # -[y log s(a) + (1-y) log(1-s(a))]
+        return _nll(y, z / math.exp(log_t))
 
     lo, hi = (math.log(v) for v in TEMPERATURE_RANGE)
     g = (math.sqrt(5) - 1) / 2
@@ -100,8 +104,98 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(math.exp((lo + hi) / 2))
 
 
-def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: the temperature T and bias b of ``sigmoid(logit / T + b)`` minimising the log-loss against
+    Platt's smoothed targets ((N+ + 1) / (N+ + 2) and 1 / (N- + 2), so a separable set does not run off to
+    infinity); Newton's method with step halving, T kept within ``TEMPERATURE_RANGE``. The bias is what a
+    temperature cannot do: remove the shift that class-balanced sampling or another prevalence puts into the
+    logits."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    pos, neg = y.sum(), len(y) - y.sum()
+    t = np.where(y > 0.5, (pos + 1) / (pos + 2), 1 / (neg + 2))
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    lo, hi = 1 / TEMPERATURE_RANGE[1], 1 / TEMPERATURE_RANGE[0]
+    theta = np.array([1.0 / fit_temperature(t, z), math.log((pos + 1) / (neg + 1))])
+    loss = _nll(t, x @ theta)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(x @ theta)))
+        grad = x.T @ (p - t) / len(z)
+        hess = (x.T * (p * (1 - p))) @ x / len(z) + 1e-10 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        for _ in range(30):
+            cand = theta - step
+            cand[0] = min(max(cand[0], lo), hi)
+            cand_loss = _nll(t, x @ cand)
+            if cand_loss <= loss:
+                break
+            step = step / 2
+        else:
+            break
+        done = loss - cand_loss < 1e-12
+        theta, loss = cand, cand_loss
+        if done:
+            break
+    return float(1 / theta[0]), float(theta[1])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a logit becomes the probability shown to readers: ``sigmoid(logit / temperature + bias)``."""
+
+    method: str = "none"  # "temperature", "platt" or "none"
+    temperature: float = 1.0
+    bias: float = 0.0
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        return calibrate(logits, self.temperature, self.bias)
+
+    @classmethod
+    def of(cls, record: dict | None) -> Calibration:
+        """From a run's ``calibration.json`` (runs written before Platt scaling hold a temperature only)."""
+        if not record:
+            return cls()
+        return cls(record.get("method", "temperature"), float(record["temperature"]), float(record.get("bias", 0.0)))
+
+
+def _folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` folds of whole groups (patients), each index in one fold."""
+    uniq = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of = dict(zip(uniq[order], np.arange(len(uniq)) % k, strict=True))
+    per = np.array([fold_of[g] for g in groups])
+    return [np.flatnonzero(per == f) for f in range(k)]
+
+
+def fit_calibration(labels: np.ndarray, logits: np.ndarray, groups: Sequence | None = None,
+                    folds: int = 5) -> tuple[Calibration, dict]:
+    """Temperature scaling or Platt scaling, whichever predicts held-out labels better: each is fitted on all but
+    one fold of patients and scored (log-loss) on that fold, in turn. Returns the chosen calibration fitted on every
+    image, and the evidence (out-of-fold log-loss and ECE of each method)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    g = np.asarray(groups) if groups is not None else np.arange(len(y))
+    fitters = {"temperature": lambda yy, zz: (fit_temperature(yy, zz), 0.0), "platt": fit_platt}
+    out_of_fold = {m: np.full_like(z, np.nan) for m in fitters}
+    for held in _folds(g, min(folds, len(np.unique(g)))):
+        fit = np.setdiff1d(np.arange(len(y)), held)
+        if len(np.unique(y[fit])) < 2:
+            continue  # a fold without both classes cannot be fitted; leave it to the others
+        for m, fitter in fitters.items():
+            out_of_fold[m][held] = calibrate(z[held], *fitter(y[fit], z[fit]))
+    evidence = {}
+    for m in fitters:
+        scored = np.isfinite(out_of_fold[m])
+        p, yy = np.clip(out_of_fold[m][scored], 1e-12, 1 - 1e-12), y[scored]
+        evidence[m] = {"cv_log_loss": float(-np.mean(yy * np.log(p) + (1 - yy) * np.log(1 - p))),
+                       "cv_ece": reliability(yy, p)["ece"]}
+    method = min(fitters, key=lambda m: evidence[m]["cv_log_loss"])
+    temperature, bias = fitters[method](y, z)
+    return Calibration(method, temperature, bias), evidence
+
+
+def calibrate(logits: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) / temperature + bias)))
 
 
 def bootstrap_ci(
@@ -204,6 +298,7 @@ def summarise(labels, probs, threshold: float, clusters=None, specificities=(0.8
         "sensitivity_at_specificity": {f"{t:.2f}": sensitivity_at_specificity(y, p, t) for t in specificities},
         "specificity_at_sensitivity": {f"{t:.2f}": specificity_at_sensitivity(y, p, t) for t in sensitivities},
         "calibration": reliability(y, p),
+        "ece_ci95": bootstrap_ci(y, p, lambda a, b: reliability(a, b)["ece"], clusters, n_boot, seed),
     }
     return out
 

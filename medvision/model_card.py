@@ -26,6 +26,15 @@ def _ci(pair) -> str:
     return f" (95 % CI {_num(pair[0])} to {_num(pair[1])})"
 
 
+def _calibration(meta: ArtifactMetadata) -> str:
+    if meta.calibration_method == "none":
+        return "none (the probability is the model's raw sigmoid)"
+    if meta.calibration_method == "temperature":
+        return f"temperature scaling on validation, T = {meta.temperature:.3f}"
+    return (f"Platt scaling on validation, sigmoid(logit / {meta.temperature:.3f} {meta.calibration_bias:+.3f}): "
+            "probabilities are at the validation set's cancer rate")
+
+
 def gate_lines(gate: GateReport | None) -> list[str]:
     """The gate's verdict and its table (also printed by ``medvision gate``)."""
     if gate is None:
@@ -67,7 +76,7 @@ def render(meta: ArtifactMetadata, artifact: str | Path | None = None, size_byte
               f"- Preprocessing (inside the service, from this metadata): {meta.preprocess.image_size} px, "
               f"mean {meta.preprocess.mean}, std {meta.preprocess.std}; images {meta.preprocess.decoding}.",
               *[f"- Output `{k}`: {v}." for k, v in meta.outputs.items()],
-              f"- Labels: {', '.join(meta.labels)}; calibration temperature {meta.temperature:.3f}.", "",
+              f"- Labels: {', '.join(meta.labels)}; calibration: {_calibration(meta)}.", "",
               "## Operating point", "",
               f"Probability ≥ **{meta.threshold:.4f}** reads as '{meta.labels[-1]}': {meta.operating_point}."]
     for op in meta.operating_points[1:]:
@@ -86,7 +95,7 @@ def render(meta: ArtifactMetadata, artifact: str | Path | None = None, size_byte
         if e.breast_auroc is not None:
             lines.append(f"- Breast-level AUROC {_num(e.breast_auroc)}{_ci(e.breast_auroc_ci95)}")
         if e.ece is not None:
-            lines.append(f"- Expected calibration error {_num(e.ece)}")
+            lines.append(f"- Expected calibration error {_num(e.ece)}{_ci(e.ece_ci95) if e.ece_ci95 else ''}")
         lines.append("")
     q = meta.quantization
     lines += ["## Compression", ""]

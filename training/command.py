@@ -292,7 +292,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     m = r["image_level"]
     print(json.dumps({"subset": r["subset"], "images": m["n"], "auroc": m["auroc"], "auroc_ci95": m["auroc_ci95"],
                       "sensitivity": m["sensitivity"], "specificity": m["specificity"],
-                      "temperature": r["calibration"]["temperature"],
+                      "calibration": {k: r["calibration"][k] for k in ("method", "temperature", "bias")},
+                      "ece": m["calibration"]["ece"], "ece_ci95": m["ece_ci95"],
                       "report": str(Path(args.out or Path(args.run) / "evaluation") / "report.md")}, indent=2))
     return 0
 

@@ -30,7 +30,7 @@ from medvision.evaluation import (
     aggregate,
     bootstrap_ci,
     calibrate,
-    fit_temperature,
+    fit_calibration,
     operating_point,
     paired_difference,
     reliability,
@@ -163,17 +163,18 @@ def evaluate_run(
     # Calibration and operating points: validation only.
     val_rows, val_logits = scored["val"]
     y_val = np.array([r.label for r in val_rows])
-    temperature = fit_temperature(y_val, val_logits)
-    at_bound = not (TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] * 0.99)
+    cal, evidence = fit_calibration(y_val, val_logits, [r.patient_id for r in val_rows])
+    at_bound = not (TEMPERATURE_RANGE[0] * 1.01 < cal.temperature < TEMPERATURE_RANGE[1] * 0.99)
     if at_bound:
         log.warning("the calibration temperature (%.3g) sits at the edge of %s: the validation logits carry "
                     "almost no information (or are wildly overconfident); do not trust this model's probabilities",
-                    temperature, TEMPERATURE_RANGE)
-    p_val = calibrate(val_logits, temperature)
+                    cal.temperature, TEMPERATURE_RANGE)
+    p_val = cal(val_logits)
     ops = [operating_point(y_val, p_val, rule) for rule in rules]
     calibration = {
-        "temperature": temperature, "operating_points": [o.as_dict() for o in ops], "fitted_on": "validation",
-        "validation_images": len(y_val), "val_auroc": auroc(y_val, p_val),
+        "method": cal.method, "temperature": cal.temperature, "bias": cal.bias, "evidence": evidence,
+        "operating_points": [o.as_dict() for o in ops], "fitted_on": "validation",
+        "validation_images": len(y_val), "validation_prevalence": float(y_val.mean()), "val_auroc": auroc(y_val, p_val),
         "val_ece_before": reliability(y_val, calibrate(val_logits, 1.0))["ece"],
         "val_ece_after": reliability(y_val, p_val)["ece"], "weights_sha256": sha256_file(ckpt),
         "temperature_at_bound": at_bound,
@@ -181,7 +182,7 @@ def evaluate_run(
 
     test_rows, test_logits = scored[subset]
     y = np.array([r.label for r in test_rows])
-    p = calibrate(test_logits, temperature)
+    p = cal(test_logits)
     patients = [r.patient_id for r in test_rows]
     primary = ops[0]
     image_level = summarise(y, p, primary.threshold, patients, n_boot=n_boot)
@@ -249,13 +250,28 @@ def _level_md(title: str, m: dict) -> list[str]:
          f"| PR-AUC | {_fmt(m['pr_auc'])} | {_ci(m['pr_auc_ci95'])} |",
          f"| sensitivity at the operating point | {_fmt(m['sensitivity'])} | {_ci(m['sensitivity_ci95'])} |",
          f"| specificity at the operating point | {_fmt(m['specificity'])} | {_ci(m['specificity_ci95'])} |",
-         f"| ECE (10 bins) | {_fmt(m['calibration']['ece'])} | |", "",
+         f"| ECE (10 bins) | {_fmt(m['calibration']['ece'])} | {_ci(m.get('ece_ci95'))} |", "",
          f"Confusion matrix at threshold {m['threshold']:.4f}: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", "",
          "| fixed specificity | sensitivity | | fixed sensitivity | specificity |", "|---|---|---|---|---|"]
     for (a, x), (b, z) in zip(m["sensitivity_at_specificity"].items(), m["specificity_at_sensitivity"].items(),
                               strict=True):
         s.append(f"| {a} | {_fmt(x)} | | {b} | {_fmt(z)} |")
     return s + [""]
+
+
+def _calibration_md(cal: dict) -> str:
+    """The chosen calibration and why (runs evaluated before Platt scaling hold a temperature only)."""
+    method = cal.get("method", "temperature")
+    text = (f"Platt scaling, sigmoid(logit / {cal['temperature']:.3f} {cal['bias']:+.3f})" if method == "platt"
+            else f"Temperature scaling, T = {cal['temperature']:.3f}")
+    text += f" (validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f})."
+    if ev := cal.get("evidence"):
+        text += (" Chosen on validation by out-of-fold log-loss over patient folds: "
+                 + ", ".join(f"{m} {e['cv_log_loss']:.4f} (ECE {e['cv_ece']:.3f})" for m, e in ev.items()) + ".")
+    if "validation_prevalence" in cal:
+        text += (f" Probabilities are at the validation split's cancer rate ({100 * cal['validation_prevalence']:.1f} %"
+                 " of images); a site with another prevalence needs its own calibration.")
+    return text
 
 
 def _markdown(r: dict, plots: list[str]) -> str:
@@ -265,8 +281,7 @@ def _markdown(r: dict, plots: list[str]) -> str:
          f"'{r['subset']}' split. Intervals: patient-clustered percentile bootstrap, {r['bootstrap']['resamples']} "
          "resamples.", "",
          "## Calibration and operating points (fitted on validation)", "",
-         f"Temperature {cal['temperature']:.3f} (validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}). "
-         "Probabilities below are calibrated."
+         _calibration_md(cal) + " Probabilities below are calibrated."
          + (" **The temperature sits at the edge of its range: the model's scores carry almost no information "
             "on validation; do not use its probabilities.**" if cal.get("temperature_at_bound") else ""), "",
          "| operating point | rule | threshold | test sensitivity | test specificity |", "|---|---|---|---|---|"]
@@ -317,7 +332,7 @@ def _plots(out: Path, y, p, p_raw, breast) -> list[str]:
     fig.savefig(out / "roc.png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
-    for probs, label in ((p_raw, "uncalibrated"), (p, "temperature-scaled")):
+    for probs, label in ((p_raw, "uncalibrated"), (p, "calibrated")):
         bins = reliability(y, probs)["bins"]
         ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
                 label=f"{label}, ECE {reliability(y, probs)['ece']:.3f}")

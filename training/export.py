@@ -30,6 +30,7 @@ from medvision.artifact import (
 from medvision.config import RunConfig
 from medvision.data import load_rows, read_split
 from medvision.errors import ArtifactError, ConfigError, DicomError
+from medvision.evaluation import Calibration
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
 from medvision.training.models import class_activation_map, create_model, has_exact_heatmap
@@ -44,13 +45,14 @@ class ExportParityError(ArtifactError):
 
 
 class _WithProbability(torch.nn.Module):
-    """Outputs the raw logit, the calibrated probability ``sigmoid(logit / temperature)`` and, where the
+    """Outputs the raw logit, the calibrated probability ``sigmoid(logit / temperature + bias)`` and, where the
     model has one, its exact heatmap (token / location logits), all from one forward pass."""
 
-    def __init__(self, model: torch.nn.Module, temperature: float = 1.0) -> None:
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, bias: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
+        self.register_buffer("bias", torch.tensor(float(bias)))
         self.has_heatmap = has_exact_heatmap(model)
 
     def forward(self, image: torch.Tensor):
@@ -61,7 +63,7 @@ class _WithProbability(torch.nn.Module):
             logit = heat.mean(dim=(2, 3))
         else:
             logit = self.model(image)
-        prob = torch.sigmoid(logit * self.inv_temperature)
+        prob = torch.sigmoid(logit * self.inv_temperature + self.bias)
         return (logit, prob, heat) if self.has_heatmap else (logit, prob)
 
 
@@ -84,7 +86,8 @@ def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, EvaluationSumm
     return cal, EvaluationSummary(
         subset=r["subset"], images=m["n"], positives=m["positives"], auroc=m["auroc"], auroc_ci95=m["auroc_ci95"],
         sensitivity=m["sensitivity"], sensitivity_ci95=m["sensitivity_ci95"], specificity=m["specificity"],
-        specificity_ci95=m["specificity_ci95"], ece=m["calibration"]["ece"], breast_auroc=breast.get("auroc"),
+        specificity_ci95=m["specificity_ci95"], ece=m["calibration"]["ece"], ece_ci95=m.get("ece_ci95"),
+        breast_auroc=breast.get("auroc"),
         breast_auroc_ci95=breast.get("auroc_ci95"))
 
 
@@ -170,8 +173,8 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
     cfg, model, metrics, ckpt = load_run(run)
     size = cfg.preprocess.image_size
     calibration, evaluation = load_calibration(run, ckpt)
-    temperature = calibration["temperature"] if calibration else 1.0
-    wrapper = _WithProbability(model, temperature).eval()
+    cal = Calibration.of(calibration)
+    wrapper = _WithProbability(model, cal.temperature, cal.bias).eval()
     _, fused = trace_onnx(wrapper, out, size, portable)
     spec = get_model_spec(cfg.model.name)
     meta = ArtifactMetadata(
@@ -185,9 +188,12 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         operating_points=[OperatingPoint(**op, calibrated=True) for op in calibration["operating_points"]]
         if calibration else [OperatingPoint(rule=metrics.get("operating_point", "default 0.5 (no validation metrics "
                                                               "found)"), threshold=float(metrics.get("threshold", 0.5)))],
-        temperature=temperature,
+        temperature=cal.temperature,
+        calibration_bias=cal.bias,
+        calibration_method=cal.method,
         outputs={"logit": "cancer logit, shape [batch, 1]",
-                 "probability": "sigmoid(logit / temperature), calibrated on validation",
+                 "probability": f"sigmoid(logit / temperature + calibration_bias), {cal.method} scaling fitted on "
+                                "validation" if calibration else "sigmoid(logit), not calibrated",
                  **({"heatmap": "per-location cancer logits [batch, 1, rows, cols] on the model-input grid; the "
                                 "logit is their " + ("log-sum-exp mean" if hasattr(model, "pool") else "mean")
                                 + (" averaged with the distillation token's logit"

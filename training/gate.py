@@ -38,7 +38,7 @@ from medvision.artifact import (
     write_artifact,
 )
 from medvision.errors import ArtifactError, ConfigError
-from medvision.evaluation import calibrate, paired_difference
+from medvision.evaluation import Calibration, calibrate, paired_difference
 from medvision.metrics import auroc, sensitivity_specificity
 from medvision.model_card import gate_lines, render
 from medvision.preprocess import Preprocess
@@ -65,7 +65,7 @@ def _teacher_scores(teacher: Path, show_progress: bool):
     calibration, _ = load_calibration(teacher, ckpt)
     if calibration and calibration.get("operating_points"):
         op = calibration["operating_points"][0]
-        return cfg, ckpt, rows, calibrate(logits, calibration["temperature"]), float(op["threshold"]), op["rule"]
+        return cfg, ckpt, rows, Calibration.of(calibration)(logits), float(op["threshold"]), op["rule"]
     threshold = float(metrics.get("threshold", 0.5))
     return cfg, ckpt, rows, calibrate(logits, 1.0), threshold, metrics.get("operating_point", "threshold 0.5")
 

@@ -73,6 +73,29 @@ def test_reliability_and_temperature():
     assert r["ece"] == pytest.approx(0.05) and [b["count"] for b in r["bins"]] == [1, 1]
 
 
+def test_platt_scaling_removes_the_shift_class_balanced_training_leaves_and_is_chosen_for_it():
+    """A model trained on balanced batches scores as if half the images had cancer; at a 15 % cancer rate its
+    probabilities are far too high, and a temperature cannot move them down, only flatten them."""
+    from medvision.evaluation import fit_calibration, fit_platt
+
+    rng = np.random.default_rng(5)
+
+    def draw(n):  # a feature ~ N(+-1.2, 1); the logit a balanced-trained model reports: its log-odds at 50 %
+        y = (rng.random(n) < 0.15).astype(int)
+        return y, 2.4 * rng.normal(np.where(y == 1, 1.2, -1.2), 1.0)
+
+    y_fit, z_fit = draw(400)  # a validation split's size
+    y_new, z_new = draw(20000)  # held out
+    cal, evidence = fit_calibration(y_fit, z_fit, np.arange(400) // 4)  # 4 images per patient
+    assert cal.method == "platt" and cal.bias < -1.0
+    assert evidence["platt"]["cv_log_loss"] < evidence["temperature"]["cv_log_loss"]
+    temperature_only = reliability(y_new, calibrate(z_new, fit_temperature(y_fit, z_fit)))["ece"]
+    assert reliability(y_new, cal(z_new))["ece"] < 0.03 < 0.1 < temperature_only
+    # already calibrated logits: Platt changes (almost) nothing
+    t, b = fit_platt(y_new, z_new + np.log(0.15 / 0.85))  # the true log-odds at 15 %
+    assert t == pytest.approx(1.0, abs=0.1) and b == pytest.approx(0.0, abs=0.1)
+
+
 def test_patient_clustered_bootstrap_is_wider_than_image_bootstrap():
     rng = np.random.default_rng(2)
     patients = np.repeat(np.arange(60), 4)
@@ -97,6 +120,7 @@ def test_breast_level_aggregation_and_summary():
     assert m["pr_auc_ci95"][0] < m["pr_auc"] < m["pr_auc_ci95"][1]
     assert sum(m["confusion"].values()) == 200 and set(m["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
     assert 0 <= m["calibration"]["ece"] <= 1
+    assert m["ece_ci95"][0] <= m["calibration"]["ece"] <= m["ece_ci95"][1] + 1e-12
 
 
 def test_temperature_of_uninformative_logits_sits_at_the_bound():

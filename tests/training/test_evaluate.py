@@ -25,7 +25,7 @@ def test_report_holds_every_metric(evaluated):
     m = r["image_level"]
     for key in ("auroc", "auroc_ci95", "pr_auc", "pr_auc_ci95", "sensitivity", "sensitivity_ci95", "specificity",
                 "specificity_ci95", "confusion", "sensitivity_at_specificity", "specificity_at_sensitivity",
-                "calibration", "operating_points"):
+                "calibration", "ece_ci95", "operating_points"):
         assert key in m, key
     lo, hi = m["auroc_ci95"]
     assert lo <= m["auroc"] <= hi
@@ -39,7 +39,7 @@ def test_report_holds_every_metric(evaluated):
     assert pg["images"] > 0 and 0 <= pg["hit_rate"] <= 1 and 0 < pg["chance_rate"] < 1
     assert pg["hit_rate_ci95"][0] <= pg["hit_rate"] <= pg["hit_rate_ci95"][1]
     md = (evaluated / "evaluation" / "report.md").read_text()
-    for text in ("AUROC", "PR-AUC", "95 % CI", "Breast level", "Confusion matrix", "Temperature", "age_band",
+    for text in ("AUROC", "PR-AUC", "95 % CI", "Breast level", "Confusion matrix", "scaling", "out-of-fold", "age_band",
                  "pointing game"):
         assert text in md
     for png in ("roc.png", "reliability.png"):
@@ -48,12 +48,16 @@ def test_report_holds_every_metric(evaluated):
 
 def test_calibration_is_fitted_on_validation_and_exported_into_the_graph(evaluated, tmp_path):
     cal = json.loads((evaluated / "calibration.json").read_text())
-    assert cal["fitted_on"] == "validation" and cal["temperature"] > 0
+    assert cal["fitted_on"] == "validation" and cal["temperature"] > 0 and cal["method"] in ("temperature", "platt")
+    assert set(cal["evidence"]) == {"temperature", "platt"}
+    chosen = min(cal["evidence"], key=lambda m: cal["evidence"][m]["cv_log_loss"])
+    assert cal["method"] == chosen and (cal["bias"] == 0.0) == (chosen == "temperature")
     assert [o["name"] for o in cal["operating_points"]] == ["sens90", "spec80"]
     out = tmp_path / "model.onnx"
     assert main(["export", str(evaluated), "--out", str(out)]) == 0
     meta = read_artifact(out)
-    assert meta.temperature == pytest.approx(cal["temperature"])
+    assert meta.temperature == pytest.approx(cal["temperature"]) and meta.calibration_method == cal["method"]
+    assert meta.calibration_bias == pytest.approx(cal["bias"])
     assert meta.threshold == pytest.approx(cal["operating_points"][0]["threshold"])
     assert [o.name for o in meta.operating_points] == ["sens90", "spec80"] and meta.operating.calibrated
     assert meta.operating_point == cal["operating_points"][0]["rule"] + " (calibrated)"
@@ -62,7 +66,8 @@ def test_calibration_is_fitted_on_validation_and_exported_into_the_graph(evaluat
     size = meta.input.shape[-1]
     x = np.random.default_rng(0).standard_normal((3, 1, size, size)).astype(np.float32)
     logit, prob = sess.run(["logit", "probability"], {"image": x})
-    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit / meta.temperature)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-(logit / meta.temperature + meta.calibration_bias))),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_for_other_weights_is_not_exported(evaluated, tmp_path):
@@ -73,7 +78,8 @@ def test_calibration_for_other_weights_is_not_exported(evaluated, tmp_path):
     (run / "calibration.json").write_text(json.dumps(cal))
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     meta = read_artifact(tmp_path / "m.onnx")
-    assert meta.temperature == 1.0 and meta.evaluation is None
+    assert meta.temperature == 1.0 and meta.calibration_bias == 0.0 and meta.calibration_method == "none"
+    assert meta.evaluation is None
     assert len(meta.operating_points) == 1 and not meta.operating.calibrated  # the training run's own threshold
 
 

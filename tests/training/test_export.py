@@ -59,7 +59,9 @@ def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
     v1.update(schema_version=1, threshold=0.42, operating_point="sensitivity >= 0.90 on validation (calibrated)",
               operating_points=[{"name": "sens90", "rule": "sensitivity >= 0.90 on validation", "threshold": 0.42,
                                  "sensitivity": 0.9, "specificity": 0.5}],
-              evaluation={}, quantization={}, gate={})
+              evaluation={}, quantization={}, gate={}, temperature=1.7)
+    for new in ("calibration_bias", "calibration_method"):  # Platt scaling came with version 3
+        v1.pop(new)
     v1["preprocess"].pop("decode_long_side")  # version 1 and 2 had no decode contract
     model = onnx.load(str(artifact))
     del model.metadata_props[:]
@@ -69,6 +71,7 @@ def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
     meta = read_artifact(old)
     assert meta.schema_version == 3 and meta.threshold == 0.42 and meta.operating.calibrated
     assert meta.preprocess.decode_long_side == 0  # before the decode contract, every pixel was decoded
+    assert (meta.calibration_method, meta.temperature, meta.calibration_bias) == ("temperature", 1.7, 0.0)
     assert meta.operating_point == "sensitivity >= 0.90 on validation (calibrated)"
     assert meta.evaluation is None and meta.gate is None and meta.format == "fp32"
     v1.update(operating_points=[], operating_point="default 0.5 (no validation metrics found)", threshold=0.5)
