@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benign-rate", type=float, default=defaults.benign_rate)
     p.add_argument("--compressed-fraction", type=float, default=defaults.compressed_fraction)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--site", choices=["reference", "shifted"], default=defaults.site,
+                   help="'shifted': another vendor's processing, fainter findings, more noise, older patients, its "
+                   "own patient ids and UIDs (a second site to test drift and recalibration on)")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         n_patients=args.patients, prevalence=args.prevalence, rows=args.rows, columns=args.columns,
         difficulty=args.difficulty, benign_rate=args.benign_rate, compressed_fraction=args.compressed_fraction,
-        seed=args.seed, workers=args.workers,
+        seed=args.seed, workers=args.workers, site=args.site,
     )
     summary = generate_dataset(cfg, args.out, show_progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))

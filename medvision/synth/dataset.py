@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +24,8 @@ from medvision.synth.phantom import (
     Finding,
     render_breast,
 )
-from medvision.synth.vendors import VENDORS, Vendor, default_window, to_stored
+from medvision.synth.sites import SITES
+from medvision.synth.vendors import Vendor, default_window, to_stored
 
 LABEL_COLUMNS = [
     "site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer", "biopsy", "invasive",
@@ -46,6 +48,8 @@ class SynthConfig(BaseModel):
     benign_rate: float = Field(0.35, ge=0.0, le=1.0, description="chance a breast carries a benign finding")
     monochrome1_vendors: bool = True
     compressed_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of files written compressed")
+    site: Literal["reference", "shifted"] = Field("reference", description="whose images: the reference site, or a "
+                                                  "site whose equipment and population differ (sites.SITES)")
     seed: int = 0
     workers: int = Field(0, ge=0, description="processes; 0 = all cores")
 
@@ -105,18 +109,20 @@ def example_image(vendor: Vendor, rows: int, columns: int, seed: int = 0, malign
 
 def _patient_task(args: tuple) -> tuple[list[dict], list[dict], list[str]]:
     cfg, index, cancer_side, out_dir = args
-    rng = np.random.default_rng([cfg.seed, index])
+    site = SITES[cfg.site]
+    salt = () if cfg.site == "reference" else (cfg.site,)  # the reference site's UIDs are as they always were
+    rng = np.random.default_rng([cfg.seed, index, *((7919,) if salt else ())])
     shape = (cfg.rows, cfg.columns)
-    patient_id = str(10000 + index)
-    vendors = [v for v in VENDORS if cfg.monochrome1_vendors or v.photometric == "MONOCHROME2"]
+    patient_id = str(site.patient_base + index)
+    vendors = [v for v in site.vendors if cfg.monochrome1_vendors or v.photometric == "MONOCHROME2"] or list(site.vendors)
     vendor = vendors[int(rng.integers(len(vendors)))]
     compressed = rng.random() < cfg.compressed_fraction
     tsyntax = vendor.transfer_syntaxes[1] if compressed else vendor.transfer_syntaxes[0]
-    age = int(rng.integers(40, 80))
+    age = int(rng.integers(*site.ages))
     density = str(rng.choice(["A", "B", "C", "D"], p=[0.1, 0.4, 0.4, 0.1]))
-    site_id = 1 + int(vendor.machine_id > 25)
-    contrast = 0.45 - 0.37 * cfg.difficulty
-    study_uid = uid_for("study", cfg.seed, index)
+    site_id = site.site_id or 1 + int(vendor.machine_id > 25)
+    contrast = (0.45 - 0.37 * cfg.difficulty) * site.lesion_contrast
+    study_uid = uid_for("study", cfg.seed, index, *salt)
     study_date = _dt.date(2026, 1, 5) + _dt.timedelta(days=int(index % 300))
     labels, lesions, syntaxes = [], [], []
     spacing = FIELD_OF_VIEW_MM / cfg.rows
@@ -128,19 +134,22 @@ def _patient_task(args: tuple) -> tuple[list[dict], list[dict], list[str]]:
             findings = _findings_for_view(planned, geom, view, shape, rng)
             att = render_breast(shape, view, geom, density, findings, contrast, rng)
             breast = att > 0.05
+            if site.noise:
+                att = np.where(breast, np.clip(att + rng.normal(0.0, site.noise, att.shape), 0.06, 1.0), att)
             if side == "R":  # canonical frame has the chest wall on the left; right breasts point left
                 att, breast = att[:, ::-1], breast[:, ::-1]
                 findings = [Finding(f.kind, f.malignant, cfg.columns - 1 - f.x, f.y, f.radius) for f in findings]
             stored = to_stored(att, vendor)
-            image_id = str(index * 4 + side_i * 2 + view_i + 100000)
+            image_id = str(index * 4 + side_i * 2 + view_i + 10 * site.patient_base)
             rec = ImageRecord(
                 patient_id=patient_id,
                 patient_name=f"SYNTHETIC^PATIENT{index:05d}",
                 age=age,
                 study_uid=study_uid,
-                series_uid=uid_for("series", cfg.seed, index, side, view),
-                sop_uid=uid_for("sop", cfg.seed, index, side, view),
-                accession=f"SYN{cfg.seed % 1000:03d}{index:07d}",
+                series_uid=uid_for("series", cfg.seed, index, side, view, *salt),
+                sop_uid=uid_for("sop", cfg.seed, index, side, view, *salt),
+                accession=f"SYN{cfg.seed % 1000:03d}{site.patient_base // 10000}{index:06d}" if salt
+                else f"SYN{cfg.seed % 1000:03d}{index:07d}",
                 laterality=side,
                 view=view,
                 instance_number=side_i * 2 + view_i + 1,
@@ -203,6 +212,7 @@ def generate_dataset(cfg: SynthConfig, out_dir: str | os.PathLike, show_progress
         "cancer_patients": n_pos,
         "transfer_syntaxes": {str(k): v for k, v in sorted(syntaxes.items())},
         "photometric": dict(Counter("MONOCHROME1" if r["machine_id"] == 29 else "MONOCHROME2" for r in labels)),
+        "site": {"name": cfg.site, "description": SITES[cfg.site].description},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

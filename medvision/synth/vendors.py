@@ -40,6 +40,11 @@ VENDORS: tuple[Vendor, ...] = (
            (ExplicitVRLittleEndian, RLELossless)),
 )
 
+# Only at the "shifted" site (``sites.SITES``): a vendor none of the others resemble, with a flatter processing
+# curve (gamma 0.55) and a sigmoid VOI LUT, the way a model meets a new site's equipment.
+SHIFTED_VENDOR = Vendor("Draco Diagnostics", "Draco DR-7", 63, 14, "MONOCHROME2", 0.55, 400, "SIGMOID",
+                        (ExplicitVRLittleEndian, JPEG2000Lossless))
+
 
 def to_stored(attenuation: np.ndarray, vendor: Vendor) -> np.ndarray:
     """Map attenuation in [0, 1] to this vendor's unsigned stored values."""

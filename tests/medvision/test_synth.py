@@ -160,3 +160,26 @@ def test_difficulty_knob_lowers_lesion_contrast_and_size(tmp_path):
     hard_c, hard_r = _lesion_contrast(tmp_path / "hard")
     assert easy_c > hard_c + 0.05
     assert easy_r > 2 * hard_r
+
+
+def test_a_shifted_site_differs_in_vendor_population_and_contrast_and_shares_no_identifiers(tmp_path):
+    cfg = SynthConfig(n_patients=6, prevalence=1.0, rows=256, columns=208, seed=3, benign_rate=0.0, workers=1,
+                      difficulty=0.3)
+    generate_dataset(cfg, tmp_path / "ref", show_progress=False)
+    generate_dataset(cfg.model_copy(update={"site": "shifted"}), tmp_path / "new", show_progress=False)
+    ref, new = _rows(tmp_path / "ref" / "labels.csv"), _rows(tmp_path / "new" / "labels.csv")
+    assert {r["machine_id"] for r in new} == {"63"} and not {r["machine_id"] for r in ref} & {"63"}
+    assert {r["site_id"] for r in new} == {"3"} and min(int(r["age"]) for r in new) >= 55
+    assert not {r["patient_id"] for r in ref} & {r["patient_id"] for r in new}
+    assert not {r["image_id"] for r in ref} & {r["image_id"] for r in new}
+
+    def uids(root):
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in root.rglob("*.dcm")} | \
+            {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in root.rglob("*.dcm")}
+
+    assert not uids(tmp_path / "ref") & uids(tmp_path / "new")  # one archive can hold both sites
+    assert {pydicom.dcmread(p, stop_before_pixels=True).Manufacturer for p in (tmp_path / "new").rglob("*.dcm")} \
+        == {"Draco Diagnostics"}
+    assert _lesion_contrast(tmp_path / "new")[0] < _lesion_contrast(tmp_path / "ref")[0]
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert summary["site"]["name"] == "shifted" and "Draco" in summary["site"]["description"]
