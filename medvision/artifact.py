@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medvision.drift import Reference
 from medvision.errors import ArtifactError
 from medvision.preprocess import PreprocessConfig
 
@@ -168,6 +169,9 @@ class ArtifactMetadata(_Part):
         "stated otherwise in 'training_data'."
     )
     training_data: str = ""
+    reference: Reference | None = Field(None, description="the distributions the model was validated on (header "
+                                        "attributes, input statistics, calibrated probability): the service's drift "
+                                        "watch compares each site with them")
 
     @property
     def operating(self) -> OperatingPoint:

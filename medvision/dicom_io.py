@@ -26,6 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from medvision.drift import age_band
 from medvision.errors import (
     CorruptDicomError,
     EmptyInputError,
@@ -149,6 +150,8 @@ class DicomMeta:
     laterality: str | None = None
     view: str | None = None
     manufacturer: str | None = None
+    model_name: str | None = None
+    age_band: str | None = None  # from Patient's Age, a band (``drift.age_band``): never the age itself
     presentation_intent: str | None = None
     decode: str = "full"  # the resolution plan carried out (``medvision.resolution``), e.g. "1/8 wavelet"
     decode_factor: int = 1  # the pixels are at 1/decode_factor of rows x columns
@@ -430,6 +433,8 @@ def _meta(ds: Dataset) -> DicomMeta:
             laterality=_str(ds.get("ImageLaterality") or ds.get("Laterality")),
             view=_view(ds),
             manufacturer=_str(ds.get("Manufacturer")),
+            model_name=_str(ds.get("ManufacturerModelName")),
+            age_band=age_band(_str(ds.get("PatientAge"))),
             presentation_intent=_str(ds.get("PresentationIntentType")),
         )
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

@@ -23,6 +23,7 @@ from medvision import __version__
 from medvision.artifact import sha256_file
 from medvision.data import ImageRow, load_rows, read_split
 from medvision.datacard import parse_age
+from medvision.drift import Reference, build_reference, header_of_index, image_statistics
 from medvision.errors import ConfigError
 from medvision.evaluation import (
     TEMPERATURE_RANGE,
@@ -46,6 +47,7 @@ from medvision.training.onnx_scoring import split_rows
 
 log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
+REFERENCE = "reference.json"  # the distributions the model was validated on (drift watch)
 DEFAULT_SUBGROUPS = ("manufacturer", "view", "laterality", "density", "age_band")
 
 
@@ -151,7 +153,7 @@ def evaluate_run(
     pre = Preprocess(cfg.preprocess)
     cache = {"cache_dir": cfg.data.cache_dir, "use_cache": cfg.data.cache, "workers": cfg.data.decode_workers}
 
-    scored = {}
+    scored, statistics = {}, {}
     for name in ("val", subset):
         part = [r for r in rows if split.get(r.patient_id) == name]
         if len({r.label for r in part}) < 2:
@@ -159,6 +161,7 @@ def evaluate_run(
         images, kept = decode_all(part, pre, f"decode {name}", show_progress, **cache)
         logits = predict_logits(model, images, pre)
         scored[name] = (kept, logits)
+        statistics[name] = [image_statistics(images[i]) for i in range(len(kept))]
 
     # Calibration and operating points: validation only.
     val_rows, val_logits = scored["val"]
@@ -192,6 +195,8 @@ def evaluate_run(
         for o in ops
     }
     headers = scan_files([r.path for r in test_rows], workers=1, show_progress=False)
+    reference = _reference(val_rows, cal(val_logits), statistics["val"], test_rows, p, statistics[subset], headers,
+                           subset)
     values = _subgroup_values(test_rows, headers)
     by_group = {}
     for g in subgroups:
@@ -228,10 +233,25 @@ def evaluate_run(
         "subgroups": by_group, "bootstrap": {"resamples": n_boot, "unit": "patient", "interval": "percentile 95 %"},
     }
     (run / CALIBRATION).write_text(json.dumps(calibration, indent=2))
+    (run / REFERENCE).write_text(json.dumps({"weights_sha256": calibration["weights_sha256"],
+                                             "reference": reference.model_dump()}, indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plots(out, y, p, calibrate(test_logits, 1.0), breast)
     (out / "report.md").write_text(_markdown(report, plots))
     return report
+
+
+def _reference(val_rows, p_val, val_stats, test_rows, p_test, test_stats, test_headers, subset: str) -> Reference:
+    """The distributions the model was validated on (validation and held-out images, calibrated probabilities),
+    for the service's drift watch."""
+    val_headers = scan_files([r.path for r in val_rows], workers=1, show_progress=False)
+    profiles, studies = [], []
+    for rows, headers, stats, probs in ((val_rows, val_headers, val_stats, p_val),
+                                        (test_rows, test_headers, test_stats, p_test)):
+        for r, h, st, pr in zip(rows, headers, stats, probs, strict=True):
+            profiles.append({**header_of_index(h), **st, "probability": float(pr)})
+            studies.append(r.study_id or r.patient_id)
+    return build_reference(profiles, studies, source=f"validation and {subset} splits")
 
 
 def _fmt(v, digits: int = 3) -> str:

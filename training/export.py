@@ -29,6 +29,7 @@ from medvision.artifact import (
 )
 from medvision.config import RunConfig
 from medvision.data import load_rows, read_split
+from medvision.drift import Reference
 from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.evaluation import Calibration
 from medvision.preprocess import Preprocess
@@ -89,6 +90,17 @@ def load_calibration(run: Path, ckpt: Path) -> tuple[dict | None, EvaluationSumm
         specificity_ci95=m["specificity_ci95"], ece=m["calibration"]["ece"], ece_ci95=m.get("ece_ci95"),
         breast_auroc=breast.get("auroc"),
         breast_auroc_ci95=breast.get("auroc_ci95"))
+
+
+def load_reference(run: Path, ckpt: Path) -> Reference | None:
+    """``RUN/reference.json`` (written by ``medvision evaluate``), if it was made for these weights."""
+    path = run / "reference.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("weights_sha256") != sha256_file(ckpt):
+        return None
+    return Reference.model_validate(data["reference"])
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Path]:
@@ -204,6 +216,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         split_sha256=sha256_file(run / "split.csv") if (run / "split.csv").is_file() else "",
         validation={k: float(metrics[k]) for k in ("val_auroc", "val_sensitivity", "val_specificity") if k in metrics},
         runtime_ops=[f"{DOMAIN}.Attention"] if fused else [],
+        reference=load_reference(run, ckpt),
         training_data=f"manifest {Path(cfg.data.manifest).name}" if cfg.data.manifest
         else f"labels {Path(cfg.data.labels_csv).name if cfg.data.labels_csv else 'unknown'}",
     )

@@ -369,3 +369,52 @@ def test_orthanc_routes_a_study_by_c_store_and_gets_the_report_back_by_c_store(a
         proc.wait(30)
         api.close()
         medvision.stop()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, and a server and a client certificate it signed (openssl), for DICOM over TLS on loopback."""
+    openssl = require_tool("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{name}.pem" for name in ("ca", "ca.key", "server", "server.key", "client", "client.key")}
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", str(paths["ca.key"]), "-out", str(paths["ca"]))
+    for name in ("server", "client"):
+        csr = folder / f"{name}.csr"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(paths[f"{name}.key"]),
+            "-out", str(csr))
+        ext = folder / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca.key"]),
+            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(paths[name]))
+    return paths
+
+
+def test_dicom_over_tls_needs_a_certificate_of_the_sites_ca(artifact, tmp_path):
+    from sqlalchemy import func, select
+
+    from medvision.serving.tables import Instance
+
+    certs = _certificates(tmp_path / "pki")
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(tmp_path / "data"), study_stable_seconds=60, dimse_port=0,
+                                 dimse_callers="STORESCU=site-a", dimse_min_free_bytes=0,
+                                 dimse_tls_cert=str(certs["server"]), dimse_tls_key=str(certs["server.key"]),
+                                 dimse_tls_ca=str(certs["ca"])))
+    try:
+        port = server.server.config.app.state.dimse.port
+        _, files = _study(tmp_path / "s", 3, seed=11, syntaxes=["1.2.840.10008.1.2.1"])
+        tls = ["+tls", str(certs["client.key"]), str(certs["client"]), "+cf", str(certs["ca"])]
+        _storescu(port, files[:1], flags=tls)  # a PACS with a certificate of the site's CA: stored
+        plain = _storescu(port, files[1:2], check=False)  # plain TCP to a TLS port: no association
+        anonymous = _storescu(port, files[2:], flags=["+tla", "+cf", str(certs["ca"])], check=False)  # no client cert
+        assert plain.returncode != 0 and anonymous.returncode != 0
+        with server.sessions() as db:
+            stored = db.scalar(select(func.count()).select_from(Instance))
+        assert stored == 1
+    finally:
+        server.stop()

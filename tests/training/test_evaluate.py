@@ -62,6 +62,13 @@ def test_calibration_is_fitted_on_validation_and_exported_into_the_graph(evaluat
     assert [o.name for o in meta.operating_points] == ["sens90", "spec80"] and meta.operating.calibrated
     assert meta.operating_point == cal["operating_points"][0]["rule"] + " (calibrated)"
     assert meta.evaluation.auroc == json.loads((evaluated / "evaluation" / "report.json").read_text())["image_level"]["auroc"]
+    # the distributions it was validated on travel with it, for the service's drift watch
+    report = json.loads((evaluated / "evaluation" / "report.json").read_text())
+    ref = meta.reference
+    assert ref is not None and ref.images == cal["validation_images"] + report["image_level"]["n"]
+    assert sum(ref.categorical["manufacturer"].values()) == ref.images and "(not recorded)" not in ref.categorical["view"]
+    assert ref.continuous["probability"] == sorted(ref.continuous["probability"]) and len(ref.continuous["grey_p50"]) == 101
+    assert 0 < ref.continuous["breast_fraction"][50] < 1
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     size = meta.input.shape[-1]
     x = np.random.default_rng(0).standard_normal((3, 1, size, size)).astype(np.float32)
