@@ -125,7 +125,9 @@ def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: flo
     payloads = [f.read_bytes() for f in files]
     out = {}
     for c in levels:
+        cpu = time.process_time()
         r = asyncio.run(_drive(url, key, payloads, c, seconds, limit))
+        r["client_cores"] = (time.process_time() - cpu) / r["wall_s"]  # what the client took of the machine's cores
         r.pop("latencies_ms")
         out[c] = r
     return out
@@ -173,6 +175,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400, help="most requests per level")
     p.add_argument("--naive-models", default="vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--per-syntax", action="store_true", help="also drive each transfer syntax alone")
+    p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed)")
+    p.add_argument("--naive-per-syntax", default="vit_small_patch16_224",
+                   help="naive peers driven for each syntax alone (every --naive-models one: 'all')")
     p.add_argument("--core-hour-price", type=float, default=0.05)
     p.add_argument("--json")
     args = p.parse_args()
@@ -181,7 +186,11 @@ def main() -> None:
     archive = Path(args.archive)
     by_syntax = build_archive(archive, args.images, args.rows, args.columns)
     every = sorted(f for fs in by_syntax.values() for f in fs)
-    groups = {"mix": every, **({SHORT[s]: fs for s, fs in by_syntax.items()} if args.per_syntax else {})}
+    groups = {"mix": every, **({SHORT[s]: fs for s, fs in by_syntax.items()} if args.per_syntax or args.only else {})}
+    if args.only:
+        groups = {k: v for k, v in groups.items() if k in {g.strip() for g in args.only.split(",")}}
+    per_syntax_peers = args.naive_models.split(",") if args.naive_per_syntax == "all" else \
+        args.naive_per_syntax.split(",")
 
     report: dict = {"cores": cores, "images": len(every), "size": f"{args.rows} x {args.columns}",
                     "core_hour_price": args.core_hour_price,
@@ -191,8 +200,8 @@ def main() -> None:
         with service(args.model, {}) as (url, key):
             g["medvision"] = drive(url, key, files, levels, args.seconds, args.requests)
         for model_name in args.naive_models.split(","):
-            if name != "mix" and model_name != "vit_small_patch16_224":
-                continue  # per syntax: the ViT-S peer only (time)
+            if name != "mix" and model_name not in per_syntax_peers:
+                continue  # per syntax: the ViT-S peer only unless asked (time)
             with naive(model_name) as (url, key):
                 g[f"naive {model_name.split('_patch')[0]}"] = drive(url, key, files, levels, args.seconds,
                                                                      args.requests)
@@ -212,7 +221,7 @@ def _print(report: dict, levels: list[int]) -> None:
                       f", {report['size']}): pipeline {pipe['images_per_s']:.1f} img/s per core (p50 {pipe['p50_ms']:.1f} ms, "
                       f"decode {pipe['decode']}); limit {cores} cores x pipeline = {limit:.1f} img/s")
         for col in ("system", "conc.", "img/s", "p50 ms", "p99 ms", "core-s / study", "$ / 1,000 studies", "x naive ViT-S",
-                    "% of limit"):
+                    "% of limit", "client cores", "% of cores left"):
             table.add_column(col, no_wrap=True)
         base = g.get("naive vit_small", {})
         for system, runs in g.items():
@@ -224,7 +233,8 @@ def _print(report: dict, levels: list[int]) -> None:
                 ratio = r["images_per_s"] / base[c]["images_per_s"] if base.get(c, {}).get("images_per_s") else float("nan")
                 table.add_row(system, str(c), f"{r['images_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
                               f"{cst['core_s_per_study']:.2f}", f"{cst['usd_per_1000_studies']:.4f}", f"{ratio:.1f}",
-                              f"{100 * r['images_per_s'] / limit:.0f}")
+                              f"{100 * r['images_per_s'] / limit:.0f}", f"{r.get('client_cores', 0):.2f}",
+                              f"{100 * r['images_per_s'] / ((cores - r.get('client_cores', 0)) * pipe['images_per_s']):.0f}")
         if "score" in g and "images_per_s" in g["score"]:
             s = g["score"]
             cst = costs(s["images_per_s"], cores, price)

@@ -19,6 +19,7 @@ from medvision.serving.auth import KeyCache
 from medvision.serving.batcher import Batcher
 from medvision.serving.db import open_database
 from medvision.serving.decode_pool import DecodePool
+from medvision.serving.drift_watch import DriftGauges
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.engine = None
     app.state.metrics = Metrics()
+    app.state.drift_gauges = DriftGauges(settings.drift_interval_s)
     app.state.failures = FailureBudget()  # audit rows for anyone's failures: a budget per address, HTTP and DIMSE
     app.state.worker = None
     app.state.dimse = None  # a StorageSCP when settings.dimse_port

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
 from medvision.dicom_io import DicomMeta, ReadLimits, Source
+from medvision.drift import header_of, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
 from medvision.serving.settings import Settings
@@ -27,6 +28,7 @@ class Prediction:
     above_threshold: bool
     meta: DicomMeta
     inference_ms: float
+    profile: dict | None = None  # drift quantities (medvision.drift), when the model input was at hand
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -107,15 +109,23 @@ class Engine:
         stored, meta = self.preprocess.read(source, self.limits, identifiers)
         return self.preprocess(stored, meta), meta
 
-    def prediction(self, probability: float, meta: DicomMeta, inference_ms: float) -> Prediction:
+    def prediction(self, probability: float, meta: DicomMeta, inference_ms: float,
+                   x: np.ndarray | None = None) -> Prediction:
+        """The result for one scored image; ``x`` (its model input) adds its drift quantities."""
         above = probability >= self.meta.threshold
-        return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms)
+        return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms,
+                          None if x is None else self.drift_profile(x, meta, probability))
+
+    def drift_profile(self, x: np.ndarray, meta: DicomMeta, probability: float) -> dict:
+        """What the drift watch compares with the artifact's reference (greys recovered from the normalised input)."""
+        cfg = self.meta.preprocess
+        return profile(header_of(meta), np.asarray(x) * cfg.std + cfg.mean, probability)
 
     def score(self, x: np.ndarray, meta: DicomMeta) -> Prediction:
         """The prediction for one prepared image (``prepare``, or a ``DecodePool``'s)."""
         start = time.perf_counter()
         prob = float(self.run(x[None])[0])
-        return self.prediction(prob, meta, (time.perf_counter() - start) * 1000)
+        return self.prediction(prob, meta, (time.perf_counter() - start) * 1000, x)
 
     def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
         return self.score(*self.prepare(source, identifiers))

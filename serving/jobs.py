@@ -167,7 +167,7 @@ class Worker:
                 continue
             record_score(sessions, owner, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
                          result.label, engine.meta.threshold, info, result.inference_ms,
-                         accession=ids.get("AccessionNumber", ""), decode=result.meta.decode)
+                         accession=ids.get("AccessionNumber", ""), decode=result.meta.decode, profile=result.profile)
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)

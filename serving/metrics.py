@@ -29,6 +29,12 @@ class Metrics:
                                        ["outcome"], registry=r)
         self.results_sent = Counter("medvision_results_sent", "reports sent back to the PACS, by route and outcome",
                                     ["via", "outcome"], registry=r)
+        self.drift_alarm = Gauge("medvision_drift_alarm", "1 while a site's recent images differ from the model's "
+                                 "reference in this quantity (medvision.drift policy)", ["site", "quantity"], registry=r)
+        self.drift_effect = Gauge("medvision_drift_effect", "the difference's size: Jensen-Shannon distance "
+                                  "(categorical) or Wasserstein-1 (continuous)", ["site", "quantity"], registry=r)
+        self.drift_window = Gauge("medvision_drift_window_studies", "studies in the site's drift window", ["site"],
+                                  registry=r)
         self.model = Gauge("medvision_model_info", "the served model (value 1)",
                            ["name", "artifact_sha256", "format", "gate"], registry=r)
 

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
                                   "overlaid (stored next to the SR and sent to the PACS with it)")
     study_stable_seconds: float = Field(2.0, ge=0, description="score a received study once no instance of it "
                                         "arrived for this long (one report per study, not one per request)")
+    drift_window_images: int = Field(2000, ge=10, description="drift watch: each site's most recent scored images "
+                                     "compared with the artifact's reference")
+    drift_min_studies: int = Field(100, ge=1, description="drift watch: no alarm from fewer studies than this")
+    drift_alpha: float = Field(0.001, gt=0, lt=1, description="drift watch: false-alarm rate per window of an "
+                               "unchanged site (shared among the quantities, Bonferroni)")
+    drift_interval_s: float = Field(300.0, gt=0, description="drift watch: Prometheus gauges at most this old")
     job_workers: int = Field(1, ge=0, description="threads scoring received studies (0: receive only)")
     job_lease_seconds: float = Field(60.0, gt=0, description="a crashed worker's job is taken over after this")
     dimse_port: int | None = Field(None, ge=0, le=65535, description="DICOM storage SCP port (C-ECHO, C-STORE in); "

@@ -152,7 +152,8 @@ class ScoredImage(Base):
     """One scored image; re-sending the same SOP Instance UID returns this row instead of scoring again."""
 
     __tablename__ = "scored_images"
-    __table_args__ = (UniqueConstraint("site", "sop_instance_uid", name="uq_scored_images_site_sop"),)
+    __table_args__ = (UniqueConstraint("site", "sop_instance_uid", name="uq_scored_images_site_sop"),
+                      Index("ix_scored_images_site_scored_at", "site", "scored_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     site: Mapped[str] = mapped_column(String(64), default="")
@@ -169,6 +170,8 @@ class ScoredImage(Base):
     decode: Mapped[str] = mapped_column(String(96), default="", doc="how the image was decoded, e.g. '1/8 wavelet'")
     scored_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     note: Mapped[str] = mapped_column(Text, default="")
+    profile: Mapped[dict | None] = mapped_column(JSON, nullable=True, doc="drift quantities (medvision.drift.profile): "
+                                                 "header attributes, input statistics, probability; no identifiers")
 
 
 class Study(Base):

@@ -271,6 +271,10 @@ def _level_md(title: str, m: dict) -> list[str]:
          f"| sensitivity at the operating point | {_fmt(m['sensitivity'])} | {_ci(m['sensitivity_ci95'])} |",
          f"| specificity at the operating point | {_fmt(m['specificity'])} | {_ci(m['specificity_ci95'])} |",
          f"| ECE (10 bins) | {_fmt(m['calibration']['ece'])} | {_ci(m.get('ece_ci95'))} |", "",
+         *([f"A perfectly calibrated model would show an ECE of {m['ece_if_calibrated']['mean']:.3f} on these "
+            f"{m['n']} cases (95th percentile {m['ece_if_calibrated']['p95']:.3f}; p = "
+            f"{m['ece_if_calibrated']['p_value']:.2f} that an ECE this high comes from calibrated probabilities).", ""]
+           if m.get("ece_if_calibrated") else []),
          f"Confusion matrix at threshold {m['threshold']:.4f}: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", "",
          "| fixed specificity | sensitivity | | fixed sensitivity | specificity |", "|---|---|---|---|---|"]
     for (a, x), (b, z) in zip(m["sensitivity_at_specificity"].items(), m["specificity_at_sensitivity"].items(),

@@ -13,6 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
+from medvision.serving.drift_watch import drift_of
+from medvision.serving.identifiers import request_site
 from medvision.serving.tables import ApiKey, AuditEvent, Usage
 
 router = APIRouter(tags=["admin"])
@@ -74,7 +76,22 @@ async def audit_log(request: Request, limit: int = Query(100, ge=1, le=10_000), 
     return rows
 
 
+@router.get("/v1/admin/drift", summary="Each site's recent images against the model's reference: tests and alarms")
+async def drift(request: Request, site: str | None = Query(None, description="one site (default: every site)"),
+                caller: Caller = require("admin")) -> dict:
+    site = request_site(site)
+    state = request.app.state
+    report = await run_in_threadpool(drift_of, state, site)
+    if site is None:
+        state.drift_gauges.publish(state.metrics, report)
+    await run_in_threadpool(audit, state.db, request, "read_drift", 200, site or "", caller.key_id)
+    return report
+
+
 @router.get("/metrics", summary="Prometheus metrics (scrape with an admin key as bearer token)",
             response_class=Response)
 async def metrics(request: Request, caller: Caller = require("admin")) -> Response:
+    state = request.app.state
+    if state.drift_gauges.due():
+        state.drift_gauges.publish(state.metrics, await run_in_threadpool(drift_of, state))
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -124,7 +124,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
                            status=200, request_id=request.state.request_id, detail={})
         record_score(app.db, caller.owner, result.meta.sop_instance_uid, result.meta.study_instance_uid,
                      result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
-                     ids.get("AccessionNumber", ""), result.meta.decode)
+                     ids.get("AccessionNumber", ""), result.meta.decode, result.profile)
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
@@ -136,7 +136,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         scored = app.batcher.run_alone(x)
         if scored is None:
             return x, meta, None
-        result = engine.prediction(scored[0], meta, scored[1])
+        result = engine.prediction(scored[0], meta, scored[1], x)
         record(result)
         return x, meta, result
 
@@ -145,7 +145,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)
-        result = engine.prediction(probability, meta, inference_ms)
+        result = engine.prediction(probability, meta, inference_ms, x)
         await run_in_threadpool(record, result)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from medvision.errors import ConfigError
 from medvision.serving import reviews
 from medvision.serving.audit import audit, audit_failure
+from medvision.serving.drift_watch import drift_of
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
@@ -446,6 +447,7 @@ async def admin_page(request: Request, action: str = ""):
             return reviews.agreement(db), events
 
     agreement, events = await run_in_threadpool(load)
+    drift = await run_in_threadpool(drift_of, request.app.state)
     await _audit(request, "ui_view_admin", 200, "/ui/admin", reader)
-    return _page(request, "admin.html", reader, agreement=agreement, events=events, action=action,
+    return _page(request, "admin.html", reader, agreement=agreement, events=events, action=action, drift=drift,
                  query=urlencode({"action": action}) if action else "")

@@ -121,6 +121,20 @@ def test_breast_level_aggregation_and_summary():
     assert sum(m["confusion"].values()) == 200 and set(m["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
     assert 0 <= m["calibration"]["ece"] <= 1
     assert m["ece_ci95"][0] <= m["calibration"]["ece"] <= m["ece_ci95"][1] + 1e-12
+    floor = m["ece_if_calibrated"]
+    assert 0 < floor["mean"] < floor["p95"] and 0 <= floor["p_value"] <= 1
+
+
+def test_the_ece_of_a_perfect_model_on_few_cases_is_not_zero_and_a_biased_one_stands_out():
+    from medvision.evaluation import ece_if_calibrated
+
+    rng = np.random.default_rng(6)
+    p = rng.beta(1, 5, 320)
+    y = (rng.random(320) < p).astype(int)
+    floor = ece_if_calibrated(p, reliability(y, p)["ece"], n=500)
+    assert 0.02 < floor["mean"] < 0.06 and floor["p_value"] > 0.01  # calibrated: an ordinary draw
+    shifted = np.clip(p + 0.1, 0, 1)  # ten points too high
+    assert ece_if_calibrated(shifted, reliability(y, shifted)["ece"], n=500)["p_value"] < 0.01
 
 
 def test_temperature_of_uninformative_logits_sits_at_the_bound():
