@@ -28,6 +28,7 @@ from medvision.serving.metrics import Metrics
 from medvision.serving.rendering import RenderCache
 from medvision.serving.routes import admin, dicomweb, health, predict, results, ui
 from medvision.serving.settings import Settings
+from medvision.serving.site_calibrations import SiteOverlays
 from medvision.serving.storage import DataFolder
 from medvision.serving.stow import requeue_orphans
 
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
+        app.state.site_overlays = SiteOverlays(app.state.db, app.state.engine.artifact_sha256)
         info = app.state.engine.model_info()
         app.state.metrics.set_model(info)
         app.state.batcher = Batcher(app.state.engine.run, settings.batch_max_size, settings.batch_max_wait_ms,

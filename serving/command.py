@@ -124,6 +124,85 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_recalibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recalibrate", help="fit, apply and remove a site's own calibration and operating point",
+        description="A site whose images differ from the validation data gets other probabilities, and another "
+        "sensitivity at the model's threshold. 'fit' takes the site's stored scores under a model and their outcomes "
+        "(a CSV with cancer and sop_instance_uid or study_instance_uid columns, or the review UI's export of calls), "
+        "refits the probability (Platt scaling) and chooses the site's threshold by the model's rule on half of the "
+        "site's studies, and judges it on the other half: accepted only if the rule's metric is within 2 points of "
+        "its target there and better than the model's own threshold. 'apply' makes an accepted overlay the site's "
+        "(audited; a running service picks it up within seconds), 'remove' returns the site to the model's own.",
+    )
+    _database_option(p)
+    actions = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    f = actions.add_parser("fit", help="fit a site's overlay and write it (nothing is applied)")
+    f.add_argument("--site", required=True)
+    f.add_argument("--model", required=True, help="the served artifact (its scores are the ones used)")
+    f.add_argument("--outcomes", required=True, help="outcomes CSV, or the review UI's export of calls")
+    f.add_argument("--rule", help="operating-point rule (default: the model's own, e.g. 'sensitivity>=0.90')")
+    f.add_argument("--held-out", type=float, default=0.5, help="share of the site's studies held out (default 0.5)")
+    f.add_argument("--bootstrap", type=int, default=2000)
+    f.add_argument("--out", required=True, help="where to write the overlay (JSON)")
+    a = actions.add_parser("apply", help="make an accepted overlay the site's calibration (audited)")
+    a.add_argument("overlay", help="a JSON file written by 'fit'")
+    a.add_argument("--force", action="store_true", help="apply one its gate refused (recorded in the audit log)")
+    r = actions.add_parser("remove", help="return a site to the model's own calibration (audited)")
+    r.add_argument("--site", required=True)
+    r.add_argument("--model", required=True)
+    actions.add_parser("list", help="the active site calibrations")
+    p.set_defaults(func=run_recalibrate)
+
+
+def run_recalibrate(args: argparse.Namespace) -> int:
+    require_extra("serve", *SERVE_MODULES)
+    from sqlalchemy import select
+
+    from medvision.artifact import read_artifact, sha256_file
+    from medvision.serving.site_calibrations import apply_overlay, fit_site, remove_overlay
+    from medvision.serving.tables import SiteCalibrationRow
+    from medvision.site_calibration import SiteCalibration
+
+    sessions = _open_database(args)
+    if args.action == "fit":
+        if not 0.1 <= args.held_out <= 0.9:
+            raise ConfigError("--held-out must be between 0.1 and 0.9")
+        overlay = fit_site(sessions, args.site, read_artifact(args.model), sha256_file(args.model), args.outcomes,
+                           args.rule, args.held_out, args.bootstrap)
+        Path(args.out).write_text(overlay.model_dump_json(indent=2))
+        ev = overlay.evidence
+        print(json.dumps({"site": overlay.site, "accepted": overlay.accepted, "reasons": overlay.reasons,
+                          "threshold": {"model": ev.model_threshold.threshold, "site": overlay.threshold},
+                          "held_out": {"studies": ev.held_out_studies, "images": ev.held_out_images,
+                                       "model_threshold": ev.model_threshold.model_dump(),
+                                       "site_threshold": ev.site_threshold.model_dump(),
+                                       "ece": [ev.ece_before, ev.ece_after]},
+                          "overlay": args.out}, indent=2))
+        return 0 if overlay.accepted else 3
+    if args.action == "apply":
+        try:
+            overlay = SiteCalibration.model_validate_json(Path(args.overlay).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{args.overlay} is not a site calibration written by 'medvision recalibrate fit': "
+                              f"{str(exc)[:200]}") from None
+        row = apply_overlay(sessions, overlay, _actor(), args.force)
+        print(json.dumps({"id": row.id, "site": row.site, "threshold": overlay.threshold,
+                          "applied_at": row.applied_at.isoformat()}, indent=2))
+    elif args.action == "remove":
+        n = remove_overlay(sessions, args.site, sha256_file(args.model), _actor())
+        print(json.dumps({"site": args.site, "removed": n}, indent=2))
+    else:
+        with sessions() as db:
+            rows = db.scalars(select(SiteCalibrationRow).where(SiteCalibrationRow.removed_at.is_(None))
+                              .order_by(SiteCalibrationRow.id))
+            print(json.dumps([{"id": r.id, "site": r.site, "artifact_sha256": r.artifact_sha256,
+                               "threshold": r.overlay["threshold"], "rule": r.overlay["rule"],
+                               "applied_by": r.applied_by, "applied_at": r.applied_at.isoformat()} for r in rows],
+                             indent=2))
+    return 0
+
+
 def register_users(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "users", help="create, list and disable review-UI accounts",

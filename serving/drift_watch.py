@@ -22,8 +22,11 @@ def _window(db: Session, site: str, artifact_sha256: str, images: int) -> tuple[
 
 
 def drift_report(sessions: sessionmaker[Session], reference: Reference | None, artifact_sha256: str,
-                 window_images: int, policy: DriftPolicy, site: str | None = None) -> dict:
-    """Per site (or one): the window's size, each quantity's test and which alarms are on."""
+                 window_images: int, policy: DriftPolicy, site: str | None = None,
+                 calibrations: dict | None = None) -> dict:
+    """Per site (or one): the window's size, each quantity's test, which alarms are on, and the site calibration
+    in force (``calibrations``: site -> its summary)."""
+    calibrations = calibrations or {}
     out: dict = {"artifact_sha256": artifact_sha256, "window_images": window_images,
                  "policy": policy.__dict__, "reference": None, "sites": []}
     if reference is None:
@@ -39,6 +42,7 @@ def drift_report(sessions: sessionmaker[Session], reference: Reference | None, a
     for s, (profiles, studies) in windows.items():
         drifts: list[Drift] = compare(reference, profiles, studies, policy) if profiles else []
         out["sites"].append({"site": s, "images": len(profiles), "studies": len(set(studies)),
+                             "calibration": calibrations.get(s),
                              "alarms": [d.quantity for d in drifts if d.alarm],
                              "quantities": [d.as_dict() for d in drifts]})
     return out
@@ -48,7 +52,8 @@ def drift_of(state, site: str | None = None) -> dict:
     """The drift report for the served model (every site, or one), from the app's state and settings."""
     s, engine = state.settings, state.engine
     policy = DriftPolicy(min_studies=s.drift_min_studies, alpha=s.drift_alpha)
-    return drift_report(state.db, engine.meta.reference, engine.artifact_sha256, s.drift_window_images, policy, site)
+    return drift_report(state.db, engine.meta.reference, engine.artifact_sha256, s.drift_window_images, policy, site,
+                        state.site_overlays.summary())
 
 
 class DriftGauges:

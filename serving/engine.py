@@ -17,6 +17,7 @@ from medvision.drift import header_of, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
 from medvision.serving.settings import Settings
+from medvision.site_calibration import SiteCalibration
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,12 @@ class Prediction:
     meta: DicomMeta
     inference_ms: float
     profile: dict | None = None  # drift quantities (medvision.drift), when the model input was at hand
+    threshold: float = 0.5  # the one the label was decided at: the model's, or the site calibration's
+    calibration_id: int | None = None  # the site calibration that made probability and threshold; None: the model's
+
+    @property
+    def calibration(self) -> str:
+        return "model" if self.calibration_id is None else f"site calibration {self.calibration_id}"
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -110,22 +117,28 @@ class Engine:
         return self.preprocess(stored, meta), meta
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float,
-                   x: np.ndarray | None = None) -> Prediction:
-        """The result for one scored image; ``x`` (its model input) adds its drift quantities."""
-        above = probability >= self.meta.threshold
-        return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms,
-                          None if x is None else self.drift_profile(x, meta, probability))
+                   x: np.ndarray | None = None, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:
+        """The result for one scored image; ``x`` (its model input) adds its drift quantities (with the model's own
+        probability), ``overlay`` (the site's calibration id and overlay) replaces probability and threshold."""
+        profile = None if x is None else self.drift_profile(x, meta, probability)
+        threshold, calibration_id = self.meta.threshold, None
+        if overlay is not None:
+            calibration_id, site = overlay
+            probability, threshold = float(site.probability(probability)), site.threshold
+        above = probability >= threshold
+        return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms, profile, threshold,
+                          calibration_id)
 
     def drift_profile(self, x: np.ndarray, meta: DicomMeta, probability: float) -> dict:
         """What the drift watch compares with the artifact's reference (greys recovered from the normalised input)."""
         cfg = self.meta.preprocess
         return profile(header_of(meta), np.asarray(x) * cfg.std + cfg.mean, probability)
 
-    def score(self, x: np.ndarray, meta: DicomMeta) -> Prediction:
+    def score(self, x: np.ndarray, meta: DicomMeta, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:
         """The prediction for one prepared image (``prepare``, or a ``DecodePool``'s)."""
         start = time.perf_counter()
         prob = float(self.run(x[None])[0])
-        return self.prediction(prob, meta, (time.perf_counter() - start) * 1000, x)
+        return self.prediction(prob, meta, (time.perf_counter() - start) * 1000, x, overlay)
 
     def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
         return self.score(*self.prepare(source, identifiers))

@@ -160,14 +160,16 @@ class Worker:
             ids: dict[str, str] = {}
             try:
                 path = self.state.data.inside(inst.path)
-                result = engine.score(*(self.state.decoder or engine).prepare(path, ids))
+                result = engine.score(*(self.state.decoder or engine).prepare(path, ids),
+                                      overlay=self.state.site_overlays.get(owner.site))
             except MedvisionError as exc:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
             record_score(sessions, owner, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
-                         result.label, engine.meta.threshold, info, result.inference_ms,
-                         accession=ids.get("AccessionNumber", ""), decode=result.meta.decode, profile=result.profile)
+                         result.label, result.threshold, info, result.inference_ms,
+                         accession=ids.get("AccessionNumber", ""), decode=result.meta.decode, profile=result.profile,
+                         calibration_id=result.calibration_id)
             self._set_instance(inst.id, "scored")
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)

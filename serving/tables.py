@@ -172,6 +172,24 @@ class ScoredImage(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     profile: Mapped[dict | None] = mapped_column(JSON, nullable=True, doc="drift quantities (medvision.drift.profile): "
                                                  "header attributes, input statistics, probability; no identifiers")
+    calibration_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the site calibration that made "
+                                                       "probability and threshold; None: the model's own")
+
+
+class SiteCalibrationRow(Base):
+    """A site's overlay (``medvision.site_calibration.SiteCalibration``), active while ``removed_at`` is None."""
+
+    __tablename__ = "site_calibrations"
+    __table_args__ = (Index("ix_site_calibrations_site_artifact", "site", "artifact_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(64))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    overlay: Mapped[dict] = mapped_column(JSON)
+    applied_by: Mapped[str] = mapped_column(String(128))
+    applied_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    removed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    removed_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Study(Base):

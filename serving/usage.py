@@ -45,7 +45,7 @@ def _statements(dialect: str) -> dict:
         result = insert(images)
         replaced = {c: result.excluded[c] for c in ("study_instance_uid", "key_id", "probability", "label", "threshold",
                                                     "model_name", "artifact_sha256", "inference_ms", "decode",
-                                                    "scored_at", "profile")}
+                                                    "scored_at", "profile", "calibration_id")}
         # a re-score without an accession number keeps the one recorded before
         replaced["accession_number"] = case((result.excluded.accession_number != "", result.excluded.accession_number),
                                             else_=images.c.accession_number)
@@ -70,7 +70,7 @@ def _statements(dialect: str) -> dict:
 def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | None, study_uid: str | None,
                  probability: float, label: str, threshold: float, model: dict,
                  inference_ms: float, audit_event=None, accession: str = "", decode: str = "",
-                 profile: dict | None = None) -> None:
+                 profile: dict | None = None, calibration_id: int | None = None) -> None:
     """Store the result for ``owner``'s site (a SOP Instance UID the site re-scores replaces its row) and meter it
     for the key, with the audit record of the access, in one transaction.
 
@@ -97,7 +97,8 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
                 "probability": probability, "decode": decode[:96],
                 "label": label, "threshold": threshold, "model_name": model["name"],
                 "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
-                "accession_number": printable(accession or "", 16), "profile": profile})
+                "accession_number": printable(accession or "", 16), "profile": profile,
+                "calibration_id": calibration_id})
         if audit_event is not None:  # the access record commits with the result it describes
             db.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
                                       if getattr(audit_event, c.key) is not None})

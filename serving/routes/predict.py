@@ -41,8 +41,11 @@ class PredictResponse(BaseModel):
     sop_instance_uid: str | None = Field(description="SOP Instance UID of the scored image")
     study_instance_uid: str | None
     probability: float = Field(description="model probability of cancer, in [0, 1]")
-    label: str = Field(description="label at the artifact's operating point")
+    label: str = Field(description="label at the operating point (the artifact's, or the site calibration's)")
     threshold: float
+    calibration: str = Field("model", description="what made probability and threshold: 'model' (the artifact's "
+                             "validation calibration) or 'site calibration N' (an overlay fitted on this site's "
+                             "outcomes; medvision recalibrate)")
     above_threshold: bool
     operating_point: str
     model: ModelInfo
@@ -123,8 +126,8 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
                            status=200, request_id=request.state.request_id, detail={})
         record_score(app.db, caller.owner, result.meta.sop_instance_uid, result.meta.study_instance_uid,
-                     result.probability, result.label, engine.meta.threshold, info, result.inference_ms, event,
-                     ids.get("AccessionNumber", ""), result.meta.decode, result.profile)
+                     result.probability, result.label, result.threshold, info, result.inference_ms, event,
+                     ids.get("AccessionNumber", ""), result.meta.decode, result.profile, result.calibration_id)
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
@@ -136,16 +139,17 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         scored = app.batcher.run_alone(x)
         if scored is None:
             return x, meta, None
-        result = engine.prediction(scored[0], meta, scored[1], x)
+        result = engine.prediction(scored[0], meta, scored[1], x, overlay)
         record(result)
         return x, meta, result
 
     info = engine.model_info()
+    overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
         x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)
-        result = engine.prediction(probability, meta, inference_ms, x)
+        result = engine.prediction(probability, meta, inference_ms, x, overlay)
         await run_in_threadpool(record, result)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
@@ -156,7 +160,8 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         study_instance_uid=result.meta.study_instance_uid,
         probability=result.probability,
         label=result.label,
-        threshold=engine.meta.threshold,
+        threshold=result.threshold,
+        calibration=result.calibration,
         above_threshold=result.above_threshold,
         operating_point=engine.meta.operating_point,
         model=ModelInfo(**info),

@@ -1,0 +1,158 @@
+"""Site calibrations in the service: fit one from a site's stored scores and outcomes, apply or remove it (audited),
+and the cache the scoring paths read (refreshed every few seconds, so an overlay applied from the command line
+reaches a running service without a restart)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from medvision.errors import ConfigError
+from medvision.identifiers import check_uid
+from medvision.serving.audit import write_audit
+from medvision.serving.identifiers import is_site
+from medvision.serving.tables import ScoredImage, SiteCalibrationRow
+from medvision.site_calibration import SiteCalibration, recalibrate
+
+
+def read_outcomes(path: str | Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Outcomes keyed by SOP Instance UID and by Study Instance UID, from a CSV with ``cancer`` (0 / 1) and
+    ``sop_instance_uid`` and / or ``study_instance_uid`` columns; or from the review UI's export of calls
+    (``study_instance_uid``, ``call``, ``ai_above_threshold``): a reader who agrees with the AI confirms its
+    result, one who disagrees reverses it, and uncertain calls are left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no outcomes file at {path}")
+    by_sop: dict[str, int] = {}
+    by_study: dict[str, int] = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or ())
+        calls = {"call", "ai_above_threshold", "study_instance_uid"} <= columns
+        if not calls and ("cancer" not in columns or not columns & {"sop_instance_uid", "study_instance_uid"}):
+            raise ConfigError(f"{path.name}: an outcomes CSV needs 'cancer' and 'sop_instance_uid' or "
+                              "'study_instance_uid' columns (or is the review UI's export of calls)")
+        for n, row in enumerate(reader, start=2):
+            if calls:
+                if row["call"] not in ("agree", "disagree"):
+                    continue
+                above = row["ai_above_threshold"].strip() == "1"
+                outcome = int(above if row["call"] == "agree" else not above)
+            else:
+                value = (row.get("cancer") or "").strip()
+                if value not in ("0", "1"):
+                    raise ConfigError(f"{path.name} line {n}: cancer must be 0 or 1")
+                outcome = int(value)
+            for column, into in (("sop_instance_uid", by_sop), ("study_instance_uid", by_study)):
+                uid = (row.get(column) or "").strip()
+                if uid:
+                    into[check_uid(uid, column)] = outcome
+    if not by_sop and not by_study:
+        raise ConfigError(f"{path.name} holds no usable outcome")
+    return by_sop, by_study
+
+
+def fit_site(sessions: sessionmaker[Session], site: str, meta, artifact_sha256: str, outcomes: str | Path,
+             rule: str | None = None, held_out_fraction: float = 0.5, n_boot: int = 2000) -> SiteCalibration:
+    """The overlay for ``site`` from its stored scores under this artifact (the model's own probability) and the
+    outcomes file."""
+    if not is_site(site):
+        raise ConfigError(f"{site!r} is not a site name")
+    by_sop, by_study = read_outcomes(outcomes)
+    with sessions() as db:
+        rows = db.execute(select(ScoredImage.sop_instance_uid, ScoredImage.study_instance_uid, ScoredImage.profile,
+                                 ScoredImage.probability, ScoredImage.calibration_id)
+                          .where(ScoredImage.site == site, ScoredImage.artifact_sha256 == artifact_sha256)).all()
+    probs, labels, studies = [], [], []
+    for sop, study, profile, probability, calibration_id in rows:
+        outcome = by_sop.get(sop, by_study.get(study))
+        if outcome is None:
+            continue
+        # the model's own probability: the drift profile keeps it when a site overlay changed the stored one
+        model_p = profile.get("probability") if calibration_id is not None and profile else probability
+        if model_p is None:
+            continue
+        probs.append(float(model_p))
+        labels.append(outcome)
+        studies.append(study or sop)
+    if not probs:
+        raise ConfigError(f"no image of site {site!r} scored by this model has an outcome in {Path(outcomes).name}")
+    rule = rule or meta.operating.rule.replace(" on validation", "")
+    return recalibrate(site, artifact_sha256, meta.threshold, probs, labels, studies, rule=rule,
+                       held_out_fraction=held_out_fraction, n_boot=n_boot, model_name=meta.model_name)
+
+
+def apply_overlay(sessions: sessionmaker[Session], overlay: SiteCalibration, actor: str,
+                  force: bool = False) -> SiteCalibrationRow:
+    """Make ``overlay`` the site's active calibration for its artifact (replacing one there was), audited. One the
+    gate refused is not applied unless ``force`` (which the audit row records)."""
+    if not overlay.accepted and not force:
+        raise ConfigError("this site calibration was refused by its gate (" + "; ".join(overlay.reasons) + "): not "
+                          "applied")
+    now = _dt.datetime.now(_dt.UTC)
+    with sessions() as db:
+        for old in db.scalars(_active(overlay.site, overlay.artifact_sha256)):
+            old.removed_at, old.removed_by = now, actor
+        row = SiteCalibrationRow(site=overlay.site, artifact_sha256=overlay.artifact_sha256,
+                                 overlay=overlay.model_dump(mode="json"), applied_by=actor[:128], applied_at=now)
+        db.add(row)
+        db.commit()
+        db.refresh(row)
+    write_audit(sessions, "site_calibration_applied", 200, overlay.site, id=row.id, by=actor[:128],
+                artifact=overlay.artifact_sha256[:16], threshold=round(overlay.threshold, 6), forced=force)
+    return row
+
+
+def remove_overlay(sessions: sessionmaker[Session], site: str, artifact_sha256: str, actor: str) -> int:
+    """End the site's active calibration for this artifact (the model's own applies again); audited."""
+    now = _dt.datetime.now(_dt.UTC)
+    with sessions() as db:
+        rows = list(db.scalars(_active(site, artifact_sha256)))
+        for row in rows:
+            row.removed_at, row.removed_by = now, actor[:128]
+        db.commit()
+    if rows:
+        write_audit(sessions, "site_calibration_removed", 200, site, ids=[r.id for r in rows], by=actor[:128],
+                    artifact=artifact_sha256[:16])
+    return len(rows)
+
+
+def _active(site: str, artifact_sha256: str):
+    return select(SiteCalibrationRow).where(SiteCalibrationRow.site == site,
+                                            SiteCalibrationRow.artifact_sha256 == artifact_sha256,
+                                            SiteCalibrationRow.removed_at.is_(None))
+
+
+class SiteOverlays:
+    """The active overlays of the served artifact, by site, reloaded at most every ``seconds``."""
+
+    def __init__(self, sessions: sessionmaker[Session], artifact_sha256: str, seconds: float = 5.0) -> None:
+        self.sessions, self.artifact_sha256, self.seconds = sessions, artifact_sha256, seconds
+        self._by_site: dict[str, tuple[int, SiteCalibration]] = {}
+        self._loaded = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self, site: str) -> tuple[int, SiteCalibration] | None:
+        if time.monotonic() - self._loaded >= self.seconds:
+            with self._lock:
+                if time.monotonic() - self._loaded >= self.seconds:
+                    self._reload()
+        return self._by_site.get(site)
+
+    def _reload(self) -> None:
+        with self.sessions() as db:
+            rows = db.scalars(select(SiteCalibrationRow).where(
+                SiteCalibrationRow.artifact_sha256 == self.artifact_sha256, SiteCalibrationRow.removed_at.is_(None))
+                .order_by(SiteCalibrationRow.id))
+            self._by_site = {r.site: (r.id, SiteCalibration.model_validate(r.overlay)) for r in rows}
+        self._loaded = time.monotonic()
+
+    def summary(self) -> dict[str, dict]:
+        self.get("")
+        return {site: {"id": i, "threshold": o.threshold, "rule": o.rule} for site, (i, o) in self._by_site.items()}

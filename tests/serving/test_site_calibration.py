@@ -1,0 +1,127 @@
+"""A site's own calibration, end to end on a live service, on SQLite and PostgreSQL: fitted from the site's stored
+scores and outcomes by `medvision recalibrate fit`, refused by its gate when the model does not separate the site's
+cases, applied only by an administrator (forced, and audited as such), then used for that site's scores only, shown
+in every result and in /readyz, and removed again."""
+
+import csv
+import hashlib
+import json
+
+import pydicom
+import pytest
+from helpers import LiveServer, fresh_postgres_db
+
+from medvision.cli import main
+from medvision.serving.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shifted_site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shifted-site")
+    assert main(["synth", str(out), "--patients", "16", "--rows", "256", "--columns", "208", "--site", "shifted",
+                 "--seed", "3", "--no-progress"]) == 0
+    return sorted((out / "images").rglob("*.dcm"))
+
+
+def _score(client, files) -> list[dict]:
+    out = []
+    for f in files:
+        r = client.post("/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_that_site_only(
+        database, request, artifact, dicom_files, shifted_site, tmp_path, capsys):
+    from sqlalchemy import select
+
+    from medvision.artifact import read_artifact
+    from medvision.serving.tables import AuditEvent, ScoredImage
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if database == "sqlite" else \
+        fresh_postgres_db(request.getfixturevalue("postgres_url"), "site_calibration_tests")
+    server = LiveServer(Settings(artifact=str(artifact), database_url=url, data_dir=str(tmp_path / "data"),
+                                 job_workers=0))
+    try:
+        site_a, site_b = server.client_for("site-a", "score"), server.client_for("site-b", "score")
+        before = _score(site_b, shifted_site)
+        assert {r["calibration"] for r in before} == {"model"}
+        # outcomes the model cannot know: a coin per study (a hash of its UID)
+        outcomes = tmp_path / "outcomes.csv"
+        with outcomes.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["sop_instance_uid", "cancer"])
+            for f in shifted_site:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                w.writerow([ds.SOPInstanceUID, hashlib.sha256(ds.StudyInstanceUID.encode()).digest()[0] % 2])
+        overlay = tmp_path / "overlay.json"
+        code = main(["recalibrate", "--database", url, "fit", "--site", "site-b", "--model", str(artifact),
+                     "--outcomes", str(outcomes), "--out", str(overlay), "--bootstrap", "300"])
+        printed = json.loads(capsys.readouterr().out)
+        assert code == 3 and not printed["accepted"]  # refused, and the exit status says so
+        assert any("does not show that it separates" in r for r in printed["reasons"])
+        fitted = json.loads(overlay.read_text())
+        ev = fitted["evidence"]
+        assert ev["fit_images"] + ev["held_out_images"] == len(shifted_site)
+        assert fitted["artifact_sha256"] == server.server.config.app.state.engine.artifact_sha256
+        assert main(["recalibrate", "--database", url, "apply", str(overlay)]) != 0  # a refused overlay stays out
+        assert "refused by its gate" in capsys.readouterr().err
+        assert main(["recalibrate", "--database", url, "apply", str(overlay), "--force"]) == 0
+        applied = json.loads(capsys.readouterr().out)
+        deadline_results = None
+        import time
+
+        for _ in range(50):  # the service reloads site calibrations every few seconds
+            deadline_results = _score(site_b, shifted_site[:4])
+            if deadline_results[0]["calibration"] != "model":
+                break
+            time.sleep(0.2)
+        meta = read_artifact(artifact)
+        from medvision.site_calibration import SiteCalibration
+
+        site = SiteCalibration.model_validate(fitted)
+        for new, old in zip(deadline_results, before[:4], strict=True):
+            assert new["calibration"] == f"site calibration {applied['id']}"
+            assert new["threshold"] == pytest.approx(site.threshold)
+            assert new["probability"] == pytest.approx(float(site.probability(old["probability"])), abs=1e-6)
+        assert {r["calibration"] for r in _score(site_a, dicom_files[:2])} == {"model"}  # other sites: the model's
+        assert all(r["threshold"] == pytest.approx(meta.threshold) for r in _score(site_a, dicom_files[:2]))
+        ready = server.client.get("/readyz").json()
+        assert ready["site_calibrations"] == [applied["id"]]
+        with server.sessions() as db:
+            stored = db.execute(select(ScoredImage.calibration_id, ScoredImage.profile)
+                                .where(ScoredImage.site == "site-b")).all()
+            audit = [(e.action, e.resource, e.detail) for e in db.scalars(
+                select(AuditEvent).where(AuditEvent.action.like("site_calibration%")).order_by(AuditEvent.id))]
+        rescored = [s for s in stored if s[0] == applied["id"]]
+        assert len(rescored) == 4 and all(0 <= s[1]["probability"] <= 1 for s in rescored)
+        assert audit[0][0] == "site_calibration_applied" and audit[0][1] == "site-b" and audit[0][2]["forced"]
+        assert audit[0][2]["by"].startswith("cli:")
+        # a second fit uses the model's own probability (kept in the drift profile), not the overlay's
+        assert main(["recalibrate", "--database", url, "fit", "--site", "site-b", "--model", str(artifact),
+                     "--outcomes", str(outcomes), "--out", str(tmp_path / "again.json"), "--bootstrap", "300"]) == 3
+        again = json.loads((tmp_path / "again.json").read_text())
+        assert again["temperature"] == pytest.approx(fitted["temperature"], rel=1e-6)
+        capsys.readouterr()
+        assert main(["recalibrate", "--database", url, "remove", "--site", "site-b", "--model", str(artifact)]) == 0
+        assert json.loads(capsys.readouterr().out)["removed"] == 1
+        for _ in range(50):
+            if _score(site_b, shifted_site[:1])[0]["calibration"] == "model":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the removed site calibration was still applied")
+        with server.sessions() as db:
+            assert db.scalar(select(AuditEvent.action).where(AuditEvent.action == "site_calibration_removed"))
+        # bad outcomes files are refused by name
+        bad = tmp_path / "bad.csv"
+        bad.write_text("image,label\n1,1\n")
+        assert main(["recalibrate", "--database", url, "fit", "--site", "site-b", "--model", str(artifact),
+                     "--outcomes", str(bad), "--out", str(tmp_path / "x.json")]) != 0
+        assert "needs 'cancer'" in capsys.readouterr().err
+    finally:
+        server.stop()
