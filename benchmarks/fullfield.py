@@ -36,7 +36,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import _drive, _free_port, service  # noqa: E402 - the same client and service start as serve_load
 
-console = Console()
+console = Console(width=170)
 MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1")  # JPEG-LS, RLE, uncompressed
 SHORT = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.5": "RLE",

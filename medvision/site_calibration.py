@@ -99,11 +99,14 @@ def _measured(y, p, threshold: float, clusters, n_boot: int, seed: int) -> Measu
 
 def recalibrate(site: str, artifact_sha256: str, model_threshold: float, probabilities, labels, studies,
                 rule: str = "sensitivity>=0.90", held_out_fraction: float = 0.5, tolerance: float = 0.02,
-                n_boot: int = 2000, seed: int = 0, model_name: str = "") -> SiteCalibration:
+                n_boot: int = 2000, seed: int = 0, model_name: str = "",
+                held_out_mask=None) -> SiteCalibration:
     """Fit the site's overlay on one part of its studies and judge it on the other (see the module's text).
 
     ``probabilities``: the model's (calibrated) probability of each image as served; ``labels``: each image's
-    outcome (1 = cancer); ``studies``: each image's study UID (the unit of the split and of the intervals)."""
+    outcome (1 = cancer); ``studies``: each image's study UID (the unit of the split and of the intervals);
+    ``held_out_mask``: which images to hold out, instead of the split by study hash (e.g. a site's first studies to
+    fit, the later ones to prove)."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=int)
     s = np.asarray(studies)
@@ -111,7 +114,8 @@ def recalibrate(site: str, artifact_sha256: str, model_threshold: float, probabi
     if kind not in ("sensitivity", "specificity"):
         raise ValueError(f"rule {rule!r} must read 'sensitivity>=x' or 'specificity>=x'")
     target = float(value)
-    test = np.array([held_out(x, held_out_fraction, site) for x in s])
+    test = (np.asarray(held_out_mask, dtype=bool) if held_out_mask is not None
+            else np.array([held_out(x, held_out_fraction, site) for x in s]))
     fit = ~test
     for part, name in ((fit, "fit"), (test, "held-out")):
         if len(set(y[part])) < 2:

@@ -17,35 +17,35 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step "1/13 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
+step "1/14 synthetic mammograms: $PATIENTS patients x 4 views (difficulty $DIFFICULTY)"
 "$BIN/medvision" synth "$OUT/data" --patients "$PATIENTS" --difficulty "$DIFFICULTY"
 
-step "2/13 manifest, patient-level split (leakage-checked) and data card"
+step "2/14 manifest, patient-level split (leakage-checked) and data card"
 "$BIN/medvision" data manifest --rsna "$OUT/data/labels.csv" --images "$OUT/data/images" --out "$OUT/manifest.csv"
 "$BIN/medvision" data split "$OUT/manifest.csv" --out "$OUT/split.csv"
 "$BIN/medvision" data card "$OUT/manifest.csv" --name synthetic_demo --out-dir "$OUT/data_card" --split "$OUT/split.csv" \
   --intended-use "Synthetic mammograms for demonstrating and testing medvision end to end. No patient data went in; results on it say nothing about real mammograms."
 
-step "3/13 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
+step "3/14 train the teacher ViT from scratch (at most $MINUTES min; images decoded once into $OUT/cache)"
 "$BIN/medvision" train --config demo --manifest "$OUT/manifest.csv" --split "$OUT/split.csv" \
   --out "$OUT/run" "train.epochs=$EPOCHS" "train.max_minutes=$MINUTES" "data.cache_dir=$OUT/cache"
 
-step "4/13 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
+step "4/14 evaluate the teacher: calibration and operating point on validation; held-out report with 95 % CIs"
 "$BIN/medvision" evaluate "$OUT/run" --no-progress > "$OUT/evaluation.json"
 cat "$OUT/evaluation.json"
 
-step "5/13 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
+step "5/14 export the teacher (ONNX, metadata and calibration embedded, parity-checked against torch)"
 "$BIN/medvision" export "$OUT/run" --out "$OUT/teacher.onnx"
 
-step "6/13 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
+step "6/14 distill a 3-layer student from the teacher's logits (at most $STUDENT_MINUTES min, same split)"
 "$BIN/medvision" distill --teacher "$OUT/run" --config student_demo --out "$OUT/student" \
   "train.max_minutes=$STUDENT_MINUTES" "data.cache_dir=$OUT/cache"
 
-step "7/13 evaluate and export the student"
+step "7/14 evaluate and export the student"
 "$BIN/medvision" evaluate "$OUT/student" --no-progress > "$OUT/student_evaluation.json"
 "$BIN/medvision" export "$OUT/student" --out "$OUT/student_fp32.onnx"
 
-step "8/13 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
+step "8/14 quantize (INT8 candidates timed here) and gate against the teacher on the held-out split"
 SERVE_MODEL="$OUT/model.onnx"
 if "$BIN/medvision" quantize "$OUT/student_fp32.onnx" --run "$OUT/student" --teacher "$OUT/run" \
      --out "$SERVE_MODEL" --no-progress > "$OUT/gate.txt"; then
@@ -59,13 +59,13 @@ fi
 sed -n '/PROMOTED\|REFUSED/,$p' "$OUT/gate.txt"
 [ "$GATE" = refused ] && echo "the student was not promoted: the service runs the teacher ($SERVE_MODEL)"
 
-step "9/13 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
+step "9/14 benchmark: teacher vs student, torch vs ONNX Runtime, fp32 vs INT8 (same threads, batches, inputs)"
 INT8_ARGS=()
 [ "$GATE" = promoted ] && INT8_ARGS=(--int8 "$OUT/model.onnx")
 "$BIN/medvision" bench --teacher "$OUT/run" --student "$OUT/student" --onnx "$OUT/student_fp32.onnx" \
   "${INT8_ARGS[@]}" --seconds 2 --out "$OUT/bench" --no-progress 2>/dev/null
 
-step "10/13 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
+step "10/14 start the service on $URL ($(basename "$SERVE_MODEL")), with its database and API keys"
 mkdir -p "$OUT/service"
 export MEDVISION_DATABASE_URL="sqlite:///$(cd "$OUT/service" && pwd)/medvision.db"
 "$BIN/medvision" keys create demo-site --scopes score > "$OUT/service_key.json"
@@ -81,7 +81,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-step "11/13 score the held-out test patients over HTTP"
+step "11/14 score the held-out test patients over HTTP"
 MEDVISION_API_KEY="$KEY" "$BIN/medvision" predict "$OUT/data/images" --url "$URL" --labels "$OUT/data/labels.csv" \
   --split "$OUT/run/split.csv" --subset test --out "$OUT/test_scores.csv" | tee "$OUT/test_summary.json"
 
@@ -152,7 +152,7 @@ print(f"serve it later: MEDVISION_DATABASE_URL={os.environ['MEDVISION_DATABASE_U
       f"--model {served}  (OpenAPI docs at /docs; API keys: {bin_}/medvision keys create NAME --scopes score)")
 PY
 
-step "12/13 score the held-out archive in batch: medvision score (decode pool + batched ONNX Runtime, resumable)"
+step "12/14 score the held-out archive in batch: medvision score (decode pool + batched ONNX Runtime, resumable)"
 mapfile -t TEST_DIRS < <("$BIN/python" -c "import csv,sys; [print(f'{sys.argv[1]}/data/images/{p}') for p in sorted({r['patient_id'] for r in csv.DictReader(open(f'{sys.argv[1]}/run/split.csv')) if r['split'] == 'test'})]" "$OUT")
 "$BIN/medvision" score "${TEST_DIRS[@]}" --model "$SERVE_MODEL" --out "$OUT/archive_scores" --no-progress \
   > "$OUT/archive_summary.json"
@@ -165,7 +165,55 @@ print(f"medvision score: {s['scored_now']} images scored, {sum(s['refused_now'].
       f"{s['outputs']['exams']}; rerunning the command skips what is there")
 PY
 
-step "13/13 the clinician review UI: a reader account, the held-out studies on its worklist"
+step "13/14 a second site on other equipment: the drift watch notices, and the site gets its own calibration"
+"$BIN/medvision" synth "$OUT/site_b" --site shifted --patients 300 --difficulty "$DIFFICULTY" --prevalence 0.2 \
+  --no-progress > /dev/null
+"$BIN/medvision" keys create site-b --scopes score > "$OUT/site_b_key.json"
+SITE_B_KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/site_b_key.json")
+MEDVISION_API_KEY="$SITE_B_KEY" "$BIN/medvision" predict "$OUT/site_b/images" --url "$URL" \
+  --labels "$OUT/site_b/labels.csv" --out "$OUT/site_b_scores.csv" --no-progress > "$OUT/site_b_summary.json"
+"$BIN/python" - "$OUT" "$URL" "$ADMIN_KEY" <<'PY'
+import csv, json, sys, urllib.request
+out, url, admin = sys.argv[1:4]
+s = json.load(open(f"{out}/site_b_summary.json"))
+print(f"site-b (another vendor, older patients): {s['labelled']} images scored, AUROC {s['auroc']:.3f}, "
+      f"sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at the model's threshold")
+drift = json.load(urllib.request.urlopen(urllib.request.Request(
+    f"{url}/v1/admin/drift", headers={"Authorization": f"Bearer {admin}"}), timeout=60))
+for site in drift["sites"]:
+    print(f"drift watch, {site['site']}: {site['studies']} studies, "
+          + (f"ALARM on {', '.join(site['alarms'])}" if site["alarms"] else "no alarm")
+          + ("" if site["studies"] >= drift["policy"]["min_studies"] else
+             f" (an alarm needs {drift['policy']['min_studies']} studies)"))
+labels = {r["image_id"]: r["cancer"] for r in csv.DictReader(open(f"{out}/site_b/labels.csv"))}
+with open(f"{out}/site_b_outcomes.csv", "w", newline="") as fh:
+    w = csv.writer(fh)
+    w.writerow(["sop_instance_uid", "cancer"])
+    for r in csv.DictReader(open(f"{out}/site_b_scores.csv")):
+        if r["sop_instance_uid"]:
+            w.writerow([r["sop_instance_uid"], labels[r["image_id"]]])
+PY
+if "$BIN/medvision" recalibrate fit --site site-b --model "$SERVE_MODEL" --outcomes "$OUT/site_b_outcomes.csv" \
+    --out "$OUT/site_b_calibration.json" > "$OUT/site_b_recalibration.json"; then
+  "$BIN/medvision" recalibrate apply "$OUT/site_b_calibration.json" > /dev/null
+  APPLIED=applied
+else
+  APPLIED="not applied"
+fi
+"$BIN/python" - "$OUT" "$APPLIED" <<'PY'
+import json, sys
+out, applied = sys.argv[1:3]
+r = json.load(open(f"{out}/site_b_recalibration.json"))
+h = r["held_out"]
+for name in ("model_threshold", "site_threshold"):
+    m = h[name]
+    print(f"  held-out ({h['studies']} studies) at the {name.replace('_', ' ')} {m['threshold']:.4f}: sensitivity "
+          f"{m['sensitivity']:.2f} ({m['sensitivity_ci95'][0]:.2f}-{m['sensitivity_ci95'][1]:.2f}), specificity "
+          f"{m['specificity']:.2f}")
+print(f"site-b calibration {'accepted' if r['accepted'] else 'REFUSED'} and {applied}: " + "; ".join(r["reasons"]))
+PY
+
+step "14/14 the clinician review UI: a reader account, the held-out studies on its worklist"
 "$BIN/medvision" users create reader --role reader > "$OUT/reader_account.json" 2>/dev/null
 "$BIN/medvision" users create admin --role admin > "$OUT/admin_account.json" 2>/dev/null
 "$BIN/python" - "$OUT" "$URL" <<'PY'
