@@ -19,7 +19,7 @@ from medvision.errors import MedvisionError
 
 ENTRY_POINT_GROUP = "medvision.commands"
 # Fixed order in --help; unknown plugins follow alphabetically.
-COMMAND_ORDER = ["synth", "data", "deid", "train", "distill", "evaluate", "export", "quantize", "gate", "card", "bench", "serve", "predict", "score", "keys", "users"]
+COMMAND_ORDER = ["synth", "data", "deid", "train", "distill", "evaluate", "export", "quantize", "gate", "card", "bench", "serve", "predict", "score", "recalibrate", "keys", "users"]
 
 
 def build_parser() -> argparse.ArgumentParser:

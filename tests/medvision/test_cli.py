@@ -6,7 +6,7 @@ import pytest
 
 from medvision.cli import build_parser, main
 
-COMMANDS = ["synth", "data", "deid", "train", "distill", "evaluate", "export", "quantize", "gate", "card", "bench", "serve", "predict", "score", "keys", "users"]
+COMMANDS = ["synth", "data", "deid", "train", "distill", "evaluate", "export", "quantize", "gate", "card", "bench", "serve", "predict", "score", "recalibrate", "keys", "users"]
 
 
 def test_every_command_is_registered_in_order():
