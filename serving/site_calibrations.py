@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import logging
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from medvision.serving.audit import write_audit
 from medvision.serving.identifiers import is_site
 from medvision.serving.tables import ScoredImage, SiteCalibrationRow
 from medvision.site_calibration import SiteCalibration, recalibrate
+
+log = logging.getLogger("medvision.serving")
 
 
 def read_outcomes(path: str | Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -130,29 +133,37 @@ def _active(site: str, artifact_sha256: str):
 
 
 class SiteOverlays:
-    """The active overlays of the served artifact, by site, reloaded at most every ``seconds``."""
+    """The active overlays of the served artifact, by site: loaded when the service starts, then reloaded in the
+    background at most every ``seconds`` (``get`` never waits for the database: it runs on the event loop)."""
 
     def __init__(self, sessions: sessionmaker[Session], artifact_sha256: str, seconds: float = 5.0) -> None:
         self.sessions, self.artifact_sha256, self.seconds = sessions, artifact_sha256, seconds
         self._by_site: dict[str, tuple[int, SiteCalibration]] = {}
-        self._loaded = float("-inf")
         self._lock = threading.Lock()
+        self._reloading = False
+        self._reload()
 
     def get(self, site: str) -> tuple[int, SiteCalibration] | None:
         if time.monotonic() - self._loaded >= self.seconds:
             with self._lock:
-                if time.monotonic() - self._loaded >= self.seconds:
-                    self._reload()
+                start, self._reloading = not self._reloading, True
+            if start:
+                threading.Thread(target=self._reload, name="medvision-site-calibrations", daemon=True).start()
         return self._by_site.get(site)
 
     def _reload(self) -> None:
-        with self.sessions() as db:
-            rows = db.scalars(select(SiteCalibrationRow).where(
-                SiteCalibrationRow.artifact_sha256 == self.artifact_sha256, SiteCalibrationRow.removed_at.is_(None))
-                .order_by(SiteCalibrationRow.id))
-            self._by_site = {r.site: (r.id, SiteCalibration.model_validate(r.overlay)) for r in rows}
-        self._loaded = time.monotonic()
+        try:
+            with self.sessions() as db:
+                rows = db.scalars(select(SiteCalibrationRow).where(
+                    SiteCalibrationRow.artifact_sha256 == self.artifact_sha256,
+                    SiteCalibrationRow.removed_at.is_(None)).order_by(SiteCalibrationRow.id))
+                self._by_site = {r.site: (r.id, SiteCalibration.model_validate(r.overlay)) for r in rows}
+        except Exception:  # the database away for a moment: keep the overlays known, try again next time
+            log.warning("could not reload the site calibrations; keeping the %d known", len(self._by_site))
+        finally:
+            self._loaded = time.monotonic()
+            self._reloading = False
 
     def summary(self) -> dict[str, dict]:
-        self.get("")
-        return {site: {"id": i, "threshold": o.threshold, "rule": o.rule} for site, (i, o) in self._by_site.items()}
+        return {site: {"id": i, "threshold": o.threshold, "rule": o.rule}
+                for site, (i, o) in dict(self._by_site).items()}

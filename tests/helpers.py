@@ -23,10 +23,25 @@ def require_tool(name: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
+    """A TCP port on loopback that is free now and stays free for the server it is meant for: taken from below the
+    kernel's ephemeral range, where no other socket is given a port by the system (a port-0 bind, an outgoing
+    connection), so a server started after the choice (ours, on port 0) cannot take it first."""
+    import random
     import socket
 
-    with socket.socket() as s:
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no luck below the range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

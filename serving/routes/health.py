@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +18,7 @@ async def readyz(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    overlays = await run_in_threadpool(request.app.state.site_overlays.summary)
+    overlays = request.app.state.site_overlays.summary()
     # which site calibrations are active (their ids; which site each serves is for admin keys: /v1/admin/drift)
     return JSONResponse({"status": "ready", "model": engine.model_info(),
                          "site_calibrations": sorted(o["id"] for o in overlays.values())})

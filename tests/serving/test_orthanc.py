@@ -65,7 +65,9 @@ def orthanc_and_medvision(artifact, tmp_path):
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"Orthanc did not start: {proc.communicate(timeout=10)[1][-2000:]!r}")
             time.sleep(0.2)
         yield api, dicom_port, medvision, http_port, password
     finally:
