@@ -157,6 +157,8 @@ class ArtifactMetadata(_Part):
                                     "after the temperature: probability = sigmoid(logit / temperature + bias)")
     calibration_method: Literal["none", "temperature", "platt"] = Field(
         "none", description="how the probability was calibrated on validation ('none': it was not)")
+    calibration_prevalence: float | None = Field(None, ge=0, le=1, description="the cancer share of the validation "
+                                                 "images the probability was calibrated on: what it is relative to")
     evaluation: EvaluationSummary | None = None
     quantization: QuantizationReport = QuantizationReport()
     split_sha256: str = Field("", description="sha256 of the training run's split.csv: the gate refuses to judge a "

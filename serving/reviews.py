@@ -109,7 +109,8 @@ def study(db: Session, site: str, study_uid: str) -> dict | None:
     if not found:
         return None
     images = db.execute(
-        select(ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold, Instance.id)
+        select(ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold, Instance.id,
+               ScoredImage.calibration_id)
         .outerjoin(Instance, (Instance.site == ScoredImage.site) & (Instance.sop_instance_uid == ScoredImage.sop_instance_uid))
         .where(ScoredImage.site == site, ScoredImage.study_instance_uid == study_uid)
         .order_by(ScoredImage.sop_instance_uid)).all()
@@ -118,7 +119,7 @@ def study(db: Session, site: str, study_uid: str) -> dict | None:
                        .order_by(Review.called_at)).all()
     return {**found[0],
             "images_detail": [{"sop_instance_uid": uid, "probability": float(p), "threshold": float(t),
-                               "image_id": image_id} for uid, p, t, image_id in images],
+                               "image_id": image_id, "calibration_id": cal} for uid, p, t, image_id, cal in images],
             "reviews": [{"reader": name, "call": r.call, "birads": r.birads, "comment": r.comment,
                          "called_at": iso(r.called_at)} for r, name in calls]}
 

@@ -203,6 +203,7 @@ def export_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, atol: fl
         temperature=cal.temperature,
         calibration_bias=cal.bias,
         calibration_method=cal.method,
+        calibration_prevalence=calibration.get("validation_prevalence") if calibration else None,
         outputs={"logit": "cancer logit, shape [batch, 1]",
                  "probability": f"sigmoid(logit / temperature + calibration_bias), {cal.method} scaling fitted on "
                                 "validation" if calibration else "sigmoid(logit), not calibrated",

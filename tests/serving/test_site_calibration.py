@@ -90,6 +90,20 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
             assert new["probability"] == pytest.approx(float(site.probability(old["probability"])), abs=1e-6)
         assert {r["calibration"] for r in _score(site_a, dicom_files[:2])} == {"model"}  # other sites: the model's
         assert all(r["threshold"] == pytest.approx(meta.threshold) for r in _score(site_a, dicom_files[:2]))
+        from helpers import ADMIN
+
+        from medvision.serving.users import create_user
+
+        with server.sessions() as db:
+            create_user(db, *ADMIN, "admin")
+        import httpx
+
+        ui = httpx.Client(base_url=server.url, timeout=60)
+        assert ui.post("/ui/login", data={"username": ADMIN[0], "password": ADMIN[1]}).status_code == 303
+        view = ui.get(f"/ui/api/studies/site-b/{deadline_results[0]['study_instance_uid']}").json()
+        assert view["calibration"].startswith(f"Calibrated for this site (site calibration {applied['id']})")
+        assert f"{100 * fitted['evidence']['prevalence']:.0f} % of images had cancer" in view["calibration"]
+        ui.close()
         ready = server.client.get("/readyz").json()
         assert ready["site_calibrations"] == [applied["id"]]
         with server.sessions() as db:

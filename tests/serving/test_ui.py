@@ -161,6 +161,8 @@ def test_worklist_is_in_suspicion_order_with_filters_and_search(ui_server):
     hanging = [(i["laterality"], i["view"]) for i in detail["images_detail"]]
     assert hanging == [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]
     assert all(i["stored"] and "default" in i["presets"] for i in detail["images_detail"])
+    # what the probability means: this test model was exported without 'medvision evaluate'
+    assert detail["calibration"].startswith("Not calibrated")
     assert c.get("/ui/api/studies/pacs/1.2.3.4.5").status_code == 404
     assert c.get(f"/ui/api/studies/elsewhere/{studies[0]['study_instance_uid']}").status_code == 404
     for bad in ("%2E%2E", "1.2.03", "x" * 70):

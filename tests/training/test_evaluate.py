@@ -58,6 +58,7 @@ def test_calibration_is_fitted_on_validation_and_exported_into_the_graph(evaluat
     meta = read_artifact(out)
     assert meta.temperature == pytest.approx(cal["temperature"]) and meta.calibration_method == cal["method"]
     assert meta.calibration_bias == pytest.approx(cal["bias"])
+    assert meta.calibration_prevalence == pytest.approx(cal["validation_prevalence"])
     assert meta.threshold == pytest.approx(cal["operating_points"][0]["threshold"])
     assert [o.name for o in meta.operating_points] == ["sens90", "spec80"] and meta.operating.calibrated
     assert meta.operating_point == cal["operating_points"][0]["rule"] + " (calibrated)"

@@ -122,6 +122,7 @@
     if (!r.ok) { document.getElementById("prob").textContent = "not found"; return; }
     study = await r.json();
     document.getElementById("prob").textContent = pct(study.probability);
+    document.getElementById("calib").textContent = study.calibration || "";
     const op = document.getElementById("op");
     op.textContent = (study.ai_positive ? "Above" : "Below") + " the threshold " + study.threshold.toFixed(3) +
       (study.operating_point ? " (" + study.operating_point + ")" : "") +
