@@ -63,10 +63,13 @@ def _syntax_name(uid: str) -> str:
 def write_data_card(
     name: str, rows: list[ImageRow], headers: list[IndexRow], out_dir: Path,
     split: dict[str, str] | None = None, intended_use: str | None = None, source: str = "",
+    compare: tuple[str, list[ImageRow], list[IndexRow]] | None = None,
 ) -> Path:
     """Write ``out_dir/<name>.md`` (+ PNG plots when matplotlib is installed); returns the card's path.
 
-    ``headers[i]`` must describe ``rows[i]`` (as ``scan_files`` returns them).
+    ``headers[i]`` must describe ``rows[i]`` (as ``scan_files`` returns them). ``compare`` (a name, its rows and
+    headers: another site's data, or the data a model was trained on) adds a section with both side by side and
+    which attributes differ, by the drift watch's own tests.
     """
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         from medvision.errors import ConfigError
@@ -160,6 +163,9 @@ def write_data_card(
         s += ["- None of the checked identifying attributes is filled in: " + ", ".join(PHI_KEYWORDS) + "."]
     s += ["- Burned In Annotation: " + ", ".join(f"{k} ({v})" for k, v in burned.most_common()) + ".", ""]
 
+    if compare is not None:
+        s += _comparison(name, rows, headers, *compare)
+
     s += ["## Known gaps", ""]
     s += [f"- {g}" for g in _gaps(rows, headers, prevalence, removed, phi, burned, ages)] or ["- none found"]
     s += [""]
@@ -172,6 +178,45 @@ def write_data_card(
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(s))
     return path
+
+
+def _comparison(name: str, rows, headers, other: str, other_rows, other_headers) -> list[str]:
+    """Both data sets side by side: size, prevalence, age, and each attribute the drift watch compares, with its
+    test (the same policy as the service's, studies as the sample size) and whether they differ."""
+    from medvision.drift import DriftPolicy, build_reference, compare, header_of_index
+
+    def studies(rows_, headers_):
+        return [h.study_instance_uid or r.study_id or r.patient_id for r, h in zip(rows_, headers_, strict=True)]
+
+    def ages(headers_):
+        a = [x for x in (parse_age(h.patient_age) for h in headers_) if x is not None]
+        return f"{np.median(a):.0f}" if a else "(not recorded)"
+
+    reference = build_reference([header_of_index(h) for h in other_headers], studies(other_rows, other_headers))
+    drifts = compare(reference, [header_of_index(h) for h in headers], studies(rows, headers),
+                     DriftPolicy(min_studies=1))
+    out = [f"## Compared with {other}", "",
+           f"This data against `{other}` (for instance the data a model was trained and validated on). Each attribute "
+           "is tested as the service's drift watch tests a site (chi-square test of homogeneity with studies as the "
+           "sample size, Bonferroni over the attributes, Jensen-Shannon distance >= 0.1 to count as different).", "",
+           _table(["", name, other], [
+               ["images", len(rows), len(other_rows)],
+               ["patients", len({r.patient_id for r in rows}), len({r.patient_id for r in other_rows})],
+               ["image-level prevalence", f"{100 * sum(r.label for r in rows) / max(len(rows), 1):.2f} %",
+                f"{100 * sum(r.label for r in other_rows) / max(len(other_rows), 1):.2f} %"],
+               ["median age (years)", ages(headers), ages(other_headers)]]), "",
+           "| attribute | " + name + " | " + other + " | Jensen-Shannon | p | differs |", "|---|---|---|---|---|---|"]
+    for d in drifts:
+        def top(shares, syntax=d.quantity == "transfer_syntax"):
+            return ", ".join(f"{_syntax_name(k) if syntax else k} {100 * v:.0f} %"
+                             for k, v in sorted(shares.items(), key=lambda kv: -kv[1])[:4] if v > 0)
+        out.append(f"| {d.quantity} | {top(d.site_categories or d.site)} | {top(d.reference)} | {d.effect:.2f} | "
+                   f"{d.p_value:.2g} | {'**yes**' if d.alarm else 'no'} |")
+    differ = [d.quantity for d in drifts if d.alarm]
+    out += ["", ("Different: " + ", ".join(differ) + ". A model validated on one needs checking on the other "
+                 "(`medvision evaluate` on its labelled images, or the service's drift watch and `medvision "
+                 "recalibrate`).") if differ else "No attribute differs by these tests.", ""]
+    return out
 
 
 def _is_number(text: str) -> bool:

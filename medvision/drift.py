@@ -127,8 +127,9 @@ class Drift:
     effect_name: str
     alarm: bool
     reason: str
-    site: dict  # category -> share, or percentiles 10/50/90 (for the page's plots)
+    site: dict  # category -> share (categories the reference never saw pooled), or percentiles 10/50/90
     reference: dict
+    site_categories: dict | None = None  # the site's own categories and shares, unseen ones by name
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -197,10 +198,12 @@ def _categorical(quantity: str, ref_counts: dict[str, int], values: list[str], s
         return float(np.sum(a[nz] * np.log2(a[nz] / b[nz])))
 
     js = math.sqrt(max(0.0, (kl(ref_p, mix) + kl(obs_p, mix)) / 2))
+    named = Counter(values)
     return Drift(quantity, "categorical", "chi-square test of homogeneity (studies)", studies, chi2, p, js,
                  "Jensen-Shannon distance", False, "",
                  {c: float(s) for c, s in zip(cats, obs_p, strict=True)},
-                 {c: float(r) for c, r in zip(cats, ref_p, strict=True)})
+                 {c: float(r) for c, r in zip(cats, ref_p, strict=True)},
+                 {c: n / len(values) for c, n in named.most_common(12)})
 
 
 def _continuous(quantity: str, ref_quantiles: list[float], values: list[float], studies: int,

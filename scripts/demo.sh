@@ -168,6 +168,11 @@ PY
 step "13/14 a second site on other equipment: the drift watch notices, and the site gets its own calibration"
 "$BIN/medvision" synth "$OUT/site_b" --site shifted --patients 300 --difficulty "$DIFFICULTY" --prevalence 0.2 \
   --no-progress > /dev/null
+"$BIN/medvision" data manifest --rsna "$OUT/site_b/labels.csv" --images "$OUT/site_b/images" \
+  --out "$OUT/site_b/manifest.csv" > /dev/null
+"$BIN/medvision" data card "$OUT/site_b/manifest.csv" --name site_b --out-dir "$OUT/data_card" --no-progress \
+  --compare "$OUT/manifest.csv" --compare-name synthetic_demo > /dev/null
+echo "data card of site-b, compared with the training data: $OUT/data_card/site_b.md"
 "$BIN/medvision" keys create site-b --scopes score > "$OUT/site_b_key.json"
 SITE_B_KEY=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['key'])" "$OUT/site_b_key.json")
 MEDVISION_API_KEY="$SITE_B_KEY" "$BIN/medvision" predict "$OUT/site_b/images" --url "$URL" \

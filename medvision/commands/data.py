@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out-dir", default="data_cards", help="folder for <name>.md and its plots")
     c.add_argument("--split", help="split CSV, for counts per split")
     c.add_argument("--intended-use", default=None, help="one paragraph on what the data may be used for")
+    c.add_argument("--compare", metavar="OTHER_MANIFEST", help="another data set (a second site, or the training "
+                   "data) to compare with, attribute by attribute")
+    c.add_argument("--compare-name", help="its name in the card (default: the manifest's file name)")
     c.add_argument("--workers", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=run_card)
@@ -157,7 +160,12 @@ def run_card(args: argparse.Namespace) -> int:
     split = read_split(args.split) if args.split else None
     if split is not None:
         check_split(rows, split)
+    compare = None
+    if args.compare:
+        other = read_manifest(args.compare)
+        compare = (args.compare_name or Path(args.compare).stem, other,
+                   scan_files([r.path for r in other], workers=args.workers, show_progress=not args.no_progress))
     path = write_data_card(args.name, rows, headers, Path(args.out_dir), split=split, intended_use=args.intended_use,
-                           source=args.manifest)
+                           source=args.manifest, compare=compare)
     _print({"data_card": str(path)})
     return 0

@@ -55,3 +55,24 @@ def test_ages_and_names():
     assert parse_age("062Y") == 62 and parse_age("006M") == 0.5 and parse_age("45") == 45 and parse_age("x") is None
     with pytest.raises(ConfigError, match="may hold only"):
         write_data_card("../escape", [], [], Path("/tmp"))
+
+
+def test_a_second_site_is_compared_attribute_by_attribute(card, tmp_path):
+    _, manifest = card
+    site = tmp_path / "site_b"
+    assert main(["synth", str(site), "--patients", "8", "--rows", "128", "--columns", "104", "--site", "shifted",
+                 "--seed", "2", "--no-progress"]) == 0
+    m = tmp_path / "site_b.csv"
+    assert main(["data", "manifest", "--rsna", str(site / "labels.csv"), "--images", str(site / "images"),
+                 "--out", str(m)]) == 0
+    assert main(["data", "card", str(m), "--name", "site_b", "--out-dir", str(tmp_path / "cards"), "--compare",
+                 str(manifest), "--compare-name", "training", "--no-progress"]) == 0
+    text = (tmp_path / "cards" / "site_b.md").read_text()
+    assert "## Compared with training" in text and "| images | 32 | 64 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| manufacturer |"))
+    assert "Draco Diagnostics 100 %" in row and row.endswith("| **yes** |")
+    assert "Different: manufacturer" in text
+    # the same data against itself differs in nothing
+    assert main(["data", "card", str(manifest), "--name", "same", "--out-dir", str(tmp_path / "cards"),
+                 "--compare", str(manifest), "--no-progress"]) == 0
+    assert "No attribute differs by these tests." in (tmp_path / "cards" / "same.md").read_text()
