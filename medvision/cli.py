@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -20,6 +21,9 @@ from medvision.errors import MedvisionError
 ENTRY_POINT_GROUP = "medvision.commands"
 # Fixed order in --help; unknown plugins follow alphabetically.
 COMMAND_ORDER = ["synth", "data", "deid", "train", "distill", "evaluate", "export", "quantize", "gate", "card", "bench", "serve", "predict", "score", "recalibrate", "keys", "users"]
+
+
+OVERRIDE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=.*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with 'section.key=value' overrides allowed anywhere, also after an option (argparse alone
+    takes only their first run as the positional list)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all(OVERRIDE.fullmatch(e) for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 ok, 2 usage / input error, 1 failure)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -118,7 +118,8 @@ def read_run(run_dir: Path) -> tuple[RunConfig, dict, Path]:
 
 def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, dict, Path]:
     cfg, metrics, ckpt = read_run(run_dir)
-    model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size)
+    model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size,
+                         weights_follow=True)
     model.load_state_dict(load_file(str(ckpt)))
     model.eval()
     return cfg, model, metrics, ckpt

@@ -114,8 +114,9 @@ class TokenPooledViT(torch.nn.Module):
         return (pooled + dist) / 2
 
 
-def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
-    """Instantiate ``cfg.name`` for greyscale input at ``image_size`` with a single output logit."""
+def create_model(cfg: ModelConfig, image_size: int, weights_follow: bool = False) -> torch.nn.Module:
+    """Instantiate ``cfg.name`` for greyscale input at ``image_size`` with a single output logit
+    (``weights_follow``: the caller loads trained weights next, so starting from random ones is no news)."""
     spec = get_model_spec(cfg.name)
     if spec.source == "monai":
         return _create_monai(spec, cfg)
@@ -143,7 +144,7 @@ def create_model(cfg: ModelConfig, image_size: int) -> torch.nn.Module:
         backbone = timm.create_model(spec.timm_name, pretrained=False, in_chans=1, **kwargs)
         if cfg.pretrained:
             load_local_weights(backbone, Path(cfg.pretrained))
-        else:
+        elif not weights_follow:
             log.warning("no pretrained weights given (model.pretrained): '%s' starts from random initialisation",
                         cfg.name)
     return TokenPooledViT(backbone, spec.lse_r) if token_pooled else backbone

@@ -414,7 +414,8 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
     if not main:
         return {}
     # Operating point from the best checkpoint's validation scores.
-    best_model = create_model(cfg.model, cfg.preprocess.image_size)
+    best_model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size,
+                              weights_follow=True)
     best_model.load_state_dict(load_file(str(out / BEST)))
     best_model.to(device)
     probs = predict_probs(best_model, val_ds, t.batch_size, device, t.precision)

@@ -81,3 +81,17 @@ def test_a_bad_service_setting_is_one_clear_line(artifact, monkeypatch, capsys):
     assert main(["serve", "--model", str(artifact)]) == 2
     err = capsys.readouterr().err
     assert "MEDVISION_PORT" in err and "Traceback" not in err
+
+
+def test_overrides_may_stand_after_options_and_strays_are_still_refused(capsys):
+    from medvision.cli import parse
+
+    args = parse(["train", "--config", "tiny", "train.epochs=2", "--out", "runs/x", "data.val_fraction=0.25",
+                  "model.name=vit_tiny_patch16_224"])
+    assert args.out == "runs/x"
+    assert args.overrides == ["train.epochs=2", "data.val_fraction=0.25", "model.name=vit_tiny_patch16_224"]
+    with pytest.raises(SystemExit):
+        parse(["train", "--config", "tiny", "train.epochs=2", "--out", "runs/x", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["synth", "out", "train.epochs=2"])  # a command without overrides takes none

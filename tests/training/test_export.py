@@ -182,3 +182,13 @@ def test_attention_with_qk_norm_is_left_unfused():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_trained_run_does_not_warn_about_random_weights(tiny_run, tmp_path, caplog):
+    import logging
+
+    from medvision.cli import main
+
+    caplog.set_level(logging.WARNING)
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "random initialisation" not in caplog.text  # the trained weights are loaded right after
