@@ -9,6 +9,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -122,6 +123,29 @@ def quiet_libraries() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
+DOCS_DIR = Path(__file__).resolve().parent / "docs_assets"
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from files the service ships (``docs_assets``: swagger-ui-dist, Apache-2.0, see its
+    SOURCE), under a policy that loads nothing from elsewhere."""
+    from fastapi.responses import HTMLResponse
+
+    app.mount("/docs/assets", StaticFiles(directory=str(DOCS_DIR / "swagger-ui")), name="docs-assets")
+    app.mount("/docs/static", StaticFiles(directory=str(DOCS_DIR)), name="docs-static")
+    page = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>medvision API</title>'
+            '<link rel="icon" href="data:,"><link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>'
+            '<body><div id="swagger-ui"></div>'
+            '<script src="/docs/assets/swagger-ui-bundle.js"></script><script src="/docs/static/init.js"></script>'
+            '</body></html>')
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": DOCS_CSP, "Cache-Control": "no-cache"})
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app; the artifact is loaded in the lifespan handler (or ``engine`` is used as given)."""
     settings = settings or Settings()
@@ -183,6 +207,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         version=__version__,
         description="Cancer-probability scoring of DICOM mammograms with an ONNX model. Research use only.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the service's own files: no CDN (offline hospital networks)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
@@ -204,4 +230,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/ui/static", StaticFiles(directory=str(ui.UI_DIR / "static")), name="ui-static")
+    _offline_docs(app)
     return app

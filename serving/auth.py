@@ -20,7 +20,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -157,13 +158,20 @@ def _token(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+# How a key may be sent, declared for the OpenAPI document (generated clients, the docs' Authorize button); the keys
+# are read and checked by ``require`` itself.
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="an API key: 'Authorization: Bearer mv_…'")
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="the same key in "
+                       "an X-API-Key header")
+
+
 def require(*scopes: str):
     """Route dependency: a valid, unrevoked key holding one of ``scopes`` (or ``admin``); 401 / 403
     otherwise, every refusal audited."""
     if not scopes or any(s not in SCOPES for s in scopes):
         raise ValueError(scopes)
 
-    async def dependency(request: Request) -> Caller:
+    async def dependency(request: Request, _bearer=Security(BEARER), _header=Security(API_KEY)) -> Caller:
         sessions = request.app.state.db
         cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
         token = _token(request)

@@ -147,3 +147,30 @@ def test_read_a_study_in_the_browser(ui_server, browser, tmp_path):
     assert not console_errors, console_errors
     assert not failed, failed
     context.close()
+
+
+def test_the_api_docs_work_offline_in_a_browser(ui_server, browser):
+    """/docs renders every route from the service's own files (nothing requested from another host, nothing
+    blocked by its content policy), and declares how to send a key."""
+    import httpx
+
+    r = httpx.get(f"{ui_server.url}/docs")
+    assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"]
+    assert "http://" not in r.text and "https://" not in r.text
+    spec = httpx.get(f"{ui_server.url}/openapi.json").json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert spec["paths"]["/v1/predict"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    page = browser.new_page()
+    elsewhere, blocked = [], []
+    page.on("request", lambda req: None if req.url.startswith(ui_server.url) else elsewhere.append(req.url))
+    page.on("console", lambda msg: blocked.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: blocked.append(str(exc)))
+    page.goto(f"{ui_server.url}/docs")
+    try:
+        page.wait_for_selector(".opblock", timeout=30_000)
+    except Exception:
+        pytest.fail(f"the docs did not render: {blocked[:5]} {page.inner_text('body')[:600]}")
+    assert page.locator(".opblock").count() >= 10 and page.locator("button.authorize").count() == 1
+    assert not elsewhere and not blocked, (elsewhere, blocked)
+    page.close()
