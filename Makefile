@@ -33,6 +33,7 @@ demo-large:
 	$(MAKE) demo DEMO_PATIENTS=1500 DEMO_MINUTES=40 DEMO_EPOCHS=80
 
 test: install
+	@bash scripts/system_tools.sh $(if $(filter 1,$(INSTALL_TOOLS)),install,check)
 	$(BIN)/python -m pytest
 
 lint: install

@@ -35,3 +35,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
     assert "make demo" in readme
+
+
+def test_make_test_names_the_missing_system_tools_up_front():
+    import subprocess
+
+    done = subprocess.run(["/bin/bash", str(ROOT / "scripts" / "system_tools.sh"), "check"], capture_output=True,
+                          text=True, env={"PATH": "/nonexistent"}, timeout=30)
+    assert done.returncode == 0  # a warning, not a failure: the tests that need them say so when skipped
+    for tool in ("dicom3tools", "dcmtk", "chromium", "orthanc", "openssl"):
+        assert tool in done.stderr
+    assert "will be SKIPPED" in done.stderr and "apt-get install" in done.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert "scripts/system_tools.sh" in makefile and "scripts/system_tools.sh install" in (ROOT / ".ci" / "run").read_text()
