@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvision.errors import (
     CorruptDicomError,
+    DicomError,
     EmptyInputError,
     MedvisionError,
     MissingCodecError,
@@ -137,6 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MedvisionError)
     async def _domain(request: Request, exc: MedvisionError) -> JSONResponse:
         status = status_for(exc)
+        if isinstance(exc, (DicomError, PreprocessError)) and getattr(request.app.state, "metrics", None):
+            request.app.state.metrics.refused.labels(exc.code).inc()  # an image refused, as the job worker counts
         await _audit_refusal(request, status, exc.code)
         # The code only: messages may quote file content, and logs must stay free of identifiers.
         log.info("request %s refused: %s (%d)", getattr(request.state, "request_id", "-"), exc.code, status)

@@ -171,6 +171,7 @@ class Worker:
                          accession=ids.get("AccessionNumber", ""), decode=result.meta.decode, profile=result.profile,
                          calibration_id=result.calibration_id)
             self._set_instance(inst.id, "scored")
+            metrics.images.labels(owner.site).inc()
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)
             _renew(sessions, job, self.owner, self.lease_seconds)
@@ -225,8 +226,10 @@ class Worker:
         except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
             log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
             self._set_study(job, push_error=type(exc).__name__)
+            self.state.metrics.results_sent.labels("stow", "failed").inc()
             return
         self._set_study(job, pushed_at=utcnow(), push_error="")
+        self.state.metrics.results_sent.labels("stow", "sent").inc()
 
     def _fill_accession(self, inst: Instance) -> None:
         """An image scored before through /v1/predict: its row gains the accession the reviewers search by."""

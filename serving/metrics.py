@@ -18,8 +18,13 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.scores = Histogram("medvision_probability", "cancer probabilities returned",
                                 buckets=tuple(i / 20 for i in range(1, 20)), registry=r)
-        self.images = Counter("medvision_images_scored", "images scored, per API key (site)", ["site"], registry=r)
-        self.refused = Counter("medvision_images_refused", "inputs refused, by reason", ["reason"], registry=r)
+        self.images = Counter("medvision_images_scored", "images scored, per site, whichever way they came "
+                              "(/v1/predict, STOW-RS, C-STORE, pull)", ["site"], registry=r)
+        self.refused = Counter("medvision_images_refused", "images refused, by reason, whichever way they came",
+                               ["reason"], registry=r)
+        self.jobs_queued = Gauge("medvision_jobs_queued", "received studies waiting to be scored", registry=r)
+        self.oldest_due_job = Gauge("medvision_oldest_due_job_seconds", "how long the oldest study due for scoring "
+                                    "has waited (0: none)", registry=r)
         self.batch_size = Histogram("medvision_batch_size", "images per ONNX Runtime call (micro-batching)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("medvision_queue_depth", "images waiting for the model", registry=r)

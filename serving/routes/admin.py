@@ -15,7 +15,7 @@ from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
 from medvision.serving.drift_watch import drift_of
 from medvision.serving.identifiers import request_site
-from medvision.serving.tables import ApiKey, AuditEvent, Usage
+from medvision.serving.tables import ApiKey, AuditEvent, Job, Usage
 
 router = APIRouter(tags=["admin"])
 
@@ -88,10 +88,26 @@ async def drift(request: Request, site: str | None = Query(None, description="on
     return report
 
 
+def _job_gauges(state) -> None:
+    """The scoring queue, read from the database at scrape time (every worker of every replica shares it)."""
+    now = _dt.datetime.now(_dt.UTC)
+    with state.db() as db:
+        rows = db.execute(select(Job.not_before, Job.created_at).where(Job.status == "queued")).all()
+
+    def utc(t):
+        return t.replace(tzinfo=_dt.UTC) if t is not None and t.tzinfo is None else t  # SQLite: naive, in UTC
+
+    due = [utc(not_before) or utc(created) for not_before, created in rows
+           if not_before is None or utc(not_before) <= now]
+    state.metrics.jobs_queued.set(len(rows))
+    state.metrics.oldest_due_job.set(max(0.0, (now - min(due)).total_seconds()) if due else 0.0)
+
+
 @router.get("/metrics", summary="Prometheus metrics (scrape with an admin key as bearer token)",
             response_class=Response)
 async def metrics(request: Request, caller: Caller = require("admin")) -> Response:
     state = request.app.state
+    await run_in_threadpool(_job_gauges, state)
     if state.drift_gauges.due():
         state.drift_gauges.publish(state.metrics, await run_in_threadpool(drift_of, state))
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -154,7 +154,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
-    app.metrics.images.labels(caller.name).inc()
+    app.metrics.images.labels(caller.site).inc()
     return PredictResponse(
         sop_instance_uid=result.meta.sop_instance_uid,
         study_instance_uid=result.meta.study_instance_uid,

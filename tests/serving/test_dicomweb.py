@@ -183,3 +183,36 @@ def test_a_study_sent_in_pieces_gets_one_report(server, dicom_files):
     reports = [pydicom.dcmread(p, stop_before_pixels=True) for p in (server.data_dir / "reports").glob("*.dcm")]
     mine = [r for r in reports if r.StudyInstanceUID == study_uid]
     assert len(mine) == 1 and mine[0].SOPInstanceUID == status["report_sop_instance_uid"]
+
+
+def test_metrics_count_images_alike_whichever_way_they_came(server, dicom_files):
+    """Images scored from a STOW-RS study and through /v1/predict land in one counter per site; an image refused by
+    /v1/predict is counted as refused, like one refused in a study; the scoring queue is visible."""
+    import re
+
+    admin = server.client_for("metrics-ops", "admin")
+    site = server.client_for("metrics-site", "score")
+
+    def value(name: str, label: str) -> float:
+        m = re.search(rf'^{name}{{{label}}} ([0-9.e+-]+)$', admin.get("/metrics").text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+    files = _study(dicom_files, 5)
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    assert site.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    deadline = time.monotonic() + 60
+    while site.get(f"/v1/studies/{study_uid}").json()["status"] == "received":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert value("medvision_images_scored_total", 'site="metrics-site"') == 4.0  # by the job worker
+    assert site.post("/v1/predict", content=dicom_files[-1].read_bytes(),
+                     headers={"Content-Type": "application/dicom"}).status_code == 200
+    assert value("medvision_images_scored_total", 'site="metrics-site"') == 5.0
+    before = value("medvision_images_refused_total", 'reason="not_dicom"')
+    assert site.post("/v1/predict", content=b"not a dicom file at all",
+                     headers={"Content-Type": "application/dicom"}).status_code == 422
+    assert value("medvision_images_refused_total", 'reason="not_dicom"') == before + 1
+    text = admin.get("/metrics").text
+    assert re.search(r"^medvision_jobs_queued \d", text, re.MULTILINE)
+    assert re.search(r"^medvision_oldest_due_job_seconds \d", text, re.MULTILINE)
