@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     MEDVISION_UI_SECURE_COOKIES=true \
     MEDVISION_DATA_DIR=/data MEDVISION_DATABASE_URL=sqlite:////data/medvision.db
 COPY --from=build /wheels /wheels
-RUN WHEEL=$(ls /wheels/medvision-*.whl) && pip install --no-cache-dir "${WHEEL}[serve]" && rm -rf /wheels \
+RUN WHEEL=$(ls /wheels/medvision_radiology-*.whl) && pip install --no-cache-dir "${WHEEL}[serve,cpu]" && rm -rf /wheels \
  && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
  && useradd --system --uid 10001 --no-create-home medvision \
  && mkdir -m 0700 /data && chown 10001 /data

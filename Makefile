@@ -19,7 +19,7 @@ DEMO_KEEP_SERVING ?= 1  # 0: stop the service when the demo ends (default: keep 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[train,serve,batch,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,serve,batch,dev,cpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

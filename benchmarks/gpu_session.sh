@@ -12,7 +12,7 @@ MINUTES=${TEACHER_MINUTES:-6}
 PY=${PY:-python}
 mkdir -p "$OUT"
 if ! $PY -c "import medvision.training" 2>/dev/null; then
-  $PY -m pip install -q -e '.[train,dev]'
+  $PY -m pip install -q -e '.[train,dev,gpu]'
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 $PY benchmarks/train_throughput.py --device cuda --compile --steps 20 --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"

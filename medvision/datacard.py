@@ -174,7 +174,7 @@ def write_data_card(
     if plots:
         s += ["## Plots", ""] + [f"![{alt}]({file})" for alt, file in plots] + [""]
     else:
-        s += ["_Plots skipped: install `medvision[report]` (matplotlib) to draw them._", ""]
+        s += ["_Plots skipped: install `medvision-radiology[report]` (matplotlib) to draw them._", ""]
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(s))
     return path

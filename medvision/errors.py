@@ -85,8 +85,11 @@ class MissingExtraError(MedvisionError):
     code = "missing_extra"
 
     def __init__(self, package: str, extra: str) -> None:
-        super().__init__(
-            f"'{package}' is not installed; install it with: pip install 'medvision[{extra}]'"
-        )
+        from medvision.extras import DISTRIBUTION
+
+        hint = f"pip install '{DISTRIBUTION}[{extra}]'"
+        if extra == "cpu":
+            hint += f" (or '{DISTRIBUTION}[gpu]' on a machine with CUDA: one ONNX Runtime per environment)"
+        super().__init__(f"'{package}' is not installed; install it with: {hint}")
         self.package = package
         self.extra = extra

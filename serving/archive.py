@@ -228,7 +228,7 @@ def _pyarrow():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError("Parquet output needs pyarrow: pip install 'medvision[batch]' (or use --format csv)") from None
+        raise ConfigError("Parquet output needs pyarrow: pip install 'medvision-radiology[batch]' (or use --format csv)") from None
     return pq
 
 

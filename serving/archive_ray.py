@@ -85,7 +85,7 @@ def score_archive_ray(paths: list[str], artifact: str, out: str | os.PathLike, o
     try:
         import ray
     except ImportError:
-        raise ConfigError("the Ray engine needs Ray Data: pip install 'medvision[batch]'") from None
+        raise ConfigError("the Ray engine needs Ray Data: pip install 'medvision-radiology[batch]'") from None
     from medvision.serving.engine import Engine
 
     engine = Engine(artifact)  # validates the artifact here before any cluster work; its metadata drives decoding

@@ -12,12 +12,16 @@ def _names(reqs):
     return {re.split(r"[<>=!\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
 
 
-def test_extras_hold_what_each_install_needs():
+def test_extras_hold_what_each_install_needs_and_install_together():
+    assert PYPROJECT["project"]["name"] == "medvision-radiology"  # "medvision" on the index is another project
     extras = {k: _names(v) for k, v in PYPROJECT["project"]["optional-dependencies"].items()}
-    assert {"torch", "torchvision", "timm", "monai", "albumentations"} <= extras["train"]
-    assert {"onnxruntime", "fastapi", "uvicorn"} <= extras["serve"]
-    assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
+    assert {"torch", "timm", "monai", "albumentations"} <= extras["train"] and "torchvision" not in extras["train"]
+    assert {"fastapi", "uvicorn"} <= extras["serve"]
+    assert extras["cpu"] == {"onnxruntime"} and extras["gpu"] == {"onnxruntime-gpu"}
     assert not {"torch", "timm", "monai", "torchvision"} & (extras["serve"] | extras["gpu"])
+    # one ONNX Runtime per environment: only the flavour extras name one, so [train,serve,gpu] gets exactly one
+    runtimes = {"onnxruntime", "onnxruntime-gpu"}
+    assert all(not runtimes & names for extra, names in extras.items() if extra not in ("cpu", "gpu"))
     core = _names(PYPROJECT["project"]["dependencies"])
     assert "pydicom" in core and not {"torch", "onnxruntime"} & core
     assert "pylibjpeg-libjpeg" not in core  # GPL-3.0: deliberately not a dependency
@@ -25,7 +29,7 @@ def test_extras_hold_what_each_install_needs():
 
 def test_dockerfile_is_serve_only_and_non_root():
     text = (ROOT / "Dockerfile").read_text()
-    assert "[serve]" in text and "[train]" not in text
+    assert "[serve,cpu]" in text and "[train" not in text and "medvision_radiology-" in text
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
 

@@ -1,1 +1,1 @@
-"""Training, export (torch lives here). Installed as ``medvision.training``; needs ``medvision[train]``."""
+"""Training, export (torch lives here). Installed as ``medvision.training``; needs ``medvision-radiology[train,cpu]`` (or ``gpu``)."""

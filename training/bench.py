@@ -267,7 +267,7 @@ def table_markdown(report: dict) -> str:
             continue
         label = r["label"]
         if report["device"] == "cuda" and r["kind"] == "ort" and "CUDAExecutionProvider" not in r.get("providers", []):
-            label += " — on the CPU: no CUDA execution provider (pip install 'medvision[gpu]')"
+            label += " — on the CPU: no CUDA execution provider (pip install 'medvision-radiology[gpu]')"
         cells = [label, str(r["image_size"]), f"{r['size_mb']:.1f}",
                  f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f})"]
         for bs in bss:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medvision.extras import require_extra
 
-TRAIN_MODULES = ("torch", "timm", "albumentations", "safetensors", "onnx")
+TRAIN_MODULES = ("torch", "timm", "albumentations", "safetensors", "onnx", "onnxruntime")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -246,7 +246,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxslim
     except ImportError:
-        log.warning("onnxslim is not installed: the graph is exported unsimplified (pip install 'medvision[train]')")
+        log.warning("onnxslim is not installed: the graph is exported unsimplified (pip install 'medvision-radiology[train]')")
         return proto
     slim = onnxslim.slim(proto)
     onnx.checker.check_model(slim)

@@ -447,7 +447,7 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("tensorboard is not installed: no TensorBoard logs (pip install 'medvision[train]')")
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install 'medvision-radiology[train]')")
         return None
     return SummaryWriter(str(out / "tensorboard"))
 

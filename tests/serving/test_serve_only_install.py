@@ -23,7 +23,7 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
                    check=True, timeout=600)
-    (whl,) = out.glob("medvision-*.whl")
+    (whl,) = out.glob("medvision_radiology-*.whl")  # the distribution's name; the package is still `medvision`
     return whl
 
 
@@ -47,13 +47,13 @@ def test_serve_extra_alone_serves_without_torch(wheel, artifact, dicom_files, tm
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py, exe = venv / "bin" / "python", venv / "bin" / "medvision"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[serve]"], check=True, timeout=900)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[serve,cpu]"], check=True, timeout=900)
     no_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True)
     assert no_torch.returncode != 0, "the serve extra must not pull in torch"
 
     # The training command is listed but explains which extra it needs.
     train = subprocess.run([str(exe), "train", "--out", str(tmp_path / "r")], capture_output=True, text=True)
-    assert train.returncode == 2 and "medvision[train]" in train.stderr
+    assert train.returncode == 2 and "medvision-radiology[train]" in train.stderr
 
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}"}
     made = subprocess.run([str(exe), "keys", "create", "pacs", "--scopes", "score"], capture_output=True, text=True,
