@@ -27,7 +27,7 @@ from medvision.serving.jobs import Worker
 from medvision.serving.limits import BodyLimit
 from medvision.serving.metrics import Metrics
 from medvision.serving.rendering import RenderCache
-from medvision.serving.routes import admin, dicomweb, health, predict, results, ui
+from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, results, ui
 from medvision.serving.settings import Settings
 from medvision.serving.site_calibrations import SiteOverlays
 from medvision.serving.storage import DataFolder
@@ -227,6 +227,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(predict.router)
     app.include_router(results.router)
     app.include_router(dicomweb.router)
+    app.include_router(dicomweb_query.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/ui/static", StaticFiles(directory=str(ui.UI_DIR / "static")), name="ui-static")

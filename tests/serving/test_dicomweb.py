@@ -216,3 +216,58 @@ def test_metrics_count_images_alike_whichever_way_they_came(server, dicom_files)
     text = admin.get("/metrics").text
     assert re.search(r"^medvision_jobs_queued \d", text, re.MULTILINE)
     assert re.search(r"^medvision_oldest_due_job_seconds \d", text, re.MULTILINE)
+
+
+def test_qido_and_wado_answer_a_pacs_script_with_dicomweb_client(server, dicom_files):
+    """Search and retrieve through dicomweb-client as a PACS integration script would: the study (and the RetrieveURL
+    the STOW-RS response gave), its series including the report's, its instances, metadata without pixel data, and
+    nothing of another site's."""
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session
+
+    files = _study(dicom_files, 6)
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    owner = server.client_for("qido-site", "score")
+    r = owner.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    deadline = time.monotonic() + 60
+    while (status := owner.get(f"/v1/studies/{study_uid}").json())["status"] == "received":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    retrieve_url = r.json()["00081190"]["Value"][0]
+    assert owner.get(retrieve_url).status_code == 200  # the RetrieveURL answers
+
+    def client_for(http_client) -> DICOMwebClient:
+        session = create_session()
+        session.headers["Authorization"] = http_client.headers["Authorization"]
+        return DICOMwebClient(url=f"{server.url}/dicomweb", session=session)
+
+    dw = client_for(owner)
+    studies = dw.search_for_studies(search_filters={"StudyInstanceUID": study_uid})
+    assert len(studies) == 1
+    found = pydicom.Dataset.from_json(studies[0])
+    assert found.NumberOfStudyRelatedInstances == 5 and set(found.ModalitiesInStudy) == {"MG", "SR"}
+    accession = str(pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber)
+    assert [pydicom.Dataset.from_json(s).StudyInstanceUID for s in
+            dw.search_for_studies(search_filters={"AccessionNumber": accession})] == [study_uid]
+    series = {pydicom.Dataset.from_json(s).SeriesInstanceUID: pydicom.Dataset.from_json(s)
+              for s in dw.search_for_series(study_uid)}
+    assert status["report_series_instance_uid"] in series
+    assert series[status["report_series_instance_uid"]].Modality == "SR"
+    image_series = [uid for uid in series if uid != status["report_series_instance_uid"]]
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert {pydicom.Dataset.from_json(i).SOPInstanceUID for uid in image_series
+            for i in dw.search_for_instances(study_uid, uid)} == sent
+    retrieved = dw.retrieve_study(study_uid)
+    assert len(retrieved) == 5 and sum(ds.Modality == "SR" for ds in retrieved) == 1
+    assert {str(ds.SOPInstanceUID) for uid in image_series for ds in dw.retrieve_series(study_uid, uid)} == sent
+    metadata = dw.retrieve_study_metadata(study_uid)
+    assert len(metadata) == 5 and all("7FE00010" not in m or "BulkDataURI" in m["7FE00010"] for m in metadata)
+    # another site sees nothing of it; bad matching keys are refused by name
+    other = client_for(server.client_for("qido-other", "score"))
+    assert other.search_for_studies(search_filters={"StudyInstanceUID": study_uid}) == []
+    assert server.client_for("qido-other2", "score").get(f"/dicomweb/studies/{study_uid}").status_code == 404
+    bad = owner.get("/dicomweb/studies", params={"PatientName": "DOE*"})
+    assert bad.status_code == 400 and "unsupported matching key" in bad.json()["error"]["message"]
+    assert owner.get("/dicomweb/studies", params={"limit": 0}).status_code == 400
