@@ -280,7 +280,7 @@ def _meaning(app, calibration_ids: set) -> str:
         prevalence = row.overlay["evidence"]["prevalence"] if row else None
         return (f"Calibrated for this site (site calibration {site_ids[-1]}), on its own outcomes"
                 + (f", where {100 * prevalence:.0f} % of images had cancer" if prevalence is not None else "")
-                + ": of studies given a probability p here, about p have cancer.")
+                + ": of images given a probability p here, about p have cancer.")
     meta = app.engine.meta
     if meta.calibration_method == "none":
         return "Not calibrated: a score for ranking studies, not a chance of cancer."
