@@ -22,6 +22,32 @@ def require_tool(name: str) -> str:
     return path
 
 
+def start_orthanc(config: dict, folder, user: str, password: str):
+    """A real Orthanc with ``config`` (written to ``folder/orthanc.json``), waited for until its REST API answers;
+    returns the process and an HTTP client for that API. A start that fails says why (Orthanc's own output)."""
+    import json
+    import subprocess
+
+    import httpx
+
+    path = folder / "orthanc.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([require_tool("Orthanc"), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{config['HttpPort']}", auth=(user, password), timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if api.get("/system").status_code == 200:
+                return proc, api
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            api.close()
+            pytest.fail(f"Orthanc did not start: {proc.communicate(timeout=10)[1][-2000:]!r}")
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free now and stays free for the server it is meant for: taken from below the
     kernel's ephemeral range, where no other socket is given a port by the system (a port-0 bind, an outgoing

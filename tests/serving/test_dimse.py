@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import LiveServer, free_port, require_tool, start_service
+from helpers import LiveServer, free_port, require_tool, start_orthanc, start_service
 from pydicom.uid import generate_uid
 
 from medvision.serving.settings import Settings
@@ -304,14 +304,12 @@ def test_the_conformance_statement_lists_what_the_node_accepts(node):
 def test_orthanc_routes_a_study_by_c_store_and_gets_the_report_back_by_c_store(artifact, tmp_path):
     """A real PACS: Orthanc, with medvision as one of its DICOM modalities, sends a study with
     ``/modalities/medvision/store``; the SR comes back into Orthanc by C-STORE and is found there by QIDO-RS."""
-    import json
     import secrets
 
-    import httpx
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
 
-    orthanc_bin = require_tool("Orthanc")
+    require_tool("Orthanc")
     password = secrets.token_hex(8)
     http_port, orthanc_dicom = free_port(), free_port()
     medvision = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'mv.db'}",
@@ -329,20 +327,12 @@ def test_orthanc_routes_a_study_by_c_store_and_gets_the_report_back_by_c_store(a
         "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen([orthanc_bin, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", auth=("mv", password), timeout=60)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if api.get("/system").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
-            time.sleep(0.2)
+        proc, api = start_orthanc(config, tmp_path, "mv", password)
+    except BaseException:
+        medvision.stop()
+        raise
+    try:
         study, files = _study(tmp_path / "study", 4, seed=11,
                               syntaxes=["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"])
         for f in files:  # into Orthanc first, as a modality would

@@ -15,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 from helpers import LiveServer as Server
-from helpers import free_port, require_tool
+from helpers import free_port, require_tool, start_orthanc
 
 from medvision.serving.settings import Settings
 
@@ -32,7 +32,7 @@ STORESCU_FLAG = {  # storescu proposes only the transfer syntax it is told to
 
 @pytest.fixture()
 def orthanc_and_medvision(artifact, tmp_path):
-    orthanc_bin = require_tool("Orthanc")
+    require_tool("Orthanc")
     require_tool("storescu")
     password = secrets.token_hex(8)
     http_port, dicom_port = free_port(), free_port()
@@ -53,22 +53,12 @@ def orthanc_and_medvision(artifact, tmp_path):
             "Url": f"{medvision.url}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {medvision.key}"},
             "ChunkedTransfers": True}}},
     }
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    proc = subprocess.Popen([orthanc_bin, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", auth=("mv", password), timeout=60)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if api.get("/system").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"Orthanc did not start: {proc.communicate(timeout=10)[1][-2000:]!r}")
-            time.sleep(0.2)
+        proc, api = start_orthanc(config, tmp_path, "mv", password)
+    except BaseException:
+        medvision.stop()
+        raise
+    try:
         yield api, dicom_port, medvision, http_port, password
     finally:
         proc.terminate()
