@@ -24,7 +24,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fullfield import SHORT, build_archive  # noqa: E402
-from serve_load import _free_port  # noqa: E402
+from serve_load import _free_port, wait_ready  # noqa: E402
 
 console = Console()
 FLAG = {"1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.5": "-xr",
@@ -85,18 +85,7 @@ def main() -> None:
            "MEDVISION_DIMSE_MIN_FREE_BYTES": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", args.model, "--port",
                              str(http_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import httpx
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the service did not start")
-        time.sleep(0.3)
+    wait_ready(f"http://127.0.0.1:{http_port}", proc, 90)
     try:
         medvision_s = send(port, groups, "MEDVISION")
     finally:

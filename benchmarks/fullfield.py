@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import _drive, _free_port, service  # noqa: E402 - the same client and service start as serve_load
+from serve_load import _drive, _free_port, service, wait_ready  # noqa: E402 - the same client and service start as serve_load
 
 console = Console(width=170)
 MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
@@ -102,19 +102,9 @@ def naive(model_name: str):
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_service:app", "--app-dir",
                              str(Path(__file__).resolve().parent), "--port", str(port), "--log-level", "warning"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import httpx
-
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the naive service did not start")
-            time.sleep(0.5)
+        wait_ready(url, proc, 180, "the naive service")
         yield url, "none"
     finally:
         proc.terminate()

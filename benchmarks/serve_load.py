@@ -43,6 +43,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float, what: str = "the service") -> None:
+    """Until ``url``/readyz answers 200; ``SystemExit`` if ``proc`` dies or ``seconds`` pass first."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.2)
+
+
 def raw(model: str, files: list[Path], max_batch: int, seconds: float) -> dict:
     from medvision.serving.engine import Engine
 
@@ -180,19 +196,8 @@ def service(model: str, settings: dict[str, str]):
     proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", model, "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the service did not start")
-            time.sleep(0.2)
+        wait_ready(url, proc, 90)
         yield url, key
     finally:
         proc.terminate()

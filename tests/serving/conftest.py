@@ -99,3 +99,14 @@ def ui_server(artifact, dicom_files, tmp_path_factory):
     server.studies = studies
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def shifted_site(tmp_path_factory):
+    """Files of a second site on other equipment (`medvision synth --site shifted`): 16 four-view exams."""
+    from medvision.cli import main
+
+    out = tmp_path_factory.mktemp("shifted-site")
+    assert main(["synth", str(out), "--patients", "16", "--rows", "256", "--columns", "208", "--site", "shifted",
+                 "--seed", "3", "--no-progress"]) == 0
+    return sorted((out / "images").rglob("*.dcm"))

@@ -5,31 +5,16 @@
 import re
 
 import pytest
-from helpers import ADMIN, LiveServer, fresh_postgres_db
+from helpers import ADMIN, LiveServer, fresh_postgres_db, predict_all
 
-from medvision.cli import main
 from medvision.serving.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def shifted_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shifted")
-    assert main(["synth", str(out), "--patients", "12", "--rows", "256", "--columns", "208", "--site", "shifted",
-                 "--seed", "7", "--no-progress"]) == 0
-    return sorted((out / "images").rglob("*.dcm"))
-
-
-def _predict(client, files) -> None:
-    for f in files:
-        r = client.post("/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
-        assert r.status_code == 200, r.text
-
-
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_site_on_unseen_equipment_raises_an_alarm_and_the_reference_site_does_not(
-        database, request, artifact, dicom_files, shifted_files, tmp_path):
+        database, request, artifact, dicom_files, shifted_site, tmp_path):
     from sqlalchemy import select
 
     from medvision.artifact import read_artifact, write_artifact
@@ -43,7 +28,7 @@ def test_a_site_on_unseen_equipment_raises_an_alarm_and_the_reference_site_does_
     # 1. the model as exported without a reference: scores are recorded with their drift quantities
     server = LiveServer(Settings(artifact=str(artifact), **settings))
     site_a = server.client_for("site-a", "score")
-    _predict(site_a, dicom_files)
+    predict_all(site_a, dicom_files)
     with server.sessions() as db:
         rows = db.execute(select(ScoredImage.profile, ScoredImage.study_instance_uid)
                           .where(ScoredImage.site == "site-a")).all()
@@ -64,8 +49,8 @@ def test_a_site_on_unseen_equipment_raises_an_alarm_and_the_reference_site_does_
     try:
         site_a, site_b = server.client_for("site-a2", "score", site="site-a"), server.client_for("site-b", "score")
         admin = server.client_for("ops", "admin")
-        _predict(site_a, dicom_files)  # re-scored under this model: the reference's own images
-        _predict(site_b, shifted_files)
+        predict_all(site_a, dicom_files)  # re-scored under this model: the reference's own images
+        predict_all(site_b, shifted_site)
         report = admin.get("/v1/admin/drift").json()
         sites = {s["site"]: s for s in report["sites"]}
         assert report["reference"]["images"] == len(dicom_files)

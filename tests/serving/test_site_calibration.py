@@ -9,29 +9,12 @@ import json
 
 import pydicom
 import pytest
-from helpers import LiveServer, fresh_postgres_db
+from helpers import LiveServer, fresh_postgres_db, predict_all
 
 from medvision.cli import main
 from medvision.serving.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shifted_site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shifted-site")
-    assert main(["synth", str(out), "--patients", "16", "--rows", "256", "--columns", "208", "--site", "shifted",
-                 "--seed", "3", "--no-progress"]) == 0
-    return sorted((out / "images").rglob("*.dcm"))
-
-
-def _score(client, files) -> list[dict]:
-    out = []
-    for f in files:
-        r = client.post("/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
-        assert r.status_code == 200, r.text
-        out.append(r.json())
-    return out
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -48,7 +31,7 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
                                  job_workers=0))
     try:
         site_a, site_b = server.client_for("site-a", "score"), server.client_for("site-b", "score")
-        before = _score(site_b, shifted_site)
+        before = predict_all(site_b, shifted_site)
         assert {r["calibration"] for r in before} == {"model"}
         # outcomes the model cannot know: a coin per study (a hash of its UID)
         outcomes = tmp_path / "outcomes.csv"
@@ -76,7 +59,7 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
         import time
 
         for _ in range(50):  # the service reloads site calibrations every few seconds
-            deadline_results = _score(site_b, shifted_site[:4])
+            deadline_results = predict_all(site_b, shifted_site[:4])
             if deadline_results[0]["calibration"] != "model":
                 break
             time.sleep(0.2)
@@ -88,8 +71,8 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
             assert new["calibration"] == f"site calibration {applied['id']}"
             assert new["threshold"] == pytest.approx(site.threshold)
             assert new["probability"] == pytest.approx(float(site.probability(old["probability"])), abs=1e-6)
-        assert {r["calibration"] for r in _score(site_a, dicom_files[:2])} == {"model"}  # other sites: the model's
-        assert all(r["threshold"] == pytest.approx(meta.threshold) for r in _score(site_a, dicom_files[:2]))
+        assert {r["calibration"] for r in predict_all(site_a, dicom_files[:2])} == {"model"}  # other sites: the model's
+        assert all(r["threshold"] == pytest.approx(meta.threshold) for r in predict_all(site_a, dicom_files[:2]))
         from helpers import ADMIN
 
         from medvision.serving.users import create_user
@@ -124,7 +107,7 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
         assert main(["recalibrate", "--database", url, "remove", "--site", "site-b", "--model", str(artifact)]) == 0
         assert json.loads(capsys.readouterr().out)["removed"] == 1
         for _ in range(50):
-            if _score(site_b, shifted_site[:1])[0]["calibration"] == "model":
+            if predict_all(site_b, shifted_site[:1])[0]["calibration"] == "model":
                 break
             time.sleep(0.2)
         else:
