@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -26,8 +25,9 @@ from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker
 from medvision.serving.limits import BodyLimit
 from medvision.serving.metrics import Metrics
+from medvision.serving.problems import MEDIA_TYPE, document_errors, problem_bytes
 from medvision.serving.rendering import RenderCache
-from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, results, ui
+from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, problems, results, ui
 from medvision.serving.settings import Settings
 from medvision.serving.site_calibrations import SiteOverlays
 from medvision.serving.storage import DataFolder
@@ -90,10 +90,9 @@ class RequestLog:
             _log_failure(request_id, exc)
             if not started:
                 await send_with_id({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
-                await send_with_id({"type": "http.response.body", "body": json.dumps({"error": {
-                    "code": "internal_error", "message": "internal error; quote the request id when reporting it",
-                    "request_id": request_id}}).encode()})
+                                    "headers": [(b"content-type", MEDIA_TYPE.encode())]})
+                await send_with_id({"type": "http.response.body", "body": problem_bytes(
+                    "internal_error", "internal error; quote the request id when reporting it", 500, request_id)})
         finally:
             self.metrics.inflight.dec()
             elapsed = time.perf_counter() - start
@@ -230,6 +229,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(dicomweb_query.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    app.include_router(problems.router)
     app.mount("/ui/static", StaticFiles(directory=str(ui.UI_DIR / "static")), name="ui-static")
     _offline_docs(app)
+    generated = app.openapi
+
+    def openapi() -> dict:  # FastAPI's document, with every error answer described as a problem (problems.py)
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(generated())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

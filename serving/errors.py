@@ -22,6 +22,7 @@ from medvision.errors import (
     UnsupportedImageError,
 )
 from medvision.serving.batcher import Overloaded, TimedOut
+from medvision.serving.problems import MEDIA_TYPE, problem
 
 log = logging.getLogger("medvision.serving")
 
@@ -111,8 +112,11 @@ STATUS = {
 }
 
 
-def error_body(code: str, message: str, request: Request) -> dict:
-    return {"error": {"code": code, "message": message, "request_id": getattr(request.state, "request_id", None)}}
+def error_response(request: Request, code: str, message: str, status: int, headers: dict | None = None,
+                   **extensions) -> JSONResponse:
+    """An RFC 9457 problem (``problems.py``) for this request."""
+    body = problem(code, message, status, getattr(request.state, "request_id", None), **extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
 def status_for(exc: MedvisionError) -> int:
@@ -146,16 +150,19 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": 'Bearer realm="medvision"'} if status == 401 else None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(exc.retry_after)}
-        return JSONResponse(error_body(exc.code, exc.message, request), status_code=status, headers=headers)
+        return error_response(request, exc.code, exc.message, status, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
         await _audit_refusal(request, exc.status_code, code)
-        return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(request, code, str(exc.detail), exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         await _audit_refusal(request, 422, "invalid_request")
-        return JSONResponse(error_body("invalid_request", str(exc.errors()), request), status_code=422)
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        where = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors)
+        return error_response(request, "invalid_request", f"the request does not validate: {where}", 422,
+                              errors=errors)

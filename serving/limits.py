@@ -12,11 +12,12 @@ reading and discarding the rest.
 
 from __future__ import annotations
 
-import json
 import re
 from urllib.parse import unquote_to_bytes
 
 from starlette.exceptions import HTTPException
+
+from medvision.serving.problems import MEDIA_TYPE, problem_bytes
 
 DICOM_ROUTES = ("/v1/predict", "/dicomweb/studies")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -72,8 +73,8 @@ class BodyLimit:
 
 async def _refuse(scope, send, message: str, status: int = 413, code: str = "payload_too_large") -> None:
     request_id = scope.get("state", {}).get("request_id")
-    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    body = problem_bytes(code, message, status, request_id)
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                "headers": [(b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

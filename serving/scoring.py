@@ -75,18 +75,18 @@ def score_remote(files: list[Path], url: str, api_key: str | None = None, show_p
                 resp = client.post("/v1/predict", content=f.read_bytes(), headers=headers)
             except httpx.TransportError as exc:
                 raise ConfigError(f"cannot reach the service at {url}: {type(exc).__name__}: {exc}") from None
-            body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+            ctype = resp.headers.get("content-type", "")
+            body = resp.json() if ctype.startswith(("application/json", "application/problem+json")) else {}
             if resp.status_code in (401, 403):  # every later file would fail the same way
-                message = body.get("error", {}).get("message", resp.text[:200])
+                message = body.get("detail", resp.text[:200])
                 raise ConfigError(f"the service refused the API key ({resp.status_code}): {message}")
             if resp.status_code == 200:
                 row.sop_instance_uid, row.probability, row.label = (
                     body["sop_instance_uid"], body["probability"], body["label"])
                 threshold = body["threshold"]
             else:
-                err = body.get("error", {})
-                row.error_code = err.get("code", f"http_{resp.status_code}")
-                row.error = err.get("message", resp.text[:200])
+                row.error_code = body.get("code", f"http_{resp.status_code}")  # an RFC 9457 problem's stable code
+                row.error = body.get("detail", resp.text[:200])
             rows.append(row)
             advance()
     return rows, threshold

@@ -19,6 +19,7 @@ from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
 from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
+from medvision.serving.problems import STUDY_READ
 from medvision.serving.stow import receive_parts, response_body, store_parts
 from medvision.serving.tables import Instance, Study
 
@@ -153,7 +154,7 @@ def _find_file(state, study_uid: str, series_uid: str, sop_uid: str, caller: Cal
     return state.data.inside(path) if path else None
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", responses=STUDY_READ,
             summary="WADO-RS: a stored instance or the study's report, as multipart/related application/dicom")
 async def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Request,
                             site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> Response:

@@ -24,6 +24,7 @@ from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
 from medvision.serving.errors import InvalidParameter
 from medvision.serving.identifiers import request_site, request_uid
+from medvision.serving.problems import STUDY_READ
 from medvision.serving.routes.dicomweb import DICOM_JSON, SITE_QUERY, visible_study
 from medvision.serving.tables import Instance, Study
 
@@ -195,7 +196,7 @@ async def search_studies(request: Request, limit: int = Query(100), offset: int 
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series", summary="QIDO-RS: the series of a study (with its report's)")
+@router.get("/dicomweb/studies/{study_uid}/series", responses=STUDY_READ, summary="QIDO-RS: the series of a study (with its report's)")
 async def search_series(study_uid: str, request: Request, site: str | None = SITE_QUERY,
                         caller: Caller = require("score", "review")) -> JSONResponse:
     study_uid = request_uid(study_uid, "the Study Instance UID")
@@ -206,7 +207,7 @@ async def search_series(study_uid: str, request: Request, site: str | None = SIT
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances",
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances", responses=STUDY_READ,
             summary="QIDO-RS: the instances of a series")
 async def search_instances(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
                            caller: Caller = require("score", "review")) -> JSONResponse:
@@ -256,26 +257,26 @@ async def _retrieve(request: Request, caller: Caller, site: str | None, study_ui
     return Response(body, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
 
-@router.get("/dicomweb/studies/{study_uid}", summary="WADO-RS: every instance of a study and its report")
+@router.get("/dicomweb/studies/{study_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a study and its report")
 async def retrieve_study(study_uid: str, request: Request, site: str | None = SITE_QUERY,
                          caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"), None, False)
 
 
-@router.get("/dicomweb/studies/{study_uid}/metadata", summary="WADO-RS: the study's metadata (DICOM JSON)")
+@router.get("/dicomweb/studies/{study_uid}/metadata", responses=STUDY_READ, summary="WADO-RS: the study's metadata (DICOM JSON)")
 async def retrieve_study_metadata(study_uid: str, request: Request, site: str | None = SITE_QUERY,
                                   caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"), None, True)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}", summary="WADO-RS: every instance of a series")
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a series")
 async def retrieve_series(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
                           caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"),
                            request_uid(series_uid, "the Series Instance UID"), False)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata",
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata", responses=STUDY_READ,
             summary="WADO-RS: the series' metadata (DICOM JSON)")
 async def retrieve_series_metadata(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
                                    caller: Caller = require("score", "review")) -> Response:

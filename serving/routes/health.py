@@ -13,7 +13,9 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: the model is loaded and has run once")
+@router.get("/readyz", summary="Readiness: the model is loaded and has run once",
+            responses={503: {"description": "the model is still loading", "content": {"application/json": {
+                "schema": {"type": "object", "properties": {"status": {"const": "loading"}}}}}}})
 async def readyz(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:

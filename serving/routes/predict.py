@@ -12,6 +12,7 @@ from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
 from medvision.serving.engine import Engine
 from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.problems import SCORING
 from medvision.serving.stow import form_boundary, receive_parts
 from medvision.serving.tables import AuditEvent
 from medvision.serving.usage import record_score
@@ -108,14 +109,15 @@ def _check_uids(meta) -> None:
     response_model=PredictResponse,
     summary="Score one DICOM image",
     description="Body: the DICOM file as `application/dicom`, or `multipart/form-data` with a file field. "
-    "Errors are JSON `{error: {code, message}}` with a 4xx status.",
+    "Errors are RFC 9457 problem details (`application/problem+json`) with a stable `code`.",
     openapi_extra={"requestBody": {"content": {
         "application/dicom": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
     }, "required": True}},
     responses={400: {"description": "empty body / no file"}, 401: {"description": "no valid API key"},
                403: {"description": "the key lacks the 'score' scope"}, 413: {"description": "too large"},
-               415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"}},
+               415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"},
+               **SCORING},
 )
 async def predict(request: Request, engine: Engine = Depends(get_engine), caller: Caller = require("score")) -> PredictResponse:
     data = await read_dicom_upload(request)

@@ -90,23 +90,24 @@ BAD = [
 def test_bad_input_gets_a_4xx_naming_the_problem(client, dicom_files, case, make, status, code, words):
     r = client.post("/v1/predict", content=make(dicom_files), headers=DICOM)
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["code"] == code and words in err["message"]
+    problem = r.json()
+    assert r.headers["content-type"] == "application/problem+json"
+    assert problem["code"] == code and words in problem["detail"] and problem["status"] == status
     # ... and the service stays up and keeps scoring
     assert client.post("/v1/predict", content=dicom_files[0].read_bytes(), headers=DICOM).status_code == 200
 
 
 def test_bad_multipart_and_content_type(client, dicom_files):
     r = client.post("/v1/predict", files={"file": ("x.png", _png(None), "image/png")})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "not_dicom"
+    assert r.status_code == 422 and r.json()["code"] == "not_dicom"
     r = client.post("/v1/predict", data={"note": "no file"})
-    assert r.status_code in (400, 415) and r.json()["error"]["code"] in ("missing_file", "unsupported_media_type")
+    assert r.status_code in (400, 415) and r.json()["code"] in ("missing_file", "unsupported_media_type")
     r = client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"})
-    assert r.status_code == 415 and "application/dicom" in r.json()["error"]["message"]
+    assert r.status_code == 415 and "application/dicom" in r.json()["detail"]
     assert client.get("/v1/nope").status_code == 404
     broken = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n\r\nabc"  # no closing boundary
     r = client.post("/v1/predict", content=broken, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
-    assert 400 <= r.status_code < 500 and "error" in r.json()
+    assert 400 <= r.status_code < 500 and r.json()["code"] == "malformed_request"
 
 
 def test_openapi_documents_predict(client):

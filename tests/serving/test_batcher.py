@@ -135,7 +135,7 @@ def test_overload_over_http_is_429_with_retry_after(artifact, dicom_files, tmp_p
         codes.append(r.status_code)
         if r.status_code == 429:
             retry.append(r.headers.get("retry-after"))
-            assert r.json()["error"]["code"] == "overloaded"
+            assert r.json()["code"] == "overloaded"
 
     try:
         threads = [threading.Thread(target=send) for _ in range(6)]

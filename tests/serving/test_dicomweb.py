@@ -119,7 +119,7 @@ def test_bad_stow_requests_are_refused_clearly(server, dicom_files, case, header
     if body == "truncate":
         body, headers = full[: len(full) // 2], {"Content-Type": ctype}
     r = server.client.post("/dicomweb/studies", content=body or b"", headers={"Content-Type": ctype, **(headers or {})})
-    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert r.status_code == status and r.json()["code"] == code, r.text
     assert server.client.get("/healthz").status_code == 200  # still up
 
 
@@ -144,7 +144,7 @@ def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
 
 def test_pull_without_a_configured_pacs_says_so(server):
     r = server.client_for("puller", "pull").post("/v1/pull", json={"study_instance_uid": "1.2.3"})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "pacs_not_configured"
+    assert r.status_code == 503 and r.json()["code"] == "pacs_not_configured"
 
 
 def test_an_image_already_scored_by_predict_is_not_scored_again(server, dicom_files):
@@ -269,5 +269,5 @@ def test_qido_and_wado_answer_a_pacs_script_with_dicomweb_client(server, dicom_f
     assert other.search_for_studies(search_filters={"StudyInstanceUID": study_uid}) == []
     assert server.client_for("qido-other2", "score").get(f"/dicomweb/studies/{study_uid}").status_code == 404
     bad = owner.get("/dicomweb/studies", params={"PatientName": "DOE*"})
-    assert bad.status_code == 400 and "unsupported matching key" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and "unsupported matching key" in bad.json()["detail"]
     assert owner.get("/dicomweb/studies", params={"limit": 0}).status_code == 400

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from helpers import ADMIN
 
-from medvision.serving.routes import admin, dicomweb, health, predict, results, ui
+from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, problems, results, ui
 
 WEIRD_SEGMENTS = ["", "..", "%2e%2e%2f%2e%2e", "1.2.3", "a" * 5000, "1.2'; DROP TABLE studies;--", "%00", "%F0%9F%98%80",
                   "-1", "1.2.840.10008.1.2.1.99", "%ff%fe", "%25", "x.png"]
@@ -37,7 +37,7 @@ AUTHS = [None, "Bearer", "Bearer  mv_x", "Bearer " + "x" * 10000, "Basic YWRtaW4
 
 def _routes() -> list[tuple[str, str]]:
     out = set()
-    for module in (health, predict, results, dicomweb, admin, ui):
+    for module in (health, predict, results, dicomweb, dicomweb_query, admin, ui, problems):
         for route in module.router.routes:
             for method in route.methods - {"HEAD"}:
                 out.add((method, route.path))
@@ -58,16 +58,26 @@ def keys(ui_server):
                 "score": ui_server.key, "review": ui_server.reader}
 
 
-def _assert_refusal(r: httpx.Response, what: str) -> None:
+DOCUMENTED: dict[tuple[str, str], set[int]] = {}  # (method, route) -> the statuses its OpenAPI entry describes
+
+
+def _assert_refusal(r: httpx.Response, what: str, route: tuple[str, str] | None = None) -> None:
     assert r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
     if r.status_code >= 400 and not r.headers.get("content-type", "").startswith("text/html"):
-        body = r.json()  # a JSON refusal with a code and a message, not a bare stack trace
-        err = body.get("error") or body
-        assert err.get("code") and err.get("message"), f"{what}: {r.text[:300]}"
+        # an RFC 9457 problem naming what is wrong, with its stable code, not a bare stack trace
+        assert r.headers["content-type"] == "application/problem+json", f"{what}: {r.headers['content-type']}"
+        body = r.json()
+        assert body["status"] == r.status_code and body["type"] == f"/problems/{body['code']}", f"{what}: {r.text[:300]}"
+        assert body["title"] and body["detail"], f"{what}: {r.text[:300]}"
+        if route in DOCUMENTED and body["code"] not in ("not_found", "method_not_allowed"):  # not this route's answer
+            assert r.status_code in DOCUMENTED[route], f"{what}: {r.status_code} is not in the route's OpenAPI entry"
 
 
 def test_every_route_refuses_garbage_clearly_and_the_service_stays_up(ui_server, keys, dicom_files):
     routes = _routes()
+    for path, operations in ui_server.client.get("/openapi.json").json()["paths"].items():
+        for method, op in operations.items():
+            DOCUMENTED[(method.upper(), path)] = {int(s) for s in op["responses"]}
     assert len(routes) >= 20 and ("POST", "/dicomweb/studies") in routes and ("POST", "/ui/login") in routes
     sent = 0
     with httpx.Client(base_url=ui_server.url, timeout=30) as c, httpx.Client(base_url=ui_server.url,
@@ -76,7 +86,7 @@ def test_every_route_refuses_garbage_clearly_and_the_service_stays_up(ui_server,
         for (method, path), seg in itertools.product(routes, WEIRD_SEGMENTS):
             for who in ("admin", "review"):
                 r = c.request(method, _fill(path, seg), headers={"Authorization": f"Bearer {keys[who]}"})
-                _assert_refusal(r, f"{method} {path} with {seg[:40]!r} as {who}")
+                _assert_refusal(r, f"{method} {path} with {seg[:40]!r} as {who}", (method, path))
                 sent += 1
             if path.startswith("/ui"):
                 r = ui_client.request(method, _fill(path, seg))
@@ -88,7 +98,7 @@ def test_every_route_refuses_garbage_clearly_and_the_service_stays_up(ui_server,
             real = _fill(path, ui_server.studies[0])
             for client, headers in ((c, {"Authorization": f"Bearer {keys['admin']}"}), (ui_client, {})):
                 r = client.request(method, real, params=params, headers=headers)
-                _assert_refusal(r, f"{method} {path}?…={value[:40]!r}")
+                _assert_refusal(r, f"{method} {path}?…={value[:40]!r}", (method, path))
                 sent += 1
         for (method, path), (ctype, body) in itertools.product(routes, WEIRD_BODIES):
             if method != "POST":
@@ -97,13 +107,13 @@ def test_every_route_refuses_garbage_clearly_and_the_service_stays_up(ui_server,
             for client, headers in ((c, {"Authorization": f"Bearer {keys['admin']}"}), (ui_client, {})):
                 r = client.post(real, content=body, headers={**headers, "Content-Type": ctype,
                                                              "X-CSRF-Token": "nonsense"})
-                _assert_refusal(r, f"POST {path} with {ctype!r} {body[:40]!r}")
+                _assert_refusal(r, f"POST {path} with {ctype!r} {body[:40]!r}", (method, path))
                 sent += 1
         for (method, path), auth in itertools.product(routes, AUTHS):
             headers = {"Authorization": auth} if auth is not None else {}
             r = c.request(method, _fill(path, ui_server.studies[0]), headers=headers)
-            _assert_refusal(r, f"{method} {path} with Authorization {str(auth)[:30]!r}")
-            if not path.startswith(("/healthz", "/readyz", "/ui")):
+            _assert_refusal(r, f"{method} {path} with Authorization {str(auth)[:30]!r}", (method, path))
+            if not path.startswith(("/healthz", "/readyz", "/ui", "/problems")):
                 assert r.status_code == 401, f"{method} {path} answered {r.status_code} to {str(auth)[:30]!r}"
             sent += 1
     assert sent > 1500

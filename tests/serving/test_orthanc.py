@@ -100,7 +100,7 @@ def test_pull_mode_fetches_a_study_from_the_pacs(orthanc_and_medvision, dicom_fi
     again = puller.post("/v1/pull", json={"study_instance_uid": study_uid}).json()
     assert again["stored"] == 0 and again["already_stored"] == 4  # scored once
     missing = puller.post("/v1/pull", json={"study_instance_uid": "1.2.3.4.5"})
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "study_not_found"
+    assert missing.status_code == 404 and missing.json()["code"] == "study_not_found"
 
 
 def test_orthanc_round_trip(orthanc_and_medvision, dicom_files, tmp_path):

@@ -156,7 +156,7 @@
       method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify({ call, birads: document.getElementById("birads").value, comment: document.getElementById("comment").value }),
     });
-    if (!r.ok) { const e = await r.json().catch(() => ({})); saved.textContent = "Not saved: " + ((e.error && e.error.message) || r.status); return; }
+    if (!r.ok) { const e = await r.json().catch(() => ({})); saved.textContent = "Not saved: " + (e.detail || r.status); return; }
     press(call);
     const again = await api("/ui/api/studies/" + studyPath + qs);
     if (again.ok) { const s = await again.json(); showReviews(s.reviews); document.getElementById("status").textContent = s.status; }
