@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medvision.errors import MedvisionError
 from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
+from medvision.serving.site_calibrations import meaning
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
 from medvision.serving.usage import accession_of, record_score
@@ -181,7 +182,8 @@ class Worker:
         sessions, data = self.state.db, self.state.data
         with sessions() as db:
             rows = list(db.execute(
-                select(Instance.path, ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold)
+                select(Instance.path, ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold,
+                       ScoredImage.calibration_id)
                 .join(ScoredImage, (ScoredImage.site == Instance.site)
                       & (ScoredImage.sop_instance_uid == Instance.sop_instance_uid))
                 .where(Instance.site == job.site, Instance.study_instance_uid == job.study_instance_uid,
@@ -191,7 +193,8 @@ class Worker:
             self._set_study(job, status="failed")
             return
         sources = [dcmread(data.inside(path), stop_before_pixels=True) for path, *_ in rows]
-        scores = [ImageScore(uid, p, p >= thr) for _, uid, p, thr in rows]
+        meanings = {i: tuple(meaning(sessions, self.state.engine.meta, {i}).parameters()) for i in {r[4] for r in rows}}
+        scores = [ImageScore(uid, p, p >= thr, thr, meanings[cal]) for _, uid, p, thr, cal in rows]
         sr = build_sr(sources, scores, info)
         path = data.write_dataset(sr)
         outputs, files = [sr], [str(path)]

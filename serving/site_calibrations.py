@@ -9,6 +9,7 @@ import datetime as _dt
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -167,3 +168,52 @@ class SiteOverlays:
     def summary(self) -> dict[str, dict]:
         return {site: {"id": i, "threshold": o.threshold, "rule": o.rule}
                 for site, (i, o) in dict(self._by_site).items()}
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """What a served probability is relative to: the model's validation calibration or a site's, and the cancer
+    share of the images it was calibrated on. The review UI says it in a sentence, the SR in two short parameters."""
+
+    method: str  # "platt" / "temperature" / "none" (the model's), or "site"
+    prevalence: float | None
+    calibration_id: int | None = None
+
+    @property
+    def source(self) -> str:
+        if self.calibration_id is not None:
+            return f"site calibration {self.calibration_id}"
+        return "none" if self.method == "none" else f"{self.method} on validation images"
+
+    def parameters(self) -> list[str]:
+        """For the SR's algorithm identification (each at most 64 characters)."""
+        if self.method == "none":
+            return ["calibration: none", "meaning: a ranking score, not a chance of cancer"]
+        where = f" where {100 * self.prevalence:.0f} % had cancer" if self.prevalence is not None else ""
+        return [f"calibration: {self.source}"[:64], f"meaning: chance of cancer{where}"[:64]]
+
+    def sentence(self) -> str:
+        """For a reader, under the probability."""
+        share = f"{100 * self.prevalence:.0f} %" if self.prevalence is not None else None
+        if self.calibration_id is not None:
+            return (f"Calibrated for this site ({self.source}), on its own outcomes"
+                    + (f", where {share} of images had cancer" if share else "")
+                    + ": of images given a probability p here, about p have cancer.")
+        if self.method == "none":
+            return "Not calibrated: a score for ranking studies, not a chance of cancer."
+        where = f" on the model's validation images, {share} of which had cancer" if share else \
+            " on the model's validation images"
+        return (f"Calibrated{where}. At a site where cancer is rarer the chance is lower than shown, where it is more "
+                "common higher; a site calibration (medvision recalibrate) corrects it for this site.")
+
+
+def meaning(sessions: sessionmaker[Session], meta, calibration_ids: set[int | None]) -> Meaning:
+    """The meaning of a study's probabilities: the newest site calibration among ``calibration_ids`` (the ids its
+    images were scored under), else the artifact's own calibration (``meta``: the engine's ArtifactMeta)."""
+    site_ids = sorted(i for i in calibration_ids if i is not None)
+    if site_ids:
+        with sessions() as db:
+            row = db.get(SiteCalibrationRow, site_ids[-1])
+        prevalence = row.overlay["evidence"]["prevalence"] if row else None
+        return Meaning("site", prevalence, site_ids[-1])
+    return Meaning(meta.calibration_method, meta.calibration_prevalence)

@@ -1,9 +1,10 @@
 """The result of a scored study as a DICOM Structured Report (TID 1500 Measurement Report, via highdicom).
 
 One measurement group per scored image, referencing it as the source image: the model's calibrated
-probability of cancer (DCM 111047) and a qualitative evaluation at the model's operating point
-(Abnormal / Normal), with the algorithm's identity (model name, artifact hash, operating point,
-threshold) in the group's Algorithm Identification. The observer is the device (medvision), never a
+probability of cancer (DCM 111047) and a qualitative evaluation at the operating point (Abnormal /
+Normal), with the algorithm's identity (model name, artifact hash, operating point, threshold) and what the
+probability means (the calibration that made it and the cancer share it was calibrated on) in the group's
+Algorithm Identification. The observer is the device (medvision), never a
 person. The SR joins the source study (same Study Instance UID, patient and study attributes copied
 from the images by highdicom), in a new series, so the PACS files it with the exam.
 """
@@ -29,6 +30,8 @@ class ImageScore:
     sop_instance_uid: str
     probability: float
     above_threshold: bool
+    threshold: float | None = None  # the one the call was made at (a site calibration's), else the model's
+    meaning: tuple[str, ...] = ()  # what the probability is relative to (site_calibrations.Meaning.parameters())
 
 
 def build_sr(sources: list[Dataset], scores: list[ImageScore], model: dict, series_number: int = 9901,
@@ -38,22 +41,26 @@ def build_sr(sources: list[Dataset], scores: list[ImageScore], model: dict, seri
     missing = [s.sop_instance_uid for s in scores if s.sop_instance_uid not in by_uid]
     if missing or not scores:
         raise ValueError(f"{len(missing)} scored image(s) have no source dataset" if missing else "nothing scored")
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model["name"][:64], version=model["artifact_sha256"][:16],
-        parameters=[f"threshold={model['threshold']:.6f}", f"operating point: {model['operating_point']}"[:64],
-                    f"format={model.get('format', 'fp32')}", f"gate={model.get('gate', 'not gated')}"],
-    )
+    def algorithm(s: ImageScore) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(
+            name=model["name"][:64], version=model["artifact_sha256"][:16],
+            parameters=[f"threshold={s.threshold if s.threshold is not None else model['threshold']:.6f}",
+                        f"operating point: {model['operating_point']}"[:64],
+                        f"format={model.get('format', 'fp32')}", f"gate={model.get('gate', 'not gated')}",
+                        *s.meaning],
+        )
+
     groups = []
     for i, s in enumerate(scores, start=1):
         ds = by_uid[s.sop_instance_uid]
         source = hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"image {i}"),
-            algorithm_id=algorithm,
+            algorithm_id=algorithm(s),
             finding_sites=[hd.sr.FindingSite(codes.SCT.Breast)],
             source_images=[source],
             measurements=[hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=round(float(s.probability), 6),
-                                            unit=codes.UCUM.NoUnits, algorithm_id=algorithm)],
+                                            unit=codes.UCUM.NoUnits, algorithm_id=algorithm(s))],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 name=_AT_OPERATING_POINT, value=codes.SCT.Abnormal if s.above_threshold else codes.SCT.Normal)],
         ))

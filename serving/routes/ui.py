@@ -30,7 +30,8 @@ from medvision.serving.drift_watch import drift_of
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
-from medvision.serving.tables import AuditEvent, SiteCalibrationRow, User
+from medvision.serving.site_calibrations import meaning
+from medvision.serving.tables import AuditEvent, User
 from medvision.serving.users import (
     THROTTLE_MINUTES,
     Reader,
@@ -271,25 +272,6 @@ async def study_page(request: Request, site: str, study_uid: str):
                  has_heatmap=engine.has_heatmap, calls=reviews.CALLS, birads=reviews.BIRADS)
 
 
-def _meaning(app, calibration_ids: set) -> str:
-    """What the study's probability is relative to, in words a reader can use."""
-    site_ids = sorted(i for i in calibration_ids if i is not None)
-    if site_ids:
-        with app.db() as db:
-            row = db.get(SiteCalibrationRow, site_ids[-1])
-        prevalence = row.overlay["evidence"]["prevalence"] if row else None
-        return (f"Calibrated for this site (site calibration {site_ids[-1]}), on its own outcomes"
-                + (f", where {100 * prevalence:.0f} % of images had cancer" if prevalence is not None else "")
-                + ": of images given a probability p here, about p have cancer.")
-    meta = app.engine.meta
-    if meta.calibration_method == "none":
-        return "Not calibrated: a score for ranking studies, not a chance of cancer."
-    where = (f" on the model's validation images, {100 * meta.calibration_prevalence:.0f} % of which had cancer"
-             if meta.calibration_prevalence is not None else " on the model's validation images")
-    return (f"Calibrated{where}. At a site where cancer is rarer the chance is lower than shown, where it is more "
-            "common higher; a site calibration (medvision recalibrate) corrects it for this site.")
-
-
 @router.get("/api/studies/{site}/{study_uid}")
 async def study_api(request: Request, site: str, study_uid: str, status: str = "", model: str = "",
                     filter_site: str = Query("", alias="site"), day_from: str = Query("", alias="from"),
@@ -319,7 +301,8 @@ async def study_api(request: Request, site: str, study_uid: str, status: str = "
                 image["image_id"] = None
         found["images_detail"].sort(key=lambda i: (_HANGING.get((i.get("laterality"), i.get("view")), 9),
                                                    i["sop_instance_uid"]))
-        found["calibration"] = _meaning(app, {i.pop("calibration_id") for i in found["images_detail"]})
+        found["calibration"] = meaning(app.db, app.engine.meta,
+                                       {i.pop("calibration_id") for i in found["images_detail"]}).sentence()
         found["previous"], found["next"] = previous, following
         return found
 

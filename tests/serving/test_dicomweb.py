@@ -61,9 +61,23 @@ def test_stow_stores_scores_and_reports_a_study(server, dicom_files, tmp_path):
     referenced = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
                   for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     assert referenced == {str(d.SOPInstanceUID) for d in uids}
+    # each image's group says what its probability means: the calibration that made it, the prevalence it assumes
+    from medvision.serving.site_calibrations import Meaning
+
+    expected = Meaning(engine.meta.calibration_method, engine.meta.calibration_prevalence).parameters()
+    parameters = [item.TextValue for item in _content_items(sr) if item.get("ValueType") == "TEXT"
+                  and item.ConceptNameCodeSequence[0].CodeValue == "111002"]  # DCM Algorithm Parameters
+    assert parameters.count(expected[0]) == parameters.count(expected[1]) == 4 * 2  # measurement and evaluation
+    assert expected[1].startswith("meaning: ") and len(expected[1]) <= 64
     out = subprocess.run([require_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+
+
+def _content_items(item):
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _content_items(child)
 
 
 def test_resending_a_study_scores_nothing_twice(server, dicom_files):

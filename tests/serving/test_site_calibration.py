@@ -122,3 +122,17 @@ def test_a_site_calibration_is_fitted_gated_applied_by_an_admin_and_used_for_tha
         assert "needs 'cancer'" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+def test_what_a_probability_means_is_said_the_same_way_to_a_reader_and_in_the_sr():
+    from medvision.serving.site_calibrations import Meaning
+
+    model = Meaning("platt", 0.153)
+    assert model.parameters() == ["calibration: platt on validation images",
+                                  "meaning: chance of cancer where 15 % had cancer"]
+    assert "15 % of which had cancer" in model.sentence() and "rarer" in model.sentence()
+    site = Meaning("site", 0.071, calibration_id=12)
+    assert site.parameters() == ["calibration: site calibration 12", "meaning: chance of cancer where 7 % had cancer"]
+    assert site.sentence().startswith("Calibrated for this site (site calibration 12)")
+    assert Meaning("none", None).parameters()[1] == "meaning: a ranking score, not a chance of cancer"
+    assert all(len(p) <= 64 for m in (model, site, Meaning("temperature", None)) for p in m.parameters())
