@@ -185,8 +185,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.warning("the service binds %s but trusts X-Forwarded-For from loopback only: behind a proxy on "
                         "another host every reader shares the proxy's address for sign-in throttling; set "
                         "MEDVISION_FORWARDED_ALLOW_IPS to the proxy's address", settings.host)
-        log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info["name"], info["artifact_sha256"][:12],
-                 info["format"], info["gate"], ",".join(info["providers"]))
+        log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info.name, info.artifact_sha256[:12],
+                 info.format, info.gate, ",".join(info.providers))
         yield
         if app.state.dimse is not None:
             app.state.dimse.stop()

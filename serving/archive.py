@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from medvision.errors import ConfigError, MedvisionError
 from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.progress import progress_bar
+
+if TYPE_CHECKING:
+    from medvision.serving.engine import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def decode(path: str) -> dict:
     return out
 
 
-def to_rows(decoded: list[dict], probabilities: np.ndarray | None, inference_ms: float, model: dict) -> list[dict]:
+def to_rows(decoded: list[dict], probabilities: np.ndarray | None, inference_ms: float, model: ModelInfo) -> list[dict]:
     """Output rows for one batch (``probabilities`` in the order of the decoded files that have ``x``)."""
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     scored = [d for d in decoded if "x" in d]
@@ -104,12 +108,12 @@ def to_rows(decoded: list[dict], probabilities: np.ndarray | None, inference_ms:
     rows = []
     for d in decoded:
         row = {f: "" for f in FIELDS} | {k: v for k, v in d.items() if k in FIELDS}
-        row.update(model_name=model["name"], artifact_sha256=model["artifact_sha256"], threshold=model["threshold"],
+        row.update(model_name=model.name, artifact_sha256=model.artifact_sha256, threshold=model.threshold,
                    decode_ms=round(d["decode_ms"], 3), scored_at=now)
         if "x" in d:
             p = float(next(probs))
-            above = p >= model["threshold"]
-            row.update(status="scored", probability=p, above_threshold=int(above), label=model["labels"][int(above)],
+            above = p >= model.threshold
+            row.update(status="scored", probability=p, above_threshold=int(above), label=model.labels[int(above)],
                        inference_ms=round(per_image, 3))
         else:
             row.update(status="refused", probability=None, above_threshold=None, inference_ms=None)
@@ -252,10 +256,6 @@ class Options:
     show_progress: bool = True
 
 
-def model_info(engine) -> dict:
-    return {**engine.model_info(), "labels": list(engine.meta.labels)}
-
-
 def _decoded_stream(paths: list[str], engine, workers: int, window: int) -> Iterator[dict]:
     """Decoded files as they finish, with at most ``window`` in flight. If a decoder kills its process, the
     files that pool held are decoded again one per fresh process: only the culprit is refused."""
@@ -308,7 +308,7 @@ def score_archive(paths: list[str], artifact: str, out: str | os.PathLike, fmt: 
     from medvision.serving.engine import Engine
 
     engine = Engine(artifact, threads=options.threads)
-    model = model_info(engine)
+    model = engine.model_info()
     store = ResultStore(out, fmt)
     done = store.done()
     todo = [p for p in paths if p not in done]
@@ -354,12 +354,12 @@ def score_archive(paths: list[str], artifact: str, out: str | os.PathLike, fmt: 
 
 
 def summarise(rows: list[dict], counts: Counter, listed: int, skipped: int, wall: float, decode_ms: float,
-              inference_ms: float, workers: int, engine: str, model: dict) -> dict:
+              inference_ms: float, workers: int, engine: str, model: ModelInfo) -> dict:
     now_scored = counts.get("scored", 0)
     now_refused = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("refused:")}
     done_now = now_scored + sum(now_refused.values())
     return {
-        "engine": engine, "model": model["name"], "artifact_sha256": model["artifact_sha256"],
+        "engine": engine, "model": model.name, "artifact_sha256": model.artifact_sha256,
         "files_listed": listed, "already_done": skipped, "processed_now": done_now, "scored_now": now_scored,
         "refused_now": now_refused, "seconds": round(wall, 2),
         "images_per_s": round(done_now / wall, 2) if wall > 0 else None,

@@ -25,7 +25,6 @@ from medvision.serving.archive import (
     ResultStore,
     decode,
     init_decoder,
-    model_info,
     schema,
     summarise,
     to_rows,
@@ -59,7 +58,7 @@ class OrtScorer:
         from medvision.serving.engine import Engine
 
         self.engine = Engine(artifact, threads=threads)
-        self.model = model_info(self.engine)
+        self.model = self.engine.model_info()
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -89,7 +88,7 @@ def score_archive_ray(paths: list[str], artifact: str, out: str | os.PathLike, o
     from medvision.serving.engine import Engine
 
     engine = Engine(artifact)  # validates the artifact here before any cluster work; its metadata drives decoding
-    model = model_info(engine)
+    model = engine.model_info()
     store = ResultStore(out, "parquet")
     done = store.done()
     todo = [p for p in paths if p not in done]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import BaseModel, Field
 
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
@@ -36,6 +37,25 @@ class Prediction:
     @property
     def calibration(self) -> str:
         return "model" if self.calibration_id is None else f"site calibration {self.calibration_id}"
+
+
+class ModelInfo(BaseModel):
+    """Who made a result: the served model's identity, as results, the SR, metrics and /readyz state it."""
+
+    model_config = {"protected_namespaces": (), "frozen": True}
+
+    name: str
+    architecture: str
+    artifact_sha256: str
+    weights_sha256: str
+    trained_with: str
+    served_by: str
+    operating_point: str
+    threshold: float
+    providers: list[str]
+    format: str = Field(description="fp32, fp16 or the INT8 variant chosen by 'medvision quantize'")
+    gate: str = Field(description="promoted, refused or not gated ('medvision gate')")
+    labels: list[str] = Field(["non-cancer", "cancer"], description="the label below and at or above the threshold")
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -143,17 +163,9 @@ class Engine:
     def predict(self, source: Source, identifiers: dict[str, str] | None = None) -> Prediction:
         return self.score(*self.prepare(source, identifiers))
 
-    def model_info(self) -> dict:
-        return {
-            "name": self.meta.model_name,
-            "architecture": self.meta.architecture,
-            "artifact_sha256": self.artifact_sha256,
-            "weights_sha256": self.meta.weights_sha256,
-            "trained_with": self.meta.medvision_version,
-            "served_by": __version__,
-            "operating_point": self.meta.operating_point,
-            "threshold": self.meta.threshold,
-            "providers": self.providers,
-            "format": self.meta.format,
-            "gate": self.meta.gate_status,
-        }
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.meta.model_name, architecture=self.meta.architecture, artifact_sha256=self.artifact_sha256,
+            weights_sha256=self.meta.weights_sha256, trained_with=self.meta.medvision_version, served_by=__version__,
+            operating_point=self.meta.operating_point, threshold=self.meta.threshold, providers=self.providers,
+            format=self.meta.format, gate=self.meta.gate_status, labels=list(self.meta.labels))

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -27,6 +28,9 @@ from medvision.serving.site_calibrations import meaning
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
 from medvision.serving.usage import accession_of, record_score
+
+if TYPE_CHECKING:
+    from medvision.serving.engine import ModelInfo
 
 log = logging.getLogger("medvision.serving.jobs")
 MAX_ATTEMPTS = 3
@@ -139,7 +143,7 @@ class Worker:
             known = set(db.scalars(select(ScoredImage.sop_instance_uid).where(
                 ScoredImage.site == job.site,
                 ScoredImage.sop_instance_uid.in_([i.sop_instance_uid for i in instances]),
-                ScoredImage.artifact_sha256 == info["artifact_sha256"])))
+                ScoredImage.artifact_sha256 == info.artifact_sha256)))
         # A job is claimed more than MAX_ATTEMPTS times only by taking it over from holders that died mid-job (a
         # failure that raises stops at MAX_ATTEMPTS): each time the service died on the first image still unscored,
         # in this order. That image (a file that crashes a codec natively, say) is refused, the rest scored.
@@ -167,10 +171,7 @@ class Worker:
                 self._set_instance(inst.id, "refused", exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
-            record_score(sessions, owner, inst.sop_instance_uid, inst.study_instance_uid, result.probability,
-                         result.label, result.threshold, info, result.inference_ms,
-                         accession=ids.get("AccessionNumber", ""), decode=result.meta.decode, profile=result.profile,
-                         calibration_id=result.calibration_id)
+            record_score(sessions, owner, result, info, accession=ids.get("AccessionNumber", ""))
             self._set_instance(inst.id, "scored")
             metrics.images.labels(owner.site).inc()
             metrics.inference.observe(result.inference_ms / 1000)
@@ -178,7 +179,7 @@ class Worker:
             _renew(sessions, job, self.owner, self.lease_seconds)
         self.write_report(job, info)
 
-    def write_report(self, job: Job, info: dict) -> None:
+    def write_report(self, job: Job, info: ModelInfo) -> None:
         sessions, data = self.state.db, self.state.data
         with sessions() as db:
             rows = list(db.execute(

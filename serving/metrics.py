@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from medvision.serving.engine import ModelInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -43,6 +48,6 @@ class Metrics:
         self.model = Gauge("medvision_model_info", "the served model (value 1)",
                            ["name", "artifact_sha256", "format", "gate"], registry=r)
 
-    def set_model(self, info: dict) -> None:
+    def set_model(self, info: ModelInfo) -> None:
         self.model.clear()
-        self.model.labels(info["name"], info["artifact_sha256"][:16], info["format"], info["gate"]).set(1)
+        self.model.labels(info.name, info.artifact_sha256[:16], info.format, info.gate).set(1)

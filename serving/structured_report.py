@@ -12,6 +12,7 @@ from the images by highdicom), in a new series, so the PACS files it with the ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom import Dataset
@@ -19,6 +20,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medvision import __version__
+
+if TYPE_CHECKING:
+    from medvision.serving.engine import ModelInfo
 
 # Codes that no standard context group defines: a private scheme, declared as such.
 _AT_OPERATING_POINT = hd.sr.CodedConcept("MV0001", "99MEDVISION", "Cancer suspected at the model operating point")
@@ -34,7 +38,7 @@ class ImageScore:
     meaning: tuple[str, ...] = ()  # what the probability is relative to (site_calibrations.Meaning.parameters())
 
 
-def build_sr(sources: list[Dataset], scores: list[ImageScore], model: dict, series_number: int = 9901,
+def build_sr(sources: list[Dataset], scores: list[ImageScore], model: ModelInfo, series_number: int = 9901,
              instance_number: int = 1) -> hd.sr.Comprehensive3DSR:
     """``sources``: the scored images (headers suffice); ``model``: the engine's ``model_info()``."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
@@ -43,10 +47,9 @@ def build_sr(sources: list[Dataset], scores: list[ImageScore], model: dict, seri
         raise ValueError(f"{len(missing)} scored image(s) have no source dataset" if missing else "nothing scored")
     def algorithm(s: ImageScore) -> hd.sr.AlgorithmIdentification:
         return hd.sr.AlgorithmIdentification(
-            name=model["name"][:64], version=model["artifact_sha256"][:16],
-            parameters=[f"threshold={s.threshold if s.threshold is not None else model['threshold']:.6f}",
-                        f"operating point: {model['operating_point']}"[:64],
-                        f"format={model.get('format', 'fp32')}", f"gate={model.get('gate', 'not gated')}",
+            name=model.name[:64], version=model.artifact_sha256[:16],
+            parameters=[f"threshold={s.threshold if s.threshold is not None else model.threshold:.6f}",
+                        f"operating point: {model.operating_point}"[:64], f"format={model.format}", f"gate={model.gate}",
                         *s.meaning],
         )
 
@@ -67,8 +70,8 @@ def build_sr(sources: list[Dataset], scores: list[ImageScore], model: dict, seri
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_UID_ROOT + str(int(model["artifact_sha256"][:30], 16)), name="medvision",
-            manufacturer_name="medvision", model_name=model["name"][:64]),
+            uid=DEVICE_UID_ROOT + str(int(model.artifact_sha256[:30], 16)), name="medvision",
+            manufacturer_name="medvision", model_name=model.name[:64]),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

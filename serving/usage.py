@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as _dt
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.serving.identifiers import Owner
 from medvision.serving.tables import AuditEvent, ScoredImage, Usage, utcnow
+
+if TYPE_CHECKING:
+    from medvision.serving.engine import ModelInfo, Prediction
 
 
 def printable(text: str, length: int) -> str:
@@ -67,11 +71,9 @@ def _statements(dialect: str) -> dict:
     return _STATEMENTS[dialect]
 
 
-def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | None, study_uid: str | None,
-                 probability: float, label: str, threshold: float, model: dict,
-                 inference_ms: float, audit_event=None, accession: str = "", decode: str = "",
-                 profile: dict | None = None, calibration_id: int | None = None) -> None:
-    """Store the result for ``owner``'s site (a SOP Instance UID the site re-scores replaces its row) and meter it
+def record_score(sessions: sessionmaker[Session], owner: Owner, result: Prediction, model: ModelInfo,
+                 audit_event: AuditEvent | None = None, accession: str = "") -> None:
+    """Store ``result`` (made by ``model``) for ``owner``'s site (a SOP Instance UID the site re-scores replaces its row) and meter it
     for the key, with the audit record of the access, in one transaction.
 
     Both writes are upserts (``INSERT ... ON CONFLICT DO UPDATE``): two requests creating the same result or
@@ -79,14 +81,14 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
     counts once however many of its images are scored at the same time.
     """
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
-    key_id = owner.key_id
+    key_id, sop_uid, study_uid = owner.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid
     with sessions() as db:
         sql = _statements(db.get_bind().dialect.name)
         # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
         # the site's scorers take turns from here on and each sees the results the others committed — four views
         # of one study scored at once count as one study, not four.
         db.execute(sql["usage"], {"day": day, "site": owner.site, "meter": owner.meter, "key_id": key_id, "images": 1,
-                                  "studies": 0, "inference_ms": inference_ms})
+                                  "studies": 0, "inference_ms": result.inference_ms})
         if sop_uid:
             study = study_uid or ""
             if study and db.execute(sql["study_seen"], {"site": owner.site, "study": study,
@@ -94,11 +96,11 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, sop_uid: str | N
                 db.execute(sql["new_study"], {"d": day, "m": owner.meter})
             db.execute(sql["result"], {
                 "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
-                "probability": probability, "decode": decode[:96],
-                "label": label, "threshold": threshold, "model_name": model["name"],
-                "artifact_sha256": model["artifact_sha256"], "inference_ms": inference_ms, "scored_at": utcnow(),
-                "accession_number": printable(accession or "", 16), "profile": profile,
-                "calibration_id": calibration_id})
+                "probability": result.probability, "decode": result.meta.decode[:96],
+                "label": result.label, "threshold": result.threshold, "model_name": model.name,
+                "artifact_sha256": model.artifact_sha256, "inference_ms": result.inference_ms, "scored_at": utcnow(),
+                "accession_number": printable(accession or "", 16), "profile": result.profile,
+                "calibration_id": result.calibration_id})
         if audit_event is not None:  # the access record commits with the result it describes
             db.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
                                       if getattr(audit_event, c.key) is not None})

@@ -22,5 +22,5 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "loading"}, status_code=503)
     overlays = request.app.state.site_overlays.summary()
     # which site calibrations are active (their ids; which site each serves is for admin keys: /v1/admin/drift)
-    return JSONResponse({"status": "ready", "model": engine.model_info(),
+    return JSONResponse({"status": "ready", "model": engine.model_info().model_dump(),
                          "site_calibrations": sorted(o["id"] for o in overlays.values())})

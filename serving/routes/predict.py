@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
-from medvision.serving.engine import Engine
+from medvision.serving.engine import Engine, ModelInfo
 from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
 from medvision.serving.problems import SCORING
 from medvision.serving.stow import form_boundary, receive_parts
@@ -20,22 +20,6 @@ from medvision.serving.usage import record_score
 router = APIRouter(prefix="/v1", tags=["predict"])
 FORM_PARTS = 16  # a form upload: the file and a few fields
 log = logging.getLogger("medvision.serving")
-
-
-class ModelInfo(BaseModel):
-    model_config = {"protected_namespaces": ()}
-
-    name: str
-    architecture: str
-    artifact_sha256: str
-    weights_sha256: str
-    trained_with: str
-    served_by: str
-    operating_point: str
-    threshold: float
-    providers: list[str]
-    format: str = Field(description="fp32, fp16 or the INT8 variant chosen by 'medvision quantize'")
-    gate: str = Field(description="promoted, refused or not gated ('medvision gate')")
 
 
 class PredictResponse(BaseModel):
@@ -127,9 +111,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
     def record(result) -> None:
         event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
                            status=200, request_id=request.state.request_id, detail={})
-        record_score(app.db, caller.owner, result.meta.sop_instance_uid, result.meta.study_instance_uid,
-                     result.probability, result.label, result.threshold, info, result.inference_ms, event,
-                     ids.get("AccessionNumber", ""), result.meta.decode, result.profile, result.calibration_id)
+        record_score(app.db, caller.owner, result, info, event, ids.get("AccessionNumber", ""))
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
@@ -166,7 +148,7 @@ async def predict(request: Request, engine: Engine = Depends(get_engine), caller
         calibration=result.calibration,
         above_threshold=result.above_threshold,
         operating_point=engine.meta.operating_point if overlay is None else f"{overlay[1].rule} ({result.calibration})",
-        model=ModelInfo(**info),
+        model=info,
         inference_ms=result.inference_ms,
         decode=result.meta.decode,
     )

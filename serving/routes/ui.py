@@ -404,7 +404,7 @@ async def heatmap(request: Request, image_id: int = IMAGE_ID, size: int = 1024):
         raise ImageNotStored("this model has no heatmap output")
     path = await _image_path(request, image_id, reader, "ui_view_heatmap")
     side = _size(size)
-    sha = app.engine.model_info()["artifact_sha256"]
+    sha = app.engine.artifact_sha256
     data = await run_in_threadpool(app.renders.get, lambda: render_heatmap(app.engine, path, side), "heatmap",
                                    str(path), side, sha)
     return _png(data)

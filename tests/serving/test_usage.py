@@ -6,13 +6,22 @@ import pytest
 from helpers import fresh_postgres_db
 from sqlalchemy import select
 
+from medvision.dicom_io import DicomMeta
 from medvision.serving.auth import create_key
 from medvision.serving.db import open_database
+from medvision.serving.engine import ModelInfo, Prediction
 from medvision.serving.identifiers import Owner
 from medvision.serving.tables import AuditEvent, ScoredImage, Usage
 from medvision.serving.usage import record_score
 
-MODEL = {"name": "m", "artifact_sha256": "a" * 64}
+MODEL = ModelInfo(name="m", architecture="vit", artifact_sha256="a" * 64, weights_sha256="b" * 64, trained_with="0",
+                  served_by="0", operating_point="sensitivity >= 0.9", threshold=0.5, providers=["CPU"], format="fp32",
+                  gate="not gated")
+
+
+def _scored(sop: str, study: str, probability: float, label: str, inference_ms: float) -> Prediction:
+    meta = DicomMeta(sop, study, None, "MG", "MG", "1.2.840.10008.1.2.1", "MONOCHROME2", 8, 8, 16, False)
+    return Prediction(probability, label, probability >= 0.5, meta, inference_ms, threshold=0.5)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -32,12 +41,13 @@ def _key(sessions, name="site") -> Owner:
 
 def test_a_rescore_replaces_the_result_keeps_the_accession_and_meters_one_study(sessions):
     key = _key(sessions)
-    record_score(sessions, key, "1.2.1", "1.3.1", 0.2, "no cancer", 0.5, MODEL, 1.5,
+    record_score(sessions, key, _scored("1.2.1", "1.3.1", 0.2, "no cancer", 1.5), MODEL,
                  AuditEvent(key_id=key.key_id, action="score", resource="1.2.1", status=200, request_id="r1",
                             detail={}),
                  "ACC1")
-    record_score(sessions, key, "1.2.2", "1.3.1", 0.4, "no cancer", 0.5, MODEL, 2.0)
-    record_score(sessions, key, "1.2.1", "1.3.1", 0.9, "cancer", 0.5, {**MODEL, "name": "m2"}, 2.5)  # no accession
+    record_score(sessions, key, _scored("1.2.2", "1.3.1", 0.4, "no cancer", 2.0), MODEL)
+    m2 = MODEL.model_copy(update={"name": "m2"})
+    record_score(sessions, key, _scored("1.2.1", "1.3.1", 0.9, "cancer", 2.5), m2)  # no accession
     with sessions() as db:
         rows = {r.sop_instance_uid: r for r in db.scalars(select(ScoredImage))}
         usage = db.scalars(select(Usage)).all()
@@ -57,7 +67,7 @@ def test_concurrent_scores_lose_no_count(sessions):
     keys = [_key(sessions, "a"), _key(sessions, "b")]
 
     def score(i):
-        record_score(sessions, keys[i % 2], f"1.2.{i}", f"1.3.{i // 4}", 0.5, "x", 0.5, MODEL, 1.0)
+        record_score(sessions, keys[i % 2], _scored(f"1.2.{i}", f"1.3.{i // 4}", 0.5, "x", 1.0), MODEL)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(score, range(64)))
@@ -70,9 +80,9 @@ def test_concurrent_scores_lose_no_count(sessions):
 
 def test_the_same_uid_from_two_sites_is_two_results(sessions):
     a, b = _key(sessions, "site-a"), _key(sessions, "site-b")
-    record_score(sessions, a, "1.2.1", "1.3.1", 0.2, "no cancer", 0.5, MODEL, 1.0, accession="A1")
-    record_score(sessions, b, "1.2.1", "1.3.1", 0.9, "cancer", 0.5, MODEL, 1.0, accession="B1")
-    record_score(sessions, b, "1.2.1", "1.3.1", 0.8, "cancer", 0.5, MODEL, 1.0)  # site B re-scores its own
+    record_score(sessions, a, _scored("1.2.1", "1.3.1", 0.2, "no cancer", 1.0), MODEL, accession="A1")
+    record_score(sessions, b, _scored("1.2.1", "1.3.1", 0.9, "cancer", 1.0), MODEL, accession="B1")
+    record_score(sessions, b, _scored("1.2.1", "1.3.1", 0.8, "cancer", 1.0), MODEL)  # site B re-scores its own
     with sessions() as db:
         rows = {r.site: r for r in db.scalars(select(ScoredImage))}
     assert set(rows) == {"site-a", "site-b"}
