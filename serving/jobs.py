@@ -26,7 +26,16 @@ from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
 from medvision.serving.site_calibrations import meaning
 from medvision.serving.structured_report import ImageScore, build_sr
-from medvision.serving.tables import Instance, Job, ScoredImage, Study, utcnow
+from medvision.serving.tables import (
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    ScoredImage,
+    Study,
+    StudyState,
+    utcnow,
+)
 from medvision.serving.usage import accession_of, record_score
 
 if TYPE_CHECKING:
@@ -38,13 +47,13 @@ MAX_ATTEMPTS = 3
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Job | None:
     now = utcnow()
-    ready = (Job.status == "queued") & or_(Job.not_before.is_(None), Job.not_before <= now)
-    claimable = or_(ready, (Job.status == "running") & (Job.lease_until < now))
+    ready = (Job.status == JobState.QUEUED) & or_(Job.not_before.is_(None), Job.not_before <= now)
+    claimable = or_(ready, (Job.status == JobState.RUNNING) & (Job.lease_until < now))
     with sessions() as db:
         for job_id in db.scalars(select(Job.id).where(claimable).order_by(Job.id).limit(5)):
             won = db.execute(
                 update(Job).where(Job.id == job_id, claimable)
-                .values(status="running", lease_owner=owner, attempts=Job.attempts + 1,
+                .values(status=JobState.RUNNING, lease_owner=owner, attempts=Job.attempts + 1,
                         lease_until=now + _dt.timedelta(seconds=lease_seconds), updated_at=now)
             ).rowcount
             db.commit()
@@ -60,7 +69,7 @@ def _renew(sessions, job: Job, owner: str, lease_seconds: float) -> None:
         db.commit()
 
 
-def _finish(sessions, job: Job, owner: str, status: str, error: str = "") -> None:
+def _finish(sessions, job: Job, owner: str, status: JobState, error: str = "") -> None:
     with sessions() as db:
         db.execute(update(Job).where(Job.id == job.id, Job.lease_owner == owner)
                    .values(status=status, last_error=error[:256], lease_until=None, updated_at=utcnow()))
@@ -123,11 +132,11 @@ class Worker:
             error = exc.code if isinstance(exc, MedvisionError) else type(exc).__name__
             retry = job.attempts < MAX_ATTEMPTS
             log.warning("job %d (attempt %d) failed: %s%s", job.id, job.attempts, error, "; will retry" if retry else "")
-            _finish(self.state.db, job, self.owner, "queued" if retry else "failed", error)
+            _finish(self.state.db, job, self.owner, JobState.QUEUED if retry else JobState.FAILED, error)
             if not retry:
-                self._set_study(job, status="failed")
+                self._set_study(job, status=StudyState.FAILED)
             return
-        _finish(self.state.db, job, self.owner, "done")
+        _finish(self.state.db, job, self.owner, JobState.DONE)
 
     def score_study(self, job: Job) -> None:
         engine, sessions, metrics = self.state.engine, self.state.db, self.state.metrics
@@ -149,17 +158,17 @@ class Worker:
         # in this order. That image (a file that crashes a codec natively, say) is refused, the rest scored.
         suspect = job.attempts > MAX_ATTEMPTS
         for inst in instances:
-            if inst.status != "received":
+            if inst.status != InstanceState.RECEIVED:
                 continue  # scored (or refused) before: never twice
             if inst.sop_instance_uid in known:
-                self._set_instance(inst.id, "scored")
+                self._set_instance(inst.id, InstanceState.SCORED)
                 self._fill_accession(inst)
                 continue
             if suspect:
                 suspect = False
                 log.error("job %d: the service died %d times scoring this study, on image %d each time: refused",
                           job.id, job.attempts - 1, inst.id)
-                self._set_instance(inst.id, "refused", "service_died")
+                self._set_instance(inst.id, InstanceState.REFUSED, "service_died")
                 metrics.refused.labels("service_died").inc()
                 continue
             ids: dict[str, str] = {}
@@ -168,11 +177,11 @@ class Worker:
                 result = engine.score(*(self.state.decoder or engine).prepare(path, ids),
                                       overlay=self.state.site_overlays.get(owner.site))
             except MedvisionError as exc:
-                self._set_instance(inst.id, "refused", exc.code)
+                self._set_instance(inst.id, InstanceState.REFUSED, exc.code)
                 metrics.refused.labels(exc.code).inc()
                 continue
             record_score(sessions, owner, result, info, accession=ids.get("AccessionNumber", ""))
-            self._set_instance(inst.id, "scored")
+            self._set_instance(inst.id, InstanceState.SCORED)
             metrics.images.labels(owner.site).inc()
             metrics.inference.observe(result.inference_ms / 1000)
             metrics.scores.observe(result.probability)
@@ -188,10 +197,10 @@ class Worker:
                 .join(ScoredImage, (ScoredImage.site == Instance.site)
                       & (ScoredImage.sop_instance_uid == Instance.sop_instance_uid))
                 .where(Instance.site == job.site, Instance.study_instance_uid == job.study_instance_uid,
-                       Instance.status == "scored")
+                       Instance.status == InstanceState.SCORED)
                 .order_by(Instance.id)))
         if not rows:
-            self._set_study(job, status="failed")
+            self._set_study(job, status=StudyState.FAILED)
             return
         sources = [dcmread(data.inside(path), stop_before_pixels=True) for path, *_ in rows]
         meanings = {i: tuple(meaning(sessions, self.state.engine.meta, {i}).parameters()) for i in {r[4] for r in rows}}
@@ -207,7 +216,7 @@ class Worker:
                 files.append(str(data.write_dataset(capture)))
                 outputs.append(capture)
         # a report made again (more instances arrived) goes back again by C-STORE
-        self._set_study(job, status="scored", report_sop_instance_uid=str(sr.SOPInstanceUID),
+        self._set_study(job, status=StudyState.SCORED, report_sop_instance_uid=str(sr.SOPInstanceUID),
                         report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path),
                         report_files=files, **({"dimse_next_at": utcnow(), "dimse_sent_at": None, "dimse_error": "",
                                                 "dimse_attempts": 0} if settings.dimse_destination else {}))
@@ -246,7 +255,7 @@ class Worker:
                            .values(accession_number=accession[:16]))
                 db.commit()
 
-    def _set_instance(self, instance_id: int, status: str, error_code: str = "") -> None:
+    def _set_instance(self, instance_id: int, status: InstanceState, error_code: str = "") -> None:
         with self.state.db() as db:
             db.execute(update(Instance).where(Instance.id == instance_id).values(status=status, error_code=error_code))
             db.commit()

@@ -32,7 +32,7 @@ from medvision.identifiers import check_uid
 from medvision.serving.errors import MalformedRequest, PayloadTooLarge, TooManyParts, UnsupportedMediaType
 from medvision.serving.identifiers import Owner
 from medvision.serving.storage import DataFolder
-from medvision.serving.tables import Instance, Job, Study, utcnow
+from medvision.serving.tables import Instance, InstanceState, Job, JobState, Study, utcnow
 
 # PS3.4 / PS3.18 failure reasons (Failure Reason, 0008,1197)
 PROCESSING_FAILURE = 0x0110
@@ -211,9 +211,9 @@ def enqueue(sessions: sessionmaker[Session], studies: set[tuple[str, str]], stab
     for site, uid in sorted(studies):
         with sessions() as db:
             if db.scalar(select(Instance.id).where(Instance.site == site, Instance.study_instance_uid == uid,
-                                                   Instance.status == "received").limit(1)) is None:
+                                                   Instance.status == InstanceState.RECEIVED).limit(1)) is None:
                 continue  # everything of it is scored already: a re-send must not produce a second report
-            job = db.scalar(select(Job).where(Job.site == site, Job.study_instance_uid == uid, Job.status == "queued"))
+            job = db.scalar(select(Job).where(Job.site == site, Job.study_instance_uid == uid, Job.status == JobState.QUEUED))
             if job is None:
                 db.add(Job(site=site, study_instance_uid=uid, not_before=not_before))
             else:
@@ -319,9 +319,9 @@ def requeue_orphans(sessions: sessionmaker[Session], stable_seconds: float = 0.0
     Run at start-up; returns how many studies were queued."""
     with sessions() as db:
         pending = {tuple(row) for row in db.execute(select(Instance.site, Instance.study_instance_uid)
-                                                    .where(Instance.status == "received").distinct())}
+                                                    .where(Instance.status == InstanceState.RECEIVED).distinct())}
         live = {tuple(row) for row in db.execute(select(Job.site, Job.study_instance_uid)
-                                                 .where(Job.status.in_(("queued", "running"))))}
+                                                 .where(Job.status.in_((JobState.QUEUED, JobState.RUNNING))))}
     orphans = pending - live
     enqueue(sessions, orphans, stable_seconds)
     return len(orphans)

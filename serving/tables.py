@@ -13,6 +13,7 @@ records of its own and can neither see nor change the first site's.
 from __future__ import annotations
 
 import datetime as _dt
+from enum import StrEnum
 
 from sqlalchemy import (
     JSON,
@@ -27,6 +28,27 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class StudyState(StrEnum):
+    """Where a received study stands (stored as its value)."""
+
+    RECEIVED = "received"  # instances arrived; not scored yet (or more arrived since)
+    SCORED = "scored"  # every instance scored or refused, the report written
+    FAILED = "failed"  # nothing could be scored, or the job ran out of attempts
+
+
+class InstanceState(StrEnum):
+    RECEIVED = "received"
+    SCORED = "scored"
+    REFUSED = "refused"  # error_code says why
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"  # claimed under a lease; a lapsed lease makes it claimable again
+    DONE = "done"
+    FAILED = "failed"
 
 
 def utcnow() -> _dt.datetime:
@@ -204,7 +226,7 @@ class Study(Base):
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
     received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    status: Mapped[str] = mapped_column(String(16), default="received", doc="received, scored, failed")
+    status: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVED, doc="a StudyState")
     report_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     report_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     report_path: Mapped[str] = mapped_column(String(512), default="")
@@ -233,7 +255,7 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(String(512), doc="inside the data folder, named by the service (never by a UID)")
     received_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    status: Mapped[str] = mapped_column(String(16), default="received", doc="received, scored, refused")
+    status: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED, doc="an InstanceState")
     error_code: Mapped[str] = mapped_column(String(64), default="")
 
 
@@ -245,7 +267,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     site: Mapped[str] = mapped_column(String(64), default="")
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True, doc="queued, running, done, failed")
+    status: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True, doc="a JobState")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str] = mapped_column(String(64), default="")
     lease_until: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -15,7 +15,7 @@ from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
 from medvision.serving.drift_watch import drift_of
 from medvision.serving.identifiers import request_site
-from medvision.serving.tables import ApiKey, AuditEvent, Job, Usage
+from medvision.serving.tables import ApiKey, AuditEvent, Job, JobState, Usage
 
 router = APIRouter(tags=["admin"])
 
@@ -92,7 +92,7 @@ def _job_gauges(state) -> None:
     """The scoring queue, read from the database at scrape time (every worker of every replica shares it)."""
     now = _dt.datetime.now(_dt.UTC)
     with state.db() as db:
-        rows = db.execute(select(Job.not_before, Job.created_at).where(Job.status == "queued")).all()
+        rows = db.execute(select(Job.not_before, Job.created_at).where(Job.status == JobState.QUEUED)).all()
 
     def utc(t):
         return t.replace(tzinfo=_dt.UTC) if t is not None and t.tzinfo is None else t  # SQLite: naive, in UTC

@@ -21,7 +21,7 @@ from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.problems import STUDY_READ
 from medvision.serving.stow import receive_parts, response_body, store_parts
-from medvision.serving.tables import Instance, Study
+from medvision.serving.tables import Instance, InstanceState, Study, StudyState
 
 router = APIRouter(tags=["dicomweb"])
 log = logging.getLogger("medvision.serving")
@@ -117,7 +117,7 @@ def _status(sessions, study_uid: str, caller: Caller, site: str | None) -> Study
                                  .where(Instance.site == study.site, Instance.study_instance_uid == study_uid)
                                  .group_by(Instance.status)).all())
     # "scored" only once every received instance is through: more may have arrived after the last job
-    status = "received" if counts.get("received") else study.status
+    status = StudyState.RECEIVED if counts.get(InstanceState.RECEIVED) else study.status
     return StudyStatus(study_instance_uid=study_uid, site=study.site, status=status, instances=counts,
                        report_series_instance_uid=study.report_series_instance_uid,
                        report_sop_instance_uid=study.report_sop_instance_uid, pushed_to_pacs=study.pushed_at,
