@@ -22,7 +22,7 @@ from medvision.serving.decode_pool import DecodePool
 from medvision.serving.drift_watch import DriftGauges
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
-from medvision.serving.jobs import Worker
+from medvision.serving.jobs import Worker, WorkerContext
 from medvision.serving.limits import BodyLimit
 from medvision.serving.metrics import Metrics
 from medvision.serving.problems import MEDIA_TYPE, document_errors, problem_bytes
@@ -170,7 +170,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             loaded = app.state.engine
             app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decoders)
         if settings.job_workers:
-            app.state.worker = Worker(app.state, settings.job_workers, settings.job_lease_seconds)
+            app.state.worker = Worker(WorkerContext.of(app.state), settings.job_workers,
+                                      settings.job_lease_seconds)
             app.state.worker.start()
         if settings.dimse_port is not None:
             from medvision.serving.dimse import StorageSCP

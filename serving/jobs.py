@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
@@ -39,7 +40,12 @@ from medvision.serving.tables import (
 from medvision.serving.usage import accession_of, record_score
 
 if TYPE_CHECKING:
-    from medvision.serving.engine import ModelInfo
+    from medvision.serving.decode_pool import DecodePool
+    from medvision.serving.engine import Engine, ModelInfo
+    from medvision.serving.metrics import Metrics
+    from medvision.serving.settings import Settings
+    from medvision.serving.site_calibrations import SiteOverlays
+    from medvision.serving.storage import DataFolder
 
 log = logging.getLogger("medvision.serving.jobs")
 MAX_ATTEMPTS = 3
@@ -76,11 +82,30 @@ def _finish(sessions, job: Job, owner: str, status: JobState, error: str = "") -
         db.commit()
 
 
-class Worker:
-    """Background threads that score queued studies with the app's engine and write their SR."""
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the job worker uses of the service, and nothing else."""
 
-    def __init__(self, app_state, threads: int = 1, lease_seconds: float = 60.0, poll_seconds: float = 1.0) -> None:
-        self.state = app_state
+    db: sessionmaker[Session]
+    data: DataFolder
+    settings: Settings
+    metrics: Metrics
+    engine: Engine
+    site_overlays: SiteOverlays
+    decoder: DecodePool | None = None
+
+    @classmethod
+    def of(cls, app_state) -> WorkerContext:
+        return cls(app_state.db, app_state.data, app_state.settings, app_state.metrics, app_state.engine,
+                   app_state.site_overlays, app_state.decoder)
+
+
+class Worker:
+    """Background threads that score queued studies with the service's engine and write their SR."""
+
+    def __init__(self, context: WorkerContext, threads: int = 1, lease_seconds: float = 60.0,
+                 poll_seconds: float = 1.0) -> None:
+        self.context = context
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.owner = f"{os.uname().nodename[:24]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -102,7 +127,7 @@ class Worker:
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                job = claim(self.state.db, self.owner, self.lease_seconds)
+                job = claim(self.context.db, self.owner, self.lease_seconds)
             except Exception as exc:  # the database may be briefly unavailable: retry, never die
                 log.warning("job claim failed: %s", type(exc).__name__)
                 job = None
@@ -116,12 +141,12 @@ class Worker:
 
     def _deliver(self) -> None:
         """Reports due to go back by C-STORE (``dimse.deliver_due``), between jobs."""
-        if not self.state.settings.dimse_destination:
+        if not self.context.settings.dimse_destination:
             return
         from medvision.serving.dimse import deliver_due
 
         try:
-            deliver_due(self.state.settings, self.state.db, self.state.data, self.state.metrics)
+            deliver_due(self.context.settings, self.context.db, self.context.data, self.context.metrics)
         except Exception as exc:  # the database may be briefly unavailable: the next round tries again
             log.warning("report delivery round failed: %s", type(exc).__name__)
 
@@ -132,14 +157,14 @@ class Worker:
             error = exc.code if isinstance(exc, MedvisionError) else type(exc).__name__
             retry = job.attempts < MAX_ATTEMPTS
             log.warning("job %d (attempt %d) failed: %s%s", job.id, job.attempts, error, "; will retry" if retry else "")
-            _finish(self.state.db, job, self.owner, JobState.QUEUED if retry else JobState.FAILED, error)
+            _finish(self.context.db, job, self.owner, JobState.QUEUED if retry else JobState.FAILED, error)
             if not retry:
                 self._set_study(job, status=StudyState.FAILED)
             return
-        _finish(self.state.db, job, self.owner, JobState.DONE)
+        _finish(self.context.db, job, self.owner, JobState.DONE)
 
     def score_study(self, job: Job) -> None:
-        engine, sessions, metrics = self.state.engine, self.state.db, self.state.metrics
+        engine, sessions, metrics = self.context.engine, self.context.db, self.context.metrics
         info = engine.model_info()
         with sessions() as db:
             study = db.scalar(select(Study).where(Study.site == job.site,
@@ -173,9 +198,9 @@ class Worker:
                 continue
             ids: dict[str, str] = {}
             try:
-                path = self.state.data.inside(inst.path)
-                result = engine.score(*(self.state.decoder or engine).prepare(path, ids),
-                                      overlay=self.state.site_overlays.get(owner.site))
+                path = self.context.data.inside(inst.path)
+                result = engine.score(*(self.context.decoder or engine).prepare(path, ids),
+                                      overlay=self.context.site_overlays.get(owner.site))
             except MedvisionError as exc:
                 self._set_instance(inst.id, InstanceState.REFUSED, exc.code)
                 metrics.refused.labels(exc.code).inc()
@@ -189,7 +214,7 @@ class Worker:
         self.write_report(job, info)
 
     def write_report(self, job: Job, info: ModelInfo) -> None:
-        sessions, data = self.state.db, self.state.data
+        sessions, data = self.context.db, self.context.data
         with sessions() as db:
             rows = list(db.execute(
                 select(Instance.path, ScoredImage.sop_instance_uid, ScoredImage.probability, ScoredImage.threshold,
@@ -203,12 +228,12 @@ class Worker:
             self._set_study(job, status=StudyState.FAILED)
             return
         sources = [dcmread(data.inside(path), stop_before_pixels=True) for path, *_ in rows]
-        meanings = {i: tuple(meaning(sessions, self.state.engine.meta, {i}).parameters()) for i in {r[4] for r in rows}}
+        meanings = {i: tuple(meaning(sessions, self.context.engine.meta, {i}).parameters()) for i in {r[4] for r in rows}}
         scores = [ImageScore(uid, p, p >= thr, thr, meanings[cal]) for _, uid, p, thr, cal in rows]
         sr = build_sr(sources, scores, info)
         path = data.write_dataset(sr)
         outputs, files = [sr], [str(path)]
-        engine, settings = self.state.engine, self.state.settings
+        engine, settings = self.context.engine, self.context.settings
         if settings.heatmap_capture and engine.has_heatmap:
             series = generate_uid()
             for n, (source_path, *_) in enumerate(rows, start=1):
@@ -220,7 +245,7 @@ class Worker:
                         report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path),
                         report_files=files, **({"dimse_next_at": utcnow(), "dimse_sent_at": None, "dimse_error": "",
                                                 "dimse_attempts": 0} if settings.dimse_destination else {}))
-        pacs = self.state.settings.pacs_url
+        pacs = self.context.settings.pacs_url
         if pacs:
             self.push(job, outputs, pacs)
 
@@ -228,7 +253,7 @@ class Worker:
         """Store the SR (and heatmap captures) into the PACS by STOW-RS (dicomweb-client)."""
         from dicomweb_client.api import DICOMwebClient
 
-        settings = self.state.settings
+        settings = self.context.settings
         try:
             session = None
             if settings.pacs_username:
@@ -239,16 +264,16 @@ class Worker:
         except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
             log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
             self._set_study(job, push_error=type(exc).__name__)
-            self.state.metrics.results_sent.labels("stow", "failed").inc()
+            self.context.metrics.results_sent.labels("stow", "failed").inc()
             return
         self._set_study(job, pushed_at=utcnow(), push_error="")
-        self.state.metrics.results_sent.labels("stow", "sent").inc()
+        self.context.metrics.results_sent.labels("stow", "sent").inc()
 
     def _fill_accession(self, inst: Instance) -> None:
         """An image scored before through /v1/predict: its row gains the accession the reviewers search by."""
-        accession = accession_of(str(self.state.data.inside(inst.path)))
+        accession = accession_of(str(self.context.data.inside(inst.path)))
         if accession:
-            with self.state.db() as db:
+            with self.context.db() as db:
                 db.execute(update(ScoredImage).where(ScoredImage.site == inst.site,
                                                      ScoredImage.sop_instance_uid == inst.sop_instance_uid,
                                                      ScoredImage.accession_number == "")
@@ -256,12 +281,12 @@ class Worker:
                 db.commit()
 
     def _set_instance(self, instance_id: int, status: InstanceState, error_code: str = "") -> None:
-        with self.state.db() as db:
+        with self.context.db() as db:
             db.execute(update(Instance).where(Instance.id == instance_id).values(status=status, error_code=error_code))
             db.commit()
 
     def _set_study(self, job: Job, **values) -> None:
-        with self.state.db() as db:
+        with self.context.db() as db:
             db.execute(update(Study).where(Study.site == job.site, Study.study_instance_uid == job.study_instance_uid)
                        .values(updated_at=utcnow(), **values))
             db.commit()

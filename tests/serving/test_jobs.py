@@ -149,7 +149,7 @@ def test_an_image_the_service_died_on_three_times_is_refused_and_the_rest_scored
     """No crash loop: a file that kills the service natively would otherwise be retried after every restart."""
     from helpers import LiveServer
 
-    from medvision.serving.jobs import MAX_ATTEMPTS, Worker
+    from medvision.serving.jobs import MAX_ATTEMPTS, Worker, WorkerContext
     from medvision.serving.settings import Settings
     from medvision.serving.tables import Instance
 
@@ -167,7 +167,7 @@ def test_an_image_the_service_died_on_three_times_is_refused_and_the_rest_scored
             job.lease_until = utcnow() - _dt.timedelta(seconds=1)
             db.commit()
             first = db.query(Instance).filter_by(study_instance_uid=study).order_by(Instance.id).first().id
-        worker = Worker(state, 1, 60, poll_seconds=0.1)
+        worker = Worker(WorkerContext.of(state), 1, 60, poll_seconds=0.1)
         worker.start()
         try:
             assert server.wait_scored(study)["status"] == "scored"
