@@ -230,6 +230,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(dicomweb_query.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    app.add_exception_handler(ui.SignInRequired, ui.sign_in_first)
     app.include_router(problems.router)
     app.mount("/ui/static", StaticFiles(directory=str(ui.UI_DIR / "static")), name="ui-static")
     _offline_docs(app)

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
+from medvision.serving.dependencies import Database, ServiceMetrics, State
 from medvision.serving.drift_watch import drift_of
 from medvision.serving.identifiers import request_site
 from medvision.serving.tables import ApiKey, AuditEvent, Job, JobState, Usage
@@ -58,29 +59,28 @@ def _audit_rows(sessions, limit: int, action: str | None) -> list[AuditRow]:
 
 
 @router.get("/v1/admin/usage", response_model=list[UsageRow], summary="Images and studies scored per site and key per day")
-async def usage(request: Request, since: _dt.date = Query(None, description="first UTC day (default: 30 days ago)"),
+async def usage(request: Request, db: Database, since: _dt.date = Query(None, description="first UTC day (default: 30 days ago)"),
                 until: _dt.date = Query(None, description="last UTC day (default: today)"),
                 caller: Caller = require("admin")) -> list[UsageRow]:
     today = _dt.datetime.now(_dt.UTC).date()
     since, until = since or today - _dt.timedelta(days=30), until or today
-    rows = await run_in_threadpool(_usage, request.app.state.db, since.isoformat(), until.isoformat())
-    await run_in_threadpool(audit, request.app.state.db, request, "read_usage", 200, "", caller.key_id)
+    rows = await run_in_threadpool(_usage, db, since.isoformat(), until.isoformat())
+    await run_in_threadpool(audit, db, request, "read_usage", 200, "", caller.key_id)
     return rows
 
 
 @router.get("/v1/admin/audit", response_model=list[AuditRow], summary="The newest audit events")
-async def audit_log(request: Request, limit: int = Query(100, ge=1, le=10_000), action: str | None = None,
+async def audit_log(request: Request, db: Database, limit: int = Query(100, ge=1, le=10_000), action: str | None = None,
                     caller: Caller = require("admin")) -> list[AuditRow]:
-    rows = await run_in_threadpool(_audit_rows, request.app.state.db, limit, action)
-    await run_in_threadpool(audit, request.app.state.db, request, "read_audit", 200, "", caller.key_id)
+    rows = await run_in_threadpool(_audit_rows, db, limit, action)
+    await run_in_threadpool(audit, db, request, "read_audit", 200, "", caller.key_id)
     return rows
 
 
 @router.get("/v1/admin/drift", summary="Each site's recent images against the model's reference: tests and alarms")
-async def drift(request: Request, site: str | None = Query(None, description="one site (default: every site)"),
+async def drift(request: Request, state: State, site: str | None = Query(None, description="one site (default: every site)"),
                 caller: Caller = require("admin")) -> dict:
     site = request_site(site)
-    state = request.app.state
     report = await run_in_threadpool(drift_of, state, site)
     if site is None:
         state.drift_gauges.publish(state.metrics, report)
@@ -88,10 +88,10 @@ async def drift(request: Request, site: str | None = Query(None, description="on
     return report
 
 
-def _job_gauges(state) -> None:
+def _job_gauges(sessions, metrics) -> None:
     """The scoring queue, read from the database at scrape time (every worker of every replica shares it)."""
     now = _dt.datetime.now(_dt.UTC)
-    with state.db() as db:
+    with sessions() as db:
         rows = db.execute(select(Job.not_before, Job.created_at).where(Job.status == JobState.QUEUED)).all()
 
     def utc(t):
@@ -99,15 +99,15 @@ def _job_gauges(state) -> None:
 
     due = [utc(not_before) or utc(created) for not_before, created in rows
            if not_before is None or utc(not_before) <= now]
-    state.metrics.jobs_queued.set(len(rows))
-    state.metrics.oldest_due_job.set(max(0.0, (now - min(due)).total_seconds()) if due else 0.0)
+    metrics.jobs_queued.set(len(rows))
+    metrics.oldest_due_job.set(max(0.0, (now - min(due)).total_seconds()) if due else 0.0)
 
 
 @router.get("/metrics", summary="Prometheus metrics (scrape with an admin key as bearer token)",
             response_class=Response)
-async def metrics(request: Request, caller: Caller = require("admin")) -> Response:
-    state = request.app.state
-    await run_in_threadpool(_job_gauges, state)
+async def metrics(state: State, db: Database, service_metrics: ServiceMetrics,
+                  caller: Caller = require("admin")) -> Response:
+    await run_in_threadpool(_job_gauges, db, service_metrics)
     if state.drift_gauges.due():
-        state.drift_gauges.publish(state.metrics, await run_in_threadpool(drift_of, state))
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        state.drift_gauges.publish(service_metrics, await run_in_threadpool(drift_of, state))
+    return Response(generate_latest(service_metrics.registry), media_type=CONTENT_TYPE_LATEST)

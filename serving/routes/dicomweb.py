@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException
 from medvision.dicom_io import ReadLimits
 from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
+from medvision.serving.dependencies import Data, Database, State
 from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.problems import STUDY_READ
+from medvision.serving.storage import DataFolder
 from medvision.serving.stow import receive_parts, response_body, store_parts
 from medvision.serving.tables import Instance, InstanceState, Study, StudyState
 
@@ -28,8 +30,7 @@ log = logging.getLogger("medvision.serving")
 DICOM_JSON = "application/dicom+json"
 
 
-async def _stow(request: Request, caller: Caller, study_uid: str | None) -> JSONResponse:
-    state = request.app.state
+async def _stow(request: Request, state, caller: Caller, study_uid: str | None) -> JSONResponse:
     settings = state.settings
     if study_uid is not None:
         study_uid = request_uid(study_uid, "the Study Instance UID in the URL")
@@ -65,13 +66,14 @@ _STOW_DOC = dict(
 
 
 @router.post("/dicomweb/studies", **_STOW_DOC)
-async def stow(request: Request, caller: Caller = require("score")) -> JSONResponse:
-    return await _stow(request, caller, None)
+async def stow(request: Request, state: State, caller: Caller = require("score")) -> JSONResponse:
+    return await _stow(request, state, caller, None)
 
 
 @router.post("/dicomweb/studies/{study_uid}", **_STOW_DOC)
-async def stow_study(study_uid: str, request: Request, caller: Caller = require("score")) -> JSONResponse:
-    return await _stow(request, caller, study_uid)
+async def stow_study(study_uid: str, request: Request, state: State,
+                     caller: Caller = require("score")) -> JSONResponse:
+    return await _stow(request, state, caller, study_uid)
 
 
 class StudyStatus(BaseModel):
@@ -129,19 +131,20 @@ def _status(sessions, study_uid: str, caller: Caller, site: str | None) -> Study
             summary="Where a received study stands: instances received / scored / refused, its report",
             responses={400: {"description": "malformed UID"}, 404: {"description": "no such study visible to the key"},
                        409: {"description": "several sites sent this UID: give ?site="}})
-async def study_status(study_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def study_status(study_uid: str, request: Request, db: Database, site: str | None = SITE_QUERY,
                        caller: Caller = require("score", "review")) -> StudyStatus:
     study_uid, site = request_uid(study_uid, "the Study Instance UID"), request_site(site)
-    status = await run_in_threadpool(_status, request.app.state.db, study_uid, caller, site)
-    await run_in_threadpool(audit, request.app.state.db, request, "read_status", 200 if status else 404, study_uid,
+    status = await run_in_threadpool(_status, db, study_uid, caller, site)
+    await run_in_threadpool(audit, db, request, "read_status", 200 if status else 404, study_uid,
                             caller.key_id)
     if status is None:
         raise HTTPException(404, "no such study visible to this key")
     return status
 
 
-def _find_file(state, study_uid: str, series_uid: str, sop_uid: str, caller: Caller, site: str | None) -> Path | None:
-    with state.db() as db:
+def _find_file(sessions, data: DataFolder, study_uid: str, series_uid: str, sop_uid: str, caller: Caller,
+               site: str | None) -> Path | None:
+    with sessions() as db:
         study = visible_study(db, study_uid, caller, site)
         if study is None:
             return None
@@ -151,19 +154,19 @@ def _find_file(state, study_uid: str, series_uid: str, sop_uid: str, caller: Cal
             path = db.scalar(select(Instance.path).where(
                 Instance.site == study.site, Instance.study_instance_uid == study_uid,
                 Instance.series_instance_uid == series_uid, Instance.sop_instance_uid == sop_uid))
-    return state.data.inside(path) if path else None
+    return data.inside(path) if path else None
 
 
 @router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", responses=STUDY_READ,
             summary="WADO-RS: a stored instance or the study's report, as multipart/related application/dicom")
-async def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Request,
-                            site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> Response:
+async def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Request, db: Database,
+                            data: Data, site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> Response:
     study_uid = request_uid(study_uid, "the Study Instance UID")
     series_uid = request_uid(series_uid, "the Series Instance UID")
     sop_uid, site = request_uid(sop_uid, "the SOP Instance UID"), request_site(site)
-    path = await run_in_threadpool(_find_file, request.app.state, study_uid, series_uid, sop_uid, caller, site)
+    path = await run_in_threadpool(_find_file, db, data, study_uid, series_uid, sop_uid, caller, site)
     found = path is not None and path.is_file()
-    await run_in_threadpool(audit, request.app.state.db, request, "retrieve", 200 if found else 404, sop_uid,
+    await run_in_threadpool(audit, db, request, "retrieve", 200 if found else 404, sop_uid,
                             caller.key_id)
     if not found:
         raise HTTPException(404, "no such instance visible to this key")
@@ -192,10 +195,9 @@ class PullResponse(BaseModel):
              responses={400: {"description": "malformed UID"}, 403: {"description": "the key lacks the pull scope"},
                         404: {"description": "the PACS has no such study"}, 502: {"description": "PACS unreachable"},
                         503: {"description": "no PACS configured"}})
-async def pull(body: PullRequest, request: Request, caller: Caller = require("pull")) -> PullResponse:
+async def pull(body: PullRequest, request: Request, state: State, caller: Caller = require("pull")) -> PullResponse:
     from medvision.serving.pull import pull_study
 
-    state = request.app.state
     study_uid = request_uid(body.study_instance_uid, "study_instance_uid")
     outcomes = await run_in_threadpool(pull_study, state.settings, state.db, state.data, study_uid, caller.owner)
     if state.worker is not None:

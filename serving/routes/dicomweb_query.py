@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
+from medvision.serving.dependencies import State
 from medvision.serving.errors import InvalidParameter
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.problems import STUDY_READ
@@ -183,40 +184,40 @@ def _limits(limit: int, offset: int) -> tuple[int, int]:
 
 
 @router.get("/dicomweb/studies", summary="QIDO-RS: search the studies this key may read")
-async def search_studies(request: Request, limit: int = Query(100), offset: int = Query(0),
+async def search_studies(request: Request, state: State, limit: int = Query(100), offset: int = Query(0),
                          site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> JSONResponse:
     limit, offset = _limits(limit, offset)
     filters = _filters(request, ("StudyInstanceUID", "AccessionNumber", "StudyDate", "PatientID", "ModalitiesInStudy"))
     if "StudyInstanceUID" in filters and not filters["StudyInstanceUID"].endswith("*"):
         request_uid(filters["StudyInstanceUID"], "the Study Instance UID")
-    found = await run_in_threadpool(_search_studies, request.app.state, request, caller, request_site(site), filters,
+    found = await run_in_threadpool(_search_studies, state, request, caller, request_site(site), filters,
                                     limit, offset)
-    await run_in_threadpool(audit, request.app.state.db, request, "search_studies", 200, "", caller.key_id,
+    await run_in_threadpool(audit, state.db, request, "search_studies", 200, "", caller.key_id,
                             results=len(found))
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
 @router.get("/dicomweb/studies/{study_uid}/series", responses=STUDY_READ, summary="QIDO-RS: the series of a study (with its report's)")
-async def search_series(study_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def search_series(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                         caller: Caller = require("score", "review")) -> JSONResponse:
     study_uid = request_uid(study_uid, "the Study Instance UID")
     filters = _filters(request, ("SeriesInstanceUID", "Modality", "SeriesNumber"))
-    found = await run_in_threadpool(_search_series, request.app.state, request, caller, request_site(site), study_uid,
+    found = await run_in_threadpool(_search_series, state, request, caller, request_site(site), study_uid,
                                     filters)
-    await run_in_threadpool(audit, request.app.state.db, request, "search_series", 200, study_uid, caller.key_id)
+    await run_in_threadpool(audit, state.db, request, "search_series", 200, study_uid, caller.key_id)
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
 @router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances", responses=STUDY_READ,
             summary="QIDO-RS: the instances of a series")
-async def search_instances(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def search_instances(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                            caller: Caller = require("score", "review")) -> JSONResponse:
     study_uid = request_uid(study_uid, "the Study Instance UID")
     series_uid = request_uid(series_uid, "the Series Instance UID")
     filters = _filters(request, ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"))
-    found = await run_in_threadpool(_search_instances, request.app.state, request, caller, request_site(site),
+    found = await run_in_threadpool(_search_instances, state, request, caller, request_site(site),
                                     study_uid, series_uid, filters)
-    await run_in_threadpool(audit, request.app.state.db, request, "search_instances", 200, study_uid, caller.key_id)
+    await run_in_threadpool(audit, state.db, request, "search_instances", 200, study_uid, caller.key_id)
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
@@ -245,9 +246,8 @@ def _metadata(objects: list[_Object], request: Request, study_uid: str) -> list[
     return out
 
 
-async def _retrieve(request: Request, caller: Caller, site: str | None, study_uid: str,
+async def _retrieve(request: Request, state, caller: Caller, site: str | None, study_uid: str,
                     series_uid: str | None, metadata: bool) -> Response:
-    state = request.app.state
     objects = await run_in_threadpool(_selected, state, caller, request_site(site), study_uid, series_uid)
     await run_in_threadpool(audit, state.db, request, "retrieve_metadata" if metadata else "retrieve", 200,
                             series_uid or study_uid, caller.key_id, instances=len(objects))
@@ -258,27 +258,27 @@ async def _retrieve(request: Request, caller: Caller, site: str | None, study_ui
 
 
 @router.get("/dicomweb/studies/{study_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a study and its report")
-async def retrieve_study(study_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def retrieve_study(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                          caller: Caller = require("score", "review")) -> Response:
-    return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"), None, False)
+    return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"), None, False)
 
 
 @router.get("/dicomweb/studies/{study_uid}/metadata", responses=STUDY_READ, summary="WADO-RS: the study's metadata (DICOM JSON)")
-async def retrieve_study_metadata(study_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def retrieve_study_metadata(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                                   caller: Caller = require("score", "review")) -> Response:
-    return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"), None, True)
+    return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"), None, True)
 
 
 @router.get("/dicomweb/studies/{study_uid}/series/{series_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a series")
-async def retrieve_series(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def retrieve_series(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                           caller: Caller = require("score", "review")) -> Response:
-    return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"),
+    return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"),
                            request_uid(series_uid, "the Series Instance UID"), False)
 
 
 @router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata", responses=STUDY_READ,
             summary="WADO-RS: the series' metadata (DICOM JSON)")
-async def retrieve_series_metadata(study_uid: str, series_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def retrieve_series_metadata(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                                    caller: Caller = require("score", "review")) -> Response:
-    return await _retrieve(request, caller, site, request_uid(study_uid, "the Study Instance UID"),
+    return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"),
                            request_uid(series_uid, "the Series Instance UID"), True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+
+from medvision.serving.dependencies import State
 
 router = APIRouter(tags=["health"])
 
@@ -16,11 +18,11 @@ async def healthz() -> dict:
 @router.get("/readyz", summary="Readiness: the model is loaded and has run once",
             responses={503: {"description": "the model is still loading", "content": {"application/json": {
                 "schema": {"type": "object", "properties": {"status": {"const": "loading"}}}}}}})
-async def readyz(request: Request) -> JSONResponse:
-    engine = getattr(request.app.state, "engine", None)
+async def readyz(state: State) -> JSONResponse:
+    engine = getattr(state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    overlays = request.app.state.site_overlays.summary()
+    overlays = state.site_overlays.summary()
     # which site calibrations are active (their ids; which site each serves is for admin keys: /v1/admin/drift)
     return JSONResponse({"status": "ready", "model": engine.model_info().model_dump(),
                          "site_calibrations": sorted(o["id"] for o in overlays.values())})

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
-from medvision.serving.engine import Engine, ModelInfo
+from medvision.serving.dependencies import LoadedEngine, State
+from medvision.serving.engine import ModelInfo
 from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
 from medvision.serving.problems import SCORING
+from medvision.serving.settings import Settings
+from medvision.serving.storage import DataFolder
 from medvision.serving.stow import form_boundary, receive_parts
 from medvision.serving.tables import AuditEvent
 from medvision.serving.usage import record_score
@@ -39,10 +42,6 @@ class PredictResponse(BaseModel):
                         "'1/8 wavelet' (JPEG 2000 levels not decoded) / '1/8 lowpass' (the same low-pass band computed)")
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
 async def _read_limited(request: Request, limit: int) -> bytes:
     """The raw body, counted as it streams in (chunked bodies have no Content-Length to trust)."""
     chunks, size = [], 0
@@ -54,15 +53,14 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_dicom_upload(request: Request) -> bytes:
+async def read_dicom_upload(request: Request, settings: Settings, data: DataFolder) -> bytes:
     """The DICOM bytes from a raw body or from the file part of a multipart form. The body is counted while it
     streams in, however it is framed (``limits.BodyLimit``); a form's parts go to private files in the data
     folder, never to memory or the system's temporary folder."""
-    state = request.app.state
-    limit = state.settings.max_upload_bytes
+    limit = settings.max_upload_bytes
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        parts = await receive_parts(request, state.data, limit, FORM_PARTS,
+        parts = await receive_parts(request, data, limit, FORM_PARTS,
                                     form_boundary(request.headers.get("content-type", "")))
         try:
             files = [p for p in parts if "filename=" in p.disposition] or \
@@ -103,9 +101,8 @@ def _check_uids(meta) -> None:
                415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"},
                **SCORING},
 )
-async def predict(request: Request, engine: Engine = Depends(get_engine), caller: Caller = require("score")) -> PredictResponse:
-    data = await read_dicom_upload(request)
-    app = request.app.state
+async def predict(request: Request, engine: LoadedEngine, app: State, caller: Caller = require("score")) -> PredictResponse:
+    data = await read_dicom_upload(request, app.settings, app.data)
     ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
 
     def record(result) -> None:

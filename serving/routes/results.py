@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.serving.audit import audit
 from medvision.serving.auth import Caller, require
+from medvision.serving.dependencies import Database
 from medvision.serving.errors import AmbiguousStudy
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.routes.dicomweb import SITE_QUERY
@@ -59,12 +60,12 @@ def _query(sessions, study_uid: str, caller: Caller, site: str | None) -> list[S
             responses={400: {"description": "malformed UID"}, 401: {"description": "no valid API key"},
                        404: {"description": "nothing scored for it"},
                        409: {"description": "several sites sent this UID: give ?site="}})
-async def study_results(study_uid: str, request: Request, site: str | None = SITE_QUERY,
+async def study_results(study_uid: str, request: Request, db: Database, site: str | None = SITE_QUERY,
                         caller: Caller = require("score", "review")) -> StudyResults:
     study_uid, site = request_uid(study_uid, "the Study Instance UID"), request_site(site)
-    rows = await run_in_threadpool(_query, request.app.state.db, study_uid, caller, site)
+    rows = await run_in_threadpool(_query, db, study_uid, caller, site)
     status = 200 if rows else 404
-    await run_in_threadpool(audit, request.app.state.db, request, "read_results", status, study_uid, caller.key_id)
+    await run_in_threadpool(audit, db, request, "read_results", status, study_uid, caller.key_id)
     if not rows:
         from starlette.exceptions import HTTPException
 

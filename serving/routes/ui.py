@@ -13,10 +13,11 @@ import datetime as _dt
 import hmac
 import json
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote, urlencode
 
 import anyio
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi import Path as Path_
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -76,6 +77,33 @@ async def _api_reader(request: Request, admin: bool = False) -> Reader:
         raise Forbidden("this needs the admin role")
     request.state.reader = reader  # a refusal further on is audited with the reader (``errors``)
     return reader
+
+
+async def _admin_reader(request: Request) -> Reader:
+    return await _api_reader(request, admin=True)
+
+
+class SignInRequired(Exception):
+    """A page asked for without a session: answered by a redirect to the sign-in page (``sign_in_first``)."""
+
+
+async def _page_reader(request: Request) -> Reader:
+    reader = await _reader(request)
+    if reader is None:
+        raise SignInRequired()
+    return reader
+
+
+# The signed-in reader, as route parameters: JSON routes refuse without a session (401, or 403 for a non-admin
+# where admin is needed), pages send the browser to the sign-in page.
+SignedIn = Annotated[Reader, Depends(_api_reader)]
+SignedInAdmin = Annotated[Reader, Depends(_admin_reader)]
+PageReader = Annotated[Reader, Depends(_page_reader)]
+MaybeSignedIn = Annotated[Reader | None, Depends(_reader)]
+
+
+async def sign_in_first(request: Request, _exc: SignInRequired) -> RedirectResponse:
+    return _to_login(request)
 
 
 def _to_login(request: Request) -> RedirectResponse:
@@ -180,8 +208,7 @@ async def login(request: Request, username: str = Form(""), password: str = Form
 
 
 @router.post("/logout")
-async def logout(request: Request, csrf: str = Form("")):
-    reader = await _reader(request)
+async def logout(request: Request, reader: MaybeSignedIn, csrf: str = Form("")):
     if reader is not None:
         _check_csrf(request, reader, csrf)
         token = request.cookies[COOKIE]
@@ -218,10 +245,7 @@ def _filters(status, model, site, day_from, day_to, q, sort) -> dict:
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-async def worklist_page(request: Request):
-    reader = await _reader(request)
-    if reader is None:
-        return _to_login(request)
+async def worklist_page(request: Request, reader: PageReader):
 
     def choices():
         with request.app.state.db() as db:
@@ -233,9 +257,9 @@ async def worklist_page(request: Request):
 
 
 @router.get("/api/worklist")
-async def worklist_api(request: Request, status: str = "", model: str = "", site: str = "", day_from: str = Query("", alias="from"),
-                       day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
-    reader = await _api_reader(request)
+async def worklist_api(request: Request, reader: SignedIn, status: str = "", model: str = "", site: str = "",
+                       day_from: str = Query("", alias="from"), day_to: str = Query("", alias="to"), q: str = "",
+                       sort: str = "suspicion"):
     f = _filters(status, model, request_site(site), day_from, day_to, q, sort)
 
     def load():
@@ -261,10 +285,7 @@ def _study_key(site: str, study_uid: str) -> tuple[str, str]:
 
 
 @router.get("/studies/{site}/{study_uid}", response_class=HTMLResponse)
-async def study_page(request: Request, site: str, study_uid: str):
-    reader = await _reader(request)
-    if reader is None:
-        return _to_login(request)
+async def study_page(request: Request, reader: PageReader, site: str, study_uid: str):
     site, study_uid = _study_key(site, study_uid)
     engine = request.app.state.engine
     return _page(request, "study.html", reader, site=site, study_uid=study_uid, query=request.url.query,
@@ -273,10 +294,9 @@ async def study_page(request: Request, site: str, study_uid: str):
 
 
 @router.get("/api/studies/{site}/{study_uid}")
-async def study_api(request: Request, site: str, study_uid: str, status: str = "", model: str = "",
+async def study_api(request: Request, reader: SignedIn, site: str, study_uid: str, status: str = "", model: str = "",
                     filter_site: str = Query("", alias="site"), day_from: str = Query("", alias="from"),
                     day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
-    reader = await _api_reader(request)
     site, study_uid = _study_key(site, study_uid)
     f = _filters(status, model, request_site(filter_site), day_from, day_to, q, sort)
     app = request.app.state
@@ -324,8 +344,7 @@ class CallBody(BaseModel):
 
 
 @router.post("/api/studies/{site}/{study_uid}/call")
-async def record_call(request: Request, site: str, study_uid: str, body: CallBody):
-    reader = await _api_reader(request)
+async def record_call(request: Request, reader: SignedIn, site: str, study_uid: str, body: CallBody):
     _check_csrf(request, reader, request.headers.get("x-csrf-token"))
     site, study_uid = _study_key(site, study_uid)
 
@@ -384,8 +403,8 @@ IMAGE_ID = Path_(ge=1, le=2**31 - 1, description="the image's number (its row in
 
 
 @router.get("/images/{image_id}.png")
-async def image(request: Request, image_id: int = IMAGE_ID, size: int = 1024, wc: float | None = None, ww: float | None = None):
-    reader = await _api_reader(request)
+async def image(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024,
+                wc: float | None = None, ww: float | None = None):
     path = await _image_path(request, image_id, reader, "ui_view_image")
     app = request.app.state
     side = _size(size)
@@ -397,8 +416,7 @@ async def image(request: Request, image_id: int = IMAGE_ID, size: int = 1024, wc
 
 
 @router.get("/images/{image_id}/heatmap.png")
-async def heatmap(request: Request, image_id: int = IMAGE_ID, size: int = 1024):
-    reader = await _api_reader(request)
+async def heatmap(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024):
     app = request.app.state
     if not app.engine.has_heatmap:
         raise ImageNotStored("this model has no heatmap output")
@@ -414,8 +432,7 @@ async def heatmap(request: Request, image_id: int = IMAGE_ID, size: int = 1024):
 
 
 @router.get("/export.csv")
-async def export(request: Request):
-    reader = await _api_reader(request, admin=True)
+async def export(request: Request, reader: SignedInAdmin):
 
     def load():
         with request.app.state.db() as db:
@@ -429,10 +446,7 @@ async def export(request: Request):
 
 
 @router.get("/admin", response_class=HTMLResponse)
-async def admin_page(request: Request, action: str = ""):
-    reader = await _reader(request)
-    if reader is None:
-        return _to_login(request)
+async def admin_page(request: Request, reader: PageReader, action: str = ""):
     if not reader.is_admin:
         await _audit(request, "ui_forbidden", 403, "/ui/admin", reader)
         return _page(request, "forbidden.html", reader)
