@@ -29,7 +29,7 @@ from pydicom.uid import JPEG2000Lossless
 from rich.console import Console
 from rich.table import Table
 
-from medvision.parallel import process_pool
+from medvision.parallel import decoding_pool
 from medvision.serving import archive
 from medvision.serving.archive import Options, score_archive
 from medvision.serving.engine import Engine
@@ -76,8 +76,7 @@ def model_only(engine: Engine, paths: list[str], batch: int, seconds: float) -> 
 
 
 def decode_only(engine: Engine, paths: list[str], workers: int) -> float:
-    initargs = (engine.meta.preprocess.model_dump_json(), engine.limits.max_pixels)
-    with process_pool(workers, initializer=archive.init_decoder, initargs=initargs) as pool:
+    with decoding_pool(workers, engine.meta.preprocess, engine.limits) as pool:
         list(pool.map(archive.decode, paths[: 2 * workers]))  # warm the workers
         start = time.perf_counter()
         for _ in pool.map(archive.decode, paths, chunksize=1):

@@ -29,7 +29,7 @@ import numpy as np
 
 from medvision import __version__
 from medvision.errors import DicomError, PreprocessError
-from medvision.parallel import process_pool
+from medvision.parallel import decoder, decoding_pool
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.progress import progress_bar
 
@@ -64,16 +64,8 @@ def file_key(path: str | os.PathLike) -> str:
 
 # --- decoding, in threads or processes -------------------------------------------------------------
 
-_worker_pre: Preprocess | None = None
-
-
-def _init_worker(cfg_json: str) -> None:
-    global _worker_pre
-    _worker_pre = Preprocess(PreprocessConfig.model_validate_json(cfg_json))
-
-
 def _decode_one(path: str, pre: Preprocess | None = None) -> tuple[np.ndarray | None, str]:
-    pre = pre or _worker_pre
+    pre = pre or decoder()[0]
     try:
         stored, meta = pre.read(path)
         return pre.display(stored, meta), ""
@@ -113,7 +105,7 @@ def iter_decode(
                     advance()
                     yield r
         else:
-            with process_pool(n, _init_worker, (pre.cfg.model_dump_json(),)) as pool:
+            with decoding_pool(n, pre.cfg) as pool:
                 for r in pool.map(_decode_one, paths, chunksize=max(1, min(16, len(paths) // (4 * n)))):
                     advance()
                     yield r

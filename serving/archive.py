@@ -31,10 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medvision.dicom_io import ReadLimits
 from medvision.errors import ConfigError, MedvisionError
-from medvision.memory import keep_freed_memory
-from medvision.preprocess import Preprocess, PreprocessConfig
+from medvision.parallel import decoder, decoding_pool
 from medvision.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -72,22 +70,14 @@ def list_inputs(inputs: Iterable[str] = (), manifest: str | None = None) -> list
 
 # -- decoding (process-pool workers, Ray tasks) ---------------------------------------------------------------
 
-_WORKER: dict = {}
-
-
-def init_decoder(preprocess_json: str, max_pixels: int) -> None:
-    keep_freed_memory()
-    _WORKER["pre"] = Preprocess(PreprocessConfig.model_validate_json(preprocess_json))
-    _WORKER["limits"] = ReadLimits(max_pixels=max_pixels)
-
-
 def decode(path: str) -> dict:
     """Read and preprocess one file: the model input and the row's identifiers, or the refusal."""
     start = time.perf_counter()
     out: dict = {"path": path}
     try:
-        stored, meta = _WORKER["pre"].read(path, _WORKER["limits"])
-        out["x"] = _WORKER["pre"](stored, meta)
+        pre, limits = decoder()
+        stored, meta = pre.read(path, limits)
+        out["x"] = pre(stored, meta)
         out.update(sop_instance_uid=meta.sop_instance_uid or "", study_instance_uid=meta.study_instance_uid or "",
                    series_instance_uid=meta.series_instance_uid or "", laterality=meta.laterality or "",
                    view=meta.view or "", transfer_syntax=meta.transfer_syntax, decode=meta.decode)
@@ -259,12 +249,10 @@ class Options:
 def _decoded_stream(paths: list[str], engine, workers: int, window: int) -> Iterator[dict]:
     """Decoded files as they finish, with at most ``window`` in flight. If a decoder kills its process, the
     files that pool held are decoded again one per fresh process: only the culprit is refused."""
-    from medvision.parallel import process_pool
-
-    initargs = (engine.meta.preprocess.model_dump_json(), engine.limits.max_pixels)
+    spec = (engine.meta.preprocess, engine.limits)
     todo = list(reversed(paths))
     while todo:
-        pool = process_pool(workers, initializer=init_decoder, initargs=initargs)
+        pool = decoding_pool(workers, *spec)
         running: dict = {}
         suspects: list[str] = []
         try:
@@ -286,13 +274,11 @@ def _decoded_stream(paths: list[str], engine, workers: int, window: int) -> Iter
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         for path in suspects:
-            yield _isolated(path, initargs)
+            yield _isolated(path, spec)
 
 
-def _isolated(path: str, initargs: tuple) -> dict:
-    from medvision.parallel import process_pool
-
-    pool = process_pool(1, initializer=init_decoder, initargs=initargs)
+def _isolated(path: str, spec: tuple) -> dict:
+    pool = decoding_pool(1, *spec)
     try:
         return pool.submit(decode, path).result()
     except BrokenProcessPool:

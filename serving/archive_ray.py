@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medvision.dicom_io import ReadLimits
 from medvision.errors import ConfigError
+from medvision.parallel import is_decoder, start_decoder
 from medvision.serving.archive import (
     Options,
     ResultStore,
     decode,
-    init_decoder,
     schema,
     summarise,
     to_rows,
@@ -33,12 +34,10 @@ from medvision.serving.archive import (
 log = logging.getLogger(__name__)
 
 
-def _decode_batch(batch: dict, preprocess_json: str, max_pixels: int, size: int) -> dict:
+def _decode_batch(batch: dict, preprocess_json: str, limits: ReadLimits, size: int) -> dict:
     """Ray task: decode a batch of paths. Refused files keep a zero image and ``ok = False``."""
-    from medvision.serving import archive
-
-    if "pre" not in archive._WORKER:
-        init_decoder(preprocess_json, max_pixels)
+    if not is_decoder():  # the first batch in this Ray worker makes it a decoding worker, as a pool's would be
+        start_decoder(preprocess_json, limits)
     out: dict[str, list] = {k: [] for k in ("path", "ok", "x", "meta")}
     for path in batch["path"]:
         d = decode(str(path))
@@ -104,7 +103,7 @@ def score_archive_ray(paths: list[str], artifact: str, out: str | os.PathLike, o
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, len(todo) // options.batch_size))
         ds = ds.map_batches(_decode_batch, batch_size=options.batch_size, batch_format="numpy",
                             fn_kwargs={"preprocess_json": engine.meta.preprocess.model_dump_json(),
-                                       "max_pixels": engine.limits.max_pixels, "size": size})
+                                       "limits": engine.limits, "size": size})
         ds = ds.map_batches(OrtScorer, batch_size=options.batch_size, batch_format="numpy", concurrency=actors,
                             fn_constructor_kwargs={"artifact": str(Path(artifact).resolve()), "threads": options.threads})
         ds.write_parquet(str(store.parts.resolve()))  # appends: the parts already there stay

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
-import os
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -25,8 +22,8 @@ import numpy as np
 
 from medvision.dicom_io import DicomMeta, ReadLimits
 from medvision.errors import CorruptDicomError
-from medvision.memory import keep_freed_memory
-from medvision.preprocess import Preprocess, PreprocessConfig
+from medvision.parallel import decoder, decoding_pool, is_decoder
+from medvision.preprocess import PreprocessConfig
 
 log = logging.getLogger("medvision.serving")
 
@@ -35,26 +32,8 @@ class DecoderCrashed(CorruptDicomError):
     code = "decoder_crashed"
 
 
-_worker: tuple[Preprocess, ReadLimits] | None = None
-
-
-def _start(config: PreprocessConfig, limits: ReadLimits, service: int) -> None:
-    global _worker
-    keep_freed_memory()
-    _worker = (Preprocess(config), limits)
-    threading.Thread(target=_exit_with, args=(service,), daemon=True).start()
-
-
-def _exit_with(service: int) -> None:
-    """A worker waits for work forever: when the service is killed (kill -9 leaves no time to shut the pool down)
-    it would linger, one set more after every crash and restart. Re-parented means the service is gone."""
-    while os.getppid() == service:
-        time.sleep(1)
-    os._exit(0)
-
-
 def _prepare(data: Shared | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
-    preprocess, limits = _worker
+    preprocess, limits = decoder()
     ids: dict[str, str] = {}
     if isinstance(data, Shared):
         with data.attach() as view:
@@ -101,10 +80,6 @@ class Shared:
                 segment.close()
 
 
-def _ready() -> bool:
-    return _worker is not None
-
-
 class DecodePool:
     """``prepare(data, identifiers)`` as ``Engine.prepare`` does it, in one of ``processes`` worker processes
     (``data``: the bytes of a DICOM file, handed over in shared memory, or its path, read by the worker)."""
@@ -115,11 +90,11 @@ class DecodePool:
         self.pool = self._new_pool()
 
     def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
-        # spawn, not fork: the service has threads (a forked child could inherit a held lock)
+        # spawn, not fork: the service has threads (a forked child could inherit a held lock); a worker ends with
+        # the service, even one killed with -9
         n = processes or self.processes
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                                   initargs=(self.config, self.limits, os.getpid()))
-        for f in [pool.submit(_ready) for _ in range(n)]:  # start them now, not on the first request
+        pool = decoding_pool(n, self.config, self.limits, spawn=True, exit_with_parent=True)
+        for f in [pool.submit(is_decoder) for _ in range(n)]:  # start them now, not on the first request
             f.result(timeout=120)
         return pool
 
