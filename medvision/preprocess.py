@@ -316,21 +316,22 @@ class Preprocess:
         if cfg.orientation == "chest_wall_left":
             steps.append(("orient_chest_wall_left", orient_chest_wall_left))
         steps.append(("resize_pad", lambda a: resize_pad(a, cfg.image_size)))
-        steps.append(("normalize", lambda a: normalize(a, cfg.mean, cfg.std)))
         return steps
 
     def display(self, stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
-        """The oriented, resized image in [0, 1] before normalisation (for augmentation and viewing)."""
-        out = stored
-        for name, fn in self.steps(meta)[:-1]:
-            out = _run_step(name, fn, out)
-        return out
-
-    def __call__(self, stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
+        """The oriented, resized image in [0, 1] before normalisation (for augmentation, the cache and viewing)."""
         out = stored
         for name, fn in self.steps(meta):
             out = _run_step(name, fn, out)
-        return out[None, :, :]
+        return out
+
+    def finish(self, grey: np.ndarray) -> np.ndarray:
+        """The last step, the only place normalisation happens: a ``display`` image (cached, augmented or not)
+        -> the model's input (1, size, size)."""
+        return normalize(np.asarray(grey), self.cfg.mean, self.cfg.std)[None, :, :]
+
+    def __call__(self, stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
+        return self.finish(self.display(stored, meta))
 
     def geometry(self, stored: np.ndarray, meta: DicomMeta) -> Geometry:
         """The geometric decisions ``display`` takes for this image, to map coordinates (e.g. lesions)."""

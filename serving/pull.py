@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.dicom_io import ReadLimits
@@ -31,11 +32,15 @@ def pacs_client(settings):
     return DICOMwebClient(url=settings.pacs_url, session=session)
 
 
-def _listed(meta: dict, tag: str, what: str) -> str:
+def _listed(meta: dict, keyword: str, what: str) -> str:
+    """A UID of a QIDO-RS result (DICOM JSON), read by pydicom."""
     try:
-        return check_uid(meta[tag]["Value"][0], what)
-    except (KeyError, IndexError, TypeError):
-        raise InvalidUidError(f"the PACS listed an instance without a {what}") from None
+        value = Dataset.from_json(meta).get(keyword)
+    except Exception:  # DICOM JSON that pydicom cannot read: as good as no UID
+        value = None
+    if not value:
+        raise InvalidUidError(f"the PACS listed an instance without a {what}")
+    return check_uid(str(value), what)
 
 
 def pull_study(settings, sessions: sessionmaker[Session], folder: DataFolder, study_uid: str,
@@ -52,8 +57,8 @@ def pull_study(settings, sessions: sessionmaker[Session], folder: DataFolder, st
     outcomes = []
     for meta in found:
         try:
-            series = _listed(meta, "0020000E", "Series Instance UID")
-            sop = _listed(meta, "00080018", "SOP Instance UID")
+            series = _listed(meta, "SeriesInstanceUID", "Series Instance UID")
+            sop = _listed(meta, "SOPInstanceUID", "SOP Instance UID")
         except InvalidUidError as exc:
             outcomes.append(Outcome(failure=CANNOT_UNDERSTAND, reason=exc.code))
             continue

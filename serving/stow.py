@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import Dataset
 from python_multipart.multipart import MultipartParseError, MultipartParser
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -293,25 +294,29 @@ def response_body(outcomes: list[Outcome], base_url: str) -> tuple[int, dict]:
     """The PS3.18 store response (DICOM JSON) and its status: 200 all stored, 202 some failed, 409 none."""
     stored = [o for o in outcomes if o.failure is None]
     failed = [o for o in outcomes if o.failure is not None]
-    body: dict = {}
+    response = Dataset()
     studies = sorted({o.study_instance_uid for o in stored})
     if len(studies) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [f"{base_url}/dicomweb/studies/{studies[0]}"]}
+        response.RetrieveURL = f"{base_url}/dicomweb/studies/{studies[0]}"
     if stored:
-        body["00081199"] = {"vr": "SQ", "Value": [{
-            "00081150": {"vr": "UI", "Value": [o.sop_class_uid]},
-            "00081155": {"vr": "UI", "Value": [o.sop_instance_uid]},
-            "00081190": {"vr": "UR", "Value": [f"{base_url}/dicomweb/studies/{o.study_instance_uid}/series/"
-                                               f"{o.series_instance_uid}/instances/{o.sop_instance_uid}"]},
-        } for o in stored]}
+        response.ReferencedSOPSequence = [_item(o, RetrieveURL=f"{base_url}/dicomweb/studies/{o.study_instance_uid}"
+                                                f"/series/{o.series_instance_uid}/instances/{o.sop_instance_uid}")
+                                          for o in stored]
     if failed:
-        body["00081198"] = {"vr": "SQ", "Value": [{
-            **({"00081150": {"vr": "UI", "Value": [o.sop_class_uid]}} if o.sop_class_uid else {}),
-            **({"00081155": {"vr": "UI", "Value": [o.sop_instance_uid]}} if o.sop_instance_uid else {}),
-            "00081197": {"vr": "US", "Value": [o.failure]},
-        } for o in failed]}
+        response.FailedSOPSequence = [_item(o, FailureReason=o.failure) for o in failed]
     status = 200 if not failed else 202 if stored else 409
-    return status, body
+    return status, response.to_json_dict()
+
+
+def _item(outcome: Outcome, **attributes) -> Dataset:
+    item = Dataset()
+    if outcome.sop_class_uid:
+        item.ReferencedSOPClassUID = outcome.sop_class_uid
+    if outcome.sop_instance_uid:
+        item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
 
 
 def requeue_orphans(sessions: sessionmaker[Session], stable_seconds: float = 0.0) -> int:

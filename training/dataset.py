@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from medvision.cache import CachedArray, ImageCache, decode_many
 from medvision.data import ImageRow
-from medvision.preprocess import Preprocess, normalize
+from medvision.preprocess import Preprocess
 from medvision.training.augment import augment
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,6 @@ class CachedImages(Dataset):
         if self.alternate_share and np.random.default_rng([draw, 1]).random() < self.alternate_share:
             source = self.alternate
         grey = augment(self.transform, np.asarray(source[i]))
-        x = normalize(grey, self.pre.cfg.mean, self.pre.cfg.std)[None]
+        x = self.pre.finish(grey)
         target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
         return torch.from_numpy(x), torch.tensor(target)

@@ -78,7 +78,6 @@ def pointing_game(model: torch.nn.Module, pre: Preprocess, rows: list[ImageRow],
     import csv
 
     from medvision.heatmap import chance_rate, pointing_hit
-    from medvision.preprocess import normalize
     from medvision.training.models import class_activation_map, has_exact_heatmap
 
     if not has_exact_heatmap(model):
@@ -97,7 +96,7 @@ def pointing_game(model: torch.nn.Module, pre: Preprocess, rows: list[ImageRow],
         geom = pre.geometry(stored, meta)
         grey = pre.display(stored, meta)
         with torch.no_grad():
-            x = torch.from_numpy(normalize(grey, pre.cfg.mean, pre.cfg.std)[None, None])
+            x = torch.from_numpy(pre.finish(grey)[None])
             heat = class_activation_map(model, x)[0, 0].numpy()
         mapped = [(*geom.to_input(lx, ly), lr * geom.image_scale) for lx, ly, lr, _ in found[row.image_id]]
         hits.append(float(pointing_hit(heat, geom.size, mapped)))

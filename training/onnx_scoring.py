@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from medvision.config import RunConfig
 from medvision.data import ImageRow, load_rows, read_split
-from medvision.preprocess import Preprocess, normalize
+from medvision.preprocess import Preprocess
 from medvision.training.dataset import decode_all
 
 
@@ -33,7 +33,7 @@ def model_inputs(rows: list[ImageRow], pre: Preprocess, cfg: RunConfig, desc: st
     size = pre.cfg.image_size
     if not kept:
         return np.zeros((0, 1, size, size), np.float32), kept
-    x = np.stack([normalize(np.asarray(images[i]), pre.cfg.mean, pre.cfg.std)[None] for i in range(len(kept))])
+    x = np.stack([pre.finish(images[i]) for i in range(len(kept))])
     return x.astype(np.float32), kept
 
 
