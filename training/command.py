@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from medvision.extras import require_extra
+from medvision.training.criteria import DEFAULT, GateCriteria
 
 TRAIN_MODULES = ("torch", "timm", "albumentations", "safetensors", "onnx", "onnxruntime")
 
@@ -122,7 +123,8 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=2000, help="gate bootstrap resamples (with --teacher)")
     p.add_argument("--non-inferiority", action="store_true", help="gate on upper 95 %% bounds (with --teacher)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_quantize, max_auroc_drop=0.01, max_sensitivity_drop=0.02, min_agreement=0.99)
+    p.set_defaults(func=run_quantize, max_auroc_drop=DEFAULT.max_auroc_drop,
+                   max_sensitivity_drop=DEFAULT.max_sensitivity_drop, min_agreement=DEFAULT.min_agreement)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -168,9 +170,9 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="the teacher's run folder (its test split is the judge)")
     p.add_argument("--out", required=True, help="where to write the promoted model")
     p.add_argument("--fp32", help="the fp32 export a quantized artifact came from (default: recorded by quantize)")
-    p.add_argument("--max-auroc-drop", type=float, default=0.01)
-    p.add_argument("--max-sensitivity-drop", type=float, default=0.02)
-    p.add_argument("--min-agreement", type=float, default=0.99)
+    p.add_argument("--max-auroc-drop", type=float, default=DEFAULT.max_auroc_drop)
+    p.add_argument("--max-sensitivity-drop", type=float, default=DEFAULT.max_sensitivity_drop)
+    p.add_argument("--min-agreement", type=float, default=DEFAULT.min_agreement)
     p.add_argument("--non-inferiority", action="store_true",
                    help="decide on the upper 95 %% bounds of the drops instead of their point estimates")
     p.add_argument("--bootstrap", type=int, default=2000)
@@ -180,8 +182,6 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
 
 
 def _criteria(args: argparse.Namespace):
-    from medvision.training.gate import GateCriteria
-
     return GateCriteria(args.max_auroc_drop, args.max_sensitivity_drop, args.min_agreement, args.non_inferiority)
 
 

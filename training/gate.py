@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +42,13 @@ from medvision.evaluation import Calibration, calibrate, paired_difference
 from medvision.metrics import auroc, sensitivity_specificity
 from medvision.model_card import gate_lines, render
 from medvision.preprocess import Preprocess
+from medvision.training.criteria import GateCriteria
 from medvision.training.evaluate import score_split
 from medvision.training.export import load_calibration, read_run
 from medvision.training.onnx_scoring import model_inputs, probabilities, session
 
 log = logging.getLogger(__name__)
 GATE_FAILED_EXIT = 3
-
-
-@dataclass(frozen=True)
-class GateCriteria:
-    max_auroc_drop: float = 0.01
-    max_sensitivity_drop: float = 0.02
-    min_agreement: float = 0.99
-    non_inferiority: bool = False
 
 
 def _teacher_scores(teacher: Path, show_progress: bool):

@@ -30,6 +30,7 @@ from medvision.artifact import QuantizationReport, read_artifact, sha256_file, w
 from medvision.errors import ConfigError
 from medvision.metrics import auroc
 from medvision.preprocess import Preprocess
+from medvision.training.criteria import DEFAULT
 from medvision.training.export import read_run
 from medvision.training.onnx_scoring import (
     latency_ms,
@@ -41,8 +42,8 @@ from medvision.training.onnx_scoring import (
 )
 
 log = logging.getLogger(__name__)
-MIN_AGREEMENT = 0.99
-MAX_AUROC_DROP = 0.01
+MIN_AGREEMENT = DEFAULT.min_agreement
+MAX_AUROC_DROP = DEFAULT.max_auroc_drop
 # dynamic INT8 quantizes the weight products, and ONNX Runtime's fused Attention (as QAttention) where exported
 DYNAMIC_OPS = ["MatMul", "Gemm", "Attention"]
 
