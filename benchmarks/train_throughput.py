@@ -25,7 +25,8 @@ from rich.table import Table
 from medvision.config import load_config
 from medvision.training.command import CONFIG_DIR
 from medvision.training.models import create_model
-from medvision.training.train import _autocast, _param_groups
+from medvision.training.predict import autocast
+from medvision.training.train import _param_groups
 
 console = Console(stderr=True)
 
@@ -73,7 +74,7 @@ def bench(recipe: str, device: torch.device, steps: int, batch: int | None, comp
     precision = t.precision
 
     def step():
-        with _autocast(device, precision):
+        with autocast(device, precision):
             loss = loss_fn(fwd(x).float(), y)
         loss.backward()
         optim.step()

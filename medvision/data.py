@@ -93,18 +93,6 @@ def write_split(path: str | os.PathLike, rows: list[ImageRow], assignment: dict[
             w.writerow([r.patient_id, r.image_id, assignment[r.patient_id], r.label])
 
 
-def load_rows(labels_csv: str | os.PathLike | None, image_dir: str | os.PathLike | None,
-              manifest: str | os.PathLike | None = None) -> list[ImageRow]:
-    """The images of a run: a manifest (see ``medvision.manifest``) or an RSNA labels CSV + image folder."""
-    if manifest:
-        from medvision.manifest import read_manifest
-
-        return read_manifest(manifest)
-    if not labels_csv or not image_dir:
-        raise ConfigError("set data.manifest, or data.labels_csv and data.image_dir")
-    return read_labels(labels_csv, image_dir)
-
-
 def read_split(path: str | os.PathLike) -> dict[str, str]:
     """Read a split file back as ``{patient_id: split}``."""
     p = Path(path)

@@ -221,3 +221,13 @@ def from_class_folders(
     report = {"classes": {f: classes[f.lower()] for f in folders}, "images": len(rows),
               "not_usable": sum(1 for r in index if r.status != STATUS_OK)}
     return rows, report
+
+
+def load_rows(labels_csv: str | os.PathLike | None, image_dir: str | os.PathLike | None,
+              manifest: str | os.PathLike | None = None) -> list[ImageRow]:
+    """The images of a run: a manifest or an RSNA labels CSV + image folder (``data.read_labels``)."""
+    if manifest:
+        return read_manifest(manifest)
+    if not labels_csv or not image_dir:
+        raise ConfigError("set data.manifest, or data.labels_csv and data.image_dir")
+    return read_labels(labels_csv, image_dir)

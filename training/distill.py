@@ -26,6 +26,8 @@ from medvision.config import DistillConfig
 from medvision.data import ImageRow
 from medvision.errors import ConfigError
 from medvision.preprocess import Preprocess
+from medvision.training.export import load_run
+from medvision.training.predict import image_logits
 
 log = logging.getLogger(__name__)
 CACHE = "teacher_logits.npz"
@@ -51,9 +53,6 @@ def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Ten
 def teacher_logits(teacher_run: str | Path, rows: list[ImageRow], out_dir: Path, decode, show_progress: bool = True
                    ) -> np.ndarray:
     """The teacher's logit for each of ``rows`` (cached in ``out_dir``); ``decode`` is ``decode_all``'s signature."""
-    from medvision.training.evaluate import predict_logits
-    from medvision.training.export import load_run
-
     run = Path(teacher_run)
     tcfg, model, _, ckpt = load_run(run)
     sha = sha256_file(ckpt)
@@ -70,7 +69,7 @@ def teacher_logits(teacher_run: str | Path, rows: list[ImageRow], out_dir: Path,
     images, kept = decode(rows, pre, "decode for the teacher", show_progress)
     if len(kept) != len(rows):
         raise ConfigError(f"the teacher's preprocessing could not read {len(rows) - len(kept)} training image(s)")
-    logits = predict_logits(model, images, pre)
+    logits = image_logits(model, images, pre)
     np.savez(cache, paths=np.array(paths), logits=logits, teacher_sha256=np.array(sha))
     log.info("teacher %s scored %d training images (cached in %s)", tcfg.model.name, len(paths), cache.name)
     return logits

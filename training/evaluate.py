@@ -21,7 +21,7 @@ import torch
 
 from medvision import __version__
 from medvision.artifact import sha256_file
-from medvision.data import ImageRow, load_rows, read_split
+from medvision.data import ImageRow, read_split
 from medvision.datacard import parse_age
 from medvision.drift import Reference, build_reference, header_of_index, image_statistics
 from medvision.errors import ConfigError
@@ -37,25 +37,20 @@ from medvision.evaluation import (
     reliability,
     summarise,
 )
+from medvision.manifest import load_rows
 from medvision.metrics import auroc, sensitivity_specificity
 from medvision.plots import pyplot
 from medvision.preprocess import Preprocess
 from medvision.scan import scan_files
-from medvision.training.dataset import CachedImages, decode_all
+from medvision.training.dataset import decode_all
 from medvision.training.export import load_run
 from medvision.training.onnx_scoring import split_rows
+from medvision.training.predict import image_logits
 
 log = logging.getLogger(__name__)
 CALIBRATION = "calibration.json"
 REFERENCE = "reference.json"  # the distributions the model was validated on (drift watch)
 DEFAULT_SUBGROUPS = ("manufacturer", "view", "laterality", "density", "age_band")
-
-
-def predict_logits(model: torch.nn.Module, images, pre: Preprocess, batch_size: int = 32) -> np.ndarray:
-    """Logits for pre-decoded images (the cache), through the shared normalisation (float64 for the statistics)."""
-    from medvision.training.train import predict_logits as predict
-
-    return predict(model, CachedImages(images, np.zeros(len(images)), pre), batch_size).astype(np.float64)
 
 
 def _subgroup_values(rows: list[ImageRow], headers) -> dict[str, list[str]]:
@@ -158,7 +153,7 @@ def evaluate_run(
         if len({r.label for r in part}) < 2:
             raise ConfigError(f"the '{name}' split needs both classes to be evaluated; it has {len(part)} image(s)")
         images, kept = decode_all(part, pre, f"decode {name}", show_progress, **cache)
-        logits = predict_logits(model, images, pre)
+        logits = image_logits(model, images, pre)
         scored[name] = (kept, logits)
         statistics[name] = [image_statistics(images[i]) for i in range(len(kept))]
 
@@ -378,7 +373,7 @@ def score_split(run_dir: str | Path, subset: str = "test", show_progress: bool =
     pre = Preprocess(cfg.preprocess)
     images, kept = decode_all(rows, pre, f"decode {subset}", show_progress, cfg.data.cache_dir, cfg.data.cache,
                               cfg.data.decode_workers)
-    return kept, predict_logits(model, images, pre)
+    return kept, image_logits(model, images, pre)
 
 
 def compare_runs(runs: dict[str, str | Path], subset: str = "test", n_boot: int = 2000,

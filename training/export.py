@@ -28,10 +28,11 @@ from medvision.artifact import (
     write_artifact,
 )
 from medvision.config import RunConfig
-from medvision.data import load_rows, read_split
+from medvision.data import read_split
 from medvision.drift import Reference
 from medvision.errors import ArtifactError, ConfigError, DicomError
 from medvision.evaluation import Calibration
+from medvision.manifest import load_rows
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
 from medvision.training.models import class_activation_map, create_model, has_exact_heatmap

@@ -13,7 +13,8 @@ import numpy as np
 import onnxruntime as ort
 
 from medvision.config import RunConfig
-from medvision.data import ImageRow, load_rows, read_split
+from medvision.data import ImageRow, read_split
+from medvision.manifest import load_rows
 from medvision.preprocess import Preprocess
 from medvision.training.dataset import decode_all
 

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,16 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medvision import __version__
 from medvision.config import RunConfig, save_config
-from medvision.data import check_split, load_rows, patient_split, read_split, write_split
+from medvision.data import check_split, patient_split, read_split, write_split
 from medvision.errors import ConfigError
+from medvision.manifest import load_rows
 from medvision.metrics import auroc, sensitivity_specificity, threshold_for_sensitivity
 from medvision.plots import pyplot
 from medvision.preprocess import Preprocess
 from medvision.progress import progress_bar
 from medvision.training.augment import build_augment
 from medvision.training.dataset import CachedImages, decode_all
+from medvision.training.distill import distill_loss, teacher_config_check, teacher_logits
 from medvision.training.distributed import (
     DistInfo,
     ShardedSampler,
@@ -45,6 +48,7 @@ from medvision.training.distributed import (
     init_from_env,
 )
 from medvision.training.models import create_model
+from medvision.training.predict import autocast, predict_probs, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -98,42 +102,6 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, ds: CachedImages, batch_size: int,
-                   device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
-    """float32 logits for every image of ``ds``, in order (the model in eval mode)."""
-    device = torch.device(device)
-    model.eval()
-    out = []
-    for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        with _autocast(device, precision):
-            logits = model(x.to(device))
-        out.append(logits.float().squeeze(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def predict_probs(model: torch.nn.Module, ds: CachedImages, batch_size: int,
-                  device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
-    return torch.sigmoid(torch.from_numpy(predict_logits(model, ds, batch_size, device, precision))).numpy()
 
 
 def _rng_state(sampler_gen: torch.Generator) -> dict:
@@ -201,20 +169,106 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
     main = dist_info.is_main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    last_path = out / LAST
-    checkpoint = None
-    if resume:
-        if not last_path.is_file():
-            raise ConfigError(f"cannot resume: {last_path} does not exist (was the run started with this medvision?)")
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-        _same_run(RunConfig.model_validate_json(checkpoint["config"]), cfg)
-        if checkpoint.get("world_size", 1) != dist_info.world_size:
-            raise ConfigError(f"cannot resume: the run used {checkpoint.get('world_size', 1)} process(es), "
-                              f"this one {dist_info.world_size}; the sample order would differ")
+    checkpoint = _checkpoint_to_resume(out, cfg, dist_info) if resume else None
     rows = load_rows(cfg.data.labels_csv, cfg.data.image_dir, cfg.data.manifest)
     if main:
         save_config(cfg, out / "config.yaml")
     t = cfg.train
+    _seed_and_settle(t, dist_info)
+    device = device_for(dist_info, resolve_device(t.device))
+    data = _data(cfg, out, rows, checkpoint is not None, dist_info, show_progress)
+    loader, sampler, sampler_gen = _loader(data, t, dist_info)
+    steps = _Steps.build(cfg, device, data, len(loader), dist_info)
+
+    history: list[dict] = []
+    best = {"val_auroc": -1.0, "epoch": -1}
+    start_epoch, stale, elapsed_before = 0, 0, 0.0
+    if checkpoint is not None:
+        steps.restore(checkpoint)
+        history, best, stale = checkpoint["history"], checkpoint["best"], checkpoint["stale"]
+        start_epoch, elapsed_before = checkpoint["epoch"], checkpoint["elapsed_s"]
+        rng = checkpoint["rng"]
+        _set_rng_state(rng[dist_info.rank] if isinstance(rng, list) else rng, sampler_gen)
+        log.info("resuming after epoch %d of %d (best val AUROC %.4f at epoch %d)", start_epoch, t.epochs,
+                 best["val_auroc"], best["epoch"])
+        if start_epoch >= t.epochs or checkpoint.get("stopped"):
+            log.info("the run had already finished; writing its final metrics again")
+
+    writer = _tensorboard(out) if t.tensorboard and main else None
+    started = time.monotonic()
+    log.info("training %s (%.1f M parameters) on %d images, validating on %d, device %s, %s%s", cfg.model.name,
+             steps.parameters / 1e6, len(data.train), len(data.val), device, t.precision,
+             f", rank {dist_info.rank} of {dist_info.world_size} ({len(sampler)} samples per epoch)"
+             if dist_info.enabled else "")
+    stopped = bool(checkpoint and checkpoint.get("stopped"))
+    for epoch in range(start_epoch, t.epochs):
+        if stopped:
+            break
+        train_loss = steps.epoch(loader, data.train, epoch, writer, show_progress)
+        scored = steps.scored
+        val_auc, val_loss = _validate(scored, data, t, device)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                  "val_auroc": val_auc, "lr": steps.sched.get_last_lr()[0],
+                  "elapsed_s": elapsed_before + time.monotonic() - started}
+        history.append(record)
+        _log_epoch(writer, record, main)
+        # Every rank validates the same weights on the same images, so every rank takes the same decisions.
+        if val_auc > best["val_auroc"] or best["epoch"] < 0:
+            best = {"val_auroc": val_auc, "epoch": epoch + 1}
+            stale = 0
+            if main:
+                _save_checkpoint(scored, cfg, out / BEST, epoch + 1, val_auc)
+        else:
+            stale += 1
+        if t.early_stopping and stale >= t.early_stopping:
+            log.info("early stopping after epoch %d: no better validation AUROC for %d epochs", epoch + 1, stale)
+            stopped = True
+        rng = gather(dist_info, _rng_state(sampler_gen))
+        if main:
+            _atomic_torch_save({
+                "config": cfg.model_dump_json(), **steps.state(),
+                "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "stopped": stopped,
+                "elapsed_s": record["elapsed_s"], "rng": rng if dist_info.enabled else rng[0],
+                "medvision_version": __version__, "world_size": dist_info.world_size,
+            }, out / LAST)
+        barrier(dist_info)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+        out_of_time = bool(t.max_minutes and (time.monotonic() - started) / 60 > t.max_minutes)
+        if gather(dist_info, out_of_time)[0]:  # rank 0 decides for all, or the others would wait forever
+            log.warning("stopping after epoch %d: train.max_minutes=%s reached (resume with --resume)", epoch + 1,
+                        t.max_minutes)
+            break
+    if writer is not None:
+        writer.close()
+
+    checksums = gather(dist_info, float(sum(p.detach().double().sum() for p in steps.model.parameters())))
+    if not main:
+        return {}
+    metrics = _final_metrics(cfg, out, data, device, steps.parameters, history, best, checkpoint is not None,
+                             dist_info, checksums)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot_curves(history, out / "curves.png")
+    return metrics
+
+
+# -- the steps of a run, in the order they happen ---------------------------------------------------------
+
+
+def _checkpoint_to_resume(out: Path, cfg: RunConfig, dist_info: DistInfo) -> dict:
+    """``out/last.pt``, checked to be this run's (same settings, same number of processes)."""
+    last_path = out / LAST
+    if not last_path.is_file():
+        raise ConfigError(f"cannot resume: {last_path} does not exist (was the run started with this medvision?)")
+    checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+    _same_run(RunConfig.model_validate_json(checkpoint["config"]), cfg)
+    if checkpoint.get("world_size", 1) != dist_info.world_size:
+        raise ConfigError(f"cannot resume: the run used {checkpoint.get('world_size', 1)} process(es), "
+                          f"this one {dist_info.world_size}; the sample order would differ")
+    return checkpoint
+
+
+def _seed_and_settle(t, dist_info: DistInfo) -> None:
     seed_everything(t.seed)
     if dist_info.enabled:  # dropout / drop-path differ per rank; the sample order does not (sampler_gen)
         torch.manual_seed(t.seed + 1000 * dist_info.rank)
@@ -222,11 +276,24 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
         torch.set_num_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = device_for(dist_info, resolve_device(t.device))
 
+
+@dataclass
+class _Data:
+    train: CachedImages
+    val: CachedImages
+    y_train: np.ndarray
+    y_val: np.ndarray
+    teacher_logits: np.ndarray | None
+
+
+def _data(cfg: RunConfig, out: Path, rows, resuming: bool, dist_info: DistInfo, show_progress: bool) -> _Data:
+    """The patient-level split (the configured one, the resumed run's, or a new one, written to ``split.csv``), the
+    train and validation images decoded through the cache, and the teacher's logits when distilling."""
+    main, t = dist_info.is_main, cfg.train
     if cfg.data.split_file:
         assignment = read_split(cfg.data.split_file)
-    elif checkpoint is not None and (out / "split.csv").is_file():
+    elif resuming and (out / "split.csv").is_file():
         assignment = read_split(out / "split.csv")
     else:
         assignment = patient_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
@@ -251,10 +318,7 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
     y_val = np.array([r.label for r in val_rows])
     t_logits = None
     if cfg.distill.teacher:
-        from medvision.training.distill import teacher_config_check, teacher_logits
-
         teacher_config_check(cfg.distill.teacher)
-        out.mkdir(parents=True, exist_ok=True)
         if not main:
             barrier(dist_info)
         t_logits = teacher_logits(cfg.distill.teacher, train_rows, out,
@@ -263,168 +327,165 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
             barrier(dist_info)
     train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed, extra=t_logits,
                             alternate=full_imgs, alternate_share=t.augment.full_decode)
-    val_ds = CachedImages(val_imgs, y_val, pre)
+    return _Data(train_ds, CachedImages(val_imgs, y_val, pre), y_train, y_val, t_logits)
 
+
+def _loader(data: _Data, t, dist_info: DistInfo):
+    """The training batches: class-balanced sampling (or plain shuffling), sharded across processes. Returns the
+    loader, its sampler and the generator that orders it (saved with each checkpoint)."""
     sampler_gen = torch.Generator().manual_seed(t.seed)
-    counts = np.bincount(y_train, minlength=2).astype(float)
     if t.imbalance == "sampler":
-        weights = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, num_samples=len(y_train), replacement=True, generator=sampler_gen)
+        counts = np.bincount(data.y_train, minlength=2).astype(float)
+        weights = torch.as_tensor(1.0 / counts[data.y_train], dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, num_samples=len(data.y_train), replacement=True,
+                                        generator=sampler_gen)
     else:
-        sampler = torch.utils.data.RandomSampler(train_ds, generator=sampler_gen)
+        sampler = torch.utils.data.RandomSampler(data.train, generator=sampler_gen)
     if dist_info.enabled:
         sampler = ShardedSampler(sampler, dist_info.rank, dist_info.world_size)
     drop_last = len(sampler) > t.batch_size
-    loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+    loader = DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
                         drop_last=drop_last)
+    return loader, sampler, sampler_gen
 
-    model = create_model(cfg.model, cfg.preprocess.image_size).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    n_params = sum(p.numel() for p in model.parameters())
-    optim = torch.optim.AdamW(_param_groups(model, cfg), lr=t.lr)
-    steps_per_epoch = max(math.ceil(len(loader) / t.accumulate), 1)
-    total = steps_per_epoch * t.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(t.warmup_epochs * steps_per_epoch), total))
-    ema = None
-    if t.ema_decay:
-        from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=t.ema_decay)
-    if cfg.distill.teacher and getattr(model, "dist_head", None) is not None:
-        model.return_dist = True  # training returns (pooled, distillation-token) logits
-    fwd = model
-    if dist_info.enabled:
-        fwd = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        fwd = torch.compile(fwd)
-    pos_weight = torch.tensor([counts[0] / max(counts[1], 1.0)], device=device) if t.imbalance == "loss" else None
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+@dataclass
+class _Steps:
+    """The model and what updates it: optimiser, schedule, EMA, the loss (with the distillation term when there is a
+    teacher), and the forward pass (DDP / compiled)."""
 
-    history: list[dict] = []
-    best = {"val_auroc": -1.0, "epoch": -1}
-    start_epoch, stale, elapsed_before = 0, 0, 0.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optim.load_state_dict(checkpoint["optimizer"])
-        sched.load_state_dict(checkpoint["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        history, best, stale = checkpoint["history"], checkpoint["best"], checkpoint["stale"]
-        start_epoch, elapsed_before = checkpoint["epoch"], checkpoint["elapsed_s"]
-        rng = checkpoint["rng"]
-        _set_rng_state(rng[dist_info.rank] if isinstance(rng, list) else rng, sampler_gen)
-        log.info("resuming after epoch %d of %d (best val AUROC %.4f at epoch %d)", start_epoch, t.epochs,
-                 best["val_auroc"], best["epoch"])
-        if start_epoch >= t.epochs or checkpoint.get("stopped"):
-            log.info("the run had already finished; writing its final metrics again")
+    cfg: RunConfig
+    device: torch.device
+    model: torch.nn.Module
+    fwd: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: object | None
+    pos_weight: torch.Tensor | None
+    distilling: bool
 
-    writer = _tensorboard(out) if t.tensorboard and main else None
-    started = time.monotonic()
-    log.info("training %s (%.1f M parameters) on %d images, validating on %d, device %s, %s%s", cfg.model.name,
-             n_params / 1e6, len(train_ds), len(val_ds), device, t.precision,
-             f", rank {dist_info.rank} of {dist_info.world_size} ({len(sampler)} samples per epoch)"
-             if dist_info.enabled else "")
-    stopped = bool(checkpoint and checkpoint.get("stopped"))
-    for epoch in range(start_epoch, t.epochs):
-        if stopped:
-            break
-        model.train()
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, data: _Data, batches: int, dist_info: DistInfo) -> _Steps:
+        t = cfg.train
+        model = create_model(cfg.model, cfg.preprocess.image_size).to(device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optim = torch.optim.AdamW(_param_groups(model, cfg), lr=t.lr)
+        steps_per_epoch = max(math.ceil(batches / t.accumulate), 1)
+        total = steps_per_epoch * t.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(t.warmup_epochs * steps_per_epoch), total))
+        ema = None
+        if t.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(model, decay=t.ema_decay)
+        if cfg.distill.teacher and getattr(model, "dist_head", None) is not None:
+            model.return_dist = True  # training returns (pooled, distillation-token) logits
+        fwd = model
+        if dist_info.enabled:
+            fwd = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if t.compile:
+            fwd = torch.compile(fwd)
+        counts = np.bincount(data.y_train, minlength=2).astype(float)
+        pos_weight = torch.tensor([counts[0] / max(counts[1], 1.0)], device=device) if t.imbalance == "loss" else None
+        return cls(cfg, device, model, fwd, optim, sched, ema, pos_weight, data.teacher_logits is not None)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation judges: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def loss(self, out, y: torch.Tensor) -> torch.Tensor:
+        if not self.distilling:
+            return torch.nn.functional.binary_cross_entropy_with_logits(out.float(), y, pos_weight=self.pos_weight)
+        # a distillation token (DeiT) gets the teacher term, the pooled logit the labels
+        logits, dist = (out[0].float(), out[1].float()) if isinstance(out, tuple) else (out.float(), None)
+        return distill_loss(logits, y[:, :1], y[:, 1:], self.cfg.distill, self.pos_weight, dist)
+
+    def epoch(self, loader, train_ds: CachedImages, epoch: int, writer, show_progress: bool) -> float:
+        """One pass over the training batches (with gradient accumulation); the mean training loss."""
+        t = self.cfg.train
+        self.model.train()
         train_ds.set_epoch(epoch)
         running, seen = 0.0, 0
-        optim.zero_grad(set_to_none=True)
+        self.optim.zero_grad(set_to_none=True)
         with progress_bar(f"epoch {epoch + 1}/{t.epochs}", total=len(loader), enabled=show_progress) as advance:
             for i, (x, y) in enumerate(loader):
-                x, y = x.to(device), y.to(device)
+                x, y = x.to(self.device), y.to(self.device)
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, t.precision):
-                    out_ = fwd(x)
-                if t_logits is not None:
-                    from medvision.training.distill import distill_loss
-
-                    # a distillation token (DeiT) gets the teacher term, the pooled logit the labels
-                    logits, dist = (out_[0].float(), out_[1].float()) if isinstance(out_, tuple) else (out_.float(), None)
-                    loss = distill_loss(logits, y[:, :1], y[:, 1:], cfg.distill, pos_weight, dist)
-                else:
-                    loss = loss_fn(out_.float(), y)
+                with autocast(self.device, t.precision):
+                    out = self.fwd(x)
+                loss = self.loss(out, y)
                 (loss / t.accumulate).backward()
                 if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
-                    if t.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    optim.step()
-                    sched.step()
-                    optim.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model)
+                    self._step()
                 running += loss.item() * len(x)
                 seen += len(x)
                 if writer is not None:
                     writer.add_scalar("train/loss", loss.item(), epoch * len(loader) + i)
                 advance(status=f"loss {running / seen:.4f}")
-        scored = ema.module if ema is not None else model
-        probs = predict_probs(scored, val_ds, t.batch_size, device, t.precision)
-        val_auc = auroc(y_val, probs)
-        eps = 1e-7
-        val_loss = float(-np.mean(y_val * np.log(probs + eps) + (1 - y_val) * np.log(1 - probs + eps)))
-        record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-                  "val_auroc": val_auc, "lr": sched.get_last_lr()[0],
-                  "elapsed_s": elapsed_before + time.monotonic() - started}
-        history.append(record)
-        if writer is not None:
-            for k in ("val_loss", "val_auroc", "lr"):
-                writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else k, record[k], epoch + 1)
-            writer.flush()
-        if main:
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch + 1, record["train_loss"],
-                     val_loss, val_auc)
-        # Every rank validates the same weights on the same images, so every rank takes the same decisions.
-        if val_auc > best["val_auroc"] or best["epoch"] < 0:
-            best = {"val_auroc": val_auc, "epoch": epoch + 1}
-            stale = 0
-            if main:
-                _save_checkpoint(scored, cfg, out / BEST, epoch + 1, val_auc)
-        else:
-            stale += 1
-        if t.early_stopping and stale >= t.early_stopping:
-            log.info("early stopping after epoch %d: no better validation AUROC for %d epochs", epoch + 1, stale)
-            stopped = True
-        rng = gather(dist_info, _rng_state(sampler_gen))
-        if main:
-            _atomic_torch_save({
-                "config": cfg.model_dump_json(), "model": model.state_dict(), "optimizer": optim.state_dict(),
-                "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch + 1, "history": history, "best": best, "stale": stale, "stopped": stopped,
-                "elapsed_s": record["elapsed_s"], "rng": rng if dist_info.enabled else rng[0],
-                "medvision_version": __version__, "world_size": dist_info.world_size,
-            }, last_path)
-        barrier(dist_info)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-        out_of_time = bool(t.max_minutes and (time.monotonic() - started) / 60 > t.max_minutes)
-        if gather(dist_info, out_of_time)[0]:  # rank 0 decides for all, or the others would wait forever
-            log.warning("stopping after epoch %d: train.max_minutes=%s reached (resume with --resume)", epoch + 1,
-                        t.max_minutes)
-            break
-    if writer is not None:
-        writer.close()
+        return running / max(seen, 1)
 
-    checksums = gather(dist_info, float(sum(p.detach().double().sum() for p in model.parameters())))
-    if not main:
-        return {}
-    # Operating point from the best checkpoint's validation scores.
+    def _step(self) -> None:
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optim.step()
+        self.sched.step()
+        self.optim.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optim.state_dict(),
+                "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optim.load_state_dict(checkpoint["optimizer"])
+        self.sched.load_state_dict(checkpoint["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+
+def _validate(model: torch.nn.Module, data: _Data, t, device: torch.device) -> tuple[float, float]:
+    """Validation AUROC and log-loss of ``model``."""
+    probs = predict_probs(model, data.val, t.batch_size, device, t.precision)
+    eps = 1e-7
+    y = data.y_val
+    return auroc(y, probs), float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
+
+
+def _log_epoch(writer, record: dict, main: bool) -> None:
+    if writer is not None:
+        for k in ("val_loss", "val_auroc", "lr"):
+            writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else k, record[k], record["epoch"])
+        writer.flush()
+    if main:
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", record["epoch"], record["train_loss"],
+                 record["val_loss"], record["val_auroc"])
+
+
+def _final_metrics(cfg: RunConfig, out: Path, data: _Data, device: torch.device, parameters: int,
+                   history: list[dict], best: dict, resumed: bool, dist_info: DistInfo, checksums) -> dict:
+    """The run's summary, with the operating point chosen on the best checkpoint's validation scores."""
+    t = cfg.train
     best_model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.preprocess.image_size,
                               weights_follow=True)
     best_model.load_state_dict(load_file(str(out / BEST)))
     best_model.to(device)
-    probs = predict_probs(best_model, val_ds, t.batch_size, device, t.precision)
-    threshold = threshold_for_sensitivity(y_val, probs, t.target_sensitivity)
-    sens, spec = sensitivity_specificity(y_val, probs, threshold)
-    metrics = {
-        "model": cfg.model.name, "parameters": n_params, "medvision_version": __version__,
-        "images": {"train": len(train_ds), "val": len(val_ds)},
-        "best_epoch": best["epoch"], "val_auroc": auroc(y_val, probs),
+    probs = predict_probs(best_model, data.val, t.batch_size, device, t.precision)
+    threshold = threshold_for_sensitivity(data.y_val, probs, t.target_sensitivity)
+    sens, spec = sensitivity_specificity(data.y_val, probs, threshold)
+    return {
+        "model": cfg.model.name, "parameters": parameters, "medvision_version": __version__,
+        "images": {"train": len(data.train), "val": len(data.val)},
+        "best_epoch": best["epoch"], "val_auroc": auroc(data.y_val, probs),
         "threshold": threshold, "operating_point": f"sensitivity >= {t.target_sensitivity:.2f} on validation",
         "val_sensitivity": sens, "val_specificity": spec,
         "pretrained": cfg.model.pretrained or "none (random initialisation)",
@@ -432,15 +493,12 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, show_progress: bool, resu
         "reproducibility": {
             "seed": t.seed, "split_seed": cfg.data.split_seed, "deterministic": t.deterministic,
             "device": str(device), "precision": t.precision, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "resumed": checkpoint is not None,
+            "threads": torch.get_num_threads(), "resumed": resumed,
             "world_size": dist_info.world_size, "parameter_checksums": checksums,
             "imbalance": t.imbalance,
         },
         "distillation": cfg.distill.model_dump() if cfg.distill.teacher else None,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _plot_curves(history, out / "curves.png")
-    return metrics
 
 
 def _tensorboard(out: Path):

@@ -44,8 +44,9 @@ def test_distill_with_baseline_report(tiny_run, tmp_path, capsys):
 
 
 def test_teacher_logits_are_computed_once(tiny_run, tmp_path, monkeypatch):
-    import medvision.training.evaluate as ev
-    from medvision.data import load_rows, read_split
+    import medvision.training.distill as distill
+    from medvision.data import read_split
+    from medvision.manifest import load_rows
     from medvision.training.dataset import decode_all
     from medvision.training.distill import teacher_logits
     from medvision.training.export import load_run
@@ -58,7 +59,7 @@ def test_teacher_logits_are_computed_once(tiny_run, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the teacher ran again")
 
-    monkeypatch.setattr(ev, "predict_logits", boom)
+    monkeypatch.setattr(distill, "image_logits", boom)
     again = teacher_logits(tiny_run, rows, tmp_path, decode_all, show_progress=False)
     np.testing.assert_array_equal(first, again)
 
