@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,7 +33,7 @@ class DecoderCrashed(CorruptDicomError):
     code = "decoder_crashed"
 
 
-def _prepare(data: Shared | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
+def _prepare(data: Shared | Path | bytes, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
     preprocess, limits = decoder()
     ids: dict[str, str] = {}
     if isinstance(data, Shared):
@@ -46,38 +47,112 @@ def _prepare(data: Shared | Path, want_ids: bool) -> tuple[np.ndarray, DicomMeta
 @dataclass(frozen=True)
 class Shared:
     """A request body handed to a worker in shared memory: one copy in, none out (a pickled 17 MB body is copied
-    four times on its way through a pipe). The service creates and unlinks the segment; the worker reads it in
-    place."""
+    four times on its way through a pipe). The service owns the segment; the worker reads it in place. A ``kept``
+    segment is one of the pool's (``Segments``): reused request after request, so neither side pays the page faults
+    of fresh memory again, and the worker keeps it mapped."""
 
     name: str
     size: int
-
-    @classmethod
-    @contextmanager
-    def holding(cls, data: bytes):
-        segment = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
-        try:
-            segment.buf[:len(data)] = data
-            yield cls(segment.name, len(data))
-        finally:
-            segment.close()
-            segment.unlink()
+    kept: bool = False
 
     @contextmanager
     def attach(self):
-        segment = shared_memory.SharedMemory(name=self.name)
-        # the creator owns the segment: the worker's tracker must not unlink it when the worker exits
-        resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 - no public way before 3.13
+        segment = _mapped.get(self.name) if self.kept else None
+        if segment is None:
+            segment = shared_memory.SharedMemory(name=self.name)
+            # the creator owns the segment: the worker's tracker must not unlink it when the worker exits
+            resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 - no public way before 3.13
+            if self.kept:
+                _remember(self.name, segment)
         view = segment.buf[:self.size]
         try:
             yield view
         finally:
             view.release()
-            try:
-                segment.close()
-            except BufferError:  # a view made while decoding outlived it: collected with the worker's next call
-                gc.collect()
-                segment.close()
+            if not self.kept:
+                _close(segment)
+
+
+_mapped: dict[str, shared_memory.SharedMemory] = {}  # in a worker: the pool's segments it has mapped
+MAPPED_MAX = 32
+
+
+def _remember(name: str, segment: shared_memory.SharedMemory) -> None:
+    if len(_mapped) >= MAPPED_MAX:  # a segment the service replaced by a larger one: let the oldest go
+        _close(_mapped.pop(next(iter(_mapped))))
+    _mapped[name] = segment
+
+
+def _close(segment: shared_memory.SharedMemory) -> None:
+    try:
+        segment.close()
+    except BufferError:  # a view made while decoding outlived it: collected with the worker's next call
+        gc.collect()
+        segment.close()
+
+
+SEGMENT_STEP = 8 << 20  # segment sizes are multiples of 8 MiB: a full-field image fits a 24 MiB one
+
+
+class Segments:
+    """The service's shared-memory segments for request bodies, kept for reuse (at most ``keep``). When none is free
+    or /dev/shm lacks the room (a container's default is 64 MB, and a full tmpfs kills the writer with SIGBUS), the
+    body goes to the worker through the pipe instead: slower, never a crash."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list[shared_memory.SharedMemory] = []
+        self.count = 0
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def holding(self, data: bytes):
+        """``Shared`` holding ``data``, or ``data`` itself when shared memory cannot take it."""
+        segment = self._take(len(data))
+        if segment is None:
+            yield bytes(data)
+            return
+        try:
+            segment.buf[:len(data)] = data
+            yield Shared(segment.name, len(data), kept=True)
+        finally:
+            with self.lock:
+                self.free.append(segment)
+
+    def _take(self, size: int) -> shared_memory.SharedMemory | None:
+        with self.lock:
+            fitting = [s for s in self.free if s.size >= size]
+            if fitting:
+                best = min(fitting, key=lambda s: s.size)
+                self.free.remove(best)
+                return best
+            if self.count >= self.keep:
+                if not self.free:
+                    return None
+                self._drop(self.free.pop(0))  # a smaller free one makes room for this size
+            wanted = max(SEGMENT_STEP, -(-size // SEGMENT_STEP) * SEGMENT_STEP)
+            if not _shm_has_room(wanted):
+                return None
+            self.count += 1
+        return shared_memory.SharedMemory(create=True, size=wanted)
+
+    def _drop(self, segment: shared_memory.SharedMemory) -> None:
+        self.count -= 1
+        segment.close()
+        segment.unlink()
+
+    def close(self) -> None:
+        with self.lock:
+            while self.free:
+                self._drop(self.free.pop())
+
+
+def _shm_has_room(size: int, folder: str = "/dev/shm") -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:  # no such folder (not Linux): let SharedMemory decide
+        return True
+    return st.f_bavail * st.f_frsize >= 2 * size  # room for it and to spare
 
 
 class DecodePool:
@@ -87,6 +162,7 @@ class DecodePool:
     def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare) -> None:
         self.config, self.limits, self.processes, self.target = config, limits, processes, target
         self.lock = threading.Lock()
+        self.segments = Segments(keep=2 * processes + 2)
         self.pool = self._new_pool()
 
     def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
@@ -100,11 +176,11 @@ class DecodePool:
 
     def prepare(self, data: bytes | Path, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
         if isinstance(data, (bytes, bytearray)):
-            with Shared.holding(data) as shared:
+            with self.segments.holding(data) as shared:
                 return self._prepare(shared, identifiers)
         return self._prepare(data, identifiers)
 
-    def _prepare(self, data: Shared | Path, identifiers: dict[str, str] | None) -> tuple[np.ndarray, DicomMeta]:
+    def _prepare(self, data: Shared | Path | bytes, identifiers: dict[str, str] | None) -> tuple[np.ndarray, DicomMeta]:
         pool = self.pool
         try:
             x, meta, ids = pool.submit(self.target, data, identifiers is not None).result()
@@ -133,3 +209,4 @@ class DecodePool:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.segments.close()
