@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from medvision.errors import ConfigError
 from medvision.serving import reviews
 from medvision.serving.audit import audit, audit_failure
+from medvision.serving.dependencies import Database, LoadedEngine, ServiceSettings, State
 from medvision.serving.drift_watch import drift_of
 from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
 from medvision.serving.identifiers import request_site, request_uid
@@ -169,12 +170,13 @@ def _login_limiter(app) -> anyio.CapacityLimiter:
 
 
 @router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("")):
+async def login(request: Request, sessions: Database, settings: ServiceSettings, username: str = Form(""),
+                password: str = Form(""), next: str = Form("")):
     username = username.strip()[:128]
     address = request.client.host if request.client else "unknown"
 
     def check():
-        with request.app.state.db() as db:
+        with sessions() as db:
             user, reason = authenticate(db, username, password, address)
             if user is None:
                 return None, reason
@@ -203,18 +205,18 @@ async def login(request: Request, username: str = Form(""), password: str = Form
     await _audit(request, "ui_login", 200, username, Reader(user_id, username, role, ""))
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ui",
-                        secure=request.app.state.settings.secure_cookies, max_age=int(_minutes(request) * 60))
+                        secure=settings.secure_cookies, max_age=int(_minutes(request) * 60))
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, reader: MaybeSignedIn, csrf: str = Form("")):
+async def logout(request: Request, sessions: Database, reader: MaybeSignedIn, csrf: str = Form("")):
     if reader is not None:
         _check_csrf(request, reader, csrf)
         token = request.cookies[COOKIE]
 
         def end():
-            with request.app.state.db() as db:
+            with sessions() as db:
                 end_session(db, token)
 
         await run_in_threadpool(end)
@@ -245,10 +247,10 @@ def _filters(status, model, site, day_from, day_to, q, sort) -> dict:
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-async def worklist_page(request: Request, reader: PageReader):
+async def worklist_page(request: Request, sessions: Database, reader: PageReader):
 
     def choices():
-        with request.app.state.db() as db:
+        with sessions() as db:
             return reviews.filters(db)
 
     await _audit(request, "ui_view_worklist", 200, "/ui/worklist", reader)
@@ -257,13 +259,14 @@ async def worklist_page(request: Request, reader: PageReader):
 
 
 @router.get("/api/worklist")
-async def worklist_api(request: Request, reader: SignedIn, status: str = "", model: str = "", site: str = "",
+async def worklist_api(request: Request, sessions: Database, reader: SignedIn, status: str = "", model: str = "",
+                       site: str = "",
                        day_from: str = Query("", alias="from"), day_to: str = Query("", alias="to"), q: str = "",
                        sort: str = "suspicion"):
     f = _filters(status, model, request_site(site), day_from, day_to, q, sort)
 
     def load():
-        with request.app.state.db() as db:
+        with sessions() as db:
             return reviews.worklist(db, **f)
 
     rows = await run_in_threadpool(load)
@@ -285,21 +288,20 @@ def _study_key(site: str, study_uid: str) -> tuple[str, str]:
 
 
 @router.get("/studies/{site}/{study_uid}", response_class=HTMLResponse)
-async def study_page(request: Request, reader: PageReader, site: str, study_uid: str):
+async def study_page(request: Request, engine: LoadedEngine, reader: PageReader, site: str, study_uid: str):
     site, study_uid = _study_key(site, study_uid)
-    engine = request.app.state.engine
     return _page(request, "study.html", reader, site=site, study_uid=study_uid, query=request.url.query,
                  operating_point=engine.meta.operating_point, model_name=engine.meta.model_name,
                  has_heatmap=engine.has_heatmap, calls=reviews.CALLS, birads=reviews.BIRADS)
 
 
 @router.get("/api/studies/{site}/{study_uid}")
-async def study_api(request: Request, reader: SignedIn, site: str, study_uid: str, status: str = "", model: str = "",
+async def study_api(request: Request, app: State, reader: SignedIn, site: str, study_uid: str, status: str = "",
+                    model: str = "",
                     filter_site: str = Query("", alias="site"), day_from: str = Query("", alias="from"),
                     day_to: str = Query("", alias="to"), q: str = "", sort: str = "suspicion"):
     site, study_uid = _study_key(site, study_uid)
     f = _filters(status, model, request_site(filter_site), day_from, day_to, q, sort)
-    app = request.app.state
 
     def load():
         with app.db() as db:
@@ -344,12 +346,12 @@ class CallBody(BaseModel):
 
 
 @router.post("/api/studies/{site}/{study_uid}/call")
-async def record_call(request: Request, reader: SignedIn, site: str, study_uid: str, body: CallBody):
+async def record_call(request: Request, sessions: Database, reader: SignedIn, site: str, study_uid: str, body: CallBody):
     _check_csrf(request, reader, request.headers.get("x-csrf-token"))
     site, study_uid = _study_key(site, study_uid)
 
     def save():
-        with request.app.state.db() as db:
+        with sessions() as db:
             try:
                 row = reviews.record_call(db, site, study_uid, reader.user_id, body.call, body.birads, body.comment)
             except LookupError:
@@ -403,10 +405,9 @@ IMAGE_ID = Path_(ge=1, le=2**31 - 1, description="the image's number (its row in
 
 
 @router.get("/images/{image_id}.png")
-async def image(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024,
+async def image(request: Request, app: State, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024,
                 wc: float | None = None, ww: float | None = None):
     path = await _image_path(request, image_id, reader, "ui_view_image")
-    app = request.app.state
     side = _size(size)
     window = (round(wc, 1), round(max(ww, 1.0), 1)) if wc is not None and ww is not None else (None, None)
     cfg = app.engine.preprocess.cfg
@@ -416,8 +417,7 @@ async def image(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, si
 
 
 @router.get("/images/{image_id}/heatmap.png")
-async def heatmap(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024):
-    app = request.app.state
+async def heatmap(request: Request, app: State, reader: SignedIn, image_id: int = IMAGE_ID, size: int = 1024):
     if not app.engine.has_heatmap:
         raise ImageNotStored("this model has no heatmap output")
     path = await _image_path(request, image_id, reader, "ui_view_heatmap")
@@ -432,10 +432,10 @@ async def heatmap(request: Request, reader: SignedIn, image_id: int = IMAGE_ID, 
 
 
 @router.get("/export.csv")
-async def export(request: Request, reader: SignedInAdmin):
+async def export(request: Request, sessions: Database, reader: SignedInAdmin):
 
     def load():
-        with request.app.state.db() as db:
+        with sessions() as db:
             return reviews.export_csv(db)
 
     text = await run_in_threadpool(load)
@@ -446,7 +446,7 @@ async def export(request: Request, reader: SignedInAdmin):
 
 
 @router.get("/admin", response_class=HTMLResponse)
-async def admin_page(request: Request, reader: PageReader, action: str = ""):
+async def admin_page(request: Request, sessions: Database, app: State, reader: PageReader, action: str = ""):
     if not reader.is_admin:
         await _audit(request, "ui_forbidden", 403, "/ui/admin", reader)
         return _page(request, "forbidden.html", reader)
@@ -454,7 +454,7 @@ async def admin_page(request: Request, reader: PageReader, action: str = ""):
     def load():
         from sqlalchemy import select
 
-        with request.app.state.db() as db:
+        with sessions() as db:
             query = (select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.user_id)
                      .order_by(AuditEvent.id.desc()).limit(200))
             if action:
@@ -464,7 +464,7 @@ async def admin_page(request: Request, reader: PageReader, action: str = ""):
             return reviews.agreement(db), events
 
     agreement, events = await run_in_threadpool(load)
-    drift = await run_in_threadpool(drift_of, request.app.state)
+    drift = await run_in_threadpool(drift_of, app)
     await _audit(request, "ui_view_admin", 200, "/ui/admin", reader)
     return _page(request, "admin.html", reader, agreement=agreement, events=events, action=action, drift=drift,
                  query=urlencode({"action": action}) if action else "")
