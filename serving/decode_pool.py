@@ -110,7 +110,7 @@ class Segments:
         """``Shared`` holding ``data``, or ``data`` itself when shared memory cannot take it."""
         segment = self._take(len(data))
         if segment is None:
-            yield bytes(data)
+            yield data  # through the pipe: no shared copy to make
             return
         try:
             segment.buf[:len(data)] = data
