@@ -222,6 +222,9 @@ def decode(custom_metadata: dict[str, str]) -> ArtifactMetadata:
         raise ArtifactError(
             f"artifact schema version {version!r} is not supported (this medvision reads 1 to {SCHEMA_VERSION})"
         )
+    pre = data.get("preprocess") if isinstance(data, dict) else None
+    if isinstance(pre, dict) and "crop_long_side" not in pre:  # written before the box had its own resolution
+        data = dict(data, preprocess=dict(pre, crop_long_side=0))
     if isinstance(data, dict) and "calibration_method" not in data and data.get("temperature", 1.0) != 1.0:
         data = dict(data, calibration_method="temperature")  # written before Platt scaling: a temperature only
     try:

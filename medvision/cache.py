@@ -35,7 +35,8 @@ from medvision.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bumped whenever decoding changes what an image becomes (2: reduced decoding is the 5/3 band)
+CACHE_FORMAT = 3  # bumped whenever decoding changes what an image becomes (2: reduced decoding is the 5/3 band;
+# 3: the box measured on the low-pass band)
 # Failures that say more about this machine than about the file (permissions, a codec installed later):
 # never remembered, so they are retried on the next run.
 _TRANSIENT = ("unreadable:", "missing_codec:")

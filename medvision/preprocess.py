@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, read_dicom
 from medvision.errors import PreprocessError
+from medvision.resolution import lowpass, reduction
 
 
 class PreprocessConfig(BaseModel):
@@ -42,6 +43,10 @@ class PreprocessConfig(BaseModel):
         0, ge=0, le=16384, description="the long side, in pixels, the crop and resize need: images are decoded at "
         "the coarsest power-of-two reduction that keeps it: JPEG 2000's own low-pass band (its finest wavelet levels "
         "never decoded; other syntaxes get the same band computed, bit for bit); 0 decodes every pixel. Part of the contract: a model is served as it was trained")
+    crop_long_side: int | None = Field(
+        None, ge=0, le=16384, description="the long side, in pixels, of the 5/3 low-pass band the breast's box is "
+        "measured on (None: image_size): the same pixels whatever the image was decoded at, so every decode contract "
+        "crops the same region; 0 measures it on the decoded pixels (artifacts written before this setting)")
 
     @model_validator(mode="after")
     def _decode_not_below_input(self) -> PreprocessConfig:
@@ -222,14 +227,44 @@ def display_and_box(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) 
     """
     h, w = stored.shape[:2]
     table = display_table(stored, meta, cfg)
-    if table is None:
+    coarse = _box_levels(stored, meta, cfg) if cfg.crop_to_breast else 0
+    if coarse:
+        box = _coarse_box(stored, meta, cfg, table, coarse)
+        if table is None:  # percentile windows depend on the whole image: the chain runs on it, then the crop
+            return _display_chain(stored, meta, cfg)[box[0]:box[1], box[2]:box[3]], box
+    elif table is None:
         grey = _display_chain(stored, meta, cfg)
         top, bottom, left, right = foreground_box(grey) if cfg.crop_to_breast else (0, h, 0, w)
         return grey[top:bottom, left:right], (top, bottom, left, right)
-    box = (_box_of(_foreground_mask(stored, table, FOREGROUND_LEVEL), FOREGROUND_MIN_FRACTION)
-           if cfg.crop_to_breast else (0, h, 0, w))
+    else:
+        box = (_box_of(_foreground_mask(stored, table, FOREGROUND_LEVEL), FOREGROUND_MIN_FRACTION)
+               if cfg.crop_to_breast else (0, h, 0, w))
     top, bottom, left, right = box
     return table[_as_index(stored[top:bottom, left:right])], box
+
+
+def _box_levels(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> int:
+    """How many more 5/3 low-pass levels above the decoded pixels the box is measured at (0: on them). The level
+    is fixed in the image's own size (``crop_long_side``, else ``image_size``), not in the decoded one, so a
+    full decode and a reduced one measure the box on the same pixels."""
+    long_side = cfg.image_size if cfg.crop_long_side is None else cfg.crop_long_side
+    if not long_side or stored.ndim != 2 or stored.dtype.kind not in "iu":
+        return 0
+    target = reduction(meta.rows or stored.shape[0], meta.columns or stored.shape[1], long_side)
+    factor = max(1, meta.decode_factor)
+    return max(0, target.bit_length() - factor.bit_length())
+
+
+def _coarse_box(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig, table: np.ndarray | None,
+                levels: int) -> tuple[int, int, int, int]:
+    """The breast's box measured on the low-pass band ``levels`` steps above ``stored``, in ``stored``'s pixels:
+    every edge a whole number of coarse pixels (clipped to the image)."""
+    small = lowpass(stored, levels, meta.bits_stored, meta.signed)
+    mask = (_foreground_mask(small, table, FOREGROUND_LEVEL) if table is not None
+            else _display_chain(small, meta, cfg) > FOREGROUND_LEVEL)
+    top, bottom, left, right = _box_of(mask, FOREGROUND_MIN_FRACTION)
+    h, w, k = stored.shape[0], stored.shape[1], 1 << levels
+    return top * k, min(h, bottom * k), left * k, min(w, right * k)
 
 
 def needs_flip(grey: np.ndarray) -> bool:

@@ -170,14 +170,20 @@ def test_table_lookup_display_is_bit_identical_to_the_float_chain(dicom_files):
 
 
 def _reference_box(stored, meta, cfg):
+    """The box as the whole float chain finds it, on the low-pass band whose long side is at least
+    ``crop_long_side`` (else ``image_size``; 0: the pixels as decoded), in the decoded pixels."""
     from medvision.preprocess import _display_chain
+    from medvision.resolution import lowpass, reduction
 
-    grey = _display_chain(stored, meta, cfg)
-    mask = grey > 0.08
+    long_side = cfg.image_size if cfg.crop_long_side is None else cfg.crop_long_side
+    k = reduction(meta.rows, meta.columns, long_side) // meta.decode_factor if long_side else 1
+    small = lowpass(stored, k.bit_length() - 1, meta.bits_stored, meta.signed)
+    mask = _display_chain(small, meta, cfg) > 0.08
     rows, cols = np.flatnonzero(mask.mean(axis=1) > 0.01), np.flatnonzero(mask.mean(axis=0) > 0.01)
+    h, w = stored.shape
     if not cfg.crop_to_breast or not (rows.size and cols.size):
-        return 0, grey.shape[0], 0, grey.shape[1]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return 0, h, 0, w
+    return int(rows[0]) * k, min(h, (int(rows[-1]) + 1) * k), int(cols[0]) * k, min(w, (int(cols[-1]) + 1) * k)
 
 
 def _reference_preprocess(stored, meta, cfg):
@@ -201,11 +207,14 @@ def test_cropping_before_the_lookup_is_bit_identical_to_the_whole_image_chain(di
     from medvision.preprocess import Preprocess, PreprocessConfig
 
     configs = [PreprocessConfig(image_size=96), PreprocessConfig(image_size=64, crop_to_breast=False),
-               PreprocessConfig(image_size=80, orientation="none", voi="percentile")]
+               PreprocessConfig(image_size=80, orientation="none", voi="percentile"),
+               PreprocessConfig(image_size=96, crop_long_side=0),  # the box on the decoded pixels
+               PreprocessConfig(image_size=64, crop_long_side=0, voi="percentile")]
     for f in dicom_files:
         stored, meta = read_dicom(f)
         for cfg in configs:
             np.testing.assert_array_equal(Preprocess(cfg)(stored, meta), _reference_preprocess(stored, meta, cfg))
+            assert Preprocess(cfg).geometry(stored, meta).box == _reference_box(stored, meta, cfg)
     # signed pixels with a breast-like bright region on air, every VOI flavour, and a non-monotone VOI LUT
     rng = np.random.default_rng(1)
     stored = rng.integers(-1500, -900, size=(120, 90)).astype(np.int16)
@@ -223,7 +232,7 @@ def test_cropping_before_the_lookup_is_bit_identical_to_the_whole_image_chain(di
     ]
     boxes = []
     for v in variants:
-        meta = dataclasses.replace(base, **v)
+        meta = dataclasses.replace(base, rows=120, columns=90, **v)
         for cfg in configs[:2]:
             pre = Preprocess(cfg)
             np.testing.assert_array_equal(pre(stored, meta), _reference_preprocess(stored, meta, cfg), err_msg=str(v))
@@ -233,7 +242,7 @@ def test_cropping_before_the_lookup_is_bit_identical_to_the_whole_image_chain(di
     # 8-bit unsigned pixels
     small = rng.integers(0, 15, size=(50, 40)).astype(np.uint8)  # air: greys below 0.08
     small[10:40, 0:25] = rng.integers(80, 255, size=(30, 25))
-    meta = dataclasses.replace(base, window_centers=(128.0,), window_widths=(256.0,), rescale_slope=1.0,
+    meta = dataclasses.replace(base, rows=50, columns=40, window_centers=(128.0,), window_widths=(256.0,), rescale_slope=1.0,
                                rescale_intercept=0.0)
     np.testing.assert_array_equal(Preprocess(configs[0])(small, meta), _reference_preprocess(small, meta, configs[0]))
     assert Preprocess(configs[0]).geometry(small, meta).box == (10, 40, 0, 25)

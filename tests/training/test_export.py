@@ -63,6 +63,7 @@ def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
     for new in ("calibration_bias", "calibration_method"):  # Platt scaling came with version 3
         v1.pop(new)
     v1["preprocess"].pop("decode_long_side")  # version 1 and 2 had no decode contract
+    v1["preprocess"].pop("crop_long_side")  # nor a resolution of their own for the breast's box
     model = onnx.load(str(artifact))
     del model.metadata_props[:]
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(v1))
@@ -71,6 +72,8 @@ def test_an_artifact_of_the_previous_schema_still_loads(artifact, tmp_path):
     meta = read_artifact(old)
     assert meta.schema_version == 3 and meta.threshold == 0.42 and meta.operating.calibrated
     assert meta.preprocess.decode_long_side == 0  # before the decode contract, every pixel was decoded
+    assert meta.preprocess.crop_long_side == 0  # and the box was measured on the decoded pixels, as it still is
+    assert current.preprocess.crop_long_side is None  # a new artifact measures it at its input size
     assert (meta.calibration_method, meta.temperature, meta.calibration_bias) == ("temperature", 1.7, 0.0)
     assert meta.operating_point == "sensitivity >= 0.90 on validation (calibrated)"
     assert meta.evaluation is None and meta.gate is None and meta.format == "fp32"
