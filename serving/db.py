@@ -39,7 +39,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        # a connection that cannot be made in 10 s fails (503 to the caller) instead of holding a request forever
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True, pool_timeout=10,
+                             connect_args={"connect_timeout": 10})
     raise ConfigError(f"database URL must start with sqlite:// or postgresql://, not {url.split(':', 1)[0]!r}")
 
 

@@ -7,6 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +27,7 @@ from medvision.serving.batcher import Overloaded, TimedOut
 from medvision.serving.problems import MEDIA_TYPE, problem
 
 log = logging.getLogger("medvision.serving")
+DATABASE_RETRY_AFTER = 5  # seconds a client is asked to wait while the database does not answer
 
 
 class PayloadTooLarge(MedvisionError):
@@ -133,9 +136,13 @@ async def _audit_refusal(request: Request, status: int, code: str) -> None:
     caller, reader = getattr(request.state, "caller", None), getattr(request.state, "reader", None)
     if (caller is None and reader is None) or getattr(request.state, "audited", False):
         return
-    await run_in_threadpool(audit, request.app.state.db, request, "refused", status, route_of(request),
-                            key_id=caller.key_id if caller else None, user_id=reader.user_id if reader else None,
-                            code=code)
+    try:
+        await run_in_threadpool(audit, request.app.state.db, request, "refused", status, route_of(request),
+                                key_id=caller.key_id if caller else None, user_id=reader.user_id if reader else None,
+                                code=code)
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:  # the refusal stands; its audit line is lost
+        log.warning("request %s: the refusal could not be audited: database unavailable (%s)",
+                    getattr(request.state, "request_id", "-"), type(exc).__name__)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -151,6 +158,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(exc.retry_after)}
         return error_response(request, exc.code, exc.message, status, headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        # The database is down, restarting or saturated: a dependency, not a fault of the service. The driver's
+        # message may quote SQL or values: only its type is logged.
+        cause = type(getattr(exc, "orig", None) or exc).__name__
+        log.warning("request %s: database unavailable (%s)", getattr(request.state, "request_id", "-"), cause)
+        if getattr(request.app.state, "metrics", None):
+            request.app.state.metrics.dependency_errors.labels("database").inc()
+        return error_response(request, "database_unavailable", "the database did not answer; nothing of this "
+                              "request was acknowledged: retry later", 503, {"Retry-After": str(DATABASE_RETRY_AFTER)})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -26,6 +26,7 @@ from medvision.errors import MedvisionError
 from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
 from medvision.serving.site_calibrations import meaning
+from medvision.serving.stow import requeue_orphans
 from medvision.serving.structured_report import ImageScore, build_sr
 from medvision.serving.tables import (
     Instance,
@@ -125,18 +126,27 @@ class Worker:
             t.join(timeout)
 
     def _loop(self) -> None:
+        outage = False  # the database failed us: once it answers again, queue what was filed but never queued
         while not self.stop.is_set():
             try:
+                if outage:
+                    requeue_orphans(self.context.db, self.context.settings.study_stable_seconds)
+                    outage = False
                 job = claim(self.context.db, self.owner, self.lease_seconds)
             except Exception as exc:  # the database may be briefly unavailable: retry, never die
                 log.warning("job claim failed: %s", type(exc).__name__)
-                job = None
+                job, outage = None, True
             if job is None:
                 self._deliver()
                 self.wake.wait(self.poll_seconds)
                 self.wake.clear()
                 continue
-            self.run(job)
+            try:
+                self.run(job)
+            except Exception as exc:  # even recording the failure failed (the database went away mid-job): the
+                # job keeps its lease, which lapses, and is taken over then; what was scored is not scored again
+                log.warning("job %d could not be finished: %s", job.id, type(exc).__name__)
+                outage = True
             self._deliver()
 
     def _deliver(self) -> None:

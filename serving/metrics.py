@@ -37,6 +37,8 @@ class Metrics:
                                           ["outcome"], registry=r)
         self.dimse_instances = Counter("medvision_dimse_instances", "instances received by C-STORE, by outcome",
                                        ["outcome"], registry=r)
+        self.dependency_errors = Counter("medvision_dependency_unavailable", "requests answered 503 because a "
+                                         "dependency did not answer, by dependency", ["dependency"], registry=r)
         self.results_sent = Counter("medvision_results_sent", "reports sent back to the PACS, by route and outcome",
                                     ["via", "outcome"], registry=r)
         self.drift_alarm = Gauge("medvision_drift_alarm", "1 while a site's recent images differ from the model's "

@@ -74,6 +74,9 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "timeout": ("Timed out", "The image was not scored within the service's time limit; retry later."),
     "pacs_not_configured": ("PACS not configured", "Pulling needs MEDVISION_PACS_URL to be set on the service."),
     "pacs_unavailable": ("PACS unavailable", "The PACS did not answer or refused the request; retry later."),
+    "database_unavailable": ("Database unavailable", "The service's database did not answer (restarting, "
+                             "unreachable or busy): nothing of this request was acknowledged; retry after the "
+                             "seconds in Retry-After."),
     "internal_error": ("Internal error", "A fault in the service; quote the request_id when reporting it."),
     # errors of the core library that can reach a request
     "medvision_error": ("Refused", "The request was refused; 'detail' says why."),
@@ -136,7 +139,8 @@ def problem_type(code: str) -> ProblemType | None:
 
 # The statuses a route can answer besides its own, and why; document_errors adds them to every operation.
 COMMON = {400: "the URL holds control characters, or a parameter is malformed",
-          500: "a fault in the service (quote the request_id)"}
+          500: "a fault in the service (quote the request_id)",
+          503: "a dependency is unavailable (the database: database_unavailable): retry after Retry-After seconds"}
 SECURED = {401: "no valid API key", 403: "the key lacks the scope this route needs"}
 VALIDATED = {422: "a parameter or the body does not validate (invalid_request)"}
 # Shared by routes: what reading one study can answer, and what scoring through the model's queue can.

@@ -265,24 +265,32 @@ def _store_one(part: Part, sessions, folder: DataFolder, owner: Owner, study_in_
     target: Path | None = None
     for _ in range(3):  # a concurrent request may create the same study row first: then try again, it exists
         with sessions() as db:
-            if db.scalar(select(Instance.id).where(*mine)) is not None:
-                out.already_stored = True  # an idempotent re-send by the same site: stored and scored once
-                break
-            target = target or folder.file_instance(part.path)
-            db.add(Instance(site=owner.site, sop_instance_uid=out.sop_instance_uid,
-                            study_instance_uid=out.study_instance_uid, series_instance_uid=out.series_instance_uid,
-                            sop_class_uid=out.sop_class_uid, path=str(target)))
-            study = db.scalar(select(Study).where(Study.site == owner.site,
-                                                  Study.study_instance_uid == out.study_instance_uid))
-            if study is None:
-                db.add(Study(site=owner.site, study_instance_uid=out.study_instance_uid, key_id=owner.key_id))
-            else:
-                study.updated_at = utcnow()
+            try:
+                if db.scalar(select(Instance.id).where(*mine)) is not None:
+                    out.already_stored = True  # an idempotent re-send by the same site: stored and scored once
+                    break
+                target = target or folder.file_instance(part.path)
+                db.add(Instance(site=owner.site, sop_instance_uid=out.sop_instance_uid,
+                                study_instance_uid=out.study_instance_uid,
+                                series_instance_uid=out.series_instance_uid, sop_class_uid=out.sop_class_uid,
+                                path=str(target)))
+                study = db.scalar(select(Study).where(Study.site == owner.site,
+                                                      Study.study_instance_uid == out.study_instance_uid))
+                if study is None:
+                    db.add(Study(site=owner.site, study_instance_uid=out.study_instance_uid, key_id=owner.key_id))
+                else:
+                    study.updated_at = utcnow()
+            except BaseException:  # the database (or the disk) failed before the commit: no row names the file
+                if target is not None:
+                    target.unlink(missing_ok=True)
+                raise
             try:
                 db.commit()
                 return out
             except IntegrityError:
                 db.rollback()
+            # any other failure of the commit leaves the file: the row may have been written before the answer was
+            # lost, and a file without a row is only garbage, a row without its file a lost instance
     else:
         out.failure, out.reason = PROCESSING_FAILURE, "the instance could not be recorded (concurrent requests)"
     if target is not None:

@@ -27,29 +27,58 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster listening on a Unix socket only (no TCP: unreachable from outside), which a
+    test may stop and start again (fault injection)."""
+
+    def __init__(self) -> None:
+        # directly under /tmp: pytest's own temporary folders are private to root, which 'postgres' cannot enter
+        self.base = Path(tempfile.mkdtemp(prefix="medvision-pg-"))
+        self.data, sock = self.base / "data", self.base / "sock"
+        sock.mkdir()
+        for p in (self.base, sock):
+            p.chmod(0o777)
+        subprocess.run(_as_postgres([_pg_tool("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                                     "--no-sync"]), check=True, capture_output=True, timeout=120)
+        with socket.socket() as s:  # a free port number only names the socket file
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.opts = f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off"
+        self.url = f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(self.data), "-o", self.opts, "-l",
+                                     str(self.base / "log"), "-w", "start"]), check=True, capture_output=True,
+                       timeout=120)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` disconnects every client and stops; ``immediate`` is a crash (recovery at the next start)."""
+        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+                       capture_output=True, timeout=60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A throwaway PostgreSQL cluster listening on a Unix socket only (no TCP: unreachable from outside)."""
-    # directly under /tmp: pytest's own temporary folders are private to root, which 'postgres' cannot enter
-    base = Path(tempfile.mkdtemp(prefix="medvision-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    for p in (base, sock):
-        p.chmod(0o777)
-    subprocess.run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                                 "--no-sync"]), check=True, capture_output=True, timeout=120)
-    with socket.socket() as s:  # a free port number only names the socket file
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    opts = f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off"
-    subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w",
-                                 "start"]), check=True, capture_output=True, timeout=120)
+    cluster = PostgresCluster()
     try:
-        yield f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+        yield cluster.url
     finally:
-        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-                       capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture
+def postgres_cluster():
+    """A cluster of this test's own, to stop and start."""
+    cluster = PostgresCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,97 @@
+"""Faults injected for real: the database stopped under load and started again. While it is down every answer is
+503 with Retry-After (never a 500), nothing acknowledged is lost, and once it is back every study is scored exactly
+once. (A decoding worker killed: test_decode_pool; the service killed mid-job or mid-association: test_jobs,
+test_dimse; a full disk: test_dimse, and below for STOW-RS; an interrupted batch: test_archive.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import httpx
+import pydicom
+import pytest
+from helpers import LiveServer, stow_body
+from sqlalchemy import func, select
+
+pytestmark = pytest.mark.integration
+
+
+def _studies(files) -> list[tuple[str, list[bytes]]]:
+    by_study = defaultdict(list)
+    for f in files:
+        by_study[str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)].append(f.read_bytes())
+    return sorted(by_study.items())
+
+
+def test_postgresql_stopped_under_load_answers_503_loses_nothing_and_scores_each_image_once(
+        artifact, dicom_files, postgres_cluster, tmp_path):
+    from medvision.serving.settings import Settings
+    from medvision.serving.tables import Instance, InstanceState, Job, ScoredImage, Study, Usage
+
+    server = LiveServer(Settings(artifact=str(artifact), database_url=postgres_cluster.url,
+                                 data_dir=str(tmp_path / "data"), job_workers=1, study_stable_seconds=0.2,
+                                 job_lease_seconds=3))
+    studies = _studies(dicom_files[:48])
+    answers: dict[str, list[httpx.Response]] = defaultdict(list)
+    acknowledged, down, answered_while_down = threading.Event(), threading.Event(), threading.Event()
+    failures: list[str] = []
+
+    def pacs() -> None:  # sends every study once, as fast as it is answered, whatever happens to the database
+        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60)
+        try:
+            for n, (uid, parts) in enumerate(studies):
+                body, ctype = stow_body(parts)
+                r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+                answers[uid].append(r)
+                if n >= 2:
+                    acknowledged.set()
+                if down.is_set() and r.status_code == 503:
+                    answered_while_down.set()
+                if acknowledged.is_set() and not down.is_set():
+                    time.sleep(0.05)
+        except Exception as exc:  # a dropped connection would be a failure of the service
+            failures.append(repr(exc))
+
+    sender = threading.Thread(target=pacs)
+    try:
+        sender.start()
+        assert acknowledged.wait(60), "no study acknowledged before the fault"
+        postgres_cluster.stop("immediate")  # a crash: connections dropped mid-transaction, recovery at start
+        down.set()
+        assert answered_while_down.wait(30), "nothing answered while the database was down"
+        # reads and readiness say the same while it is down
+        r = server.client.get(f"/v1/studies/{studies[0][0]}")
+        assert r.status_code == 503 and r.json()["code"] == "database_unavailable" and r.headers["Retry-After"]
+        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["status"] == "database_unavailable"
+        postgres_cluster.start()
+        sender.join(120)
+        assert not failures, failures
+        statuses = [r.status_code for rs in answers.values() for r in rs]
+        assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        for rs in answers.values():
+            for r in rs:
+                if r.status_code == 503:
+                    assert r.headers.get("Retry-After") and r.json()["code"] == "database_unavailable"
+        # the PACS sends again what was not acknowledged (and, to be sure, one that was: idempotent)
+        again = [uid for uid, rs in answers.items() if rs[-1].status_code != 200] + [studies[0][0]]
+        for uid in again:
+            body, ctype = stow_body(dict(studies)[uid])
+            r = server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 200, r.text
+        for uid, parts in studies:
+            assert server.wait_scored(uid, timeout=120)["instances"] == {"scored": len(parts)}
+    finally:
+        server.stop()
+    images = sum(len(parts) for _, parts in studies)
+    with server.sessions() as db:
+        assert db.scalar(select(func.count()).select_from(ScoredImage)) == images  # each image scored once
+        assert db.scalar(select(func.sum(Usage.images))) == images  # and metered once
+        assert db.scalar(select(func.count()).select_from(Instance)) == images
+        assert db.scalar(select(func.count()).where(Instance.status != InstanceState.SCORED)) == 0
+        assert {s.status for s in db.scalars(select(Study))} == {"scored"}
+        assert {j.status for j in db.scalars(select(Job))} == {"done"}
+        for path in db.scalars(select(Instance.path)):  # no row without its file
+            assert (server.data_dir / path).is_file(), path  # (an absolute path stays itself under '/')
