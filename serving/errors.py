@@ -64,6 +64,12 @@ class AmbiguousStudy(MedvisionError):
     code = "ambiguous_study"
 
 
+class InsufficientStorage(MedvisionError):
+    """The data folder's disk filled up while a body was being stored: nothing of it was kept."""
+
+    code = "insufficient_storage"
+
+
 class PacsNotConfigured(MedvisionError):
     code = "pacs_not_configured"
 
@@ -104,6 +110,7 @@ STATUS = {
     AmbiguousStudy: 409,
     PacsNotConfigured: 503,
     PacsUnavailable: 502,
+    InsufficientStorage: 507,
     TimedOut: 503,
     UnsupportedMediaType: 415,
     NotDicomError: 422,

@@ -74,6 +74,9 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "timeout": ("Timed out", "The image was not scored within the service's time limit; retry later."),
     "pacs_not_configured": ("PACS not configured", "Pulling needs MEDVISION_PACS_URL to be set on the service."),
     "pacs_unavailable": ("PACS unavailable", "The PACS did not answer or refused the request; retry later."),
+    "insufficient_storage": ("Insufficient storage", "The service's data folder filled up while the body was being "
+                             "stored: nothing of this request was kept; retry once the site has freed space (the "
+                             "service's operators are alerted by its log and metrics)."),
     "database_unavailable": ("Database unavailable", "The service's database did not answer (restarting, "
                              "unreachable or busy): nothing of this request was acknowledged; retry after the "
                              "seconds in Retry-After."),

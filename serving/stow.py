@@ -11,6 +11,8 @@ site's records (``tables``).
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +32,18 @@ from medvision.errors import (
     UnsupportedImageError,
 )
 from medvision.identifiers import check_uid
-from medvision.serving.errors import MalformedRequest, PayloadTooLarge, TooManyParts, UnsupportedMediaType
+from medvision.serving.errors import (
+    InsufficientStorage,
+    MalformedRequest,
+    PayloadTooLarge,
+    TooManyParts,
+    UnsupportedMediaType,
+)
 from medvision.serving.identifiers import Owner
 from medvision.serving.storage import DataFolder
 from medvision.serving.tables import Instance, InstanceState, Job, JobState, Study, utcnow
+
+log = logging.getLogger("medvision.serving.stow")
 
 # PS3.4 / PS3.18 failure reasons (Failure Reason, 0008,1197)
 PROCESSING_FAILURE = 0x0110
@@ -123,7 +133,11 @@ class _Collector:
 
     def cleanup(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
+                pass
+            self._fh = None
         for p in self.parts:
             p.path.unlink(missing_ok=True)
 
@@ -169,6 +183,13 @@ async def receive_parts(request, folder: DataFolder, limit: int, max_parts: int,
     except MultipartParseError as exc:
         collector.cleanup()
         raise MalformedRequest(f"could not parse the multipart body: {exc}") from None
+    except OSError as exc:
+        collector.cleanup()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("STOW-RS body refused: the data folder's disk is full")
+            raise InsufficientStorage("the service's disk filled up while storing the body: nothing of it was "
+                                      "kept") from None
+        raise
     except BaseException:
         collector.cleanup()
         raise

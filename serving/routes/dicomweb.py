@@ -61,7 +61,9 @@ _STOW_DOC = dict(
     responses={200: {"description": "all stored"}, 202: {"description": "some refused"},
                409: {"description": "none stored"}, 400: {"description": "malformed or truncated body, bad UID"},
                401: {"description": "no valid API key"}, 413: {"description": "too large or too many parts"},
-               415: {"description": "not multipart/related application/dicom"}},
+               415: {"description": "not multipart/related application/dicom"},
+               507: {"description": "the data folder's disk filled up while storing: nothing kept "
+                                    "(insufficient_storage)"}},
 )
 
 

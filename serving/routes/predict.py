@@ -99,6 +99,7 @@ def _check_uids(meta) -> None:
     responses={400: {"description": "empty body / no file"}, 401: {"description": "no valid API key"},
                403: {"description": "the key lacks the 'score' scope"}, 413: {"description": "too large"},
                415: {"description": "wrong content type"}, 422: {"description": "not a usable DICOM image"},
+               507: {"description": "a form upload could not be stored: the data folder's disk is full"},
                **SCORING},
 )
 async def predict(request: Request, engine: LoadedEngine, app: State, caller: Caller = require("score")) -> PredictResponse:

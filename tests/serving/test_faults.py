@@ -95,3 +95,42 @@ def test_postgresql_stopped_under_load_answers_503_loses_nothing_and_scores_each
         assert {j.status for j in db.scalars(select(Job))} == {"done"}
         for path in db.scalars(select(Instance.path)):  # no row without its file
             assert (server.data_dir / path).is_file(), path  # (an absolute path stays itself under '/')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.5 MB file system (tmpfs) to fill up: the data folder lives on it."""
+    import subprocess
+
+    where = tmp_path / "data"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k,mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"this test mounts a small tmpfs and needs the privilege to: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_disk_filling_up_during_stow_refuses_the_body_with_507_and_keeps_nothing_of_it(
+        artifact, dicom_files, small_disk, tmp_path):
+    from medvision.serving.settings import Settings
+
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(small_disk), job_workers=0))
+    try:
+        files = [f.read_bytes() for f in dicom_files[:40]]
+        assert sum(map(len, files)) > 1536 * 1024  # more than the disk holds
+        body, ctype = stow_body(files)
+        r = server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 507 and r.json()["code"] == "insufficient_storage", r.text
+        assert not [p for p in small_disk.rglob("*") if p.is_file()]  # nothing half-written left behind
+        # the space came back: the next study that fits is stored, the service never stopped
+        body, ctype = stow_body(files[:1])
+        r = server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 200, r.text
+        assert server.client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
