@@ -37,7 +37,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check medvision training serving tests
+	$(BIN)/ruff check medvision training serving tests benchmarks fuzz
 
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info

@@ -28,6 +28,7 @@ from medvision.serving.problems import MEDIA_TYPE, problem
 
 log = logging.getLogger("medvision.serving")
 DATABASE_RETRY_AFTER = 5  # seconds a client is asked to wait while the database does not answer
+PACS_RETRY_AFTER = 30  # ... and while the PACS does not
 
 
 class PayloadTooLarge(MedvisionError):
@@ -108,8 +109,8 @@ STATUS = {
     Overloaded: 429,
     StudyNotFound: 404,
     AmbiguousStudy: 409,
-    PacsNotConfigured: 503,
-    PacsUnavailable: 502,
+    PacsNotConfigured: 409,  # the deployment's state, not a passing fault: retrying will not help
+    PacsUnavailable: 503,
     InsufficientStorage: 507,
     TimedOut: 503,
     UnsupportedMediaType: 415,
@@ -164,6 +165,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": 'Bearer realm="medvision"'} if status == 401 else None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, PacsUnavailable):
+            headers = {"Retry-After": str(PACS_RETRY_AFTER)}
         return error_response(request, exc.code, exc.message, status, headers)
 
     @app.exception_handler(OperationalError)

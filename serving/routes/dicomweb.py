@@ -30,6 +30,18 @@ log = logging.getLogger("medvision.serving")
 DICOM_JSON = "application/dicom+json"
 
 
+class DicomJSONResponse(JSONResponse):
+    """DICOM JSON (PS3.18 F): how the OpenAPI document names what QIDO-RS, WADO-RS metadata and STOW-RS answer."""
+
+    media_type = DICOM_JSON
+
+
+class MultipartDicomResponse(Response):
+    """WADO-RS instances: ``multipart/related; type="application/dicom"``, one part per instance."""
+
+    media_type = 'multipart/related; type="application/dicom"'
+
+
 async def _stow(request: Request, state, caller: Caller, study_uid: str | None) -> JSONResponse:
     settings = state.settings
     if study_uid is not None:
@@ -67,12 +79,12 @@ _STOW_DOC = dict(
 )
 
 
-@router.post("/dicomweb/studies", **_STOW_DOC)
+@router.post("/dicomweb/studies", response_class=DicomJSONResponse, **_STOW_DOC)
 async def stow(request: Request, state: State, caller: Caller = require("score")) -> JSONResponse:
     return await _stow(request, state, caller, None)
 
 
-@router.post("/dicomweb/studies/{study_uid}", **_STOW_DOC)
+@router.post("/dicomweb/studies/{study_uid}", response_class=DicomJSONResponse, **_STOW_DOC)
 async def stow_study(study_uid: str, request: Request, state: State,
                      caller: Caller = require("score")) -> JSONResponse:
     return await _stow(request, state, caller, study_uid)
@@ -160,6 +172,7 @@ def _find_file(sessions, data: DataFolder, study_uid: str, series_uid: str, sop_
 
 
 @router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", responses=STUDY_READ,
+            response_class=MultipartDicomResponse,
             summary="WADO-RS: a stored instance or the study's report, as multipart/related application/dicom")
 async def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Request, db: Database,
                             data: Data, site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> Response:
@@ -195,8 +208,9 @@ class PullResponse(BaseModel):
              description="Needs the `pull` scope: pulling reads any study the PACS holds. The study is stored for "
              "the key's site.",
              responses={400: {"description": "malformed UID"}, 403: {"description": "the key lacks the pull scope"},
-                        404: {"description": "the PACS has no such study"}, 502: {"description": "PACS unreachable"},
-                        503: {"description": "no PACS configured"}})
+                        404: {"description": "the PACS has no such study"},
+                        409: {"description": "this service has no PACS configured (pacs_not_configured)"},
+                        503: {"description": "the PACS did not answer (pacs_unavailable): retry after Retry-After"}})
 async def pull(body: PullRequest, request: Request, state: State, caller: Caller = require("pull")) -> PullResponse:
     from medvision.serving.pull import pull_study
 

@@ -26,7 +26,13 @@ from medvision.serving.dependencies import State
 from medvision.serving.errors import InvalidParameter
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.problems import STUDY_READ
-from medvision.serving.routes.dicomweb import DICOM_JSON, SITE_QUERY, visible_study
+from medvision.serving.routes.dicomweb import (
+    DICOM_JSON,
+    SITE_QUERY,
+    DicomJSONResponse,
+    MultipartDicomResponse,
+    visible_study,
+)
 from medvision.serving.tables import Instance, Study
 
 router = APIRouter(tags=["dicomweb"])
@@ -183,7 +189,7 @@ def _limits(limit: int, offset: int) -> tuple[int, int]:
     return limit, offset
 
 
-@router.get("/dicomweb/studies", summary="QIDO-RS: search the studies this key may read")
+@router.get("/dicomweb/studies", response_class=DicomJSONResponse, summary="QIDO-RS: search the studies this key may read")
 async def search_studies(request: Request, state: State, limit: int = Query(100), offset: int = Query(0),
                          site: str | None = SITE_QUERY, caller: Caller = require("score", "review")) -> JSONResponse:
     limit, offset = _limits(limit, offset)
@@ -197,7 +203,7 @@ async def search_studies(request: Request, state: State, limit: int = Query(100)
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series", responses=STUDY_READ, summary="QIDO-RS: the series of a study (with its report's)")
+@router.get("/dicomweb/studies/{study_uid}/series", responses=STUDY_READ, response_class=DicomJSONResponse, summary="QIDO-RS: the series of a study (with its report's)")
 async def search_series(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                         caller: Caller = require("score", "review")) -> JSONResponse:
     study_uid = request_uid(study_uid, "the Study Instance UID")
@@ -208,7 +214,7 @@ async def search_series(study_uid: str, request: Request, state: State, site: st
     return JSONResponse(found, media_type=DICOM_JSON)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances", responses=STUDY_READ,
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/instances", responses=STUDY_READ, response_class=DicomJSONResponse,
             summary="QIDO-RS: the instances of a series")
 async def search_instances(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                            caller: Caller = require("score", "review")) -> JSONResponse:
@@ -257,26 +263,26 @@ async def _retrieve(request: Request, state, caller: Caller, site: str | None, s
     return Response(body, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
 
-@router.get("/dicomweb/studies/{study_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a study and its report")
+@router.get("/dicomweb/studies/{study_uid}", responses=STUDY_READ, response_class=MultipartDicomResponse, summary="WADO-RS: every instance of a study and its report")
 async def retrieve_study(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                          caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"), None, False)
 
 
-@router.get("/dicomweb/studies/{study_uid}/metadata", responses=STUDY_READ, summary="WADO-RS: the study's metadata (DICOM JSON)")
+@router.get("/dicomweb/studies/{study_uid}/metadata", responses=STUDY_READ, response_class=DicomJSONResponse, summary="WADO-RS: the study's metadata (DICOM JSON)")
 async def retrieve_study_metadata(study_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                                   caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"), None, True)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}", responses=STUDY_READ, summary="WADO-RS: every instance of a series")
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}", responses=STUDY_READ, response_class=MultipartDicomResponse, summary="WADO-RS: every instance of a series")
 async def retrieve_series(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                           caller: Caller = require("score", "review")) -> Response:
     return await _retrieve(request, state, caller, site, request_uid(study_uid, "the Study Instance UID"),
                            request_uid(series_uid, "the Series Instance UID"), False)
 
 
-@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata", responses=STUDY_READ,
+@router.get("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata", responses=STUDY_READ, response_class=DicomJSONResponse,
             summary="WADO-RS: the series' metadata (DICOM JSON)")
 async def retrieve_series_metadata(study_uid: str, series_uid: str, request: Request, state: State, site: str | None = SITE_QUERY,
                                    caller: Caller = require("score", "review")) -> Response:

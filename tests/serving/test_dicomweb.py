@@ -158,7 +158,7 @@ def test_dicomweb_client_stores_and_reads_back(server, dicom_files):
 
 def test_pull_without_a_configured_pacs_says_so(server):
     r = server.client_for("puller", "pull").post("/v1/pull", json={"study_instance_uid": "1.2.3"})
-    assert r.status_code == 503 and r.json()["code"] == "pacs_not_configured"
+    assert r.status_code == 409 and r.json()["code"] == "pacs_not_configured"
 
 
 def test_an_image_already_scored_by_predict_is_not_scored_again(server, dicom_files):

@@ -261,7 +261,7 @@ def test_pulling_from_the_pacs_needs_the_pull_scope(sites):
     r = sites.client.post("/v1/pull", json={"study_instance_uid": "1.2.3.4"})
     assert r.status_code == 403 and "pull" in r.json()["detail"]
     r = sites.puller.post("/v1/pull", json={"study_instance_uid": "1.2.3.4"})
-    assert r.status_code == 503 and r.json()["code"] == "pacs_not_configured"
+    assert r.status_code == 409 and r.json()["code"] == "pacs_not_configured"
 
 
 def test_files_holding_patient_data_are_private(sites, dicom_files):
