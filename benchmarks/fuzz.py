@@ -125,26 +125,18 @@ def fuzz_api(model: str, work: Path, seconds: int) -> dict:
             "Authorization": f"Bearer {key}",
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
         r.raise_for_status()
-        config = api / "schemathesis.toml"
-        config.write_text(f'[parameters]\nstudy_uid = "{ds.StudyInstanceUID}"\nseries_uid = "{ds.SeriesInstanceUID}"\n'
-                          f'sop_uid = "{ds.SOPInstanceUID}"\n')
-        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{base}/openapi.json",
-               "-H", f"Authorization: Bearer {key}", "--checks",
-               "not_a_server_error,status_code_conformance,content_type_conformance", "--max-time", str(seconds),
-               "--workers", "2", "--request-timeout", "30", "--continue-on-failure", "--no-color"]
-        done = subprocess.run(cmd, cwd=api, capture_output=True, text=True)
-        (api / "schemathesis.log").write_text(done.stdout + done.stderr)
+        from fuzz import api as api_fuzz
+
+        result = api_fuzz.run(base, key, api, {"study_uid": ds.StudyInstanceUID, "series_uid": ds.SeriesInstanceUID,
+                                              "sop_uid": ds.SOPInstanceUID}, seconds=seconds, workers=2)
     finally:
         proc.terminate()
         proc.wait(30)
         server_log.close()
-    out = done.stdout
-    generated = re.findall(r"(\d+) generated", out)
-    failures = re.findall(r"^\s*❌ (\S+ [^:]+): (\d+)", out, re.MULTILINE)
     logged_5xx = len(re.findall(r" 5\d\d [\d.]+ ms id=", (api / "serve.log").read_text()))
-    return {"target": "api (schemathesis)", "inputs": int(generated[-1]) if generated else 0, "seconds": seconds,
-            "failures": {name: int(n) for name, n in failures}, "server_5xx": logged_5xx,
-            "operations": (re.findall(r"Tested: (\d+)", out) or ["?"])[-1], "log": str(api / "schemathesis.log")}
+    return {"target": "api (schemathesis)", "inputs": result["generated"], "seconds": seconds,
+            "failures": result["failures"], "server_5xx": logged_5xx, "operations": result["operations"],
+            "log": str(api / "schemathesis.log")}
 
 
 def main() -> None:
