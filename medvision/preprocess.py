@@ -8,6 +8,7 @@ normalisation. Random augmentation lives in ``medvision.training`` and never run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -93,13 +94,19 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     else:
         if width < 1:
             raise ValueError(f"window width must be >= 1 for LINEAR, got {width}")
+        if width == 1:  # PS3.3 C.11.2.1.2.1 with w = 1: a threshold at c - 0.5 (the formula would divide by zero)
+            return (values > center - 0.5).astype(np.float32)
         out = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def apply_lut_table(values: np.ndarray, first_mapped: int, table: np.ndarray) -> np.ndarray:
     """LUT Sequence lookup (modality or VOI): inputs below / above the table clamp to its ends."""
-    idx = np.clip(np.rint(values - first_mapped), 0, len(table) - 1).astype(np.int64)
+    if values.dtype.kind in "iub":  # exact, in a type wide enough for any first mapped value (no wrap-around)
+        idx = np.clip(values.astype(np.int64) - int(first_mapped), 0, len(table) - 1)
+    else:  # NaN (an overflowed rescale) maps to the first entry, infinities to the ends
+        idx = np.clip(np.nan_to_num(np.rint(values.astype(np.float64) - first_mapped), nan=0.0, posinf=len(table),
+                                    neginf=-1.0), 0, len(table) - 1).astype(np.int64)
     return table[idx].astype(np.float32, copy=False)
 
 
@@ -138,12 +145,18 @@ def to_display(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np
     return _display_chain(stored, meta, cfg) if table is None else table[_as_index(stored)]
 
 
+def has_window(meta: DicomMeta) -> bool:
+    """Whether the file's first VOI window can be used: a finite centre and a finite, positive width (a window of
+    NaN or infinity, which a DS value can spell, is treated as no window)."""
+    return bool(meta.window_centers and meta.window_widths and math.isfinite(meta.window_centers[0])
+                and math.isfinite(meta.window_widths[0]) and meta.window_widths[0] > 0)
+
+
 def display_table(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray | None:
     """The display grey of every possible stored value, indexed by the values' unsigned bit pattern; None
     when the chain cannot be tabulated (wider or float pixels, colour, or percentile windows, which depend on
     the image)."""
-    uses_percentiles = not (cfg.voi == "dicom" and (
-        (meta.window_centers and meta.window_widths and meta.window_widths[0] > 0) or meta.voi_lut is not None))
+    uses_percentiles = not (cfg.voi == "dicom" and (has_window(meta) or meta.voi_lut is not None))
     if stored.dtype not in (np.uint8, np.int8, np.uint16, np.int16) or stored.ndim != 2 or uses_percentiles:
         return None
     domain = np.arange(1 << (8 * stored.dtype.itemsize), dtype=_as_index(stored).dtype).view(stored.dtype)[None, :]
@@ -163,7 +176,7 @@ def modality_values(stored: np.ndarray, meta: DicomMeta) -> np.ndarray:
 
 def _display_chain(stored: np.ndarray, meta: DicomMeta, cfg: PreprocessConfig) -> np.ndarray:
     values = modality_values(stored, meta)
-    if cfg.voi == "dicom" and meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
+    if cfg.voi == "dicom" and has_window(meta):
         grey = apply_window(values, meta.window_centers[0], meta.window_widths[0], meta.voi_lut_function)
     elif cfg.voi == "dicom" and meta.voi_lut is not None:
         lut = meta.voi_lut

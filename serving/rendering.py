@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from medvision.dicom_io import ReadLimits, read_dicom
-from medvision.preprocess import apply_window, modality_values, needs_inversion, to_display
+from medvision.preprocess import apply_window, has_window, modality_values, needs_inversion, to_display
 
 SIZES = (512, 1024, 2048)
 
@@ -54,7 +54,7 @@ def image_info(path: str | Path, limits: ReadLimits) -> dict:
         return {"center": round((a + b) / 2, 3), "width": round(max(b - a, 1.0), 3)}
 
     presets = {}
-    if meta.window_centers and meta.window_widths and meta.window_widths[0] > 0:
+    if has_window(meta):
         presets["default"] = {"center": meta.window_centers[0], "width": meta.window_widths[0]}
     else:
         presets["default"] = window(p[0], p[3])
