@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,7 +52,13 @@ def fuzz_target(target: str, work: Path, runs: int, seconds: int) -> dict:
                "-timeout=10", "-rss_limit_mb=4096", "-max_len=262144", "-report_slow_units=5",
                "-print_final_stats=1", f"-artifact_prefix={found}/", str(corpus), str(seed_dir)]
         before = set(found.iterdir())
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"medvision-fuzz-{target}-",
+                                        dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "MEDVISION_FUZZ_TMP": str(scratch)})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         log.write(done.stderr)
         counts = [int(n) for n in re.findall(r"stat::number_of_executed_units:\s*(\d+)", done.stderr)]
         total += counts[-1] if counts else 0

@@ -18,7 +18,9 @@ kept finding replayed) and ``benchmarks/fuzz.py`` (the long run, with atheris).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -78,12 +80,33 @@ class _Service:
         from medvision.serving.db import open_database
         from medvision.serving.storage import DataFolder
 
-        self.tmp = Path(tempfile.mkdtemp(prefix="medvision-fuzz-"))
+        # on tmpfs where there is one: the receiving paths fsync every file, which on a disk would be most of the time
+        # (MEDVISION_FUZZ_TMP: a folder of the caller's, which it removes; libFuzzer ends the process without atexit)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="medvision-fuzz-", dir=os.environ.get("MEDVISION_FUZZ_TMP") or shm))
         self.data = DataFolder(self.tmp / "data")
         self.sessions = open_database(f"sqlite:///{self.tmp / 'db.sqlite'}")
+        self.inputs = 0
+        atexit.register(shutil.rmtree, self.tmp, True)
 
     def files(self) -> set[Path]:
         return {p for p in self.data.root.rglob("*") if p.is_file()}
+
+    def tick(self) -> None:
+        """Every few hundred inputs, forget what was stored: the folder and database stay small over a long run."""
+        self.inputs += 1
+        if self.inputs % 500:
+            return
+        from sqlalchemy import delete
+
+        from medvision.serving.tables import Instance, Job, Study
+
+        with self.sessions() as db:
+            for table in (Job, Instance, Study):
+                db.execute(delete(table))
+            db.commit()
+        for path in self.files():
+            path.unlink(missing_ok=True)
 
 
 _SERVICE: _Service | None = None
@@ -117,6 +140,7 @@ def stow(data: bytes) -> None:
     from medvision.serving.stow import receive_parts, response_body, store_parts
 
     svc = _service()
+    svc.tick()
     before = svc.files()
     ctype = f'multipart/related; type="application/dicom"; boundary={BOUNDARY.decode()}'
     try:
@@ -148,6 +172,7 @@ def dimse(data: bytes) -> None:
     from medvision.serving.stow import store_file
 
     svc = _service()
+    svc.tick()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
     meta.MediaStorageSOPInstanceUID = "1.2.3.4"

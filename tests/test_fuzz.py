@@ -3,6 +3,7 @@ finding ever kept replayed: bytes from outside get a documented refusal or a res
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,16 +35,17 @@ def test_a_short_fuzz_run_finds_nothing(seeds, tmp_path, target):
     runs = 300
     done = subprocess.run([sys.executable, "-m", "fuzz.run", target, f"-runs={runs}", "-timeout=10", "-seed=1",
                            "-max_len=262144", f"-artifact_prefix={findings}/", str(corpus), str(seeds / target)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEDVISION_FUZZ_TMP": str(tmp_path)})
     assert done.returncode == 0 and not list(findings.iterdir()), done.stderr[-3000:]
     assert f"Done {runs} runs" in done.stderr
     cov = re.findall(r"DONE\s+cov: (\d+)", done.stderr)
     assert cov and int(cov[-1]) > 300, done.stderr[-1000:]  # instrumentation reaches the code under test
 
 
-def test_every_kept_finding_is_refused_cleanly_now():
+def test_every_kept_finding_is_refused_cleanly_now(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fuzz.targets"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "MEDVISION_FUZZ_TMP": str(tmp_path)})
     assert done.returncode == 0 and "none raised" in done.stdout, done.stderr[-3000:]
 
 
@@ -59,5 +61,6 @@ def test_a_target_reports_what_is_not_a_documented_refusal(tmp_path):
             "    targets.run('read', data)\n"
             "except targets.Finding as exc:\n"
             "    print('reported:', exc)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MEDVISION_FUZZ_TMP": str(tmp_path)})
     assert "reported: model input" in done.stdout, done.stderr[-2000:]
