@@ -186,6 +186,13 @@ def _interleaved_c1(url: str, key: str, engine, files: list[Path], payloads: lis
 def service(model: str, settings: dict[str, str]):
     """`medvision serve` in a process of its own on a fresh SQLite database: (url, API key) once it is ready,
     stopped on leaving. ``settings``: MEDVISION_* variables on top of the environment."""
+    with service_process(model, settings) as (url, key, _):
+        yield url, key
+
+
+@contextmanager
+def service_process(model: str, settings: dict[str, str]):
+    """``service``, and its process (for its resident memory)."""
     work = Path(tempfile.mkdtemp(prefix="mv-load-"))
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
            "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_LOG_LEVEL": "warning", **settings}
@@ -198,7 +205,7 @@ def service(model: str, settings: dict[str, str]):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, 90)
-        yield url, key
+        yield url, key, proc
     finally:
         proc.terminate()
         proc.wait(30)

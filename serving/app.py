@@ -168,7 +168,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await app.state.batcher.start()
         if settings.decoders:
             loaded = app.state.engine
-            app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decoders)
+            app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decoders,
+                                           timeout_s=settings.decode_timeout_s)
         if settings.job_workers:
             app.state.worker = Worker(WorkerContext.of(app.state), settings.job_workers,
                                       settings.job_lease_seconds)

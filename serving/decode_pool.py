@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +31,13 @@ log = logging.getLogger("medvision.serving")
 
 class DecoderCrashed(CorruptDicomError):
     code = "decoder_crashed"
+
+
+class DecodeTooSlow(CorruptDicomError):
+    """A file whose decoding outlasted the pool's time limit even alone in a worker (fuzzing found codestreams of
+    10 kB that keep a JPEG-LS decoder busy for seconds): refused, its worker stopped."""
+
+    code = "decode_too_slow"
 
 
 def _prepare(data: Shared | Path | bytes, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
@@ -147,6 +154,12 @@ class Segments:
                 self._drop(self.free.pop())
 
 
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes (the executor has no public way to stop a running task)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
+
+
 def _shm_has_room(size: int, folder: str = "/dev/shm") -> bool:
     try:
         st = os.statvfs(folder)
@@ -159,8 +172,10 @@ class DecodePool:
     """``prepare(data, identifiers)`` as ``Engine.prepare`` does it, in one of ``processes`` worker processes
     (``data``: the bytes of a DICOM file, handed over in shared memory, or its path, read by the worker)."""
 
-    def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare) -> None:
+    def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare,
+                 timeout_s: float = 30.0) -> None:
         self.config, self.limits, self.processes, self.target = config, limits, processes, target
+        self.timeout_s = timeout_s
         self.lock = threading.Lock()
         self.segments = Segments(keep=2 * processes + 2)
         self.pool = self._new_pool()
@@ -183,17 +198,27 @@ class DecodePool:
     def _prepare(self, data: Shared | Path | bytes, identifiers: dict[str, str] | None) -> tuple[np.ndarray, DicomMeta]:
         pool = self.pool
         try:
-            x, meta, ids = pool.submit(self.target, data, identifiers is not None).result()
-        except (BrokenProcessPool, RuntimeError):  # RuntimeError: shut down as broken by another thread just now
-            # Which file killed the worker is unknown: every request caught in the crash is tried again, each in a
-            # process of its own, so the culprit fails alone and the others go through.
+            x, meta, ids = pool.submit(self.target, data, identifiers is not None).result(timeout=self.timeout_s)
+        except (BrokenProcessPool, RuntimeError, CancelledError, TimeoutError) as exc:
+            # RuntimeError: shut down as broken by another thread just now; CancelledError: still queued when it
+            # was. TimeoutError: this file, or the ones ahead of it, hold the workers: they are stopped, which
+            # breaks the pool like a crash.
+            if isinstance(exc, TimeoutError):
+                log.error("a decoding worker outlasted %g s; stopping the pool's workers", self.timeout_s)
+                _stop_workers(pool)
+            # Which file killed (or held) the worker is unknown: every request caught in it is tried again, each in
+            # a process of its own, so the culprit fails alone and the others go through.
             self._replace(pool)
             alone = self._new_pool(1)
             try:
-                x, meta, ids = alone.submit(self.target, data, identifiers is not None).result()
+                x, meta, ids = alone.submit(self.target, data, identifiers is not None).result(timeout=self.timeout_s)
             except BrokenProcessPool:
                 raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
                                      "the service carries on") from None
+            except TimeoutError:
+                _stop_workers(alone)
+                raise DecodeTooSlow(f"decoding this file took longer than {self.timeout_s:g} s on its own: refused "
+                                    "(a pathological or hostile codestream); the service carries on") from None
             finally:
                 alone.shutdown(wait=False, cancel_futures=True)
         if identifiers is not None:

@@ -63,6 +63,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "corrupt_dicom": ("Corrupt DICOM", "The file is truncated or its elements or pixel data are inconsistent."),
     "decoder_crashed": ("Decoder crashed", "The pixel decoder ended its worker process on this file; the file is "
                         "refused and the service carries on."),
+    "decode_too_slow": ("Decoding too slow", "Decoding the file took longer than the service allows "
+                        "(MEDVISION_DECODE_TIMEOUT_S) even on its own: a pathological or hostile codestream; refused."),
     "unsupported_image": ("Unsupported image", "The image is of a kind the model does not score (e.g. colour, "
                           "multi-frame, too small or too large)."),
     "missing_codec": ("Missing codec", "The transfer syntax needs a decoder that is not installed; "

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                                          "(parsing and several codecs hold the GIL); processes use every core and "
                                          "survive a codec that crashes. A request alone in the service is decoded in "
                                          "its own thread (no hop to a process)")
+    decode_timeout_s: float = Field(30.0, gt=0, description="a file whose decoding in a worker process takes longer "
+                                    "than this, alone, is refused (decode_too_slow) and its worker stopped")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted DICOM request body "
                                   "(/v1/predict, STOW-RS), counted as it streams in however it is framed")
     max_form_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted body on every other route (JSON "

@@ -106,6 +106,45 @@ def test_requests_caught_in_a_crash_are_tried_again(artifact, dicom_files):
         pool.close()
 
 
+def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through(artifact, dicom_files):
+    """A worker stuck past the time limit is stopped; its file is refused by name once it has had the limit alone,
+    and the requests caught behind it are decoded again."""
+    from medvision.serving.decode_pool import DecodeTooSlow
+
+    engine = Engine(artifact)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
+    outcomes = {}
+
+    def good(i):
+        try:
+            outcomes[i] = pool.prepare(dicom_files[i].read_bytes())[0].shape
+        except Exception as exc:  # shown in the assertion below
+            outcomes[i] = repr(exc)
+
+    try:
+        slow = threading.Thread(target=lambda: outcomes.setdefault("slow", _refusal(pool)))
+        slow.start()
+        time.sleep(0.5)  # the slow file holds the only worker; these queue behind it
+        threads = [threading.Thread(target=good, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in [slow, *threads]:
+            t.join(120)
+        assert isinstance(outcomes.pop("slow"), DecodeTooSlow)
+        assert all(isinstance(v, tuple) for v in outcomes.values()) and len(outcomes) == 3, outcomes  # every bystander decoded again
+        assert pool.prepare(dicom_files[5].read_bytes())[0].shape == outcomes[0]
+    finally:
+        pool.close()
+
+
+def _refusal(pool):
+    try:
+        pool.prepare(b"SLOW")
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
