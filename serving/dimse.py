@@ -306,9 +306,6 @@ class StorageSCP:
 
 # -- reports back by C-STORE --------------------------------------------------------------------------------------
 
-RETRY_SECONDS = (5, 15, 60, 300, 900, 3600)  # after each failed attempt; then every hour until it goes through
-
-
 def send_files(settings, paths: list[str]) -> None:
     """C-STORE ``paths`` (the SR and its captures) to ``settings.dimse_destination`` in one association, each in the
     encoding it was written in; raises naming what went wrong."""
@@ -346,48 +343,3 @@ def send_files(settings, paths: list[str]) -> None:
     finally:
         if assoc.is_established:
             assoc.release()
-
-
-def deliver_due(settings, sessions: sessionmaker[Session], data: DataFolder, metrics=None, owner: str = "") -> int:
-    """Send the reports whose C-STORE is due (one at a time, claimed so two service processes never send one
-    twice); a failure is retried with back-off. Returns how many were sent."""
-    import datetime as _dt
-
-    from sqlalchemy import select, update
-
-    from medvision.serving.tables import Study, utcnow
-
-    sent = 0
-    while True:
-        now = utcnow()
-        with sessions() as db:
-            study = db.scalar(select(Study).where(Study.dimse_next_at.is_not(None), Study.dimse_next_at <= now)
-                              .order_by(Study.dimse_next_at).limit(1))
-            if study is None:
-                return sent
-            lease = now + _dt.timedelta(seconds=max(60.0, 4 * settings.dimse_network_timeout))
-            claimed = db.execute(update(Study).where(Study.id == study.id, Study.dimse_next_at == study.dimse_next_at)
-                                 .values(dimse_next_at=lease)).rowcount
-            db.commit()
-        if claimed != 1:
-            continue  # another worker took it
-        try:
-            send_files(settings, [str(data.inside(p)) for p in study.report_files or [study.report_path]])
-        except Exception as exc:  # the destination is down, refuses, or times out: try again later
-            attempts = study.dimse_attempts + 1
-            delay = RETRY_SECONDS[min(attempts - 1, len(RETRY_SECONDS) - 1)]
-            log.warning("sending a report by C-STORE failed (attempt %d, next in %d s): %s", attempts, delay,
-                        type(exc).__name__)
-            values = dict(dimse_attempts=attempts, dimse_error=f"{type(exc).__name__}: {exc}"[:256],
-                          dimse_next_at=utcnow() + _dt.timedelta(seconds=delay))
-            if metrics:
-                metrics.results_sent.labels("dimse", "failed").inc()
-        else:
-            values = dict(dimse_attempts=study.dimse_attempts + 1, dimse_error="", dimse_sent_at=utcnow(),
-                          dimse_next_at=None)
-            sent += 1
-            if metrics:
-                metrics.results_sent.labels("dimse", "sent").inc()
-        with sessions() as db:
-            db.execute(update(Study).where(Study.id == study.id).values(**values))
-            db.commit()

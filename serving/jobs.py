@@ -23,6 +23,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.errors import MedvisionError
+from medvision.serving.delivery import DIMSE, STOW, deliver_due, due_now
 from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
 from medvision.serving.site_calibrations import meaning
@@ -150,15 +151,20 @@ class Worker:
             self._deliver()
 
     def _deliver(self) -> None:
-        """Reports due to go back by C-STORE (``dimse.deliver_due``), between jobs."""
-        if not self.context.settings.dimse_destination:
-            return
-        from medvision.serving.dimse import deliver_due
+        """Reports due to go back to the PACS (``delivery``): by C-STORE and by STOW-RS, between jobs."""
+        settings, ctx = self.context.settings, self.context
+        routes = []
+        if settings.dimse_destination:
+            from medvision.serving.dimse import send_files
 
-        try:
-            deliver_due(self.context.settings, self.context.db, self.context.data, self.context.metrics)
-        except Exception as exc:  # the database may be briefly unavailable: the next round tries again
-            log.warning("report delivery round failed: %s", type(exc).__name__)
+            routes.append((DIMSE, lambda paths: send_files(settings, paths), max(60.0, 4 * settings.dimse_network_timeout)))
+        if settings.pacs_url:
+            routes.append((STOW, self._store_in_pacs, 120.0))
+        for route, send, lease in routes:
+            try:
+                deliver_due(route, send, ctx.db, ctx.data, lease, ctx.metrics)
+            except Exception as exc:  # the database may be briefly unavailable: the next round tries again
+                log.warning("report delivery round (%s) failed: %s", route.via, type(exc).__name__)
 
     def run(self, job: Job) -> None:
         try:
@@ -242,42 +248,34 @@ class Worker:
         scores = [ImageScore(uid, p, p >= thr, thr, meanings[cal]) for _, uid, p, thr, cal in rows]
         sr = build_sr(sources, scores, info)
         path = data.write_dataset(sr)
-        outputs, files = [sr], [str(path)]
+        files = [str(path)]
         engine, settings = self.context.engine, self.context.settings
         if settings.heatmap_capture and engine.has_heatmap:
             series = generate_uid()
             for n, (source_path, *_) in enumerate(rows, start=1):
                 capture = build_capture(engine, data.inside(source_path), series, n)
                 files.append(str(data.write_dataset(capture)))
-                outputs.append(capture)
-        # a report made again (more instances arrived) goes back again by C-STORE
+        # due to go back to the PACS (delivery: retried until it arrives); a report made again (more instances
+        # arrived) goes back again
         self._set_study(job, status=StudyState.SCORED, report_sop_instance_uid=str(sr.SOPInstanceUID),
                         report_series_instance_uid=str(sr.SeriesInstanceUID), report_path=str(path),
-                        report_files=files, **({"dimse_next_at": utcnow(), "dimse_sent_at": None, "dimse_error": "",
-                                                "dimse_attempts": 0} if settings.dimse_destination else {}))
-        pacs = self.context.settings.pacs_url
-        if pacs:
-            self.push(job, outputs, pacs)
+                        report_files=files, **(due_now(DIMSE) if settings.dimse_destination else {}),
+                        **(due_now(STOW) if settings.pacs_url else {}))
 
-    def push(self, job: Job, outputs: list, pacs: str) -> None:
-        """Store the SR (and heatmap captures) into the PACS by STOW-RS (dicomweb-client)."""
+    def _store_in_pacs(self, paths: list[str]) -> None:
+        """STOW-RS the report's files (the SR and heatmap captures) into the PACS (dicomweb-client); raises on any
+        failure, for ``delivery`` to retry."""
         from dicomweb_client.api import DICOMwebClient
 
         settings = self.context.settings
-        try:
-            session = None
-            if settings.pacs_username:
-                from dicomweb_client.session_utils import create_session_from_user_pass
+        session = None
+        if settings.pacs_username:
+            from dicomweb_client.session_utils import create_session_from_user_pass
 
-                session = create_session_from_user_pass(settings.pacs_username, settings.pacs_password)
-            DICOMwebClient(url=pacs, session=session).store_instances(outputs)
-        except Exception as exc:  # the PACS may be down: the SR stays on disk; report the failure
-            log.warning("pushing the report to the PACS failed: %s", type(exc).__name__)
-            self._set_study(job, push_error=type(exc).__name__)
-            self.context.metrics.results_sent.labels("stow", "failed").inc()
-            return
-        self._set_study(job, pushed_at=utcnow(), push_error="")
-        self.context.metrics.results_sent.labels("stow", "sent").inc()
+            session = create_session_from_user_pass(settings.pacs_username, settings.pacs_password)
+        client = DICOMwebClient(url=settings.pacs_url, session=session, timeout=60)
+        client.set_http_retry_params(retry=False)  # delivery retries with its own back-off, never inside an attempt
+        client.store_instances([dcmread(p) for p in paths])
 
     def _fill_accession(self, inst: Instance) -> None:
         """An image scored before through /v1/predict: its row gains the accession the reviewers search by."""

@@ -233,6 +233,9 @@ class Study(Base):
     report_files: Mapped[list] = mapped_column(JSON, default=list, doc="the SR and its heatmap captures, in order")
     pushed_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     push_error: Mapped[str] = mapped_column(String(256), default="")
+    push_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    push_next_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True,
+                                                              doc="the next STOW-RS attempt is due (None: none due)")
     dimse_sent_at: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                                doc="when the report went back by C-STORE")
     dimse_error: Mapped[str] = mapped_column(String(256), default="")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -97,11 +97,15 @@ class StudyStatus(BaseModel):
     instances: dict[str, int]
     report_series_instance_uid: str
     report_sop_instance_uid: str
-    pushed_to_pacs: _dt.datetime | None
-    push_error: str
+    pushed_to_pacs: _dt.datetime | None = Field(description="when the report was stored into the PACS by STOW-RS")
+    push_error: str = Field(description="the last STOW-RS attempt's failure (empty: none, or it went through)")
+    push_attempts: int = 0
+    push_next_attempt: _dt.datetime | None = Field(None, description="when the next STOW-RS attempt is due (None: "
+                                                   "none due); failures are retried with back-off until it arrives")
     sent_by_c_store: _dt.datetime | None = None
     c_store_error: str = ""
     c_store_attempts: int = 0
+    c_store_next_attempt: _dt.datetime | None = None
 
 
 SITE_QUERY = Query(None, description="review / admin keys: which site's study, when several sites sent this Study "
@@ -137,8 +141,10 @@ def _status(sessions, study_uid: str, caller: Caller, site: str | None) -> Study
     return StudyStatus(study_instance_uid=study_uid, site=study.site, status=status, instances=counts,
                        report_series_instance_uid=study.report_series_instance_uid,
                        report_sop_instance_uid=study.report_sop_instance_uid, pushed_to_pacs=study.pushed_at,
-                       push_error=study.push_error, sent_by_c_store=study.dimse_sent_at, c_store_error=study.dimse_error,
-                       c_store_attempts=study.dimse_attempts)
+                       push_error=study.push_error, push_attempts=study.push_attempts,
+                       push_next_attempt=study.push_next_at, sent_by_c_store=study.dimse_sent_at,
+                       c_store_error=study.dimse_error, c_store_attempts=study.dimse_attempts,
+                       c_store_next_attempt=study.dimse_next_at)
 
 
 @router.get("/v1/studies/{study_uid}", response_model=StudyStatus, tags=["results"],

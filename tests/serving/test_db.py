@@ -20,8 +20,8 @@ def url(request, tmp_path):
 
 def test_migrations_build_the_orm_schema(url):
     engine = make_engine(url)
-    assert migrate(engine) == "0009"
-    assert migrate(engine) == "0009"  # idempotent: a restarted service upgrades nothing
+    assert migrate(engine) == "0010"
+    assert migrate(engine) == "0010"  # idempotent: a restarted service upgrades nothing
     tables = set(inspect(engine).get_table_names())
     assert {"api_keys", "audit_log", "usage", "scored_images", "studies", "instances", "jobs", "login_failures",
             "alembic_version"} <= tables
@@ -72,7 +72,7 @@ def test_upgrading_an_older_database_keeps_its_rows(url):
         conn.execute(text("INSERT INTO reviews (study_instance_uid, user_id, call, birads, comment, model_name, "
                           "artifact_sha256, probability, threshold, called_at) "
                           "VALUES ('1.2.3', 1, 'agree', '', '', 'm', 'sha', 0.5, 0.4, :t)"), {"t": now})
-    assert migrate(engine) == "0009"
+    assert migrate(engine) == "0010"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name, site FROM api_keys")).one() == ("site", "site")
         row = conn.execute(text("SELECT study_instance_uid, not_before, site FROM jobs")).one()

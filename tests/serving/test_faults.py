@@ -134,3 +134,60 @@ def test_a_disk_filling_up_during_stow_refuses_the_body_with_507_and_keeps_nothi
         assert server.client.get("/healthz").status_code == 200
     finally:
         server.stop()
+
+
+def test_reports_wait_for_a_pacs_that_is_down_and_arrive_once_when_it_returns(artifact, dicom_files, tmp_path,
+                                                                               monkeypatch):
+    """The PACS that should get the SR is down: each attempt fails, is recorded on the study and retried with
+    back-off (shortened here); once Orthanc is up the report arrives, exactly once."""
+    import secrets
+
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from helpers import free_port, require_tool, start_orthanc
+
+    from medvision.serving import delivery
+    from medvision.serving.settings import Settings
+
+    require_tool("Orthanc")
+    monkeypatch.setattr(delivery, "RETRY_SECONDS", (1, 2))
+    password, http_port = secrets.token_hex(8), free_port()
+    pacs = f"http://127.0.0.1:{http_port}/dicom-web"
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(tmp_path / "data"), pacs_url=pacs, pacs_username="mv",
+                                 pacs_password=password, job_workers=1, study_stable_seconds=0.2))
+    orthanc = None
+    try:
+        files = dicom_files[8:12]
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        body, ctype = stow_body([f.read_bytes() for f in files])
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        assert server.wait_scored(uid)["status"] == "scored"
+        deadline = time.monotonic() + 60
+        while (status := server.client.get(f"/v1/studies/{uid}").json())["push_attempts"] < 2:
+            assert time.monotonic() < deadline, {k: v for k, v in status.items() if "push" in k}
+            time.sleep(0.3)
+        # visible: what failed, how often, when the next attempt is due; nothing delivered
+        assert status["pushed_to_pacs"] is None and status["push_error"] and status["push_next_attempt"], status
+        metrics = server.client_for("monitor", "admin").get("/metrics").text
+        assert 'medvision_results_sent_total{outcome="failed",via="stow"}' in metrics
+        config = {"Name": "pacs-back", "HttpPort": http_port, "DicomPort": free_port(), "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": True, "RegisteredUsers": {"mv": password},
+                  "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
+                  "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+                  "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        orthanc, api = start_orthanc(config, tmp_path, "mv", password)
+        deadline = time.monotonic() + 60
+        while not (status := server.client.get(f"/v1/studies/{uid}").json())["pushed_to_pacs"]:
+            assert time.monotonic() < deadline, {k: v for k, v in status.items() if "push" in k}
+            time.sleep(0.3)
+        assert status["push_error"] == "" and status["push_next_attempt"] is None and status["push_attempts"] >= 3
+        client = DICOMwebClient(url=pacs, session=create_session_from_user_pass("mv", password))
+        reports = client.search_for_instances(uid, search_filters={"Modality": "SR"})
+        assert [r["00080018"]["Value"][0] for r in reports] == [status["report_sop_instance_uid"]]  # once
+        api.close()
+    finally:
+        if orthanc is not None:
+            orthanc.terminate()
+            orthanc.wait(30)
+        server.stop()
