@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-console = Console()
+console = Console(width=140)
 FINDING = re.compile(r"^(crash|timeout|oom|leak)-")
 
 

@@ -191,12 +191,12 @@ def service(model: str, settings: dict[str, str]):
 
 
 @contextmanager
-def service_process(model: str, settings: dict[str, str]):
-    """``service``, and its process (for its resident memory)."""
+def service_process(model: str, settings: dict[str, str], scopes: str = "score"):
+    """``service``, and its process (for its resident memory); the key has ``scopes``."""
     work = Path(tempfile.mkdtemp(prefix="mv-load-"))
     env = {**os.environ, "MEDVISION_DATABASE_URL": f"sqlite:///{work / 'db.sqlite'}",
            "MEDVISION_DATA_DIR": str(work / "data"), "MEDVISION_LOG_LEVEL": "warning", **settings}
-    made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "load"], env=env,
+    made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "load", "--scopes", scopes], env=env,
                           capture_output=True, text=True, check=True)
     key = json.loads(made.stdout)["key"]
     port = _free_port()

@@ -33,7 +33,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import service_process  # noqa: E402
 
-console = Console()
+console = Console(width=140)
 
 
 def _rss_mb(pid: int) -> float:
@@ -48,7 +48,7 @@ def _rss_mb(pid: int) -> float:
 
 async def _queue_depth(client) -> float:
     try:
-        text = (await client.get("/metrics", timeout=5)).text
+        text = (await client.get("/metrics", timeout=2)).text
     except Exception:
         return float("nan")
     m = re.search(r"^medvision_queue_depth (\S+)$", text, re.MULTILINE)
@@ -81,8 +81,10 @@ async def single_latency(client, payload: bytes, n: int) -> list[float]:
     return out
 
 
-async def soak(client, payloads: list[bytes], rate: float, seconds: float, pid: int, max_inflight: int) -> dict:
-    """Open loop at ``rate`` requests/s for ``seconds``; per-second series."""
+async def soak(client, monitor, payloads: list[bytes], rate: float, seconds: float, pid: int,
+               max_inflight: int) -> dict:
+    """Open loop at ``rate`` requests/s for ``seconds``; per-second series (``monitor``: a client of its own for
+    /metrics, so sampling never waits behind the load)."""
     series: list[dict] = []
     current = {"t": 0, "200": 0, "429": 0, "503": 0, "bad": 0, "lat": []}
     bad_examples: list[str] = []
@@ -112,14 +114,19 @@ async def soak(client, payloads: list[bytes], rate: float, seconds: float, pid: 
 
     async def sampler() -> None:
         nonlocal current
-        second = 0
+        begun, second, depth = time.monotonic(), 0, float("nan")
+        polling = None
         while True:
-            await asyncio.sleep(1.0)
             second += 1
+            await asyncio.sleep(max(0.0, begun + second - time.monotonic()))
+            if polling is not None and polling.done():
+                depth = polling.result()
+            if polling is None or polling.done():
+                polling = asyncio.create_task(_queue_depth(monitor))
             done, current = current, {"t": second, "200": 0, "429": 0, "503": 0, "bad": 0, "lat": []}
             lat = done.pop("lat")
             done.update(p99_ms=float(np.percentile(lat, 99)) if lat else None, lat=lat, rss_mb=_rss_mb(pid),
-                        queue=await _queue_depth(client), inflight=len(tasks))
+                        queue=depth, inflight=len(tasks))
             series.append(done)
 
     sampling = asyncio.create_task(sampler())
@@ -198,18 +205,20 @@ def main() -> None:
 
     async def run(url: str, key: str, pid: int) -> dict:
         limits = httpx.Limits(max_connections=args.max_inflight, max_keepalive_connections=args.max_inflight)
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                                     timeout=120) as client:
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=url, headers=auth, limits=limits, timeout=120) as client, \
+                httpx.AsyncClient(base_url=url, headers=auth, timeout=5) as monitor:
             await single_latency(client, payloads[0], 5)  # warm up
             base = float(np.median(await single_latency(client, payloads[0], 20)))
             cap = await capacity(client, payloads, args.capacity_seconds, 4 * cores)
             console.print(f"capacity {cap:.1f} images/s; single-request latency {base:.1f} ms; soaking at "
                           f"{args.factor:g} x = {args.factor * cap:.1f} requests/s for {args.minutes:g} min")
-            result = await soak(client, payloads, args.factor * cap, 60 * args.minutes, pid, args.max_inflight)
+            result = await soak(client, monitor, payloads, args.factor * cap, 60 * args.minutes, pid,
+                                args.max_inflight)
             rec = await recovery(client, payloads[0], base, 120)
             return {"capacity_images_per_s": cap, "baseline_ms": base, "recovery_s": rec, **result}
 
-    with service_process(args.model, {}) as (url, key, proc):
+    with service_process(args.model, {}, scopes="score,admin") as (url, key, proc):
         rss_start = _rss_mb(proc.pid)
         report = asyncio.run(run(url, key, proc.pid))
     series = report["series"]

@@ -17,7 +17,8 @@ class Settings(BaseSettings):
     providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
     batch_max_size: int = Field(8, ge=1, description="micro-batching: most images per model call (1 = off)")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")
-    queue_max: int = Field(64, ge=1, description="images allowed to wait; beyond it requests get 429")
+    queue_max: int = Field(64, ge=1, description="requests allowed in at once (being received, decoded or waiting for the "
+                           "model); beyond it a request is refused at once with 429 and Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for the model gets 503")
     decode_processes: int | None = Field(None, ge=0, description="decode uploads and received studies in this many "
                                          "worker processes (default: one per core when there are several; 0: in "

@@ -103,7 +103,10 @@ def _check_uids(meta) -> None:
                **SCORING},
 )
 async def predict(request: Request, engine: LoadedEngine, app: State, caller: Caller = require("score")) -> PredictResponse:
-    data = await read_dicom_upload(request, app.settings, app.data)
+    if app.batcher.full():  # refused before its body is held or decoded; the body is read off so the connection lives
+        async for _ in request.stream():
+            pass
+        raise app.batcher.overloaded()
     ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
 
     def record(result) -> None:
@@ -128,6 +131,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     info = engine.model_info()
     overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
+        data = await read_dicom_upload(request, app.settings, app.data)
         x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)

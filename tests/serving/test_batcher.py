@@ -148,3 +148,41 @@ def test_overload_over_http_is_429_with_retry_after(artifact, dicom_files, tmp_p
         assert httpx.get(f"{server.url}/healthz").status_code == 200
     finally:
         server.stop()
+
+
+def test_requests_piling_up_in_decoding_are_refused_before_their_bodies_are_held(artifact, dicom_files, tmp_path):
+    """The queue bound counts requests being received and decoded, not only images waiting for the model: when
+    decoding is the bottleneck, the ones beyond it get 429 at once instead of waiting (and holding their bodies)
+    behind the others."""
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'o.db'}",
+                                 data_dir=str(tmp_path / "d"), queue_max=2, decode_processes=0))
+    engine = server.server.config.app.state.engine
+    prepare = engine.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(0.5)
+        return prepare(*args, **kwargs)
+
+    engine.prepare = slow_prepare
+    codes = []
+    data = dicom_files[0].read_bytes()
+
+    def send():
+        r = httpx.post(f"{server.url}/v1/predict", content=data, timeout=60,
+                       headers={"Content-Type": "application/dicom", "Authorization": f"Bearer {server.key}"})
+        codes.append((r.status_code, r.headers.get("retry-after"), r.json().get("code")))
+
+    try:
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert {c for c, _, _ in codes} == {200, 429}, codes
+        assert all(retry and code == "overloaded" for c, retry, code in codes if c == 429)
+        engine.prepare = prepare
+        r = httpx.post(f"{server.url}/v1/predict", content=data, timeout=60,  # the same connection pool lives on
+                       headers={"Content-Type": "application/dicom", "Authorization": f"Bearer {server.key}"})
+        assert r.status_code == 200
+    finally:
+        server.stop()
