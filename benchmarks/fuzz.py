@@ -31,6 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import _free_port, wait_ready  # noqa: E402
+
 console = Console(width=140)
 FINDING = re.compile(r"^(crash|timeout|oom|leak)-")
 
@@ -86,8 +89,6 @@ def fuzz_target(target: str, work: Path, runs: int, seconds: int) -> dict:
 
 def fuzz_api(model: str, work: Path, seconds: int) -> dict:
     """schemathesis against a live ``medvision serve`` for ``seconds``; 5xx counted from its answers and its log."""
-    import socket
-
     import httpx
     import pydicom
 
@@ -103,24 +104,13 @@ def fuzz_api(model: str, work: Path, seconds: int) -> dict:
     made = subprocess.run([sys.executable, "-m", "medvision.cli", "keys", "create", "fuzzer", "--scopes",
                            "score,pull,review,admin"], env=env, capture_output=True, text=True, check=True)
     key = json.loads(made.stdout)["key"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server_log = (api / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "medvision.cli", "serve", "--model", model, "--port", str(port)],
                             env=env, stdout=server_log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"the service did not start: see {api / 'serve.log'}")
-            time.sleep(0.5)
+        wait_ready(base, proc, 120, f"the service (see {api / 'serve.log'})")
         # a stored study, so that the study, series and instance routes have something to find
         path = api / "seed.dcm"
         save(example_image(VENDORS[0], 128, 104, seed=3), path, "1.2.840.10008.1.2.1")
