@@ -34,7 +34,8 @@ def test_a_short_fuzz_run_finds_nothing(seeds, tmp_path, target):
     findings.mkdir()
     runs = 300
     done = subprocess.run([sys.executable, "-m", "fuzz.run", target, f"-runs={runs}", "-timeout=10", "-seed=1",
-                           "-max_len=262144", f"-artifact_prefix={findings}/", str(corpus), str(seeds / target)],
+                           "-max_len=262144", "-rss_limit_mb=4096", f"-artifact_prefix={findings}/", str(corpus),
+                           str(seeds / target)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEDVISION_FUZZ_TMP": str(tmp_path)})
     assert done.returncode == 0 and not list(findings.iterdir()), done.stderr[-3000:]
