@@ -182,12 +182,15 @@ def decode_or_die(data, want_ids: bool):
     """A DecodePool target for tests: a worker process that gets b"DIE" dies the way a crashing codec does."""
     from medvision.serving.decode_pool import Shared, _prepare
 
-    if isinstance(data, Shared):
+    if isinstance(data, Shared):  # the usual way in
         with data.attach() as view:
-            if bytes(view) == b"DIE":
-                os._exit(134)
-            if bytes(view) == b"SLOW":  # a codestream that keeps its decoder busy
-                time.sleep(3600)
+            body = bytes(view[:8])
+    else:  # through the pipe: every shared segment was in use by the requests ahead
+        body = bytes(data[:8]) if isinstance(data, (bytes, bytearray)) else b""
+    if body == b"DIE":
+        os._exit(134)
+    if body == b"SLOW":  # a codestream that keeps its decoder busy
+        time.sleep(3600)
     return _prepare(data, want_ids)
 
 
