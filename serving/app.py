@@ -23,7 +23,7 @@ from medvision.serving.drift_watch import DriftGauges
 from medvision.serving.engine import Engine
 from medvision.serving.errors import install_error_handlers
 from medvision.serving.jobs import Worker, WorkerContext
-from medvision.serving.limits import BodyLimit
+from medvision.serving.limits import Admission, BodyLimit
 from medvision.serving.metrics import Metrics
 from medvision.serving.problems import MEDIA_TYPE, document_errors, problem_bytes
 from medvision.serving.rendering import RenderCache
@@ -109,6 +109,11 @@ def _log_failure(request_id: str, exc: Exception) -> None:
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} in {where.name}" if where else ""
     log.error("request %s failed: %s%s", request_id, type(exc).__name__, at)
+
+
+def _seconds_per_image(app: FastAPI) -> float:
+    batcher = getattr(app.state, "batcher", None)
+    return batcher.seconds_per_image if batcher is not None else 0.01
 
 
 def quiet_libraries() -> None:
@@ -222,6 +227,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.decoder = None  # a DecodePool when settings.decoders
 
     app.add_middleware(BodyLimit, dicom_bytes=settings.max_upload_bytes, other_bytes=settings.max_form_bytes)
+    app.add_middleware(Admission, limit=settings.queue_max, seconds_per_request=lambda: _seconds_per_image(app))
     app.add_middleware(RequestLog, metrics=app.state.metrics)  # outermost: it sees every answer, refusals included
     install_error_handlers(app)
     app.include_router(health.router)
