@@ -97,6 +97,40 @@ def _measured(y, p, threshold: float, clusters, n_boot: int, seed: int) -> Measu
                                            clusters, n_boot, seed)))
 
 
+def judge(evidence: Evidence, kind: str, target: float, tolerance: float) -> tuple[bool, list[str]]:
+    """The gate, from the held-out evidence alone: the site's threshold reaches the target within ``tolerance``, does
+    better than the model's own threshold, and the model separates the site's cases at all. (accepted, reasons)."""
+    old, new = evidence.model_threshold, evidence.site_threshold
+    metric = "sensitivity" if kind == "sensitivity" else "specificity"
+    other = "specificity" if metric == "sensitivity" else "sensitivity"
+    m_old, m_new = getattr(old, metric), getattr(new, metric)
+    reasons = []
+    near = m_new >= target - tolerance
+    reasons.append(f"held-out {metric} at the site's threshold {m_new:.3f} is "
+                   + ("within" if near else "not within") + f" {100 * tolerance:.0f} points of the target {target:.2f}")
+    if m_old < target - tolerance:
+        better = m_new > m_old
+        reasons.append(f"the model's own threshold gives {m_old:.3f} here: the site's is "
+                       + ("better" if better else "not better"))
+    else:
+        better = getattr(new, other) > getattr(old, other) and m_new >= m_old - 1e-12
+        reasons.append(f"the model's own threshold meets the target here ({metric} {m_old:.3f}); the site's "
+                       + (f"improves {other}" if better else f"does not improve {other} at no loss of {metric}"))
+    auc, auc_ci = evidence.auroc, evidence.auroc_ci95
+    separates = auc_ci[0] > 0.5
+    reasons.append(f"held-out AUROC {auc:.3f} (95 % CI {auc_ci[0]:.3f} to {auc_ci[1]:.3f}): the model "
+                   + ("separates" if separates else "does not show that it separates")
+                   + " this site's cases" + ("" if separates else ", and no threshold can fix that"))
+    return near and better and separates, reasons
+
+
+def consistent(overlay: SiteCalibration) -> bool:
+    """Whether an overlay's verdict and threshold are what its own evidence says (a file edited by hand is not)."""
+    kind = overlay.rule.replace(" ", "").partition(">=")[0]
+    accepted, _ = judge(overlay.evidence, kind, overlay.target, overlay.tolerance)
+    return accepted == overlay.accepted and overlay.evidence.site_threshold.threshold == overlay.threshold
+
+
 def recalibrate(site: str, artifact_sha256: str, model_threshold: float, probabilities, labels, studies,
                 rule: str = "sensitivity>=0.90", held_out_fraction: float = 0.5, tolerance: float = 0.02,
                 n_boot: int = 2000, seed: int = 0, model_name: str = "",
@@ -128,34 +162,16 @@ def recalibrate(site: str, artifact_sha256: str, model_threshold: float, probabi
     clusters = s[test]
     old = _measured(y[test], p[test], model_threshold, clusters, n_boot, seed)
     new = _measured(y[test], p_site[test], threshold, clusters, n_boot, seed)
-    metric = "sensitivity" if kind == "sensitivity" else "specificity"
-    other = "specificity" if metric == "sensitivity" else "sensitivity"
-    m_old, m_new = getattr(old, metric), getattr(new, metric)
-    reasons = []
-    near = m_new >= target - tolerance
-    reasons.append(f"held-out {metric} at the site's threshold {m_new:.3f} is "
-                   + ("within" if near else "not within") + f" {100 * tolerance:.0f} points of the target {target:.2f}")
-    if m_old < target - tolerance:
-        better = m_new > m_old
-        reasons.append(f"the model's own threshold gives {m_old:.3f} here: the site's is "
-                       + ("better" if better else "not better"))
-    else:
-        better = getattr(new, other) > getattr(old, other) and m_new >= m_old - 1e-12
-        reasons.append(f"the model's own threshold meets the target here ({metric} {m_old:.3f}); the site's "
-                       + (f"improves {other}" if better else f"does not improve {other} at no loss of {metric}"))
     auc = auroc(y[test], p[test])
     auc_ci = bootstrap_ci(y[test], p[test], auroc, clusters, n_boot, seed)
-    separates = auc_ci[0] > 0.5
-    reasons.append(f"held-out AUROC {auc:.3f} (95 % CI {auc_ci[0]:.3f} to {auc_ci[1]:.3f}): the model "
-                   + ("separates" if separates else "does not show that it separates")
-                   + " this site's cases" + ("" if separates else ", and no threshold can fix that"))
     evidence = Evidence(
         fit_studies=len(set(s[fit])), fit_images=int(fit.sum()), held_out_studies=len(set(s[test])),
         held_out_images=int(test.sum()), held_out_cancer_images=int(y[test].sum()), prevalence=float(y.mean()),
         model_threshold=old, site_threshold=new, ece_before=reliability(y[test], p[test])["ece"],
         ece_after=reliability(y[test], p_site[test])["ece"], auroc=auc, auroc_ci95=list(auc_ci))
+    accepted, reasons = judge(evidence, kind, target, tolerance)
     return SiteCalibration(
         site=site, artifact_sha256=artifact_sha256, model_name=model_name, rule=f"{kind} >= {target:.2f}",
         target=target, temperature=temperature, bias=bias, threshold=threshold, evidence=evidence,
-        accepted=near and better and separates, reasons=reasons, tolerance=tolerance,
+        accepted=accepted, reasons=reasons, tolerance=tolerance,
         created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))

@@ -29,10 +29,12 @@ def audit(sessions: sessionmaker[Session], request: Request, action: str, status
 
 
 def write_audit(sessions: sessionmaker[Session], action: str, status: int, resource: str = "",
-                key_id: int | None = None, **detail) -> None:
-    """An audit row for something no HTTP request carries (a DICOM association, a CLI change)."""
+                key_id: int | None = None, user_id: int | None = None, **detail) -> None:
+    """An audit row for something no HTTP request carries (a DICOM association, a CLI change), or a change made
+    from the review UI whose own transaction writes it (``user_id``: the signed-in reader)."""
     with sessions() as db:
-        db.add(AuditEvent(key_id=key_id, action=action, resource=resource[:256], status=status, detail=detail))
+        db.add(AuditEvent(key_id=key_id, user_id=user_id, action=action, resource=resource[:256], status=status,
+                          detail=detail))
         db.commit()
 
 

@@ -20,7 +20,7 @@ from medvision.identifiers import check_uid
 from medvision.serving.audit import write_audit
 from medvision.serving.identifiers import is_site
 from medvision.serving.tables import ScoredImage, SiteCalibrationRow
-from medvision.site_calibration import SiteCalibration, recalibrate
+from medvision.site_calibration import SiteCalibration, consistent, recalibrate
 
 log = logging.getLogger("medvision.serving")
 
@@ -93,27 +93,34 @@ def fit_site(sessions: sessionmaker[Session], site: str, meta, artifact_sha256: 
 
 
 def apply_overlay(sessions: sessionmaker[Session], overlay: SiteCalibration, actor: str,
-                  force: bool = False) -> SiteCalibrationRow:
-    """Make ``overlay`` the site's active calibration for its artifact (replacing one there was), audited. One the
-    gate refused is not applied unless ``force`` (which the audit row records)."""
+                  force: bool = False, user_id: int | None = None) -> SiteCalibrationRow:
+    """Make ``overlay`` the site's active calibration for its artifact (replacing one there was), audited (``actor``:
+    who, as the audit log names them; ``user_id``: the review UI's reader, if it came from there). One the gate
+    refused is not applied unless ``force`` (which the audit row records)."""
+    if not is_site(overlay.site):
+        raise ConfigError("this site calibration names no valid site (letters, digits, '.', '_' and '-')")
+    if not consistent(overlay):
+        raise ConfigError("this site calibration's verdict or threshold does not follow from its own evidence (was "
+                          "the file edited?): not applied; fit it again with 'medvision recalibrate fit'")
     if not overlay.accepted and not force:
         raise ConfigError("this site calibration was refused by its gate (" + "; ".join(overlay.reasons) + "): not "
                           "applied")
     now = _dt.datetime.now(_dt.UTC)
     with sessions() as db:
         for old in db.scalars(_active(overlay.site, overlay.artifact_sha256)):
-            old.removed_at, old.removed_by = now, actor
+            old.removed_at, old.removed_by = now, actor[:128]
         row = SiteCalibrationRow(site=overlay.site, artifact_sha256=overlay.artifact_sha256,
                                  overlay=overlay.model_dump(mode="json"), applied_by=actor[:128], applied_at=now)
         db.add(row)
         db.commit()
         db.refresh(row)
-    write_audit(sessions, "site_calibration_applied", 200, overlay.site, id=row.id, by=actor[:128],
+    write_audit(sessions, "site_calibration_applied", 200, overlay.site, user_id=user_id, id=row.id, by=actor[:128],
                 artifact=overlay.artifact_sha256[:16], threshold=round(overlay.threshold, 6), forced=force)
     return row
 
 
-def remove_overlay(sessions: sessionmaker[Session], site: str, artifact_sha256: str, actor: str) -> int:
+def remove_overlay(sessions: sessionmaker[Session], site: str, artifact_sha256: str, actor: str,
+                   user_id: int | None = None) -> int:
     """End the site's active calibration for this artifact (the model's own applies again); audited."""
     now = _dt.datetime.now(_dt.UTC)
     with sessions() as db:
@@ -122,9 +129,33 @@ def remove_overlay(sessions: sessionmaker[Session], site: str, artifact_sha256: 
             row.removed_at, row.removed_by = now, actor[:128]
         db.commit()
     if rows:
-        write_audit(sessions, "site_calibration_removed", 200, site, ids=[r.id for r in rows], by=actor[:128],
-                    artifact=artifact_sha256[:16])
+        write_audit(sessions, "site_calibration_removed", 200, site, user_id=user_id, ids=[r.id for r in rows],
+                    by=actor[:128], artifact=artifact_sha256[:16])
     return len(rows)
+
+
+def listing(sessions: sessionmaker[Session], artifact_sha256: str, removed: int = 10) -> dict[str, list[dict]]:
+    """For the admin page: the active site calibrations of this artifact, and the latest ``removed`` ended ones."""
+    def row(r: SiteCalibrationRow) -> dict:
+        o = SiteCalibration.model_validate(r.overlay)
+        ev = o.evidence
+        return {"id": r.id, "site": r.site, "rule": o.rule, "threshold": o.threshold,
+                "model_threshold": ev.model_threshold.threshold, "temperature": o.temperature, "bias": o.bias,
+                "held_out_studies": ev.held_out_studies, "site_sensitivity": ev.site_threshold.sensitivity,
+                "site_sensitivity_ci95": ev.site_threshold.sensitivity_ci95,
+                "site_specificity": ev.site_threshold.specificity,
+                "model_sensitivity": ev.model_threshold.sensitivity, "model_specificity": ev.model_threshold.specificity,
+                "ece": [ev.ece_before, ev.ece_after], "accepted": o.accepted, "applied_by": r.applied_by,
+                "applied_at": r.applied_at.strftime("%Y-%m-%d %H:%M"), "removed_by": r.removed_by or "",
+                "removed_at": r.removed_at.strftime("%Y-%m-%d %H:%M") if r.removed_at else ""}
+
+    base = select(SiteCalibrationRow).where(SiteCalibrationRow.artifact_sha256 == artifact_sha256)
+    with sessions() as db:
+        active = [row(r) for r in db.scalars(base.where(SiteCalibrationRow.removed_at.is_(None))
+                                             .order_by(SiteCalibrationRow.site))]
+        ended = [row(r) for r in db.scalars(base.where(SiteCalibrationRow.removed_at.is_not(None))
+                                            .order_by(SiteCalibrationRow.removed_at.desc()).limit(removed))]
+    return {"active": active, "removed": ended}
 
 
 def _active(site: str, artifact_sha256: str):
@@ -151,6 +182,10 @@ class SiteOverlays:
             if start:
                 threading.Thread(target=self._reload, name="medvision-site-calibrations", daemon=True).start()
         return self._by_site.get(site)
+
+    def reload(self) -> None:
+        """Now, in this thread (after an admin applied or removed one here)."""
+        self._reload()
 
     def _reload(self) -> None:
         try:

@@ -17,7 +17,7 @@ from typing import Annotated
 from urllib.parse import quote, urlencode
 
 import anyio
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi import Path as Path_
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -25,11 +25,18 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from medvision.errors import ConfigError
-from medvision.serving import reviews
+from medvision.serving import reviews, site_calibrations
 from medvision.serving.audit import audit, audit_failure
 from medvision.serving.dependencies import Database, LoadedEngine, ServiceSettings, State
 from medvision.serving.drift_watch import drift_of
-from medvision.serving.errors import CsrfFailed, Forbidden, ImageNotStored, StudyNotFound, Unauthenticated
+from medvision.serving.errors import (
+    CsrfFailed,
+    Forbidden,
+    ImageNotStored,
+    InvalidParameter,
+    StudyNotFound,
+    Unauthenticated,
+)
 from medvision.serving.identifiers import request_site, request_uid
 from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
 from medvision.serving.site_calibrations import meaning
@@ -450,7 +457,12 @@ async def admin_page(request: Request, sessions: Database, app: State, reader: P
     if not reader.is_admin:
         await _audit(request, "ui_forbidden", 403, "/ui/admin", reader)
         return _page(request, "forbidden.html", reader)
+    await _audit(request, "ui_view_admin", 200, "/ui/admin", reader)
+    return await _admin(request, sessions, app, reader, action)
 
+
+async def _admin(request: Request, sessions, app, reader: Reader, action: str = "", error: str = "",
+                 status: int = 200) -> HTMLResponse:
     def load():
         from sqlalchemy import select
 
@@ -465,6 +477,61 @@ async def admin_page(request: Request, sessions: Database, app: State, reader: P
 
     agreement, events = await run_in_threadpool(load)
     drift = await run_in_threadpool(drift_of, app)
-    await _audit(request, "ui_view_admin", 200, "/ui/admin", reader)
-    return _page(request, "admin.html", reader, agreement=agreement, events=events, action=action, drift=drift,
-                 query=urlencode({"action": action}) if action else "")
+    calibrations = await run_in_threadpool(site_calibrations.listing, sessions, app.engine.artifact_sha256)
+    page = _page(request, "admin.html", reader, agreement=agreement, events=events, action=action, drift=drift,
+                 calibrations=calibrations, error=error, query=urlencode({"action": action}) if action else "")
+    page.status_code = status
+    return page
+
+
+OVERLAY_MAX_BYTES = 256 * 1024
+
+
+@router.post("/admin/site-calibrations", response_class=HTMLResponse)
+async def apply_site_calibration(request: Request, sessions: Database, app: State, reader: SignedInAdmin,
+                                 csrf: str = Form(""), overlay: UploadFile | None = None):
+    """Apply a site calibration written by ``medvision recalibrate fit`` (its JSON file), for the served model; one
+    its gate refused is not applied here (the command line's ``--force`` is the only way, and it is audited)."""
+    _check_csrf(request, reader, csrf)
+    from medvision.site_calibration import SiteCalibration
+
+    data = await overlay.read(OVERLAY_MAX_BYTES + 1) if overlay is not None else b""
+    problem = ""
+    if not data:
+        problem = "choose the site calibration's JSON file (written by 'medvision recalibrate fit')"
+    elif len(data) > OVERLAY_MAX_BYTES:
+        problem = "that file is too large to be a site calibration"
+    else:
+        try:
+            fitted = SiteCalibration.model_validate_json(data)
+        except ValueError:
+            fitted = None
+            problem = "that file is not a site calibration written by 'medvision recalibrate fit'"
+        if fitted is not None:
+            if fitted.artifact_sha256 != app.engine.artifact_sha256:
+                problem = (f"that calibration was fitted for another model (sha256 {fitted.artifact_sha256[:12]}…), "
+                           f"not the one this service runs ({app.engine.artifact_sha256[:12]}…)")
+            else:  # a site name, a verdict its evidence supports, a gate that accepted it: apply_overlay checks
+                try:
+                    await run_in_threadpool(site_calibrations.apply_overlay, sessions, fitted,
+                                            f"ui:{reader.username}", False, reader.user_id)
+                except ConfigError as exc:
+                    problem = exc.message
+    if problem:
+        await _audit(request, "ui_site_calibration_refused", 422, "/ui/admin/site-calibrations", reader)
+        return await _admin(request, sessions, app, reader, error=problem, status=422)
+    await run_in_threadpool(app.site_overlays.reload)  # scores from now on, not in a few seconds
+    return RedirectResponse("/ui/admin#calibrations-h", status_code=303)
+
+
+@router.post("/admin/site-calibrations/remove")
+async def remove_site_calibration(request: Request, sessions: Database, app: State, reader: SignedInAdmin,
+                                  csrf: str = Form(""), site: str = Form("")):
+    _check_csrf(request, reader, csrf)
+    site = request_site(site)
+    if site is None:
+        raise InvalidParameter("name the site whose calibration to remove", code="invalid_site")
+    await run_in_threadpool(site_calibrations.remove_overlay, sessions, site, app.engine.artifact_sha256,
+                            f"ui:{reader.username}", reader.user_id)
+    await run_in_threadpool(app.site_overlays.reload)
+    return RedirectResponse("/ui/admin#calibrations-h", status_code=303)

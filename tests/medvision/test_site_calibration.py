@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medvision.evaluation import calibrate
-from medvision.site_calibration import held_out, recalibrate
+from medvision.site_calibration import consistent, held_out, recalibrate
 
 
 def _site(rng, studies: int, shift: float, prevalence: float = 0.15, informative: bool = True):
@@ -46,3 +46,17 @@ def test_labels_the_model_cannot_separate_are_refused_and_too_few_outcomes_are_a
     assert not overlay.accepted and "does not show that it separates" in " ".join(overlay.reasons)
     with pytest.raises(ValueError, match="both kinds"):
         recalibrate("site-d", "ef" * 32, 0.09, p[:8], np.zeros(8, int), uids[:8])
+
+
+def test_an_overlay_whose_verdict_or_threshold_its_evidence_does_not_support_is_found_out():
+    rng = np.random.default_rng(0)
+    p, y, uids = _site(rng, 600, shift=1.0)
+    good = recalibrate("site-b", "ab" * 32, float(calibrate(-1.4816, 1.0)), p, y, uids, n_boot=200)
+    refused = recalibrate("site-c", "ab" * 32, 0.01, p, y, uids, n_boot=200)  # the model's own threshold is fine
+    assert good.accepted and not refused.accepted
+    assert consistent(good) and consistent(refused)
+    assert consistent(type(good).model_validate_json(good.model_dump_json()))  # survives its JSON file
+    assert not consistent(refused.model_copy(update={"accepted": True}))
+    assert not consistent(good.model_copy(update={"threshold": good.threshold * 0.5}))
+    better = good.evidence.model_copy(update={"auroc_ci95": [0.4, 0.6]})  # no proof the model separates the site
+    assert not consistent(good.model_copy(update={"evidence": better}))

@@ -136,3 +136,95 @@ def test_what_a_probability_means_is_said_the_same_way_to_a_reader_and_in_the_sr
     assert site.sentence().startswith("Calibrated for this site (site calibration 12)")
     assert Meaning("none", None).parameters()[1] == "meaning: a ranking score, not a chance of cancer"
     assert all(len(p) <= 64 for m in (model, site, Meaning("temperature", None)) for p in m.parameters())
+
+
+def _overlay_for(sha256: str, model_threshold: float, site: str = "site-b"):
+    """A site calibration as `medvision recalibrate fit` writes one, from outcomes the model separates (its gate
+    accepts it when ``model_threshold`` misses the target)."""
+    import numpy as np
+
+    from medvision.site_calibration import recalibrate
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.99, 600)
+    y = (rng.uniform(size=600) < p**2).astype(int)
+    return recalibrate(site, sha256, model_threshold, p, y, [f"1.2.3.{i // 2}" for i in range(600)], n_boot=200)
+
+
+def test_an_admin_applies_and_removes_a_site_calibration_in_the_review_ui(artifact, shifted_site, tmp_path):
+    """Only an admin, with the session's CSRF token, and only a calibration fitted for the served model whose own
+    evidence supports its gate's verdict; scores change at once and the audit log names the reader."""
+    import re
+
+    import httpx
+    from helpers import ADMIN, READER
+    from sqlalchemy import select
+
+    from medvision.serving.tables import AuditEvent, User
+    from medvision.serving.users import create_user
+
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(tmp_path / "data"), job_workers=0))
+    try:
+        with server.sessions() as db:
+            create_user(db, *ADMIN, "admin")
+            create_user(db, *READER, "reader")
+            admin_id = db.scalar(select(User.id).where(User.username == ADMIN[0]))
+        sha = server.server.config.app.state.engine.artifact_sha256
+        site_b = server.client_for("site-b", "score")
+        before = predict_all(site_b, shifted_site[:2])
+        good = _overlay_for(sha, model_threshold=0.7)
+        refused = _overlay_for(sha, model_threshold=0.2)  # the model's own threshold already meets the target
+        assert good.accepted and not refused.accepted
+
+        def signed_in(user):
+            ui = httpx.Client(base_url=server.url, timeout=60)
+            assert ui.post("/ui/login", data={"username": user[0], "password": user[1]}).status_code == 303
+            token = re.search(r'name="csrf-token" content="([^"]+)"', ui.get("/ui/worklist").text).group(1)
+            return ui, token
+
+        def send(ui, csrf, content: bytes):
+            return ui.post("/ui/admin/site-calibrations", data={"csrf": csrf},
+                           files={"overlay": ("overlay.json", content, "application/json")})
+
+        reader, reader_csrf = signed_in(READER)
+        assert send(reader, reader_csrf, good.model_dump_json().encode()).status_code == 403  # not an admin
+        admin, csrf = signed_in(ADMIN)
+        assert "No site calibration" in admin.get("/ui/admin").text
+        assert send(admin, "not-the-token", good.model_dump_json().encode()).status_code == 403
+        tampered = refused.model_copy(update={"accepted": True})
+        other_model = good.model_copy(update={"artifact_sha256": "0" * 64})
+        for content, said in ((refused.model_dump_json().encode(), "refused by its gate"),
+                              (tampered.model_dump_json().encode(), "does not follow from its own evidence"),
+                              (other_model.model_dump_json().encode(), "fitted for another model"),
+                              (b"\x00not json", "not a site calibration"), (b"", "choose the site calibration")):
+            r = send(admin, csrf, content)
+            assert r.status_code == 422 and said in r.text, (said, r.text[-400:])
+        assert predict_all(site_b, shifted_site[:1])[0]["calibration"] == "model"  # nothing was applied
+        r = send(admin, csrf, good.model_dump_json().encode())
+        assert r.status_code == 303, r.text
+        page = admin.get("/ui/admin").text
+        row = re.search(r'<tr data-site="site-b">.*?</tr>', page, re.S).group(0)
+        assert f"{good.threshold:.3f}" in row and f"by ui:{ADMIN[0]}" in row
+        after = predict_all(site_b, shifted_site[:2])  # at once: the service reloaded its site calibrations
+        for new, old in zip(after, before, strict=True):
+            assert new["calibration"].startswith("site calibration ")
+            assert new["probability"] == pytest.approx(float(good.probability(old["probability"])), abs=1e-6)
+        assert reader.post("/ui/admin/site-calibrations/remove",
+                           data={"csrf": reader_csrf, "site": "site-b"}).status_code == 403
+        assert admin.post("/ui/admin/site-calibrations/remove", data={"csrf": csrf, "site": "../x"}).status_code == 400
+        assert admin.post("/ui/admin/site-calibrations/remove",
+                          data={"csrf": csrf, "site": "site-b"}).status_code == 303
+        assert [r["calibration"] for r in predict_all(site_b, shifted_site[:2])] == ["model", "model"]
+        assert "No site calibration" in admin.get("/ui/admin").text
+        with server.sessions() as db:
+            events = {e.action: e for e in db.scalars(select(AuditEvent).where(
+                AuditEvent.action.like("%site_calibration%")).order_by(AuditEvent.id))}
+        for action in ("site_calibration_applied", "site_calibration_removed"):
+            assert events[action].user_id == admin_id and events[action].detail["by"] == f"ui:{ADMIN[0]}"
+            assert events[action].resource == "site-b"
+        assert events["ui_site_calibration_refused"].status == 422
+        admin.close()
+        reader.close()
+    finally:
+        server.stop()
