@@ -94,9 +94,19 @@ class _Connection:
         self.head = (f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
                      "Content-Type: application/dicom\r\n").encode()
         self.reader = self.writer = None
+        self.used = time.monotonic()
+
+    IDLE_S = 2.0  # reopened after this long unused: well inside the server's keep-alive timeout (uvicorn: 5 s)
 
     async def post(self, path: str, body: bytes) -> int:
-        for attempt in (0, 1):  # a server may close a keep-alive connection that sat idle: open a new one once
+        return (await self.request(path, body))[0]
+
+    async def request(self, path: str, body: bytes, retry: bool = True) -> tuple[int, dict[str, str]]:
+        """(status, response headers, lower-case names). ``retry``: when the server closed the connection before
+        answering, open a new one and send again once (never for a soak, where that is a dropped request)."""
+        if self.writer is not None and time.monotonic() - self.used > self.IDLE_S:
+            await self.close()
+        for attempt in (0, 1):
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             try:
@@ -106,23 +116,32 @@ class _Connection:
                 line = await self.reader.readline()
             except ConnectionError:
                 line = b""
-            if line or attempt:
+            if line or attempt or not retry:
                 break
             self.writer.close()
             self.writer = None
+        if not line:
+            await self.close()
+            raise ConnectionError("the server closed the connection without an answer")
         status = int(line.split()[1])
-        length = 0
+        headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await self.reader.readexactly(length)
-        return status
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        await self.reader.readexactly(int(headers.get("content-length", 0)))
+        self.used = time.monotonic()
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers
 
     async def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
-            await self.writer.wait_closed()
+            writer, self.writer = self.writer, None
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
 
 
 async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int) -> dict:
