@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def service_process(model: str, settings: dict[str, str], scopes: str = "score")
     finally:
         proc.terminate()
         proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)  # its database and data folder
 
 
 def served(model: str, files: list[Path], max_batch: int, levels: list[int], seconds: float, limit: int,
