@@ -80,6 +80,25 @@ class Shared:
                 _close(segment)
 
 
+@dataclass(frozen=True)
+class Received:
+    """``size`` bytes in a segment the service owns (``Segments.receiving``): decoded in place by a worker
+    (``shared``) or by a thread of the service (``view``)."""
+
+    segment: shared_memory.SharedMemory
+    size: int
+
+    def view(self) -> memoryview:
+        return self.segment.buf[:self.size]
+
+    @property
+    def shared(self) -> Shared:
+        return Shared(self.segment.name, self.size, kept=True)
+
+    def __len__(self) -> int:
+        return self.size
+
+
 _mapped: dict[str, shared_memory.SharedMemory] = {}  # in a worker: the pool's segments it has mapped
 MAPPED_MAX = 32
 
@@ -115,13 +134,23 @@ class Segments:
     @contextmanager
     def holding(self, data: bytes):
         """``Shared`` holding ``data``, or ``data`` itself when shared memory cannot take it."""
-        segment = self._take(len(data))
+        with self.receiving(len(data)) as received:
+            if received is None:
+                yield data  # through the pipe: no shared copy to make
+                return
+            received.view()[:] = data
+            yield received.shared
+
+    @contextmanager
+    def receiving(self, size: int):
+        """A ``Received`` of ``size`` bytes in one of the kept segments, to fill (a request body read straight into
+        it: no copy in the service's memory first), or None when none is free or /dev/shm lacks the room."""
+        segment = self._take(size)
         if segment is None:
-            yield data  # through the pipe: no shared copy to make
+            yield None
             return
         try:
-            segment.buf[:len(data)] = data
-            yield Shared(segment.name, len(data), kept=True)
+            yield Received(segment, size)
         finally:
             with self.lock:
                 self.free.append(segment)
@@ -177,7 +206,7 @@ class DecodePool:
         self.config, self.limits, self.processes, self.target = config, limits, processes, target
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
-        self.segments = Segments(keep=2 * processes + 2)
+        self.segments = Segments(keep=4 * processes + 2)  # requests being received and decoded, each holding one
         self.pool = self._new_pool()
 
     def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
@@ -189,7 +218,10 @@ class DecodePool:
             f.result(timeout=120)
         return pool
 
-    def prepare(self, data: bytes | Path, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+    def prepare(self, data: bytes | Path | Received,
+                identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        if isinstance(data, Received):  # already in one of this pool's segments
+            return self._prepare(data.shared, identifiers)
         if isinstance(data, (bytes, bytearray)):
             with self.segments.holding(data) as shared:
                 return self._prepare(shared, identifiers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -10,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
+from medvision.serving.decode_pool import Received
 from medvision.serving.dependencies import LoadedEngine, State
 from medvision.serving.engine import ModelInfo
 from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
@@ -53,6 +55,42 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+SHARED_BODY_MIN = 1 << 20  # raw bodies this large go straight into a decoding worker's shared segment
+
+
+async def _read_into(request: Request, received: Received) -> None:
+    """The raw body, straight into ``received`` (its size is the declared Content-Length, which the HTTP server
+    holds the body to)."""
+    view, at = received.view(), 0
+    async for chunk in request.stream():
+        if at + len(chunk) > received.size:
+            raise PayloadTooLarge("request body is longer than its Content-Length")
+        view[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != received.size:
+        raise MissingFile(f"request body ended after {at:,} of its {received.size:,} bytes")
+
+
+@asynccontextmanager
+async def dicom_body(request: Request, app):
+    """The DICOM of a scoring request: a large raw body goes straight into one of the decoding workers' shared
+    segments (a ``Received``: one copy on its way from the socket to the decoder, where reading it into memory and
+    handing it over made two); anything else, or when no segment is free, as ``read_dicom_upload`` gives it."""
+    declared = request.headers.get("content-length", "")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if (app.decoder is not None and ctype in RAW_TYPES and declared.isdigit()
+            and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
+        with app.decoder.segments.receiving(int(declared)) as received:
+            if received is not None:
+                await _read_into(request, received)
+                yield received
+                return
+    yield await read_dicom_upload(request, app.settings, app.data)
+
+
+RAW_TYPES = ("application/dicom", "application/octet-stream", "")
+
+
 async def read_dicom_upload(request: Request, settings: Settings, data: DataFolder) -> bytes:
     """The DICOM bytes from a raw body or from the file part of a multipart form. The body is counted while it
     streams in, however it is framed (``limits.BodyLimit``); a form's parts go to private files in the data
@@ -71,7 +109,7 @@ async def read_dicom_upload(request: Request, settings: Settings, data: DataFold
         finally:
             for p in parts:
                 p.path.unlink(missing_ok=True)
-    if ctype in ("application/dicom", "application/octet-stream", ""):
+    if ctype in RAW_TYPES:
         return await _read_limited(request, limit)
     raise UnsupportedMediaType(
         f"content type '{ctype}' is not accepted: send 'application/dicom' or a 'multipart/form-data' upload"
@@ -118,8 +156,10 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
         # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
         # all, no hop to a process); others are decoded by the workers and micro-batched.
-        decoder = engine if app.decoder is None or app.batcher.alone() else app.decoder
-        x, meta = decoder.prepare(data, ids)
+        if app.decoder is None or app.batcher.alone():
+            x, meta = engine.prepare(data.view() if isinstance(data, Received) else data, ids)
+        else:
+            x, meta = app.decoder.prepare(data, ids)
         _check_uids(meta)
         scored = app.batcher.run_alone(x)
         if scored is None:
@@ -131,13 +171,14 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     info = engine.model_info()
     overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
-        data = await read_dicom_upload(request, app.settings, app.data)
-        x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
+        async with dicom_body(request, app) as data:
+            x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
+            size = len(data)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)
         result = engine.prediction(probability, meta, inference_ms, x, overlay)
         await run_in_threadpool(record, result)
-    log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, len(data), result.inference_ms)
+    log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, size, result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
     app.metrics.images.labels(caller.site).inc()

@@ -178,3 +178,56 @@ def test_decoding_workers_exit_when_the_service_is_killed(artifact, dicom_files,
                     .read_text() and " Z " not in Path(f"/proc/{w}/stat").read_text()]:
         assert time.monotonic() < deadline, f"decoding workers still running after the service was killed: {alive}"
         time.sleep(0.5)
+
+
+def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_process(artifact, dicom_files, tmp_path,
+                                                                                monkeypatch):
+    """A body over SHARED_BODY_MIN is read from the socket into one of the workers' segments, decoded there (or in
+    place by the request's own thread when it is alone), never gathered into the service's memory first."""
+    from pydicom.dataset import Dataset  # noqa: F401 - the padded files below are plain pydicom writes
+
+    from medvision.serving.routes import predict as predict_route
+
+    padded = []
+    for i, f in enumerate(dicom_files[:8]):  # valid DICOM, larger than the threshold: trailing padding
+        ds = pydicom.dcmread(f)
+        ds.add_new((0xFFFC, 0xFFFC), "OB", b"\0" * (predict_route.SHARED_BODY_MIN + 1000))
+        out = tmp_path / f"padded{i}.dcm"
+        ds.save_as(out)
+        padded.append(out)
+    gathered = []
+    real = predict_route.read_dicom_upload
+    monkeypatch.setattr(predict_route, "read_dicom_upload", lambda *a: gathered.append(1) or real(*a))
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
+                                 data_dir=str(tmp_path / "d"), decode_processes=2))
+    try:
+        engine = Engine(artifact)
+        expected = [engine.predict(f).probability for f in padded]
+        alone = server.client.post("/v1/predict", content=padded[0].read_bytes(),
+                                   headers={"Content-Type": "application/dicom"})
+        assert alone.status_code == 200 and alone.json()["probability"] == pytest.approx(expected[0], abs=1e-5)
+        results = {}
+
+        def send(i):
+            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as c:
+                results[i] = c.post("/v1/predict", content=padded[i].read_bytes(),
+                                    headers={"Content-Type": "application/dicom"})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(8):
+            assert results[i].status_code == 200, results[i].text
+            assert results[i].json()["probability"] == pytest.approx(expected[i], abs=1e-5)
+        segments = server.server.config.app.state.decoder.segments
+        assert len(gathered) <= max(0, 8 - segments.keep) and segments.count >= 1  # beyond the kept ones: gathered
+        small = server.client.post("/v1/predict", content=dicom_files[9].read_bytes(),  # under the threshold
+                                   headers={"Content-Type": "application/dicom"})
+        assert small.status_code == 200 and gathered == [1]
+        garbage = server.client.post("/v1/predict", content=b"\0" * (2 * predict_route.SHARED_BODY_MIN),
+                                     headers={"Content-Type": "application/dicom"})
+        assert garbage.status_code == 422 and garbage.json()["code"] == "not_dicom"
+    finally:
+        server.stop()
