@@ -12,6 +12,8 @@ JPEG-LS, RLE and uncompressed, as a hospital archive holds them. Measured on thi
   naive      FastAPI + pydicom pixel_array + timm ViT-S/16 (and ViT-B/16) in torch fp32, one forward per request
              (benchmarks/naive_service.py), driven the same way
   score      `medvision score` over the archive (batch scoring, default workers)
+  bare       an ASGI app that only reads the body (benchmarks/bare_upload.py), 1 at a time: the HTTP floor that
+             the served latency holds on top of the pipeline whatever the service does
 
 For the whole mix and per transfer syntax: images/s, p50 / p99 latency, core-seconds per 4-view study and the cost
 of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCPU hour).
@@ -97,14 +99,20 @@ def pipeline_rate(model: str, files: list[Path], seconds: float) -> dict:
 
 @contextmanager
 def naive(model_name: str):
+    with peer("naive_service:app", {"NAIVE_MODEL": model_name}, "the naive service") as started:
+        yield started
+
+
+@contextmanager
+def peer(app: str, env: dict[str, str], what: str):
+    """An ASGI app of this folder under uvicorn in a process of its own: (url, key) once it answers."""
     port = _free_port()
-    env = {**os.environ, "NAIVE_MODEL": model_name}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_service:app", "--app-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--app-dir",
                              str(Path(__file__).resolve().parent), "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, 180, "the naive service")
+        wait_ready(url, proc, 180, what)
         yield url, "none"
     finally:
         proc.terminate()
@@ -189,6 +197,8 @@ def main() -> None:
         g = report["groups"][name] = {"pipeline": pipeline_rate(args.model, files, args.seconds / 2)}
         with service(args.model, {}) as (url, key):
             g["medvision"] = drive(url, key, files, levels, args.seconds, args.requests)
+        with peer("bare_upload:app", {}, "the bare upload app") as (url, key):  # the HTTP floor at 1 at a time
+            g["bare upload"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
         for model_name in args.naive_models.split(","):
             if name != "mix" and model_name not in per_syntax_peers:
                 continue  # per syntax: the ViT-S peer only unless asked (time)
@@ -215,7 +225,7 @@ def _print(report: dict, levels: list[int]) -> None:
             table.add_column(col, no_wrap=True)
         base = g.get("naive vit_small", {})
         for system, runs in g.items():
-            if system in ("pipeline", "score"):
+            if system in ("pipeline", "score", "bare upload"):
                 continue
             for c in levels:
                 r = runs[c]
@@ -231,6 +241,11 @@ def _print(report: dict, levels: list[int]) -> None:
             table.add_row("medvision score", "-", f"{s['images_per_s']:.2f}", "-", "-", f"{cst['core_s_per_study']:.2f}",
                           f"{cst['usd_per_1000_studies']:.4f}", "-", f"{100 * s['images_per_s'] / limit:.0f}")
         console.print(table)
+        if "bare upload" in g and 1 in g["medvision"]:
+            served, floor = g["medvision"][1]["p50_ms"], g["bare upload"][1]["p50_ms"]
+            console.print(f"  1 at a time: medvision p50 {served:.1f} ms = pipeline {pipe['p50_ms']:.1f} + receiving the "
+                          f"body over HTTP (a bare uvicorn app: {floor:.1f}) + {served - pipe['p50_ms'] - floor:+.1f} ms "
+                          "of its own (keys, bookkeeping, answer)")
 
 
 if __name__ == "__main__":
