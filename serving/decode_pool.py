@@ -93,7 +93,8 @@ class Received:
 
     @property
     def shared(self) -> Shared:
-        return Shared(self.segment.name, self.size, kept=True)
+        # a worker keeps a kept segment mapped for the next request; a giant one (not kept) it unmaps after use
+        return Shared(self.segment.name, self.size, kept=self.segment.size <= KEEP_MAX)
 
     def __len__(self) -> int:
         return self.size
@@ -118,6 +119,7 @@ def _close(segment: shared_memory.SharedMemory) -> None:
 
 
 SEGMENT_STEP = 8 << 20  # segment sizes are multiples of 8 MiB: a full-field image fits a 24 MiB one
+KEEP_MAX = 64 << 20  # larger segments (a multi-frame body) are unlinked after use, not kept
 
 
 class Segments:
@@ -153,7 +155,10 @@ class Segments:
             yield Received(segment, size)
         finally:
             with self.lock:
-                self.free.append(segment)
+                if segment.size > KEEP_MAX:  # a rare giant: its memory goes back now rather than stay pinned
+                    self._drop(segment)
+                else:
+                    self.free.append(segment)
 
     def _take(self, size: int) -> shared_memory.SharedMemory | None:
         with self.lock:
@@ -174,7 +179,7 @@ class Segments:
 
     def _drop(self, segment: shared_memory.SharedMemory) -> None:
         self.count -= 1
-        segment.close()
+        _close(segment)
         segment.unlink()
 
     def close(self) -> None:

@@ -231,3 +231,25 @@ def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_proce
         assert garbage.status_code == 422 and garbage.json()["code"] == "not_dicom"
     finally:
         server.stop()
+
+
+def test_a_giant_body_segment_is_used_once_and_unlinked_a_usual_one_is_kept():
+    from multiprocessing import shared_memory
+
+    from medvision.serving.decode_pool import KEEP_MAX, Segments
+
+    segments = Segments(keep=4)
+    try:
+        with segments.receiving(KEEP_MAX + 1) as giant:
+            name = giant.segment.name
+            giant.view()[-3:] = b"end"
+            assert not giant.shared.kept  # a worker unmaps it after use
+        assert segments.count == 0 and segments.free == []
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
+        with segments.receiving(3 << 20) as usual:
+            kept = usual.segment.name
+            assert usual.shared.kept and len(usual) == 3 << 20
+        assert segments.count == 1 and [s.name for s in segments.free] == [kept]
+    finally:
+        segments.close()
