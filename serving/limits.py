@@ -82,7 +82,7 @@ class Admission:
     ``429 overloaded`` with a Retry-After estimate straight away. Its body is left unread: the HTTP server discards
     what still arrives and keeps the connection. ``seconds_per_request`` gives the service's current cost of one
     request (the batcher's running estimate), for Retry-After. A refusal here is not audited: the caller is not yet
-known, and an overloaded service writes nothing it need not (the request log and metrics count it)."""
+    known, and an overloaded service writes nothing it need not (the request log and metrics count it)."""
 
     ROUTES = ("/v1/predict",)
 

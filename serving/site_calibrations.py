@@ -98,7 +98,8 @@ def apply_overlay(sessions: sessionmaker[Session], overlay: SiteCalibration, act
     who, as the audit log names them; ``user_id``: the review UI's reader, if it came from there). One the gate
     refused is not applied unless ``force`` (which the audit row records)."""
     if not is_site(overlay.site):
-        raise ConfigError("this site calibration names no valid site (letters, digits, '.', '_' and '-')")
+        raise ConfigError("this site calibration names no valid site (1-64 letters, digits or . _ @ -, starting with a "
+                          "letter or digit)")
     if not consistent(overlay):
         raise ConfigError("this site calibration's verdict or threshold does not follow from its own evidence (was "
                           "the file edited?): not applied; fit it again with 'medvision recalibrate fit'")
