@@ -21,6 +21,23 @@ from medvision.serving.engine import Engine
 from medvision.serving.settings import Settings
 
 
+def _together(server, files) -> dict:
+    """Each file sent to /v1/predict at the same time, on connections of their own: the answers by index."""
+    results = {}
+
+    def send(i):
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as c:
+            results[i] = c.post("/v1/predict", content=files[i].read_bytes(),
+                                headers={"Content-Type": "application/dicom"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(files))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, dicom_files, tmp_path):
     server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                  data_dir=str(tmp_path / "d"), decode_processes=2))
@@ -34,18 +51,7 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
         alone = server.client.post("/v1/predict", content=dicom_files[0].read_bytes(),
                                    headers={"Content-Type": "application/dicom"})
         assert alone.status_code == 200 and handed == []
-        results = {}
-
-        def send(i):
-            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as c:
-                results[i] = c.post("/v1/predict", content=dicom_files[i].read_bytes(),
-                                    headers={"Content-Type": "application/dicom"})
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = _together(server, dicom_files[:8])
         assert handed  # requests that arrived together went to the workers
         for i in range(8):
             assert results[i].status_code == 200, results[i].text
@@ -206,18 +212,7 @@ def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_proce
         alone = server.client.post("/v1/predict", content=padded[0].read_bytes(),
                                    headers={"Content-Type": "application/dicom"})
         assert alone.status_code == 200 and alone.json()["probability"] == pytest.approx(expected[0], abs=1e-5)
-        results = {}
-
-        def send(i):
-            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as c:
-                results[i] = c.post("/v1/predict", content=padded[i].read_bytes(),
-                                    headers={"Content-Type": "application/dicom"})
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = _together(server, padded[:8])
         for i in range(8):
             assert results[i].status_code == 200, results[i].text
             assert results[i].json()["probability"] == pytest.approx(expected[i], abs=1e-5)
