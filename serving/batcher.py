@@ -51,21 +51,9 @@ class Batcher:
         self.seconds_per_image = 0.01  # running estimate, for Retry-After
         self.pending = 0  # requests decoding now, whose images will arrive shortly
 
-    def full(self) -> bool:
-        """True when as many requests are being received, decoded or queued as the queue holds: a new one would only
-        wait (and hold its body in memory) behind them. The route then refuses it at once (``overloaded``)."""
-        return self.pending + (self.queue.qsize() if self.queue else 0) >= self.max_queue
-
-    def overloaded(self) -> Overloaded:
-        waiting = self.pending + (self.queue.qsize() if self.queue else 0)
-        retry = max(1, math.ceil(waiting * self.seconds_per_image))
-        return Overloaded(f"the service is at capacity ({waiting} requests being received, decoded or queued): "
-                          f"retry after {retry} s", retry)
-
     @contextmanager
     def incoming(self):
-        """Wrap the receiving and decoding of a request that will ``submit``: the batcher waits for it if it can,
-        and ``full`` counts it."""
+        """Wrap the receiving and decoding of a request that will ``submit``: the batcher waits for it if it can."""
         self.pending += 1
         try:
             yield

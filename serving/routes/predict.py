@@ -141,10 +141,6 @@ def _check_uids(meta) -> None:
                **SCORING},
 )
 async def predict(request: Request, engine: LoadedEngine, app: State, caller: Caller = require("score")) -> PredictResponse:
-    if app.batcher.full():  # refused before its body is held or decoded; the body is read off so the connection lives
-        async for _ in request.stream():
-            pass
-        raise app.batcher.overloaded()
     ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
 
     def record(result) -> None:
