@@ -513,6 +513,7 @@ _J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10
                  "1.2.840.10008.1.2.4.203"}
 _JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                   "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+_JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 # Start-of-frame markers of ISO 10918-1 (all processes) and SOF55 of JPEG-LS (ISO 14495-1).
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
 
@@ -580,11 +581,18 @@ def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
     try:
         items = generate_fragments(ds.PixelData)
         next(items, None)  # the Basic Offset Table item
-        first = next(items, b"")
+        first = last = next(items, b"")
+        for fragment in items:
+            last = fragment
     except Exception as exc:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
+    if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # CharLS decodes no stream without its end-of-image marker, but on some it spins for seconds before
+        # saying so (9 s for a 128 x 80 image): a truncated stream is refused here, at once.
+        raise CorruptDicomError(f"the {name} codestream has no end-of-image marker (truncated): refused before "
+                                "decoding")
     size = codestream_size(meta.transfer_syntax, first)
     if size is not None and size != (meta.rows, meta.columns):
         raise CorruptDicomError(

@@ -251,6 +251,35 @@ def test_a_jpeg_syntax_without_a_jpeg_stream_is_refused(dicom_files):
         read_dicom(buf.getvalue())
 
 
+def test_a_jpeg_ls_stream_cut_before_its_end_marker_is_refused_at_once(dicom_files):
+    """CharLS decodes no JPEG-LS stream without its end-of-image marker, but on some it spins for seconds first
+    (a fuzzed 128 x 80 stream: 9 s). Cut anywhere, the stream is refused by name before CharLS sees it; with the
+    marker and the fragment's padding it decodes as before."""
+    import time
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(_synthetic_in(dicom_files, "1.2.840.10008.1.2.4.80")))
+    whole, _ = read_dicom(_synthetic_in(dicom_files, "1.2.840.10008.1.2.4.80"))
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert stream.rstrip(b"\x00").endswith(b"\xff\xd9")
+    for cut in (stream[:40], stream[: len(stream) // 2], stream.rstrip(b"\x00")[:-1], stream.rstrip(b"\x00")[:-2]):
+        ds.PixelData = encapsulate([cut])
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        t = time.perf_counter()
+        with pytest.raises(CorruptDicomError, match="JPEG-LS .* no end-of-image marker .truncated."):
+            read_dicom(buf.getvalue())
+        assert time.perf_counter() - t < 1.0
+    ds.PixelData = encapsulate([stream.rstrip(b"\x00") + b"\x00" * 4])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert np.array_equal(read_dicom(buf.getvalue())[0], whole)
+    kept = Path(__file__).parents[2] / "fuzz/regressions/read/jpeg-ls-stream-that-keeps-charls-busy-6s"
+    with pytest.raises(CorruptDicomError, match="no end-of-image marker"):
+        read_dicom(kept.read_bytes())
+
+
 def test_a_deflate_bomb_is_refused_without_inflating_it(dicom_files):
     import struct
     import zlib
