@@ -69,9 +69,10 @@ def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:
     return -(-rows // factor), -(-columns // factor)
 
 
-def _half(x: np.ndarray, axis: int) -> np.ndarray:
+def _half(x: np.ndarray, axis: int, dtype=np.int32) -> np.ndarray:
     """One reversible 5/3 lifting step along ``axis`` (samples 2k low-pass, 2k+1 high-pass): the low-pass band,
-    int32. Symmetric extension at both ends, and the standard's integer rounding (F.3.8.2):
+    computed in ``dtype`` (int32; int16 where the caller knows nothing can overflow). Symmetric extension at both
+    ends, and the standard's integer rounding (F.3.8.2):
     d[k] = x[2k+1] - floor((x[2k] + x[2k+2]) / 2);  s[k] = x[2k] + floor((d[k-1] + d[k] + 2) / 4)."""
     def take(a, s):
         return a[(s, slice(None))] if axis == 0 else a[(slice(None), s)]
@@ -79,43 +80,50 @@ def _half(x: np.ndarray, axis: int) -> np.ndarray:
     even, odd = take(x, slice(0, None, 2)), take(x, slice(1, None, 2))
     ne, no = even.shape[axis], odd.shape[axis]
     if no == 0:
-        return np.asarray(even, dtype=np.int32)
-    d = np.empty(odd.shape, np.int32)
+        return np.asarray(even, dtype=dtype)
+    d = np.empty(odd.shape, dtype)
     m = ne - 1  # odd samples with a right neighbour; the last one of an even length mirrors x[n-2]
-    np.add(take(even, slice(0, m)), take(even, slice(1, None)), out=take(d, slice(0, m)), dtype=np.int32,
+    np.add(take(even, slice(0, m)), take(even, slice(1, None)), out=take(d, slice(0, m)), dtype=dtype,
            casting="unsafe")
     if no > m:
         np.add(take(even, slice(m, m + 1)), take(even, slice(m, m + 1)), out=take(d, slice(m, m + 1)),
-               dtype=np.int32, casting="unsafe")
+               dtype=dtype, casting="unsafe")
     np.right_shift(d, 1, out=d)
-    np.subtract(odd, d, out=d, dtype=np.int32, casting="unsafe")
-    s = np.empty(even.shape, np.int32)
+    np.subtract(odd, d, out=d, dtype=dtype, casting="unsafe")
+    s = np.empty(even.shape, dtype)
     np.add(take(d, slice(0, 1)), take(d, slice(0, 1)), out=take(s, slice(0, 1)))  # d[-1] mirrors d[0]
     np.add(take(d, slice(0, no - 1)), take(d, slice(1, no)), out=take(s, slice(1, no)))
     if ne > no:  # an odd length: the last even sample's right detail mirrors d[no-1]
         np.add(take(d, slice(no - 1, no)), take(d, slice(no - 1, no)), out=take(s, slice(no, no + 1)))
     s += 2
     np.right_shift(s, 2, out=s)
-    np.add(s, even, out=s, dtype=np.int32, casting="unsafe")
+    np.add(s, even, out=s, dtype=dtype, casting="unsafe")
     return s
 
 
-STRIP_ROWS = 32  # output rows computed at once: a strip's int32 intermediates stay in a core's cache
+STRIP_ROWS = 64  # output rows computed at once: a strip's intermediates stay in a core's cache
+NARROW_BELOW = 1 << 13  # inputs below this take the first level in int16: no intermediate can overflow it
 
 
-def _level(a: np.ndarray) -> np.ndarray:
-    """One 2-D level (the vertical step, then the horizontal one) in strips of ``STRIP_ROWS`` output rows, 1.5x
-    faster on a full-field image than whole-image steps, and equal to them: output row k of the vertical step reads
-    input rows 2k-2 .. 2k+2, so each strip is computed from its rows plus two on either side, and the one output row
-    at each side that the strip's edge would mirror is dropped (the image's own edges are mirrored as before)."""
+def _level(a: np.ndarray, dtype=np.int32) -> np.ndarray:
+    """One 2-D level (the vertical step, then the horizontal one) in strips of ``STRIP_ROWS`` output rows, equal
+    to whole-image steps: output row k of the vertical step reads input rows 2k-2 .. 2k+2, so each strip is
+    computed from its rows plus two on either side, and the one output row at each side that the strip's edge
+    would mirror is dropped (the image's own edges are mirrored as before). The horizontal step runs on the strip
+    transposed, so both steps read contiguous rows (strided reads cost numpy its vector loops). On a full-field
+    image: 2x faster than whole-image steps in int32, and 1.4x again in int16.
+
+    ``dtype`` int16 is exact for unsigned input below ``NARROW_BELOW`` (M = 2**13 - 1): the vertical step's sums
+    stay within 2M + 2 and its band within [-M/2, 3M/2]; the horizontal step's sums within 3M and 4M + 2, its band
+    within [-3M/2, 5M/2], all below 2**15."""
     n = a.shape[0]
     half = (n + 1) // 2
-    out = np.empty((half, (a.shape[1] + 1) // 2), np.int32)
+    out = np.empty((half, (a.shape[1] + 1) // 2), dtype)
     for k0 in range(0, half, STRIP_ROWS):
         k1 = min(half, k0 + STRIP_ROWS)
         lead = 0 if k0 == 0 else 1
-        vertical = _half(a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)], 0)[lead:lead + k1 - k0]
-        out[k0:k1] = _half(vertical, 1)
+        vertical = _half(a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)], 0, dtype)[lead:lead + k1 - k0]
+        out[k0:k1] = _half(np.ascontiguousarray(vertical.T), 0, dtype).T
     return out
 
 
@@ -126,9 +134,11 @@ def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> 
     once; no full-size copy of the input is made."""
     if levels == 0:
         return stored
-    a = stored
-    for _ in range(levels):
-        a = _level(a)
+    narrow = stored.dtype.kind == "u" and stored.size and (
+        stored.dtype.itemsize == 1 or (bits_stored <= 13 and int(stored.max()) < NARROW_BELOW))
+    a = _level(stored, np.int16) if narrow else _level(stored)
+    for _ in range(levels - 1):
+        a = _level(a)  # the band's range has grown past int16's
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     info = np.iinfo(stored.dtype)
     return np.clip(a, max(lo, info.min), min(hi, info.max)).astype(stored.dtype)

@@ -15,6 +15,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from medvision import resolution
 from medvision.dicom_io import read_dicom
 from medvision.errors import CorruptDicomError
 from medvision.preprocess import Preprocess, PreprocessConfig, display_and_box
@@ -79,6 +80,31 @@ def test_lowpass_is_the_standards_5_3_lifting(shape, levels):
     s = (a.astype(np.int32) - 2048).astype(np.int16)  # signed samples: the same arithmetic, the signed range
     np.testing.assert_array_equal(lowpass(s, levels, 12, True),
                                   np.clip(_reference_lowpass(s, levels), -2048, 2047))
+
+
+@pytest.mark.parametrize("pattern", ["random", "checkerboard", "stripes", "uint8", "a value above 13 bits"])
+def test_the_int16_first_level_is_exact_at_the_extremes_of_its_range(pattern, monkeypatch):
+    """Unsigned samples below 2**13 take the first level in int16: the values that push its sums furthest (a
+    checkerboard of 0 and the maximum, alternating rows) give what the wide arithmetic gives; a value past 13 bits
+    sends the image through the int32 path."""
+    rng = np.random.default_rng(1)
+    top = (1 << 13) - 1
+    shape = (133, 70)
+    a = {"random": lambda: rng.integers(0, top + 1, size=shape),
+         "checkerboard": lambda: (np.indices(shape).sum(0) % 2) * top,
+         "stripes": lambda: (np.arange(shape[0])[:, None] % 2) * np.full(shape, top),
+         "uint8": lambda: rng.integers(0, 256, size=shape),
+         "a value above 13 bits": lambda: np.where(rng.random(shape) < 0.01, 1 << 15, rng.integers(0, top, shape)),
+         }[pattern]()
+    a = a.astype(np.uint8 if pattern == "uint8" else np.uint16)
+    bits = 8 if pattern == "uint8" else 13
+    first = []
+    level = resolution._level
+    monkeypatch.setattr(resolution, "_level", lambda x, dtype=np.int32: first.append(dtype) or level(x, dtype))
+    for levels in (1, 2):
+        np.testing.assert_array_equal(lowpass(a, levels, bits, False),
+                                      np.clip(_reference_lowpass(a, levels), 0, (1 << bits) - 1))
+    assert first[0] == (np.int32 if pattern == "a value above 13 bits" else np.int16) and first[-1] == np.int32
 
 
 @pytest.fixture(scope="module")
