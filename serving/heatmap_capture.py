@@ -96,14 +96,14 @@ def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
 
 
 def build_capture(engine, path: str | Path, series_instance_uid: str, instance_number: int,
-                  series_number: int = 9902) -> hd.sc.SCImage:
+                  series_number: int = 9902, sop_instance_uid: str | None = None) -> hd.sc.SCImage:
     rgb, _ = overlay(engine, path)
     ref = dcmread(path, stop_before_pixels=True)
     orientation = tuple(ref.get("PatientOrientation", []) or ()) or None
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_instance_uid, series_number=series_number,
-        sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer="medvision",
+        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=instance_number, manufacturer="medvision",
         patient_orientation=orientation if orientation and len(orientation) == 2 else ("A", "R"),
         laterality=str(ref.get("ImageLaterality", ref.get("Laterality", ""))) or None,
     )

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +27,7 @@ from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
 from medvision.serving.site_calibrations import meaning
 from medvision.serving.stow import requeue_orphans
-from medvision.serving.structured_report import ImageScore, build_sr
+from medvision.serving.structured_report import ImageScore, build_sr, derived_uid, report_uids
 from medvision.serving.tables import (
     Instance,
     InstanceState,
@@ -246,14 +245,16 @@ class Worker:
         sources = [dcmread(data.inside(path), stop_before_pixels=True) for path, *_ in rows]
         meanings = {i: tuple(meaning(sessions, self.context.engine.meta, {i}).parameters()) for i in {r[4] for r in rows}}
         scores = [ImageScore(uid, p, p >= thr, thr, meanings[cal]) for _, uid, p, thr, cal in rows]
-        sr = build_sr(sources, scores, info)
+        uids = report_uids(job.site, job.study_instance_uid, info, scores)
+        sr = build_sr(sources, scores, info, uids=uids)
         path = data.write_dataset(sr)
         files = [str(path)]
         engine, settings = self.context.engine, self.context.settings
         if settings.heatmap_capture and engine.has_heatmap:
-            series = generate_uid()
-            for n, (source_path, *_) in enumerate(rows, start=1):
-                capture = build_capture(engine, data.inside(source_path), series, n)
+            series = derived_uid("heatmap series", uids[1])
+            for n, (source_path, uid, *_) in enumerate(rows, start=1):
+                capture = build_capture(engine, data.inside(source_path), series, n,
+                                        sop_instance_uid=derived_uid("heatmap", uids[1], uid))
                 files.append(str(data.write_dataset(capture)))
         # due to go back to the PACS (delivery: retried until it arrives); a report made again (more instances
         # arrived) goes back again

@@ -94,14 +94,29 @@ class DataFolder:
         return self._link_in(source, "instances", fan_out=True)
 
     def write_dataset(self, ds) -> Path:
-        """A DICOM object the service made (an SR, a capture), written to ``reports/`` under a new name."""
+        """A DICOM object the service made (an SR, a capture), written to ``reports/`` under a name derived from its
+        SOP Instance UID (a hash: no character of the UID reaches the path). The service derives those UIDs from
+        what the object says, so the same object made twice (a job run again after a crash between writing it and
+        recording it) lands on the same file: the one already there is kept, nothing is left unreferenced."""
+        import hashlib
+
+        name = hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:40]
+        target = self.folder("reports") / f"{name}.dcm"
+        if target.is_file():
+            return target
         fd, tmp = self.temporary(".dcm")
         try:
             with os.fdopen(fd, "wb") as fh:
                 ds.save_as(fh, enforce_file_format=True)
                 fh.flush()
                 os.fsync(fh.fileno())
-            return self._link_in(tmp, "reports")
+            try:
+                _link_exclusive(tmp, target)
+            except FileExistsError:  # another process wrote the same object meanwhile: theirs stands
+                return target
+            os.chmod(target, FILE_MODE)
+            fsync_folder(target.parent)
+            return target
         finally:
             tmp.unlink(missing_ok=True)
 

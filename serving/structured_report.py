@@ -38,9 +38,27 @@ class ImageScore:
     meaning: tuple[str, ...] = ()  # what the probability is relative to (site_calibrations.Meaning.parameters())
 
 
+def derived_uid(*parts: object) -> str:
+    """A UID that depends only on ``parts`` (pydicom's root, a hash of them): the same report made twice is the same
+    SOP Instance, so a PACS files it once, and a changed report (more images, another model or calibration) is a
+    new one."""
+    return generate_uid(entropy_srcs=["medvision", *map(repr, parts)])
+
+
+def report_uids(site: str, study_instance_uid: str, model: ModelInfo, scores: list[ImageScore]) -> tuple[str, str]:
+    """``(series, SOP instance)`` UIDs of the report on one study of one site: one series per study and model; one
+    instance per content (what was scored, with what probability, at which threshold and calibration)."""
+    series = derived_uid("report series", site, study_instance_uid, model.artifact_sha256)
+    content = sorted((s.sop_instance_uid, round(float(s.probability), 6), s.above_threshold, s.threshold, s.meaning)
+                     for s in scores)
+    return series, derived_uid("report", series, content)
+
+
 def build_sr(sources: list[Dataset], scores: list[ImageScore], model: ModelInfo, series_number: int = 9901,
-             instance_number: int = 1) -> hd.sr.Comprehensive3DSR:
-    """``sources``: the scored images (headers suffice); ``model``: the engine's ``model_info()``."""
+             instance_number: int = 1, uids: tuple[str, str] | None = None) -> hd.sr.Comprehensive3DSR:
+    """``sources``: the scored images (headers suffice); ``model``: the engine's ``model_info()``; ``uids``: the
+    report's series and SOP Instance UIDs (``report_uids``; new random ones when None)."""
+    series_uid, sop_uid = uids or (generate_uid(), generate_uid())
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     missing = [s.sop_instance_uid for s in scores if s.sop_instance_uid not in by_uid]
     if missing or not scores:
@@ -58,7 +76,8 @@ def build_sr(sources: list[Dataset], scores: list[ImageScore], model: ModelInfo,
         ds = by_uid[s.sop_instance_uid]
         source = hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"image {i}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("tracking", sop_uid, s.sop_instance_uid),
+                                                         identifier=f"image {i}"),
             algorithm_id=algorithm(s),
             finding_sites=[hd.sr.FindingSite(codes.SCT.Breast)],
             source_images=[source],
@@ -83,9 +102,9 @@ def build_sr(sources: list[Dataset], scores: list[ImageScore], model: ModelInfo,
     return hd.sr.Comprehensive3DSR(
         evidence=[by_uid[s.sop_instance_uid] for s in scores],
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer="medvision",
         is_complete=True,

@@ -199,6 +199,43 @@ def test_a_study_sent_in_pieces_gets_one_report(server, dicom_files):
     assert len(mine) == 1 and mine[0].SOPInstanceUID == status["report_sop_instance_uid"]
 
 
+def test_a_report_made_again_is_the_same_instance_in_the_same_file(server, dicom_files):
+    """A job run again after the service died between writing its report and recording it makes the same report:
+    the same SOP Instance UID (derived from what the report says), on the same file; nothing is left unreferenced
+    in the data folder. A report that says something else (another image, another threshold) is a new instance."""
+    from medvision.serving.structured_report import ImageScore, report_uids
+    from medvision.serving.tables import Job
+
+    files = _study(dicom_files, 7)
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    first = server.wait_scored(study_uid)
+    state = server.server.config.app.state
+    reports = server.data_dir / "reports"
+    before = sorted(reports.glob("*.dcm"))
+    with state.db() as db:
+        job = db.query(Job).filter_by(study_instance_uid=study_uid).first()
+        db.expunge(job)
+    info = state.engine.model_info()
+    state.worker.write_report(job, info)
+    again = server.client.get(f"/v1/studies/{study_uid}").json()
+    assert again["report_sop_instance_uid"] == first["report_sop_instance_uid"]
+    assert sorted(reports.glob("*.dcm")) == before
+    mine = [p for p in before if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid]
+    assert len(mine) == 1 and pydicom.dcmread(mine[0]).SOPInstanceUID == first["report_sop_instance_uid"]
+
+    scores = [ImageScore("1.2.3.4", 0.25, False, 0.3), ImageScore("1.2.3.5", 0.75, True, 0.3)]
+    series, sop = report_uids("a", study_uid, info, scores)
+    assert report_uids("a", study_uid, info, scores[::-1]) == (series, sop)  # order does not matter
+    for changed in (report_uids("a", study_uid, info, scores[:1]),
+                    report_uids("a", study_uid, info, [scores[0], ImageScore("1.2.3.5", 0.75, True, 0.2)]),
+                    report_uids("b", study_uid, info, scores)):
+        assert changed[1] != sop
+    assert report_uids("a", study_uid, info, scores[:1])[0] == series  # one series per study and model
+    assert len(sop) <= 64 and all(part.isdigit() for part in sop.split("."))
+
+
 def test_metrics_count_images_alike_whichever_way_they_came(server, dicom_files):
     """Images scored from a STOW-RS study and through /v1/predict land in one counter per site; an image refused by
     /v1/predict is counted as refused, like one refused in a study; the scoring queue is visible."""
