@@ -50,6 +50,11 @@ class AugmentConfig(BaseModel):
     full_decode: float = Field(0.0, ge=0, le=1, description="share of training samples drawn from the image decoded "
                                "at full resolution instead of under the decode contract (preprocess.decode_long_side): "
                                "a model that learned from both scores an image alike whichever way it is decoded")
+    consistency: float = Field(0.0, ge=0, description="weight of a term that pulls together the logits of each "
+                               "training image decoded both ways (under the contract and at full resolution, the same "
+                               "augmentation on both): mean (logit_contract - logit_full)^2, next to the task loss on "
+                               "both. Needs a reducing contract; every sample then costs two forward passes "
+                               "(full_decode's random swap is not used)")
 
 
 class TrainConfig(BaseModel):

@@ -48,13 +48,16 @@ class CachedImages(Dataset):
     """
 
     def __init__(self, images, labels: np.ndarray, pre: Preprocess, transform=None, seed: int = 0,
-                 extra: np.ndarray | None = None, alternate=None, alternate_share: float = 0.0) -> None:
+                 extra: np.ndarray | None = None, alternate=None, alternate_share: float = 0.0,
+                 paired: bool = False) -> None:
         """``extra`` (e.g. a teacher's logits) travels with the label: targets become ``[label, extra]``.
         ``alternate`` (the same images decoded another way, e.g. at full resolution) replaces an image in
-        ``alternate_share`` of the draws, seeded like the augmentation."""
+        ``alternate_share`` of the draws, seeded like the augmentation; or, ``paired``, comes with it: a sample
+        is then ``(2, 1, size, size)``, the image and its alternate under the same augmentation."""
         self.images, self.labels, self.pre, self.transform = images, labels.astype(np.float32), pre, transform
         self.extra = None if extra is None else np.asarray(extra, dtype=np.float32)
         self.alternate, self.alternate_share = alternate, alternate_share if alternate is not None else 0.0
+        self.paired = paired and alternate is not None
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -67,10 +70,17 @@ class CachedImages(Dataset):
         draw = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
         if self.transform is not None:
             self.transform.set_random_seed(draw)
+        target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
+        if self.paired:
+            views = []
+            for source in (self.images, self.alternate):
+                if self.transform is not None:
+                    self.transform.set_random_seed(draw)  # the same flip, affine, exposure and noise on both
+                views.append(self.pre.finish(augment(self.transform, np.asarray(source[i]))))
+            return torch.from_numpy(np.stack(views)), torch.tensor(target)
         source = self.images
         if self.alternate_share and np.random.default_rng([draw, 1]).random() < self.alternate_share:
             source = self.alternate
         grey = augment(self.transform, np.asarray(source[i]))
         x = self.pre.finish(grey)
-        target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
         return torch.from_numpy(x), torch.tensor(target)

@@ -60,7 +60,8 @@ BEST = "best.safetensors"
 def _full_decodes(augment_cfg, pre: Preprocess, rows, show_progress: bool, cache: dict):
     """The training images decoded at full resolution too, when augmentation draws from them
     (``augment.full_decode``) and the contract reduces; else None."""
-    if not (augment_cfg.enabled and augment_cfg.full_decode > 0 and pre.cfg.decode_long_side):
+    if not (augment_cfg.enabled and (augment_cfg.full_decode > 0 or augment_cfg.consistency > 0)
+            and pre.cfg.decode_long_side):
         return None
     full = Preprocess(pre.cfg.model_copy(update={"decode_long_side": 0}))
     images, kept = decode_all(rows, full, "decode train (full resolution)", show_progress, **cache)
@@ -326,7 +327,8 @@ def _data(cfg: RunConfig, out: Path, rows, resuming: bool, dist_info: DistInfo, 
         if main:
             barrier(dist_info)
     train_ds = CachedImages(train_imgs, y_train, pre, build_augment(t.augment, t.seed), seed=t.seed, extra=t_logits,
-                            alternate=full_imgs, alternate_share=t.augment.full_decode)
+                            alternate=full_imgs, alternate_share=t.augment.full_decode,
+                            paired=t.augment.enabled and t.augment.consistency > 0)
     return _Data(train_ds, CachedImages(val_imgs, y_val, pre), y_train, y_val, t_logits)
 
 
@@ -417,11 +419,18 @@ class _Steps:
         with progress_bar(f"epoch {epoch + 1}/{t.epochs}", total=len(loader), enabled=show_progress) as advance:
             for i, (x, y) in enumerate(loader):
                 x, y = x.to(self.device), y.to(self.device)
+                paired = x.ndim == 5  # (batch, 2 decodes, 1, size, size): the consistency term
+                if paired:
+                    x, y = x.transpose(0, 1).flatten(0, 1), y.repeat(2, 1)  # every contract view, then every full one
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.device, t.precision):
                     out = self.fwd(x)
                 loss = self.loss(out, y)
+                if paired:
+                    logits = (out[0] if isinstance(out, tuple) else out).float().reshape(2, -1)
+                    loss = loss + t.augment.consistency * (logits[0] - logits[1]).pow(2).mean()
+                    x = x[: len(x) // 2]  # counted once below
                 (loss / t.accumulate).backward()
                 if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
                     self._step()

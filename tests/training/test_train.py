@@ -315,3 +315,37 @@ def test_full_decode_augmentation_draws_the_full_resolution_image_in_its_share_r
     half = drawn(0.5, 0)
     assert set(half) == {"full", "reduced"} and drawn(0.5, 0) == half  # both, and the same for a seed and epoch
     assert drawn(0.5, 1) != half
+
+
+def test_paired_decodes_carry_the_same_augmentation_and_the_consistency_term_trains(synth_dir, tmp_path, monkeypatch):
+    """``augment.consistency``: each sample is the image under the contract and at full resolution with the same
+    flip, affine, exposure and noise (so the term compares decodes, not augmentations), and a run trains with it."""
+    from medvision.cache import decode_many
+    from medvision.config import AugmentConfig
+    from medvision.preprocess import Preprocess, PreprocessConfig
+    from medvision.training.augment import build_augment
+    from medvision.training.dataset import CachedImages
+
+    paths = sorted(str(p) for p in (synth_dir / "images").rglob("*.dcm"))[:6]
+    reduced = Preprocess(PreprocessConfig(image_size=64, decode_long_side=96))
+    full = Preprocess(PreprocessConfig(image_size=64))
+    a = np.stack([img for img, _ in decode_many(paths, reduced, workers=1, show_progress=False)])
+    b = np.stack([img for img, _ in decode_many(paths, full, workers=1, show_progress=False)])
+    every = AugmentConfig(flip_vertical=0.5, affine=1.0, brightness_contrast=1.0, gamma=1.0, noise=1.0)
+    same = CachedImages(a, np.zeros(len(a)), reduced, build_augment(every, 0), seed=1, alternate=a.copy(), paired=True)
+    for i in range(len(same)):
+        x, _ = same[i]
+        assert x.shape == (2, 1, 64, 64) and torch.equal(x[0], x[1])  # same image in: the same augmented image out
+        assert not np.allclose(x[0].numpy()[0], (a[i] - 0.5) / 0.5)  # and it was augmented
+    both = CachedImages(a, np.zeros(len(a)), reduced, build_augment(every, 0), seed=1, alternate=b, paired=True)
+    x, _ = both[0]
+    assert 0 < float((x[0] - x[1]).abs().mean()) < 0.1  # the decodes differ a little, the augmentation does not
+
+    from medvision.cli import main
+
+    monkeypatch.chdir(synth_dir)
+    assert main(["train", "--config", "tiny", "--labels", "labels.csv", "--images", "images", "--out",
+                 str(tmp_path / "run"), "--no-progress", "train.epochs=1", "data.val_fraction=0.25",
+                 "data.test_fraction=0.25", "preprocess.decode_long_side=96", "train.augment.consistency=1.0"]) == 0
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
