@@ -11,6 +11,7 @@ checked to lie inside the folder before it is opened.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 import uuid
@@ -98,8 +99,6 @@ class DataFolder:
         SOP Instance UID (a hash: no character of the UID reaches the path). The service derives those UIDs from
         what the object says, so the same object made twice (a job run again after a crash between writing it and
         recording it) lands on the same file: the one already there is kept, nothing is left unreferenced."""
-        import hashlib
-
         name = hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:40]
         target = self.folder("reports") / f"{name}.dcm"
         if target.is_file():
