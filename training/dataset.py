@@ -68,19 +68,16 @@ class CachedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         draw = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
-        if self.transform is not None:
-            self.transform.set_random_seed(draw)
-        target = [self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]]
-        if self.paired:
-            views = []
-            for source in (self.images, self.alternate):
-                if self.transform is not None:
-                    self.transform.set_random_seed(draw)  # the same flip, affine, exposure and noise on both
-                views.append(self.pre.finish(augment(self.transform, np.asarray(source[i]))))
-            return torch.from_numpy(np.stack(views)), torch.tensor(target)
+        target = torch.tensor([self.labels[i]] if self.extra is None else [self.labels[i], self.extra[i]])
+        if self.paired:  # the same flip, affine, exposure and noise on both decodes
+            views = [self._augmented(source[i], draw) for source in (self.images, self.alternate)]
+            return torch.from_numpy(np.stack(views)), target
         source = self.images
         if self.alternate_share and np.random.default_rng([draw, 1]).random() < self.alternate_share:
             source = self.alternate
-        grey = augment(self.transform, np.asarray(source[i]))
-        x = self.pre.finish(grey)
-        return torch.from_numpy(x), torch.tensor(target)
+        return torch.from_numpy(self._augmented(source[i], draw)), target
+
+    def _augmented(self, image, draw: int) -> np.ndarray:
+        if self.transform is not None:
+            self.transform.set_random_seed(draw)
+        return self.pre.finish(augment(self.transform, np.asarray(image)))

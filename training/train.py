@@ -419,7 +419,7 @@ class _Steps:
         with progress_bar(f"epoch {epoch + 1}/{t.epochs}", total=len(loader), enabled=show_progress) as advance:
             for i, (x, y) in enumerate(loader):
                 x, y = x.to(self.device), y.to(self.device)
-                paired = x.ndim == 5  # (batch, 2 decodes, 1, size, size): the consistency term
+                samples, paired = len(x), x.ndim == 5  # (batch, 2 decodes, 1, size, size): the consistency term
                 if paired:
                     x, y = x.transpose(0, 1).flatten(0, 1), y.repeat(2, 1)  # every contract view, then every full one
                 if t.channels_last:
@@ -430,12 +430,11 @@ class _Steps:
                 if paired:
                     logits = (out[0] if isinstance(out, tuple) else out).float().reshape(2, -1)
                     loss = loss + t.augment.consistency * (logits[0] - logits[1]).pow(2).mean()
-                    x = x[: len(x) // 2]  # counted once below
                 (loss / t.accumulate).backward()
                 if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
                     self._step()
-                running += loss.item() * len(x)
-                seen += len(x)
+                running += loss.item() * samples
+                seen += samples
                 if writer is not None:
                     writer.add_scalar("train/loss", loss.item(), epoch * len(loader) + i)
                 advance(status=f"loss {running / seen:.4f}")
