@@ -22,7 +22,6 @@ of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCP
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import _drive, _free_port, service, wait_ready  # noqa: E402 - the same client and service start as serve_load
+from serve_load import _drive, _free_port, run_client, service, wait_ready  # noqa: E402 - the same client and service start as serve_load
 
 console = Console(width=170)
 MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
@@ -124,7 +123,7 @@ def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: flo
     out = {}
     for c in levels:
         cpu = time.process_time()
-        r = asyncio.run(_drive(url, key, payloads, c, seconds, limit))
+        r = run_client(_drive(url, key, payloads, c, seconds, limit))
         r["client_cores"] = (time.process_time() - cpu) / r["wall_s"]  # what the client took of the machine's cores
         r.pop("latencies_ms")
         out[c] = r

@@ -112,7 +112,8 @@ class _Connection:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             try:
                 self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
-                                  + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                                  + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                self.writer.write(body)  # not joined to the head: a 17 MB body is not copied on its way out
                 await self.writer.drain()
                 line = await self.reader.readline()
             except ConnectionError:
@@ -143,6 +144,17 @@ class _Connection:
                 await writer.wait_closed()
             except ConnectionError:
                 pass
+
+
+def run_client(coro):
+    """Run the load generator's coroutine on uvloop where it is installed (it comes with the service's extra):
+    asyncio's own loop copies a large body twice on its way to the socket, and the client shares the service's
+    cores (measured on 17 MB bodies: 14.7 ms of a core per request on asyncio's loop, 8.4 ms on uvloop)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int) -> dict:
@@ -191,7 +203,7 @@ def _interleaved_c1(url: str, key: str, engine, files: list[Path], payloads: lis
             engine.predict(files[i % len(files)])
             raw_ms.append(1000 * (time.perf_counter() - t))
             i += 1
-        served.append(asyncio.run(_drive(url, key, payloads, 1, seconds / rounds, limit // rounds)))
+        served.append(run_client(_drive(url, key, payloads, 1, seconds / rounds, limit // rounds)))
     codes: dict = {}
     for part in served:
         for k, v in part["status"].items():
@@ -245,7 +257,7 @@ def served(model: str, files: list[Path], max_batch: int, levels: list[int], sec
 
                 out[c] = _interleaved_c1(url, key, Engine(model), files, payloads, seconds, limit)
             else:
-                out[c] = asyncio.run(_drive(url, key, payloads, c, seconds, limit))
+                out[c] = run_client(_drive(url, key, payloads, c, seconds, limit))
             out[c].pop("latencies_ms")
         return out
 
