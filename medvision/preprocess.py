@@ -293,8 +293,9 @@ def orient_chest_wall_left(grey: np.ndarray) -> np.ndarray:
     return grey[:, ::-1] if needs_flip(grey) else grey
 
 
-def resize_pad(grey: np.ndarray, size: int) -> np.ndarray:
-    """Resize the longer side to ``size`` (antialiased bilinear), pad the rest with 0 (air).
+def resize_pad(grey: np.ndarray, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """Resize the longer side to ``size`` (antialiased bilinear; ``resample`` another of Pillow's filters, which
+    only benchmarks ask for), pad the rest with 0 (air).
 
     The image is centred vertically and kept against the left edge (the chest wall after orienting).
     """
@@ -303,7 +304,7 @@ def resize_pad(grey: np.ndarray, size: int) -> np.ndarray:
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = np.asarray(
         Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F").resize(
-            (nw, nh), Image.Resampling.BILINEAR
+            (nw, nh), resample
         ),
         dtype=np.float32,
     )
