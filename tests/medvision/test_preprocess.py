@@ -90,6 +90,19 @@ def test_resize_pad_keeps_aspect_and_pads_with_air():
     assert np.allclose(out[:, :32], 1.0, atol=1e-5) and np.all(out[:, 33:] == 0)
 
 
+def test_resize_pad_takes_another_filter_only_when_asked():
+    """The decode-contract benchmark's control resizes with other filters; the preprocessing's stays bilinear."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.random((300, 240)).astype(np.float32)
+    bilinear = np.asarray(Image.fromarray(img, mode="F").resize((51, 64), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(resize_pad(img, 64)[:, :51], bilinear)
+    box = resize_pad(img, 64, Image.Resampling.BOX)
+    assert box.shape == (64, 64) and np.all(box[:, 51:] == 0)
+    assert np.abs(box[:, :51] - bilinear).max() > 1e-3
+
+
 def test_preprocess_output_contract(dicom_files):
     pre = Preprocess(PreprocessConfig(image_size=96, mean=0.5, std=0.25))
     x, meta = pre.from_dicom(dicom_files[0])
