@@ -113,6 +113,9 @@ def main() -> None:
     from PIL import Image
 
     for name in filter(None, args.controls.split(",")):
+        if name.strip().upper() not in Image.Resampling.__members__:
+            raise SystemExit(f"--controls: '{name}' is not one of Pillow's filters "
+                             f"({', '.join(m.lower() for m in Image.Resampling.__members__)})")
         p_ctl = _score(engine, _resampled(cfg, Image.Resampling[name.strip().upper()]), paths)[0]
         report.setdefault("controls", {})[f"full decode, {name.strip()} resize"] = {
             "agreement": float(((p_ctl >= thr) == (p_full >= thr)).mean()),
