@@ -59,7 +59,8 @@ BEST = "best.safetensors"
 
 def _full_decodes(augment_cfg, pre: Preprocess, rows, show_progress: bool, cache: dict):
     """The training images decoded at full resolution too, when augmentation draws from them
-    (``augment.full_decode``) and the contract reduces; else None."""
+    (``augment.full_decode``) or pairs them with the contract's (``augment.consistency``) and the contract reduces;
+    else None."""
     if not (augment_cfg.enabled and (augment_cfg.full_decode > 0 or augment_cfg.consistency > 0)
             and pre.cfg.decode_long_side):
         return None
