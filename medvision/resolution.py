@@ -69,61 +69,83 @@ def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:
     return -(-rows // factor), -(-columns // factor)
 
 
-def _half(x: np.ndarray, axis: int, dtype=np.int32) -> np.ndarray:
-    """One reversible 5/3 lifting step along ``axis`` (samples 2k low-pass, 2k+1 high-pass): the low-pass band,
-    computed in ``dtype`` (int32; int16 where the caller knows nothing can overflow). Symmetric extension at both
-    ends, and the standard's integer rounding (F.3.8.2):
-    d[k] = x[2k+1] - floor((x[2k] + x[2k+2]) / 2);  s[k] = x[2k] + floor((d[k-1] + d[k] + 2) / 4)."""
+def _half(x: np.ndarray, axis: int) -> np.ndarray:
+    """One reversible 5/3 lifting step along ``axis`` (samples 2k low-pass, 2k+1 high-pass): the low-pass band, in
+    ``x``'s own integer type (the caller picks one no intermediate can overflow: ``_fits``). Symmetric extension at
+    both ends, and the standard's integer rounding (F.3.8.2):
+    d[k] = x[2k+1] - floor((x[2k] + x[2k+2]) / 2);  s[k] = x[2k] + floor((d[k-1] + d[k] + 2) / 4).
+    Along rows (``axis`` 1) the even and odd samples are first gathered into contiguous arrays: every operation
+    after that runs numpy's vector loops (on strided samples, or on a transposed copy, it took twice as long)."""
     def take(a, s):
         return a[(s, slice(None))] if axis == 0 else a[(slice(None), s)]
 
     even, odd = take(x, slice(0, None, 2)), take(x, slice(1, None, 2))
     ne, no = even.shape[axis], odd.shape[axis]
     if no == 0:
-        return np.asarray(even, dtype=dtype)
-    d = np.empty(odd.shape, dtype)
+        return np.array(even)
+    if axis == 1:
+        even, odd = np.ascontiguousarray(even), np.ascontiguousarray(odd)
+    d = np.empty(odd.shape, x.dtype)
     m = ne - 1  # odd samples with a right neighbour; the last one of an even length mirrors x[n-2]
-    np.add(take(even, slice(0, m)), take(even, slice(1, None)), out=take(d, slice(0, m)), dtype=dtype,
-           casting="unsafe")
+    np.add(take(even, slice(0, m)), take(even, slice(1, None)), out=take(d, slice(0, m)))
     if no > m:
-        np.add(take(even, slice(m, m + 1)), take(even, slice(m, m + 1)), out=take(d, slice(m, m + 1)),
-               dtype=dtype, casting="unsafe")
+        np.add(take(even, slice(m, m + 1)), take(even, slice(m, m + 1)), out=take(d, slice(m, m + 1)))
     np.right_shift(d, 1, out=d)
-    np.subtract(odd, d, out=d, dtype=dtype, casting="unsafe")
-    s = np.empty(even.shape, dtype)
+    np.subtract(odd, d, out=d)
+    s = np.empty(even.shape, x.dtype)
     np.add(take(d, slice(0, 1)), take(d, slice(0, 1)), out=take(s, slice(0, 1)))  # d[-1] mirrors d[0]
     np.add(take(d, slice(0, no - 1)), take(d, slice(1, no)), out=take(s, slice(1, no)))
     if ne > no:  # an odd length: the last even sample's right detail mirrors d[no-1]
         np.add(take(d, slice(no - 1, no)), take(d, slice(no - 1, no)), out=take(s, slice(no, no + 1)))
     s += 2
     np.right_shift(s, 2, out=s)
-    np.add(s, even, out=s, dtype=dtype, casting="unsafe")
+    s += even
     return s
 
 
+def _step_range(lo: int, hi: int) -> tuple[int, int, int]:
+    """For samples in [lo, hi]: the range of one lifting step's low-pass band, and the largest magnitude any value
+    computed on the way takes (the sums of two samples, the details, the sums of two details plus 2)."""
+    d_lo, d_hi = lo - hi, hi - lo  # x[2k+1] - floor(mean of two samples)
+    s_lo, s_hi = lo + (2 * d_lo + 2) // 4, hi + (2 * d_hi + 2) // 4
+    return s_lo, s_hi, max(-2 * lo, 2 * hi, -2 * d_lo, 2 * d_hi + 2, -s_lo, s_hi)
+
+
+def _fits(lo: int, hi: int) -> np.dtype:
+    """The narrowest type one 2-D level on samples in [lo, hi] can run in exactly: int16 where no intermediate of
+    either step can leave it (12- and 13-bit mammograms, and the bands of their first levels), else int32."""
+    v_lo, v_hi, v_big = _step_range(lo, hi)
+    _, _, h_big = _step_range(v_lo, v_hi)
+    return np.dtype(np.int16) if max(v_big, h_big) <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def _as(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``rows`` in ``dtype``: a free reinterpretation where the bits already mean the same (uint16 samples that all
+    fit int16, in the machine's byte order), else a converted copy (one pass, so the lifting runs on one type)."""
+    if rows.dtype == dtype:
+        return rows
+    if rows.dtype.itemsize == dtype.itemsize and rows.dtype.isnative and rows.dtype.kind in "ui":
+        return rows.view(dtype)  # the caller checked every sample lies in dtype's range (``_fits``)
+    return rows.astype(dtype)
+
+
 STRIP_ROWS = 64  # output rows computed at once: a strip's intermediates stay in a core's cache
-NARROW_BELOW = 1 << 13  # inputs below this take the first level in int16: no intermediate can overflow it
 
 
-def _level(a: np.ndarray, dtype=np.int32) -> np.ndarray:
-    """One 2-D level (the vertical step, then the horizontal one) in strips of ``STRIP_ROWS`` output rows, equal
-    to whole-image steps: output row k of the vertical step reads input rows 2k-2 .. 2k+2, so each strip is
-    computed from its rows plus two on either side, and the one output row at each side that the strip's edge
-    would mirror is dropped (the image's own edges are mirrored as before). The horizontal step runs on the strip
-    transposed, so both steps read contiguous rows (strided reads cost numpy its vector loops). On a full-field
-    image: 2x faster than whole-image steps in int32, and 1.4x again in int16.
-
-    ``dtype`` int16 is exact for unsigned input below ``NARROW_BELOW`` (M = 2**13 - 1): the vertical step's sums
-    stay within 2M + 2 and its band within [-M/2, 3M/2]; the horizontal step's sums within 3M and 4M + 2, its band
-    within [-3M/2, 5M/2], all below 2**15."""
+def _level(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One 2-D level (the vertical step, then the horizontal one) in ``dtype``, in strips of ``STRIP_ROWS`` output
+    rows, equal to whole-image steps: output row k of the vertical step reads input rows 2k-2 .. 2k+2, so each
+    strip is computed from its rows plus two on either side, and the one output row at each side that the strip's
+    edge would mirror is dropped (the image's own edges are mirrored as before). On a full-field image: 2x faster
+    than whole-image steps."""
     n = a.shape[0]
     half = (n + 1) // 2
     out = np.empty((half, (a.shape[1] + 1) // 2), dtype)
     for k0 in range(0, half, STRIP_ROWS):
         k1 = min(half, k0 + STRIP_ROWS)
         lead = 0 if k0 == 0 else 1
-        vertical = _half(a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)], 0, dtype)[lead:lead + k1 - k0]
-        out[k0:k1] = _half(np.ascontiguousarray(vertical.T), 0, dtype).T
+        rows = _as(a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)], dtype)
+        out[k0:k1] = _half(_half(rows, 0)[lead:lead + k1 - k0], 1)
     return out
 
 
@@ -131,14 +153,19 @@ def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> 
     """The image at 1/2**levels of its size: the low-pass band of ``levels`` 2-D steps of the reversible 5/3
     wavelet, as JPEG 2000 computes it (bit for bit what OpenJPEG gives for a lossless codestream decoded at that
     reduction), clamped to the ``bits_stored`` range and returned in the stored type. Each input value is read
-    once; no full-size copy of the input is made."""
+    once; no full-size copy of the input is made. Each level runs in the narrowest integer type its samples'
+    range allows (``_fits``: int16 for a 12-bit mammogram's levels, half the memory traffic of int32)."""
     if levels == 0:
         return stored
-    narrow = stored.dtype.kind == "u" and stored.size and (
-        stored.dtype.itemsize == 1 or (bits_stored <= 13 and int(stored.max()) < NARROW_BELOW))
-    a = _level(stored, np.int16) if narrow else _level(stored)
-    for _ in range(levels - 1):
-        a = _level(a)  # the band's range has grown past int16's
+    a = stored
+    for _ in range(levels):
+        if not a.size:
+            lo = hi = 0
+        elif a.dtype.kind == "u":
+            lo, hi = 0, (255 if a.dtype.itemsize == 1 else int(a.max()))
+        else:
+            lo, hi = int(a.min()), int(a.max())
+        a = _level(a, _fits(lo, hi))
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     info = np.iinfo(stored.dtype)
     return np.clip(a, max(lo, info.min), min(hi, info.max)).astype(stored.dtype)

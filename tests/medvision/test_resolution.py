@@ -82,29 +82,46 @@ def test_lowpass_is_the_standards_5_3_lifting(shape, levels):
                                   np.clip(_reference_lowpass(s, levels), -2048, 2047))
 
 
-@pytest.mark.parametrize("pattern", ["random", "checkerboard", "stripes", "uint8", "a value above 13 bits"])
-def test_the_int16_first_level_is_exact_at_the_extremes_of_its_range(pattern, monkeypatch):
-    """Unsigned samples below 2**13 take the first level in int16: the values that push its sums furthest (a
-    checkerboard of 0 and the maximum, alternating rows) give what the wide arithmetic gives; a value past 13 bits
-    sends the image through the int32 path."""
+@pytest.mark.parametrize("pattern", ["random", "checkerboard", "stripes", "uint8", "a value above 13 bits",
+                                     "signed checkerboard", "signed random"])
+def test_every_level_in_int16_is_exact_at_the_extremes_of_its_range(pattern, monkeypatch):
+    """A level runs in int16 when its samples' range leaves every intermediate inside it (``_fits``): the values
+    that push the sums furthest (a checkerboard of the range's ends, alternating rows) give what the wide arithmetic
+    gives, at every level; a value past 13 bits sends the image through the int32 path."""
     rng = np.random.default_rng(1)
     top = (1 << 13) - 1
     shape = (133, 70)
+    board = np.indices(shape).sum(0) % 2
     a = {"random": lambda: rng.integers(0, top + 1, size=shape),
-         "checkerboard": lambda: (np.indices(shape).sum(0) % 2) * top,
+         "checkerboard": lambda: board * top,
          "stripes": lambda: (np.arange(shape[0])[:, None] % 2) * np.full(shape, top),
          "uint8": lambda: rng.integers(0, 256, size=shape),
          "a value above 13 bits": lambda: np.where(rng.random(shape) < 0.01, 1 << 15, rng.integers(0, top, shape)),
+         "signed checkerboard": lambda: board * top - 4096,  # 13-bit signed: the widest signed range int16 holds
+         "signed random": lambda: rng.integers(-4096, 4096, size=shape),
          }[pattern]()
-    a = a.astype(np.uint8 if pattern == "uint8" else np.uint16)
+    signed = pattern.startswith("signed")
+    a = a.astype(np.uint8 if pattern == "uint8" else np.int16 if signed else np.uint16)
     bits = 8 if pattern == "uint8" else 13
-    first = []
+    used = []
     level = resolution._level
-    monkeypatch.setattr(resolution, "_level", lambda x, dtype=np.int32: first.append(dtype) or level(x, dtype))
-    for levels in (1, 2):
-        np.testing.assert_array_equal(lowpass(a, levels, bits, False),
-                                      np.clip(_reference_lowpass(a, levels), 0, (1 << bits) - 1))
-    assert first[0] == (np.int32 if pattern == "a value above 13 bits" else np.int16) and first[-1] == np.int32
+    monkeypatch.setattr(resolution, "_level", lambda x, dtype: used.append(dtype) or level(x, dtype))
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    for levels in (1, 2, 3):
+        used.clear()
+        np.testing.assert_array_equal(lowpass(a, levels, bits, signed),
+                                      np.clip(_reference_lowpass(a, levels), lo, hi))
+    assert used[0] == (np.int32 if pattern == "a value above 13 bits" else np.int16)
+    if pattern == "uint8":  # a narrow image's bands stay narrow: its later levels run in int16 too
+        assert used == [np.int16] * 3
+
+
+def test_the_int16_bound_sits_where_the_arithmetic_says():
+    """13 bits, unsigned or signed, is the widest range a level can take in int16: one more value at either end
+    and a sum of details would pass 32767."""
+    assert resolution._fits(0, (1 << 13) - 1) == np.int16 and resolution._fits(0, 1 << 13) == np.int32
+    assert resolution._fits(-4096, 4095) == np.int16
+    assert resolution._fits(-4097, 4095) == np.int32 and resolution._fits(-4096, 4096) == np.int32
 
 
 @pytest.fixture(scope="module")
