@@ -2,6 +2,9 @@
 (``db: Database``, ``engine: LoadedEngine``...) instead of reaching into ``request.app.state``. The caller (an API
 key) comes from ``auth.require``; the signed-in reader of the review UI from ``SignedIn`` / ``SignedInAdmin`` /
 ``PageReader`` here.
+
+They are ``async`` because they only read the app's state: FastAPI runs a plain ``def`` dependency in a worker
+thread, and on a busy service each such hand-off costs the event loop more than the lookup itself.
 """
 
 from __future__ import annotations
@@ -17,27 +20,27 @@ from medvision.serving.settings import Settings
 from medvision.serving.storage import DataFolder
 
 
-def _database(request: Request) -> sessionmaker[Session]:
+async def _database(request: Request) -> sessionmaker[Session]:
     return request.app.state.db
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def _data(request: Request) -> DataFolder:
+async def _data(request: Request) -> DataFolder:
     return request.app.state.data
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _state(request: Request):
+async def _state(request: Request):
     """The app's state, for the few routes that hand several of its parts to one helper (e.g. the decode pool
     and the batcher of ``predict``)."""
     return request.app.state
