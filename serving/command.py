@@ -333,6 +333,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from medvision.serving.app import create_app
     from medvision.serving.engine import Engine
+    from medvision.serving.http_server import uvicorn_options
     from medvision.serving.settings import load_settings
 
     overrides = {k: v for k, v in {"artifact": args.model, "host": args.host, "port": args.port,
@@ -347,9 +348,7 @@ def run_serve(args: argparse.Namespace) -> int:
         use_json_logs()
     # Load before binding the port: a bad artifact is a one-line error, not a failed-startup traceback.
     engine = Engine.from_settings(settings)
-    uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False,  # our middleware logs without query strings
-                proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
+    uvicorn.run(create_app(settings, engine=engine), **uvicorn_options(settings))
     return 0
 
 

@@ -131,6 +131,7 @@ class LiveServer:
         from medvision.serving.app import create_app
         from medvision.serving.auth import create_key
         from medvision.serving.db import open_database
+        from medvision.serving.http_server import uvicorn_options
 
         self.sessions = open_database(settings.database_url)
         with self.sessions() as db:
@@ -138,7 +139,8 @@ class LiveServer:
             self.reader = create_key(db, f"reader{key_suffix}", "review")[0]
         self.clients: list = []
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": 0, "log_level": "warning"}
+        self.server = uvicorn.Server(uvicorn.Config(self.app, **options))  # as `medvision serve` runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
