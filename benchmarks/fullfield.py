@@ -13,7 +13,9 @@ JPEG-LS, RLE and uncompressed, as a hospital archive holds them. Measured on thi
              (benchmarks/naive_service.py), driven the same way
   score      `medvision score` over the archive (batch scoring, default workers)
   bare       an ASGI app that only reads the body (benchmarks/bare_upload.py), 1 at a time: the HTTP floor that
-             the served latency holds on top of the pipeline whatever the service does
+             the served latency holds on top of the pipeline whatever the service does; under plain uvicorn (what
+             any Python service gets) and as `medvision serve` runs uvicorn (its HTTP protocol and allocator
+             settings: the service's own floor)
 
 For the whole mix and per transfer syntax: images/s, p50 / p99 latency, core-seconds per 4-view study and the cost
 of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCPU hour).
@@ -103,11 +105,20 @@ def naive(model_name: str):
 
 
 @contextmanager
-def peer(app: str, env: dict[str, str], what: str):
-    """An ASGI app of this folder under uvicorn in a process of its own: (url, key) once it answers."""
+def peer(app: str, env: dict[str, str], what: str, medvision_http: bool = False):
+    """An ASGI app of this folder under uvicorn in a process of its own: (url, key) once it answers. With
+    ``medvision_http``, as `medvision serve` runs uvicorn: its HTTP protocol (``serving.http_server``) and its
+    allocator settings (``medvision.memory``)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--app-dir",
-                             str(Path(__file__).resolve().parent), "--port", str(port), "--log-level", "warning"],
+    folder = str(Path(__file__).resolve().parent)
+    if medvision_http:
+        command = ["-c", "import uvicorn; from medvision.serving.http_server import chunked_body_protocol; "
+                   "from medvision.memory import keep_freed_memory; keep_freed_memory(); "
+                   f"uvicorn.run({app!r}, app_dir={folder!r}, port={port}, log_level='warning', "
+                   "http=chunked_body_protocol() or 'auto')"]
+    else:
+        command = ["-m", "uvicorn", app, "--app-dir", folder, "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, *command],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -198,6 +209,8 @@ def main() -> None:
             g["medvision"] = drive(url, key, files, levels, args.seconds, args.requests)
         with peer("bare_upload:app", {}, "the bare upload app") as (url, key):  # the HTTP floor at 1 at a time
             g["bare upload"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
+        with peer("bare_upload:app", {}, "the bare upload app", medvision_http=True) as (url, key):
+            g["bare upload, medvision's HTTP"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
         for model_name in args.naive_models.split(","):
             if name != "mix" and model_name not in per_syntax_peers:
                 continue  # per syntax: the ViT-S peer only unless asked (time)
@@ -224,7 +237,7 @@ def _print(report: dict, levels: list[int]) -> None:
             table.add_column(col, no_wrap=True)
         base = g.get("naive vit_small", {})
         for system, runs in g.items():
-            if system in ("pipeline", "score", "bare upload"):
+            if system in ("pipeline", "score") or system.startswith("bare upload"):
                 continue
             for c in levels:
                 r = runs[c]
@@ -240,11 +253,13 @@ def _print(report: dict, levels: list[int]) -> None:
             table.add_row("medvision score", "-", f"{s['images_per_s']:.2f}", "-", "-", f"{cst['core_s_per_study']:.2f}",
                           f"{cst['usd_per_1000_studies']:.4f}", "-", f"{100 * s['images_per_s'] / limit:.0f}")
         console.print(table)
-        if "bare upload" in g and 1 in g["medvision"]:
-            served, floor = g["medvision"][1]["p50_ms"], g["bare upload"][1]["p50_ms"]
+        own_floor = g.get("bare upload, medvision's HTTP", {}).get(1)
+        if "bare upload" in g and own_floor and 1 in g["medvision"]:
+            served, floor = g["medvision"][1]["p50_ms"], own_floor["p50_ms"]
             console.print(f"  1 at a time: medvision p50 {served:.1f} ms = pipeline {pipe['p50_ms']:.1f} + receiving the "
-                          f"body over HTTP (a bare uvicorn app: {floor:.1f}) + {served - pipe['p50_ms'] - floor:+.1f} ms "
-                          "of its own (keys, bookkeeping, answer)")
+                          f"body over HTTP (a bare app on medvision's HTTP server: {floor:.1f}; on plain uvicorn: "
+                          f"{g['bare upload'][1]['p50_ms']:.1f}) + {served - pipe['p50_ms'] - floor:+.1f} ms of its own "
+                          "(keys, bookkeeping, answer)")
 
 
 if __name__ == "__main__":
