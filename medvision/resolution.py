@@ -132,20 +132,26 @@ def _as(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
 STRIP_ROWS = 64  # output rows computed at once: a strip's intermediates stay in a core's cache
 
 
-def _level(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False) -> np.ndarray | None:
     """One 2-D level (the vertical step, then the horizontal one) in ``dtype``, in strips of ``STRIP_ROWS`` output
     rows, equal to whole-image steps: output row k of the vertical step reads input rows 2k-2 .. 2k+2, so each
     strip is computed from its rows plus two on either side, and the one output row at each side that the strip's
     edge would mirror is dropped (the image's own edges are mirrored as before). On a full-field image: 2x faster
-    than whole-image steps."""
+    than whole-image steps.
+
+    ``checked``: each strip's samples are first checked to fit ``dtype`` (``_fits``: a strip's arithmetic depends
+    on its own samples only), while the strip is in cache rather than in a pass of its own over the image; None
+    when one does not fit (the caller runs the level again, wider)."""
     n = a.shape[0]
     half = (n + 1) // 2
     out = np.empty((half, (a.shape[1] + 1) // 2), dtype)
     for k0 in range(0, half, STRIP_ROWS):
         k1 = min(half, k0 + STRIP_ROWS)
         lead = 0 if k0 == 0 else 1
-        rows = _as(a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)], dtype)
-        out[k0:k1] = _half(_half(rows, 0)[lead:lead + k1 - k0], 1)
+        rows = a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)]
+        if checked and _fits(0 if rows.dtype.kind == "u" else int(rows.min()), int(rows.max())) != dtype:
+            return None
+        out[k0:k1] = _half(_half(_as(rows, dtype), 0)[lead:lead + k1 - k0], 1)
     return out
 
 
@@ -158,14 +164,15 @@ def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> 
     if levels == 0:
         return stored
     a = stored
+    narrow, wide = np.dtype(np.int16), np.dtype(np.int32)
     for _ in range(levels):
         if not a.size:
-            lo = hi = 0
-        elif a.dtype.kind == "u":
-            lo, hi = 0, (255 if a.dtype.itemsize == 1 else int(a.max()))
+            a = _level(a, wide)
+        elif a.dtype == np.uint8:
+            a = _level(a, _fits(0, 255))
         else:
-            lo, hi = int(a.min()), int(a.max())
-        a = _level(a, _fits(lo, hi))
+            level = _level(a, narrow, checked=True)
+            a = level if level is not None else _level(a, wide)
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     info = np.iinfo(stored.dtype)
     return np.clip(a, max(lo, info.min), min(hi, info.max)).astype(stored.dtype)
