@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -562,13 +563,54 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
     return None
 
 
-def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
+def _fragments(pixel_data) -> list[memoryview]:
+    """The fragments of encapsulated pixel data (PS3.5 A.4: a Basic Offset Table item, then one item per fragment,
+    then a sequence delimiter), as views of ``pixel_data`` (bytes, or a view of the file or the request's buffer):
+    nothing is copied. Read as pydicom's ``generate_fragments`` reads them (the same leniency, the same refusals:
+    ValueError for an unexpected tag, an item of undefined length or one whose length is cut off)."""
+    view = memoryview(pixel_data).cast("B")
+    items, at = [], 0
+    while at + 4 <= len(view):  # pydicom's value of the element ends before the delimiter; a view of the file holds it
+        group, element = struct.unpack_from("<HH", view, at)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError(f"unexpected tag ({group:04X},{element:04X}) at byte {at} where an item belongs")
+        if at + 8 > len(view):
+            raise ValueError(f"the data ends inside the length of the item at byte {at} (truncated)")
+        (length,) = struct.unpack_from("<L", view, at + 4)
+        if length == 0xFFFFFFFF:
+            raise ValueError(f"an item of undefined length at byte {at}")
+        items.append(view[at + 8:at + 8 + length])  # a fragment cut short by the end of the data is read as it is
+        at += 8 + length
+    return items[1:]  # after the Basic Offset Table
+
+
+def _pixel_fragments(ds: Dataset, source) -> list[memoryview]:
+    """The image's codestream fragments, read where they lie in the caller's bytes or file when the pixel data was
+    left unread by the parse (a full-field JPEG 2000 body is then never copied before its decoder reads it), else
+    from the dataset's own pixel data. Raises CorruptDicomError on malformed or truncated encapsulation."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    value = getattr(elem, "value", None) if elem is not None else None
+    tell = getattr(elem, "value_tell", None)
+    view = None
+    if value is None and tell is not None:
+        length = getattr(elem, "length", None)
+        view = _source_view(source, tell, None if length in (None, 0xFFFFFFFF) else length)
+    if view is None:
+        _load_pixel_data(ds)
+        view = ds.PixelData
+    try:
+        return _fragments(view)
+    except ValueError as exc:
+        raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+
+
+def _check_codestream(ds: Dataset, meta: DicomMeta, fragments: list[memoryview]) -> None:
     """Refuse what a codec would choke on before it runs: GDCM, the fallback JPEG decoder, aborts the whole
     process (an uncatchable C++ exception) on e.g. 32-bit samples declared for a JPEG stream."""
     if meta.transfer_syntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES:
         return
-    from pydicom.encaps import generate_fragments
-
     name = pydicom.uid.UID(meta.transfer_syntax).name
     if meta.transfer_syntax in _JPEG_SYNTAXES:  # PS3.5 8.2.1 and 8.2.3: 8 or 16 bits allocated, baseline 8
         allocated = ds.get("BitsAllocated")
@@ -578,14 +620,7 @@ def _check_codestream(ds: Dataset, meta: DicomMeta) -> None:
                 f"{name} carries {' or '.join(map(str, allowed))}-bit samples, but the header says Bits Allocated "
                 f"{allocated}, Bits Stored {meta.bits_stored}: refused before decoding"
             )
-    try:
-        items = generate_fragments(ds.PixelData)
-        next(items, None)  # the Basic Offset Table item
-        first = last = next(items, b"")
-        for fragment in items:
-            last = fragment
-    except Exception as exc:
-        raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+    first, last = (fragments[0], fragments[-1]) if fragments else (b"", b"")
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
     if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
@@ -616,12 +651,13 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> t
         view = _native_pixels(ds, meta, source)
         if view is not None:
             return lowpass(view, levels, meta.bits_stored, meta.signed), plan
-    _load_pixel_data(ds)
     if plan.method == "wavelet":
-        _check_codestream(ds, meta)
-        reduced, plan = _wavelet(ds, meta, plan)
+        fragments = _pixel_fragments(ds, source)
+        _check_codestream(ds, meta, fragments)
+        reduced, plan = _wavelet(ds, meta, plan, fragments)
         if reduced is not None:
             return reduced, plan
+    _load_pixel_data(ds)
     return lowpass(_decode(ds, meta), levels, meta.bits_stored, meta.signed), plan
 
 
@@ -630,14 +666,15 @@ def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
     return np.dtype(f"{'i' if meta.signed else 'u'}{max(1, allocated // 8)}")
 
 
-def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan) -> tuple[np.ndarray | None, DecodePlan]:
+def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan,
+             fragments: list[memoryview]) -> tuple[np.ndarray | None, DecodePlan]:
     """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
     plan's note when this codestream cannot be (the caller then decodes in full and computes the band)."""
-    from pydicom.encaps import generate_frames
-
     wanted = plan.factor.bit_length() - 1
     try:
-        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        if not fragments:
+            return None, replace(plan, method="lowpass", note="full decode: the pixel data holds no fragment")
+        codestream = fragments[0] if len(fragments) == 1 else b"".join(fragments)  # one frame: all its fragments
         found = j2k_levels(codestream)
         if found is None:
             return None, replace(plan, method="lowpass", note="full decode: the codestream's levels are unreadable")
@@ -674,18 +711,28 @@ def _native_pixels(ds: Dataset, meta: DicomMeta, source) -> np.ndarray | None:
         buffer = value  # read already (pixel data of a few kB is never deferred)
     elif tell is None or length is None or length == 0xFFFFFFFF:
         return None
-    elif isinstance(source, _BUFFERS):
-        view = memoryview(source).cast("B") if isinstance(source, memoryview) else memoryview(source)
-        if tell + length > len(view):
-            return None
-        buffer = view[tell:tell + length]
-    elif isinstance(source, (str, os.PathLike)):
-        if tell + length > os.path.getsize(source):
-            return None
-        buffer = np.memmap(source, dtype=np.uint8, mode="r", offset=tell, shape=(length,))
     else:
-        return None
+        buffer = _source_view(source, tell, length)
+        if buffer is None:
+            return None
     return native_view(buffer, meta.transfer_syntax, meta.rows, meta.columns, allocated, meta.signed)
+
+
+def _source_view(source, start: int, length: int | None):
+    """Bytes ``start`` to ``start + length`` (to the end when None) of the caller's bytes or file, where they lie: a
+    memoryview of the bytes, or a read-only memory map of the file. None for another kind of source, or when the
+    source ends before."""
+    if isinstance(source, _BUFFERS):
+        view = memoryview(source).cast("B") if isinstance(source, memoryview) else memoryview(source)
+        end = len(view) if length is None else start + length
+        return view[start:end] if start <= end <= len(view) else None
+    if isinstance(source, (str, os.PathLike)):
+        size = os.path.getsize(source)
+        end = size if length is None else start + length
+        if not start < end <= size:
+            return None
+        return memoryview(np.memmap(source, dtype=np.uint8, mode="r", offset=start, shape=(end - start,)))
+    return None
 
 
 def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
@@ -703,7 +750,8 @@ def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
             f"cannot decode transfer syntax {meta.transfer_syntax} ({pydicom.uid.UID(meta.transfer_syntax).name}): "
             f"no decoding plugin is installed; install {hint}"
         )
-    _check_codestream(ds, meta)
+    if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES:
+        _check_codestream(ds, meta, _pixel_fragments(ds, None))
     plugin = _PREFERRED_PLUGIN.get(meta.transfer_syntax)
     if plugin in decoder.available_plugins:
         ds.pixel_array_options(decoding_plugin=plugin)

@@ -321,3 +321,51 @@ def test_identifiers_come_only_when_asked_and_never_in_the_meta(dicom_files):
     ds.save_as(buf)
     _, _ = read_dicom(buf.getvalue(), identifiers=ids)
     assert ids == {"AccessionNumber": ""}
+
+
+def _encapsulated_cases():
+    from pydicom.encaps import encapsulate
+
+    one, three = encapsulate([b"\xff\x4f" + bytes(range(200))]), encapsulate([b"a" * 10, b"bb" * 7, b"c" * 31])
+    delimiter = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return {"one fragment": one, "three fragments": three, "with its delimiter": three + delimiter,
+            "a fragment cut short": three[:-5], "cut inside a fragment": three[:len(three) - 45],
+            "cut inside an item's length": three[:66],
+            "cut inside a tag": three + b"\xfe\xff", "only the offset table": encapsulate([])[:8],
+            "empty": b"", "an unexpected tag": three + b"\x08\x00\x16\x00" + b"\x00" * 4,
+            "an item of undefined length": three + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"}
+
+
+@pytest.mark.parametrize("case", list(_encapsulated_cases()))
+def test_fragments_are_read_in_place_as_pydicom_reads_them(case):
+    """The reader finds a codestream's fragments in the caller's buffer without copying them, and reads
+    encapsulated pixel data exactly as pydicom does: the same fragments, the same leniency, the same refusals."""
+    from pydicom.encaps import generate_fragments
+
+    from medvision.dicom_io import _fragments
+
+    data = _encapsulated_cases()[case]
+    try:
+        want = list(generate_fragments(data))[1:]
+    except ValueError:
+        with pytest.raises(ValueError):
+            _fragments(data)
+        return
+    got = _fragments(data)
+    assert [bytes(f) for f in got] == want
+    assert all(f.obj is data for f in got)  # views of the caller's bytes, not copies
+
+
+def test_a_full_field_jpeg_2000_codestream_is_decoded_from_where_it_lies(dicom_files):
+    """Reduced JPEG 2000 decoding reads the codestream where it lies in the request's bytes (a 6 MB full-field
+    stream is not copied three times on its way to OpenJPEG), and gives the pixels the copying path gave."""
+    from medvision.dicom_io import _parse, _pixel_fragments
+
+    data = _synthetic_in(dicom_files, "1.2.840.10008.1.2.4.90")
+    ds = _parse(data, defer_pixels=True)
+    fragments = _pixel_fragments(ds, data)
+    assert fragments and all(f.obj is data for f in fragments)
+    reduced, meta = read_dicom(data, long_side=64)
+    assert meta.decode.endswith("wavelet")
+    from_path_of_copies = read_dicom(io.BytesIO(data), long_side=64)[0]  # a stream: pixel data read into a copy
+    assert np.array_equal(reduced, from_path_of_copies)
