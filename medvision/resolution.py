@@ -158,8 +158,9 @@ def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False) -> np.ndarray 
 def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> np.ndarray:
     """The image at 1/2**levels of its size: the low-pass band of ``levels`` 2-D steps of the reversible 5/3
     wavelet, as JPEG 2000 computes it (bit for bit what OpenJPEG gives for a lossless codestream decoded at that
-    reduction), clamped to the ``bits_stored`` range and returned in the stored type. Each input value is read
-    once; no full-size copy of the input is made. Each level runs in the narrowest integer type its samples'
+    reduction), clamped to the ``bits_stored`` range and returned in the stored type. Each input value comes from
+    memory once (a strip's range check and its steps run while it is in cache); no full-size copy of the input is
+    made. Each level runs in the narrowest integer type its samples'
     range allows (``_fits``: int16 for a 12-bit mammogram's levels, half the memory traffic of int32)."""
     if levels == 0:
         return stored
