@@ -563,17 +563,19 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
     return None
 
 
-def _fragments(pixel_data) -> list[memoryview]:
+def _fragments(pixel_data):
     """The fragments of encapsulated pixel data (PS3.5 A.4: a Basic Offset Table item, then one item per fragment,
-    then a sequence delimiter), as views of ``pixel_data`` (bytes, or a view of the file or the request's buffer):
-    nothing is copied. Read as pydicom's ``generate_fragments`` reads them (the same leniency, the same refusals:
-    ValueError for an unexpected tag, an item of undefined length or one whose length is cut off)."""
+    then a sequence delimiter), one at a time, as views of ``pixel_data`` (bytes, or a view of the file or the
+    request's buffer): nothing is copied, and nothing is kept per fragment (a hostile stream of millions of empty
+    items costs time, as in pydicom, not memory). Read as pydicom's ``generate_fragments`` reads them (the same
+    leniency, the same refusals: ValueError for an unexpected tag, an item of undefined length or one whose length
+    is cut off)."""
     view = memoryview(pixel_data).cast("B")
-    items, at = [], 0
+    at, first = 0, True
     while at + 4 <= len(view):  # pydicom's value of the element ends before the delimiter; a view of the file holds it
         group, element = struct.unpack_from("<HH", view, at)
         if (group, element) == (0xFFFE, 0xE0DD):
-            break
+            return
         if (group, element) != (0xFFFE, 0xE000):
             raise ValueError(f"unexpected tag ({group:04X},{element:04X}) at byte {at} where an item belongs")
         if at + 8 > len(view):
@@ -581,32 +583,41 @@ def _fragments(pixel_data) -> list[memoryview]:
         (length,) = struct.unpack_from("<L", view, at + 4)
         if length == 0xFFFFFFFF:
             raise ValueError(f"an item of undefined length at byte {at}")
-        items.append(view[at + 8:at + 8 + length])  # a fragment cut short by the end of the data is read as it is
-        at += 8 + length
-    return items[1:]  # after the Basic Offset Table
+        if not first:  # the first item is the Basic Offset Table
+            yield view[at + 8:at + 8 + length]  # a fragment cut short by the end of the data is read as it is
+        at, first = at + 8 + length, False
 
 
-def _pixel_fragments(ds: Dataset, source) -> list[memoryview]:
-    """The image's codestream fragments, read where they lie in the caller's bytes or file when the pixel data was
-    left unread by the parse (a full-field JPEG 2000 body is then never copied before its decoder reads it), else
-    from the dataset's own pixel data. Raises CorruptDicomError on malformed or truncated encapsulation."""
+def _encapsulated(ds: Dataset, source):
+    """The image's encapsulated pixel data, where it lies in the caller's bytes or file when the parse left it
+    unread (a full-field JPEG 2000 body is then never copied before its decoder reads it), else the dataset's own."""
     elem = ds.get_item("PixelData", keep_deferred=True)
     value = getattr(elem, "value", None) if elem is not None else None
     tell = getattr(elem, "value_tell", None)
-    view = None
     if value is None and tell is not None:
         length = getattr(elem, "length", None)
         view = _source_view(source, tell, None if length in (None, 0xFFFFFFFF) else length)
-    if view is None:
-        _load_pixel_data(ds)
-        view = ds.PixelData
-    try:
-        return _fragments(view)
-    except ValueError as exc:
-        raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+        if view is not None:
+            return view
+    _load_pixel_data(ds)
+    return ds.PixelData
 
 
-def _check_codestream(ds: Dataset, meta: DicomMeta, fragments: list[memoryview]) -> None:
+def _codestream(pixel_data):
+    """One frame's codestream: its only fragment, as it lies, or its fragments joined."""
+    fragments = _fragments(pixel_data)
+    first = next(fragments, None)
+    second = next(fragments, None)
+    if first is None or second is None:
+        return first
+    joined = bytearray(first)
+    joined += second
+    for fragment in fragments:
+        joined += fragment
+    return joined
+
+
+def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
     """Refuse what a codec would choke on before it runs: GDCM, the fallback JPEG decoder, aborts the whole
     process (an uncatchable C++ exception) on e.g. 32-bit samples declared for a JPEG stream."""
     if meta.transfer_syntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES:
@@ -620,7 +631,12 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, fragments: list[memoryview])
                 f"{name} carries {' or '.join(map(str, allowed))}-bit samples, but the header says Bits Allocated "
                 f"{allocated}, Bits Stored {meta.bits_stored}: refused before decoding"
             )
-    first, last = (fragments[0], fragments[-1]) if fragments else (b"", b"")
+    try:
+        first = last = b""
+        for i, fragment in enumerate(_fragments(pixel_data)):
+            first, last = (fragment if i == 0 else first), fragment
+    except ValueError as exc:
+        raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
     if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
@@ -652,9 +668,9 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> t
         if view is not None:
             return lowpass(view, levels, meta.bits_stored, meta.signed), plan
     if plan.method == "wavelet":
-        fragments = _pixel_fragments(ds, source)
-        _check_codestream(ds, meta, fragments)
-        reduced, plan = _wavelet(ds, meta, plan, fragments)
+        pixel_data = _encapsulated(ds, source)
+        _check_codestream(ds, meta, pixel_data)
+        reduced, plan = _wavelet(ds, meta, plan, pixel_data)
         if reduced is not None:
             return reduced, plan
     _load_pixel_data(ds)
@@ -666,15 +682,14 @@ def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
     return np.dtype(f"{'i' if meta.signed else 'u'}{max(1, allocated // 8)}")
 
 
-def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan,
-             fragments: list[memoryview]) -> tuple[np.ndarray | None, DecodePlan]:
+def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data) -> tuple[np.ndarray | None, DecodePlan]:
     """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
     plan's note when this codestream cannot be (the caller then decodes in full and computes the band)."""
     wanted = plan.factor.bit_length() - 1
     try:
-        if not fragments:
+        codestream = _codestream(pixel_data)
+        if codestream is None:
             return None, replace(plan, method="lowpass", note="full decode: the pixel data holds no fragment")
-        codestream = fragments[0] if len(fragments) == 1 else b"".join(fragments)  # one frame: all its fragments
         found = j2k_levels(codestream)
         if found is None:
             return None, replace(plan, method="lowpass", note="full decode: the codestream's levels are unreadable")
@@ -751,7 +766,7 @@ def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
             f"no decoding plugin is installed; install {hint}"
         )
     if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES:
-        _check_codestream(ds, meta, _pixel_fragments(ds, None))
+        _check_codestream(ds, meta, _encapsulated(ds, None))
     plugin = _PREFERRED_PLUGIN.get(meta.transfer_syntax)
     if plugin in decoder.available_plugins:
         ds.pixel_array_options(decoding_plugin=plugin)
