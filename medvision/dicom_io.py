@@ -596,15 +596,42 @@ def _encapsulated(ds: Dataset, source):
     tell = getattr(elem, "value_tell", None)
     if value is None and tell is not None:
         length = getattr(elem, "length", None)
-        view = _source_view(source, tell, None if length in (None, 0xFFFFFFFF) else length)
-        if view is not None:
+        undefined = length in (None, 0xFFFFFFFF)
+        view = _source_view(source, tell, None if undefined else length)
+        if view is not None and not undefined:
             return view
-    _load_pixel_data(ds)
+        end = _delimiter_at(view) if view is not None else None
+        if end is not None:
+            return view[:end]
+    _load_pixel_data(ds)  # irregular items: pydicom's own reading decides where the value ends
     return ds.PixelData
 
 
+def _delimiter_at(view) -> int | None:
+    """Where undefined-length pixel data ends, found as pydicom's parse finds it first: items walked to an aligned
+    sequence delimiter. None when the walk fails (pydicom then scans the bytes for the delimiter instead, and its
+    value, not this view, is used)."""
+    at = 0
+    while at + 8 <= len(view):
+        group, element, length = struct.unpack_from("<HHL", view, at)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return at
+        if (group, element) != (0xFFFE, 0xE000):
+            return None
+        at += 8 + length
+    return None
+
+
 def _codestream(pixel_data):
-    """One frame's codestream: its only fragment, as it lies, or its fragments joined."""
+    """One frame's codestream: its only fragment, as it lies, or its fragments joined. Only where the Basic
+    Offset Table is empty or says one frame starting at 0; anything else (ValueError) is left to pydicom's full
+    decode, which reads the table."""
+    table = memoryview(pixel_data).cast("B")[:12]
+    if len(table) >= 8:
+        group, element, length = struct.unpack_from("<HHL", table)
+        offsets = bytes(table[8:12])
+        if (group, element) != (0xFFFE, 0xE000) or length not in (0, 4) or (length == 4 and offsets != bytes(4)):
+            raise ValueError("a Basic Offset Table other than none or one frame at 0")
     fragments = _fragments(pixel_data)
     first = next(fragments, None)
     second = next(fragments, None)

@@ -6,26 +6,35 @@ on a 17 MB full-field image are a measurable share of the service's own work (be
 ``ChunkedBodyProtocol`` keeps uvicorn's protocol and only changes the container: the chunks are kept as they came
 and handed on as they are (a ``receive()`` that finds one chunk returns that very object; several are joined, as
 before). Everything else, flow control included, is uvicorn's code. Where uvicorn's internals are not the ones
-this was written against (the body container is not a ``bytearray``), the protocol steps aside and behaves
-exactly as uvicorn's.
+this was written against (the body container is not a ``bytearray``, or ``receive()`` does not hand it on through
+``bytes()``), the protocol steps aside and uvicorn's own runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
+
+SMALL_CHUNK = 4096  # chunks below this are gathered into one bytearray: a body sent in tiny chunks costs no object each
 
 
 class _Chunks:
-    """What uvicorn's cycle uses of its ``bytearray`` body: ``+=``, ``len()`` and ``bytes()``, without copying."""
+    """What uvicorn's cycle uses of its ``bytearray`` body: ``+=``, ``len()`` and ``bytes()``, without copying a
+    large chunk (small ones are copied together, as uvicorn copies every chunk)."""
 
     __slots__ = ("chunks", "size")
 
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | bytearray] = []
         self.size = 0
 
     def __iadd__(self, chunk: bytes) -> _Chunks:
-        self.chunks.append(chunk)
+        if len(chunk) >= SMALL_CHUNK:
+            self.chunks.append(chunk)
+        elif self.chunks and type(self.chunks[-1]) is bytearray:
+            self.chunks[-1] += chunk
+        else:
+            self.chunks.append(bytearray(chunk))
         self.size += len(chunk)
         return self
 
@@ -44,8 +53,14 @@ class _Chunks:
 def chunked_body_protocol() -> type | None:
     """uvicorn's httptools protocol, passing request bodies on in their chunks; None without httptools."""
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
     except ImportError:  # uvicorn without its [standard] extras: its pure-Python protocol, unchanged
+        return None
+    try:  # the body reaches the app through bytes(): anything else and the chunk list would reach it as it is
+        handed_as_bytes = "bytes(self.body)" in inspect.getsource(RequestResponseCycle.receive)
+    except (OSError, TypeError):
+        handed_as_bytes = False
+    if not handed_as_bytes:
         return None
 
     class ChunkedBodyProtocol(HttpToolsProtocol):

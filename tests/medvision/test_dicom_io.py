@@ -386,3 +386,39 @@ def test_a_stream_of_millions_of_empty_items_costs_no_memory_per_item():
     finally:
         tracemalloc.stop()
     assert bytes(codestream) == b"\xff\x4f" and peak < 4 << 20, peak
+
+
+def test_pixel_data_that_runs_past_its_delimiter_is_read_as_pydicom_reads_it(dicom_files):
+    """The reduced JPEG 2000 path reads the value pydicom's parse would hold, not the rest of the file: a last item
+    whose length swallows the delimiter, and an element after it, decode as they did; an offset table the fast path
+    does not take is left to pydicom."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    data = _synthetic_in(dicom_files, "1.2.840.10008.1.2.4.90")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    expected = read_dicom(data, long_side=64)[0]
+    for name, pixel_data in {
+        "two offsets for one frame": b"\xfe\xff\x00\xe0\x08\x00\x00\x00" + bytes(8) + encapsulate([stream])[12:],
+        "an offset table of 3 bytes": b"\xfe\xff\x00\xe0\x03\x00\x00\x00" + bytes(3) + encapsulate([stream])[12:],
+    }.items():
+        ds.PixelData = pixel_data
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        try:
+            got = read_dicom(buf.getvalue(), long_side=64)[0]
+        except CorruptDicomError:
+            with pytest.raises(CorruptDicomError):  # refused by the reduced path only if the full one refuses it too
+                read_dicom(buf.getvalue())
+            continue
+        assert np.array_equal(got, expected), name
+    # an element after the pixel data, whose last item's length runs over the delimiter: pydicom scans for the
+    # delimiter and its value ends there; the file is not refused for it
+    ds.PixelData = encapsulate([stream])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    raw = bytearray(buf.getvalue()) + b"\xfc\xff\xfc\xff" + b"OB\x00\x00" + (4).to_bytes(4, "little") + bytes(4)
+    at = raw.rfind(b"\xfe\xff\x00\xe0")  # the last item: its length now counts the delimiter's 8 bytes
+    raw[at + 4:at + 8] = (int.from_bytes(raw[at + 4:at + 8], "little") + 8).to_bytes(4, "little")
+    full = read_dicom(bytes(raw))[0]
+    assert np.array_equal(read_dicom(bytes(raw), long_side=64)[0], expected) and full.shape == (ds.Rows, ds.Columns)

@@ -104,8 +104,17 @@ def test_the_service_runs_on_the_chunked_protocol(server):
 def test_the_chunk_list_is_what_uvicorn_uses_of_a_bytearray():
     body = _Chunks()
     assert not body and len(body) == 0 and bytes(body) == b""
-    one = b"abc"
+    one = bytes(range(256)) * 64  # 16 kB, as httptools hands on a read of a large body
     body += one
-    assert body and len(body) == 3 and bytes(body) is one  # one chunk: handed on, not copied
+    assert body and len(body) == len(one) and bytes(body) is one  # one chunk: handed on, not copied
     body += b"de"
-    assert len(body) == 5 and bytes(body) == b"abcde"
+    assert len(body) == len(one) + 2 and bytes(body) == one + b"de"
+
+
+def test_a_body_in_tiny_chunks_is_gathered_not_kept_as_an_object_per_chunk():
+    """2-byte chunks (chunked transfer-encoding can send them) are copied into one buffer, as uvicorn copies every
+    chunk: a slow app never holds an object per two bytes of a body."""
+    body = _Chunks()
+    for _ in range(10_000):
+        body += b"XY"
+    assert len(body.chunks) == 1 and len(body) == 20_000 and bytes(body) == b"XY" * 10_000
