@@ -8,6 +8,12 @@ and handed on as they are (a ``receive()`` that finds one chunk returns that ver
 before). Everything else, flow control included, is uvicorn's code. Where uvicorn's internals are not the ones
 this was written against (the body container is not a ``bytearray``, or ``receive()`` does not hand it on through
 ``bytes()``), the protocol steps aside and uvicorn's own runs.
+
+It also offers the app one extension (``scope["extensions"][BODY_INTO]``): ``await fill(buffer)`` writes the rest
+of a request's body straight into ``buffer`` as it comes off the socket (a decoding worker's shared segment), in
+place of the ``receive()`` round trip per chunk, each pausing and resuming the socket at uvicorn's 64 kB
+high-water mark, and a copy per chunk in the app. The body's framing stays uvicorn's (httptools holds it to its
+Content-Length); ``receive()`` afterwards says the body is over, as it would have.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+BODY_INTO = "medvision.body_into"
 SMALL_CHUNK = 4096  # chunks below this are gathered into one bytearray: a body sent in tiny chunks costs no object each
 
 
@@ -50,6 +57,59 @@ class _Chunks:
         return b"".join(self.chunks)
 
 
+class _Sink:
+    """The body container while the app fills a buffer: each chunk is copied to where it belongs, none is kept.
+    Bytes past the buffer's end (a buffer shorter than the body) are counted, not written."""
+
+    __slots__ = ("view", "at", "over")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.at, self.over = view, 0, 0
+
+    def write(self, chunk) -> None:
+        n = min(len(chunk), len(self.view) - self.at)
+        self.view[self.at:self.at + n] = chunk[:n] if n < len(chunk) else chunk
+        self.at += n
+        self.over += len(chunk) - n
+
+    @property
+    def full(self) -> bool:
+        return self.at == len(self.view)
+
+
+def _filler(cycle):
+    """``fill(buffer) -> bytes written``: the rest of ``cycle``'s body into ``buffer`` (the body's Content-Length
+    long). Returns at the body's end, or with fewer bytes when the client disconnects; a body longer than the buffer
+    is read to its end and refused (ValueError)."""
+
+    async def fill(buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():  # as receive() does it
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        pending = cycle.body  # what came before the app asked: chunks, or uvicorn's bytearray
+        if type(pending) is _Sink:
+            raise RuntimeError("this request's body is already being read into a buffer")
+        sink = _Sink(view)
+        for chunk in (pending.chunks if type(pending) is _Chunks else [pending]):
+            sink.write(chunk)
+        cycle.body = sink
+        try:
+            while cycle.more_body and not cycle.disconnected and not cycle.response_complete:
+                cycle.message_event.clear()
+                cycle.flow.resume_reading()
+                await cycle.message_event.wait()
+        finally:
+            cycle.body = bytearray()
+            if not cycle.more_body or cycle.disconnected or cycle.response_complete:
+                cycle.message_event.set()  # receive() must find the end (or the disconnect) without waiting
+        if sink.over:
+            raise ValueError(f"the request body runs {sink.over:,} bytes past the {len(view):,}-byte buffer given")
+        return sink.at
+
+    return fill
+
+
 def chunked_body_protocol() -> type | None:
     """uvicorn's httptools protocol, passing request bodies on in their chunks; None without httptools."""
     try:
@@ -62,10 +122,29 @@ def chunked_body_protocol() -> type | None:
         handed_as_bytes = False
     if not handed_as_bytes:
         return None
+    try:  # what fill() uses of a cycle, as uvicorn sets it up (else the app reads the body through receive())
+        setup = inspect.getsource(RequestResponseCycle.__init__)
+        can_fill = all(f"self.{name} =" in setup for name in (
+            "flow", "transport", "message_event", "waiting_for_100_continue", "body", "more_body", "disconnected",
+            "response_complete"))
+    except (OSError, TypeError):
+        can_fill = False
 
     class ChunkedBodyProtocol(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            cycle = self.cycle
+            if can_fill and cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
+                self.scope.setdefault("extensions", {})[BODY_INTO] = _filler(cycle)
+
         def on_body(self, body: bytes) -> None:
             cycle = self.cycle
+            if type(cycle.body) is _Sink:  # the app is filling a buffer: straight there, no pause, no wake-up per chunk
+                if not cycle.response_complete:
+                    cycle.body.write(body)
+                    if cycle.body.full:
+                        cycle.message_event.set()  # (its end: on_message_complete follows in the same feed)
+                return
             # uvicorn starts every request, and every receive(), with an empty bytearray: swap in the chunk list
             if type(cycle.body) is bytearray and not cycle.body:
                 cycle.body = _Chunks()

@@ -15,6 +15,7 @@ from medvision.serving.decode_pool import Received
 from medvision.serving.dependencies import LoadedEngine, State
 from medvision.serving.engine import ModelInfo
 from medvision.serving.errors import MissingFile, PayloadTooLarge, UnsupportedMediaType
+from medvision.serving.http_server import BODY_INTO
 from medvision.serving.problems import SCORING
 from medvision.serving.settings import Settings
 from medvision.serving.storage import DataFolder
@@ -60,13 +61,19 @@ SHARED_BODY_MIN = 1 << 20  # raw bodies this large go straight into a decoding w
 
 async def _read_into(request: Request, received: Received) -> None:
     """The raw body, straight into ``received`` (its size is the declared Content-Length, which the HTTP server
-    holds the body to)."""
-    view, at = received.view(), 0
-    async for chunk in request.stream():
-        if at + len(chunk) > received.size:
-            raise PayloadTooLarge("request body is longer than its Content-Length")
-        view[at:at + len(chunk)] = chunk
-        at += len(chunk)
+    holds the body to): written there by the HTTP protocol as it comes off the socket where the server offers it
+    (``http_server.BODY_INTO``), else copied there chunk by chunk."""
+    fill = request.scope.get("extensions", {}).get(BODY_INTO)
+    if fill is not None:
+        at = await fill(received.view())
+        await request.receive()  # the end of the body, as the middleware counting it expects to see it
+    else:
+        view, at = received.view(), 0
+        async for chunk in request.stream():
+            if at + len(chunk) > received.size:
+                raise PayloadTooLarge("request body is longer than its Content-Length")
+            view[at:at + len(chunk)] = chunk
+            at += len(chunk)
     if at != received.size:
         raise MissingFile(f"request body ended after {at:,} of its {received.size:,} bytes")
 

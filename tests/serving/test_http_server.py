@@ -1,6 +1,7 @@
 """The service's HTTP protocol (uvicorn's, passing request bodies on in their chunks): every body arrives whole and
 in order, however it is framed, on a real uvicorn server on a loopback port, exactly as with uvicorn's own."""
 
+import asyncio
 import hashlib
 import socket
 import threading
@@ -10,7 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
-from medvision.serving.http_server import _Chunks, chunked_body_protocol, uvicorn_options
+from medvision.serving.http_server import BODY_INTO, _Chunks, chunked_body_protocol, uvicorn_options
 from medvision.serving.settings import Settings
 
 
@@ -118,3 +119,107 @@ def test_a_body_in_tiny_chunks_is_gathered_not_kept_as_an_object_per_chunk():
     for _ in range(10_000):
         body += b"XY"
     assert len(body.chunks) == 1 and len(body) == 20_000 and bytes(body) == b"XY" * 10_000
+
+
+async def _fill_app(scope, receive, send) -> None:
+    """Reads the body the service's way: ``fill`` into a buffer of its Content-Length (after ``?wait=`` seconds, so
+    that part of it is already buffered), then ``receive()``. Answers the buffer's SHA-256, the bytes written, and
+    what ``receive()`` said afterwards."""
+    if scope["type"] != "http":
+        return
+    fill = scope["extensions"][BODY_INTO]
+    size = int(next(v for k, v in scope["headers"] if k == b"content-length"))
+    query = dict(p.split(b"=") for p in scope["query_string"].split(b"&") if p)
+    if b"wait" in query:
+        await asyncio.sleep(float(query[b"wait"]))
+    buffer = bytearray(size - int(query.get(b"short", b"0")))
+    try:
+        written = await fill(buffer)
+    except ValueError as exc:
+        body, status = str(exc).encode(), 400
+    else:
+        after = await receive()
+        body, status = f"{hashlib.sha256(buffer).hexdigest()} {written} {after['type']} {after.get('more_body')} " \
+                       f"{len(after.get('body', b''))}".encode(), 200
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def fill_server():
+    server = uvicorn.Server(uvicorn.Config(_fill_app, host="127.0.0.1", port=0, log_level="warning",
+                                           http=chunked_body_protocol()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("name", ["one byte", "odd", "full-field"])
+@pytest.mark.parametrize("wait", [0, 0.3])
+def test_a_body_filled_into_a_buffer_arrives_whole(fill_server, name, wait):
+    """Written into the app's buffer as it comes off the socket (part of it already buffered when the app asks,
+    with ``wait``); ``receive()`` then says the body is over, and the kept-alive connection serves the next request."""
+    body = _bodies()[name]
+    with httpx.Client(timeout=60) as client:
+        for _ in range(2):
+            r = client.post(f"{fill_server}/?wait={wait}", content=body)
+            digest, written, kind, more, rest = r.text.split()
+            assert r.status_code == 200 and digest == hashlib.sha256(body).hexdigest() and int(written) == len(body)
+            assert (kind, more, rest) == ("http.request", "False", "0")
+
+
+def test_a_body_longer_than_the_buffer_is_refused_and_the_connection_goes_on(fill_server):
+    body = _bodies()["full-field"]
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{fill_server}/?short=10", content=body)
+        assert r.status_code == 400 and "runs 10 bytes past" in r.text
+        r = client.post(fill_server, content=b"after")
+        assert r.status_code == 200 and r.text.split()[:2] == [hashlib.sha256(b"after").hexdigest(), "5"]
+
+
+def test_fill_answers_expect_100_continue(fill_server):
+    """curl sends ``Expect: 100-continue`` before a large body and waits for the go-ahead: fill gives it, as
+    ``receive()`` does."""
+    host, port = fill_server.removeprefix("http://").split(":")
+    body = b"z" * 2_000_000
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        answer = b""
+        while not answer.rstrip().endswith(b" 0"):
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert b"HTTP/1.1 200" in answer and hashlib.sha256(body).hexdigest().encode() in answer
+
+
+def test_a_client_gone_mid_body_ends_fill_and_the_server_goes_on(fill_server):
+    host, port = fill_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n" + b"q" * 1_000_000)
+        time.sleep(0.2)
+    with httpx.Client(timeout=30) as client:  # the server did not hang on the half-read body
+        assert client.post(fill_server, content=b"next").status_code == 200
+
+
+def test_pipelined_requests_fill_their_own_buffers(fill_server):
+    host, port = fill_server.removeprefix("http://").split(":")
+    first, second = b"a" * 300_000, b"b" * 5
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"".join(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(b) + b
+                           for b in (first, second)))
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2 or not answers.rstrip().endswith(b" 0"):
+            chunk = s.recv(65536)
+            assert chunk, answers
+            answers += chunk
+    assert hashlib.sha256(first).hexdigest().encode() in answers
+    assert hashlib.sha256(second).hexdigest().encode() in answers
