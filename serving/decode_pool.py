@@ -8,6 +8,7 @@ refused with ``decoder_crashed``, the pool is started again, and the other reque
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from medvision.dicom_io import DicomMeta, ReadLimits
 from medvision.errors import CorruptDicomError
@@ -237,30 +239,60 @@ class DecodePool:
         try:
             x, meta, ids = pool.submit(self.target, data, identifiers is not None).result(timeout=self.timeout_s)
         except (BrokenProcessPool, RuntimeError, CancelledError, TimeoutError) as exc:
-            # RuntimeError: shut down as broken by another thread just now; CancelledError: still queued when it
-            # was. TimeoutError: this file, or the ones ahead of it, hold the workers: they are stopped, which
-            # breaks the pool like a crash.
-            if isinstance(exc, TimeoutError):
-                log.error("a decoding worker outlasted %g s; stopping the pool's workers", self.timeout_s)
-                _stop_workers(pool)
-            # Which file killed (or held) the worker is unknown: every request caught in it is tried again, each in
-            # a process of its own, so the culprit fails alone and the others go through.
-            self._replace(pool)
-            alone = self._new_pool(1)
-            try:
-                x, meta, ids = alone.submit(self.target, data, identifiers is not None).result(timeout=self.timeout_s)
-            except BrokenProcessPool:
-                raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
-                                     "the service carries on") from None
-            except TimeoutError:
-                _stop_workers(alone)
-                raise DecodeTooSlow(f"decoding this file took longer than {self.timeout_s:g} s on its own: refused "
-                                    "(a pathological or hostile codestream); the service carries on") from None
-            finally:
-                alone.shutdown(wait=False, cancel_futures=True)
+            x, meta, ids = self._recover(pool, exc, data, identifiers is not None)
         if identifiers is not None:
             identifiers.update(ids)
         return x, meta
+
+    async def prepare_async(self, data: Received,
+                            identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        """``prepare`` of a body in one of this pool's segments, awaited on the event loop: no thread waits on the
+        worker (a crash or time-out is recovered from in a thread, as ``prepare`` does it)."""
+        pool, shared = self.pool, data.shared
+        try:
+            future = pool.submit(self.target, shared, identifiers is not None)
+        except (BrokenProcessPool, RuntimeError) as exc:
+            outcome = await run_in_threadpool(self._recover, pool, exc, shared, identifiers is not None)
+        else:
+            try:
+                outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+            except (BrokenProcessPool, RuntimeError, TimeoutError) as exc:
+                outcome = await run_in_threadpool(self._recover, pool, exc, shared, identifiers is not None)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request was cancelled, not its decoding
+                # still queued when another request's recovery shut the pool down
+                outcome = await run_in_threadpool(self._recover, pool, CancelledError(), shared,
+                                                  identifiers is not None)
+        x, meta, ids = outcome
+        if identifiers is not None:
+            identifiers.update(ids)
+        return x, meta
+
+    def _recover(self, pool: ProcessPoolExecutor, exc: BaseException, data: Shared | Path | bytes,
+                 want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
+        """After ``pool`` failed a request with ``exc``: BrokenProcessPool (a worker died), RuntimeError (shut down
+        as broken by another request just now), CancelledError (still queued when it was), TimeoutError (this file,
+        or the ones ahead of it, hold the workers: they are stopped, which breaks the pool like a crash)."""
+        if isinstance(exc, TimeoutError):
+            log.error("a decoding worker outlasted %g s; stopping the pool's workers", self.timeout_s)
+            _stop_workers(pool)
+        # Which file killed (or held) the worker is unknown: every request caught in it is tried again, each in a
+        # process of its own, so the culprit fails alone and the others go through.
+        self._replace(pool)
+        alone = self._new_pool(1)
+        try:
+            return alone.submit(self.target, data, want_ids).result(timeout=self.timeout_s)
+        except BrokenProcessPool:
+            raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
+                                 "the service carries on") from None
+        except TimeoutError:
+            _stop_workers(alone)
+            raise DecodeTooSlow(f"decoding this file took longer than {self.timeout_s:g} s on its own: refused "
+                                "(a pathological or hostile codestream); the service carries on") from None
+        finally:
+            alone.shutdown(wait=False, cancel_futures=True)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self.lock:

@@ -175,7 +175,13 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
         async with dicom_body(request, app) as data:
-            x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
+            if isinstance(data, Received) and not app.batcher.alone():
+                # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
+                x, meta = await app.decoder.prepare_async(data, ids)
+                _check_uids(meta)
+                result = None
+            else:
+                x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
             size = len(data)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)

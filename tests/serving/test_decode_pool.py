@@ -1,6 +1,7 @@
 """Decoding in worker processes (MEDVISION_DECODE_PROCESSES): the same scores and refusals as decoding in threads,
 and a worker that dies costs its own request a clear refusal, never the service."""
 
+import asyncio
 import json
 import os
 import signal
@@ -143,6 +144,44 @@ def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through
         pool.close()
 
 
+def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact, dicom_files):
+    """``prepare_async`` (a body already in one of the pool's segments, awaited on the event loop, as the service
+    hands off requests that arrive together): the same arrays and identifiers; a crash refuses only its file and the
+    requests caught in it go through; a worker stuck past the limit is refused by name and the others go through."""
+    from medvision.serving.decode_pool import DecodeTooSlow
+
+    engine = Engine(artifact)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
+
+    async def one(data: bytes, ids=None):
+        with pool.segments.receiving(len(data)) as received:
+            assert received is not None
+            received.view()[:] = data
+            return await pool.prepare_async(received, ids)
+
+    async def scenario():
+        ids: dict[str, str] = {}
+        x, meta = await one(dicom_files[0].read_bytes(), ids)
+        expected, expected_meta = engine.prepare(dicom_files[0])
+        assert (x == expected).all() and meta == expected_meta and "AccessionNumber" in ids
+        first = pool.pool
+        crash = await asyncio.gather(one(b"DIE"), *(one(f.read_bytes()) for f in dicom_files[1:4]),
+                                     return_exceptions=True)
+        assert isinstance(crash[0], DecoderCrashed), crash
+        assert all(isinstance(o, tuple) for o in crash[1:]), crash  # the bystanders, decoded again
+        assert pool.pool is not first
+        stuck = await asyncio.gather(one(b"SLOW"), *(one(f.read_bytes()) for f in dicom_files[4:6]),
+                                     return_exceptions=True)
+        assert isinstance(stuck[0], DecodeTooSlow), stuck
+        assert all(isinstance(o, tuple) for o in stuck[1:]), stuck
+        assert (await one(dicom_files[6].read_bytes()))[0].shape == expected.shape  # the pool serves on
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.close()
+
+
 def _refusal(pool):
     try:
         pool.prepare(b"SLOW")
@@ -206,6 +245,9 @@ def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_proce
     monkeypatch.setattr(predict_route, "read_dicom_upload", lambda *a: gathered.append(1) or real(*a))
     server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                  data_dir=str(tmp_path / "d"), decode_processes=2))
+    pool = server.server.config.app.state.decoder
+    awaited, real_async = [], pool.prepare_async
+    monkeypatch.setattr(pool, "prepare_async", lambda *a: awaited.append(1) or real_async(*a))
     try:
         engine = Engine(artifact)
         expected = [engine.predict(f).probability for f in padded]
@@ -218,6 +260,7 @@ def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_proce
             assert results[i].json()["probability"] == pytest.approx(expected[i], abs=1e-5)
         segments = server.server.config.app.state.decoder.segments
         assert len(gathered) <= max(0, 8 - segments.keep) and segments.count >= 1  # beyond the kept ones: gathered
+        assert awaited  # requests that arrived together were handed to the workers without a thread waiting
         small = server.client.post("/v1/predict", content=dicom_files[9].read_bytes(),  # under the threshold
                                    headers={"Content-Type": "application/dicom"})
         assert small.status_code == 200 and gathered == [1]
