@@ -65,7 +65,10 @@ async def _read_into(request: Request, received: Received) -> None:
     (``http_server.BODY_INTO``), else copied there chunk by chunk."""
     fill = request.scope.get("extensions", {}).get(BODY_INTO)
     if fill is not None:
-        at = await fill(received.view())
+        try:
+            at = await fill(received.view())
+        except ValueError:  # longer than its Content-Length (the HTTP parser does not let that happen)
+            raise PayloadTooLarge("request body is longer than its Content-Length") from None
         await request.receive()  # the end of the body, as the middleware counting it expects to see it
     else:
         view, at = received.view(), 0
