@@ -4,7 +4,8 @@ the machine, before any work on it (benchmarks/fullfield.py subtracts it from th
 HTTP protocol it takes the body the way the service does (written into a buffer as it arrives:
 ``serving.http_server.BODY_INTO``); elsewhere through ``receive()``, dropping each chunk."""
 
-_buffers: dict[int, bytearray] = {}  # one per body size, reused: as the service reuses its shared segments
+_free: dict[int, list[bytearray]] = {}  # reused, one per body in flight: as the service reuses its shared segments
+MOST = 64 << 20
 
 
 async def app(scope, receive, send) -> None:
@@ -12,12 +13,14 @@ async def app(scope, receive, send) -> None:
         return
     fill = scope.get("extensions", {}).get("medvision.body_into")
     declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if fill is not None and declared.isdigit():
+    if fill is not None and declared.isdigit() and int(declared) <= MOST:
         size = int(declared)
-        buffer = _buffers.get(size)
-        if buffer is None:
-            buffer = _buffers[size] = bytearray(size)
-        await fill(buffer)
+        spare = _free.setdefault(size, [])
+        buffer = spare.pop() if spare else bytearray(size)
+        try:
+            await fill(buffer)
+        finally:
+            spare.append(buffer)
         await receive()
     else:
         while (await receive()).get("more_body"):

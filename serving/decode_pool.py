@@ -82,13 +82,15 @@ class Shared:
                 _close(segment)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Received:
     """``size`` bytes in a segment the service owns (``Segments.receiving``): decoded in place by a worker
-    (``shared``) or by a thread of the service (``view``)."""
+    (``shared``) or by a thread of the service (``view``). ``abandoned``: a worker may still be reading it after its
+    request ended (the request was cancelled mid-decode), so the segment is let go, never handed to another body."""
 
     segment: shared_memory.SharedMemory
     size: int
+    abandoned: bool = False
 
     def view(self) -> memoryview:
         return self.segment.buf[:self.size]
@@ -153,11 +155,14 @@ class Segments:
         if segment is None:
             yield None
             return
+        received = Received(segment, size)
         try:
-            yield Received(segment, size)
+            yield received
         finally:
             with self.lock:
-                if segment.size > KEEP_MAX:  # a rare giant: its memory goes back now rather than stay pinned
+                # a rare giant: its memory goes back now rather than stay pinned; an abandoned one: the worker still
+                # reading it keeps its own mapping, and no other body is ever written under it
+                if segment.size > KEEP_MAX or received.abandoned:
                     self._drop(segment)
                 else:
                     self.free.append(segment)
@@ -261,6 +266,8 @@ class DecodePool:
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not future.cancelled() or (task is not None and task.cancelling()):
+                    if not future.done():  # this request was cancelled while a worker reads its segment
+                        data.abandoned = True
                     raise  # this request was cancelled, not its decoding
                 # still queued when another request's recovery shut the pool down
                 outcome = await run_in_threadpool(self._recover, pool, CancelledError(), shared,

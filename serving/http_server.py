@@ -19,6 +19,7 @@ Content-Length); ``receive()`` afterwards says the body is over, as it would hav
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 BODY_INTO = "medvision.body_into"
@@ -80,9 +81,13 @@ class _Sink:
 def _filler(cycle):
     """``fill(buffer) -> bytes written``: the rest of ``cycle``'s body into ``buffer`` (the body's Content-Length
     long). Returns at the body's end, or with fewer bytes when the client disconnects; a body longer than the buffer
-    is read to its end and refused (ValueError)."""
+    is read to its end and refused (ValueError). It holds its cycle weakly: the cycle holds the scope that holds it."""
+    ref = weakref.ref(cycle)
 
     async def fill(buffer) -> int:
+        cycle = ref()
+        if cycle is None:
+            raise RuntimeError("this request is over: its body can no longer be read")
         view = memoryview(buffer).cast("B")
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():  # as receive() does it
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -139,14 +144,16 @@ def chunked_body_protocol() -> type | None:
 
         def on_body(self, body: bytes) -> None:
             cycle = self.cycle
-            if type(cycle.body) is _Sink:  # the app is filling a buffer: straight there, no pause, no wake-up per chunk
-                if not cycle.response_complete:
+            if cycle is not None and type(cycle.body) is _Sink:  # the app is filling a buffer: straight there
+                # (no pause, no wake-up per chunk); only its own request's bytes: once its message is complete,
+                # body bytes here belong to a request that gets no cycle (an upgrade), which uvicorn drops too
+                if cycle.more_body and not cycle.response_complete:
                     cycle.body.write(body)
                     if cycle.body.full:
                         cycle.message_event.set()  # (its end: on_message_complete follows in the same feed)
                 return
             # uvicorn starts every request, and every receive(), with an empty bytearray: swap in the chunk list
-            if type(cycle.body) is bytearray and not cycle.body:
+            if cycle is not None and type(cycle.body) is bytearray and not cycle.body:
                 cycle.body = _Chunks()
             super().on_body(body)
 

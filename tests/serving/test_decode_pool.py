@@ -182,6 +182,34 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
         pool.close()
 
 
+def test_a_segment_whose_request_is_cancelled_mid_decode_is_never_reused(artifact):
+    """The worker may still be reading the segment of a request cancelled while it decodes: that segment is let go
+    (unlinked; the worker keeps its own mapping), never handed to the next body."""
+    from medvision.serving.decode_pool import _stop_workers
+
+    engine = Engine(artifact)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=60)
+
+    async def cancelled_mid_decode():
+        with pool.segments.receiving(4) as received:
+            received.view()[:] = b"SLOW"
+            name = received.segment.name
+            task = asyncio.ensure_future(pool.prepare_async(received))
+            await asyncio.sleep(1.0)  # the worker is in it now
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert received.abandoned
+        return name
+
+    try:
+        name = asyncio.run(cancelled_mid_decode())
+        assert name not in {s.name for s in pool.segments.free} and pool.segments.count == 0
+    finally:
+        _stop_workers(pool.pool)
+        pool.close()
+
+
 def _refusal(pool):
     try:
         pool.prepare(b"SLOW")
