@@ -6,6 +6,7 @@ import hashlib
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -33,19 +34,27 @@ async def _digest_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture(params=["chunked-body", "uvicorn's own"], scope="module")
-def server(request):
-    http = chunked_body_protocol() if request.param == "chunked-body" else "httptools"
-    server = uvicorn.Server(uvicorn.Config(_digest_app, host="127.0.0.1", port=0, log_level="warning", http=http))
+@contextmanager
+def _running(app, http):
+    """``app`` under a real uvicorn on a loopback port, in a thread: (url, server)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(params=["chunked-body", "uvicorn's own"], scope="module")
+def server(request):
+    with _running(_digest_app, chunked_body_protocol() if request.param == "chunked-body" else "httptools") as started:
+        yield started
 
 
 def _bodies():
@@ -80,14 +89,19 @@ def test_a_chunked_transfer_encoding_body_arrives_whole(server):
 
 def test_pipelined_requests_keep_their_own_bodies(server):
     """Two requests written back to back before either is answered: each body goes to its own request."""
-    url, _ = server
+    _pipelined(server[0], last=b" 1")
+
+
+def _pipelined(url: str, last: bytes) -> None:
+    """Two requests written back to back on one connection before either is answered (the second answer ends with
+    ``last``): each answer names its own body's digest."""
     host, port = url.removeprefix("http://").split(":")
     first, second = b"a" * 300_000, b"b" * 5
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        for body in (first, second):
-            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        s.sendall(b"".join(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(b) + b
+                           for b in (first, second)))
         answers = b""
-        while answers.count(b"HTTP/1.1 200") < 2 or not answers.rstrip().endswith(b" 1"):
+        while answers.count(b"HTTP/1.1 200") < 2 or not answers.rstrip().endswith(last):
             chunk = s.recv(65536)
             assert chunk, answers
             answers += chunk
@@ -148,17 +162,8 @@ async def _fill_app(scope, receive, send) -> None:
 
 @pytest.fixture(scope="module")
 def fill_server():
-    server = uvicorn.Server(uvicorn.Config(_fill_app, host="127.0.0.1", port=0, log_level="warning",
-                                           http=chunked_body_protocol()))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with _running(_fill_app, chunked_body_protocol()) as (url, _):
+        yield url
 
 
 @pytest.mark.parametrize("name", ["one byte", "odd", "full-field"])
@@ -211,15 +216,4 @@ def test_a_client_gone_mid_body_ends_fill_and_the_server_goes_on(fill_server):
 
 
 def test_pipelined_requests_fill_their_own_buffers(fill_server):
-    host, port = fill_server.removeprefix("http://").split(":")
-    first, second = b"a" * 300_000, b"b" * 5
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"".join(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(b) + b
-                           for b in (first, second)))
-        answers = b""
-        while answers.count(b"HTTP/1.1 200") < 2 or not answers.rstrip().endswith(b" 0"):
-            chunk = s.recv(65536)
-            assert chunk, answers
-            answers += chunk
-    assert hashlib.sha256(first).hexdigest().encode() in answers
-    assert hashlib.sha256(second).hexdigest().encode() in answers
+    _pipelined(fill_server, last=b" 0")
