@@ -253,25 +253,22 @@ class DecodePool:
                             identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
         """``prepare`` of a body in one of this pool's segments, awaited on the event loop: no thread waits on the
         worker (a crash or time-out is recovered from in a thread, as ``prepare`` does it)."""
-        pool, shared = self.pool, data.shared
+        pool, shared, want_ids = self.pool, data.shared, identifiers is not None
+        failure: BaseException | None = None
         try:
-            future = pool.submit(self.target, shared, identifiers is not None)
-        except (BrokenProcessPool, RuntimeError) as exc:
-            outcome = await run_in_threadpool(self._recover, pool, exc, shared, identifiers is not None)
-        else:
-            try:
-                outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-            except (BrokenProcessPool, RuntimeError, TimeoutError) as exc:
-                outcome = await run_in_threadpool(self._recover, pool, exc, shared, identifiers is not None)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not future.cancelled() or (task is not None and task.cancelling()):
-                    if not future.done():  # this request was cancelled while a worker reads its segment
-                        data.abandoned = True
-                    raise  # this request was cancelled, not its decoding
-                # still queued when another request's recovery shut the pool down
-                outcome = await run_in_threadpool(self._recover, pool, CancelledError(), shared,
-                                                  identifiers is not None)
+            future = pool.submit(self.target, shared, want_ids)
+            outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except (BrokenProcessPool, RuntimeError, TimeoutError) as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not future.cancelled() or (task is not None and task.cancelling()):
+                if not future.done():  # this request was cancelled while a worker reads its segment
+                    data.abandoned = True
+                raise  # this request was cancelled, not its decoding
+            failure = CancelledError()  # still queued when another request's recovery shut the pool down
+        if failure is not None:
+            outcome = await run_in_threadpool(self._recover, pool, failure, shared, want_ids)
         x, meta, ids = outcome
         if identifiers is not None:
             identifiers.update(ids)
