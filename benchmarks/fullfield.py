@@ -17,7 +17,9 @@ JPEG-LS, RLE and uncompressed, as a hospital archive holds them. Measured on thi
   bare       an ASGI app that only reads the body (benchmarks/bare_upload.py), 1 at a time: the HTTP floor that
              the served latency holds on top of the pipeline whatever the service does; under plain uvicorn (what
              any Python service gets) and as `medvision serve` runs uvicorn (its HTTP protocol and allocator
-             settings: the service's own floor)
+             settings: the service's own floor). Under medvision's HTTP also at the top concurrency, for the CPU
+             receiving a body costs: with the client's own CPU (it runs on the same cores here) it bounds what the
+             cores can reach over HTTP, printed next to the limit
 
 For the whole mix and per transfer syntax: images/s, p50 / p99 latency, core-seconds per 4-view study and the cost
 of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCPU hour).
@@ -39,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import _drive, _free_port, run_client, service, wait_ready  # noqa: E402 - the same client and service start as serve_load
+from serve_load import _drive, _free_port, run_client, service_process, wait_ready  # noqa: E402 - the same client and service start as serve_load
 
 console = Console(width=170)
 MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
@@ -109,13 +111,13 @@ def _mean_of(before: dict, after: dict) -> dict:
 
 @contextmanager
 def naive(model_name: str):
-    with peer("naive_service:app", {"NAIVE_MODEL": model_name}, "the naive service") as started:
-        yield started
+    with peer("naive_service:app", {"NAIVE_MODEL": model_name}, "the naive service") as (url, key, _):
+        yield url, key
 
 
 @contextmanager
 def peer(app: str, env: dict[str, str], what: str, medvision_http: bool = False):
-    """An ASGI app of this folder under uvicorn in a process of its own: (url, key) once it answers. With
+    """An ASGI app of this folder under uvicorn in a process of its own: (url, key, process) once it answers. With
     ``medvision_http``, as `medvision serve` runs uvicorn: its HTTP protocol (``serving.http_server``) and its
     allocator settings (``medvision.memory``)."""
     port = _free_port()
@@ -132,19 +134,33 @@ def peer(app: str, env: dict[str, str], what: str, medvision_http: bool = False)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, 180, what)
-        yield url, "none"
+        yield url, "none", proc
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: float, limit: int) -> dict:
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process (not its children), from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: float, limit: int,
+          server_pid: int | None = None) -> dict:
+    """Each concurrency in turn: images/s, latencies, the client's share of the cores and, with ``server_pid``,
+    the CPU that server process spent per request (its own, not its children's)."""
     payloads = [f.read_bytes() for f in files]
     out = {}
     for c in levels:
-        cpu = time.process_time()
+        cpu, server = time.process_time(), _cpu_s(server_pid) if server_pid else None
         r = run_client(_drive(url, key, payloads, c, seconds, limit))
         r["client_cores"] = (time.process_time() - cpu) / r["wall_s"]  # what the client took of the machine's cores
+        if server is not None and r["requests"]:
+            r["server_ms_per_request"] = 1000 * (_cpu_s(server_pid) - server) / r["requests"]
         r.pop("latencies_ms")
         out[c] = r
     return out
@@ -214,14 +230,16 @@ def main() -> None:
                     "mix": {SHORT[s]: len(fs) for s, fs in by_syntax.items()}, "groups": {}}
     for name, files in groups.items():
         before = pipeline_rate(args.model, files, args.seconds / 2)
-        with service(args.model, {}) as (url, key):
-            medvision = drive(url, key, files, levels, args.seconds, args.requests)
+        with service_process(args.model, {}) as (url, key, proc):
+            medvision = drive(url, key, files, levels, args.seconds, args.requests, server_pid=proc.pid)
         after = pipeline_rate(args.model, files, args.seconds / 2)  # the limit on both sides of the served run
         g = report["groups"][name] = {"pipeline": _mean_of(before, after), "medvision": medvision}
-        with peer("bare_upload:app", {}, "the bare upload app") as (url, key):  # the HTTP floor at 1 at a time
+        with peer("bare_upload:app", {}, "the bare upload app") as (url, key, _):  # the HTTP floor at 1 at a time
             g["bare upload"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
-        with peer("bare_upload:app", {}, "the bare upload app", medvision_http=True) as (url, key):
-            g["bare upload, medvision's HTTP"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
+        with peer("bare_upload:app", {}, "the bare upload app", medvision_http=True) as (url, key, proc):
+            # at 1 at a time (its latency) and at the top concurrency (its CPU per request: what receiving costs)
+            g["bare upload, medvision's HTTP"] = drive(url, key, files, sorted({1, levels[-1]}), args.seconds / 2,
+                                                        args.requests, server_pid=proc.pid)
         for model_name in args.naive_models.split(","):
             if name != "mix" and model_name not in per_syntax_peers:
                 continue  # per syntax: the ViT-S peer only unless asked (time)
@@ -270,6 +288,7 @@ def _print(report: dict, levels: list[int]) -> None:
                           f"{100 * s['images_per_s'] / (cores * own['images_per_s']):.0f} (limit "
                           f"{cores * own['images_per_s']:.1f})")
         console.print(table)
+        _print_reachable(g, pipe, cores, levels[-1])
         own_floor = g.get("bare upload, medvision's HTTP", {}).get(1)
         if "bare upload" in g and own_floor and 1 in g["medvision"]:
             served, floor = g["medvision"][1]["p50_ms"], own_floor["p50_ms"]
@@ -277,6 +296,26 @@ def _print(report: dict, levels: list[int]) -> None:
                           f"body over HTTP (a bare app on medvision's HTTP server: {floor:.1f}; on plain uvicorn: "
                           f"{g['bare upload'][1]['p50_ms']:.1f}) + {served - pipe['p50_ms'] - floor:+.1f} ms of its own "
                           "(keys, bookkeeping, answer)")
+
+
+def _print_reachable(g: dict, pipe: dict, cores: int, c: int) -> None:
+    """What the cores can reach over HTTP at concurrency ``c``: each image costs the pipeline, the server's CPU to
+    receive its body (the bare app on medvision's HTTP, measured at ``c``) and the client's CPU to send it (on
+    this machine the client runs on the same cores)."""
+    bare, served = g.get("bare upload, medvision's HTTP", {}).get(c), g["medvision"].get(c)
+    if not bare or not served or "server_ms_per_request" not in bare or not served.get("images_per_s"):
+        return
+    client_ms = 1000 * served["client_cores"] / served["images_per_s"]
+    per_image_ms = 1000 / pipe["images_per_s"] + bare["server_ms_per_request"] + client_ms
+    reachable = cores * 1000 / per_image_ms
+    main_ms = served.get("server_ms_per_request", float("nan"))
+    console.print(f"  {c} at once: the cores can reach {reachable:.1f} img/s over HTTP ({100 * reachable / (cores * pipe['images_per_s']):.0f} "
+                  f"% of the limit: per image the pipeline {1000 / pipe['images_per_s']:.1f} ms + receiving the body "
+                  f"{bare['server_ms_per_request']:.1f} (a bare app on medvision's HTTP) + the client sending it "
+                  f"{client_ms:.1f} ms of a core); medvision {served['images_per_s']:.1f} = "
+                  f"{100 * served['images_per_s'] / reachable:.0f} % of it. Its main process: {main_ms:.1f} ms of a core "
+                  f"a request ({main_ms - bare['server_ms_per_request']:+.1f} over the bare app: keys, bookkeeping, "
+                  "batching, answer)")
 
 
 if __name__ == "__main__":

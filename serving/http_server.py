@@ -14,16 +14,36 @@ of a request's body straight into ``buffer`` as it comes off the socket (a decod
 place of the ``receive()`` round trip per chunk, each pausing and resuming the socket at uvicorn's 64 kB
 high-water mark, and a copy per chunk in the app. The body's framing stays uvicorn's (httptools holds it to its
 Content-Length); ``receive()`` afterwards says the body is over, as it would have.
+
+Where the buffer is exactly the body's declared Content-Length, the rest of the body does not pass through Python
+at all: ``BodyIntoProtocol`` is the transport's protocol, a ``BufferedProtocol`` that reads the socket into a reused
+buffer and feeds uvicorn's protocol from it (one copy fewer than a plain protocol's ``bytes`` per read), and that,
+while a buffer is being filled, hands the event loop the buffer's unwritten part to read the socket into: the
+kernel writes the body where the decoder reads it, never more than the body's remaining bytes (a pipelined request
+behind it stays in the socket). At the body's end uvicorn's protocol gets a fresh parser (the old one was left
+inside a body it never saw the end of) and the message is completed as httptools would have completed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 import weakref
 from typing import Any
 
 BODY_INTO = "medvision.body_into"
 SMALL_CHUNK = 4096  # chunks below this are gathered into one bytearray: a body sent in tiny chunks costs no object each
+READ_SIZE = 256 * 1024  # what one socket read takes at most outside a body being filled (uvloop's own read size)
+_reads = threading.local()  # one read buffer per event loop's thread, as uvloop keeps one per loop: a read is
+# handed to the parser, which copies out what it keeps, before the loop reads any other socket
+
+
+def _read_buffer() -> memoryview:
+    buffer = getattr(_reads, "buffer", None)
+    if buffer is None:
+        buffer = _reads.buffer = memoryview(bytearray(READ_SIZE))
+    return buffer
 
 
 class _Chunks:
@@ -78,15 +98,24 @@ class _Sink:
         return self.at == len(self.view)
 
 
-def _filler(cycle):
+def _declared_length(scope) -> int | None:
+    """The request's Content-Length when it is its only framing (one header, digits, no Transfer-Encoding)."""
+    lengths = [v for k, v in scope["headers"] if k == b"content-length"]
+    if len(lengths) != 1 or not lengths[0].isdigit() or any(k == b"transfer-encoding" for k, _ in scope["headers"]):
+        return None
+    return int(lengths[0])
+
+
+def _filler(cycle, protocol):
     """``fill(buffer) -> bytes written``: the rest of ``cycle``'s body into ``buffer`` (the body's Content-Length
     long). Returns at the body's end, or with fewer bytes when the client disconnects; a body longer than the buffer
-    is read to its end and refused (ValueError). It holds its cycle weakly: the cycle holds the scope that holds it."""
-    ref = weakref.ref(cycle)
+    is read to its end and refused (ValueError). It holds its cycle and protocol weakly: the cycle holds the scope
+    that holds it."""
+    ref, protocol_ref = weakref.ref(cycle), weakref.ref(protocol)
 
     async def fill(buffer) -> int:
-        cycle = ref()
-        if cycle is None:
+        cycle, protocol = ref(), protocol_ref()
+        if cycle is None or protocol is None:
             raise RuntimeError("this request is over: its body can no longer be read")
         view = memoryview(buffer).cast("B")
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():  # as receive() does it
@@ -99,12 +128,18 @@ def _filler(cycle):
         for chunk in (pending.chunks if type(pending) is _Chunks else [pending]):
             sink.write(chunk)
         cycle.body = sink
+        if (protocol.reads_direct and protocol.cycle is cycle and cycle.more_body and not sink.full
+                and not sink.over and _declared_length(cycle.scope) == len(view)):
+            protocol.direct = sink  # the rest is read from the socket straight into the buffer
         try:
             while cycle.more_body and not cycle.disconnected and not cycle.response_complete:
                 cycle.message_event.clear()
                 cycle.flow.resume_reading()
                 await cycle.message_event.wait()
         finally:
+            if protocol.direct is sink:  # left inside the body (cancelled): the parser never saw what was read, so
+                protocol.direct = None  # the rest is read and dropped past it too, and the message ends there
+                protocol.skip = 0 if cycle.disconnected else len(view) - sink.at
             cycle.body = bytearray()
             if not cycle.more_body or cycle.disconnected or cycle.response_complete:
                 cycle.message_event.set()  # receive() must find the end (or the disconnect) without waiting
@@ -132,15 +167,37 @@ def chunked_body_protocol() -> type | None:
         can_fill = all(f"self.{name} =" in setup for name in (
             "flow", "transport", "message_event", "waiting_for_100_continue", "body", "more_body", "disconnected",
             "response_complete"))
+        # reading a body past the parser: uvicorn's protocol keeps its parser where a fresh one can replace it, and
+        # hands data_received's argument to nothing but the parser
+        protocol_setup = inspect.getsource(HttpToolsProtocol.__init__)
+        reads_direct = can_fill and "self.parser = httptools.HttpRequestParser(self)" in protocol_setup and \
+            "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
     except (OSError, TypeError):
-        can_fill = False
+        can_fill = reads_direct = False
 
     class ChunkedBodyProtocol(HttpToolsProtocol):
+        direct: _Sink | None = None  # the buffer the rest of this request's body is read into, past the parser
+        skip = 0  # bytes of a body left unread in ``direct`` (its reader was cancelled): read and dropped
+        reads_direct = False  # True under BodyIntoProtocol, which reads the socket into ``direct``
+
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             cycle = self.cycle
             if can_fill and cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
-                self.scope.setdefault("extensions", {})[BODY_INTO] = _filler(cycle)
+                self.scope.setdefault("extensions", {})[BODY_INTO] = _filler(cycle, self)
+
+        def body_read(self) -> None:
+            """The body read into ``direct`` is whole: the message ends here, and the next request on the
+            connection starts with a parser of its own (this one was left inside a body it never saw the end of)."""
+            import httptools
+
+            self.direct, self.skip = None, 0
+            self.parser = httptools.HttpRequestParser(self)
+            try:
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+            except AttributeError:
+                pass
+            self.on_message_complete()
 
         def on_body(self, body: bytes) -> None:
             cycle = self.cycle
@@ -157,7 +214,56 @@ def chunked_body_protocol() -> type | None:
                 cycle.body = _Chunks()
             super().on_body(body)
 
-    return ChunkedBodyProtocol
+    if not reads_direct:
+        return ChunkedBodyProtocol
+
+    class BodyIntoProtocol(asyncio.BufferedProtocol):
+        """The transport's protocol: reads the socket into a reused buffer and feeds ``ChunkedBodyProtocol`` from it,
+        or, while a body is read into an app's buffer, into that buffer (see the module's docstring). uvloop reads
+        into a buffer only for a protocol that is not an ``asyncio.Protocol``, hence a wrapper, not a subclass."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.http = ChunkedBodyProtocol(*args, **kwargs)
+            self.http.reads_direct = True
+            self.buffer = _read_buffer()
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            http = self.http
+            if http.direct is not None:
+                return http.direct.view[http.direct.at:]  # never past the body's end
+            return self.buffer[:http.skip] if 0 < http.skip < READ_SIZE else self.buffer
+
+        def buffer_updated(self, nbytes: int) -> None:
+            http = self.http
+            sink = http.direct
+            if sink is not None:
+                sink.at += nbytes
+                if sink.full:
+                    http.body_read()
+            elif http.skip:
+                http.skip -= nbytes
+                if not http.skip:
+                    http.body_read()
+            else:
+                http.data_received(self.buffer[:nbytes])
+
+        def connection_made(self, transport) -> None:
+            self.http.connection_made(transport)
+
+        def connection_lost(self, exc) -> None:
+            self.http.direct, self.http.skip = None, 0
+            self.http.connection_lost(exc)
+
+        def eof_received(self):
+            return self.http.eof_received()
+
+        def pause_writing(self) -> None:
+            self.http.pause_writing()
+
+        def resume_writing(self) -> None:
+            self.http.resume_writing()
+
+    return BodyIntoProtocol
 
 
 def uvicorn_options(settings) -> dict[str, Any]:

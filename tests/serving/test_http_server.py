@@ -35,9 +35,9 @@ async def _digest_app(scope, receive, send) -> None:
 
 
 @contextmanager
-def _running(app, http):
+def _running(app, http, loop="auto"):
     """``app`` under a real uvicorn on a loopback port, in a thread: (url, server)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http, loop=loop))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -112,7 +112,7 @@ def _pipelined(url: str, last: bytes) -> None:
 def test_the_service_runs_on_the_chunked_protocol(server):
     """``medvision serve`` and the tests' live servers take their options from ``uvicorn_options``."""
     options = uvicorn_options(Settings())
-    assert options["http"] is not None and options["http"].__name__ == "ChunkedBodyProtocol"
+    assert options["http"] is not None and options["http"].__name__ == "BodyIntoProtocol"
     assert options["access_log"] is False and options["proxy_headers"] is True
 
 
@@ -148,9 +148,11 @@ async def _fill_app(scope, receive, send) -> None:
         await asyncio.sleep(float(query[b"wait"]))
     buffer = bytearray(size - int(query.get(b"short", b"0")))
     try:
-        written = await fill(buffer)
+        written = await asyncio.wait_for(fill(buffer), float(query.get(b"give_up", b"60")))
     except ValueError as exc:
         body, status = str(exc).encode(), 400
+    except TimeoutError:  # the reader cancelled mid-body: what is left of it must not become the next request
+        body, status = b"gave up", 408
     else:
         after = await receive()
         body, status = f"{hashlib.sha256(buffer).hexdigest()} {written} {after['type']} {after.get('more_body')} " \
@@ -160,9 +162,18 @@ async def _fill_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture(scope="module")
-def fill_server():
-    with _running(_fill_app, chunked_body_protocol()) as (url, _):
+READ_DIRECT = {"bytes": 0}  # body bytes the socket read put straight into the app's buffer, past the parser
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])  # each event loop reads into a buffer its own way
+def fill_server(request):
+    class Counting(chunked_body_protocol()):  # the service's protocol, counting what it reads past the parser
+        def buffer_updated(self, nbytes: int) -> None:
+            if self.http.direct is not None:
+                READ_DIRECT["bytes"] += nbytes
+            super().buffer_updated(nbytes)
+
+    with _running(_fill_app, Counting, loop=request.param) as (url, _):
         yield url
 
 
@@ -174,10 +185,54 @@ def test_a_body_filled_into_a_buffer_arrives_whole(fill_server, name, wait):
     body = _bodies()[name]
     with httpx.Client(timeout=60) as client:
         for _ in range(2):
+            before = READ_DIRECT["bytes"]
             r = client.post(f"{fill_server}/?wait={wait}", content=body)
             digest, written, kind, more, rest = r.text.split()
             assert r.status_code == 200 and digest == hashlib.sha256(body).hexdigest() and int(written) == len(body)
             assert (kind, more, rest) == ("http.request", "False", "0")
+            if name == "full-field":  # all but what came before the app asked (a socket read or two) came direct
+                assert READ_DIRECT["bytes"] - before > len(body) - (2 << 20)
+
+
+def test_a_body_read_direct_is_followed_by_the_next_request_on_the_connection(fill_server):
+    """A body read past the parser ends where its Content-Length says: a request written right behind it (in the
+    same packets) is parsed as a request of its own, and so is a third after it."""
+    host, port = fill_server.removeprefix("http://").split(":")
+    first = bytes(range(256)) * 20_000  # 5 MB: read direct after the first socket reads
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(first) + first
+                  + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nnext"
+                  + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nthird")
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 3 or not answers.rstrip().endswith(b" 0"):
+            chunk = s.recv(65536)
+            assert chunk, answers
+            answers += chunk
+    for body in (first, b"next", b"third"):
+        assert hashlib.sha256(body).hexdigest().encode() in answers
+
+
+def test_a_reader_cancelled_mid_body_leaves_the_connection_framed(fill_server):
+    """The app gives up on a body half read past the parser (its task's wait timed out): the rest of that body is
+    read and dropped, never parsed as a request, and the next request on the connection is answered."""
+    host, port = fill_server.removeprefix("http://").split(":")
+    body = b"r" * 3_000_000
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /?give_up=0.3 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body[:2_000_000])
+        answer = b""
+        while b"gave up" not in answer:
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+        s.sendall(body[2_000_000:] + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nafter")
+        answer = b""
+        while not answer.rstrip().endswith(b" 0"):
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and hashlib.sha256(b"after").hexdigest().encode() in answer
 
 
 def test_a_body_longer_than_the_buffer_is_refused_and_the_connection_goes_on(fill_server):
