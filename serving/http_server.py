@@ -128,9 +128,12 @@ def _filler(cycle, protocol):
         for chunk in (pending.chunks if type(pending) is _Chunks else [pending]):
             sink.write(chunk)
         cycle.body = sink
+        # the rest is read from the socket straight into the buffer only when it is exactly the body's rest: every
+        # body byte parsed so far is in the sink (none taken by an earlier receive(), none dropped by uvicorn) and
+        # the buffer is the declared length; else the parser keeps framing it and on_body writes it here
         if (protocol.reads_direct and protocol.cycle is cycle and cycle.more_body and not sink.full
-                and not sink.over and _declared_length(cycle.scope) == len(view)):
-            protocol.direct = sink  # the rest is read from the socket straight into the buffer
+                and not sink.over and protocol.parsed == sink.at and _declared_length(cycle.scope) == len(view)):
+            protocol.direct = sink
         try:
             while cycle.more_body and not cycle.disconnected and not cycle.response_complete:
                 cycle.message_event.clear()
@@ -170,21 +173,27 @@ def chunked_body_protocol() -> type | None:
         # reading a body past the parser: uvicorn's protocol keeps its parser where a fresh one can replace it, and
         # hands data_received's argument to nothing but the parser
         protocol_setup = inspect.getsource(HttpToolsProtocol.__init__)
+        received = inspect.getsource(HttpToolsProtocol.data_received)
         reads_direct = can_fill and "self.parser = httptools.HttpRequestParser(self)" in protocol_setup and \
-            "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
+            "self.parser.feed_data(data)" in received and "self._unset_keepalive_if_required()" in received and \
+            "keep_alive=" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
     except (OSError, TypeError):
         can_fill = reads_direct = False
 
     class ChunkedBodyProtocol(HttpToolsProtocol):
         direct: _Sink | None = None  # the buffer the rest of this request's body is read into, past the parser
         skip = 0  # bytes of a body left unread in ``direct`` (its reader was cancelled): read and dropped
+        closed = False  # a message that ends the connection was read past the parser: what follows is ignored
         reads_direct = False  # True under BodyIntoProtocol, which reads the socket into ``direct``
+        parsed = 0  # body bytes the parser has handed on for the newest request (``cycle``)
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             cycle = self.cycle
-            if can_fill and cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
-                self.scope.setdefault("extensions", {})[BODY_INTO] = _filler(cycle, self)
+            if cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
+                self.parsed = 0
+                if can_fill:
+                    self.scope.setdefault("extensions", {})[BODY_INTO] = _filler(cycle, self)
 
         def body_read(self) -> None:
             """The body read into ``direct`` is whole: the message ends here, and the next request on the
@@ -197,9 +206,13 @@ def chunked_body_protocol() -> type | None:
                 self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
             except AttributeError:
                 pass
+            # uvicorn's parser ignores whatever follows a message that closes the connection (HTTP/1.0, Connection:
+            # close); the fresh one would parse it as a request: it is dropped here instead
+            self.closed = not self.cycle.keep_alive
             self.on_message_complete()
 
         def on_body(self, body: bytes) -> None:
+            self.parsed += len(body)  # every byte the parser frames as this request's body, kept or not
             cycle = self.cycle
             if cycle is not None and type(cycle.body) is _Sink:  # the app is filling a buffer: straight there
                 # (no pause, no wake-up per chunk); only its own request's bytes: once its message is complete,
@@ -241,10 +254,11 @@ def chunked_body_protocol() -> type | None:
                 if sink.full:
                     http.body_read()
             elif http.skip:
+                http._unset_keepalive_if_required()  # data is arriving: the connection is not idle (as uvicorn's)
                 http.skip -= nbytes
                 if not http.skip:
                     http.body_read()
-            else:
+            elif not http.closed:
                 http.data_received(self.buffer[:nbytes])
 
         def connection_made(self, transport) -> None:

@@ -35,9 +35,10 @@ async def _digest_app(scope, receive, send) -> None:
 
 
 @contextmanager
-def _running(app, http, loop="auto"):
+def _running(app, http, loop="auto", **options):
     """``app`` under a real uvicorn on a loopback port, in a thread: (url, server)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http, loop=loop))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http, loop=loop,
+                                           **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -146,6 +147,8 @@ async def _fill_app(scope, receive, send) -> None:
     query = dict(p.split(b"=") for p in scope["query_string"].split(b"&") if p)
     if b"wait" in query:
         await asyncio.sleep(float(query[b"wait"]))
+    if b"peek" in query:  # something took the body's first chunk through receive() before fill (a middleware)
+        await receive()
     buffer = bytearray(size - int(query.get(b"short", b"0")))
     try:
         written = await asyncio.wait_for(fill(buffer), float(query.get(b"give_up", b"60")))
@@ -173,7 +176,7 @@ def fill_server(request):
                 READ_DIRECT["bytes"] += nbytes
             super().buffer_updated(nbytes)
 
-    with _running(_fill_app, Counting, loop=request.param) as (url, _):
+    with _running(_fill_app, Counting, loop=request.param, timeout_keep_alive=1) as (url, _):
         yield url
 
 
@@ -212,6 +215,51 @@ def test_a_body_read_direct_is_followed_by_the_next_request_on_the_connection(fi
         assert hashlib.sha256(body).hexdigest().encode() in answers
 
 
+def _answers(s: socket.socket, done) -> bytes:
+    """What the server sends on ``s`` until ``done(answers)`` (or it closes the connection)."""
+    answers = b""
+    while not done(answers):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answers += chunk
+    return answers
+
+
+def test_a_body_partly_taken_by_receive_is_never_read_past_its_end(fill_server):
+    """Part of the body was taken through receive() before fill (as a middleware peeking at it would): fill gets the
+    rest, framed by the parser, and a request behind it, whose body carries a request of its own, stays one request."""
+    host, port = fill_server.removeprefix("http://").split(":")
+    size, peeked = 2_000_000, 50_000
+    inner = b"POST /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nsmuggled!!"
+    second = b"p" * 49_900 + inner + b"q" * 10_000
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /?wait=0.4&peek=1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * peeked)
+        time.sleep(1.0)  # the first chunk is parsed (and taken) before the rest arrives
+        s.sendall(b"a" * (size - peeked) + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(second)
+                  + second)
+        answers = _answers(s, lambda a: a.count(b"HTTP/1.1 ") >= 2 and a.rstrip().endswith(b" 0"))
+    assert answers.count(b"HTTP/1.1 200") == 2, answers
+    assert b" %d " % (size - peeked) in answers  # fill wrote the rest of the first body, no byte more
+    assert hashlib.sha256(second).hexdigest().encode() in answers  # the second request had its whole body
+
+
+def test_nothing_after_a_body_that_closes_the_connection_is_parsed(fill_server):
+    """HTTP/1.1 with ``Connection: close``: the body is read past the parser, and what the client sends after it
+    (here an upgrade request) is ignored, as uvicorn's parser ignores it; the answer to the body arrives."""
+    host, port = fill_server.removeprefix("http://").split(":")
+    body = b"c" * 2_000_000
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /?wait=0.2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                  % len(body) + body[:1000])
+        time.sleep(0.5)
+        s.sendall(body[1000:] + b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        answers = _answers(s, lambda a: False)  # until the server closes the connection
+    assert answers.startswith(b"HTTP/1.1 200") and answers.count(b"HTTP/1.1 ") == 1, answers
+    assert hashlib.sha256(body).hexdigest().encode() in answers
+
+
 def test_a_reader_cancelled_mid_body_leaves_the_connection_framed(fill_server):
     """The app gives up on a body half read past the parser (its task's wait timed out): the rest of that body is
     read and dropped, never parsed as a request, and the next request on the connection is answered."""
@@ -226,7 +274,11 @@ def test_a_reader_cancelled_mid_body_leaves_the_connection_framed(fill_server):
             assert chunk, answer
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408")
-        s.sendall(body[2_000_000:] + b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nafter")
+        rest = body[2_000_000:]
+        for k in range(4):  # the rest trickles in over longer than the keep-alive timeout (1 s here): still live
+            s.sendall(rest[k * len(rest) // 4:(k + 1) * len(rest) // 4])
+            time.sleep(0.6)
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nafter")
         answer = b""
         while not answer.rstrip().endswith(b" 0"):
             chunk = s.recv(65536)
