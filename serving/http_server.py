@@ -156,6 +156,7 @@ def _filler(cycle, protocol):
 def chunked_body_protocol() -> type | None:
     """uvicorn's httptools protocol, passing request bodies on in their chunks; None without httptools."""
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
     except ImportError:  # uvicorn without its [standard] extras: its pure-Python protocol, unchanged
         return None
@@ -198,8 +199,6 @@ def chunked_body_protocol() -> type | None:
         def body_read(self) -> None:
             """The body read into ``direct`` is whole: the message ends here, and the next request on the
             connection starts with a parser of its own (this one was left inside a body it never saw the end of)."""
-            import httptools
-
             self.direct, self.skip = None, 0
             self.parser = httptools.HttpRequestParser(self)
             try:
