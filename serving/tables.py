@@ -175,7 +175,8 @@ class ScoredImage(Base):
 
     __tablename__ = "scored_images"
     __table_args__ = (UniqueConstraint("site", "sop_instance_uid", name="uq_scored_images_site_sop"),
-                      Index("ix_scored_images_site_scored_at", "site", "scored_at"))
+                      Index("ix_scored_images_site_scored_at", "site", "scored_at"),
+                      Index("ix_scored_images_site_study", "site", "study_instance_uid"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     site: Mapped[str] = mapped_column(String(64), default="")

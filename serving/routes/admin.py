@@ -7,7 +7,7 @@ import datetime as _dt
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -27,7 +27,8 @@ class UsageRow(BaseModel):
     key: str
     images: int
     studies: int
-    inference_seconds: float
+    inference_seconds: float = Field(description="model time in seconds, to the microsecond (a small model takes "
+                                     "well under a millisecond an image)")
 
 
 class AuditRow(BaseModel):
@@ -44,7 +45,7 @@ def _usage(sessions, since: str, until: str) -> list[UsageRow]:
             .where(Usage.day >= since, Usage.day <= until).order_by(Usage.day, Usage.site, Usage.meter))
     with sessions() as db:  # images that came by C-STORE have no key: their row says so
         return [UsageRow(day=u.day, site=u.site, key=name if u.key_id is not None else "(DICOM C-STORE)",
-                         images=u.images, studies=u.studies, inference_seconds=round(u.inference_ms / 1000, 3))
+                         images=u.images, studies=u.studies, inference_seconds=round(u.inference_ms / 1000, 6))
                 for u, name in db.execute(stmt)]
 
 

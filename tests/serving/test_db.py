@@ -20,8 +20,8 @@ def url(request, tmp_path):
 
 def test_migrations_build_the_orm_schema(url):
     engine = make_engine(url)
-    assert migrate(engine) == "0010"
-    assert migrate(engine) == "0010"  # idempotent: a restarted service upgrades nothing
+    assert migrate(engine) == "0011"
+    assert migrate(engine) == "0011"  # idempotent: a restarted service upgrades nothing
     tables = set(inspect(engine).get_table_names())
     assert {"api_keys", "audit_log", "usage", "scored_images", "studies", "instances", "jobs", "login_failures",
             "alembic_version"} <= tables
@@ -72,7 +72,7 @@ def test_upgrading_an_older_database_keeps_its_rows(url):
         conn.execute(text("INSERT INTO reviews (study_instance_uid, user_id, call, birads, comment, model_name, "
                           "artifact_sha256, probability, threshold, called_at) "
                           "VALUES ('1.2.3', 1, 'agree', '', '', 'm', 'sha', 0.5, 0.4, :t)"), {"t": now})
-    assert migrate(engine) == "0010"
+    assert migrate(engine) == "0011"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name, site FROM api_keys")).one() == ("site", "site")
         row = conn.execute(text("SELECT study_instance_uid, not_before, site FROM jobs")).one()
@@ -84,3 +84,18 @@ def test_upgrading_an_older_database_keeps_its_rows(url):
             assert conn.execute(text(f"SELECT site FROM {table}")).scalar() == "site", table
         assert conn.execute(text("SELECT username FROM users")).scalar() == "reader1"
     engine.dispose()
+
+
+def test_the_study_counted_check_of_each_scored_image_is_an_index_lookup(tmp_path):
+    """Every scored image asks whether its site scored its study before (usage counts studies once): SQLite must
+    answer from the (site, study) index, not by walking every result of the site (the (site, scored_at) index)."""
+    from medvision.serving.usage import _statements
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'medvision.db'}")
+    migrate(engine)
+    query = str(_statements("sqlite")["study_seen"].compile(dialect=engine.dialect))
+    with engine.connect() as conn:
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + query, ("site-a", "1.2.3", 1, 1, 0)).fetchall())
+    engine.dispose()
+    assert "ix_scored_images_site_study (site=? AND study_instance_uid=?)" in plan, plan
