@@ -62,11 +62,17 @@ def image_statistics(grey: np.ndarray) -> dict[str, float]:
             "grey_p90": float(p90)}
 
 
-def profile(header: dict, grey: np.ndarray, probability: float | None = None) -> dict:
+def input_statistics(x: np.ndarray, config) -> dict[str, float]:
+    """``image_statistics`` of a model input ``x`` normalised by ``config`` (a ``PreprocessConfig``): its greys
+    recovered first. Computed where the image was prepared (a decoding worker), not where it is scored."""
+    return image_statistics(np.asarray(x, dtype=np.float32) * config.std + config.mean)
+
+
+def profile(header: dict, grey: np.ndarray | dict, probability: float | None = None) -> dict:
     """One scored image's drift quantities: ``header`` from ``header_of`` (a decoded image's ``DicomMeta``) or
-    ``header_of_index`` (a scanned file), ``grey`` the model input before normalisation. No identifier is kept
-    (an age band, not an age)."""
-    out = {**header, **image_statistics(grey)}
+    ``header_of_index`` (a scanned file), ``grey`` the model input before normalisation (or its
+    ``image_statistics``, computed already). No identifier is kept (an age band, not an age)."""
+    out = {**header, **(grey if isinstance(grey, dict) else image_statistics(grey))}
     if probability is not None:
         out["probability"] = float(probability)
     return out

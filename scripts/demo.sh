@@ -107,7 +107,8 @@ drop = gate["criteria"][0]
 print(f"gate: {verdict}; AUROC drop {drop['measured']:+.3f} (95 % CI {drop['ci95'][0]:+.3f} to {drop['ci95'][1]:+.3f})")
 print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['labelled']} images ({s['positives']} cancer) "
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
-print(f"artifacts in {out}/: model.onnx (+ .card.md, .gate.json, .quantize.json), teacher.onnx, student_fp32.onnx, "
+promoted = "model.onnx (the promoted INT8 student) + " if gate["passed"] else "no model.onnx (the gate wrote none), "
+print(f"artifacts in {out}/: {promoted}model.card.md, .gate.json, .quantize.json, teacher.onnx, student_fp32.onnx, "
       "run/ and student/ (checkpoints, evaluation/report.md), bench/bench.md, test_scores.csv, data_card/")
 # the PACS path: push every held-out study by STOW-RS (as a PACS would), wait for their scores and DICOM SRs;
 # their images stay on the service for the review UI (images /v1/predict scored already are not scored again)

@@ -26,6 +26,7 @@ from medvision.serving.jobs import Worker, WorkerContext
 from medvision.serving.limits import Admission, BodyLimit
 from medvision.serving.metrics import Metrics
 from medvision.serving.problems import MEDIA_TYPE, document_errors, problem_bytes
+from medvision.serving.recorder import Recorder
 from medvision.serving.rendering import RenderCache
 from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, problems, results, ui
 from medvision.serving.settings import Settings
@@ -162,6 +163,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.warning("deleted %d partial upload(s) an interrupted request left in the data folder", swept)
         app.state.renders = RenderCache(app.state.data.folder("renders"), settings.render_cache_bytes)
         app.state.db = open_database(settings.database_url)
+        app.state.recorder = Recorder(app.state.db)
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
@@ -202,6 +204,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             app.state.worker.shutdown()
             app.state.worker = None
         await app.state.batcher.stop()
+        app.state.recorder.stop()
         if app.state.decoder is not None:
             app.state.decoder.close()
             app.state.decoder = None

@@ -24,6 +24,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from medvision.dicom_io import DicomMeta, ReadLimits
+from medvision.drift import input_statistics
 from medvision.errors import CorruptDicomError
 from medvision.parallel import decoder, decoding_pool, is_decoder
 from medvision.preprocess import PreprocessConfig
@@ -42,7 +43,10 @@ class DecodeTooSlow(CorruptDicomError):
     code = "decode_too_slow"
 
 
-def _prepare(data: Shared | Path | bytes, want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
+def _prepare(data: Shared | Path | bytes, want_ids: bool,
+             want_statistics: bool = False) -> tuple[np.ndarray, DicomMeta, dict[str, str], dict[str, float] | None]:
+    """In a worker: the model input, its metadata, the identifiers asked for and, asked for, the drift watch's
+    statistics of the input (``drift.input_statistics``: computed here, off the service's process)."""
     preprocess, limits = decoder()
     ids: dict[str, str] = {}
     if isinstance(data, Shared):
@@ -50,7 +54,8 @@ def _prepare(data: Shared | Path | bytes, want_ids: bool) -> tuple[np.ndarray, D
             stored, meta = preprocess.read(view, limits, ids if want_ids else None)
     else:
         stored, meta = preprocess.read(data, limits, ids if want_ids else None)
-    return preprocess(stored, meta), meta, ids
+    x = preprocess(stored, meta)
+    return x, meta, ids, input_statistics(x, preprocess.cfg) if want_statistics else None
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,17 @@ class Segments:
                 self._drop(self.free.pop())
 
 
+def _handed(outcome: tuple, identifiers: dict[str, str] | None,
+            statistics: dict[str, float] | None) -> tuple[np.ndarray, DicomMeta]:
+    """A worker's (x, meta, ids, statistics), its out-parameters copied into the caller's dicts."""
+    x, meta, ids, stats = outcome
+    if identifiers is not None:
+        identifiers.update(ids)
+    if statistics is not None:
+        statistics.update(stats)
+    return x, meta
+
+
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Kill a pool's worker processes (the executor has no public way to stop a running task)."""
     for proc in list((getattr(pool, "_processes", None) or {}).values()):
@@ -230,33 +246,34 @@ class DecodePool:
             f.result(timeout=120)
         return pool
 
-    def prepare(self, data: bytes | Path | Received,
-                identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+    def prepare(self, data: bytes | Path | Received, identifiers: dict[str, str] | None = None,
+                statistics: dict[str, float] | None = None) -> tuple[np.ndarray, DicomMeta]:
+        """(model input, metadata); ``identifiers`` and ``statistics`` (the drift watch's, of the input), where
+        given, are filled in by the worker."""
         if isinstance(data, Received):  # already in one of this pool's segments
-            return self._prepare(data.shared, identifiers)
+            return self._prepare(data.shared, identifiers, statistics)
         if isinstance(data, (bytes, bytearray)):
             with self.segments.holding(data) as shared:
-                return self._prepare(shared, identifiers)
-        return self._prepare(data, identifiers)
+                return self._prepare(shared, identifiers, statistics)
+        return self._prepare(data, identifiers, statistics)
 
-    def _prepare(self, data: Shared | Path | bytes, identifiers: dict[str, str] | None) -> tuple[np.ndarray, DicomMeta]:
-        pool = self.pool
+    def _prepare(self, data: Shared | Path | bytes, identifiers: dict[str, str] | None,
+                 statistics: dict[str, float] | None) -> tuple[np.ndarray, DicomMeta]:
+        pool, wanted = self.pool, (identifiers is not None, statistics is not None)
         try:
-            x, meta, ids = pool.submit(self.target, data, identifiers is not None).result(timeout=self.timeout_s)
+            outcome = pool.submit(self.target, data, *wanted).result(timeout=self.timeout_s)
         except (BrokenProcessPool, RuntimeError, CancelledError, TimeoutError) as exc:
-            x, meta, ids = self._recover(pool, exc, data, identifiers is not None)
-        if identifiers is not None:
-            identifiers.update(ids)
-        return x, meta
+            outcome = self._recover(pool, exc, data, wanted)
+        return _handed(outcome, identifiers, statistics)
 
-    async def prepare_async(self, data: Received,
-                            identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
+    async def prepare_async(self, data: Received, identifiers: dict[str, str] | None = None,
+                            statistics: dict[str, float] | None = None) -> tuple[np.ndarray, DicomMeta]:
         """``prepare`` of a body in one of this pool's segments, awaited on the event loop: no thread waits on the
         worker (a crash or time-out is recovered from in a thread, as ``prepare`` does it)."""
-        pool, shared, want_ids = self.pool, data.shared, identifiers is not None
+        pool, shared, wanted = self.pool, data.shared, (identifiers is not None, statistics is not None)
         failure: BaseException | None = None
         try:
-            future = pool.submit(self.target, shared, want_ids)
+            future = pool.submit(self.target, shared, *wanted)
             outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
         except (BrokenProcessPool, RuntimeError, TimeoutError) as exc:
             failure = exc
@@ -268,14 +285,11 @@ class DecodePool:
                 raise  # this request was cancelled, not its decoding
             failure = CancelledError()  # still queued when another request's recovery shut the pool down
         if failure is not None:
-            outcome = await run_in_threadpool(self._recover, pool, failure, shared, want_ids)
-        x, meta, ids = outcome
-        if identifiers is not None:
-            identifiers.update(ids)
-        return x, meta
+            outcome = await run_in_threadpool(self._recover, pool, failure, shared, wanted)
+        return _handed(outcome, identifiers, statistics)
 
     def _recover(self, pool: ProcessPoolExecutor, exc: BaseException, data: Shared | Path | bytes,
-                 want_ids: bool) -> tuple[np.ndarray, DicomMeta, dict[str, str]]:
+                 wanted: tuple[bool, bool]) -> tuple:
         """After ``pool`` failed a request with ``exc``: BrokenProcessPool (a worker died), RuntimeError (shut down
         as broken by another request just now), CancelledError (still queued when it was), TimeoutError (this file,
         or the ones ahead of it, hold the workers: they are stopped, which breaks the pool like a crash)."""
@@ -287,7 +301,7 @@ class DecodePool:
         self._replace(pool)
         alone = self._new_pool(1)
         try:
-            return alone.submit(self.target, data, want_ids).result(timeout=self.timeout_s)
+            return alone.submit(self.target, data, *wanted).result(timeout=self.timeout_s)
         except BrokenProcessPool:
             raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
                                  "the service carries on") from None

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
 from medvision.dicom_io import DicomMeta, ReadLimits, Source
-from medvision.drift import header_of, profile
+from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
 from medvision.serving.settings import Settings
@@ -137,9 +137,10 @@ class Engine:
         return self.preprocess(stored, meta), meta
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float,
-                   x: np.ndarray | None = None, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:
-        """The result for one scored image; ``x`` (its model input) adds its drift quantities (with the model's own
-        probability), ``overlay`` (the site's calibration id and overlay) replaces probability and threshold."""
+                   x: np.ndarray | dict | None = None, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:
+        """The result for one scored image; ``x`` (its model input, or that input's ``statistics``, computed where
+        it was prepared) adds its drift quantities (with the model's own probability), ``overlay`` (the site's
+        calibration id and overlay) replaces probability and threshold."""
         profile = None if x is None else self.drift_profile(x, meta, probability)
         threshold, calibration_id = self.meta.threshold, None
         if overlay is not None:
@@ -149,10 +150,14 @@ class Engine:
         return Prediction(probability, self.meta.labels[int(above)], above, meta, inference_ms, profile, threshold,
                           calibration_id)
 
-    def drift_profile(self, x: np.ndarray, meta: DicomMeta, probability: float) -> dict:
-        """What the drift watch compares with the artifact's reference (greys recovered from the normalised input)."""
-        cfg = self.meta.preprocess
-        return profile(header_of(meta), np.asarray(x) * cfg.std + cfg.mean, probability)
+    def drift_profile(self, x: np.ndarray | dict, meta: DicomMeta, probability: float) -> dict:
+        """What the drift watch compares with the artifact's reference (greys recovered from the normalised input
+        ``x``, or its ``statistics``)."""
+        return profile(header_of(meta), x if isinstance(x, dict) else self.statistics(x), probability)
+
+    def statistics(self, x: np.ndarray) -> dict[str, float]:
+        """The drift watch's statistics of one model input (as a decoding worker computes them)."""
+        return input_statistics(x, self.meta.preprocess)
 
     def score(self, x: np.ndarray, meta: DicomMeta, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:
         """The prediction for one prepared image (``prepare``, or a ``DecodePool``'s)."""

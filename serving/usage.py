@@ -80,28 +80,35 @@ def record_score(sessions: sessionmaker[Session], owner: Owner, result: Predicti
     usage row at once both land, the usage counts as increments in SQL, never a lost update, and a study
     counts once however many of its images are scored at the same time.
     """
+    with sessions() as db:
+        record_into(db, owner, result, model, audit_event, accession)
+        db.commit()
+
+
+def record_into(db: Session, owner: Owner, result: Prediction, model: ModelInfo,
+                audit_event: AuditEvent | None = None, accession: str = "") -> None:
+    """``record_score``'s writes in ``db``'s transaction, left to the caller to commit (with others: ``Recorder``)."""
     day = _dt.datetime.now(_dt.UTC).date().isoformat()
     key_id, sop_uid, study_uid = owner.key_id, result.meta.sop_instance_uid, result.meta.study_instance_uid
-    with sessions() as db:
-        sql = _statements(db.get_bind().dialect.name)
-        # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
-        # the site's scorers take turns from here on and each sees the results the others committed — four views
-        # of one study scored at once count as one study, not four.
-        db.execute(sql["usage"], {"day": day, "site": owner.site, "meter": owner.meter, "key_id": key_id, "images": 1,
-                                  "studies": 0, "inference_ms": result.inference_ms})
-        if sop_uid:
-            study = study_uid or ""
-            if study and db.execute(sql["study_seen"], {"site": owner.site, "study": study,
-                                                        "key_id": key_id}).first() is None:
-                db.execute(sql["new_study"], {"d": day, "m": owner.meter})
-            db.execute(sql["result"], {
-                "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
-                "probability": result.probability, "decode": result.meta.decode[:96],
-                "label": result.label, "threshold": result.threshold, "model_name": model.name,
-                "artifact_sha256": model.artifact_sha256, "inference_ms": result.inference_ms, "scored_at": utcnow(),
-                "accession_number": printable(accession or "", 16), "profile": result.profile,
-                "calibration_id": result.calibration_id})
-        if audit_event is not None:  # the access record commits with the result it describes
-            db.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
-                                      if getattr(audit_event, c.key) is not None})
-        db.commit()
+    conn = db.connection()  # Core execution: the ORM session's execute path costs more than these statements
+    sql = _statements(conn.dialect.name)
+    # The usage row first: it locks this site's (day, key) row (SQLite: the database) until the commit, so
+    # the site's scorers take turns from here on and each sees the results the others committed — four views
+    # of one study scored at once count as one study, not four.
+    conn.execute(sql["usage"], {"day": day, "site": owner.site, "meter": owner.meter, "key_id": key_id, "images": 1,
+                                "studies": 0, "inference_ms": result.inference_ms})
+    if sop_uid:
+        study = study_uid or ""
+        if study and conn.execute(sql["study_seen"], {"site": owner.site, "study": study,
+                                                      "key_id": key_id}).first() is None:
+            conn.execute(sql["new_study"], {"d": day, "m": owner.meter})
+        conn.execute(sql["result"], {
+            "site": owner.site, "sop_instance_uid": sop_uid, "study_instance_uid": study, "key_id": key_id,
+            "probability": result.probability, "decode": result.meta.decode[:96],
+            "label": result.label, "threshold": result.threshold, "model_name": model.name,
+            "artifact_sha256": model.artifact_sha256, "inference_ms": result.inference_ms, "scored_at": utcnow(),
+            "accession_number": printable(accession or "", 16), "profile": result.profile,
+            "calibration_id": result.calibration_id})
+    if audit_event is not None:  # the access record commits with the result it describes
+        conn.execute(sql["audit"], {c.key: getattr(audit_event, c.key) for c in AuditEvent.__table__.columns
+                                    if getattr(audit_event, c.key) is not None})

@@ -180,7 +180,7 @@ class LiveServer:
             time.sleep(0.2)
 
 
-def decode_or_die(data, want_ids: bool):
+def decode_or_die(data, want_ids: bool, want_statistics: bool = False):
     """A DecodePool target for tests: a worker process that gets b"DIE" dies the way a crashing codec does."""
     from medvision.serving.decode_pool import Shared, _prepare
 
@@ -193,7 +193,7 @@ def decode_or_die(data, want_ids: bool):
         os._exit(134)
     if body == b"SLOW":  # a codestream that keeps its decoder busy
         time.sleep(3600)
-    return _prepare(data, want_ids)
+    return _prepare(data, want_ids, want_statistics)
 
 
 def predict_all(client, files) -> list[dict]:

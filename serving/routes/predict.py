@@ -21,7 +21,7 @@ from medvision.serving.settings import Settings
 from medvision.serving.storage import DataFolder
 from medvision.serving.stow import form_boundary, receive_parts
 from medvision.serving.tables import AuditEvent
-from medvision.serving.usage import record_score
+from medvision.serving.usage import record_into, record_score
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 FORM_PARTS = 16  # a form upload: the file and a few fields
@@ -152,11 +152,14 @@ def _check_uids(meta) -> None:
 )
 async def predict(request: Request, engine: LoadedEngine, app: State, caller: Caller = require("score")) -> PredictResponse:
     ids: dict[str, str] = {}  # the accession number, read in the same parse: the reviewers' search key
+    statistics: dict[str, float] = {}  # the drift watch's, of the model input: computed off the event loop
+
+    def event(result) -> AuditEvent:
+        return AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
+                          status=200, request_id=request.state.request_id, detail={})
 
     def record(result) -> None:
-        event = AuditEvent(key_id=caller.key_id, action="score", resource=result.meta.sop_instance_uid or "",
-                           status=200, request_id=request.state.request_id, detail={})
-        record_score(app.db, caller.owner, result, info, event, ids.get("AccessionNumber", ""))
+        record_score(app.db, caller.owner, result, info, event(result), ids.get("AccessionNumber", ""))
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
@@ -164,13 +167,14 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         # all, no hop to a process); others are decoded by the workers and micro-batched.
         if app.decoder is None or app.batcher.alone():
             x, meta = engine.prepare(data.view() if isinstance(data, Received) else data, ids)
+            statistics.update(engine.statistics(x))
         else:
-            x, meta = app.decoder.prepare(data, ids)
+            x, meta = app.decoder.prepare(data, ids, statistics)
         _check_uids(meta)
         scored = app.batcher.run_alone(x)
         if scored is None:
             return x, meta, None
-        result = engine.prediction(scored[0], meta, scored[1], x, overlay)
+        result = engine.prediction(scored[0], meta, scored[1], statistics, overlay)
         record(result)
         return x, meta, result
 
@@ -180,7 +184,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         async with dicom_body(request, app) as data:
             if isinstance(data, Received) and not app.batcher.alone():
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
-                x, meta = await app.decoder.prepare_async(data, ids)
+                x, meta = await app.decoder.prepare_async(data, ids, statistics)
                 _check_uids(meta)
                 result = None
             else:
@@ -188,8 +192,10 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
             size = len(data)
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)
-        result = engine.prediction(probability, meta, inference_ms, x, overlay)
-        await run_in_threadpool(record, result)
+        result = engine.prediction(probability, meta, inference_ms, statistics, overlay)
+        # with the results of the requests scored beside it, in one transaction (committed before the answer)
+        audit, accession = event(result), ids.get("AccessionNumber", "")
+        await app.recorder.record(lambda db: record_into(db, caller.owner, result, info, audit, accession))
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, size, result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)

@@ -47,7 +47,7 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
         assert pool is not None
         engine = Engine(artifact)
         handed, real = [], pool.prepare
-        pool.prepare = lambda data, ids=None: handed.append(1) or real(data, ids)
+        pool.prepare = lambda data, ids=None, statistics=None: handed.append(1) or real(data, ids, statistics)
         # a request alone in the service is decoded in its own thread: a hop to a process would only add latency
         alone = server.client.post("/v1/predict", content=dicom_files[0].read_bytes(),
                                    headers={"Content-Type": "application/dicom"})
@@ -153,22 +153,27 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
 
-    async def one(data: bytes, ids=None):
+    async def one(data: bytes, ids=None, statistics=None):
         with pool.segments.receiving(len(data)) as received:
             assert received is not None
             received.view()[:] = data
-            return await pool.prepare_async(received, ids)
+            return await pool.prepare_async(received, ids, statistics)
 
     async def scenario():
         ids: dict[str, str] = {}
-        x, meta = await one(dicom_files[0].read_bytes(), ids)
+        statistics: dict[str, float] = {}
+        x, meta = await one(dicom_files[0].read_bytes(), ids, statistics)
         expected, expected_meta = engine.prepare(dicom_files[0])
         assert (x == expected).all() and meta == expected_meta and "AccessionNumber" in ids
+        # the drift watch's statistics of the input, computed by the worker as the service's own thread would
+        assert statistics == engine.statistics(expected) and 0 < statistics["breast_fraction"] < 1
         first = pool.pool
-        crash = await asyncio.gather(one(b"DIE"), *(one(f.read_bytes()) for f in dicom_files[1:4]),
+        kept = [{} for _ in dicom_files[1:4]]
+        crash = await asyncio.gather(one(b"DIE"), *(one(f.read_bytes(), None, st) for f, st in zip(dicom_files[1:4], kept, strict=True)),
                                      return_exceptions=True)
         assert isinstance(crash[0], DecoderCrashed), crash
         assert all(isinstance(o, tuple) for o in crash[1:]), crash  # the bystanders, decoded again
+        assert kept == [engine.statistics(engine.prepare(f)[0]) for f in dicom_files[1:4]]  # with their statistics
         assert pool.pool is not first
         stuck = await asyncio.gather(one(b"SLOW"), *(one(f.read_bytes()) for f in dicom_files[4:6]),
                                      return_exceptions=True)
