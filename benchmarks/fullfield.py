@@ -167,8 +167,9 @@ def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: flo
 
 
 def score_rate(model: str, files: list[Path], work: Path, copies: int = 8) -> dict:
-    """`medvision score` over ``copies`` x the archive (links under new names, so nothing counts as done): the
-    rate it reports, from the first image decoded to the last row written (model loading not counted)."""
+    """`medvision score` over ``copies`` x the archive (hard links under new names: `score` resolves symbolic links
+    and scores a file once, and a result under another name is not done yet): the rate it reports, from the first
+    image decoded to the last row written (model loading not counted)."""
     import shutil
 
     links = work / "score_in"
@@ -178,7 +179,10 @@ def score_rate(model: str, files: list[Path], work: Path, copies: int = 8) -> di
         for f in files:
             link = links / str(k) / f.parent.name / f.name
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(f.resolve())
+            try:
+                os.link(f.resolve(), link)
+            except OSError:  # another file system: a copy
+                shutil.copy(f, link)
             names.append(str(link))
     out = work / "score_out"
     shutil.rmtree(out, ignore_errors=True)
@@ -187,6 +191,8 @@ def score_rate(model: str, files: list[Path], work: Path, copies: int = 8) -> di
     if done.returncode != 0:
         return {"error": done.stderr[-500:]}
     summary = json.loads(done.stdout)
+    if summary.get("processed_now") != len(names):
+        return {"error": f"score processed {summary.get('processed_now')} of the {len(names)} files given"}
     return {"images_per_s": summary["images_per_s"], "images": len(names), "scored": summary.get("scored_now"),
             "decode_ms_per_image": summary.get("decode_ms_per_image")}
 

@@ -163,7 +163,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.warning("deleted %d partial upload(s) an interrupted request left in the data folder", swept)
         app.state.renders = RenderCache(app.state.data.folder("renders"), settings.render_cache_bytes)
         app.state.db = open_database(settings.database_url)
-        app.state.recorder = Recorder(app.state.db)
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
@@ -196,6 +195,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                         "MEDVISION_FORWARDED_ALLOW_IPS to the proxy's address", settings.host)
         log.info("model %s loaded (sha256 %s…, %s, gate: %s, providers %s)", info.name, info.artifact_sha256[:12],
                  info.format, info.gate, ",".join(info.providers))
+        app.state.recorder = Recorder(app.state.db)  # last: a startup that fails above leaves no thread behind
         yield
         if app.state.dimse is not None:
             app.state.dimse.stop()

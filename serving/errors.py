@@ -25,6 +25,7 @@ from medvision.errors import (
 )
 from medvision.serving.batcher import Overloaded, TimedOut
 from medvision.serving.problems import MEDIA_TYPE, problem
+from medvision.serving.recorder import RecorderStopped
 
 log = logging.getLogger("medvision.serving")
 DATABASE_RETRY_AFTER = 5  # seconds a client is asked to wait while the database does not answer
@@ -113,6 +114,7 @@ STATUS = {
     PacsUnavailable: 503,
     InsufficientStorage: 507,
     TimedOut: 503,
+    RecorderStopped: 503,
     UnsupportedMediaType: 415,
     NotDicomError: 422,
     NotAnImageError: 422,

@@ -195,7 +195,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         result = engine.prediction(probability, meta, inference_ms, statistics, overlay)
         # with the results of the requests scored beside it, in one transaction (committed before the answer)
         audit, accession = event(result), ids.get("AccessionNumber", "")
-        await app.recorder.record(lambda db: record_into(db, caller.owner, result, info, audit, accession))
+        await app.recorder.record(lambda db: record_into(db, caller.owner, result, info, audit, accession),
+                                  caller.owner.meter)
     log.info("request %s scored: %d bytes, %.1f ms inference", request.state.request_id, size, result.inference_ms)
     app.metrics.inference.observe(result.inference_ms / 1000)
     app.metrics.scores.observe(result.probability)
