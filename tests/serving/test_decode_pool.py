@@ -15,11 +15,13 @@ import httpx
 import pydicom
 import pytest
 from helpers import LiveServer, decode_or_die, free_port, start_service, stow_body
+from sqlalchemy import select
 
 from medvision.dicom_io import ReadLimits
 from medvision.serving.decode_pool import DecodePool, DecoderCrashed
 from medvision.serving.engine import Engine
 from medvision.serving.settings import Settings
+from medvision.serving.tables import ScoredImage
 
 
 def _together(server, files) -> dict:
@@ -58,6 +60,13 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
             assert results[i].status_code == 200, results[i].text
             assert results[i].json()["probability"] == pytest.approx(engine.predict(dicom_files[i]).probability,
                                                                       abs=1e-5)
+        # stored as the in-thread path stores them: the drift watch's statistics were computed by the workers
+        with server.sessions() as db:
+            stored = {r.sop_instance_uid: r.profile for r in db.scalars(select(ScoredImage))}
+        for f in dicom_files[:8]:
+            expected = engine.predict(f).profile
+            got = stored[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)]
+            assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-5), f.name
         refused = server.client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 200,
                                      headers={"Content-Type": "application/dicom"})
         assert refused.status_code == 422 and refused.json()["code"] == "not_dicom"
