@@ -53,7 +53,7 @@ class Recorder:
         self.group_max = max(1, group_max)
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()  # guards ``closed`` against a put racing the thread's end
-        self.closed: BaseException | None = None  # why no more writes are taken
+        self.closed: RecorderStopped | None = None  # why no more writes are taken
         self.thread = threading.Thread(target=self._run, name="medvision-recorder", daemon=True)
         self.thread.start()
 
@@ -119,7 +119,7 @@ class Recorder:
             group.append(item)
         return group
 
-    def _refuse_waiting(self, exc: BaseException) -> None:
+    def _refuse_waiting(self, exc: RecorderStopped) -> None:
         left = []
         while True:
             try:
@@ -128,7 +128,7 @@ class Recorder:
                 break
             if item is not None:
                 left.append(item)
-        _settle_all(left, [exc if isinstance(exc, RecorderStopped) else RecorderStopped(str(exc))] * len(left))
+        _settle_all(left, [exc] * len(left))
 
     def _write(self, group: list) -> list[BaseException | None]:
         """Each write's outcome: None (committed) or what it raised."""
@@ -142,8 +142,11 @@ class Recorder:
                 db.commit()
                 return [None] * len(group)
             except Exception as exc:  # noqa: BLE001 - sorted out below: one write's, or the database's
-                db.rollback()
                 failure = exc
+                try:
+                    db.rollback()
+                except Exception:  # noqa: BLE001 - a connection gone too: closing the session discards it
+                    pass
         if failed_at is None or isinstance(failure, UNAVAILABLE):  # the commit, or the database: all of them
             return [failure] * len(group)
         rest = self._write(group[:failed_at] + group[failed_at + 1:]) if len(group) > 1 else []

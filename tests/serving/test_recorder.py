@@ -132,6 +132,16 @@ def test_a_database_that_fails_fails_the_group_at_once_and_nothing_is_written_tw
     assert calls == ["c", "d"]  # a commit that failed is never replayed: it may have landed
     assert asyncio.run(recorder.record(_meter("e"))) is None and _meters(sessions) == ["e"]  # and it writes on
 
+    def failing_rollback(conn) -> None:  # the connection gone: rolling back fails too
+        if fail.pop("rollback", False):
+            raise OperationalError("ROLLBACK", {}, Exception("server closed the connection"))
+
+    event.listen(sessions.kw["bind"], "rollback", failing_rollback)
+    fail.update(rollback=True)
+    outcomes = asyncio.run(_together(recorder, [_meter("f"), _meter("f")]))  # the 2nd breaks; rolling back fails
+    assert outcomes[0] is None and isinstance(outcomes[1], IntegrityError) and "rollback" not in fail
+    assert asyncio.run(recorder.record(_meter("g"))) is None and _meters(sessions) == ["e", "f", "g"]  # still writing
+
 
 def test_a_caller_that_gives_up_still_has_its_result_written_and_stop_drains_the_queue(sessions):
     recorder = Recorder(sessions)
