@@ -90,14 +90,13 @@ class Recorder:
                     return
                 _settle_all(group, self._write(group))
                 group = []
-        except BaseException as exc:  # noqa: BLE001 - whatever ends the thread, no request is left waiting
+        except BaseException as exc:  # whatever ends the thread, no request is left waiting
             log.error("the result writer failed (%s); results are refused until the service restarts", type(exc).__name__)
             stopped = RecorderStopped(f"results cannot be stored: the result writer failed ({type(exc).__name__})")
             with self.lock:
                 self.closed = self.closed or stopped
             _settle_all(group, [stopped] * len(group))
-            self._refuse_waiting(stopped)
-        finally:
+        finally:  # what still waits, and anything put before ``closed`` was set, is refused
             with self.lock:
                 self.closed = self.closed or RecorderStopped("results cannot be stored: the result writer ended")
             self._refuse_waiting(self.closed)
@@ -141,11 +140,11 @@ class Recorder:
                 failed_at = None
                 db.commit()
                 return [None] * len(group)
-            except Exception as exc:  # noqa: BLE001 - sorted out below: one write's, or the database's
+            except Exception as exc:  # sorted out below: one write's, or the database's
                 failure = exc
                 try:
                     db.rollback()
-                except Exception:  # noqa: BLE001 - a connection gone too: closing the session discards it
+                except Exception:  # a connection gone too: closing the session discards it
                     pass
         if failed_at is None or isinstance(failure, UNAVAILABLE):  # the commit, or the database: all of them
             return [failure] * len(group)
