@@ -1,7 +1,8 @@
 """One way to start worker processes for CPU-bound DICOM work (scanning, decoding, de-identifying), and one way
 for a decoding worker to get its preprocessing: ``decoding_pool`` (or, on Ray, ``start_decoder`` in the task) hands
 it the ``PreprocessConfig`` as JSON and the ``ReadLimits``; the worker's code reads them back with ``decoder()``.
-Every decoding pool uses it: the training cache, archive scoring (local and Ray) and the service's decode pool.
+Every decoding pool uses it: the training cache, archive scoring (local and Ray) and the service's decode pool
+(whose workers ``serving/worker_processes.py`` starts with ``start_decoder``).
 """
 
 from __future__ import annotations

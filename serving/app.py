@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from medvision import __version__
 from medvision.serving.audit import FailureBudget
@@ -206,7 +207,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await app.state.batcher.stop()
         app.state.recorder.stop()
         if app.state.decoder is not None:
-            app.state.decoder.close()
+            await run_in_threadpool(app.state.decoder.close)  # joins its workers: not on the event loop
             app.state.decoder = None
         app.state.engine = None
         app.state.db.kw["bind"].dispose()

@@ -1,9 +1,10 @@
 """Decoding in worker processes (``MEDVISION_DECODE_PROCESSES``).
 
 In threads, DICOM parsing and several codecs (GDCM's bindings, pydicom itself) hold the GIL, so a busy service
-decodes about one image at a time whatever the cores. Worker processes decode side by side, and a codec that
-dies natively (an uncaught C++ exception, a segfault) takes down one worker, not the service: its file is
-refused with ``decoder_crashed``, the pool is started again, and the other requests caught in the crash go through.
+decodes about one image at a time whatever the cores. Worker processes decode side by side, one file each at a time
+(``worker_processes``), and a codec that dies natively (an uncaught C++ exception, a segfault) takes down one
+worker, not the service: its file is refused with ``decoder_crashed``, the worker replaced, and no other request is
+touched.
 """
 
 from __future__ import annotations
@@ -13,27 +14,38 @@ import gc
 import logging
 import os
 import threading
-from concurrent.futures import CancelledError, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from medvision.dicom_io import DicomMeta, ReadLimits
 from medvision.drift import input_statistics
-from medvision.errors import CorruptDicomError
-from medvision.parallel import decoder, decoding_pool, is_decoder
+from medvision.errors import CorruptDicomError, MedvisionError
+from medvision.parallel import decoder, start_decoder
 from medvision.preprocess import PreprocessConfig
+from medvision.serving.batcher import TimedOut
+from medvision.serving.worker_processes import (
+    WorkerDied,
+    WorkerProcesses,
+    WorkersBusy,
+    WorkersClosed,
+    WorkerTimedOut,
+)
 
 log = logging.getLogger("medvision.serving")
 
 
 class DecoderCrashed(CorruptDicomError):
     code = "decoder_crashed"
+
+
+class DecodersStopped(MedvisionError):
+    """The decoding workers were shut down (the service stopping) before this file reached one: answered 503."""
+
+    code = "shutting_down"
 
 
 class DecodeTooSlow(CorruptDicomError):
@@ -73,9 +85,11 @@ class Shared:
     def attach(self):
         segment = _mapped.get(self.name) if self.kept else None
         if segment is None:
+            # attaching registers the name with the resource tracker again: the service's own (spawned workers
+            # share it), where it already is. It is not unregistered here: that would take the service's entry out,
+            # and a service killed with -9 would leave its segments in /dev/shm for good instead of the tracker
+            # unlinking them.
             segment = shared_memory.SharedMemory(name=self.name)
-            # the creator owns the segment: the worker's tracker must not unlink it when the worker exits
-            resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 - no public way before 3.13
             if self.kept:
                 _remember(self.name, segment)
         view = segment.buf[:self.size]
@@ -211,12 +225,6 @@ def _handed(outcome: tuple, identifiers: dict[str, str] | None,
     return x, meta
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Kill a pool's worker processes (the executor has no public way to stop a running task)."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.kill()
-
-
 def _shm_has_room(size: int, folder: str = "/dev/shm") -> bool:
     try:
         st = os.statvfs(folder)
@@ -227,24 +235,21 @@ def _shm_has_room(size: int, folder: str = "/dev/shm") -> bool:
 
 class DecodePool:
     """``prepare(data, identifiers)`` as ``Engine.prepare`` does it, in one of ``processes`` worker processes
-    (``data``: the bytes of a DICOM file, handed over in shared memory, or its path, read by the worker)."""
+    (``data``: the bytes of a DICOM file, handed over in shared memory, or its path, read by the worker). Each worker
+    decodes one file at a time (``WorkerProcesses``): a file that kills its worker or holds it past ``timeout_s`` is
+    refused by name, its worker replaced, and no other request is touched."""
 
     def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare,
                  timeout_s: float = 30.0) -> None:
         self.config, self.limits, self.processes, self.target = config, limits, processes, target
         self.timeout_s = timeout_s
-        self.lock = threading.Lock()
+        # waiting for a free worker: bounded (a pool that cannot start workers must not hang its callers), and long
+        # enough for the queue of a busy service and a worker being replaced after a slow file
+        self.wait_s = 4 * timeout_s
         self.segments = Segments(keep=4 * processes + 2)  # requests being received and decoded, each holding one
-        self.pool = self._new_pool()
-
-    def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
-        # spawn, not fork: the service has threads (a forked child could inherit a held lock); a worker ends with
-        # the service, even one killed with -9
-        n = processes or self.processes
-        pool = decoding_pool(n, self.config, self.limits, spawn=True, exit_with_parent=True)
-        for f in [pool.submit(is_decoder) for _ in range(n)]:  # start them now, not on the first request
-            f.result(timeout=120)
-        return pool
+        # spawned: the service has threads (a forked child could inherit a held lock); a worker ends with the
+        # service, even one killed with -9
+        self.workers = WorkerProcesses(processes, start_decoder, (config.model_dump_json(), limits, os.getpid()))
 
     def prepare(self, data: bytes | Path | Received, identifiers: dict[str, str] | None = None,
                 statistics: dict[str, float] | None = None) -> tuple[np.ndarray, DicomMeta]:
@@ -259,66 +264,43 @@ class DecodePool:
 
     def _prepare(self, data: Shared | Path | bytes, identifiers: dict[str, str] | None,
                  statistics: dict[str, float] | None) -> tuple[np.ndarray, DicomMeta]:
-        pool, wanted = self.pool, (identifiers is not None, statistics is not None)
-        try:
-            outcome = pool.submit(self.target, data, *wanted).result(timeout=self.timeout_s)
-        except (BrokenProcessPool, RuntimeError, CancelledError, TimeoutError) as exc:
-            outcome = self._recover(pool, exc, data, wanted)
+        with self._refusing():
+            outcome = self.workers.run(self.target, (data, identifiers is not None, statistics is not None),
+                                       self.timeout_s, self.wait_s)
         return _handed(outcome, identifiers, statistics)
 
     async def prepare_async(self, data: Received, identifiers: dict[str, str] | None = None,
                             statistics: dict[str, float] | None = None) -> tuple[np.ndarray, DicomMeta]:
-        """``prepare`` of a body in one of this pool's segments, awaited on the event loop: no thread waits on the
-        worker (a crash or time-out is recovered from in a thread, as ``prepare`` does it)."""
-        pool, shared, wanted = self.pool, data.shared, (identifiers is not None, statistics is not None)
-        failure: BaseException | None = None
+        """``prepare`` of a body in one of this pool's segments, awaited on the event loop: no thread of the service
+        hands it over or waits on the worker."""
+        args = (data.shared, identifiers is not None, statistics is not None)
         try:
-            future = pool.submit(self.target, shared, *wanted)
-            outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except (BrokenProcessPool, RuntimeError, TimeoutError) as exc:
-            failure = exc
+            with self._refusing():
+                outcome = await self.workers.run_async(self.target, args, self.timeout_s, self.wait_s)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not future.cancelled() or (task is not None and task.cancelling()):
-                if not future.done():  # this request was cancelled while a worker reads its segment
-                    data.abandoned = True
-                raise  # this request was cancelled, not its decoding
-            failure = CancelledError()  # still queued when another request's recovery shut the pool down
-        if failure is not None:
-            outcome = await run_in_threadpool(self._recover, pool, failure, shared, wanted)
+            data.abandoned = True  # a worker may still be reading its segment
+            raise
         return _handed(outcome, identifiers, statistics)
 
-    def _recover(self, pool: ProcessPoolExecutor, exc: BaseException, data: Shared | Path | bytes,
-                 wanted: tuple[bool, bool]) -> tuple:
-        """After ``pool`` failed a request with ``exc``: BrokenProcessPool (a worker died), RuntimeError (shut down
-        as broken by another request just now), CancelledError (still queued when it was), TimeoutError (this file,
-        or the ones ahead of it, hold the workers: they are stopped, which breaks the pool like a crash)."""
-        if isinstance(exc, TimeoutError):
-            log.error("a decoding worker outlasted %g s; stopping the pool's workers", self.timeout_s)
-            _stop_workers(pool)
-        # Which file killed (or held) the worker is unknown: every request caught in it is tried again, each in a
-        # process of its own, so the culprit fails alone and the others go through.
-        self._replace(pool)
-        alone = self._new_pool(1)
+    @contextmanager
+    def _refusing(self):
+        """A worker's death or time-out, as the refusal of the file it was decoding."""
         try:
-            return alone.submit(self.target, data, *wanted).result(timeout=self.timeout_s)
-        except BrokenProcessPool:
+            yield
+        except WorkerDied:
+            log.error("a decoding worker process died on a file; it was replaced")
             raise DecoderCrashed("the image decoder crashed on this file (its worker process died): refused; "
                                  "the service carries on") from None
-        except TimeoutError:
-            _stop_workers(alone)
-            raise DecodeTooSlow(f"decoding this file took longer than {self.timeout_s:g} s on its own: refused "
-                                "(a pathological or hostile codestream); the service carries on") from None
-        finally:
-            alone.shutdown(wait=False, cancel_futures=True)
-
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        with self.lock:
-            if self.pool is broken:  # the first thread to notice starts the new pool; the others reuse it
-                log.error("a decoding worker process died; starting the pool again")
-                broken.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._new_pool()
+        except WorkerTimedOut:
+            log.error("a decoding worker outlasted %g s on a file; it was stopped and replaced", self.timeout_s)
+            raise DecodeTooSlow(f"decoding this file took longer than {self.timeout_s:g} s: refused (a pathological "
+                                "or hostile codestream); the service carries on") from None
+        except WorkersBusy as exc:
+            raise TimedOut(f"{exc}: the service is at capacity; retry later") from None
+        except WorkersClosed:
+            raise DecodersStopped("the service is shutting down: this image was not decoded; retry in a moment") \
+                from None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.workers.close()
         self.segments.close()

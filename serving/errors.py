@@ -24,6 +24,7 @@ from medvision.errors import (
     UnsupportedImageError,
 )
 from medvision.serving.batcher import Overloaded, TimedOut
+from medvision.serving.decode_pool import DecodersStopped
 from medvision.serving.problems import MEDIA_TYPE, problem
 from medvision.serving.recorder import RecorderStopped
 
@@ -115,6 +116,7 @@ STATUS = {
     InsufficientStorage: 507,
     TimedOut: 503,
     RecorderStopped: 503,
+    DecodersStopped: 503,
     UnsupportedMediaType: 415,
     NotDicomError: 422,
     NotAnImageError: 422,

@@ -22,6 +22,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.errors import MedvisionError
+from medvision.serving.decode_pool import DecodersStopped
 from medvision.serving.delivery import DIMSE, STOW, deliver_due, due_now
 from medvision.serving.heatmap_capture import build_capture
 from medvision.serving.identifiers import Owner
@@ -216,6 +217,8 @@ class Worker:
                 path = self.context.data.inside(inst.path)
                 result = engine.score(*(self.context.decoder or engine).prepare(path, ids),
                                       overlay=self.context.site_overlays.get(owner.site))
+            except DecodersStopped:
+                raise  # the service is stopping: the job goes back to the queue, its images are not refused
             except MedvisionError as exc:
                 self._set_instance(inst.id, InstanceState.REFUSED, exc.code)
                 metrics.refused.labels(exc.code).inc()

@@ -74,6 +74,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     # capacity and dependencies
     "overloaded": ("Overloaded", "The scoring queue is full: retry after the seconds in Retry-After."),
     "timeout": ("Timed out", "The image was not scored within the service's time limit; retry later."),
+    "shutting_down": ("Shutting down", "The service was stopping and did not decode the image; retry in a moment."),
     "pacs_not_configured": ("PACS not configured", "Pulling needs MEDVISION_PACS_URL to be set on the service."),
     "pacs_unavailable": ("PACS unavailable", "The PACS did not answer or refused the request; retry later."),
     "insufficient_storage": ("Insufficient storage", "The service's data folder filled up while the body was being "

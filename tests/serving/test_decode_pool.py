@@ -89,10 +89,11 @@ def test_a_worker_that_dies_refuses_its_file_and_the_pool_comes_back(artifact, d
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 2, target=decode_or_die)
     try:
-        first = pool.pool
+        first = pool.workers.pids
         with pytest.raises(DecoderCrashed, match="decoder crashed on this file"):
             pool.prepare(b"DIE")
-        assert pool.pool is not first  # started again
+        now = _replaced(pool, 1)
+        assert len(now) == 2 and len(set(now) - set(first)) == 1  # the dead one replaced, the other untouched
         ids: dict[str, str] = {}
         x, meta = pool.prepare(dicom_files[0].read_bytes(), ids)
         expected, expected_meta = engine.prepare(dicom_files[0])
@@ -101,7 +102,18 @@ def test_a_worker_that_dies_refuses_its_file_and_the_pool_comes_back(artifact, d
         pool.close()
 
 
-def test_requests_caught_in_a_crash_are_tried_again(artifact, dicom_files):
+def test_a_file_that_arrives_after_the_workers_stopped_is_answered_503_not_500(artifact, dicom_files):
+    from medvision.serving.decode_pool import DecodersStopped
+    from medvision.serving.errors import STATUS
+
+    pool = DecodePool(Engine(artifact).meta.preprocess, ReadLimits(), 1)
+    pool.close()
+    with pytest.raises(DecodersStopped, match="shutting down") as refused:
+        pool.prepare(dicom_files[0])
+    assert STATUS[type(refused.value)] == 503 and refused.value.code == "shutting_down"
+
+
+def test_a_crash_fails_only_its_own_request(artifact, dicom_files):
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die)
     outcomes = {}
@@ -117,14 +129,14 @@ def test_requests_caught_in_a_crash_are_tried_again(artifact, dicom_files):
             pool.prepare(b"DIE")
         for t in threads:
             t.join(120)
-        assert len(outcomes) == 4  # every bystander decoded, on the first pool or the new one
+        assert len(outcomes) == 4  # every bystander decoded, before the crash or by the worker that replaced it
     finally:
         pool.close()
 
 
 def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through(artifact, dicom_files):
-    """A worker stuck past the time limit is stopped; its file is refused by name once it has had the limit alone,
-    and the requests caught behind it are decoded again."""
+    """A worker stuck past the time limit is stopped and replaced; its file is refused by name, and the requests
+    waiting for a worker are decoded by the new one."""
     from medvision.serving.decode_pool import DecodeTooSlow
 
     engine = Engine(artifact)
@@ -147,7 +159,7 @@ def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through
         for t in [slow, *threads]:
             t.join(120)
         assert isinstance(outcomes.pop("slow"), DecodeTooSlow)
-        assert all(isinstance(v, tuple) for v in outcomes.values()) and len(outcomes) == 3, outcomes  # every bystander decoded again
+        assert all(isinstance(v, tuple) for v in outcomes.values()) and len(outcomes) == 3, outcomes  # every bystander decoded
         assert pool.prepare(dicom_files[5].read_bytes())[0].shape == outcomes[0]
     finally:
         pool.close()
@@ -156,7 +168,8 @@ def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through
 def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact, dicom_files):
     """``prepare_async`` (a body already in one of the pool's segments, awaited on the event loop, as the service
     hands off requests that arrive together): the same arrays and identifiers; a crash refuses only its file and the
-    requests caught in it go through; a worker stuck past the limit is refused by name and the others go through."""
+    requests waiting for the worker go through; a worker stuck past the limit is refused by name and the others go
+    through; a worker killed while idle costs no request anything."""
     from medvision.serving.decode_pool import DecodeTooSlow
 
     engine = Engine(artifact)
@@ -176,19 +189,24 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
         assert (x == expected).all() and meta == expected_meta and "AccessionNumber" in ids
         # the drift watch's statistics of the input, computed by the worker as the service's own thread would
         assert statistics == engine.statistics(expected) and 0 < statistics["breast_fraction"] < 1
-        first = pool.pool
+        first = pool.workers.pids
         kept = [{} for _ in dicom_files[1:4]]
         crash = await asyncio.gather(one(b"DIE"), *(one(f.read_bytes(), None, st) for f, st in zip(dicom_files[1:4], kept, strict=True)),
                                      return_exceptions=True)
         assert isinstance(crash[0], DecoderCrashed), crash
         assert all(isinstance(o, tuple) for o in crash[1:]), crash  # the bystanders, decoded again
         assert kept == [engine.statistics(engine.prepare(f)[0]) for f in dicom_files[1:4]]  # with their statistics
-        assert pool.pool is not first
+        assert _replaced(pool, 1) != first
         stuck = await asyncio.gather(one(b"SLOW"), *(one(f.read_bytes()) for f in dicom_files[4:6]),
                                      return_exceptions=True)
         assert isinstance(stuck[0], DecodeTooSlow), stuck
         assert all(isinstance(o, tuple) for o in stuck[1:]), stuck
         assert (await one(dicom_files[6].read_bytes()))[0].shape == expected.shape  # the pool serves on
+        _replaced(pool, 2)
+        os.kill(pool.workers.pids[0], signal.SIGKILL)  # killed from outside while idle (the OOM killer, an operator)
+        time.sleep(0.5)
+        assert (await one(dicom_files[7].read_bytes()))[0].shape == expected.shape  # not this request's doing
+        _replaced(pool, 3)
 
     try:
         asyncio.run(scenario())
@@ -196,13 +214,22 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
         pool.close()
 
 
-def test_a_segment_whose_request_is_cancelled_mid_decode_is_never_reused(artifact):
-    """The worker may still be reading the segment of a request cancelled while it decodes: that segment is let go
-    (unlinked; the worker keeps its own mapping), never handed to the next body."""
-    from medvision.serving.decode_pool import _stop_workers
+def _replaced(pool: DecodePool, times: int, within_s: float = 60) -> list[int]:
+    """The workers' pids once ``times`` of them have been replaced and the replacements are up."""
+    deadline = time.monotonic() + within_s
+    while pool.workers.replaced < times or len(pool.workers.idle) < pool.processes:
+        assert time.monotonic() < deadline, (pool.workers.replaced, len(pool.workers.idle))
+        time.sleep(0.1)
+    assert pool.workers.replaced == times
+    return pool.workers.pids
 
+
+def test_a_segment_whose_request_is_cancelled_mid_decode_is_never_reused(artifact, dicom_files):
+    """The worker may still be reading the segment of a request cancelled while it decodes: that segment is let go
+    (unlinked; the worker keeps its own mapping), never handed to the next body. The worker itself is still held to
+    the time limit: stopped and replaced at it, not left busy for good."""
     engine = Engine(artifact)
-    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=60)
+    pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
 
     async def cancelled_mid_decode():
         with pool.segments.receiving(4) as received:
@@ -216,11 +243,19 @@ def test_a_segment_whose_request_is_cancelled_mid_decode_is_never_reused(artifac
             assert received.abandoned
         return name
 
+    async def then_one_more():
+        first = pool.workers.pids
+        name = await cancelled_mid_decode()
+        assert pool.workers.pids == first and pool.workers.replaced == 0  # still on the cancelled file
+        await asyncio.sleep(3.5)  # past the limit (3 s): stopped, and a new worker started
+        return name
+
     try:
-        name = asyncio.run(cancelled_mid_decode())
+        name = asyncio.run(then_one_more())
         assert name not in {s.name for s in pool.segments.free} and pool.segments.count == 0
+        assert _replaced(pool, 1, within_s=30)
+        assert pool.prepare(dicom_files[0].read_bytes())[0].shape == engine.prepare(dicom_files[0])[0].shape
     finally:
-        _stop_workers(pool.pool)
         pool.close()
 
 
@@ -264,6 +299,35 @@ def test_decoding_workers_exit_when_the_service_is_killed(artifact, dicom_files,
     while alive := [w for w in workers if Path(f"/proc/{w}").exists() and "(python" in Path(f"/proc/{w}/stat")
                     .read_text() and " Z " not in Path(f"/proc/{w}/stat").read_text()]:
         assert time.monotonic() < deadline, f"decoding workers still running after the service was killed: {alive}"
+        time.sleep(0.5)
+
+
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+from medvision.dicom_io import ReadLimits
+from medvision.serving.decode_pool import DecodePool
+from medvision.serving.engine import Engine
+if __name__ == "__main__":
+    pool = DecodePool(Engine(Path(sys.argv[1])).meta.preprocess, ReadLimits(), 1)
+    pool.prepare(Path(sys.argv[2]).read_bytes())  # handed over in a segment, which the worker attaches to
+    print(" ".join(s.name for s in pool.segments.free), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_segments_of_a_service_killed_with_9_are_unlinked(artifact, dicom_files, tmp_path):
+    """The resource tracker the workers share with the service unlinks its segments once both are gone: 24 MB each
+    that would otherwise stay in /dev/shm (a container's is 64 MB) until the machine restarts."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    done = subprocess.run([sys.executable, str(script), str(artifact), str(dicom_files[0])], capture_output=True,
+                          text=True, timeout=120)
+    names = done.stdout.split()
+    assert done.returncode == -signal.SIGKILL and names, done.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while left := [n for n in names if Path("/dev/shm", n.lstrip("/")).exists()]:
+        assert time.monotonic() < deadline, f"segments left in /dev/shm after the service was killed: {left}"
         time.sleep(0.5)
 
 

@@ -179,3 +179,38 @@ def test_an_image_the_service_died_on_three_times_is_refused_and_the_rest_scored
         assert set(rows.values()) == {("scored", "")} and len(rows) == 3
     finally:
         server.stop()
+
+
+def test_images_the_stopping_decoders_did_not_reach_go_back_to_the_queue_not_refused(artifact, dicom_files, tmp_path):
+    """The service stopping with a job mid-study: the images its decoding workers, shut down, did not take stay to be
+    scored (the job is queued again), none is refused for good with ``shutting_down``."""
+    from helpers import LiveServer
+
+    from medvision.serving.jobs import Worker, WorkerContext
+    from medvision.serving.settings import Settings
+    from medvision.serving.tables import Instance
+
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 data_dir=str(tmp_path / "data"), job_workers=0, study_stable_seconds=0,
+                                 decode_processes=1))
+    state = server.server.config.app.state
+    try:
+        files = dicom_files[36:40]
+        body, ctype = stow_body([f.read_bytes() for f in files])
+        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        worker = Worker(WorkerContext.of(state), 1, 60, poll_seconds=0.1)
+        state.decoder.close()  # the service stopping: its decoding workers are gone
+        with state.db() as db:
+            job = db.query(Job).filter_by(study_instance_uid=study).one()
+            job.status, job.lease_owner, job.attempts = "running", worker.owner, 1
+            db.commit()
+            db.refresh(job)
+            db.expunge(job)
+        worker.run(job)
+        with state.db() as db:
+            job = db.query(Job).filter_by(study_instance_uid=study).one()
+            assert (job.status, job.last_error) == ("queued", "shutting_down")
+            assert {i.status for i in db.query(Instance).filter_by(study_instance_uid=study)} == {"received"}
+    finally:
+        server.stop()
