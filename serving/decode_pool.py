@@ -128,9 +128,18 @@ MAPPED_MAX = 32
 
 
 def _remember(name: str, segment: shared_memory.SharedMemory) -> None:
-    if len(_mapped) >= MAPPED_MAX:  # a segment the service replaced by a larger one: let the oldest go
+    # A new segment: the service may have let one go that this worker still maps (replaced by a larger one). Its
+    # memory stays allocated in /dev/shm for as long as any process maps it: mappings of unlinked segments go now.
+    for gone in [n for n in _mapped if not _linked(n)]:
+        _close(_mapped.pop(gone))
+    if len(_mapped) >= MAPPED_MAX:  # still too many: let the oldest go
         _close(_mapped.pop(next(iter(_mapped))))
     _mapped[name] = segment
+
+
+def _linked(name: str, folder: str = "/dev/shm") -> bool:
+    """Whether the segment ``name`` still exists (where POSIX shared memory shows as files; elsewhere assumed)."""
+    return not os.path.isdir(folder) or os.path.exists(os.path.join(folder, name.lstrip("/")))
 
 
 def _close(segment: shared_memory.SharedMemory) -> None:

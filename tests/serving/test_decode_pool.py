@@ -302,6 +302,34 @@ def test_decoding_workers_exit_when_the_service_is_killed(artifact, dicom_files,
         time.sleep(0.5)
 
 
+def test_a_worker_lets_go_of_the_segments_the_service_unlinked():
+    """A segment the service replaced (by a larger one) is unlinked there, but its memory stays allocated while a
+    worker maps it: a worker drops such mappings when it maps a new segment."""
+    from multiprocessing import shared_memory
+
+    from medvision.serving import decode_pool
+
+    made = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(3)]
+    try:
+        for segment in made[:2]:  # as a worker: kept segments stay mapped from one request to the next
+            with decode_pool.Shared(segment.name, 16, kept=True).attach() as view:
+                assert len(view) == 16
+        assert {made[0].name, made[1].name} <= set(decode_pool._mapped)
+        made[0].unlink()  # the service lets it go
+        with decode_pool.Shared(made[2].name, 16, kept=True).attach():
+            pass
+        assert made[0].name not in decode_pool._mapped  # unmapped: its memory is free
+        assert {made[1].name, made[2].name} <= set(decode_pool._mapped)  # the live ones stay mapped
+    finally:
+        for name in [s.name for s in made]:
+            if name in decode_pool._mapped:
+                decode_pool._close(decode_pool._mapped.pop(name))
+        for segment in made:
+            segment.close()
+            if segment is not made[0]:
+                segment.unlink()
+
+
 KILLED = """
 import os, signal, sys
 from pathlib import Path
