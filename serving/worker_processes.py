@@ -244,6 +244,13 @@ class WorkerProcesses:
         """``target(*args)`` on ``worker``, waited for in this thread."""
         try:
             worker.conn.send((target, args))
+        except OSError:
+            raise self._died() from None
+        return self._answer(worker, timeout_s)
+
+    def _answer(self, worker: _Worker, timeout_s: float) -> Any:
+        """The answer to the call sent to ``worker``, waited for in this thread."""
+        try:
             if not worker.conn.poll(timeout_s):
                 raise WorkerTimedOut(f"no answer within {timeout_s:g} s")
             ok, value = worker.conn.recv()
@@ -253,22 +260,25 @@ class WorkerProcesses:
             raise value
         return value
 
-    def _live(self, worker: _Worker) -> bool:
-        """False for a worker that died while idle (killed from outside: not the next call's doing): replaced."""
-        if worker.process.is_alive():
-            return True
-        self._replace(worker)
-        return False
-
     def run(self, target: Callable, args: tuple, timeout_s: float, wait_s: float | None = None) -> Any:
         """``target(*args)`` in a worker, from a thread (blocks until it answers): at most ``wait_s`` (default
         ``timeout_s``) waiting for a worker, and ``timeout_s`` for the call."""
         wait_s = timeout_s if wait_s is None else wait_s
         worker = self._acquire(wait_s)
-        while not self._live(worker):
+        while True:
+            if worker.process.is_alive():
+                try:
+                    worker.conn.send((target, args))
+                    break
+                except OSError:  # it died while idle, just now
+                    pass
+                except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
+                    self._release(worker)
+                    raise
+            self._replace(worker)  # died while idle (killed from outside): not this call's doing
             worker = self._acquire(wait_s)
         try:
-            value = self._call(worker, target, args, timeout_s)
+            value = self._answer(worker, timeout_s)
         except (WorkerDied, WorkerTimedOut, WorkersClosed):
             self._replace(worker)
             raise
@@ -293,6 +303,9 @@ class WorkerProcesses:
                     break
                 except OSError:  # it died while idle, just now
                     await run_in_threadpool(self._replace, worker)
+                except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
+                    self._release(worker)
+                    raise
             worker = await self._acquire_async(wait_s)
         loop = asyncio.get_running_loop()
         answer = loop.create_future()

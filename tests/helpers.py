@@ -204,3 +204,15 @@ def predict_all(client, files) -> list[dict]:
         assert r.status_code == 200, r.text
         out.append(r.json())
     return out
+
+
+class Unrebuildable(Exception):
+    """An exception its own pickle cannot rebuild (its constructor takes two arguments, its args hold one)."""
+
+    def __init__(self, a, b) -> None:
+        super().__init__(f"{a} {b}")
+
+
+def raise_unrebuildable():
+    """A worker target whose exception would fail in the caller's unpickling."""
+    raise Unrebuildable(1, 2)

@@ -1,0 +1,73 @@
+"""The service's decoding worker processes as a pool: one call per worker at a time, and no call's mishap (an answer
+or argument that cannot travel, a cancelled or impatient caller) costs the pool a worker."""
+
+import asyncio
+import pickle
+import threading
+import time
+
+import pytest
+from helpers import raise_unrebuildable
+
+from medvision.serving.worker_processes import WorkerProcesses, WorkersBusy, WorkersClosed
+
+
+def test_an_answer_or_argument_that_cannot_travel_costs_no_worker():
+    pool = WorkerProcesses(1)
+    try:
+        with pytest.raises(RuntimeError, match="Unrebuildable: 1 2"):  # said so, not a failure to unpickle
+            pool.run(raise_unrebuildable, (), 30)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):  # a lambda cannot be sent
+            pool.run(pow, (lambda: 0, 2), 30)
+        assert pool.run(pow, (2, 10), 30) == 1024
+
+        async def awaited():
+            with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+                await pool.run_async(pow, (lambda: 0, 2), 30)
+            with pytest.raises(RuntimeError, match="Unrebuildable"):
+                await pool.run_async(raise_unrebuildable, (), 30)
+            return await pool.run_async(pow, (3, 3), 30)
+
+        assert asyncio.run(awaited()) == 27
+        assert pool.replaced == 0 and len(pool.idle) == 1
+    finally:
+        pool.close()
+
+
+def test_callers_cancelled_while_waiting_for_a_worker_lose_none():
+    pool = WorkerProcesses(1)
+
+    async def scenario():
+        busy = asyncio.ensure_future(pool.run_async(time.sleep, (1.0,), 30))
+        await asyncio.sleep(0.2)
+        waiting = [asyncio.ensure_future(pool.run_async(pow, (2, i), 30)) for i in range(5)]
+        await asyncio.sleep(0.2)
+        for task in waiting[:4]:
+            task.cancel()
+        assert await busy is None
+        assert await waiting[4] == 16  # the one still waiting got the worker, past the four cancelled
+        assert await pool.run_async(pow, (2, 3), 30) == 8
+
+    try:
+        asyncio.run(scenario())
+        assert len(pool.idle) == 1 and pool.replaced == 0 and not pool.waiters
+    finally:
+        pool.close()
+
+
+def test_waiting_for_a_worker_is_bounded_and_a_closed_pool_says_so():
+    pool = WorkerProcesses(1)
+    try:
+        holder = threading.Thread(target=pool.run, args=(time.sleep, (3,), 30))
+        holder.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(WorkersBusy, match="within 0.5 s"):
+            pool.run(pow, (2, 2), 30, wait_s=0.5)
+        assert time.monotonic() - started < 2.5  # not until the holder is done
+        holder.join(30)
+        assert pool.run(pow, (2, 2), 30) == 4 and len(pool.idle) == 1
+    finally:
+        pool.close()
+    with pytest.raises(WorkersClosed):
+        pool.run(pow, (2, 2), 30)
