@@ -266,16 +266,15 @@ class WorkerProcesses:
         wait_s = timeout_s if wait_s is None else wait_s
         worker = self._acquire(wait_s)
         while True:
-            if worker.process.is_alive():
-                try:
-                    worker.conn.send((target, args))
-                    break
-                except OSError:  # it died while idle, just now
-                    pass
-                except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
-                    self._release(worker)
-                    raise
-            self._replace(worker)  # died while idle (killed from outside): not this call's doing
+            try:
+                worker.conn.send((target, args))
+                break
+            except OSError:  # its end of the pipe is closed: it died while idle (killed from outside), not this
+                pass  # call's doing
+            except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
+                self._release(worker)
+                raise
+            self._replace(worker)
             worker = self._acquire(wait_s)
         try:
             value = self._answer(worker, timeout_s)
@@ -295,17 +294,14 @@ class WorkerProcesses:
         wait_s = timeout_s if wait_s is None else wait_s
         worker = await self._acquire_async(wait_s)
         while True:
-            if not worker.process.is_alive():
+            try:
+                worker.conn.send((target, args))  # a few hundred bytes: the idle worker's pipe takes them at once
+                break
+            except OSError:  # its end of the pipe is closed: it died while idle (killed from outside)
                 await run_in_threadpool(self._replace, worker)
-            else:
-                try:
-                    worker.conn.send((target, args))  # a few hundred bytes: the idle worker's pipe takes them at once
-                    break
-                except OSError:  # it died while idle, just now
-                    await run_in_threadpool(self._replace, worker)
-                except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
-                    self._release(worker)
-                    raise
+            except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
+                self._release(worker)
+                raise
             worker = await self._acquire_async(wait_s)
         loop = asyncio.get_running_loop()
         answer = loop.create_future()

@@ -2,7 +2,9 @@
 or argument that cannot travel, a cancelled or impatient caller) costs the pool a worker."""
 
 import asyncio
+import os
 import pickle
+import signal
 import threading
 import time
 
@@ -71,3 +73,14 @@ def test_waiting_for_a_worker_is_bounded_and_a_closed_pool_says_so():
         pool.close()
     with pytest.raises(WorkersClosed):
         pool.run(pow, (2, 2), 30)
+
+
+def test_a_worker_killed_while_idle_costs_the_next_call_nothing():
+    pool = WorkerProcesses(1)
+    try:
+        os.kill(pool.pids[0], signal.SIGKILL)  # the OOM killer, an operator
+        time.sleep(0.5)
+        assert pool.run(pow, (2, 5), 30) == 32  # on the worker started in its place, not refused
+        assert pool.replaced == 1
+    finally:
+        pool.close()
