@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import struct
 import threading
 import time
 from collections import deque
@@ -306,6 +307,7 @@ class WorkerProcesses:
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         fd = worker.conn.fileno()
+        reading = _Reading()
 
         def settle(outcome) -> bool:  # the first of readable() and expired() settles the call; the other does nothing
             if answer.done():
@@ -315,23 +317,26 @@ class WorkerProcesses:
             answer.set_result(outcome)
             return True
 
-        def readable() -> None:  # on the event loop: the worker answered (or its pipe closed)
+        def readable() -> None:  # on the event loop: part of the answer is there (or the pipe closed)
             try:
-                # uvloop leaves a watched descriptor non-blocking; the answer is being written now: read it whole
-                os.set_blocking(fd, True)
-                outcome = worker.conn.recv()
+                message = reading.more(fd)
+                if message is None:
+                    return  # the rest is on its way: read when it arrives, the loop never waits for it
+                outcome = pickle.loads(message)
             except Exception:  # noqa: BLE001 - closed, or a message that cannot be read: the pipe is not trusted again
                 outcome = None
             if settle(outcome):
                 if outcome is None:
                     loop.run_in_executor(None, self._replace, worker)
                 else:
+                    os.set_blocking(fd, True)  # as a thread's calls expect it
                     self._release(worker)
 
         def expired() -> None:
             if settle(TIMED_OUT):
                 loop.run_in_executor(None, self._replace, worker)
 
+        os.set_blocking(fd, False)
         loop.add_reader(fd, readable)
         timer = loop.call_later(timeout_s, expired)
         outcome = await asyncio.shield(answer)  # a cancelled caller leaves the call to be settled as any other
@@ -372,6 +377,38 @@ class WorkerProcesses:
 
 
 TIMED_OUT = object()
+
+
+class _Reading:
+    """One answer read off a non-blocking pipe in pieces as they arrive, framed as ``Connection.send`` frames it
+    (a 4-byte big-endian length, or -1 and an 8-byte one, then the pickle; a large answer's length and body are
+    written separately, so the length may arrive well before the rest)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.size: int | None = None  # the pickle's length, once read
+        self.start = 4
+
+    def more(self, fd: int) -> memoryview | None:
+        """Reads what has arrived; the pickle once it is whole, else None. EOFError when the pipe closed first."""
+        while True:
+            want = 65536 if self.size is None else max(65536, self.start + self.size - len(self.data))
+            try:
+                chunk = os.read(fd, want)
+            except BlockingIOError:
+                return None
+            if not chunk:
+                raise EOFError("the worker's pipe closed mid-answer")
+            self.data += chunk
+            if self.size is None and len(self.data) >= 4:
+                (size,) = struct.unpack("!i", self.data[:4])
+                if size == -1:
+                    if len(self.data) < 12:
+                        continue
+                    (size,), self.start = struct.unpack("!Q", self.data[4:12]), 12
+                self.size = size
+            if self.size is not None and len(self.data) >= self.start + self.size:
+                return memoryview(self.data)[self.start:self.start + self.size]
 
 
 def _stop(worker: _Worker) -> None:

@@ -5,6 +5,8 @@ import asyncio
 import os
 import pickle
 import signal
+import socket
+import struct
 import threading
 import time
 
@@ -28,6 +30,8 @@ def test_an_answer_or_argument_that_cannot_travel_costs_no_worker():
                 await pool.run_async(pow, (lambda: 0, 2), 30)
             with pytest.raises(RuntimeError, match="Unrebuildable"):
                 await pool.run_async(raise_unrebuildable, (), 30)
+            # an answer larger than the pipe holds arrives in many pieces, each read as it comes
+            assert await pool.run_async(bytes, (3_000_000,), 30) == bytes(3_000_000)
             return await pool.run_async(pow, (3, 3), 30)
 
         assert asyncio.run(awaited()) == 27
@@ -84,3 +88,29 @@ def test_a_worker_killed_while_idle_costs_the_next_call_nothing():
         assert pool.replaced == 1
     finally:
         pool.close()
+
+
+def test_an_answer_is_read_in_the_pieces_it_arrives_in():
+    """The event loop reads what has arrived and never waits for the rest: a large answer's length comes first, its
+    pickle later (and the 8-byte length form of answers over 2 GiB is understood)."""
+    from medvision.serving.worker_processes import _Reading
+
+    body = pickle.dumps({"x": bytes(100_000)})
+    for header in (struct.pack("!i", len(body)), struct.pack("!i", -1) + struct.pack("!Q", len(body))):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            reading = _Reading()
+            assert reading.more(ours.fileno()) is None  # nothing yet
+            theirs.sendall(header[:3])
+            assert reading.more(ours.fileno()) is None
+            theirs.sendall(header[3:] + body[:50_000])
+            assert reading.more(ours.fileno()) is None
+            theirs.sendall(body[50_000:])
+            assert pickle.loads(reading.more(ours.fileno())) == {"x": bytes(100_000)}
+            theirs.close()
+            with pytest.raises(EOFError):
+                _Reading().more(ours.fileno())
+        finally:
+            ours.close()
+            theirs.close()
