@@ -50,6 +50,21 @@ def age_band(age_string: str | None) -> str:
     return next(label for limit, label in _BANDS if years < limit)
 
 
+def percentiles(values: np.ndarray, qs) -> list[float]:
+    """``np.percentile(values, qs)`` (its default linear interpolation, as numpy computes it) of a flat array, from
+    one sort: numpy's vectorised sort beats the partial sort ``np.percentile`` runs (a quarter of the time on a model
+    input, computed for every scored image)."""
+    n = values.size
+    positions = [q / 100 * (n - 1) for q in qs]
+    lows = [math.floor(p) for p in positions]
+    part = np.sort(values)
+    out = []
+    for p, lo in zip(positions, lows, strict=True):
+        a, b, t = float(part[lo]), float(part[min(lo + 1, n - 1)]), p - lo
+        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+    return out
+
+
 def image_statistics(grey: np.ndarray) -> dict[str, float]:
     """Statistics of the model's input before normalisation (display greys in [0, 1]): the share of the image that
     is breast (grey above 0.05) and the breast's 10th, 50th and 90th grey percentiles."""
@@ -57,7 +72,7 @@ def image_statistics(grey: np.ndarray) -> dict[str, float]:
     breast = g[g > 0.05]
     if breast.size == 0:
         return {"breast_fraction": 0.0, "grey_p10": 0.0, "grey_p50": 0.0, "grey_p90": 0.0}
-    p10, p50, p90 = np.percentile(breast, [10, 50, 90])
+    p10, p50, p90 = percentiles(breast, (10, 50, 90))
     return {"breast_fraction": float(breast.size / g.size), "grey_p10": float(p10), "grey_p50": float(p50),
             "grey_p90": float(p90)}
 

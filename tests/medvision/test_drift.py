@@ -75,3 +75,16 @@ def test_a_tiny_but_significant_difference_on_a_big_site_is_not_an_alarm():
                                             DriftPolicy())}
     m = drift["manufacturer"]
     assert m.p_value < 0.001 / 5 and m.effect < 0.1 and not m.alarm and "small" in m.reason
+
+
+def test_the_percentiles_of_every_scored_image_are_numpys():
+    from medvision.drift import percentiles
+
+    rng = np.random.default_rng(3)
+    for n in [*range(1, 40), 1000, 16384]:
+        for dtype in (np.float32, np.float64):
+            values = rng.random(n).astype(dtype)
+            if n % 5 == 0:
+                values[: n // 2] = values[0]  # ties
+            assert percentiles(values, (10, 50, 90)) == pytest.approx(np.percentile(values, [10, 50, 90]),
+                                                                      abs=1e-7, rel=1e-7)
