@@ -22,6 +22,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medvision.errors import MedvisionError
+from medvision.serving.batcher import TimedOut
 from medvision.serving.decode_pool import DecodersStopped
 from medvision.serving.delivery import DIMSE, STOW, deliver_due, due_now
 from medvision.serving.heatmap_capture import build_capture
@@ -77,10 +78,13 @@ def _renew(sessions, job: Job, owner: str, lease_seconds: float) -> None:
         db.commit()
 
 
-def _finish(sessions, job: Job, owner: str, status: JobState, error: str = "") -> None:
+def _finish(sessions, job: Job, owner: str, status: JobState, error: str = "", uncount: bool = False) -> None:
+    """``uncount``: this attempt does not count towards MAX_ATTEMPTS (it failed for the service's reasons)."""
+    values = {"status": status, "last_error": error[:256], "lease_until": None, "updated_at": utcnow()}
+    if uncount:
+        values["attempts"] = Job.attempts - 1
     with sessions() as db:
-        db.execute(update(Job).where(Job.id == job.id, Job.lease_owner == owner)
-                   .values(status=status, last_error=error[:256], lease_until=None, updated_at=utcnow()))
+        db.execute(update(Job).where(Job.id == job.id, Job.lease_owner == owner).values(**values))
         db.commit()
 
 
@@ -169,6 +173,11 @@ class Worker:
     def run(self, job: Job) -> None:
         try:
             self.score_study(job)
+        except (DecodersStopped, TimedOut) as exc:  # the service stopping, or too busy to decode: not the study's
+            # doing, so the job goes back to the queue without using up an attempt (restarts must not fail it)
+            log.warning("job %d put back in the queue: %s", job.id, exc.code)
+            _finish(self.context.db, job, self.owner, JobState.QUEUED, exc.code, uncount=True)
+            return
         except Exception as exc:  # record it, let another attempt (or an operator) deal with it
             error = exc.code if isinstance(exc, MedvisionError) else type(exc).__name__
             retry = job.attempts < MAX_ATTEMPTS
@@ -217,8 +226,8 @@ class Worker:
                 path = self.context.data.inside(inst.path)
                 result = engine.score(*(self.context.decoder or engine).prepare(path, ids),
                                       overlay=self.context.site_overlays.get(owner.site))
-            except DecodersStopped:
-                raise  # the service is stopping: the job goes back to the queue, its images are not refused
+            except (DecodersStopped, TimedOut):
+                raise  # the service is stopping, or no decoding worker was free: the job goes back to the queue
             except MedvisionError as exc:
                 self._set_instance(inst.id, InstanceState.REFUSED, exc.code)
                 metrics.refused.labels(exc.code).inc()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
+from medvision.errors import MedvisionError
 
 log = logging.getLogger("medvision.serving")
 
@@ -80,6 +80,10 @@ def _portable(exc: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:  # noqa: BLE001 - any failure to round-trip
+        if isinstance(exc, MedvisionError):  # still a refusal with its code, not a fault
+            portable = MedvisionError(str(exc))
+            portable.code = exc.code
+            return portable
         return RuntimeError(f"{type(exc).__name__}: {exc}")
     return exc
 
@@ -93,6 +97,7 @@ class _Worker:
     process: Any  # multiprocessing's Process of the chosen context
     conn: Connection
     lost: bool = False  # stopped (killed or exited): never handed out again
+    awaited: tuple | None = None  # (event loop, settle) of the awaited call it is on
 
 
 class WorkerProcesses:
@@ -162,16 +167,20 @@ class WorkerProcesses:
                 return self.idle.pop()
             waiter = loop.create_future()
             self.waiters.append(waiter)
+        busy = WorkersBusy(f"no decoding worker became free within {wait_s:g} s")
+        # the waiter settles once: with a worker (_hand), or with WorkersBusy here; a worker handed after that is
+        # passed on by _hand, never lost
+        timer = loop.call_later(wait_s, lambda: waiter.done() or waiter.set_exception(busy))
         try:
-            return await asyncio.wait_for(waiter, wait_s)
-        except TimeoutError:
-            raise WorkersBusy(f"no decoding worker became free within {wait_s:g} s") from None
+            return await waiter
         except asyncio.CancelledError:
-            # handed a worker just as this call was cancelled: it goes to the next caller (wait_for cancels the
-            # waiter first, so a worker on its way finds it done, and _hand passes it on)
+            # handed a worker just as this call was cancelled: it goes to the next caller (a waiter cancelled first
+            # is found done by _hand, which passes the worker on)
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(waiter.result())
             raise
+        finally:
+            timer.cancel()
 
     def _release(self, worker: _Worker) -> None:
         """``worker`` is free: to the longest-waiting caller, else idle."""
@@ -180,6 +189,8 @@ class WorkerProcesses:
             while not stop and self.waiters:
                 waiter = self.waiters.popleft()
                 if isinstance(waiter, asyncio.Future):
+                    if waiter.done():  # cancelled or timed out: settled for good, no hop to its loop
+                        continue
                     try:
                         waiter.get_loop().call_soon_threadsafe(self._hand, waiter, worker)
                     except RuntimeError:  # its event loop is closed: the caller is gone
@@ -299,7 +310,7 @@ class WorkerProcesses:
                 worker.conn.send((target, args))  # a few hundred bytes: the idle worker's pipe takes them at once
                 break
             except OSError:  # its end of the pipe is closed: it died while idle (killed from outside)
-                await run_in_threadpool(self._replace, worker)
+                await asyncio.get_running_loop().run_in_executor(None, self._replace, worker)
             except BaseException:  # arguments that cannot be pickled: nothing was written, the worker is fine
                 self._release(worker)
                 raise
@@ -309,15 +320,18 @@ class WorkerProcesses:
         fd = worker.conn.fileno()
         reading = _Reading()
 
-        def settle(outcome) -> bool:  # the first of readable() and expired() settles the call; the other does nothing
+        def settle(outcome) -> bool:  # the first of readable(), expired() and close() settles the call
             if answer.done():
                 return False
             loop.remove_reader(fd)
             timer.cancel()
+            worker.awaited = None
             answer.set_result(outcome)
             return True
 
         def readable() -> None:  # on the event loop: part of the answer is there (or the pipe closed)
+            if answer.done():
+                return
             try:
                 message = reading.more(fd)
                 if message is None:
@@ -329,7 +343,10 @@ class WorkerProcesses:
                 if outcome is None:
                     loop.run_in_executor(None, self._replace, worker)
                 else:
-                    os.set_blocking(fd, True)  # as a thread's calls expect it
+                    try:
+                        os.set_blocking(fd, True)  # as a thread's calls expect it
+                    except OSError:  # closed meanwhile (shut down)
+                        return
                     self._release(worker)
 
         def expired() -> None:
@@ -339,9 +356,12 @@ class WorkerProcesses:
         os.set_blocking(fd, False)
         loop.add_reader(fd, readable)
         timer = loop.call_later(timeout_s, expired)
+        worker.awaited = (loop, settle)
         outcome = await asyncio.shield(answer)  # a cancelled caller leaves the call to be settled as any other
         if outcome is TIMED_OUT:
             raise WorkerTimedOut(f"no answer within {timeout_s:g} s")
+        if outcome is CLOSED:
+            raise WorkersClosed("the decoding workers were shut down during this call")
         if outcome is None:
             raise self._died()
         ok, value = outcome
@@ -373,10 +393,20 @@ class WorkerProcesses:
         deadline = time.monotonic() + timeout_s
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
+            awaited = worker.awaited
+            if awaited is not None:  # an awaited call still on it: settled on its loop (its pipe unwatched) first
+                loop, settle = awaited
+                settled: concurrent.futures.Future = concurrent.futures.Future()
+                try:
+                    loop.call_soon_threadsafe(lambda s=settle, f=settled: (s(CLOSED), f.set_result(None)))
+                    settled.result(5)
+                except (RuntimeError, concurrent.futures.TimeoutError):  # its loop is closed, or not answering
+                    pass
             _stop(worker)
 
 
 TIMED_OUT = object()
+CLOSED = object()
 
 
 class _Reading:
@@ -411,9 +441,15 @@ class _Reading:
                 return memoryview(self.data)[self.start:self.start + self.size]
 
 
+_stopping = threading.Lock()
+
+
 def _stop(worker: _Worker) -> None:
-    """Kill ``worker`` (if it still runs), reap it and close its pipe."""
-    worker.lost = True
+    """Kill ``worker`` (if it still runs), reap it and close its pipe: once, whoever asks first."""
+    with _stopping:
+        if worker.lost:
+            return
+        worker.lost = True
     if worker.process.is_alive():
         worker.process.kill()
     worker.process.join(10)

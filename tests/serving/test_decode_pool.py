@@ -141,6 +141,7 @@ def test_a_file_that_keeps_its_decoder_busy_is_refused_and_the_others_go_through
 
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
+    pool.wait_s = 120  # bystanders wait out the slow file and the start of its worker's replacement
     outcomes = {}
 
     def good(i):
@@ -174,6 +175,7 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
 
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
+    pool.wait_s = 120  # bystanders wait out the slow file and the start of its worker's replacement
 
     async def one(data: bytes, ids=None, statistics=None):
         with pool.segments.receiving(len(data)) as received:
@@ -204,7 +206,7 @@ def test_the_awaited_hand_off_decodes_and_recovers_as_the_blocking_one(artifact,
         assert (await one(dicom_files[6].read_bytes()))[0].shape == expected.shape  # the pool serves on
         _replaced(pool, 2)
         os.kill(pool.workers.pids[0], signal.SIGKILL)  # killed from outside while idle (the OOM killer, an operator)
-        time.sleep(0.5)
+        pool.workers.idle[0].process.join(10)
         assert (await one(dicom_files[7].read_bytes()))[0].shape == expected.shape  # not this request's doing
         _replaced(pool, 3)
 
@@ -230,6 +232,7 @@ def test_a_segment_whose_request_is_cancelled_mid_decode_is_never_reused(artifac
     the time limit: stopped and replaced at it, not left busy for good."""
     engine = Engine(artifact)
     pool = DecodePool(engine.meta.preprocess, ReadLimits(), 1, target=decode_or_die, timeout_s=3)
+    pool.wait_s = 120  # bystanders wait out the slow file and the start of its worker's replacement
 
     async def cancelled_mid_decode():
         with pool.segments.receiving(4) as received:

@@ -35,6 +35,8 @@ def test_an_answer_or_argument_that_cannot_travel_costs_no_worker():
             return await pool.run_async(pow, (3, 3), 30)
 
         assert asyncio.run(awaited()) == 27
+        # the pipe the event loop read without blocking is a blocking one again for a thread's call
+        assert pool.run(bytes, (3_000_000,), 30) == bytes(3_000_000)
         assert pool.replaced == 0 and len(pool.idle) == 1
     finally:
         pool.close()
@@ -66,24 +68,41 @@ def test_waiting_for_a_worker_is_bounded_and_a_closed_pool_says_so():
     try:
         holder = threading.Thread(target=pool.run, args=(time.sleep, (3,), 30))
         holder.start()
-        time.sleep(0.5)
+        _until(lambda: not pool.idle)  # the holder has the only worker
         started = time.monotonic()
         with pytest.raises(WorkersBusy, match="within 0.5 s"):
             pool.run(pow, (2, 2), 30, wait_s=0.5)
         assert time.monotonic() - started < 2.5  # not until the holder is done
         holder.join(30)
         assert pool.run(pow, (2, 2), 30) == 4 and len(pool.idle) == 1
+
+        async def awaited():
+            holding = asyncio.ensure_future(pool.run_async(time.sleep, (2,), 30))
+            await asyncio.sleep(0)
+            with pytest.raises(WorkersBusy, match="within 0.3 s"):
+                await pool.run_async(pow, (2, 2), 30, wait_s=0.3)
+            await holding
+            return await pool.run_async(pow, (2, 3), 30, wait_s=0.3)
+
+        assert asyncio.run(awaited()) == 8 and len(pool.idle) == 1 and pool.replaced == 0
     finally:
         pool.close()
     with pytest.raises(WorkersClosed):
         pool.run(pow, (2, 2), 30)
 
 
+def _until(condition, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_worker_killed_while_idle_costs_the_next_call_nothing():
     pool = WorkerProcesses(1)
     try:
         os.kill(pool.pids[0], signal.SIGKILL)  # the OOM killer, an operator
-        time.sleep(0.5)
+        pool.idle[0].process.join(10)
         assert pool.run(pow, (2, 5), 30) == 32  # on the worker started in its place, not refused
         assert pool.replaced == 1
     finally:
@@ -96,15 +115,16 @@ def test_an_answer_is_read_in_the_pieces_it_arrives_in():
     from medvision.serving.worker_processes import _Reading
 
     body = pickle.dumps({"x": bytes(100_000)})
-    for header in (struct.pack("!i", len(body)), struct.pack("!i", -1) + struct.pack("!Q", len(body))):
+    for header, split in ((struct.pack("!i", len(body)), 3), (struct.pack("!i", -1) + struct.pack("!Q", len(body)), 4),
+                          (struct.pack("!i", -1) + struct.pack("!Q", len(body)), 6)):
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         try:
             reading = _Reading()
             assert reading.more(ours.fileno()) is None  # nothing yet
-            theirs.sendall(header[:3])
+            theirs.sendall(header[:split])
             assert reading.more(ours.fileno()) is None
-            theirs.sendall(header[3:] + body[:50_000])
+            theirs.sendall(header[split:] + body[:50_000])
             assert reading.more(ours.fileno()) is None
             theirs.sendall(body[50_000:])
             assert pickle.loads(reading.more(ours.fileno())) == {"x": bytes(100_000)}
@@ -114,3 +134,20 @@ def test_an_answer_is_read_in_the_pieces_it_arrives_in():
         finally:
             ours.close()
             theirs.close()
+
+
+def test_an_awaited_call_still_running_at_shutdown_is_told_so():
+    """``close()`` (from a thread, as the service's shutdown runs it) settles an awaited call on its event loop before
+    closing the worker's pipe: the caller gets WorkersClosed, and the loop watches no closed descriptor."""
+    pool = WorkerProcesses(1)
+
+    async def scenario():
+        running = asyncio.ensure_future(pool.run_async(time.sleep, (60,), 120))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, pool.close, 1.0)
+        with pytest.raises(WorkersClosed, match="shut down during this call"):
+            await running
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 30  # not the 60 s call, nor its 120 s limit
