@@ -412,33 +412,45 @@ CLOSED = object()
 class _Reading:
     """One answer read off a non-blocking pipe in pieces as they arrive, framed as ``Connection.send`` frames it
     (a 4-byte big-endian length, or -1 and an 8-byte one, then the pickle; a large answer's length and body are
-    written separately, so the length may arrive well before the rest)."""
+    written separately, so the length may arrive well before the rest). The body is read into one buffer of its
+    size, allocated once its length is known."""
 
     def __init__(self) -> None:
-        self.data = bytearray()
-        self.size: int | None = None  # the pickle's length, once read
-        self.start = 4
+        self.head = bytearray()  # the length (and whatever came with it) until the body's buffer exists
+        self.body: bytearray | None = None
+        self.at = 0  # body bytes read
 
     def more(self, fd: int) -> memoryview | None:
         """Reads what has arrived; the pickle once it is whole, else None. EOFError when the pipe closed first."""
         while True:
-            want = 65536 if self.size is None else max(65536, self.start + self.size - len(self.data))
+            if self.body is None:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    return None
+                if not chunk:
+                    raise EOFError("the worker's pipe closed mid-answer")
+                self.head += chunk
+                if len(self.head) < 4:
+                    continue
+                (size,), start = struct.unpack("!i", self.head[:4]), 4
+                if size == -1:
+                    if len(self.head) < 12:
+                        continue
+                    (size,), start = struct.unpack("!Q", self.head[4:12]), 12
+                came = self.head[start:start + size]
+                self.body = bytearray(size)
+                self.body[:len(came)] = came
+                self.at, self.head = len(came), bytearray()
+            if self.at == len(self.body):
+                return memoryview(self.body)
             try:
-                chunk = os.read(fd, want)
+                n = os.readv(fd, [memoryview(self.body)[self.at:]])
             except BlockingIOError:
                 return None
-            if not chunk:
+            if not n:
                 raise EOFError("the worker's pipe closed mid-answer")
-            self.data += chunk
-            if self.size is None and len(self.data) >= 4:
-                (size,) = struct.unpack("!i", self.data[:4])
-                if size == -1:
-                    if len(self.data) < 12:
-                        continue
-                    (size,), self.start = struct.unpack("!Q", self.data[4:12]), 12
-                self.size = size
-            if self.size is not None and len(self.data) >= self.start + self.size:
-                return memoryview(self.data)[self.start:self.start + self.size]
+            self.at += n
 
 
 _stopping = threading.Lock()
