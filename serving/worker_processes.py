@@ -96,7 +96,7 @@ def _ready() -> bool:
 class _Worker:
     process: Any  # multiprocessing's Process of the chosen context
     conn: Connection
-    lost: bool = False  # stopped (killed or exited): never handed out again
+    lost: bool = False  # stopped: killed, reaped and its pipe closed (once: `_stop`)
     awaited: tuple | None = None  # (event loop, settle) of the awaited call it is on
 
 
