@@ -250,7 +250,7 @@ class DecodePool:
 
     def __init__(self, config: PreprocessConfig, limits: ReadLimits, processes: int, target=_prepare,
                  timeout_s: float = 30.0) -> None:
-        self.config, self.limits, self.processes, self.target = config, limits, processes, target
+        self.processes, self.target = processes, target
         self.timeout_s = timeout_s
         # waiting for a free worker: bounded (a pool that cannot start workers must not hang its callers), and long
         # enough for the queue of a busy service and a worker being replaced after a slow file

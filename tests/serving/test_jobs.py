@@ -157,10 +157,7 @@ def test_an_image_the_service_died_on_three_times_is_refused_and_the_rest_scored
                                  data_dir=str(tmp_path / "data"), job_workers=0, study_stable_seconds=0))
     state = server.server.config.app.state
     try:
-        files = dicom_files[32:36]
-        body, ctype = stow_body([f.read_bytes() for f in files])
-        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
-        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        study = _pushed(server, dicom_files[32:36])
         with state.db() as db:  # as left by the last of MAX_ATTEMPTS holders that died on the first image
             job = db.query(Job).filter_by(study_instance_uid=study).one()
             job.status, job.lease_owner, job.attempts = "running", "dead", MAX_ATTEMPTS
@@ -195,10 +192,7 @@ def test_images_the_stopping_decoders_did_not_reach_go_back_to_the_queue_not_ref
                                  decode_processes=1))
     state = server.server.config.app.state
     try:
-        files = dicom_files[36:40]
-        body, ctype = stow_body([f.read_bytes() for f in files])
-        assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
-        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        study = _pushed(server, dicom_files[36:40])
         worker = Worker(WorkerContext.of(state), 1, 60, poll_seconds=0.1)
         state.decoder.close()  # the service stopping: its decoding workers are gone
         for _ in range(MAX_ATTEMPTS + 1):  # restart after restart: the study is never failed for it
@@ -215,3 +209,10 @@ def test_images_the_stopping_decoders_did_not_reach_go_back_to_the_queue_not_ref
                 assert {i.status for i in db.query(Instance).filter_by(study_instance_uid=study)} == {"received"}
     finally:
         server.stop()
+
+
+def _pushed(server, files) -> str:
+    """``files`` pushed to ``server`` by STOW-RS as one study (acknowledged): its Study Instance UID."""
+    body, ctype = stow_body([f.read_bytes() for f in files])
+    assert server.client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
