@@ -9,7 +9,9 @@ stored range. So every transfer syntax gives the same pixels:
 
 - JPEG 2000 and HTJ2K: the finest wavelet levels are simply not decoded (OpenJPEG through Pillow), so their
   code-blocks are never entropy-decoded: most of the work. For a lossless (5/3) codestream this *is* the
-  reference, bit for bit; a lossy (9/7) one gives its own low-pass band, as close as lossy pixels are.
+  reference, bit for bit; a lossy (9/7) one gives its own low-pass band, as close as lossy pixels are. Where the
+  codestream is ordered resolution by resolution, the decoder is handed only the kept resolutions' packets
+  (``medvision.j2k_prefix``): the same pixels, without reading the megabytes of the finest levels.
 - Uncompressed: the low-pass band computed straight from the file's pixel bytes (a memory map, or a view of the
   request's buffer), with no full-size copy of the input.
 - RLE, JPEG-LS and JPEG: no resolution scalability, so a full decode, then the same low-pass band.
@@ -27,6 +29,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from medvision.j2k_prefix import coarse_codestream
 
 J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
                           "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
@@ -219,21 +223,35 @@ def j2k_levels(codestream: bytes) -> tuple[int, int, bool] | None:
     return None
 
 
+# Below this size, or at 1/2, cutting the codestream to the kept resolutions costs about what it saves.
+_CUT_FROM = 1 << 20
+
+
+def _openjpeg(codestream, levels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(codestream)) as im:
+        im.reduce = levels
+        im.load()
+        return np.asarray(im)
+
+
 def decode_j2k_reduced(codestream: bytes, levels: int, dtype: np.dtype) -> np.ndarray:
     """The image at 1/2**levels of its size, the finest ``levels`` wavelet levels discarded (OpenJPEG via Pillow;
     Pillow widens samples to 8 or 16 bits, which is undone here). Raises on anything it cannot decode."""
-    from PIL import Image
-
     found = j2k_levels(codestream)
     if found is None:
         raise ValueError("JPEG 2000 codestream without readable SIZ / COD markers")
     _, precision, signed = found
     if signed:
         raise ValueError("signed JPEG 2000 samples")
-    with Image.open(io.BytesIO(codestream)) as im:
-        im.reduce = levels
-        im.load()
-        arr = np.asarray(im)
+    coarse = coarse_codestream(codestream, levels) if levels >= 2 and len(codestream) >= _CUT_FROM else None
+    try:
+        arr = _openjpeg(coarse if coarse is not None else codestream, levels)
+    except Exception:
+        if coarse is None:
+            raise
+        arr = _openjpeg(codestream, levels)  # whatever the cut codestream trips on, the whole one decides
     if arr.ndim != 2:
         raise ValueError(f"decoded shape {arr.shape}")
     container = 8 if arr.dtype == np.uint8 else 16

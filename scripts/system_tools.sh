@@ -8,6 +8,7 @@
 #   orthanc, orthanc-dicomweb, dcmtk: the PACS round trips (storescu -> Orthanc -> medvision -> SR back)
 #   chromium:    the review UI's and the API docs' browser tests (headless, driven by Playwright)
 #   openssl:     certificates for the DICOM-over-TLS test
+#   libopenjp2-tools: opj_compress writes the JPEG 2000 codestream options Pillow cannot (SOP/EPH, tile-parts)
 set -euo pipefail
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
@@ -17,6 +18,7 @@ command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v opj_compress >/dev/null 2>&1 || need+=(libopenjp2-tools)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,0 +1,241 @@
+"""Cutting a JPEG 2000 codestream down to the resolutions a reduced decode keeps. The one thing that matters: the cut
+codestream decodes to the same pixels as the whole one at every level, bit for bit, for every encoder option that
+is read (Pillow's OpenJPEG and OpenJPEG's own ``opj_compress``: progressions, layers, code-block sizes and styles,
+SOP / EPH markers, tile-parts split by resolution, PLT / TLM), every vendor of the synthetic generator and every
+JPEG 2000 file of the real corpus; and whatever is not read (tiles, precincts, interleaved progressions, truncated or
+malformed codestreams) gives None, never an exception, so the decoder gets the whole codestream as before."""
+
+import copy
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import require_tool
+from PIL import Image
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEG2000Lossless
+
+from medvision import resolution
+from medvision.dicom_io import read_dicom
+from medvision.j2k_prefix import MAX_CODE_BLOCKS, coarse_codestream
+from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass
+from medvision.synth.dataset import example_image
+from medvision.synth.dicom_writer import save
+from medvision.synth.vendors import VENDORS
+
+
+def decode(codestream, levels: int) -> np.ndarray:
+    with Image.open(io.BytesIO(codestream)) as im:
+        im.reduce = levels
+        im.load()
+        return np.asarray(im).copy()
+
+
+def assert_same_at_every_level(codestream, top: int | None = None) -> list[float]:
+    """The cut codestream's pixels at each level against the whole one's; the kept fraction of the bytes."""
+    levels = j2k_levels(codestream)[0] if top is None else top
+    kept = []
+    for level in range(1, levels + 1):
+        cut = coarse_codestream(codestream, level)
+        assert cut is not None, f"level {level} not cut"
+        try:
+            whole = decode(codestream, level)
+        except OSError:  # OpenJPEG gives no image this small from the whole codestream either (a 4 x 4 band)
+            assert level >= 6
+            continue
+        np.testing.assert_array_equal(decode(cut, level), whole, err_msg=f"level {level}")
+        kept.append(len(cut) / len(codestream))
+    assert len(kept) >= min(levels, 5)
+    return kept
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    """A 12-bit synthetic mammogram, 512 x 416."""
+    return example_image(VENDORS[0], 512, 416, seed=3).pixel_array.astype(np.uint16)
+
+
+def pillow(image, **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG2000", no_jp2=True, **options)
+    return buf.getvalue()
+
+
+READ = {
+    "default (LRCP, one layer)": {},
+    "RLCP": {"progression": "RLCP"},
+    "RPCL": {"progression": "RPCL"},
+    "3 resolutions": {"num_resolutions": 3},
+    "8 resolutions": {"num_resolutions": 8},
+    "32 x 32 code-blocks": {"codeblock_size": (32, 32)},
+    "16 x 128 code-blocks": {"codeblock_size": (16, 128)},
+    "PLT markers": {"plt": True},
+    "lossy 9/7": {"irreversible": True},
+    "lossy, 3 layers, RLCP": {"irreversible": True, "quality_layers": [40, 20, 10], "progression": "RLCP"},
+    "lossless, 3 layers, RPCL": {"quality_layers": [40, 20, 0], "progression": "RPCL"},
+}
+
+
+@pytest.mark.parametrize("options", READ.values(), ids=READ.keys())
+def test_pillow_codestreams_decode_the_same_cut(image, options):
+    kept = assert_same_at_every_level(pillow(image, **options))
+    if options.get("num_resolutions", 6) > 3:
+        assert kept[1] < 0.4  # at 1/4 most of the bytes are left out
+
+
+NOT_READ = {
+    "PCRL": {"progression": "PCRL"},
+    "CPRL": {"progression": "CPRL"},
+    "LRCP, 3 layers": {"quality_layers": [40, 20, 0]},
+    "tiles": {"tile_size": (256, 256)},
+    "precincts": {"precinct_size": (64, 64)},
+}
+
+
+@pytest.mark.parametrize("options", NOT_READ.values(), ids=NOT_READ.keys())
+def test_what_is_not_read_gives_none(image, options):
+    codestream = pillow(image, **options)
+    assert [coarse_codestream(codestream, level) for level in (1, 2, 3)] == [None] * 3
+    # and the reduced decoder still decodes it, whole
+    np.testing.assert_array_equal(resolution.decode_j2k_reduced(codestream, 2, np.uint16), decode(codestream, 2))
+
+
+OPJ = {
+    "SOP and EPH markers": ["-SOP", "-EPH"],
+    "SOP, EPH, 3 layers, RLCP": ["-SOP", "-EPH", "-r", "20,5,1", "-p", "RLCP"],
+    "tile-parts by resolution": ["-TP", "R"],
+    "tile-parts by resolution, TLM, PLT": ["-TP", "R", "-TLM", "-PLT"],
+    "reset, vertical causal, segmentation symbols": ["-M", "42"],
+    "7 resolutions, 32 x 64 code-blocks": ["-n", "7", "-b", "32,64"],
+}
+OPJ_NOT_READ = {
+    "arithmetic coding bypass": ["-M", "1"],
+    "termination on each pass": ["-M", "4"],
+    "tile-parts by layer": ["-TP", "L", "-r", "20,5,1"],
+}
+
+
+def opj(image, tmp_path, args) -> bytes:
+    """``image`` encoded by OpenJPEG's own encoder (Debian libopenjp2-tools), which writes what Pillow cannot."""
+    tool = require_tool("opj_compress")
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(image.astype(">u2").tobytes())
+    out = tmp_path / "out.j2k"
+    subprocess.run([tool, "-i", str(raw), "-o", str(out), "-F",
+                    f"{image.shape[1]},{image.shape[0]},1,12,u@1x1", *args],
+                   check=True, capture_output=True, timeout=60)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("args", OPJ.values(), ids=OPJ.keys())
+def test_opj_compress_codestreams_decode_the_same_cut(image, tmp_path, args):
+    codestream = opj(image, tmp_path, args)
+    assert_same_at_every_level(codestream)
+
+
+@pytest.mark.parametrize("args", OPJ_NOT_READ.values(), ids=OPJ_NOT_READ.keys())
+def test_opj_compress_codestreams_not_read_give_none(image, tmp_path, args):
+    codestream = opj(image, tmp_path, args)
+    assert coarse_codestream(codestream, 2) is None
+
+
+def test_every_generator_vendor_decodes_the_same_cut(tmp_path):
+    for vendor in VENDORS:
+        path = tmp_path / f"{vendor.machine_id}.dcm"
+        save(copy.deepcopy(example_image(vendor, 1024, 832, seed=1)), path, JPEG2000Lossless)
+        codestream = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+        assert_same_at_every_level(codestream)
+
+
+data_store = pytest.importorskip("data_store", reason="pydicom-data is in the 'dev' extra")
+ROOTS = {"pydicom-data": Path(data_store.__file__).parent / "data",
+         "pydicom": Path(pydicom.__file__).parent / "data" / "test_files"}
+with Path(__file__).with_name("dicom_conformance.csv").open(newline="") as _fh:
+    CORPUS = [r for r in csv.DictReader(_fh) if r["expect"] == "ok"]
+
+
+def _j2k_codestream(row):
+    ds = pydicom.dcmread(ROOTS[row["corpus"]] / row["file"], force=True)
+    if str(ds.get("file_meta", {}).get("TransferSyntaxUID", "")) not in J2K_SYNTAXES:
+        return None
+    return next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_corpus_jpeg_2000_file_decodes_the_same_cut_or_is_left_whole():
+    cut = left = 0
+    for row in CORPUS:
+        codestream = _j2k_codestream(row)
+        if codestream is None or j2k_levels(codestream) is None:
+            continue
+        for level in range(1, j2k_levels(codestream)[0] + 1):
+            try:
+                whole = decode(codestream, level)
+            except OSError:  # OpenJPEG refuses this level of the whole codestream too
+                continue
+            coarse = coarse_codestream(codestream, level)
+            if coarse is None:
+                left += 1
+                continue
+            np.testing.assert_array_equal(decode(coarse, level), whole, err_msg=f"{row['file']} level {level}")
+            cut += 1
+    assert cut >= 40 and left >= 5, (cut, left)  # 11 files cut at their levels; tiled / 3-layer LRCP left whole
+
+
+def test_the_reader_decodes_a_full_field_size_codestream_from_its_cut(tmp_path, monkeypatch):
+    path = tmp_path / "ff.dcm"
+    save(example_image(VENDORS[1], 2048, 1664, seed=2), path, JPEG2000Lossless)
+    calls = []
+    real = resolution.coarse_codestream
+
+    def spy(codestream, levels):
+        out = real(codestream, levels)
+        calls.append((levels, out is not None and len(out) < len(codestream) // 20))
+        return out
+
+    monkeypatch.setattr(resolution, "coarse_codestream", spy)
+    full, meta = read_dicom(path)
+    reduced, rmeta = read_dicom(path, long_side=128)
+    assert calls == [(4, True)] and rmeta.decode == "1/16 wavelet"
+    np.testing.assert_array_equal(reduced, lowpass(full, 4, meta.bits_stored, meta.signed))
+
+
+# -- what is not read, and bad input: None, at once, never an exception --------------------------------------------
+
+
+def test_a_truncated_codestream_is_not_cut(image):
+    codestream = pillow(image)
+    assert coarse_codestream(codestream[: len(codestream) // 2], 2) is None
+    assert coarse_codestream(codestream[:-2], 2) is not None  # EOC left out: the lengths still add up
+    assert coarse_codestream(codestream + b"\x00", 2) is not None  # a DICOM fragment's padding
+    assert coarse_codestream(codestream[:-3], 2) is None
+    assert coarse_codestream(codestream, 0) is None
+    assert coarse_codestream(codestream, 7) is None  # more levels than the codestream's 5
+
+
+def test_a_header_asking_for_millions_of_code_blocks_is_not_read(image):
+    codestream = bytearray(pillow(image, num_resolutions=2))
+    siz = codestream.index(b"\xff\x51")
+    for offset in (6, 10, 22, 26):  # Xsiz, Ysiz, XTsiz, YTsiz: 60000 x 60000, one tile
+        codestream[siz + offset:siz + offset + 4] = (60000).to_bytes(4, "big")
+    assert coarse_codestream(bytes(codestream), 1) is None
+    assert (60000 // 2 // 64) ** 2 > MAX_CODE_BLOCKS
+
+
+def test_mangled_codestreams_give_bytes_or_none(image):
+    codestream = pillow(image)
+    rng = np.random.default_rng(0)
+    sod = codestream.index(b"\xff\x93")
+    outcomes = set()
+    for i in range(400):
+        bad = bytearray(codestream)
+        where = int(rng.integers(0, sod + 2000)) if i % 2 else int(rng.integers(0, len(bad)))
+        bad[where:where + int(rng.integers(1, 4))] = rng.integers(0, 256, size=3, dtype=np.uint8).tobytes()
+        outcomes.add(type(coarse_codestream(bytes(bad), int(rng.integers(1, 6)))))
+    assert outcomes <= {bytes, type(None)} and bytes in outcomes
+    assert coarse_codestream(b"\xff\x4f\xff\x51" + bytes(60), 2) is None
+    assert coarse_codestream(b"", 2) is None
