@@ -10,10 +10,12 @@ empty packet for every packet it left out. That is a complete, valid codestream 
 same bits as the original's, so the reduced decode of either gives the same pixels, bit for bit (tested on every
 vendor of the synthetic generator and every JPEG 2000 file of the real corpus).
 
-Anything outside the cases read here (several tiles or components, precinct partitions, packed packet headers,
-code-block styles with several codeword segments, progression orders that interleave resolutions, a tile-part or
-codestream whose lengths do not add up) gives ``None``, and the caller hands the whole codestream to the decoder as
-before: a truncated or malformed file is refused by the decoder as it always was.
+Anything outside the cases read here (several tiles or components, precinct partitions, image offsets, a
+resolution wider than one default precinct, packed packet headers, code-block styles with several codeword segments,
+progression orders that interleave resolutions, coding markers in later tile-parts, a tile-part or codestream whose
+lengths do not add up) gives ``None``, and the caller hands the whole codestream to the decoder as before: a
+truncated file is refused by the decoder as it always was. Damage confined to the packets left out is not seen
+(those bytes are never read), as a reduced decode cannot need them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ SOC, SOT, SOD, EOC = 0xFF4F, 0xFF90, 0xFF93, 0xFFD9
 SIZ, COD, COC, QCD, QCC, RGN, POC, PPM, PPT, TLM, PLM, PLT, CRG, COM = (
     0xFF51, 0xFF52, 0xFF53, 0xFF5C, 0xFF5D, 0xFF5E, 0xFF5F, 0xFF60, 0xFF61, 0xFF55, 0xFF57, 0xFF58, 0xFF63, 0xFF64)
 SOP, EPH = 0xFF91, 0xFF92
-_KEPT_MAIN = {SIZ, COD, QCD, QCC, RGN, CRG, COM}  # TLM / PLM describe the original's tile-parts: dropped
-_KEPT_TILE = {QCD, QCC, RGN, COM}  # PLT describes the original's packets: dropped
+_KEPT_MAIN = {SIZ, COD, QCD, QCC, RGN, CRG}  # TLM / PLM describe the original's tile-parts, COM nothing: dropped
+_KEPT_TILE = {QCD, QCC, RGN}  # in the first tile-part only; PLT describes the original's packets, COM nothing
 _LRCP, _RLCP, _RPCL = 0, 1, 2
 # Bounds on the work one codestream may ask of this pure-Python reader (a hostile header could ask for millions of
 # code-blocks): past them the decoder gets the whole codestream, as it would without this module.
 MAX_CODE_BLOCKS = 4096  # code-block contributions read (layers x code-blocks of the kept resolutions)
+_MAX_SEGMENTS = 512  # marker segments in a header
+_MAX_LEVELS = 32  # decomposition levels (the standard's most)
+_MAX_LAYERS = 998  # OpenJPEG's tag trees start at 999: more layers than that it reads its own way
+_MAX_PASSES = 109  # coding passes of a code-block in one codeword segment (more start a second segment)
 _MAX_BITPLANES = 64  # zero bit-planes beyond any precision (38 bits at most)
 _MAX_LBLOCK = 40  # bits of a code-block's length
 
@@ -52,7 +58,9 @@ def coarse_codestream(codestream, levels: int) -> bytes | None:
 
 def _segments(data, pos: int, end: int):
     """``(marker, start, stop)`` of each marker segment from ``pos`` up to the first SOT or SOD."""
-    while pos + 4 <= end:
+    for _ in range(_MAX_SEGMENTS):
+        if pos + 4 > end:
+            break
         marker, length = struct.unpack_from(">HH", data, pos)
         if marker in (SOT, SOD):
             return
@@ -60,7 +68,7 @@ def _segments(data, pos: int, end: int):
             raise _Unsupported("not a marker segment")
         yield marker, pos, pos + 2 + length
         pos += 2 + length
-    raise _Unsupported("header runs past the data")
+    raise _Unsupported("header runs past the data, or has too many segments")
 
 
 class _Coding:
@@ -74,12 +82,16 @@ class _Coding:
             raise _Unsupported("subsampled component")
         if tx0 + tw < x1 or ty0 + th < y1 or tx0 > x0 or ty0 > y0:
             raise _Unsupported("several tiles")
+        if x0 or y0:
+            raise _Unsupported("image offset")  # Pillow decodes none of these at a reduced size anyway
         self.x0, self.y0, self.x1, self.y1 = x0, y0, x1, y1
         scod = cod[4]
         self.progression, self.layers = cod[5], struct.unpack_from(">H", cod, 6)[0]
         self.levels, xcb, ycb, self.style = cod[9], cod[10] + 2, cod[11] + 2, cod[12]
         if scod & 0x01:
             raise _Unsupported("precinct partition")  # one precinct per resolution is all that is read here
+        if self.levels > _MAX_LEVELS or self.layers > _MAX_LAYERS:
+            raise _Unsupported("more levels or layers than read here")
         if self.style & (0x01 | 0x04 | 0x40):
             raise _Unsupported("code-block style with several codeword segments")  # bypass, termall, HT
         if self.layers < 1 or (self.layers > 1 and self.progression == _LRCP) or self.progression not in (
@@ -87,6 +99,12 @@ class _Coding:
             raise _Unsupported("progression that interleaves resolutions")
         self.sop, self.eph = bool(scod & 0x02), bool(scod & 0x04)
         self.xcb, self.ycb = min(xcb, 15), min(ycb, 15)
+
+    def one_precinct(self, r: int) -> bool:
+        """Whether resolution ``r`` lies in one default (2^15-wide, 0-anchored) precinct: the only layout read."""
+        n = self.levels - r
+        x0, y0, x1, y1 = _ceil(self.x0, n), _ceil(self.y0, n), _ceil(self.x1, n), _ceil(self.y1, n)
+        return -(-x1 >> 15) - (x0 >> 15) == 1 and -(-y1 >> 15) - (y0 >> 15) == 1
 
     def bands(self, r: int) -> list[tuple[int, int]]:
         """Code-blocks across and down in each subband of resolution ``r`` (its only precinct)."""
@@ -112,8 +130,10 @@ def _coarse(data, levels: int) -> bytes | None:
     main, siz, cod = [], None, None
     pos = 2
     for marker, start, stop in _segments(data, pos, len(data)):
-        if marker not in _KEPT_MAIN | {TLM, PLM}:
+        if marker not in _KEPT_MAIN | {TLM, PLM, COM}:
             raise _Unsupported(f"main header marker {marker:#06x}")
+        if marker in (SIZ, COD) and (siz if marker == SIZ else cod) is not None:
+            raise _Unsupported("a second SIZ or COD")
         if marker == SIZ:
             siz = data[start:stop]
         elif marker == COD:
@@ -128,19 +148,20 @@ def _coarse(data, levels: int) -> bytes | None:
         raise _Unsupported("more levels asked than the codestream has")
     eoc = _end_of_codestream(data)
     # the tile's data, over all its tile-parts; every length must add up to the codestream's
-    pieces, tile_header = [], []
+    pieces, tile_header, declared = [], [], set()
     while pos + 12 <= eoc:
-        marker, lsot, isot, psot, tpsot, _ = struct.unpack_from(">HHHIBB", data, pos)
+        marker, lsot, isot, psot, tpsot, tnsot = struct.unpack_from(">HHHIBB", data, pos)
         if marker != SOT or lsot != 10 or isot != 0 or tpsot != len(pieces):
             raise _Unsupported("not a tile-part of the one tile")
+        declared.add(tnsot)
         end = pos + psot if psot else eoc
         if end > eoc or psot and psot < 14:
             raise _Unsupported("tile-part runs past the codestream")
         at = pos + 12
         for marker, start, stop in _segments(data, at, end):
-            if marker not in _KEPT_TILE | {PLT}:
+            if marker not in {PLT, COM} | (set() if pieces else _KEPT_TILE):
                 raise _Unsupported(f"tile-part header marker {marker:#06x}")
-            if not pieces and marker in _KEPT_TILE:
+            if marker in _KEPT_TILE:
                 tile_header.append(bytes(data[start:stop]))
             at = stop
         if struct.unpack_from(">H", data, at)[0] != SOD:
@@ -149,8 +170,12 @@ def _coarse(data, levels: int) -> bytes | None:
         pos = end
     if not pieces or pos != eoc:
         raise _Unsupported("the tile-parts' lengths do not add up to the codestream's")
+    if declared - {0, len(pieces)}:
+        raise _Unsupported("a tile-part count other than the tile-parts found")
     body = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
     kept = coding.levels - levels  # resolutions 0 .. kept stay
+    if not all(coding.one_precinct(r) for r in range(kept + 1)):
+        raise _Unsupported("a resolution over several default precincts")
     cut = _prefix_length(body, coding, kept)
     empty = (b"\xff\x91\x00\x04\x00\x00" if coding.sop else b"") + b"\x00" + (b"\xff\x92" if coding.eph else b"")
     left_out = (coding.levels - kept) * coding.layers
@@ -255,19 +280,21 @@ def _passes(bits: _Bits) -> int:
 
 def _prefix_length(body, coding: _Coding, kept: int) -> int:
     """Bytes of ``body`` holding every packet of resolutions 0 .. ``kept`` (all layers)."""
-    shapes = [[(w, h) for w, h in coding.bands(r) if w and h] for r in range(kept + 1)]
+    shapes = [coding.bands(r) for r in range(kept + 1)]
+    if any(not (w and h) for bands in shapes for w, h in bands):
+        raise _Unsupported("an empty subband")  # an image narrower than its levels: left to the decoder whole
     if coding.layers * sum(w * h for bands in shapes for w, h in bands) > MAX_CODE_BLOCKS:
         raise _Unsupported("more code-blocks than this reader reads")
     pos = 0
     for r in range(kept + 1):
-        bands = [(w, h, _TagTree(w, h), _TagTree(w, h), {}, {}) for w, h in shapes[r]]
+        bands = [(w, h, _TagTree(w, h), _TagTree(w, h), {}, {}, {}) for w, h in shapes[r]]
         for layer in range(coding.layers):
             if coding.sop and bytes(body[pos:pos + 2]) == b"\xff\x91":
                 pos += 6
             bits = _Bits(body, pos)
             length = 0
             if bits.bit():
-                for w, h, inclusion, zeros, included, lblock in bands:
+                for w, h, inclusion, zeros, included, lblock, total in bands:
                     for y in range(h):
                         for x in range(w):
                             i = y * w + x
@@ -283,8 +310,11 @@ def _prefix_length(body, coding: _Coding, kept: int) -> int:
                                     threshold += 1
                                     if threshold > _MAX_BITPLANES:
                                         raise _Unsupported("zero bit-planes beyond any precision")
-                                lblock[i] = 3
+                                lblock[i], total[i] = 3, 0
                             passes = _passes(bits)
+                            total[i] += passes
+                            if total[i] > _MAX_PASSES:
+                                raise _Unsupported("passes beyond one codeword segment")
                             while bits.bit():
                                 lblock[i] += 1
                                 if lblock[i] > _MAX_LBLOCK:
