@@ -282,3 +282,15 @@ def test_mangled_codestreams_give_none_or_a_cut_that_decodes_as_the_whole_does(i
     assert outcomes["same"] >= 50 and outcomes["none"] >= 50, outcomes
     assert coarse_codestream(b"\xff\x4f\xff\x51" + bytes(60), 2) is None
     assert coarse_codestream(b"", 2) is None
+
+
+def test_a_cut_the_decoder_refuses_gives_way_to_the_whole_codestream(tmp_path, monkeypatch):
+    """Whatever the cut codestream trips on in OpenJPEG, the whole one decides, so nothing that decoded before is
+    refused because of the cut."""
+    path = tmp_path / "ff.dcm"
+    save(example_image(VENDORS[2], 2048, 1664, seed=4), path, JPEG2000Lossless)
+    monkeypatch.setattr(resolution, "coarse_codestream", lambda codestream, levels: b"\xff\x4f\xff\x51 not a codestream")
+    full, meta = read_dicom(path)
+    reduced, rmeta = read_dicom(path, long_side=128)
+    assert rmeta.decode == "1/16 wavelet"  # decoded reduced, from the whole codestream
+    np.testing.assert_array_equal(reduced, lowpass(full, 4, meta.bits_stored, meta.signed))
