@@ -293,7 +293,9 @@ def score_archive(paths: list[str], artifact: str, out: str | os.PathLike, fmt: 
     """Score what is not in ``out`` yet; returns the summary (also written to ``out/summary.json``)."""
     from medvision.serving.engine import Engine
 
-    engine = Engine(artifact, threads=options.threads)
+    # the decoding processes need the cores between model calls: ONNX Runtime's idle threads sleep, not spin
+    # (measured on the full-field mix, 8 x 36 files: 36.1-37.1 -> 38.4-38.7 images/s)
+    engine = Engine(artifact, threads=options.threads, spinning=False)
     model = engine.model_info()
     store = ResultStore(out, fmt)
     done = store.done()
