@@ -177,10 +177,7 @@ def _coarse(data, levels: int) -> bytes | None:
     if not all(coding.one_precinct(r) for r in range(kept + 1)):
         raise _Unsupported("a resolution over several default precincts")
     cut = _prefix_length(body, coding, kept)
-    empty = (b"\xff\x91\x00\x04\x00\x00" if coding.sop else b"") + b"\x00" + (b"\xff\x92" if coding.eph else b"")
-    left_out = (coding.levels - kept) * coding.layers
-    tail = _empty_packets(coding, kept, left_out) if coding.sop else empty * left_out
-    data_out = bytes(body[:cut]) + tail
+    data_out = bytes(body[:cut]) + _empty_packets(coding, kept, (coding.levels - kept) * coding.layers)
     header = b"".join(tile_header)
     sot = struct.pack(">HHHIBB", SOT, 10, 0, 12 + len(header) + 2 + len(data_out), 0, 1)
     return b"\xff\x4f" + b"".join(main) + sot + header + b"\xff\x93" + data_out + b"\xff\xd9"
@@ -198,10 +195,13 @@ def _end_of_codestream(data) -> int:
 
 
 def _empty_packets(coding: _Coding, kept: int, count: int) -> bytes:
-    """Empty packets whose SOP markers carry the packet numbers they stand in for (modulo 65536)."""
+    """``count`` empty packets (a zero bit, padded), with an EPH marker where the codestream uses them, and an SOP
+    marker carrying the packet number each stands in for (modulo 65536) where it uses those."""
+    packet = b"\x00" + (b"\xff\x92" if coding.eph else b"")
+    if not coding.sop:
+        return packet * count
     first = (kept + 1) * coding.layers
-    return b"".join(b"\xff\x91\x00\x04" + struct.pack(">H", (first + i) & 0xFFFF) + b"\x00"
-                    + (b"\xff\x92" if coding.eph else b"") for i in range(count))
+    return b"".join(b"\xff\x91\x00\x04" + struct.pack(">H", (first + i) & 0xFFFF) + packet for i in range(count))
 
 
 class _Bits:
