@@ -19,18 +19,17 @@ from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
 
 
-def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = (),
-                 spawn: bool = False) -> ProcessPoolExecutor:
-    """A process pool that forks where the platform can (Linux), unless ``spawn``.
+def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A process pool that forks where the platform can (Linux).
 
     Forking starts workers in milliseconds and does not re-import the caller's ``__main__`` (spawn does,
     which breaks scripts without a main guard and code piped to ``python -``). The workers run only
     pydicom, codecs and numpy, never torch, so a parent that imported torch is safe to fork, as
-    PyTorch's own DataLoader workers are. A parent with threads of its own that may hold locks (the service)
-    asks for ``spawn``: a forked child would inherit a lock held by another thread, forever.
+    PyTorch's own DataLoader workers are. A parent with threads of its own that may hold locks (the service) must
+    spawn instead, as ``medvision.serving.worker_processes`` does: a forked child would inherit a lock held by
+    another thread, forever.
     """
-    methods = multiprocessing.get_all_start_methods()
-    method = "spawn" if spawn else "fork" if "fork" in methods else None
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=initializer,
                                initargs=initargs)
 
@@ -66,8 +65,6 @@ def is_decoder() -> bool:
     return _decoder is not None
 
 
-def decoding_pool(workers: int, config: PreprocessConfig, limits: ReadLimits = ReadLimits(), spawn: bool = False,
-                  exit_with_parent: bool = False) -> ProcessPoolExecutor:
-    """``workers`` decoding worker processes for ``config`` (see ``process_pool`` for ``spawn``)."""
-    parent = os.getpid() if exit_with_parent else None
-    return process_pool(workers, start_decoder, (config.model_dump_json(), limits, parent), spawn=spawn)
+def decoding_pool(workers: int, config: PreprocessConfig, limits: ReadLimits = ReadLimits()) -> ProcessPoolExecutor:
+    """``workers`` decoding worker processes for ``config``."""
+    return process_pool(workers, start_decoder, (config.model_dump_json(), limits))
