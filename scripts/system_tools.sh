@@ -9,6 +9,7 @@
 #   chromium:    the review UI's and the API docs' browser tests (headless, driven by Playwright)
 #   openssl:     certificates for the DICOM-over-TLS test
 #   libopenjp2-tools: opj_compress writes the JPEG 2000 codestream options Pillow cannot (SOP/EPH, tile-parts)
+#   openjph-tools: ojph_compress writes HTJ2K (no Python package here encodes it)
 set -euo pipefail
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
@@ -19,6 +20,7 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v opj_compress >/dev/null 2>&1 || need+=(libopenjp2-tools)
+command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

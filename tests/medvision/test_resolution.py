@@ -7,11 +7,13 @@ accepts)."""
 import copy
 import csv
 import io
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from helpers import require_tool
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
@@ -272,6 +274,21 @@ def test_a_codestream_with_fewer_levels_is_decoded_at_its_coarsest_then_block_av
     reduced, meta = read_dicom(shallow, long_side=LONG_SIDE)
     assert meta.decode_factor == 4 and meta.decode == "1/4 wavelet (the codestream has 1 levels: the last 1 computed)"
     np.testing.assert_array_equal(reduced, lowpass(raw, 2, 16, False))  # exactly what two levels would give
+
+
+def test_a_codestream_with_an_image_offset_falls_back_to_full_decoding(matrix, tmp_path):
+    """An odd image offset puts the wavelet's low-pass samples on odd columns: not the band the contract defines (and
+    Pillow refuses to reduce it). The full decoder reads it; the band is computed from its pixels."""
+    raw, _ = read_dicom(matrix[(21, ExplicitVRLittleEndian)])
+    source, out = tmp_path / "in.raw", tmp_path / "offset.j2k"
+    source.write_bytes(raw.astype(">u2").tobytes())
+    subprocess.run([require_tool("opj_compress"), "-i", str(source), "-o", str(out), "-F", "832,1024,1,12,u@1x1",
+                    "-d", "37,11"], check=True, capture_output=True, timeout=60)
+    offset = _with_codestream(matrix[(21, JPEG2000Lossless)], out.read_bytes(), tmp_path / "offset.dcm")
+    np.testing.assert_array_equal(read_dicom(offset)[0], raw)
+    reduced, meta = read_dicom(offset, long_side=LONG_SIDE)
+    assert meta.decode.startswith("1/4 lowpass (full decode: ")
+    np.testing.assert_array_equal(reduced, lowpass(raw, 2, 12, False))
 
 
 def test_a_codestream_that_disagrees_with_its_header_falls_back_to_full_decoding(matrix, tmp_path):
