@@ -5,7 +5,8 @@
     python benchmarks/fullfield.py --model M --archive small_archive --rows 512 --columns 416   # the demo's size
 
 The archive (made once, then reused): synthetic 3328 x 2560 mammograms, about half JPEG 2000 lossless and the rest
-JPEG-LS, RLE and uncompressed, as a hospital archive holds them. Measured on this machine, one after the other:
+JPEG-LS, RLE and uncompressed, as a hospital archive holds them (``--htj2k``: its JPEG 2000 views also as HTJ2K, a
+group of their own). Measured on this machine, one after the other:
 
   pipeline   medvision's decode + preprocess + model in this process, one image at a time (the limit per core),
              measured before and after the served run and averaged
@@ -48,6 +49,7 @@ MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.
        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1")  # JPEG-LS, RLE, uncompressed
 SHORT = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.5": "RLE",
          "1.2.840.10008.1.2.1": "uncompressed"}
+HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"  # HTJ2K lossless, RPCL: not in the mix (--htj2k: a group of its own)
 
 
 def build_archive(folder: Path, images: int, rows: int = 3328, columns: int = 2560) -> dict[str, list[Path]]:
@@ -81,6 +83,44 @@ def build_archive(folder: Path, images: int, rows: int = 3328, columns: int = 25
         else:
             save(pydicom.dcmread(original), path, UID(syntax))
     return files
+
+
+def build_htj2k(folder: Path, originals: list[Path]) -> list[Path]:
+    """``folder/HTJ2K/<n>.dcm``: ``originals`` (JPEG 2000 views of the archive) re-encoded as HTJ2K lossless (RPCL) by
+    OpenJPH's ``ojph_compress`` (Debian ``openjph-tools``; no Python package here encodes HTJ2K)."""
+    import copy
+    import shutil
+    import tempfile
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    tool = shutil.which("ojph_compress")
+    if tool is None:
+        raise SystemExit("--htj2k needs ojph_compress (Debian package openjph-tools)")
+    out = []
+    for original in originals:
+        path = folder / "HTJ2K" / original.name
+        out.append(path)
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds = pydicom.dcmread(original)
+        pixels = ds.pixel_array
+        with tempfile.TemporaryDirectory() as tmp:
+            pgm, j2c = Path(tmp) / "in.pgm", Path(tmp) / "out.j2c"
+            pgm.write_bytes(b"P5\n%d %d\n%d\n" % (pixels.shape[1], pixels.shape[0], (1 << ds.BitsStored) - 1)
+                            + pixels.astype(">u2").tobytes())
+            subprocess.run([tool, "-i", str(pgm), "-o", str(j2c), "-reversible", "true"], check=True,
+                           capture_output=True)
+            codestream = j2c.read_bytes()
+        ds = copy.deepcopy(ds)
+        ds.PixelData = encapsulate([codestream])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = UID(HTJ2K_RPCL)
+        ds.save_as(path, enforce_file_format=True)
+    return out
 
 
 def pipeline_rate(model: str, files: list[Path], seconds: float) -> dict:
@@ -214,7 +254,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400, help="most requests per level")
     p.add_argument("--naive-models", default="vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--per-syntax", action="store_true", help="also drive each transfer syntax alone")
-    p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed)")
+    p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed, HTJ2K)")
+    p.add_argument("--htj2k", action="store_true", help="also an HTJ2K group (not in the mix): the archive's JPEG 2000 "
+                   "views re-encoded as HTJ2K lossless by ojph_compress (Debian openjph-tools)")
     p.add_argument("--naive-per-syntax", default="vit_small_patch16_224",
                    help="naive peers driven for each syntax alone (every --naive-models one: 'all')")
     p.add_argument("--core-hour-price", type=float, default=0.05)
@@ -226,6 +268,8 @@ def main() -> None:
     by_syntax = build_archive(archive, args.images, args.rows, args.columns)
     every = sorted(f for fs in by_syntax.values() for f in fs)
     groups = {"mix": every, **({SHORT[s]: fs for s, fs in by_syntax.items()} if args.per_syntax or args.only else {})}
+    if args.htj2k:
+        groups["HTJ2K"] = build_htj2k(archive, by_syntax["1.2.840.10008.1.2.4.90"])
     if args.only:
         groups = {k: v for k, v in groups.items() if k in {g.strip() for g in args.only.split(",")}}
     per_syntax_peers = args.naive_models.split(",") if args.naive_per_syntax == "all" else \
