@@ -10,6 +10,10 @@ empty packet for every packet it left out. That is a complete, valid codestream 
 same bits as the original's, so the reduced decode of either gives the same pixels, bit for bit (tested on every
 vendor of the synthetic generator and every JPEG 2000 file of the real corpus).
 
+HTJ2K (ISO/IEC 15444-15) is read where every code-block is high-throughput (CAP declares Part 15 alone, HT only)
+in one quality layer: a code-block's cleanup pass and its refinement passes then come as two codeword segments, whose
+lengths are read as OpenJPEG reads them (the decoder the cut is for).
+
 Anything outside the cases read here (several tiles or components, precinct partitions, image offsets, a
 resolution wider than one default precinct, packed packet headers, code-block styles with several codeword segments,
 progression orders that interleave resolutions, coding markers in later tile-parts, a tile-part or codestream whose
@@ -27,7 +31,8 @@ SOC, SOT, SOD, EOC = 0xFF4F, 0xFF90, 0xFF93, 0xFFD9
 SIZ, COD, COC, QCD, QCC, RGN, POC, PPM, PPT, TLM, PLM, PLT, CRG, COM = (
     0xFF51, 0xFF52, 0xFF53, 0xFF5C, 0xFF5D, 0xFF5E, 0xFF5F, 0xFF60, 0xFF61, 0xFF55, 0xFF57, 0xFF58, 0xFF63, 0xFF64)
 SOP, EPH = 0xFF91, 0xFF92
-_KEPT_MAIN = {SIZ, COD, QCD, QCC, RGN, CRG}  # TLM / PLM describe the original's tile-parts, COM nothing: dropped
+CAP = 0xFF50  # ISO/IEC 15444-15 (HTJ2K) declares its high-throughput code-blocks here
+_KEPT_MAIN = {SIZ, CAP, COD, QCD, QCC, RGN, CRG}  # TLM / PLM describe the original's tile-parts, COM nothing: dropped
 _KEPT_TILE = {QCD, QCC, RGN}  # in the first tile-part only; PLT describes the original's packets, COM nothing
 _LRCP, _RLCP, _RPCL = 0, 1, 2
 # Bounds on the work one codestream may ask of this pure-Python reader (a hostile header could ask for millions of
@@ -39,6 +44,8 @@ _MAX_LAYERS = 998  # OpenJPEG's tag trees start at 999: more layers than that it
 _MAX_PASSES = 109  # coding passes of a code-block in one codeword segment (more start a second segment)
 _MAX_BITPLANES = 64  # zero bit-planes beyond any precision (38 bits at most)
 _MAX_LBLOCK = 40  # bits of a code-block's length
+_HT = 0x40  # code-block style: high-throughput (HTJ2K) code-blocks
+_PART_15 = 0x00020000  # Pcap: Part 15 capabilities, and no other part's
 
 
 class _Unsupported(Exception):
@@ -74,7 +81,7 @@ def _segments(data, pos: int, end: int):
 class _Coding:
     """What the packets' layout depends on, from SIZ and COD."""
 
-    def __init__(self, siz, cod) -> None:
+    def __init__(self, siz, cod, cap=None) -> None:
         (_, x1, y1, x0, y0, tw, th, tx0, ty0, comps) = struct.unpack_from(">HIIIIIIIIH", siz, 4)
         if comps != 1:
             raise _Unsupported("several components")
@@ -92,8 +99,14 @@ class _Coding:
             raise _Unsupported("precinct partition")  # one precinct per resolution is all that is read here
         if self.levels > _MAX_LEVELS or self.layers > _MAX_LAYERS:
             raise _Unsupported("more levels or layers than read here")
-        if self.style & (0x01 | 0x04 | 0x40):
-            raise _Unsupported("code-block style with several codeword segments")  # bypass, termall, HT
+        # HTJ2K: every code-block high-throughput (CAP says Part 15 alone, HT only) and no other style bit, in one
+        # layer: each code-block then contributes once, its cleanup pass and its refinement passes in two segments
+        pcap, ccap15 = struct.unpack_from(">IH", cap, 4) if cap is not None and len(cap) == 10 else (0, 0)
+        self.ht = self.style == _HT and self.layers == 1 and pcap == _PART_15 and ccap15 >> 14 == 0  # 0: HT only
+        if cap is not None and not self.ht:
+            raise _Unsupported("capabilities beyond HTJ2K code-blocks in one layer")
+        if self.style & (0x01 | 0x04 | 0x40) and not self.ht:
+            raise _Unsupported("code-block style with several codeword segments")  # bypass, termall, mixed HT
         if self.layers < 1 or (self.layers > 1 and self.progression == _LRCP) or self.progression not in (
                 _LRCP, _RLCP, _RPCL):
             raise _Unsupported("progression that interleaves resolutions")
@@ -127,23 +140,25 @@ def _ceil(a: int, n: int) -> int:
 def _coarse(data, levels: int) -> bytes | None:
     if len(data) < 4 or struct.unpack_from(">H", data, 0)[0] != SOC:
         raise _Unsupported("no SOC")
-    main, siz, cod = [], None, None
+    main, siz, cod, cap = [], None, None, None
     pos = 2
     for marker, start, stop in _segments(data, pos, len(data)):
         if marker not in _KEPT_MAIN | {TLM, PLM, COM}:
             raise _Unsupported(f"main header marker {marker:#06x}")
-        if marker in (SIZ, COD) and (siz if marker == SIZ else cod) is not None:
-            raise _Unsupported("a second SIZ or COD")
+        if marker in (SIZ, COD, CAP) and {SIZ: siz, COD: cod, CAP: cap}[marker] is not None:
+            raise _Unsupported("a second SIZ, COD or CAP")
         if marker == SIZ:
             siz = data[start:stop]
         elif marker == COD:
             cod = data[start:stop]
+        elif marker == CAP:
+            cap = data[start:stop]
         if marker in _KEPT_MAIN:
             main.append(bytes(data[start:stop]))
         pos = stop
     if siz is None or cod is None:
         raise _Unsupported("no SIZ or COD")
-    coding = _Coding(siz, cod)
+    coding = _Coding(siz, cod, cap)
     if levels > coding.levels:
         raise _Unsupported("more levels asked than the codestream has")
     eoc = _end_of_codestream(data)
@@ -319,7 +334,12 @@ def _prefix_length(body, coding: _Coding, kept: int) -> int:
                                 lblock[i] += 1
                                 if lblock[i] > _MAX_LBLOCK:
                                     raise _Unsupported("code-block length beyond any codestream")
-                            length += bits.bits(lblock[i] + passes.bit_length() - 1)
+                            if coding.ht:  # the cleanup pass, then the refinement passes (as OpenJPEG reads them)
+                                length += bits.bits(lblock[i])
+                                if passes > 1:
+                                    length += bits.bits(lblock[i] + (passes - 1).bit_length() - 1)
+                            else:
+                                length += bits.bits(lblock[i] + passes.bit_length() - 1)
             pos = bits.align()
             if coding.eph:
                 if bytes(body[pos:pos + 2]) != b"\xff\x92":

@@ -11,8 +11,9 @@ stored range. So every transfer syntax gives the same pixels:
   code-blocks are never entropy-decoded: most of the work. For a lossless (5/3) codestream this *is* the
   reference, bit for bit; a lossy (9/7) one gives its own low-pass band, as close as lossy pixels are. Where the
   codestream is ordered resolution by resolution, the decoder is handed only the kept resolutions' packets
-  (``medvision.j2k_prefix``): the same pixels, without reading the megabytes of the finest levels. A tiled
-  codestream gives each tile's band (its transform is per tile): the same pixels except within two of a tile border.
+  (``medvision.j2k_prefix``, HTJ2K included): the same pixels, without reading the megabytes of the finest levels.
+  A tiled codestream gives each tile's band (its transform is per tile): the same pixels except within two of a
+  tile border.
 - Uncompressed: the low-pass band computed straight from the file's pixel bytes (a memory map, or a view of the
   request's buffer), with no full-size copy of the input.
 - RLE, JPEG-LS and JPEG: no resolution scalability, so a full decode, then the same low-pass band.

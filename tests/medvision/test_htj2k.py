@@ -3,9 +3,10 @@ No Python package installed here encodes HTJ2K and neither corpus holds a file, 
 OpenJPH's own encoder (``ojph_compress``, Debian ``openjph-tools``) and are wrapped in DICOM here: full decoding
 (pydicom through pylibjpeg-openjpeg) gives the source pixels back, and a reduced decode (OpenJPEG through Pillow,
 the finest levels never decoded) gives the 5/3 low-pass band bit for bit, for the encoder's progressions, code-block
-sizes, precincts, tiles, offsets, bit depths and level counts; a lossy codestream gives its own 9/7 band, as close
-as classic lossy JPEG 2000 is held to; the codestream cut is never applied to HT code-blocks; a truncated file is
-refused by name."""
+sizes, precincts, tiles, bit depths and level counts; a lossy codestream gives its own 9/7 band, as close as classic
+lossy JPEG 2000 is held to. Cut down to the kept resolutions (``j2k_prefix``, HT code-blocks' two segments read as
+OpenJPEG reads them), a codestream decodes to the same pixels as whole, mangled or not; a truncated file is refused
+by name."""
 
 import copy
 import io
@@ -14,6 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 from helpers import require_tool
+from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2K, UID, HTJ2KLossless, HTJ2KLosslessRPCL
 
@@ -55,24 +57,41 @@ def dicom(ds, codestream: bytes, syntax: UID, **attrs) -> bytes:
     return out.getvalue()
 
 
-LOSSLESS = {  # ojph_compress options -> the transfer syntax they are stored in
-    "RPCL (its default)": ([], HTJ2KLosslessRPCL),
-    "LRCP": (["-prog_order", "LRCP"], HTJ2KLossless),
-    "RLCP": (["-prog_order", "RLCP"], HTJ2KLossless),
-    "PCRL": (["-prog_order", "PCRL"], HTJ2KLossless),
-    "32x32 code-blocks": (["-block_size", "{32,32}"], HTJ2KLossless),
-    "precincts": (["-precincts", "{64,64},{128,128}"], HTJ2KLossless),
-    "7 levels": (["-num_decomps", "7"], HTJ2KLossless),
+def decode(codestream: bytes, levels: int) -> np.ndarray:
+    with Image.open(io.BytesIO(codestream)) as im:
+        im.reduce = levels
+        im.load()
+        return np.asarray(im).copy()
+
+
+def assert_cut_decodes_as_whole(codestream: bytes, levels: int) -> None:
+    for level in range(1, levels + 1):
+        cut = coarse_codestream(codestream, level)
+        assert cut is not None and len(cut) < len(codestream), f"level {level} not cut"
+        np.testing.assert_array_equal(decode(cut, level), decode(codestream, level), err_msg=f"level {level}")
+
+
+LOSSLESS = {  # ojph_compress options -> the transfer syntax they are stored in, and whether the cut reads them
+    "RPCL (its default)": ([], HTJ2KLosslessRPCL, True),
+    "LRCP": (["-prog_order", "LRCP"], HTJ2KLossless, True),
+    "RLCP": (["-prog_order", "RLCP"], HTJ2KLossless, True),
+    "PCRL": (["-prog_order", "PCRL"], HTJ2KLossless, False),  # resolutions interleaved: decoded whole
+    "32x32 code-blocks": (["-block_size", "{32,32}"], HTJ2KLossless, True),
+    "precincts": (["-precincts", "{64,64},{128,128}"], HTJ2KLossless, False),
+    "7 levels": (["-num_decomps", "7"], HTJ2KLossless, True),
 }
 
 
 @pytest.mark.parametrize("options", LOSSLESS.values(), ids=LOSSLESS.keys())
 def test_lossless_htj2k_decodes_to_the_source_and_to_its_low_pass_bands(view, tmp_path, options):
-    args, syntax = options
+    args, syntax, cut = options
     source = view.pixel_array
     codestream = ojph(source, view.BitsStored, tmp_path, "-reversible", "true", *args)
     assert syntax in J2K_SYNTAXES
-    assert coarse_codestream(codestream, 2) is None  # HT code-blocks: never cut, the decoder gets it whole
+    if cut:
+        assert_cut_decodes_as_whole(codestream, 5)
+    else:
+        assert coarse_codestream(codestream, 2) is None
     data = dicom(view, codestream, syntax)
     full, meta = read_dicom(data)
     assert meta.decode == "full" and full.dtype == np.uint16
@@ -174,7 +193,8 @@ def test_a_full_field_htj2k_view_is_decoded_at_a_sixteenth_exactly(tmp_path):
     view = example_image(VENDORS[2], 3328, 2560, seed=7)
     source = view.pixel_array
     codestream = ojph(source, view.BitsStored, tmp_path, "-reversible", "true")
-    assert len(codestream) > 1 << 20 and coarse_codestream(codestream, 4) is None
+    cut = coarse_codestream(codestream, 4)
+    assert len(codestream) > 1 << 20 and cut is not None and len(cut) < len(codestream) // 100  # what the reader reads
     reduced, meta = read_dicom(dicom(view, codestream, HTJ2KLosslessRPCL), long_side=208)
     assert meta.decode == "1/16 wavelet" and reduced.shape == (208, 160)
     np.testing.assert_array_equal(reduced, lowpass(source, 4, view.BitsStored, False))
@@ -186,3 +206,51 @@ def test_a_truncated_htj2k_codestream_is_refused_by_name(view, tmp_path):
     for long_side in (0, 128):
         with pytest.raises(CorruptDicomError, match="could not be decoded"):
             read_dicom(cut, long_side=long_side)
+
+
+def test_lossy_htj2k_is_cut_as_it_decodes_whole(view, tmp_path):
+    assert_cut_decodes_as_whole(ojph(view.pixel_array, view.BitsStored, tmp_path, "-qstep", "0.002"), 5)
+
+
+def test_mangled_htj2k_codestreams_give_none_or_a_cut_that_decodes_as_the_whole_does(view, tmp_path):
+    """Bytes changed in the headers or the kept packets (pass counts, lengths, the CAP and COD segments among them):
+    where the whole codestream decodes, the cut one decodes to the same pixels."""
+    codestream = ojph(view.pixel_array, view.BitsStored, tmp_path, "-reversible", "true")
+    rng = np.random.default_rng(1)
+    sod = codestream.index(b"\xff\x93")
+    outcomes = {"none": 0, "same": 0, "whole fails": 0}
+    for i in range(300):
+        bad = bytearray(codestream)
+        where = int(rng.integers(0, sod + 3000)) if i % 3 else int(rng.integers(sod, sod + 200))
+        bad[where:where + int(rng.integers(1, 4))] = rng.integers(0, 256, size=3, dtype=np.uint8).tobytes()
+        level = int(rng.integers(1, 6))
+        cut = coarse_codestream(bytes(bad), level)
+        if cut is None:
+            outcomes["none"] += 1
+            continue
+        try:
+            whole = decode(bytes(bad), level)
+        except (OSError, ValueError, SyntaxError):
+            outcomes["whole fails"] += 1
+            continue
+        np.testing.assert_array_equal(decode(cut, level), whole, err_msg=f"mutation {i} at {where}, level {level}")
+        outcomes["same"] += 1
+    assert outcomes["same"] >= 50 and outcomes["none"] >= 20, outcomes
+
+
+def test_ht_code_blocks_are_cut_only_where_every_one_is_ht_in_one_layer(view, tmp_path):
+    codestream = ojph(view.pixel_array, view.BitsStored, tmp_path, "-reversible", "true")
+    cap = codestream.index(b"\xff\x50")
+    cod = codestream.index(b"\xff\x52")
+    assert coarse_codestream(codestream, 2) is not None
+    mixed = bytearray(codestream)
+    mixed[cap + 8] |= 0xC0  # Ccap15: HT and classic code-blocks mixed
+    assert coarse_codestream(bytes(mixed), 2) is None
+    other_part = bytearray(codestream)
+    other_part[cap + 4] |= 0x40  # Pcap: another part's capabilities too
+    assert coarse_codestream(bytes(other_part), 2) is None
+    no_cap = codestream[:cap] + codestream[cap + 10:]
+    assert coarse_codestream(no_cap, 2) is None  # HT code-blocks without CAP: not read
+    styled = bytearray(codestream)
+    styled[cod + 12] |= 0x04  # HT with another code-block style bit
+    assert coarse_codestream(bytes(styled), 2) is None
