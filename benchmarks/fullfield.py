@@ -88,38 +88,17 @@ def build_archive(folder: Path, images: int, rows: int = 3328, columns: int = 25
 def build_htj2k(folder: Path, originals: list[Path]) -> list[Path]:
     """``folder/HTJ2K/<n>.dcm``: ``originals`` (JPEG 2000 views of the archive) re-encoded as HTJ2K lossless (RPCL) by
     OpenJPH's ``ojph_compress`` (Debian ``openjph-tools``; no Python package here encodes HTJ2K)."""
-    import copy
-    import shutil
-    import tempfile
-
     import pydicom
-    from pydicom.encaps import encapsulate
     from pydicom.uid import UID
 
-    tool = shutil.which("ojph_compress")
-    if tool is None:
-        raise SystemExit("--htj2k needs ojph_compress (Debian package openjph-tools)")
+    from medvision.synth.dicom_writer import save
+
     out = []
     for original in originals:
         path = folder / "HTJ2K" / original.name
         out.append(path)
-        if path.is_file():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds = pydicom.dcmread(original)
-        pixels = ds.pixel_array
-        with tempfile.TemporaryDirectory() as tmp:
-            pgm, j2c = Path(tmp) / "in.pgm", Path(tmp) / "out.j2c"
-            pgm.write_bytes(b"P5\n%d %d\n%d\n" % (pixels.shape[1], pixels.shape[0], (1 << ds.BitsStored) - 1)
-                            + pixels.astype(">u2").tobytes())
-            subprocess.run([tool, "-i", str(pgm), "-o", str(j2c), "-reversible", "true"], check=True,
-                           capture_output=True)
-            codestream = j2c.read_bytes()
-        ds = copy.deepcopy(ds)
-        ds.PixelData = encapsulate([codestream])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = UID(HTJ2K_RPCL)
-        ds.save_as(path, enforce_file_format=True)
+        if not path.is_file():
+            save(pydicom.dcmread(original), path, UID(HTJ2K_RPCL))
     return out
 
 

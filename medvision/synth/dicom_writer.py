@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL
 from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation as MG_FOR_PRESENTATION,
 )
 
 from medvision import __version__
+from medvision.errors import ConfigError
 from medvision.synth.vendors import Vendor
 
 # SNOMED CT codes (DICOM CID 4014 view, CID 4031 region).
@@ -135,12 +137,40 @@ def build_dataset(
     return ds
 
 
+HTJ2K_LOSSLESS = (HTJ2KLossless, HTJ2KLosslessRPCL)
+
+
 def save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
-    """Write ``ds`` as a conformant Part 10 file, compressing losslessly when asked."""
-    if transfer_syntax != ExplicitVRLittleEndian:
+    """Write ``ds`` as a conformant Part 10 file, compressing losslessly when asked (HTJ2K with OpenJPH's
+    ``ojph_compress``, which no Python package here replaces: Debian ``openjph-tools``)."""
+    if transfer_syntax in HTJ2K_LOSSLESS:
+        order = "RPCL" if transfer_syntax == HTJ2KLosslessRPCL else "LRCP"
+        codestream = htj2k_codestream(ds.pixel_array, ds.BitsStored, "-reversible", "true", "-prog_order", order)
+        ds.PixelData = encapsulate([codestream])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax, encoding_plugin=_encoder_for(transfer_syntax), generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def htj2k_codestream(pixels: np.ndarray, bits_stored: int, *options: str) -> bytes:
+    """``pixels`` (unsigned, ``bits_stored`` deep) as an HTJ2K codestream written by ``ojph_compress`` with
+    ``options`` (its own: ``-reversible true`` for lossless, ``-prog_order``, ``-block_size``, ...)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("ojph_compress")
+    if tool is None:
+        raise ConfigError("writing HTJ2K needs OpenJPH's ojph_compress (Debian package openjph-tools)")
+    rows, columns = pixels.shape
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "in.pgm", Path(tmp) / "out.j2c"
+        source.write_bytes(b"P5\n%d %d\n%d\n" % (columns, rows, (1 << bits_stored) - 1) + pixels.astype(">u2").tobytes())
+        subprocess.run([tool, "-i", str(source), "-o", str(out), *options], check=True, capture_output=True, timeout=120)
+        return out.read_bytes()
 
 
 def _encoder_for(transfer_syntax: str) -> str:
