@@ -11,8 +11,9 @@ same bits as the original's, so the reduced decode of either gives the same pixe
 vendor of the synthetic generator and every JPEG 2000 file of the real corpus).
 
 HTJ2K (ISO/IEC 15444-15) is read where every code-block is high-throughput (CAP declares Part 15 alone, HT only)
-in one quality layer: a code-block's cleanup pass and its refinement passes then come as two codeword segments, whose
-lengths are read as OpenJPEG reads them (the decoder the cut is for).
+in one quality layer, with at most three coding passes a code-block (one HT set: placeholder passes are read one
+way by the standard and another by OpenJPEG): its cleanup pass and its refinement passes then come as two codeword
+segments, whose lengths are read as OpenJPEG reads them (the decoder the cut is for).
 
 Anything outside the cases read here (several tiles or components, precinct partitions, image offsets, a
 resolution wider than one default precinct, packed packet headers, code-block styles with several codeword segments,
@@ -44,6 +45,7 @@ _MAX_LAYERS = 998  # OpenJPEG's tag trees start at 999: more layers than that it
 _MAX_PASSES = 109  # coding passes of a code-block in one codeword segment (more start a second segment)
 _MAX_BITPLANES = 64  # zero bit-planes beyond any precision (38 bits at most)
 _MAX_LBLOCK = 40  # bits of a code-block's length
+_MAX_LENGTH_BITS = 32  # bits of one codeword segment's length (OpenJPEG reads no wider)
 _HT = 0x40  # code-block style: high-throughput (HTJ2K) code-blocks
 _PART_15 = 0x00020000  # Pcap: Part 15 capabilities, and no other part's
 
@@ -102,7 +104,9 @@ class _Coding:
         # HTJ2K: every code-block high-throughput (CAP says Part 15 alone, HT only) and no other style bit, in one
         # layer: each code-block then contributes once, its cleanup pass and its refinement passes in two segments
         pcap, ccap15 = struct.unpack_from(">IH", cap, 4) if cap is not None and len(cap) == 10 else (0, 0)
-        self.ht = self.style == _HT and self.layers == 1 and pcap == _PART_15 and ccap15 >> 14 == 0  # 0: HT only
+        # Ccap15: top two bits 0 = HT code-blocks only; 0x2000 = several HT sets in a code-block (placeholder passes)
+        self.ht = self.style == _HT and self.layers == 1 and pcap == _PART_15 and ccap15 >> 14 == 0 and \
+            not ccap15 & 0x2000
         if cap is not None and not self.ht:
             raise _Unsupported("capabilities beyond HTJ2K code-blocks in one layer")
         if self.style & (0x01 | 0x04 | 0x40) and not self.ht:
@@ -293,6 +297,12 @@ def _passes(bits: _Bits) -> int:
     return 37 + bits.bits(7)
 
 
+def _length_bits(n: int) -> int:
+    if n > _MAX_LENGTH_BITS:
+        raise _Unsupported("a codeword segment length wider than the decoder reads")
+    return n
+
+
 def _prefix_length(body, coding: _Coding, kept: int) -> int:
     """Bytes of ``body`` holding every packet of resolutions 0 .. ``kept`` (all layers)."""
     shapes = [coding.bands(r) for r in range(kept + 1)]
@@ -335,11 +345,13 @@ def _prefix_length(body, coding: _Coding, kept: int) -> int:
                                 if lblock[i] > _MAX_LBLOCK:
                                     raise _Unsupported("code-block length beyond any codestream")
                             if coding.ht:  # the cleanup pass, then the refinement passes (as OpenJPEG reads them)
-                                length += bits.bits(lblock[i])
+                                if passes > 3:  # placeholder passes: the standard and OpenJPEG read these apart
+                                    raise _Unsupported("HT placeholder passes")
+                                length += bits.bits(_length_bits(lblock[i]))
                                 if passes > 1:
-                                    length += bits.bits(lblock[i] + (passes - 1).bit_length() - 1)
+                                    length += bits.bits(_length_bits(lblock[i] + (passes - 1).bit_length() - 1))
                             else:
-                                length += bits.bits(lblock[i] + passes.bit_length() - 1)
+                                length += bits.bits(_length_bits(lblock[i] + passes.bit_length() - 1))
             pos = bits.align()
             if coding.eph:
                 if bytes(body[pos:pos + 2]) != b"\xff\x92":

@@ -5,8 +5,9 @@ OpenJPH's own encoder (``ojph_compress``, Debian ``openjph-tools``) and are wrap
 the finest levels never decoded) gives the 5/3 low-pass band bit for bit, for the encoder's progressions, code-block
 sizes, precincts, tiles, bit depths and level counts; a lossy codestream gives its own 9/7 band, as close as classic
 lossy JPEG 2000 is held to. Cut down to the kept resolutions (``j2k_prefix``, HT code-blocks' two segments read as
-OpenJPEG reads them), a codestream decodes to the same pixels as whole, mangled or not; a truncated file is refused
-by name."""
+OpenJPEG reads them), a codestream decodes to the same pixels as whole, mangled or not, with refinement passes
+(packet headers rewritten here: OpenJPH writes cleanup passes only) or not; placeholder passes are not cut; a
+truncated file is refused by name."""
 
 import copy
 import io
@@ -21,7 +22,7 @@ from pydicom.uid import HTJ2K, UID, HTJ2KLossless, HTJ2KLosslessRPCL
 
 from medvision.dicom_io import read_dicom
 from medvision.errors import CorruptDicomError
-from medvision.j2k_prefix import coarse_codestream
+from medvision.j2k_prefix import _Bits, _Coding, _passes, _TagTree, coarse_codestream
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass, reduced_size
 from medvision.synth.dataset import example_image
@@ -261,3 +262,113 @@ def test_the_generator_writes_htj2k_losslessly(view, tmp_path, syntax):
     full, meta = read_dicom(path)
     assert meta.transfer_syntax == syntax
     np.testing.assert_array_equal(full, view.pixel_array)
+
+
+# -- HT code-blocks with refinement passes (OpenJPH writes cleanup passes only): packet headers rewritten here ------
+
+
+class _Recorded(_Bits):
+    """The packet-header reader, keeping every bit it reads (to write the header back changed)."""
+
+    def __init__(self, data, pos: int) -> None:
+        super().__init__(data, pos)
+        self.read: list[int] = []
+
+    def bit(self) -> int:
+        b = super().bit()
+        self.read.append(b)
+        return b
+
+
+def _packets(codestream: bytes):
+    """Main header, tile-part header, body and, per resolution (one layer, one precinct), its packet: where its
+    header and data lie, its header bits and, per included code-block, where its pass count and lengths lie."""
+    sot, sod = codestream.index(b"\xff\x90"), codestream.index(b"\xff\x93")
+    main, tile_part, body = codestream[:sot], codestream[sot:sod + 2], codestream[sod + 2:-2]
+
+    def segment(marker: bytes) -> bytes:
+        at = main.index(marker)
+        return main[at:at + 2 + int.from_bytes(main[at + 2:at + 4], "big")]
+
+    coding = _Coding(segment(b"\xff\x51"), segment(b"\xff\x52"), segment(b"\xff\x50"))
+    packets, pos = [], 0
+    for r in range(coding.levels + 1):
+        bits, blocks = _Recorded(body, pos), []
+        if bits.bit():
+            for w, h in coding.bands(r):
+                inclusion, zeros = _TagTree(w, h), _TagTree(w, h)
+                for y in range(h):
+                    for x in range(w):
+                        if not inclusion.decode(bits, x, y, 1):
+                            continue
+                        threshold = 1
+                        while not zeros.decode(bits, x, y, threshold):
+                            threshold += 1
+                        at_passes = len(bits.read)
+                        assert _passes(bits) == 1  # OpenJPH: the cleanup pass alone
+                        at_lblock, lblock = len(bits.read), 3
+                        while bits.bit():
+                            lblock += 1
+                        at_length = len(bits.read)
+                        blocks.append({"passes": (at_passes, at_lblock), "length": (at_length, at_length + lblock),
+                                       "lblock": lblock, "bytes": bits.bits(lblock)})
+        end = bits.align()
+        packets.append({"start": pos, "data": end, "bits": bits.read, "blocks": blocks,
+                        "end": end + sum(b["bytes"] for b in blocks)})
+        pos = packets[-1]["end"]
+    assert pos == len(body)
+    return main, tile_part, body, packets
+
+
+def _stuffed(bits: list[int]) -> bytes:
+    """Header bits as bytes: seven after a 0xFF byte, padded with zeros, and a zero byte after a final 0xFF."""
+    out, i = bytearray(), 0
+    while i < len(bits):
+        n = 7 if out and out[-1] == 0xFF else 8
+        chunk = bits[i:i + n] + [0] * (n - len(bits[i:i + n]))
+        out.append(int("".join(map(str, chunk)), 2))
+        i += n
+    return bytes(out) + (b"\x00" if out and out[-1] == 0xFF else b"")
+
+
+PASS_CODEWORDS = {2: [1, 0], 3: [1, 1, 0, 0], 4: [1, 1, 0, 1]}
+
+
+def with_refinement(codestream: bytes, resolution: int, block: int, passes: int, extra: bytes) -> bytes:
+    """``codestream`` with code-block ``block`` of resolution ``resolution`` signalling ``passes`` coding passes: its
+    cleanup segment as it was, then a refinement segment of ``extra`` bytes (lengths as OpenJPEG reads them)."""
+    main, tile_part, body, packets = _packets(codestream)
+    packet = packets[resolution]
+    b = packet["blocks"][block]
+    width = b["lblock"] + (passes - 1).bit_length() - 1
+    assert len(extra) < 1 << width
+    bits = packet["bits"]
+    new = (bits[:b["passes"][0]] + PASS_CODEWORDS[passes] + bits[b["passes"][1]:b["length"][1]]
+           + [int(c) for c in format(len(extra), f"0{width}b")] + bits[b["length"][1]:])
+    after = packet["data"] + sum(x["bytes"] for x in packet["blocks"][:block + 1])  # the end of its cleanup segment
+    data = _stuffed(new) + body[packet["data"]:after] + extra + body[after:packet["end"]]
+    body = body[:packet["start"]] + data + body[packet["end"]:]
+    tile_part = tile_part[:6] + (len(tile_part) + len(body)).to_bytes(4, "big") + tile_part[10:]
+    return main + tile_part + body + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+def test_ht_refinement_passes_are_cut_as_the_decoder_reads_them(tmp_path, passes):
+    view = example_image(VENDORS[0], 256, 256, seed=2)
+    codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
+    rng = np.random.default_rng(passes)
+    for resolution, block in ((1, 0), (2, 1), (3, 2)):
+        changed = with_refinement(codestream, resolution, block, passes, rng.integers(0, 256, 20, np.uint8).tobytes())
+        for level in range(1, 6 - resolution):  # levels that keep the changed packet
+            cut = coarse_codestream(changed, level)
+            assert cut is not None, (resolution, level)
+            # the packets after the changed one still parse where the decoder reads them: the same pixels
+            np.testing.assert_array_equal(decode(cut, level), decode(changed, level), err_msg=f"r{resolution} l{level}")
+
+
+def test_ht_placeholder_passes_are_not_cut(tmp_path):
+    view = example_image(VENDORS[0], 256, 256, seed=2)
+    codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
+    changed = with_refinement(codestream, 2, 0, 4, b"")
+    assert coarse_codestream(changed, 1) is None
+    assert coarse_codestream(with_refinement(codestream, 2, 0, 3, b""), 1) is not None
