@@ -170,11 +170,14 @@ def _cpu_s(pid: int) -> float | None:
 
 def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: float, limit: int,
           server_pid: int | None = None) -> dict:
-    """Each concurrency in turn: images/s, latencies, the client's share of the cores and, with ``server_pid``,
-    the CPU that server process spent per request (its own, not its children's)."""
+    """Each concurrency in turn, after a warm-up at it (not measured: a service's decoding processes, allocator and
+    database come up to speed on their first requests, which a short level would otherwise be mostly made of):
+    images/s, latencies, the client's share of the cores and, with ``server_pid``, the CPU that server process spent
+    per request (its own, not its children's)."""
     payloads = [f.read_bytes() for f in files]
     out = {}
     for c in levels:
+        run_client(_drive(url, key, payloads, c, min(3.0, seconds / 5), max(2 * c, len(payloads))))
         cpu, server = time.process_time(), _cpu_s(server_pid) if server_pid else None
         r = run_client(_drive(url, key, payloads, c, seconds, limit))
         r["client_cores"] = (time.process_time() - cpu) / r["wall_s"]  # what the client took of the machine's cores
@@ -230,7 +233,7 @@ def main() -> None:
     p.add_argument("--columns", type=int, default=2560)
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--seconds", type=float, default=20.0, help="per level")
-    p.add_argument("--requests", type=int, default=400, help="most requests per level")
+    p.add_argument("--requests", type=int, default=5000, help="most requests per level")
     p.add_argument("--naive-models", default="vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--per-syntax", action="store_true", help="also drive each transfer syntax alone")
     p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed, HTJ2K)")
