@@ -216,3 +216,46 @@ class Unrebuildable(Exception):
 def raise_unrebuildable():
     """A worker target whose exception would fail in the caller's unpickling."""
     raise Unrebuildable(1, 2)
+
+
+def decode_reduced(codestream: bytes, levels: int):
+    """A JPEG 2000 / HTJ2K codestream decoded by OpenJPEG (through Pillow) without its ``levels`` finest levels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(codestream)) as im:
+        im.reduce = levels
+        im.load()
+        return np.asarray(im).copy()
+
+
+def mangled_cuts(codestream: bytes, seed: int, tries: int = 300) -> dict[str, int]:
+    """``tries`` copies of ``codestream`` with a few bytes changed in its headers or its first packets, each cut at a
+    random level (``j2k_prefix.coarse_codestream``): where the whole mangled codestream decodes, the cut one must decode
+    to the same pixels (asserted). How often there was no cut, the same pixels, or no decode of the whole."""
+    import numpy as np
+
+    from medvision.j2k_prefix import coarse_codestream
+
+    rng = np.random.default_rng(seed)
+    sod = codestream.index(b"\xff\x93")
+    outcomes = {"none": 0, "same": 0, "whole fails": 0}
+    for i in range(tries):
+        bad = bytearray(codestream)
+        where = int(rng.integers(0, sod + 3000)) if i % 3 else int(rng.integers(sod, sod + 200))
+        bad[where:where + int(rng.integers(1, 4))] = rng.integers(0, 256, size=3, dtype=np.uint8).tobytes()
+        level = int(rng.integers(1, 6))
+        cut = coarse_codestream(bytes(bad), level)
+        if cut is None:
+            outcomes["none"] += 1
+            continue
+        try:
+            whole = decode_reduced(bytes(bad), level)
+        except (OSError, ValueError, SyntaxError):
+            outcomes["whole fails"] += 1
+            continue
+        np.testing.assert_array_equal(decode_reduced(cut, level), whole, err_msg=f"mutation {i} at {where}, level {level}")
+        outcomes["same"] += 1
+    return outcomes
