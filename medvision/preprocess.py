@@ -82,11 +82,13 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     LINEAR uses the standard's (c - 0.5, w - 1) form; LINEAR_EXACT the exact one; SIGMOID the logistic.
     """
     function = (function or "LINEAR").upper()
+    if not _float32_safe(center, width):  # a centre or width float32 cannot hold (or divide by): in float64
+        values = values.astype(np.float64)
     if function == "SIGMOID":
         if width <= 0:
             raise ValueError(f"window width must be > 0 for SIGMOID, got {width}")
         # 1 / (1 + exp(-4x)) written as a tanh, which cannot overflow for far-out values
-        return (0.5 * (1.0 + np.tanh(2.0 * (values - center) / width))).astype(np.float32)
+        return (0.5 * (1.0 + np.tanh(2.0 * ((values - center) / width)))).astype(np.float32)
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise ValueError(f"window width must be > 0 for LINEAR_EXACT, got {width}")
@@ -98,6 +100,12 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
             return (values > center - 0.5).astype(np.float32)
         out = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _float32_safe(center: float, width: float) -> bool:
+    """Whether a window's arithmetic stays finite in float32 (values there are far below these bounds): a width of
+    6.8e38 overflows float32 to inf, and inf / inf is NaN. Files that declare such windows are decoded in float64."""
+    return abs(center) + abs(width) < 1e30 and abs(width) > 1e-30
 
 
 def apply_lut_table(values: np.ndarray, first_mapped: int, table: np.ndarray) -> np.ndarray:

@@ -36,6 +36,25 @@ def test_window_matches_pydicom(function, center, width):
     np.testing.assert_allclose(apply_window(values, center, width, function), ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("center,width", [(0.0, 6.805647135594673e38), (-1e308, 1e308), (1e308, 1e308),
+                                          (5.0, 1e-300), (3e38, 2.0)])
+def test_windows_beyond_float32_give_the_float64_answer_not_nan(function, center, width):
+    """A header may declare any finite window; one float32 cannot hold (or divide by) is computed in float64: what the
+    window means, never NaN (a width of 6.8e38 once gave inf / inf)."""
+    if function == "LINEAR" and width < 1:
+        return
+    values = np.linspace(-500, 4600, 101).astype(np.float32)
+    out = apply_window(values, center, width, function)
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    v = values.astype(np.float64)  # PS3.3 C.11.2.1.2, in float64
+    with np.errstate(over="ignore"):
+        ref = {"LINEAR": lambda: (v - (center - 0.5)) / (width - 1) + 0.5,
+               "LINEAR_EXACT": lambda: (v - center) / width + 0.5,
+               "SIGMOID": lambda: 1 / (1 + np.exp(-4 * ((v - center) / width)))}[function]()
+    np.testing.assert_allclose(out, np.clip(ref, 0, 1), atol=1e-6)
+
+
 def _twin_monochrome1(path) -> bytes:
     """The same image stored inverted as MONOCHROME1 with the window mirrored."""
     ds = pydicom.dcmread(path)
