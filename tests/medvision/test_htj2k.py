@@ -15,7 +15,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import decode_reduced, mangled_cuts, require_tool
+from helpers import decode_reduced as decode
+from helpers import mangled_cuts, require_tool
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2K, UID, HTJ2KLossless, HTJ2KLosslessRPCL
 
@@ -54,8 +55,6 @@ def dicom(ds, codestream: bytes, syntax: UID, **attrs) -> bytes:
     return out.getvalue()
 
 
-decode = decode_reduced
-
 
 def assert_cut_decodes_as_whole(codestream: bytes, levels: int) -> None:
     for level in range(1, levels + 1):
@@ -76,7 +75,7 @@ LOSSLESS = {  # ojph_compress options -> the transfer syntax they are stored in,
 
 
 @pytest.mark.parametrize("options", LOSSLESS.values(), ids=LOSSLESS.keys())
-def test_lossless_htj2k_decodes_to_the_source_and_to_its_low_pass_bands(view, tmp_path, options):
+def test_lossless_htj2k_decodes_to_the_source_and_to_its_low_pass_bands(view, options):
     args, syntax, cut = options
     source = view.pixel_array
     codestream = ojph(source, view.BitsStored, "-reversible", "true", *args)
@@ -135,7 +134,7 @@ def test_a_tiled_codestream_gives_each_tiles_band_exact_away_from_the_tile_borde
         assert np.abs(reduced.astype(np.float64) - expected).mean() <= 0.001 * span  # measured 0.05 % at 1/8
 
 
-def test_sixteen_bit_htj2k_is_exact_at_every_level(view, tmp_path):
+def test_sixteen_bit_htj2k_is_exact_at_every_level(view):
     source = view.pixel_array.astype(np.uint16) * 16 + 15  # the whole 16-bit range
     codestream = ojph(source, 16, "-reversible", "true")
     data = dicom(view, codestream, HTJ2KLosslessRPCL, BitsStored=16, HighBit=15)
@@ -146,7 +145,7 @@ def test_sixteen_bit_htj2k_is_exact_at_every_level(view, tmp_path):
         np.testing.assert_array_equal(reduced, lowpass(source, factor.bit_length() - 1, 16, False))
 
 
-def test_a_codestream_with_fewer_levels_than_asked_is_decoded_at_its_coarsest_then_computed(view, tmp_path):
+def test_a_codestream_with_fewer_levels_than_asked_is_decoded_at_its_coarsest_then_computed(view):
     source, bits = view.pixel_array, view.BitsStored
     codestream = ojph(source, bits, "-reversible", "true", "-num_decomps", "1")
     assert j2k_levels(codestream)[0] == 1
@@ -161,7 +160,7 @@ def test_a_codestream_with_fewer_levels_than_asked_is_decoded_at_its_coarsest_th
     assert 0 < differ.mean() < 0.001
 
 
-def test_lossy_htj2k_gives_its_own_low_pass_band_as_close_as_classic_lossy_jpeg_2000(tmp_path):
+def test_lossy_htj2k_gives_its_own_low_pass_band_as_close_as_classic_lossy_jpeg_2000():
     view = example_image(VENDORS[0], 1024, 832, seed=3)
     source = view.pixel_array
     data = dicom(view, ojph(source, view.BitsStored, "-qstep", "0.002"), HTJ2K)
@@ -182,7 +181,7 @@ def test_lossy_htj2k_gives_its_own_low_pass_band_as_close_as_classic_lossy_jpeg_
     assert d.mean() <= 0.015 and np.percentile(d, 99) <= 0.08, (d.mean(), np.percentile(d, 99))
 
 
-def test_a_full_field_htj2k_view_is_decoded_at_a_sixteenth_exactly(tmp_path):
+def test_a_full_field_htj2k_view_is_decoded_at_a_sixteenth_exactly():
     view = example_image(VENDORS[2], 3328, 2560, seed=7)
     source = view.pixel_array
     codestream = ojph(source, view.BitsStored, "-reversible", "true")
@@ -193,7 +192,7 @@ def test_a_full_field_htj2k_view_is_decoded_at_a_sixteenth_exactly(tmp_path):
     np.testing.assert_array_equal(reduced, lowpass(source, 4, view.BitsStored, False))
 
 
-def test_a_truncated_htj2k_codestream_is_refused_by_name(view, tmp_path):
+def test_a_truncated_htj2k_codestream_is_refused_by_name(view):
     codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
     cut = dicom(view, codestream[: len(codestream) // 3], HTJ2KLosslessRPCL)
     for long_side in (0, 128):
@@ -201,18 +200,18 @@ def test_a_truncated_htj2k_codestream_is_refused_by_name(view, tmp_path):
             read_dicom(cut, long_side=long_side)
 
 
-def test_lossy_htj2k_is_cut_as_it_decodes_whole(view, tmp_path):
+def test_lossy_htj2k_is_cut_as_it_decodes_whole(view):
     assert_cut_decodes_as_whole(ojph(view.pixel_array, view.BitsStored, "-qstep", "0.002"), 5)
 
 
-def test_mangled_htj2k_codestreams_give_none_or_a_cut_that_decodes_as_the_whole_does(view, tmp_path):
+def test_mangled_htj2k_codestreams_give_none_or_a_cut_that_decodes_as_the_whole_does(view):
     """Bytes changed in the headers or the kept packets (pass counts, lengths, the CAP and COD segments among them):
     where the whole codestream decodes, the cut one decodes to the same pixels."""
     outcomes = mangled_cuts(ojph(view.pixel_array, view.BitsStored, "-reversible", "true"), seed=1)
     assert outcomes["same"] >= 50 and outcomes["none"] >= 20, outcomes
 
 
-def test_ht_code_blocks_are_cut_only_where_every_one_is_ht_in_one_layer(view, tmp_path):
+def test_ht_code_blocks_are_cut_only_where_every_one_is_ht_in_one_layer(view):
     codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
     cap = codestream.index(b"\xff\x50")
     cod = codestream.index(b"\xff\x52")
@@ -329,7 +328,7 @@ def with_refinement(codestream: bytes, resolution: int, block: int, passes: int,
 
 
 @pytest.mark.parametrize("passes", [2, 3])
-def test_ht_refinement_passes_are_cut_as_the_decoder_reads_them(tmp_path, passes):
+def test_ht_refinement_passes_are_cut_as_the_decoder_reads_them(passes):
     view = example_image(VENDORS[0], 256, 256, seed=2)
     codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
     rng = np.random.default_rng(passes)
@@ -342,7 +341,7 @@ def test_ht_refinement_passes_are_cut_as_the_decoder_reads_them(tmp_path, passes
             np.testing.assert_array_equal(decode(cut, level), decode(changed, level), err_msg=f"r{resolution} l{level}")
 
 
-def test_ht_placeholder_passes_are_not_cut(tmp_path):
+def test_ht_placeholder_passes_are_not_cut():
     view = example_image(VENDORS[0], 256, 256, seed=2)
     codestream = ojph(view.pixel_array, view.BitsStored, "-reversible", "true")
     changed = with_refinement(codestream, 2, 0, 4, b"")

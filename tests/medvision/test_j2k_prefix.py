@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import decode_reduced, mangled_cuts, require_tool
+from helpers import decode_reduced as decode
+from helpers import mangled_cuts, require_tool
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000Lossless
@@ -26,8 +27,6 @@ from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass
 from medvision.synth.dataset import example_image
 from medvision.synth.dicom_writer import save
 from medvision.synth.vendors import VENDORS
-
-decode = decode_reduced
 
 
 def assert_same_at_every_level(codestream, top: int | None = None) -> list[float]:
