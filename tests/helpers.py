@@ -219,16 +219,11 @@ def raise_unrebuildable():
 
 
 def decode_reduced(codestream: bytes, levels: int):
-    """A JPEG 2000 / HTJ2K codestream decoded by OpenJPEG (through Pillow) without its ``levels`` finest levels."""
-    import io
+    """A JPEG 2000 / HTJ2K codestream decoded by OpenJPEG (through Pillow) without its ``levels`` finest levels, as
+    the reader hands it over (``resolution._openjpeg``), whole: never cut."""
+    from medvision.resolution import _openjpeg
 
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(codestream)) as im:
-        im.reduce = levels
-        im.load()
-        return np.asarray(im).copy()
+    return _openjpeg(codestream, levels)
 
 
 def mangled_cuts(codestream: bytes, seed: int, tries: int = 300) -> dict[str, int]:

@@ -145,14 +145,20 @@ def save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
     ``ojph_compress``, which no Python package here replaces: Debian ``openjph-tools``)."""
     if transfer_syntax in HTJ2K_LOSSLESS:
         order = "RPCL" if transfer_syntax == HTJ2KLosslessRPCL else "LRCP"
-        codestream = htj2k_codestream(ds.pixel_array, ds.BitsStored, "-reversible", "true", "-prog_order", order)
-        ds.PixelData = encapsulate([codestream])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        encapsulated(ds, htj2k_codestream(ds.pixel_array, ds.BitsStored, "-reversible", "true", "-prog_order", order),
+                     transfer_syntax)
     elif transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax, encoding_plugin=_encoder_for(transfer_syntax), generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def encapsulated(ds: Dataset, codestream: bytes, transfer_syntax: str) -> Dataset:
+    """``ds`` (changed in place) with ``codestream`` as its one encapsulated frame, in ``transfer_syntax``."""
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
 
 
 def htj2k_codestream(pixels: np.ndarray, bits_stored: int, *options: str) -> bytes:

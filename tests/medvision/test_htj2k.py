@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from helpers import decode_reduced as decode
 from helpers import mangled_cuts, require_tool
-from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2K, UID, HTJ2KLossless, HTJ2KLosslessRPCL
 
 from medvision.dicom_io import read_dicom
@@ -26,7 +25,7 @@ from medvision.j2k_prefix import _Bits, _Coding, _passes, _TagTree, coarse_codes
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass, reduced_size
 from medvision.synth.dataset import example_image
-from medvision.synth.dicom_writer import htj2k_codestream, save
+from medvision.synth.dicom_writer import encapsulated, htj2k_codestream, save
 from medvision.synth.vendors import VENDORS
 
 
@@ -44,10 +43,7 @@ def ojph(pixels: np.ndarray, bits: int, *args: str) -> bytes:
 
 def dicom(ds, codestream: bytes, syntax: UID, **attrs) -> bytes:
     """``ds`` with ``codestream`` as its one encapsulated frame, in ``syntax``."""
-    ds = copy.deepcopy(ds)
-    ds.PixelData = encapsulate([codestream])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds = encapsulated(copy.deepcopy(ds), codestream, syntax)
     for key, value in attrs.items():
         setattr(ds, key, value)
     out = io.BytesIO()
