@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from medvision.dicom_io import ReadLimits
 from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
+from medvision.resolution import use_decode_threads
 
 
 def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
@@ -43,6 +44,7 @@ def start_decoder(config_json: str, limits: ReadLimits = ReadLimits(), parent: i
     with -9 has no time to shut its pool down)."""
     global _decoder
     keep_freed_memory()
+    use_decode_threads(1)  # one file at a time, beside a worker per core: threads of its own would only compete
     _decoder = (Preprocess(PreprocessConfig.model_validate_json(config_json)), limits)
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()

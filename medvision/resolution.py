@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +224,21 @@ def j2k_levels(codestream: bytes) -> tuple[int, int, bool] | None:
             return None
         i += 2 + length
     return None
+
+
+OPENJPEG_THREADS = "OPJ_NUM_THREADS"  # OpenJPEG reads it each time it opens a codestream
+
+
+def use_decode_threads(threads: int, keep_set: bool = False) -> None:
+    """Decode each JPEG 2000 codestream in this process with ``threads`` threads (OpenJPEG decodes code-blocks side
+    by side: the same pixels, bit for bit, and about the same CPU). It pays where a process decodes one image at a
+    time with cores to spare: the service's own process (a request alone in it, the review UI's renderings; a
+    full-field image at 1/2 in half the time on two cores). A decoding worker, one per core, uses one. Set before the
+    process's threads decode (it is an environment variable: ``OPJ_NUM_THREADS``, which spawned children inherit);
+    ``keep_set``: leave a value already set (by the user) as it is."""
+    if keep_set and os.environ.get(OPENJPEG_THREADS):
+        return
+    os.environ[OPENJPEG_THREADS] = str(max(1, threads))
 
 
 # Below this size, or at 1/2, cutting the codestream to the kept resolutions costs about what it saves.

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from medvision import __version__
+from medvision.resolution import use_decode_threads
 from medvision.serving.audit import FailureBudget
 from medvision.serving.auth import KeyCache
 from medvision.serving.batcher import Batcher
@@ -167,6 +168,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
+        # this process decodes one image at a time (a request alone, a rendering): JPEG 2000 on every core; its
+        # decoding workers (started below, one a core) set one thread each
+        use_decode_threads(settings.cores, keep_set=True)
         app.state.site_overlays = SiteOverlays(app.state.db, app.state.engine.artifact_sha256)
         info = app.state.engine.model_info()
         app.state.metrics.set_model(info)

@@ -112,12 +112,16 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def cores(self) -> int:
+        """The cores this process may run on."""
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
     def decoders(self) -> int:
         """Decoding worker processes to start (0: decode in threads)."""
         if self.decode_processes is not None:
             return self.decode_processes
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return cores if cores > 1 else 0
+        return self.cores if self.cores > 1 else 0
 
     @property
     def secure_cookies(self) -> bool:

@@ -180,6 +180,11 @@ class LiveServer:
             time.sleep(0.2)
 
 
+def environment(name: str) -> str | None:
+    """A worker process's value of the environment variable ``name`` (for ``WorkerProcesses.run``)."""
+    return os.environ.get(name)
+
+
 def decode_or_die(data, want_ids: bool, want_statistics: bool = False):
     """A DecodePool target for tests: a worker process that gets b"DIE" dies the way a crashing codec does."""
     from medvision.serving.decode_pool import Shared, _prepare

@@ -7,6 +7,7 @@ accepts)."""
 import copy
 import csv
 import io
+import os
 import subprocess
 from pathlib import Path
 
@@ -190,6 +191,29 @@ def test_reduced_decoding_from_bytes_and_from_a_path_agree(matrix):
         b, _ = read_dicom(path.read_bytes(), long_side=LONG_SIDE)
         np.testing.assert_array_equal(a, b)
 
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_jpeg_2000_decoded_on_several_threads_gives_the_same_pixels(matrix, monkeypatch, levels):
+    """``use_decode_threads``: OpenJPEG decodes a codestream's code-blocks side by side (the service's own process
+    does, for a request alone and the review UI's renderings); the pixels are the one-thread decode's, bit for
+    bit, at every level."""
+    path = matrix[(21, JPEG2000Lossless)]
+    monkeypatch.setenv(resolution.OPENJPEG_THREADS, "1")  # and the test's environment back afterwards
+    one, _ = read_dicom(path, long_side=1024 >> levels)
+    resolution.use_decode_threads(4)
+    assert os.environ[resolution.OPENJPEG_THREADS] == "4"
+    several, meta = read_dicom(path, long_side=1024 >> levels)
+    assert meta.decode == f"1/{1 << levels} wavelet"
+    np.testing.assert_array_equal(several, one)
+
+
+def test_decode_threads_keep_a_value_the_user_set(monkeypatch):
+    monkeypatch.setenv(resolution.OPENJPEG_THREADS, "3")
+    resolution.use_decode_threads(8, keep_set=True)
+    assert os.environ[resolution.OPENJPEG_THREADS] == "3"
+    resolution.use_decode_threads(0)  # a worker's setting is its own: at least one
+    assert os.environ[resolution.OPENJPEG_THREADS] == "1"
 
 # -- the real corpus: nothing that decoded before is refused, and the reduced pixels are what they should be --
 

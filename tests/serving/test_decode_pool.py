@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from helpers import LiveServer, decode_or_die, free_port, start_service, stow_body
+from helpers import LiveServer, decode_or_die, environment, free_port, start_service, stow_body
 from sqlalchemy import select
 
 from medvision.dicom_io import ReadLimits
@@ -83,6 +83,28 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
     finally:
         server.stop()
     assert server.server.config.app.state.decoder is None  # the pool was shut down with the service
+
+
+def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(artifact, tmp_path, monkeypatch):
+    """The service's own process decodes one image at a time (a request alone, the review UI's renderings):
+    OpenJPEG gets every core there. Its decoding workers, one a core, decode on one thread each (they inherit the
+    service's environment, and set their own). A value the user set is kept."""
+    from fastapi.testclient import TestClient
+
+    from medvision.resolution import OPENJPEG_THREADS
+    from medvision.serving.app import create_app
+
+    monkeypatch.setenv(OPENJPEG_THREADS, "unset below")  # the test's environment is given back afterwards
+    monkeypatch.delenv(OPENJPEG_THREADS)
+    settings = Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        data_dir=str(tmp_path / "data"), decode_processes=2, job_workers=0)
+    with TestClient(create_app(settings)) as c:
+        assert os.environ[OPENJPEG_THREADS] == str(settings.cores)
+        workers = c.app.state.decoder.workers
+        assert [workers.run(environment, (OPENJPEG_THREADS,), 30) for _ in range(4)] == ["1"] * 4
+    monkeypatch.setenv(OPENJPEG_THREADS, "3")
+    with TestClient(create_app(settings)):
+        assert os.environ[OPENJPEG_THREADS] == "3"
 
 
 def test_a_worker_that_dies_refuses_its_file_and_the_pool_comes_back(artifact, dicom_files):
