@@ -29,7 +29,7 @@ from medvision.serving.limits import Admission, BodyLimit
 from medvision.serving.metrics import Metrics
 from medvision.serving.problems import MEDIA_TYPE, document_errors, problem_bytes
 from medvision.serving.recorder import Recorder
-from medvision.serving.rendering import RenderCache
+from medvision.serving.rendering import DecodedImages, RenderCache
 from medvision.serving.routes import admin, dicomweb, dicomweb_query, health, predict, problems, results, ui
 from medvision.serving.settings import Settings
 from medvision.serving.site_calibrations import SiteOverlays
@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if swept := app.state.data.sweep_incoming():
             log.warning("deleted %d partial upload(s) an interrupted request left in the data folder", swept)
         app.state.renders = RenderCache(app.state.data.folder("renders"), settings.render_cache_bytes)
+        app.state.decoded = DecodedImages(settings.decoded_cache_bytes)
         app.state.db = open_database(settings.database_url)
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)

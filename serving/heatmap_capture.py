@@ -16,7 +16,6 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from medvision.dicom_io import read_dicom
 from medvision.preprocess import to_display
 
 MAX_SIDE = 1024
@@ -43,21 +42,26 @@ def _bilinear(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return top * (1 - ty) + bottom * ty
 
 
-def heat_layer(engine, path: str | Path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def heat_layer(engine, path: str | Path, max_side: int = MAX_SIDE,
+               images=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """On the displayed image (``rendering.display_size``): its greys, the heatmap normalised to [0, 1] per image,
     the mask of pixels inside the model's field of view, and the image's probability.
 
     The model sees the image as its contract decodes it (the pixels it was scored on); the greys come from a
     decode at the display's resolution. Both are placed by the image's own rows and columns, so the colours land
-    where the model looked whatever the two resolutions are."""
-    from medvision.serving.rendering import display_size
+    where the model looked whatever the two resolutions are. ``images``: the review UI's ``DecodedImages``, where
+    both decodes are kept for its other renderings of the image."""
+    from medvision.serving.rendering import display_size, read_for_display
 
-    stored, meta = engine.preprocess.read(path, engine.limits)
+    if images is not None:  # as ``engine.preprocess.read`` reads it: at the contract's long side
+        stored, meta = images.read(path, engine.limits, engine.preprocess.cfg.decode_long_side)
+    else:
+        stored, meta = engine.preprocess.read(path, engine.limits)
     x = engine.preprocess(stored, meta)
     probability, heat = engine.run_with_heatmap(x[None])
     heat = heat[0, 0]
     geo = engine.preprocess.geometry(stored, meta)
-    shown, shown_meta = read_dicom(path, engine.limits, long_side=max_side)
+    shown, shown_meta = read_for_display(images, path, engine.limits, max_side)
     grey = to_display(shown, shown_meta, engine.preprocess.cfg).astype(np.float32)
     oh, ow = display_size(meta.rows, meta.columns, max_side)
     ys = (np.arange(oh) + 0.5) * (meta.rows / oh)  # output pixel centres, in the image's own pixels

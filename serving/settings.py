@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                           "review UI's renderings (renders/); created 0700, files 0600")
     render_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="review UI: most bytes of rendered PNGs "
                                     "kept on disk (the least recently used go first; 0: no cache)")
+    decoded_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="review UI: most bytes of decoded pixels "
+                                     "kept in memory, so a study's window presets, renderings, heatmaps and window "
+                                     "changes decode each image once (the least recently used go first; 0: none)")
     pacs_url: str | None = Field(None, description="DICOMweb root of the PACS to store reports into by STOW-RS")
     pacs_username: str | None = Field(None, description="HTTP basic auth user for pacs_url")
     pacs_password: str | None = Field(None, description="HTTP basic auth password for pacs_url")

@@ -322,7 +322,7 @@ async def study_api(request: Request, app: State, reader: SignedIn, site: str, s
         for image in found["images_detail"]:
             path = _stored(app, paths.get(image["image_id"]))
             if path is not None:
-                info = json.loads(cache.get(lambda p=path: json.dumps(image_info(p, app.engine.limits)).encode(),
+                info = json.loads(cache.get(lambda p=path: json.dumps(image_info(p, app.engine.limits, app.decoded)).encode(),
                                             "info", str(path)))
                 image.update(info)
             image["stored"] = path is not None
@@ -418,7 +418,7 @@ async def image(request: Request, app: State, reader: SignedIn, image_id: int = 
     side = _size(size)
     window = (round(wc, 1), round(max(ww, 1.0), 1)) if wc is not None and ww is not None else (None, None)
     cfg = app.engine.preprocess.cfg
-    data = await run_in_threadpool(app.renders.get, lambda: render(path, app.engine.limits, cfg, side, *window),
+    data = await run_in_threadpool(app.renders.get, lambda: render(path, app.engine.limits, cfg, side, *window, app.decoded),
                                    "image", str(path), side, window, cfg.model_dump_json())
     return _png(data)
 
@@ -430,7 +430,7 @@ async def heatmap(request: Request, app: State, reader: SignedIn, image_id: int 
     path = await _image_path(request, image_id, reader, "ui_view_heatmap")
     side = _size(size)
     sha = app.engine.artifact_sha256
-    data = await run_in_threadpool(app.renders.get, lambda: render_heatmap(app.engine, path, side), "heatmap",
+    data = await run_in_threadpool(app.renders.get, lambda: render_heatmap(app.engine, path, side, app.decoded), "heatmap",
                                    str(path), side, sha)
     return _png(data)
 

@@ -1,0 +1,140 @@
+"""The review UI's decoded images in memory (``DecodedImages``): each image decoded once for its presets, renderings,
+heatmap and window changes, the same pixels and PNGs as decoding afresh, bounded, never handed out writable."""
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from medvision.dicom_io import ReadLimits, read_dicom
+from medvision.preprocess import PreprocessConfig
+from medvision.serving import rendering
+from medvision.serving.engine import Engine
+from medvision.serving.rendering import DecodedImages, image_info, render, render_heatmap
+from medvision.synth.dataset import example_image
+from medvision.synth.dicom_writer import save
+from medvision.synth.vendors import VENDORS
+
+
+@pytest.fixture(scope="module")
+def j2k(tmp_path_factory):
+    """A 1024 x 832 JPEG 2000 lossless view: rendered at 512 px from its 1/2 wavelet band."""
+    path = tmp_path_factory.mktemp("rendering") / "view.dcm"
+    save(example_image(VENDORS[0], 1024, 832, seed=3), path, JPEG2000Lossless)
+    return path
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The decodes ``rendering`` makes, by (file name, long side)."""
+    calls = []
+
+    def counting(path, limits=ReadLimits(), identifiers=None, long_side=0):
+        calls.append((str(path).rsplit("/", 1)[-1], long_side))
+        return read_dicom(path, limits, identifiers, long_side=long_side)
+
+    monkeypatch.setattr(rendering, "read_dicom", counting)
+    return calls
+
+
+def test_an_image_is_decoded_once_for_its_presets_renderings_and_window_changes(j2k, counted):
+    images, limits, cfg = DecodedImages(64 << 20), ReadLimits(), PreprocessConfig()
+    fresh = [json_of(image_info(j2k, limits)), render(j2k, limits, cfg, 512), render(j2k, limits, cfg, 512, 900, 1500)]
+    counted.clear()
+    cached = [json_of(image_info(j2k, limits, images)), render(j2k, limits, cfg, 512, images=images),
+              render(j2k, limits, cfg, 512, 900, 1500, images)]
+    assert cached == fresh  # the same presets and PNGs, byte for byte
+    assert counted == [("view.dcm", 1024), ("view.dcm", 512)]  # one decode per resolution, not one per rendering
+    render(j2k, limits, cfg, 512, 1200, 800, images)  # a window change: no decode
+    assert len(counted) == 2
+    stored, meta = images.read(j2k, limits, 512)
+    expected, expected_meta = read_dicom(j2k, limits, long_side=512)
+    np.testing.assert_array_equal(stored, expected)
+    assert meta == expected_meta and meta.decode == "1/2 wavelet"
+    with pytest.raises(ValueError, match="read-only"):
+        stored[0, 0] = 1  # shared by every request: no consumer may write into it
+
+
+def json_of(info: dict) -> str:
+    return json.dumps(info, sort_keys=True)
+
+
+def test_the_heatmap_reuses_the_decodes_and_draws_the_same_png(artifact, dicom_files, counted):
+    engine = Engine(artifact)
+    assert engine.has_heatmap
+    path = dicom_files[0]
+    fresh = render_heatmap(engine, path, 1024)
+    images = DecodedImages(64 << 20)
+    render(path, engine.limits, engine.preprocess.cfg, 1024, images=images)
+    counted.clear()
+    assert render_heatmap(engine, path, 1024, images) == fresh
+    assert render_heatmap(engine, path, 1024, images) == fresh
+    # the display's decode was there already; the model's (at its contract) is made once
+    assert counted == [(path.name, engine.preprocess.cfg.decode_long_side)]
+
+
+def test_a_file_replaced_is_decoded_afresh(j2k, dicom_files, tmp_path, counted):
+    path = tmp_path / "image.dcm"
+    shutil.copy(dicom_files[0], path)
+    images = DecodedImages(64 << 20)
+    first, _ = images.read(path, ReadLimits(), 256)
+    time.sleep(0.01)
+    shutil.copy(dicom_files[1], path)  # the same name, another image (a study sent again)
+    second, _ = images.read(path, ReadLimits(), 256)
+    np.testing.assert_array_equal(second, read_dicom(dicom_files[1], long_side=256)[0])
+    assert not np.array_equal(first, second) and len(counted) == 2
+
+
+def test_memory_is_bounded_least_recently_used_first(dicom_files, counted):
+    one = read_dicom(dicom_files[0], long_side=256)[0].nbytes
+    images = DecodedImages(2 * one + one // 2)  # room for two such images
+    for f in dicom_files[:3]:
+        images.read(f, ReadLimits(), 256)
+    assert images.size <= images.max_bytes and len(images._items) == 2
+    counted.clear()
+    images.read(dicom_files[2], ReadLimits(), 256)  # kept
+    images.read(dicom_files[0], ReadLimits(), 256)  # dropped first: decoded again
+    assert counted == [(dicom_files[0].name, 256)]
+    none = DecodedImages(0)
+    none.read(dicom_files[0], ReadLimits(), 256)
+    none.read(dicom_files[0], ReadLimits(), 256)
+    assert none.size == 0 and not none._items
+    small = DecodedImages(one // 2)  # an image larger than the whole bound is decoded, not kept
+    assert small.read(dicom_files[0], ReadLimits(), 256)[0].nbytes == one and small.size == 0
+
+
+def test_requests_for_the_same_image_at_once_decode_it_once(j2k, monkeypatch):
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(path, limits=ReadLimits(), identifiers=None, long_side=0):
+        calls.append(long_side)
+        started.set()
+        release.wait(10)
+        return read_dicom(path, limits, identifiers, long_side=long_side)
+
+    monkeypatch.setattr(rendering, "read_dicom", slow)
+    images, got = DecodedImages(64 << 20), []
+    threads = [threading.Thread(target=lambda: got.append(images.read(j2k, ReadLimits(), 512))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    time.sleep(0.2)  # the other three are waiting for the first decode, not decoding
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [512] and len(got) == 4 and all(g[0] is got[0][0] for g in got)
+
+
+def test_a_decode_that_fails_fails_every_waiter_and_is_not_kept(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 40)
+    images = DecodedImages(64 << 20)
+    for _ in range(2):  # tried again each time: nothing of a failed decode is kept
+        with pytest.raises(Exception) as refused:
+            images.read(bad, ReadLimits(), 512)
+        assert type(refused.value).__module__.startswith("medvision")
+    assert not images._items and not images._loading
