@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote, urlencode
@@ -318,12 +319,12 @@ async def study_api(request: Request, app: State, reader: SignedIn, site: str, s
             paths = {i["image_id"]: reviews.image_path(db, i["image_id"]) for i in found["images_detail"]
                      if i["image_id"] is not None}
             previous, following = reviews.neighbours(db, (site, study_uid), **f)
-        cache = app.renders
-        for image in found["images_detail"]:
-            path = _stored(app, paths.get(image["image_id"]))
-            if path is not None:
-                info = json.loads(cache.get(lambda p=path: json.dumps(image_info(p, app.engine.limits, app.decoded)).encode(),
-                                            "info", str(path)))
+        # the views' window presets side by side (each a decode at 1024 px, kept for their renderings next)
+        stored = [_stored(app, paths.get(image["image_id"])) for image in found["images_detail"]]
+        with ThreadPoolExecutor(min(len(stored), INFO_THREADS) or 1, thread_name_prefix="medvision-ui") as pool:
+            infos = list(pool.map(lambda path: _info(app, path) if path is not None else None, stored))
+        for image, path, info in zip(found["images_detail"], stored, infos, strict=True):
+            if info is not None:
                 image.update(info)
             image["stored"] = path is not None
             if path is None:
@@ -380,6 +381,16 @@ async def record_call(request: Request, sessions: Database, reader: SignedIn, si
 
 def _size(size: int) -> int:
     return min(SIZES, key=lambda s: abs(s - size))
+
+
+INFO_THREADS = 4  # a study's views read at once for their window presets
+
+
+def _info(app, path: Path) -> dict:
+    """An image's window presets and labels (``image_info``), kept with its renderings."""
+    made = app.renders.get(lambda: json.dumps(image_info(path, app.engine.limits, app.decoded)).encode(), "info",
+                           str(path))
+    return json.loads(made)
 
 
 def _stored(app, path: str | None) -> Path | None:
