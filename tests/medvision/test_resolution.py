@@ -199,7 +199,7 @@ def test_jpeg_2000_decoded_on_several_threads_gives_the_same_pixels(matrix, monk
     does, for a request alone and the review UI's renderings); the pixels are the one-thread decode's, bit for
     bit, at every level."""
     path = matrix[(21, JPEG2000Lossless)]
-    monkeypatch.setenv(resolution.OPENJPEG_THREADS, "1")  # and the test's environment back afterwards
+    monkeypatch.setenv(resolution.OPENJPEG_THREADS, "0")  # one thread; the test's environment back afterwards
     one, _ = read_dicom(path, long_side=1024 >> levels)
     resolution.use_decode_threads(4)
     assert os.environ[resolution.OPENJPEG_THREADS] == "4"
@@ -212,8 +212,10 @@ def test_decode_threads_keep_a_value_the_user_set(monkeypatch):
     monkeypatch.setenv(resolution.OPENJPEG_THREADS, "3")
     resolution.use_decode_threads(8, keep_set=True)
     assert os.environ[resolution.OPENJPEG_THREADS] == "3"
-    resolution.use_decode_threads(0)  # a worker's setting is its own: at least one
-    assert os.environ[resolution.OPENJPEG_THREADS] == "1"
+    resolution.use_decode_threads(1)  # a worker's setting is its own: the calling thread, no pool (OpenJPEG's 0)
+    assert os.environ[resolution.OPENJPEG_THREADS] == "0"
+    resolution.use_decode_threads(0)
+    assert os.environ[resolution.OPENJPEG_THREADS] == "0"
 
 # -- the real corpus: nothing that decoded before is refused, and the reduced pixels are what they should be --
 
