@@ -102,7 +102,10 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
-        engine = cls(settings.artifact, threads=settings.threads, providers=settings.providers,
+        # beside decoding processes on every core, a second intra-op thread only costs: 4 % more JPEG 2000 images/s at
+        # 8 requests at once with one, and no slower alone
+        threads = settings.threads or (1 if settings.decoders else 0)
+        engine = cls(settings.artifact, threads=threads, providers=settings.providers,
                      limits=ReadLimits(max_pixels=settings.max_pixels), spinning=not settings.decoders)
         pinned, trained = settings.decode_long_side, engine.meta.preprocess.decode_long_side
         if pinned is not None and pinned != trained:
