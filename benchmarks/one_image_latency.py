@@ -70,23 +70,25 @@ def _steps(path: Path, engine, long_side: int) -> dict:
 
 
 def measure(path: Path, engine, long_side: int, rounds: int, cores: int) -> dict:
-    """{step: {way: median ms}}: each step as a run of its own (a request alone 5x as many times), the two ways taking
-    turns; raises if an output differs between them."""
+    """{step: {way: median ms}}: each step as a run of its own, the two ways taking turns by the round (a request
+    alone 5 times in a row in a round, as a service answers lone requests one after another); raises if an output
+    differs between them."""
     out: dict = {}
     for name, step in _steps(path, engine, long_side).items():
         times: dict = {way: [] for way in WAYS}
         first = None
-        for r in range((5 if name == "request alone" else 1) * rounds + 1):  # the first round warms up, not counted
+        for r in range(rounds + 1):  # the first round warms up, not counted
             for way in (WAYS if r % 2 else WAYS[::-1]):
                 service = way == "the service"
                 use_decode_threads(cores if service else 1)
-                start = time.perf_counter()
-                got = step(service)
-                ms = 1000 * (time.perf_counter() - start)
-                if (first := got if first is None else first) != got:
-                    raise AssertionError(f"{path.name}: {name} differs between the two ways")
-                if r:
-                    times[way].append(ms)
+                for _ in range(5 if name == "request alone" else 1):
+                    start = time.perf_counter()
+                    got = step(service)
+                    ms = 1000 * (time.perf_counter() - start)
+                    if (first := got if first is None else first) != got:
+                        raise AssertionError(f"{path.name}: {name} differs between the two ways")
+                    if r:
+                        times[way].append(ms)
         out[name] = {way: float(np.median(v)) for way, v in times.items()}
     return out
 
