@@ -236,11 +236,15 @@ def use_decode_threads(threads: int, keep_set: bool = False) -> None:
     full-field image at 1/2 in half the time on two cores). A decoding worker, one per core, uses one. Set before the
     process's threads decode (it is an environment variable: ``OPJ_NUM_THREADS``, which spawned children inherit);
     ``keep_set``: leave a value already set (by the user) as it is."""
-    if keep_set and os.environ.get(OPENJPEG_THREADS):
+    current = os.environ.get(OPENJPEG_THREADS)
+    if keep_set and current:
         return
     # one thread is OpenJPEG's 0: decoded in the calling thread (its 1 starts a pool thread the caller hands every
-    # code-block to and waits on: 5 % slower)
-    os.environ[OPENJPEG_THREADS] = str(threads if threads > 1 else 0)
+    # code-block to and waits on: 5 % slower); unset means the same, and is left unset (no setenv in a process whose
+    # other threads may be reading the environment, as a Ray worker's are)
+    wanted = str(threads if threads > 1 else 0)
+    if current != wanted and not (wanted == "0" and current is None):
+        os.environ[OPENJPEG_THREADS] = wanted
 
 
 # Below this size, or at 1/2, cutting the codestream to the kept resolutions costs about what it saves.

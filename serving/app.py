@@ -169,8 +169,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.job_workers and (orphans := requeue_orphans(app.state.db, settings.study_stable_seconds)):
             log.warning("queued %d received study(ies) that had no scoring job (an interrupted request)", orphans)
         app.state.engine = engine or Engine.from_settings(settings)
-        # this process decodes one image at a time (a request alone, a rendering): JPEG 2000 on every core; its
-        # decoding workers (started below, one a core) set one thread each
+        # this process decodes what no decoding worker takes (a request alone, the review UI's renderings), seldom
+        # several images at once: JPEG 2000 on every core; its decoding workers (started below, one a core) one each
         use_decode_threads(settings.cores, keep_set=True)
         app.state.site_overlays = SiteOverlays(app.state.db, app.state.engine.artifact_sha256)
         info = app.state.engine.model_info()

@@ -42,50 +42,79 @@ def _shrink(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class DecodedImages:
-    """The images the review UI decoded last, kept in memory (at most ``max_bytes`` of pixels; the least recently
-    used go first; 0 keeps none): opening a study decodes each view once for its window presets, its rendering and
-    its heatmap, and a window change renders again without decoding again. Keyed by the file (its path, size and
-    modification time: a file replaced is decoded afresh), the resolution and the read limits; two requests for the
-    same image at once decode it once. The arrays handed out are read-only."""
+    """The images the review UI decoded last, kept in memory (at most ``max_bytes``, pixels, lookup tables and a
+    little per image counted; the least recently used go first; 0 keeps none): opening a study decodes each view
+    once for its window presets, its rendering and its heatmap, and a window change renders again without decoding
+    again. Keyed by the file (its path, inode, size and modification time: a file replaced is decoded afresh), the
+    resolution and the read limits. Requests for the same image at once share one decode, and its refusal. The arrays
+    handed out are read-only."""
+
+    ENTRY_BYTES = 4096  # what an image's metadata and bookkeeping take beyond its arrays, about
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self._items: OrderedDict[tuple, tuple[np.ndarray, DicomMeta]] = OrderedDict()
-        self._loading: dict[tuple, threading.Event] = {}
+        self._items: OrderedDict[tuple, tuple[tuple[np.ndarray, DicomMeta], int]] = OrderedDict()
+        self._loading: dict[tuple, _Loading] = {}
         self._lock = threading.Lock()
 
     def read(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
         """``read_dicom(path, limits, long_side=long_side)``, from memory when it was read lately."""
         if self.max_bytes <= 0:
-            return read_dicom(path, limits, long_side=long_side)
+            return _read_only(read_dicom(path, limits, long_side=long_side))
         st = os.stat(path)
-        key = (str(path), st.st_size, st.st_mtime_ns, long_side, limits)
-        while True:
-            with self._lock:
-                if (hit := self._items.get(key)) is not None:
-                    self._items.move_to_end(key)
-                    return hit
-                waiting = self._loading.get(key)
-                if waiting is None:
-                    done = self._loading[key] = threading.Event()
-                    break
-            waiting.wait()  # then from memory; or, if that decode failed or was too large to keep, decoded here
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, long_side, limits)
+        with self._lock:
+            if (hit := self._items.get(key)) is not None:
+                self._items.move_to_end(key)
+                return hit[0]
+            loading = self._loading.get(key)
+            mine = loading is None
+            if mine:
+                loading = self._loading[key] = _Loading()
+        if not mine:  # another request is decoding it: its outcome
+            loading.done.wait()
+            if loading.error is not None:
+                raise loading.error
+            return loading.value
         try:
-            stored, meta = read_dicom(path, limits, long_side=long_side)
-            stored.flags.writeable = False
-            with self._lock:
-                if stored.nbytes <= self.max_bytes:
-                    self._items[key] = (stored, meta)
-                    self.size += stored.nbytes
-                    while self.size > self.max_bytes:
-                        _, (old, _) = self._items.popitem(last=False)
-                        self.size -= old.nbytes
-            return stored, meta
+            loading.value = _read_only(read_dicom(path, limits, long_side=long_side))
+        except BaseException as exc:
+            loading.error = exc
+            raise
         finally:
             with self._lock:
                 del self._loading[key]
-            done.set()
+                if loading.value is not None:
+                    self._keep(key, loading.value)
+            loading.done.set()
+        return loading.value
+
+    def _keep(self, key: tuple, value: tuple[np.ndarray, DicomMeta]) -> None:
+        stored, meta = value
+        luts = sum(lut.table.nbytes for lut in (meta.modality_lut, meta.voi_lut) if lut is not None)
+        cost = stored.nbytes + luts + self.ENTRY_BYTES
+        if cost > self.max_bytes:
+            return  # decoded for this request (and those waiting on it), not kept
+        self._items[key] = (value, cost)
+        self.size += cost
+        while self.size > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self.size -= old
+
+
+class _Loading:
+    """One decode in progress, and its outcome for the requests waiting on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: tuple[np.ndarray, DicomMeta] | None = None
+        self.error: BaseException | None = None
+
+
+def _read_only(value: tuple[np.ndarray, DicomMeta]) -> tuple[np.ndarray, DicomMeta]:
+    value[0].flags.writeable = False
+    return value
 
 
 def read_for_display(images: DecodedImages | None, path: str | Path, limits: ReadLimits,

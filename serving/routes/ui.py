@@ -321,7 +321,7 @@ async def study_api(request: Request, app: State, reader: SignedIn, site: str, s
             previous, following = reviews.neighbours(db, (site, study_uid), **f)
         # the views' window presets side by side (each a decode at 1024 px, kept for their renderings next)
         stored = [_stored(app, paths.get(image["image_id"])) for image in found["images_detail"]]
-        with ThreadPoolExecutor(min(len(stored), INFO_THREADS) or 1, thread_name_prefix="medvision-ui") as pool:
+        with ThreadPoolExecutor(min(len(stored), app.settings.cores) or 1, thread_name_prefix="medvision-ui") as pool:
             infos = list(pool.map(lambda path: _info(app, path) if path is not None else None, stored))
         for image, path, info in zip(found["images_detail"], stored, infos, strict=True):
             if info is not None:
@@ -381,9 +381,6 @@ async def record_call(request: Request, sessions: Database, reader: SignedIn, si
 
 def _size(size: int) -> int:
     return min(SIZES, key=lambda s: abs(s - size))
-
-
-INFO_THREADS = 4  # a study's views read at once for their window presets
 
 
 def _info(app, path: Path) -> dict:

@@ -216,6 +216,9 @@ def test_decode_threads_keep_a_value_the_user_set(monkeypatch):
     assert os.environ[resolution.OPENJPEG_THREADS] == "0"
     resolution.use_decode_threads(0)
     assert os.environ[resolution.OPENJPEG_THREADS] == "0"
+    monkeypatch.delenv(resolution.OPENJPEG_THREADS)
+    resolution.use_decode_threads(1)  # unset means one already: left unset (no setenv beside running threads)
+    assert resolution.OPENJPEG_THREADS not in os.environ
 
 # -- the real corpus: nothing that decoded before is refused, and the reduced pixels are what they should be --
 

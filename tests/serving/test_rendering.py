@@ -90,7 +90,7 @@ def test_a_file_replaced_is_decoded_afresh(j2k, dicom_files, tmp_path, counted):
 
 
 def test_memory_is_bounded_least_recently_used_first(dicom_files, counted):
-    one = read_dicom(dicom_files[0], long_side=256)[0].nbytes
+    one = read_dicom(dicom_files[0], long_side=256)[0].nbytes + DecodedImages.ENTRY_BYTES
     images = DecodedImages(2 * one + one // 2)  # room for two such images
     for f in dicom_files[:3]:
         images.read(f, ReadLimits(), 256)
@@ -103,8 +103,6 @@ def test_memory_is_bounded_least_recently_used_first(dicom_files, counted):
     none.read(dicom_files[0], ReadLimits(), 256)
     none.read(dicom_files[0], ReadLimits(), 256)
     assert none.size == 0 and not none._items
-    small = DecodedImages(one // 2)  # an image larger than the whole bound is decoded, not kept
-    assert small.read(dicom_files[0], ReadLimits(), 256)[0].nbytes == one and small.size == 0
 
 
 def test_requests_for_the_same_image_at_once_decode_it_once(j2k, monkeypatch):
@@ -129,7 +127,7 @@ def test_requests_for_the_same_image_at_once_decode_it_once(j2k, monkeypatch):
     assert calls == [512] and len(got) == 4 and all(g[0] is got[0][0] for g in got)
 
 
-def test_a_decode_that_fails_fails_every_waiter_and_is_not_kept(tmp_path):
+def test_a_decode_that_fails_fails_every_waiter_and_is_not_kept(tmp_path, monkeypatch):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 40)
     images = DecodedImages(64 << 20)
@@ -138,3 +136,38 @@ def test_a_decode_that_fails_fails_every_waiter_and_is_not_kept(tmp_path):
             images.read(bad, ReadLimits(), 512)
         assert type(refused.value).__module__.startswith("medvision")
     assert not images._items and not images._loading
+    # requests waiting on a decode that fails share its refusal: one decode, not one after another
+    started, release, calls, outcomes = threading.Event(), threading.Event(), [], []
+
+    def slow(path, limits=ReadLimits(), identifiers=None, long_side=0):
+        calls.append(long_side)
+        started.set()
+        release.wait(10)
+        return read_dicom(path, limits, identifiers, long_side=long_side)
+
+    def one():
+        try:
+            images.read(bad, ReadLimits(), 512)
+        except Exception as exc:  # noqa: BLE001 - the refusal is what is compared
+            outcomes.append(exc)
+
+    monkeypatch.setattr(rendering, "read_dicom", slow)
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    time.sleep(0.2)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [512] and len(outcomes) == 3 and len({type(e) for e in outcomes}) == 1
+    assert not images._items and not images._loading
+
+
+def test_an_image_too_large_to_keep_is_shared_with_its_waiters_not_kept(dicom_files):
+    one = read_dicom(dicom_files[0], long_side=256)[0].nbytes
+    small = DecodedImages(one // 2)
+    stored, _ = small.read(dicom_files[0], ReadLimits(), 256)
+    assert not stored.flags.writeable and small.size == 0 and not small._items
+    unbounded = DecodedImages(0)  # keeps nothing, and still hands out read-only arrays
+    assert not unbounded.read(dicom_files[0], ReadLimits(), 256)[0].flags.writeable
