@@ -178,11 +178,14 @@ def drive(url: str, key: str, files: list[Path], levels: list[int], seconds: flo
     out = {}
     for c in levels:
         run_client(_drive(url, key, payloads, c, min(3.0, seconds / 5), max(2 * c, len(payloads))))
-        cpu, server = time.process_time(), _cpu_s(server_pid) if server_pid else None
-        r = run_client(_drive(url, key, payloads, c, seconds, limit))
-        r["client_cores"] = (time.process_time() - cpu) / r["wall_s"]  # what the client took of the machine's cores
+        # CPU over the counted requests only: each connection's first request, sent one at a time (alone in the
+        # service, so decoded in its own process), is not counted
+        server_cpu = (lambda: _cpu_s(server_pid)) if server_pid and _cpu_s(server_pid) is not None else None
+        r = run_client(_drive(url, key, payloads, c, seconds, limit, server_cpu))
+        r["client_cores"] = r.pop("client_cpu_s") / r["wall_s"]  # what the client took of the machine's cores
+        server = r.pop("server_cpu_s", None)
         if server is not None and r["requests"]:
-            r["server_ms_per_request"] = 1000 * (_cpu_s(server_pid) - server) / r["requests"]
+            r["server_ms_per_request"] = 1000 * server / r["requests"]
         r.pop("latencies_ms")
         out[c] = r
     return out

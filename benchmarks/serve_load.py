@@ -158,7 +158,12 @@ def run_client(coro):
     return uvloop.run(coro)
 
 
-async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int) -> dict:
+async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int,
+                 server_cpu=None) -> dict:
+    """``concurrency`` connections sending ``payloads`` in turn for ``seconds`` (at most ``limit`` requests), after one
+    request each to open and warm them (sent one after another: not counted). The summary has the client's CPU seconds
+    over the counted part (``client_cpu_s``) and, given ``server_cpu`` (a function: the server's CPU seconds so far),
+    the server's (``server_cpu_s``)."""
     host, port = url.removeprefix("http://").split(":")
     latencies, codes = [], {}
     counter = iter(range(limit))
@@ -177,14 +182,19 @@ async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, se
     try:
         for conn, payload in zip(conns, payloads * concurrency, strict=False):  # connect and warm up
             await conn.post("/v1/predict", payload)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
+        server = server_cpu() if server_cpu else None
         deadline = start + seconds
         await asyncio.gather(*(one(c) for c in conns))
         wall = time.perf_counter() - start
+        out = _summary(1000 * np.asarray(latencies), codes, wall)
+        out["client_cpu_s"] = time.process_time() - cpu
+        if server is not None:
+            out["server_cpu_s"] = server_cpu() - server
     finally:
         for conn in conns:
             await conn.close()
-    return _summary(1000 * np.asarray(latencies), codes, wall)
+    return out
 
 
 def _summary(ms: np.ndarray, codes: dict, wall: float) -> dict:
