@@ -34,16 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fullfield import SHORT, build_archive, build_htj2k  # noqa: E402 - the full-field archive fullfield.py uses
 
 from medvision.dicom_io import ReadLimits  # noqa: E402
+from medvision.parallel import usable_cores  # noqa: E402
 from medvision.preprocess import Preprocess, PreprocessConfig  # noqa: E402
 from medvision.resolution import OPENJPEG_THREADS, use_decode_threads  # noqa: E402
 from medvision.serving.rendering import DecodedImages, image_info, render, render_heatmap  # noqa: E402
 
 console = Console(width=150)
 WAYS = ("each time, 1 thread", "the service")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _steps(path: Path, engine, long_side: int) -> dict:
@@ -113,7 +110,7 @@ def main() -> None:
     chosen = {SHORT[syntax]: paths[0] for syntax, paths in files.items()}
     if not args.no_htj2k:
         chosen["HTJ2K"] = build_htj2k(Path(args.archive), files["1.2.840.10008.1.2.4.90"][:1])[0]
-    cores = _cores()
+    cores = usable_cores()
     before = os.environ.get(OPENJPEG_THREADS)
     results = {}
     try:

@@ -20,6 +20,11 @@ from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.resolution import use_decode_threads
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """A process pool that forks where the platform can (Linux).
 

@@ -53,10 +53,8 @@ def heat_layer(engine, path: str | Path, max_side: int = MAX_SIDE,
     both decodes are kept for its other renderings of the image."""
     from medvision.serving.rendering import display_size, read_for_display
 
-    if images is not None:  # as ``engine.preprocess.read`` reads it: at the contract's long side
-        stored, meta = images.read(path, engine.limits, engine.preprocess.cfg.decode_long_side)
-    else:
-        stored, meta = engine.preprocess.read(path, engine.limits)
+    # as ``engine.preprocess.read`` reads it (at the contract's long side), through ``images`` where given
+    stored, meta = read_for_display(images, path, engine.limits, engine.preprocess.cfg.decode_long_side)
     x = engine.preprocess(stored, meta)
     probability, heat = engine.run_with_heatmap(x[None])
     heat = heat[0, 0]

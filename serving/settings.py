@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -119,7 +118,9 @@ class Settings(BaseSettings):
     @property
     def cores(self) -> int:
         """The cores this process may run on."""
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from medvision.parallel import usable_cores  # numpy and pydicom: not needed to read the settings
+
+        return usable_cores()
 
     @property
     def decoders(self) -> int:
