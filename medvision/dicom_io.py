@@ -240,6 +240,33 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
     return pixels, meta
 
 
+HINT_BYTES = 65536  # where ``transfer_syntax_hint`` looks
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def transfer_syntax_hint(data) -> str | None:
+    """The Transfer Syntax UID of a DICOM file's bytes, read from its file meta (group 0002, always Explicit VR
+    Little Endian: PS3.10 7.1) without parsing the dataset: a hint for where to decode it, taken in microseconds
+    (``read_dicom`` parses and checks it all). None without the DICM marker, or when it is not in the first
+    ``HINT_BYTES``."""
+    view = memoryview(data).cast("B")[:HINT_BYTES]
+    if bytes(view[128:132]) != b"DICM":
+        return None
+    at = 132
+    while at + 8 <= len(view):
+        group, element = struct.unpack_from("<HH", view, at)
+        if group != 0x0002:
+            return None
+        if bytes(view[at + 4:at + 6]) in _LONG_LENGTH_VRS:
+            length, start = (struct.unpack_from("<L", view, at + 8)[0] if at + 12 <= len(view) else 0), at + 12
+        else:
+            length, start = struct.unpack_from("<H", view, at + 6)[0], at + 8
+        if element == 0x0010:
+            return bytes(view[start:start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        at = start + length
+    return None
+
+
 def read_header(source: str | os.PathLike | bytes, limits: ReadLimits = ReadLimits()) -> tuple[Dataset, DicomMeta]:
     """Read the attributes only (pixel data deferred, never decoded) and apply the same refusal policy.
 

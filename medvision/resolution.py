@@ -72,6 +72,15 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
     return DecodePlan(factor, "wavelet" if transfer_syntax in J2K_SYNTAXES else "lowpass")
 
 
+def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:
+    """Whether the decode planned for ``transfer_syntax`` under a contract of ``long_side`` lets the calling process's
+    other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size) and numpy (uncompressed)
+    let go of the GIL. CharLS (JPEG-LS) and pylibjpeg-rle (RLE) hold it for the whole decode (a full-field JPEG-LS
+    image about 160 ms, RLE 30 ms): in a process that also runs an event loop, that loop stops meanwhile. Anything
+    not known to let go (another codec, a full-size JPEG 2000 decode by pydicom's plugins, an unknown syntax): False."""
+    return transfer_syntax in NATIVE_SYNTAXES or (transfer_syntax in J2K_SYNTAXES and long_side > 0)
+
+
 def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:
     return -(-rows // factor), -(-columns // factor)
 

@@ -13,10 +13,11 @@ from pydantic import BaseModel, Field
 
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
-from medvision.dicom_io import DicomMeta, ReadLimits, Source
+from medvision.dicom_io import DicomMeta, ReadLimits, Source, transfer_syntax_hint
 from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
+from medvision.resolution import lets_threads_run
 from medvision.serving.settings import Settings
 from medvision.site_calibration import SiteCalibration
 
@@ -138,6 +139,12 @@ class Engine:
         ``read_dicom``)."""
         stored, meta = self.preprocess.read(source, self.limits, identifiers)
         return self.preprocess(stored, meta), meta
+
+    def lets_threads_run(self, data) -> bool:
+        """Whether decoding ``data`` (a DICOM's bytes) under this engine's contract lets the other threads of the
+        process run (``resolution.lets_threads_run``): where it does not, the service's event loop must not wait on
+        it, and even a request alone is decoded by a worker process."""
+        return lets_threads_run(transfer_syntax_hint(data), self.preprocess.cfg.decode_long_side)
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float,
                    x: np.ndarray | dict | None = None, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:

@@ -161,11 +161,18 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     def record(result) -> None:
         record_score(app.db, caller.owner, result, info, event(result), ids.get("AccessionNumber", ""))
 
+    def decodes_here() -> bool:
+        # A request alone in the service is decoded in its own thread (no hop to a process), unless its decoder
+        # holds the GIL (JPEG-LS, RLE: the event loop would stop for the whole decode, 160 ms for a full-field
+        # JPEG-LS image): then by a worker like the others.
+        return app.decoder is None or (app.batcher.alone() and engine.lets_threads_run(
+            data.view() if isinstance(data, Received) else data))
+
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
         # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
         # all, no hop to a process); others are decoded by the workers and micro-batched.
-        if app.decoder is None or app.batcher.alone():
+        if decodes_here():
             x, meta = engine.prepare(data.view() if isinstance(data, Received) else data, ids)
             statistics.update(engine.statistics(x))
         else:
@@ -182,7 +189,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
         async with dicom_body(request, app) as data:
-            if isinstance(data, Received) and not app.batcher.alone():
+            if isinstance(data, Received) and not decodes_here():
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)
                 _check_uids(meta)

@@ -7,6 +7,7 @@ files come out inverted, and Modality / VOI LUT sequences give the reference imp
 """
 
 import csv
+import io
 import os
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from medvision.dicom_io import read_dicom
+from medvision.dicom_io import read_dicom, transfer_syntax_hint
 from medvision.errors import MedvisionError
 from medvision.preprocess import PreprocessConfig, apply_lut_table, to_display
 
@@ -135,3 +136,30 @@ def test_signed_pixels_keep_their_sign():
 def test_paths_in_the_table_exist():
     missing = [r["file"] for r in ROWS if not os.path.exists(path_of(r["corpus"], r["file"]))]
     assert not missing
+
+
+def test_the_transfer_syntax_hint_is_pydicoms_on_every_file_of_both_corpora():
+    """``transfer_syntax_hint`` (the file meta read without parsing the dataset: where the service decodes a file)
+    names what pydicom reads in the file meta, or None where the file has no DICM marker, on every corpus file."""
+    checked = with_marker = 0
+    for corpus, name in sorted(corpus_files()):
+        data = path_of(corpus, name).read_bytes()
+        hint = transfer_syntax_hint(data)
+        checked += 1
+        if data[128:132] != b"DICM":
+            assert hint is None, name
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+            except Exception:  # a file pydicom cannot read: the hint only must not fail
+                continue
+        expected = meta.get("TransferSyntaxUID")
+        if expected is not None:
+            assert hint == str(expected), name
+            with_marker += 1
+    assert checked == len(ROWS) and with_marker > 100
+    for cut in (0, 100, 131, 132, 140, 200):  # cut short anywhere: None or the syntax, never an error
+        assert transfer_syntax_hint(path_of("pydicom", "CT_small.dcm").read_bytes()[:cut]) in (
+            None, "1.2.840.10008.1.2.1")

@@ -2,6 +2,7 @@
 and a worker that dies costs its own request a clear refusal, never the service."""
 
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -15,13 +16,18 @@ import httpx
 import pydicom
 import pytest
 from helpers import LiveServer, decode_or_die, environment, free_port, start_service, stow_body
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sqlalchemy import select
 
 from medvision.dicom_io import ReadLimits
 from medvision.serving.decode_pool import DecodePool, DecoderCrashed
 from medvision.serving.engine import Engine
+from medvision.serving.routes.predict import SHARED_BODY_MIN
 from medvision.serving.settings import Settings
 from medvision.serving.tables import ScoredImage
+from medvision.synth.dataset import example_image
+from medvision.synth.dicom_writer import save
+from medvision.synth.vendors import VENDORS
 
 
 def _together(server, files) -> dict:
@@ -83,6 +89,43 @@ def test_predict_through_worker_processes_matches_the_in_thread_path(artifact, d
     finally:
         server.stop()
     assert server.server.config.app.state.decoder is None  # the pool was shut down with the service
+
+
+def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_lets_the_event_loop_run(
+        artifact, tmp_path, monkeypatch):
+    """CharLS (JPEG-LS), pylibjpeg-rle (RLE) and pydicom's plugins decoding JPEG 2000 at full size hold the GIL for
+    the whole decode (a full-field JPEG-LS image about 160 ms): in the service's own thread they would stop its event
+    loop, and every other request and health check with it. A request alone is decoded there only where the decoder
+    lets go (uncompressed pixels; JPEG 2000 at a reduced size, ``resolution.lets_threads_run``); the others by a
+    worker process, as under load, with the same score."""
+    ds = example_image(VENDORS[0], 1024, 832, seed=5)
+    files = {}
+    for syntax in (ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, JPEG2000Lossless):
+        files[syntax] = tmp_path / f"{syntax.name}.dcm"
+        save(copy.deepcopy(ds), files[syntax], syntax)
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
+                                 data_dir=str(tmp_path / "d"), decode_processes=2))
+    pool = server.server.config.app.state.decoder
+    handed, real, real_async = [], pool.prepare, pool.prepare_async
+    monkeypatch.setattr(pool, "prepare", lambda data, *a: handed.append(data) or real(data, *a))
+    monkeypatch.setattr(pool, "prepare_async", lambda data, *a: handed.append(data) or real_async(data, *a))
+    try:
+        engine = Engine(artifact)
+        by_worker, decoded = [], {}
+        for syntax, path in files.items():
+            before = len(handed)
+            alone = server.client.post("/v1/predict", content=path.read_bytes(),
+                                       headers={"Content-Type": "application/dicom"})
+            assert alone.status_code == 200, alone.text
+            assert alone.json()["probability"] == pytest.approx(engine.predict(path).probability, abs=1e-5)
+            decoded[syntax] = alone.json()["decode"]
+            if len(handed) > before:
+                by_worker.append(syntax)
+        assert by_worker == [JPEGLSLossless, RLELossless]
+        assert decoded[JPEG2000Lossless].endswith("wavelet")  # a reduced decode, which lets go of the GIL
+        assert files[ExplicitVRLittleEndian].stat().st_size > SHARED_BODY_MIN  # in a segment, decoded in place
+    finally:
+        server.stop()
 
 
 def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(artifact, tmp_path, monkeypatch):
