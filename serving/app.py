@@ -182,6 +182,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             loaded = app.state.engine
             app.state.decoder = DecodePool(loaded.meta.preprocess, loaded.limits, settings.decoders,
                                            timeout_s=settings.decode_timeout_s)
+            app.state.decoded.elsewhere = app.state.decoder.read  # what would hold the event loop: in a worker
         if settings.job_workers:
             app.state.worker = Worker(WorkerContext.of(app.state), settings.job_workers,
                                       settings.job_lease_seconds)

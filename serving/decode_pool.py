@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvision.dicom_io import DicomMeta, ReadLimits
+from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
 from medvision.drift import input_statistics
 from medvision.errors import CorruptDicomError, MedvisionError
 from medvision.parallel import decoder, start_decoder
@@ -68,6 +68,11 @@ def _prepare(data: Shared | Path | bytes, want_ids: bool,
         stored, meta = preprocess.read(data, limits, ids if want_ids else None)
     x = preprocess(stored, meta)
     return x, meta, ids, input_statistics(x, preprocess.cfg) if want_statistics else None
+
+
+def _read(path: str, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
+    """In a worker: ``read_dicom`` of a stored file (a rendering of the review UI whose decoder holds the GIL)."""
+    return read_dicom(path, limits, long_side=long_side)
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,12 @@ class DecodePool:
             data.abandoned = True  # a worker may still be reading its segment
             raise
         return _handed(outcome, identifiers, statistics)
+
+    def read(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
+        """``read_dicom(path, limits, long_side=long_side)`` in a worker: the stored pixels come back (the review
+        UI's renderings of a file whose decoder would hold the service's GIL for the whole decode)."""
+        with self._refusing():
+            return self.workers.run(_read, (str(path), limits, long_side), self.timeout_s, self.wait_s)
 
     @contextmanager
     def _refusing(self):

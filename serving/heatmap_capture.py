@@ -89,17 +89,20 @@ def colour_layer(v: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return (np.clip(rgba, 0, 1) * 255).round().astype(np.uint8)
 
 
-def overlay(engine, path: str | Path) -> tuple[np.ndarray, float]:
-    """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability."""
-    small, v, inside, probability = heat_layer(engine, path)
+def overlay(engine, path: str | Path, images=None) -> tuple[np.ndarray, float]:
+    """RGB uint8 image (long side <= 1024) with the heatmap blended in, and the image's probability (``images``: as
+    ``heat_layer``'s)."""
+    small, v, inside, probability = heat_layer(engine, path, images=images)
     alpha = _alpha(v, inside)[..., None]
     rgb = small[..., None] * (1 - alpha) + _colormap(v) * alpha
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), probability
 
 
 def build_capture(engine, path: str | Path, series_instance_uid: str, instance_number: int,
-                  series_number: int = 9902, sop_instance_uid: str | None = None) -> hd.sc.SCImage:
-    rgb, _ = overlay(engine, path)
+                  series_number: int = 9902, sop_instance_uid: str | None = None, images=None) -> hd.sc.SCImage:
+    """The heatmap over the image as a Secondary Capture for the PACS (``images``: the service's ``DecodedImages``,
+    which decodes in a worker what would hold its GIL, and keeps the decodes for the review UI)."""
+    rgb, _ = overlay(engine, path, images)
     ref = dcmread(path, stop_before_pixels=True)
     orientation = tuple(ref.get("PatientOrientation", []) or ()) or None
     capture = hd.sc.SCImage.from_ref_dataset(

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from medvision.serving.decode_pool import DecodePool
     from medvision.serving.engine import Engine, ModelInfo
     from medvision.serving.metrics import Metrics
+    from medvision.serving.rendering import DecodedImages
     from medvision.serving.settings import Settings
     from medvision.serving.site_calibrations import SiteOverlays
     from medvision.serving.storage import DataFolder
@@ -99,11 +100,12 @@ class WorkerContext:
     engine: Engine
     site_overlays: SiteOverlays
     decoder: DecodePool | None = None
+    decoded: DecodedImages | None = None  # the heatmap captures' decodes: the review UI's, in a worker where need be
 
     @classmethod
     def of(cls, app_state) -> WorkerContext:
         return cls(app_state.db, app_state.data, app_state.settings, app_state.metrics, app_state.engine,
-                   app_state.site_overlays, app_state.decoder)
+                   app_state.site_overlays, app_state.decoder, app_state.decoded)
 
 
 class Worker:
@@ -266,7 +268,8 @@ class Worker:
             series = derived_uid("heatmap series", uids[1])
             for n, (source_path, uid, *_) in enumerate(rows, start=1):
                 capture = build_capture(engine, data.inside(source_path), series, n,
-                                        sop_instance_uid=derived_uid("heatmap", uids[1], uid))
+                                        sop_instance_uid=derived_uid("heatmap", uids[1], uid),
+                                        images=self.context.decoded)
                 files.append(str(data.write_dataset(capture)))
         # due to go back to the PACS (delivery: retried until it arrives); a report made again (more instances
         # arrived) goes back again

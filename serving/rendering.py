@@ -15,13 +15,15 @@ import io
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
+from medvision.dicom_io import HINT_BYTES, DicomMeta, ReadLimits, read_dicom, transfer_syntax_hint
 from medvision.preprocess import apply_window, has_window, modality_values, needs_inversion, to_display
+from medvision.resolution import lets_threads_run
 
 SIZES = (512, 1024, 2048)
 PNG_LEVEL = 3  # zlib's level: half the encoding time of its default (6) for files 15-45 % larger
@@ -47,12 +49,15 @@ class DecodedImages:
     once for its window presets, its rendering and its heatmap, and a window change renders again without decoding
     again. Keyed by the file (its path, inode, size and modification time: a file replaced is decoded afresh), the
     resolution and the read limits. Requests for the same image at once share one decode, and its refusal. The arrays
-    handed out are read-only."""
+    handed out are read-only. ``elsewhere`` (``DecodePool.read``): where a file's decoder would hold the GIL
+    throughout (``resolution.lets_threads_run``), it is decoded there, in a worker process, and the service's event
+    loop goes on answering meanwhile (a full-field JPEG-LS image holds it 160 ms, a full-size JPEG 2000 one 0.5 s)."""
 
     ENTRY_BYTES = 4096  # what an image's metadata and bookkeeping take beyond its arrays, about
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, elsewhere: Callable | None = None) -> None:
         self.max_bytes = max_bytes
+        self.elsewhere = elsewhere
         self.size = 0
         self._items: OrderedDict[tuple, tuple[tuple[np.ndarray, DicomMeta], int]] = OrderedDict()
         self._loading: dict[tuple, _Loading] = {}
@@ -61,7 +66,7 @@ class DecodedImages:
     def read(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
         """``read_dicom(path, limits, long_side=long_side)``, from memory when it was read lately."""
         if self.max_bytes <= 0:
-            return _read_only(read_dicom(path, limits, long_side=long_side))
+            return _read_only(self._decode(path, limits, long_side))
         st = os.stat(path)
         key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, long_side, limits)
         with self._lock:
@@ -78,7 +83,7 @@ class DecodedImages:
                 raise loading.error
             return loading.value
         try:
-            loading.value = _read_only(read_dicom(path, limits, long_side=long_side))
+            loading.value = _read_only(self._decode(path, limits, long_side))
         except BaseException as exc:
             loading.error = exc
             raise
@@ -89,6 +94,14 @@ class DecodedImages:
                     self._keep(key, loading.value)
             loading.done.set()
         return loading.value
+
+    def _decode(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
+        if self.elsewhere is not None:
+            with open(path, "rb") as fh:
+                head = fh.read(HINT_BYTES)
+            if not lets_threads_run(transfer_syntax_hint(head), long_side):
+                return self.elsewhere(path, limits, long_side)
+        return read_dicom(path, limits, long_side=long_side)
 
     def _keep(self, key: tuple, value: tuple[np.ndarray, DicomMeta]) -> None:
         stored, meta = value

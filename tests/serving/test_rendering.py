@@ -1,6 +1,7 @@
 """The review UI's decoded images in memory (``DecodedImages``): each image decoded once for its presets, renderings,
 heatmap and window changes, the same pixels and PNGs as decoding afresh, bounded, never handed out writable."""
 
+import copy
 import json
 import shutil
 import threading
@@ -171,3 +172,42 @@ def test_an_image_too_large_to_keep_is_shared_with_its_waiters_not_kept(dicom_fi
     assert not stored.flags.writeable and small.size == 0 and not small._items
     unbounded = DecodedImages(0)  # keeps nothing, and still hands out read-only arrays
     assert not unbounded.read(dicom_files[0], ReadLimits(), 256)[0].flags.writeable
+
+
+def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the_same_pixels(tmp_path):
+    """With a pool (``elsewhere``), JPEG-LS, RLE and a full-size JPEG 2000 decode go to a worker process, where
+    holding the GIL stops nothing of the service's; uncompressed pixels and JPEG 2000 at a reduced size are decoded
+    in the calling thread. The pixels and metadata are those of ``read_dicom`` either way, and cached the same way;
+    a file the worker refuses is refused by name here too."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+
+    from medvision.serving.decode_pool import DecodePool
+
+    ds = example_image(VENDORS[1], 1024, 832, seed=4)
+    files = {}
+    for syntax in (ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, JPEG2000Lossless):
+        files[syntax] = tmp_path / f"{syntax.name}.dcm"
+        save(copy.deepcopy(ds), files[syntax], syntax)
+    limits = ReadLimits()
+    pool = DecodePool(PreprocessConfig(), limits, 1)
+    away = []
+    try:
+        images = DecodedImages(64 << 20, lambda *a: away.append((a[0].name, a[2])) or pool.read(*a))
+        for path in files.values():
+            for long_side in (512, 0):
+                stored, meta = images.read(path, limits, long_side)
+                expected, expected_meta = read_dicom(path, limits, long_side=long_side)
+                np.testing.assert_array_equal(stored, expected)
+                assert meta == expected_meta and not stored.flags.writeable
+        assert sorted(away) == sorted([(files[JPEGLSLossless].name, 512), (files[JPEGLSLossless].name, 0),
+                                       (files[RLELossless].name, 512), (files[RLELossless].name, 0),
+                                       (files[JPEG2000Lossless].name, 0)])
+        images.read(files[JPEGLSLossless], limits, 512)  # kept: not decoded again
+        assert len(away) == 5
+        broken = tmp_path / "broken.dcm"
+        broken.write_bytes(files[JPEGLSLossless].read_bytes()[:-4000])
+        with pytest.raises(Exception, match="truncated|end-of-image") as refused:
+            images.read(broken, limits, 512)
+        assert getattr(refused.value, "code", "")  # a MedvisionError, named as the reader names it
+    finally:
+        pool.close()
