@@ -42,6 +42,7 @@ from medvision.resolution import (
     DecodePlan,
     decode_j2k_reduced,
     j2k_levels,
+    lets_threads_run,
     lowpass,
     native_view,
     plan_decode,
@@ -203,8 +204,16 @@ class _ViewReader(io.RawIOBase):
         return len(data)
 
 
+class DecodeElsewhere(MedvisionError):
+    """``read_dicom(..., gil_free_only=True)`` came to a decoder that holds the GIL: the caller decodes the file in
+    another process instead (nothing was decoded, nothing refused)."""
+
+    code = "decode_elsewhere"
+
+
 def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
-               identifiers: dict[str, str] | None = None, long_side: int = 0) -> tuple[np.ndarray, DicomMeta]:
+               identifiers: dict[str, str] | None = None, long_side: int = 0,
+               gil_free_only: bool = False) -> tuple[np.ndarray, DicomMeta]:
     """Read one greyscale DICOM image.
 
     Args:
@@ -215,6 +224,10 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         long_side: the long side, in pixels, the caller needs (``PreprocessConfig.decode_long_side``): the image
             is decoded at the coarsest power-of-two reduction that keeps it (``medvision.resolution``); 0 decodes
             every pixel. ``meta.decode`` says what was done.
+        gil_free_only: decode only with what lets the process's other threads run meanwhile (numpy for uncompressed
+            pixels, OpenJPEG through Pillow for a reduced JPEG 2000 decode); where the file needs another decoder
+            (``resolution.lets_threads_run``'s, decided here on what the header says, not on a hint), raise
+            ``DecodeElsewhere`` before it runs.
 
     Returns:
         ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.
@@ -228,7 +241,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
         plan = plan_decode(meta.transfer_syntax, meta.rows, meta.columns, long_side)
-        pixels, plan = _decode_planned(ds, meta, plan, source)
+        pixels, plan = _decode_planned(ds, meta, plan, source, gil_free_only)
         if plan.factor != 1:
             meta = replace(meta, decode=str(plan), decode_factor=plan.factor)
         if identifiers is not None:
@@ -241,6 +254,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
 
 
 HINT_BYTES = 65536  # where ``transfer_syntax_hint`` looks
+_HINT_ELEMENTS = 64  # file meta elements it reads at most (a real file meta has about ten)
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
@@ -253,7 +267,9 @@ def transfer_syntax_hint(data) -> str | None:
     if bytes(view[128:132]) != b"DICM":
         return None
     at = 132
-    while at + 8 <= len(view):
+    for _ in range(_HINT_ELEMENTS):
+        if at + 8 > len(view):
+            return None
         group, element = struct.unpack_from("<HH", view, at)
         if group != 0x0002:
             return None
@@ -265,6 +281,13 @@ def transfer_syntax_hint(data) -> str | None:
             return bytes(view[start:start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
         at = start + length
     return None
+
+
+def decodes_without_gil(data, long_side: int) -> bool:
+    """Whether a DICOM file's bytes (its first ``HINT_BYTES`` will do) look like a decode that lets the process's
+    other threads run (``resolution.lets_threads_run`` of ``transfer_syntax_hint``): a hint, taken in microseconds,
+    of where to decode it. ``read_dicom(..., gil_free_only=True)`` holds the decode to it whatever the hint said."""
+    return lets_threads_run(transfer_syntax_hint(data), long_side)
 
 
 def read_header(source: str | os.PathLike | bytes, limits: ReadLimits = ReadLimits()) -> tuple[Dataset, DicomMeta]:
@@ -711,11 +734,12 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
 _PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
 
 
-def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> tuple[np.ndarray, DecodePlan]:
+def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
+                    gil_free_only: bool = False) -> tuple[np.ndarray, DecodePlan]:
     """Carry out ``plan``: the pixels at 1/plan.factor of the image's size, and the plan as carried out."""
     if plan.factor == 1:
         _load_pixel_data(ds)
-        return _decode(ds, meta), plan
+        return _decode(ds, meta, gil_free_only), plan
     levels = plan.factor.bit_length() - 1
     if plan.method == "lowpass" and meta.transfer_syntax in NATIVE_SYNTAXES:
         view = _native_pixels(ds, meta, source)
@@ -728,7 +752,7 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source) -> t
         if reduced is not None:
             return reduced, plan
     _load_pixel_data(ds)
-    return lowpass(_decode(ds, meta), levels, meta.bits_stored, meta.signed), plan
+    return lowpass(_decode(ds, meta, gil_free_only), levels, meta.bits_stored, meta.signed), plan
 
 
 def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
@@ -804,8 +828,11 @@ def _source_view(source, start: int, length: int | None):
     return None
 
 
-def _decode(ds: Dataset, meta: DicomMeta) -> np.ndarray:
+def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.ndarray:
     from pydicom.pixels import get_decoder
+
+    if gil_free_only and meta.transfer_syntax not in NATIVE_SYNTAXES:  # pydicom's plugins hold the GIL throughout
+        raise DecodeElsewhere(f"{meta.transfer_syntax} is decoded by a decoder that holds the GIL")
 
     try:
         decoder = get_decoder(meta.transfer_syntax)

@@ -76,8 +76,10 @@ def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:
     """Whether the decode planned for ``transfer_syntax`` under a contract of ``long_side`` lets the calling process's
     other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size) and numpy (uncompressed)
     let go of the GIL. CharLS (JPEG-LS) and pylibjpeg-rle (RLE) hold it for the whole decode (a full-field JPEG-LS
-    image about 160 ms, RLE 30 ms): in a process that also runs an event loop, that loop stops meanwhile. Anything
-    not known to let go (another codec, a full-size JPEG 2000 decode by pydicom's plugins, an unknown syntax): False."""
+    image about 160 ms, RLE 40 ms, in one process): in a process that also runs an event loop, that loop stops
+    meanwhile. Anything not known to let go (another codec, a full-size JPEG 2000 decode by pydicom's plugins, an
+    unknown syntax): False. From the syntax alone: ``read_dicom(..., gil_free_only=True)`` holds a decode to it on
+    the parsed header (an image no larger than ``long_side`` is a full-size decode)."""
     return transfer_syntax in NATIVE_SYNTAXES or (transfer_syntax in J2K_SYNTAXES and long_side > 0)
 
 

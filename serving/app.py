@@ -213,6 +213,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await app.state.batcher.stop()
         app.state.recorder.stop()
         if app.state.decoder is not None:
+            app.state.decoded.elsewhere = None
             await run_in_threadpool(app.state.decoder.close)  # joins its workers: not on the event loop
             app.state.decoder = None
         app.state.engine = None

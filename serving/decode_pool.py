@@ -247,6 +247,9 @@ def _shm_has_room(size: int, folder: str = "/dev/shm") -> bool:
     return st.f_bavail * st.f_frsize >= 2 * size  # room for it and to spare
 
 
+READ_WAIT_S = 2.0  # a review UI read waits this long for a free worker, then decodes in its own thread
+
+
 class DecodePool:
     """``prepare(data, identifiers)`` as ``Engine.prepare`` does it, in one of ``processes`` worker processes
     (``data``: the bytes of a DICOM file, handed over in shared memory, or its path, read by the worker). Each worker
@@ -298,9 +301,14 @@ class DecodePool:
 
     def read(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
         """``read_dicom(path, limits, long_side=long_side)`` in a worker: the stored pixels come back (the review
-        UI's renderings of a file whose decoder would hold the service's GIL for the whole decode)."""
-        with self._refusing():
-            return self.workers.run(_read, (str(path), limits, long_side), self.timeout_s, self.wait_s)
+        UI's renderings of a file whose decoder would hold the service's GIL for the whole decode). A reader does not
+        queue behind a scoring load: with no worker free within ``READ_WAIT_S``, the file is decoded in the calling
+        thread, as it was before there were workers."""
+        try:
+            with self._refusing():
+                return self.workers.run(_read, (str(path), limits, long_side), self.timeout_s, READ_WAIT_S)
+        except TimedOut:
+            return read_dicom(path, limits, long_side=long_side)
 
     @contextmanager
     def _refusing(self):

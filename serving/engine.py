@@ -13,11 +13,10 @@ from pydantic import BaseModel, Field
 
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
-from medvision.dicom_io import DicomMeta, ReadLimits, Source, transfer_syntax_hint
+from medvision.dicom_io import DicomMeta, ReadLimits, Source, decodes_without_gil
 from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
-from medvision.resolution import lets_threads_run
 from medvision.serving.settings import Settings
 from medvision.site_calibration import SiteCalibration
 
@@ -134,17 +133,17 @@ class Engine:
         prob, heat = self.session.run(["probability", "heatmap"], {self.input_name: batch})
         return prob[:, 0], heat
 
-    def prepare(self, source: Source, identifiers: dict[str, str] | None = None) -> tuple[np.ndarray, DicomMeta]:
-        """Read and preprocess one DICOM: the model input (1, H, W) and its metadata (``identifiers``: see
-        ``read_dicom``)."""
-        stored, meta = self.preprocess.read(source, self.limits, identifiers)
+    def prepare(self, source: Source, identifiers: dict[str, str] | None = None,
+                gil_free_only: bool = False) -> tuple[np.ndarray, DicomMeta]:
+        """Read and preprocess one DICOM: the model input (1, H, W) and its metadata (``identifiers``,
+        ``gil_free_only``: see ``read_dicom``)."""
+        stored, meta = self.preprocess.read(source, self.limits, identifiers, gil_free_only)
         return self.preprocess(stored, meta), meta
 
-    def lets_threads_run(self, data) -> bool:
-        """Whether decoding ``data`` (a DICOM's bytes) under this engine's contract lets the other threads of the
-        process run (``resolution.lets_threads_run``): where it does not, the service's event loop must not wait on
-        it, and even a request alone is decoded by a worker process."""
-        return lets_threads_run(transfer_syntax_hint(data), self.preprocess.cfg.decode_long_side)
+    def decodes_without_gil(self, data) -> bool:
+        """Whether a DICOM's bytes look like a decode, under this engine's contract, that lets the process's other
+        threads run (``dicom_io.decodes_without_gil``: a hint; ``prepare(..., gil_free_only=True)`` holds to it)."""
+        return decodes_without_gil(data, self.preprocess.cfg.decode_long_side)
 
     def prediction(self, probability: float, meta: DicomMeta, inference_ms: float,
                    x: np.ndarray | dict | None = None, overlay: tuple[int, SiteCalibration] | None = None) -> Prediction:

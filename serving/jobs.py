@@ -100,12 +100,16 @@ class WorkerContext:
     engine: Engine
     site_overlays: SiteOverlays
     decoder: DecodePool | None = None
-    decoded: DecodedImages | None = None  # the heatmap captures' decodes: the review UI's, in a worker where need be
+    decoded: DecodedImages | None = None  # the heatmap captures' decodes: in a worker where need be, none kept
 
     @classmethod
     def of(cls, app_state) -> WorkerContext:
+        from medvision.serving.rendering import DecodedImages
+
+        # kept by nothing: a stream of PACS studies must not push out of memory the images readers have open
+        decoded = DecodedImages(0, app_state.decoder.read if app_state.decoder is not None else None)
         return cls(app_state.db, app_state.data, app_state.settings, app_state.metrics, app_state.engine,
-                   app_state.site_overlays, app_state.decoder, app_state.decoded)
+                   app_state.site_overlays, app_state.decoder, decoded)
 
 
 class Worker:

@@ -21,9 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvision.dicom_io import HINT_BYTES, DicomMeta, ReadLimits, read_dicom, transfer_syntax_hint
+from medvision.dicom_io import (
+    HINT_BYTES,
+    DecodeElsewhere,
+    DicomMeta,
+    ReadLimits,
+    decodes_without_gil,
+    read_dicom,
+)
 from medvision.preprocess import apply_window, has_window, modality_values, needs_inversion, to_display
-from medvision.resolution import lets_threads_run
 
 SIZES = (512, 1024, 2048)
 PNG_LEVEL = 3  # zlib's level: half the encoding time of its default (6) for files 15-45 % larger
@@ -50,7 +56,7 @@ class DecodedImages:
     again. Keyed by the file (its path, inode, size and modification time: a file replaced is decoded afresh), the
     resolution and the read limits. Requests for the same image at once share one decode, and its refusal. The arrays
     handed out are read-only. ``elsewhere`` (``DecodePool.read``): where a file's decoder would hold the GIL
-    throughout (``resolution.lets_threads_run``), it is decoded there, in a worker process, and the service's event
+    throughout (``read_dicom``'s ``gil_free_only``), it is decoded there, in a worker process, and the service's event
     loop goes on answering meanwhile (a full-field JPEG-LS image holds it 160 ms, a full-size JPEG 2000 one 0.5 s)."""
 
     ENTRY_BYTES = 4096  # what an image's metadata and bookkeeping take beyond its arrays, about
@@ -96,12 +102,19 @@ class DecodedImages:
         return loading.value
 
     def _decode(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
-        if self.elsewhere is not None:
+        if self.elsewhere is None:
+            return read_dicom(path, limits, long_side=long_side)
+        try:
             with open(path, "rb") as fh:
                 head = fh.read(HINT_BYTES)
-            if not lets_threads_run(transfer_syntax_hint(head), long_side):
-                return self.elsewhere(path, limits, long_side)
-        return read_dicom(path, limits, long_side=long_side)
+        except OSError:  # read_dicom names what is wrong with the path
+            head = b""
+        if decodes_without_gil(head, long_side):
+            try:  # held to decoders that let the event loop run, whatever the file's meta suggested
+                return read_dicom(path, limits, long_side=long_side, gil_free_only=True)
+            except DecodeElsewhere:
+                pass
+        return self.elsewhere(path, limits, long_side)
 
     def _keep(self, key: tuple, value: tuple[np.ndarray, DicomMeta]) -> None:
         stored, meta = value

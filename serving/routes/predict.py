@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from medvision.dicom_io import DecodeElsewhere
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
 from medvision.serving.decode_pool import Received
@@ -161,22 +162,31 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     def record(result) -> None:
         record_score(app.db, caller.owner, result, info, event(result), ids.get("AccessionNumber", ""))
 
+    gil_free: list[bool] = []  # whether its decode looks like one that lets the event loop run (worked out once)
+
     def decodes_here() -> bool:
         # A request alone in the service is decoded in its own thread (no hop to a process), unless its decoder
         # holds the GIL (JPEG-LS, RLE: the event loop would stop for the whole decode, 160 ms for a full-field
         # JPEG-LS image): then by a worker like the others.
-        return app.decoder is None or (app.batcher.alone() and engine.lets_threads_run(
-            data.view() if isinstance(data, Received) else data))
+        if app.decoder is None:
+            return True
+        if not gil_free:
+            gil_free.append(engine.decodes_without_gil(data.view() if isinstance(data, Received) else data))
+        return gil_free[0] and app.batcher.alone()
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
         # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
         # all, no hop to a process); others are decoded by the workers and micro-batched.
+        prepared = None
         if decodes_here():
-            x, meta = engine.prepare(data.view() if isinstance(data, Received) else data, ids)
-            statistics.update(engine.statistics(x))
-        else:
-            x, meta = app.decoder.prepare(data, ids, statistics)
+            try:  # held to decoders that let the event loop run, whatever the file's meta suggested
+                prepared = engine.prepare(data.view() if isinstance(data, Received) else data, ids,
+                                          gil_free_only=app.decoder is not None)
+                statistics.update(engine.statistics(prepared[0]))
+            except DecodeElsewhere:
+                pass
+        x, meta = prepared or app.decoder.prepare(data, ids, statistics)
         _check_uids(meta)
         scored = app.batcher.run_alone(x)
         if scored is None:

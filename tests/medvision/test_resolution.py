@@ -371,3 +371,22 @@ def test_only_decoders_that_let_go_of_the_gil_are_said_to_let_threads_run():
         assert resolution.lets_threads_run(syntax, 224) and not resolution.lets_threads_run(syntax, 0)
     for syntax in (JPEGLSLossless, RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, "1.2.840.10008.1.2.4.92", None, ""):
         assert not resolution.lets_threads_run(syntax, 224), syntax
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES, ids=[s.name for s in SYNTAXES])
+def test_a_gil_free_read_decodes_as_the_plain_one_or_hands_the_file_on(matrix, syntax):
+    """``read_dicom(..., gil_free_only=True)``: the same pixels where the decode lets other threads run (uncompressed;
+    JPEG 2000 at a reduced size), ``DecodeElsewhere`` before any other decoder runs (JPEG 2000 in full included)."""
+    from medvision.dicom_io import DecodeElsewhere
+
+    path = matrix[(VENDORS[0].machine_id, syntax)]
+    for long_side in (LONG_SIDE, 0):
+        free = syntax in resolution.NATIVE_SYNTAXES or (syntax in J2K_SYNTAXES and long_side)
+        if free:
+            got, meta = read_dicom(path, long_side=long_side, gil_free_only=True)
+            expected, expected_meta = read_dicom(path, long_side=long_side)
+            np.testing.assert_array_equal(got, expected)
+            assert meta == expected_meta
+        else:
+            with pytest.raises(DecodeElsewhere):
+                read_dicom(path, long_side=long_side, gil_free_only=True)

@@ -97,12 +97,16 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
     the whole decode (a full-field JPEG-LS image about 160 ms): in the service's own thread they would stop its event
     loop, and every other request and health check with it. A request alone is decoded there only where the decoder
     lets go (uncompressed pixels; JPEG 2000 at a reduced size, ``resolution.lets_threads_run``); the others by a
-    worker process, as under load, with the same score."""
+    worker process, as under load, with the same score, whatever the file meta's hint said."""
     ds = example_image(VENDORS[0], 1024, 832, seed=5)
     files = {}
     for syntax in (ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, JPEG2000Lossless):
         files[syntax] = tmp_path / f"{syntax.name}.dcm"
         save(copy.deepcopy(ds), files[syntax], syntax)
+    # a decoy Transfer Syntax UID ahead of the real one: the file meta's hint says uncompressed, the file is JPEG-LS
+    real = files[JPEGLSLossless].read_bytes()
+    files["decoy"] = tmp_path / "decoy.dcm"
+    files["decoy"].write_bytes(real[:132] + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\x00" + real[132:])
     server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                  data_dir=str(tmp_path / "d"), decode_processes=2))
     pool = server.server.config.app.state.decoder
@@ -121,7 +125,7 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
             decoded[syntax] = alone.json()["decode"]
             if len(handed) > before:
                 by_worker.append(syntax)
-        assert by_worker == [JPEGLSLossless, RLELossless]
+        assert by_worker == [JPEGLSLossless, RLELossless, "decoy"]
         assert decoded[JPEG2000Lossless].endswith("wavelet")  # a reduced decode, which lets go of the GIL
         assert files[ExplicitVRLittleEndian].stat().st_size > SHARED_BODY_MIN  # in a segment, decoded in place
     finally:

@@ -176,8 +176,8 @@ def test_an_image_too_large_to_keep_is_shared_with_its_waiters_not_kept(dicom_fi
 
 def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the_same_pixels(tmp_path):
     """With a pool (``elsewhere``), JPEG-LS, RLE and a full-size JPEG 2000 decode go to a worker process, where
-    holding the GIL stops nothing of the service's; uncompressed pixels and JPEG 2000 at a reduced size are decoded
-    in the calling thread. The pixels and metadata are those of ``read_dicom`` either way, and cached the same way;
+    holding the GIL stops nothing of the service's, whatever the file meta's hint says; uncompressed pixels and
+    JPEG 2000 at a reduced size are decoded in the calling thread. The pixels and metadata are those of ``read_dicom`` either way, and cached the same way;
     a file the worker refuses is refused by name here too."""
     from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
@@ -193,17 +193,22 @@ def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the
     away = []
     try:
         images = DecodedImages(64 << 20, lambda *a: away.append((a[0].name, a[2])) or pool.read(*a))
+        # a decoy Transfer Syntax UID ahead of the real one: the hint says uncompressed, the file is JPEG-LS
+        decoy = tmp_path / "decoy.dcm"
+        real = files[JPEGLSLossless].read_bytes()
+        decoy.write_bytes(real[:132] + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\x00" + real[132:])
+        files["decoy"] = decoy
         for path in files.values():
-            for long_side in (512, 0):
+            for long_side in (512, 0, 2048):  # 2048: no smaller than the image, so a JPEG 2000 decode is full size
                 stored, meta = images.read(path, limits, long_side)
                 expected, expected_meta = read_dicom(path, limits, long_side=long_side)
                 np.testing.assert_array_equal(stored, expected)
                 assert meta == expected_meta and not stored.flags.writeable
-        assert sorted(away) == sorted([(files[JPEGLSLossless].name, 512), (files[JPEGLSLossless].name, 0),
-                                       (files[RLELossless].name, 512), (files[RLELossless].name, 0),
-                                       (files[JPEG2000Lossless].name, 0)])
+        assert sorted(away) == sorted([(f.name, long_side) for f in (files[JPEGLSLossless], files[RLELossless], decoy)
+                                       for long_side in (512, 0, 2048)] +
+                                      [(files[JPEG2000Lossless].name, 0), (files[JPEG2000Lossless].name, 2048)])
         images.read(files[JPEGLSLossless], limits, 512)  # kept: not decoded again
-        assert len(away) == 5
+        assert len(away) == 11
         broken = tmp_path / "broken.dcm"
         broken.write_bytes(files[JPEGLSLossless].read_bytes()[:-4000])
         with pytest.raises(Exception, match="truncated|end-of-image") as refused:
