@@ -204,11 +204,9 @@ class _ViewReader(io.RawIOBase):
         return len(data)
 
 
-class DecodeElsewhere(MedvisionError):
+class DecodeElsewhere(Exception):
     """``read_dicom(..., gil_free_only=True)`` came to a decoder that holds the GIL: the caller decodes the file in
-    another process instead (nothing was decoded, nothing refused)."""
-
-    code = "decode_elsewhere"
+    another process instead (nothing was decoded, nothing refused; never an answer to anyone)."""
 
 
 def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
@@ -246,7 +244,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
             meta = replace(meta, decode=str(plan), decode_factor=plan.factor)
         if identifiers is not None:
             identifiers["AccessionNumber"] = str(ds.get("AccessionNumber", "") or "")
-    except (MedvisionError, *_INTERRUPTS):
+    except (MedvisionError, DecodeElsewhere, *_INTERRUPTS):
         raise
     except BaseException as exc:  # a malformed value pydicom parses lazily (e.g. an IS of '1A'): never a crash
         raise CorruptDicomError(f"malformed DICOM attribute ({type(exc).__name__}): {exc}") from None
