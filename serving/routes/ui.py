@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hmac
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
@@ -25,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from medvision.errors import ConfigError
+from medvision.errors import ConfigError, MedvisionError
 from medvision.serving import reviews, site_calibrations
 from medvision.serving.audit import audit, audit_failure
 from medvision.serving.dependencies import Database, LoadedEngine, ServiceSettings, State
@@ -39,6 +40,7 @@ from medvision.serving.errors import (
     Unauthenticated,
 )
 from medvision.serving.identifiers import request_site, request_uid
+from medvision.serving.problems import CATALOGUE
 from medvision.serving.rendering import SIZES, image_info, render, render_heatmap
 from medvision.serving.site_calibrations import meaning
 from medvision.serving.tables import AuditEvent, User
@@ -54,6 +56,7 @@ from medvision.serving.users import (
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 COOKIE = "mv_session"
 router = APIRouter(prefix="/ui", include_in_schema=False)
+log = logging.getLogger("medvision.serving.ui")
 templates = Jinja2Templates(directory=str(UI_DIR / "templates"))
 
 
@@ -322,7 +325,7 @@ async def study_api(request: Request, app: State, reader: SignedIn, site: str, s
         # the views' window presets side by side (each a decode at 1024 px, kept for their renderings next)
         stored = [_stored(app, paths.get(image["image_id"])) for image in found["images_detail"]]
         with ThreadPoolExecutor(min(len(stored), app.settings.cores) or 1, thread_name_prefix="medvision-ui") as pool:
-            infos = list(pool.map(lambda path: _info(app, path) if path is not None else None, stored))
+            infos = list(pool.map(lambda path: _info_or_why_not(app, path) if path is not None else None, stored))
         for image, path, info in zip(found["images_detail"], stored, infos, strict=True):
             if info is not None:
                 image.update(info)
@@ -388,6 +391,18 @@ def _info(app, path: Path) -> dict:
     made = app.renders.get(lambda: json.dumps(image_info(path, app.engine.limits, app.decoded)).encode(), "info",
                            str(path))
     return json.loads(made)
+
+
+def _info_or_why_not(app, path: Path) -> dict:
+    """``_info``, or why the image cannot be shown (``unreadable``: the refusal's title and explanation from the problem
+    catalogue, never the decoder's own words, which may name the service's files): one view that cannot be read (a
+    file damaged since it was scored, a decoder that crashes on it) leaves the study's other views."""
+    try:
+        return _info(app, path)
+    except MedvisionError as exc:
+        log.warning("a stored image could not be read for the viewer (%s)", exc.code)
+        title, explanation = CATALOGUE.get(exc.code, ("Unreadable image", "The image could not be decoded."))
+        return {"unreadable": f"{title}. {explanation}"}
 
 
 def _stored(app, path: str | None) -> Path | None:

@@ -253,6 +253,33 @@ def test_images_render_through_the_dicom_pipeline_with_windows_and_heatmap(ui_se
     assert renders and all(p.stat().st_mode & 0o077 == 0 for p in renders)
 
 
+def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server):
+    """A stored view damaged since it was scored: the study opens with its other views, and that one says why it
+    cannot be shown (the reader's refusal, by name), not a failed study."""
+    from sqlalchemy import select
+
+    from medvision.serving.tables import Instance
+
+    study = ui_server.studies[4]
+    with ui_server.sessions() as db:
+        rows = db.execute(select(Instance.path, Instance.sop_instance_uid).where(
+            Instance.site == "pacs", Instance.study_instance_uid == study).order_by(Instance.id)).all()
+    damaged = ui_server.server.config.app.state.data.inside(rows[0][0])
+    original = damaged.read_bytes()
+    c = _login(ui_server, READER)
+    try:
+        damaged.write_bytes(original[:len(original) // 2])  # cut off inside its pixel data
+        r = c.get(f"/ui/api/studies/pacs/{study}")
+        assert r.status_code == 200, r.text
+        images = {i["sop_instance_uid"]: i for i in r.json()["images_detail"]}
+        why = images[rows[0][1]]["unreadable"]
+        assert why.startswith("Corrupt DICOM.") and "truncated" in why and "presets" not in images[rows[0][1]]
+        assert str(damaged.parent) not in why  # the catalogue's words, not the decoder's (which name the file)
+        assert all("presets" in images[uid] and "unreadable" not in images[uid] for _, uid in rows[1:])
+    finally:
+        damaged.write_bytes(original)
+
+
 def test_sessions_expire_and_sign_out_ends_them(ui_server):
     import datetime as _dt
 

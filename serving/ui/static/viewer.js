@@ -52,9 +52,10 @@
     label.textContent = name + " · " + pct(img.probability) + (img.probability >= img.threshold ? " ▲" : "");
     el.appendChild(label);
     const p = { id: img.image_id, el, info: img, x: 0, y: 0, zoom: 1, window: null };
-    if (!img.stored) {
+    if (!img.stored || img.unreadable) {
       const m = document.createElement("div"); m.className = "missing";
-      m.textContent = "Image not stored on this service (scored through /v1/predict).";
+      m.textContent = img.unreadable ? "This image cannot be shown: " + img.unreadable
+                                     : "Image not stored on this service (scored through /v1/predict).";
       el.appendChild(m); return p;
     }
     const stage = document.createElement("div"); stage.className = "stage";
