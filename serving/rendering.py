@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from medvision.dicom_io import (
     decodes_without_gil,
     read_dicom,
 )
+from medvision.errors import DicomError
 from medvision.preprocess import apply_window, has_window, modality_values, needs_inversion, to_display
 
 SIZES = (512, 1024, 2048)
@@ -57,9 +59,14 @@ class DecodedImages:
     resolution and the read limits. Requests for the same image at once share one decode, and its refusal. The arrays
     handed out are read-only. ``elsewhere`` (``DecodePool.read``): where a file's decoder would hold the GIL
     throughout (``read_dicom``'s ``gil_free_only``), it is decoded there, in a worker process, and the service's event
-    loop goes on answering meanwhile (a full-field JPEG-LS image holds it 160 ms, a full-size JPEG 2000 one 0.5 s)."""
+    loop goes on answering meanwhile (a full-field JPEG-LS image holds it 160 ms, a full-size JPEG 2000 one 0.5 s).
+    A file's refusal (``DicomError``: damaged, unsupported, a decoder that crashed on it or outlasted its time) is
+    remembered for ``REFUSED_SECONDS`` while the file stays the same: a view that kills its decoding worker does not
+    kill one more at every page the reader opens."""
 
     ENTRY_BYTES = 4096  # what an image's metadata and bookkeeping take beyond its arrays, about
+    REFUSED_SECONDS = 600.0
+    REFUSED_MAX = 256  # refusals remembered at most (the oldest forgotten first)
 
     def __init__(self, max_bytes: int, elsewhere: Callable | None = None) -> None:
         self.max_bytes = max_bytes
@@ -67,6 +74,7 @@ class DecodedImages:
         self.size = 0
         self._items: OrderedDict[tuple, tuple[tuple[np.ndarray, DicomMeta], int]] = OrderedDict()
         self._loading: dict[tuple, _Loading] = {}
+        self._refused: OrderedDict[tuple, tuple[DicomError, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, path: str | Path, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
@@ -79,6 +87,8 @@ class DecodedImages:
             if (hit := self._items.get(key)) is not None:
                 self._items.move_to_end(key)
                 return hit[0]
+            if (refused := self._refused.get(key)) is not None and refused[1] > time.monotonic():
+                raise type(refused[0])(refused[0].message)
             loading = self._loading.get(key)
             mine = loading is None
             if mine:
@@ -98,6 +108,11 @@ class DecodedImages:
                 del self._loading[key]
                 if loading.value is not None:
                     self._keep(key, loading.value)
+                elif isinstance(loading.error, DicomError):  # the file's own: not a busy or stopping service
+                    self._refused[key] = (loading.error, time.monotonic() + self.REFUSED_SECONDS)
+                    self._refused.move_to_end(key)
+                    while len(self._refused) > self.REFUSED_MAX:
+                        self._refused.popitem(last=False)
             loading.done.set()
         return loading.value
 

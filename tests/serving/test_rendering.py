@@ -3,6 +3,7 @@ heatmap and window changes, the same pixels and PNGs as decoding afresh, bounded
 
 import copy
 import json
+import os
 import shutil
 import threading
 import time
@@ -128,16 +129,17 @@ def test_requests_for_the_same_image_at_once_decode_it_once(j2k, monkeypatch):
     assert calls == [512] and len(got) == 4 and all(g[0] is got[0][0] for g in got)
 
 
-def test_a_decode_that_fails_fails_every_waiter_and_is_not_kept(tmp_path, monkeypatch):
+def test_a_decode_that_fails_fails_every_waiter_and_keeps_no_pixels(tmp_path, monkeypatch):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 40)
     images = DecodedImages(64 << 20)
-    for _ in range(2):  # tried again each time: nothing of a failed decode is kept
+    for _ in range(2):  # the same refusal each time (the second from memory: the file has not changed)
         with pytest.raises(Exception) as refused:
             images.read(bad, ReadLimits(), 512)
         assert type(refused.value).__module__.startswith("medvision")
-    assert not images._items and not images._loading
+    assert not images._items and not images._loading and len(images._refused) == 1
     # requests waiting on a decode that fails share its refusal: one decode, not one after another
+    images = DecodedImages(64 << 20)
     started, release, calls, outcomes = threading.Event(), threading.Event(), [], []
 
     def slow(path, limits=ReadLimits(), identifiers=None, long_side=0):
@@ -216,3 +218,37 @@ def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the
         assert getattr(refused.value, "code", "")  # a MedvisionError, named as the reader names it
     finally:
         pool.close()
+
+
+def test_a_files_refusal_is_remembered_while_it_stays_the_same_a_busy_service_is_not(j2k, tmp_path):
+    """A view whose decoder crashes (its worker dies) is refused again from memory, not decoded again at every page
+    the reader opens (each time killing a worker); a file replaced since is decoded afresh; a refusal that is the
+    service's state (no worker free, shutting down), not the file's, is not remembered."""
+    from pydicom.uid import JPEGLSLossless
+
+    from medvision.serving.batcher import TimedOut
+    from medvision.serving.decode_pool import DecoderCrashed
+
+    path = tmp_path / "view.dcm"
+    save(example_image(VENDORS[0], 512, 416, seed=6), path, JPEGLSLossless)
+    calls, outcome = [], [DecoderCrashed("the image decoder crashed on this file")]
+
+    def elsewhere(*args):
+        calls.append(args)
+        raise outcome[0]
+
+    images, limits = DecodedImages(64 << 20, elsewhere), ReadLimits()
+    for _ in range(3):
+        with pytest.raises(DecoderCrashed, match="crashed"):
+            images.read(path, limits, 256)
+    assert len(calls) == 1
+    path.write_bytes(path.read_bytes())  # the same bytes written again: another modification time
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(DecoderCrashed):
+        images.read(path, limits, 256)
+    assert len(calls) == 2
+    outcome[0] = TimedOut("no decoding worker free")
+    for _ in range(2):
+        with pytest.raises(TimedOut):
+            images.read(path, limits, 512)
+    assert len(calls) == 4
