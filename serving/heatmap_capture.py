@@ -100,8 +100,8 @@ def overlay(engine, path: str | Path, images=None) -> tuple[np.ndarray, float]:
 
 def build_capture(engine, path: str | Path, series_instance_uid: str, instance_number: int,
                   series_number: int = 9902, sop_instance_uid: str | None = None, images=None) -> hd.sc.SCImage:
-    """The heatmap over the image as a Secondary Capture for the PACS (``images``: the service's ``DecodedImages``,
-    which decodes in a worker what would hold its GIL, and keeps the decodes for the review UI)."""
+    """The heatmap over the image as a Secondary Capture for the PACS (``images``: a ``DecodedImages``, which decodes
+    in a decoding worker what would hold the service's GIL)."""
     rgb, _ = overlay(engine, path, images)
     ref = dcmread(path, stop_before_pixels=True)
     orientation = tuple(ref.get("PatientOrientation", []) or ()) or None
