@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -157,6 +158,14 @@ async def _audit_refusal(request: Request, status: int, code: str) -> None:
                     getattr(request.state, "request_id", "-"), type(exc).__name__)
 
 
+def _without_data_folder(request: Request, message: str) -> str:
+    """``message`` with the data folder's own path left out: a decoder's words about a stored file name it in full
+    (pydicom: "... found in file /srv/medvision/instances/ab/….dcm"), and where the service keeps its files is none of
+    a caller's business; the file's place inside the folder is kept."""
+    data = getattr(request.app.state, "data", None)
+    return message.replace(f"{data.root}{os.sep}", "") if data is not None else message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MedvisionError)
     async def _domain(request: Request, exc: MedvisionError) -> JSONResponse:
@@ -171,7 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Retry-After": str(exc.retry_after)}
         elif isinstance(exc, PacsUnavailable):
             headers = {"Retry-After": str(PACS_RETRY_AFTER)}
-        return error_response(request, exc.code, exc.message, status, headers)
+        return error_response(request, exc.code, _without_data_folder(request, exc.message), status, headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

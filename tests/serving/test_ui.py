@@ -262,20 +262,39 @@ def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server
 
     study = ui_server.studies[4]
     with ui_server.sessions() as db:
-        rows = db.execute(select(Instance.path, Instance.sop_instance_uid).where(
+        rows = db.execute(select(Instance.path, Instance.sop_instance_uid, Instance.id).where(
             Instance.site == "pacs", Instance.study_instance_uid == study).order_by(Instance.id)).all()
-    damaged = ui_server.server.config.app.state.data.inside(rows[0][0])
-    original = damaged.read_bytes()
+    from medvision.dicom_io import read_dicom
+    from medvision.errors import CorruptDicomError
+
+    data = ui_server.server.config.app.state.data
+    # a view cut off inside its pixel data, of a syntax whose refusal (pydicom's words) names the file in full
+    for at, row in enumerate(rows):
+        damaged = data.inside(row[0])
+        original = damaged.read_bytes()
+        damaged.write_bytes(original[:len(original) // 2])
+        with pytest.raises(CorruptDicomError) as refusal:
+            read_dicom(damaged, long_side=1024)
+        if str(damaged) in refusal.value.message:
+            rows.insert(0, rows.pop(at))
+            break
+        damaged.write_bytes(original)
+    else:
+        pytest.fail("no view's refusal names its file: nothing here to leave out")
     c = _login(ui_server, READER)
     try:
-        damaged.write_bytes(original[:len(original) // 2])  # cut off inside its pixel data
         r = c.get(f"/ui/api/studies/pacs/{study}")
         assert r.status_code == 200, r.text
         images = {i["sop_instance_uid"]: i for i in r.json()["images_detail"]}
         why = images[rows[0][1]]["unreadable"]
         assert why.startswith("Corrupt DICOM.") and "truncated" in why and "presets" not in images[rows[0][1]]
         assert str(damaged.parent) not in why  # the catalogue's words, not the decoder's (which name the file)
-        assert all("presets" in images[uid] and "unreadable" not in images[uid] for _, uid in rows[1:])
+        assert all("presets" in images[uid] and "unreadable" not in images[uid] for _, uid, _ in rows[1:])
+        # asked for itself, it is refused by name; where the service keeps its files is not said
+        root = str(data.root)
+        refused = c.get(f"/ui/images/{rows[0][2]}.png", params={"size": 1024})
+        assert refused.status_code == 422 and refused.json()["code"] == "corrupt_dicom"
+        assert "truncated" in refused.json()["detail"] and root not in refused.text
     finally:
         damaged.write_bytes(original)
 
