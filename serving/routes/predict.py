@@ -162,17 +162,11 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     def record(result) -> None:
         record_score(app.db, caller.owner, result, info, event(result), ids.get("AccessionNumber", ""))
 
-    gil_free: list[bool] = []  # whether its decode looks like one that lets the event loop run (worked out once)
-
     def decodes_here() -> bool:
         # A request alone in the service is decoded in its own thread (no hop to a process), unless its decoder
         # holds the GIL (JPEG-LS, RLE: the event loop would stop for the whole decode, 160 ms for a full-field
-        # JPEG-LS image): then by a worker like the others.
-        if app.decoder is None:
-            return True
-        if not gil_free:
-            gil_free.append(engine.decodes_without_gil(data.view() if isinstance(data, Received) else data))
-        return gil_free[0] and app.batcher.alone()
+        # JPEG-LS image): then by a worker like the others. (``gil_free``: worked out once the body is in)
+        return app.decoder is None or (gil_free and app.batcher.alone())
 
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
@@ -199,6 +193,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
     overlay = app.site_overlays.get(caller.owner.site)
     with app.batcher.incoming():
         async with dicom_body(request, app) as data:
+            gil_free = app.decoder is not None and engine.decodes_without_gil(
+                data.view() if isinstance(data, Received) else data)
             if isinstance(data, Received) and not decodes_here():
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)
