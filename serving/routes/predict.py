@@ -168,6 +168,16 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         # JPEG-LS image): then by a worker like the others. (``gil_free``: worked out once the body is in)
         return app.decoder is None or (gil_free and app.batcher.alone())
 
+    def score_if_alone(x, meta):
+        # Still alone: scored and recorded in this thread (no hop to the batching loop's thread and back, nor to the
+        # result writer's); else None, and the request is batched with the others.
+        scored = app.batcher.run_alone(x)
+        if scored is None:
+            return None
+        result = engine.prediction(scored[0], meta, scored[1], statistics, overlay)
+        record(result)
+        return result
+
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
         # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
@@ -182,12 +192,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
                 pass
         x, meta = prepared or app.decoder.prepare(data, ids, statistics)
         _check_uids(meta)
-        scored = app.batcher.run_alone(x)
-        if scored is None:
-            return x, meta, None
-        result = engine.prediction(scored[0], meta, scored[1], statistics, overlay)
-        record(result)
-        return x, meta, result
+        return x, meta, score_if_alone(x, meta)
 
     info = engine.model_info()
     overlay = app.site_overlays.get(caller.owner.site)
@@ -199,7 +204,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)
                 _check_uids(meta)
-                result = None
+                # alone now (a JPEG-LS or RLE image a worker decoded while nothing else was about): one hop
+                result = await run_in_threadpool(score_if_alone, x, meta) if app.batcher.alone() else None
             else:
                 x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
             size = len(data)

@@ -113,6 +113,12 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
     handed, real, real_async = [], pool.prepare, pool.prepare_async
     monkeypatch.setattr(pool, "prepare", lambda data, *a: handed.append(data) or real(data, *a))
     monkeypatch.setattr(pool, "prepare_async", lambda data, *a: handed.append(data) or real_async(data, *a))
+    # still alone once a worker has decoded it: scored and stored in one thread, not through the batching loop and
+    # the result writer (two hops more)
+    state, batched = server.server.config.app.state, []
+    real_submit, real_record = state.batcher.submit, state.recorder.record
+    monkeypatch.setattr(state.batcher, "submit", lambda x: batched.append("model") or real_submit(x))
+    monkeypatch.setattr(state.recorder, "record", lambda *a: batched.append("writer") or real_record(*a))
     try:
         engine = Engine(artifact)
         by_worker, decoded = [], {}
@@ -126,6 +132,10 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
             if len(handed) > before:
                 by_worker.append(syntax)
         assert by_worker == [JPEGLSLossless, RLELossless, "decoy"]
+        assert batched == []
+        with server.sessions() as db:  # and stored before the answer, each of them
+            stored = {r.sop_instance_uid: r.probability for r in db.scalars(select(ScoredImage))}
+        assert stored == {str(ds.SOPInstanceUID): pytest.approx(engine.predict(files["decoy"]).probability, abs=1e-5)}
         assert decoded[JPEG2000Lossless].endswith("wavelet")  # a reduced decode, which lets go of the GIL
         assert files[ExplicitVRLittleEndian].stat().st_size > SHARED_BODY_MIN  # in a segment, decoded in place
     finally:
