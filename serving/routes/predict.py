@@ -204,7 +204,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)
                 _check_uids(meta)
-                # alone now (a JPEG-LS or RLE image a worker decoded while nothing else was about): one hop
+                # alone now (a JPEG-LS or RLE image alone, or the last of a busy spell): scored in one hop
                 result = await run_in_threadpool(score_if_alone, x, meta) if app.batcher.alone() else None
             else:
                 x, meta, result = await run_in_threadpool(decode_and_score_if_alone)

@@ -133,7 +133,7 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
                 by_worker.append(syntax)
         assert by_worker == [JPEGLSLossless, RLELossless, "decoy"]
         assert batched == []
-        with server.sessions() as db:  # and stored before the answer, each of them
+        with server.sessions() as db:  # and stored before the answer (one SOP Instance UID: the last score's row)
             stored = {r.sop_instance_uid: r.probability for r in db.scalars(select(ScoredImage))}
         assert stored == {str(ds.SOPInstanceUID): pytest.approx(engine.predict(files["decoy"]).probability, abs=1e-5)}
         assert decoded[JPEG2000Lossless].endswith("wavelet")  # a reduced decode, which lets go of the GIL
