@@ -201,10 +201,10 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
             gil_free = app.decoder is not None and engine.decodes_without_gil(
                 data.view() if isinstance(data, Received) else data)
             if isinstance(data, Received) and not decodes_here():
-                # in a worker's segment already: awaited here, no thread waiting on the worker; then batched
+                # in a worker's segment already: awaited here, no thread waiting on the worker; then scored in one
+                # hop if it is alone now (a JPEG-LS or RLE image alone, or the last of a busy spell), else batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)
                 _check_uids(meta)
-                # alone now (a JPEG-LS or RLE image alone, or the last of a busy spell): scored in one hop
                 result = await run_in_threadpool(score_if_alone, x, meta) if app.batcher.alone() else None
             else:
                 x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
