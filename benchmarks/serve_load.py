@@ -90,12 +90,14 @@ class _Connection:
     """A bare HTTP/1.1 keep-alive connection on asyncio streams: the load generator shares the service's two
     cores, and httpx spends ~3 ms of them per request (measured here), which would be billed to the service."""
 
-    def __init__(self, host: str, port: int, key: str) -> None:
+    def __init__(self, host: str, port: int, key: str, link_bytes_per_s: float = 0.0) -> None:
         self.host, self.port = host, port
         self.head = (f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
                      "Content-Type: application/dicom\r\n").encode()
         self.reader = self.writer = None
         self.used = time.monotonic()
+        self.link = link_bytes_per_s  # > 0: the body is sent no faster than this, as over a network link
+        self.sent = 0.0  # perf_counter when the last request's last byte was handed to the socket
 
     IDLE_S = 2.0  # reopened after this long unused: well inside the server's keep-alive timeout (uvicorn: 5 s)
 
@@ -113,8 +115,12 @@ class _Connection:
             try:
                 self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.head
                                   + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-                self.writer.write(body)  # not joined to the head: a 17 MB body is not copied on its way out
-                await self.writer.drain()
+                if self.link:
+                    await self._paced(body)
+                else:
+                    self.writer.write(body)  # not joined to the head: a 17 MB body is not copied on its way out
+                    await self.writer.drain()
+                self.sent = time.perf_counter()
                 line = await self.reader.readline()
             except ConnectionError:
                 line = b""
@@ -135,6 +141,21 @@ class _Connection:
         if headers.get("connection", "").lower() == "close":
             await self.close()
         return status, headers
+
+    LINK_CHUNK = 64 * 1024
+
+    async def _paced(self, body: bytes) -> None:
+        """``body`` at the link's rate: each 64 kB written when the link would have carried the ones before."""
+        view, start = memoryview(body), time.perf_counter()
+        for at in range(0, len(body), self.LINK_CHUNK):
+            delay = start + at / self.link - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.writer.write(view[at:at + self.LINK_CHUNK])
+            await self.writer.drain()
+        delay = start + len(body) / self.link - time.perf_counter()  # the last chunk's own time on the link
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -159,13 +180,14 @@ def run_client(coro):
 
 
 async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, seconds: float, limit: int,
-                 server_cpu=None) -> dict:
+                 server_cpu=None, link_bytes_per_s: float = 0.0) -> dict:
     """``concurrency`` connections sending ``payloads`` in turn for ``seconds`` (at most ``limit`` requests), after one
     request each to open and warm them (sent one after another: not counted). The summary has the client's CPU seconds
     over the counted part (``client_cpu_s``) and, given ``server_cpu`` (a function: the server's CPU seconds so far),
-    the server's (``server_cpu_s``)."""
+    the server's (``server_cpu_s``). ``link_bytes_per_s``: each body sent at that rate, as from across a network;
+    ``after_last_byte_p50_ms``: from the last byte sent to the answer."""
     host, port = url.removeprefix("http://").split(":")
-    latencies, codes = [], {}
+    latencies, codes, after = [], {}, []
     counter = iter(range(limit))
     deadline = 0.0
 
@@ -176,9 +198,10 @@ async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, se
             t = time.perf_counter()
             status = await conn.post("/v1/predict", payloads[i % len(payloads)])
             latencies.append(time.perf_counter() - t)
+            after.append(time.perf_counter() - conn.sent)
             codes[status] = codes.get(status, 0) + 1
 
-    conns = [_Connection(host, int(port), key) for _ in range(concurrency)]
+    conns = [_Connection(host, int(port), key, link_bytes_per_s) for _ in range(concurrency)]
     try:
         for conn, payload in zip(conns, payloads * concurrency, strict=False):  # connect and warm up
             await conn.post("/v1/predict", payload)
@@ -189,6 +212,7 @@ async def _drive(url: str, key: str, payloads: list[bytes], concurrency: int, se
         wall = time.perf_counter() - start
         out = _summary(1000 * np.asarray(latencies), codes, wall)
         out["client_cpu_s"] = time.process_time() - cpu
+        out["after_last_byte_p50_ms"] = 1000 * float(np.median(after)) if after else float("nan")
         if server is not None:
             out["server_cpu_s"] = server_cpu() - server
     finally:

@@ -211,7 +211,7 @@ class DecodeElsewhere(Exception):
 
 def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
                identifiers: dict[str, str] | None = None, long_side: int = 0,
-               gil_free_only: bool = False) -> tuple[np.ndarray, DicomMeta]:
+               gil_free_only: bool = False, ahead=None) -> tuple[np.ndarray, DicomMeta]:
     """Read one greyscale DICOM image.
 
     Args:
@@ -226,6 +226,9 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
             pixels, OpenJPEG through Pillow for a reduced JPEG 2000 decode); where the file needs another decoder
             (``resolution.lets_threads_run``'s, decided here on what the header says, not on a hint), raise
             ``DecodeElsewhere`` before it runs.
+        ahead: what ``medvision.read_ahead.decode_ahead`` decoded of this file while it arrived, as a callable that
+            gives it (blocking until it is done): taken in place of the reduced JPEG 2000 decode where it was made
+            from the same cut codestream; everything else is read and checked as without it.
 
     Returns:
         ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.
@@ -239,7 +242,7 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
         meta = _meta(ds)
         _check_policy(ds, meta, limits)
         plan = plan_decode(meta.transfer_syntax, meta.rows, meta.columns, long_side)
-        pixels, plan = _decode_planned(ds, meta, plan, source, gil_free_only)
+        pixels, plan = _decode_planned(ds, meta, plan, source, gil_free_only, ahead)
         if plan.factor != 1:
             meta = replace(meta, decode=str(plan), decode_factor=plan.factor)
         if identifiers is not None:
@@ -733,7 +736,7 @@ _PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.
 
 
 def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
-                    gil_free_only: bool = False) -> tuple[np.ndarray, DecodePlan]:
+                    gil_free_only: bool = False, ahead=None) -> tuple[np.ndarray, DecodePlan]:
     """Carry out ``plan``: the pixels at 1/plan.factor of the image's size, and the plan as carried out."""
     if plan.factor == 1:
         _load_pixel_data(ds)
@@ -742,11 +745,13 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
     if plan.method == "lowpass" and meta.transfer_syntax in NATIVE_SYNTAXES:
         view = _native_pixels(ds, meta, source)
         if view is not None:
-            return lowpass(view, levels, meta.bits_stored, meta.signed), plan
+            done = ahead() if ahead is not None else None
+            band = done.band_of(view, levels) if done is not None else None
+            return (band if band is not None else lowpass(view, levels, meta.bits_stored, meta.signed)), plan
     if plan.method == "wavelet":
         pixel_data = _encapsulated(ds, source)
         _check_codestream(ds, meta, pixel_data)
-        reduced, plan = _wavelet(ds, meta, plan, pixel_data)
+        reduced, plan = _wavelet(ds, meta, plan, pixel_data, ahead)
         if reduced is not None:
             return reduced, plan
     _load_pixel_data(ds)
@@ -758,7 +763,8 @@ def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
     return np.dtype(f"{'i' if meta.signed else 'u'}{max(1, allocated // 8)}")
 
 
-def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data) -> tuple[np.ndarray | None, DecodePlan]:
+def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data,
+             ahead=None) -> tuple[np.ndarray | None, DecodePlan]:
     """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
     plan's note when this codestream cannot be (the caller then decodes in full and computes the band)."""
     wanted = plan.factor.bit_length() - 1
@@ -773,7 +779,7 @@ def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data) -> tupl
             return None, replace(plan, method="lowpass", note="full decode: the codestream's samples disagree with "
                                  "the header's Bits Stored / Pixel Representation")
         levels = min(wanted, found[0])
-        arr = decode_j2k_reduced(codestream, levels, _stored_dtype(ds, meta))
+        arr = decode_j2k_reduced(codestream, levels, _stored_dtype(ds, meta), ahead)
     except _INTERRUPTS:
         raise
     except BaseException as exc:  # OpenJPEG through Pillow raises several types; the full decoder then decides

@@ -54,14 +54,30 @@ class _Unsupported(Exception):
     """The codestream is outside what this module reads; the caller decodes it whole."""
 
 
-def coarse_codestream(codestream, levels: int) -> bytes | None:
+class _Short(_Unsupported):
+    """A header or a packet runs past the data."""
+
+
+class NeedMore(Exception):
+    """``coarse_codestream(..., size=)``: the kept packets run past the bytes that have arrived."""
+
+
+def coarse_codestream(codestream, levels: int, size: int | None = None) -> bytes | None:
     """``codestream`` holding only the packets a decode that discards its ``levels`` finest wavelet levels reads,
-    or None where that cannot be done here (the caller then decodes the original). ``levels`` 0 gives None."""
+    or None where that cannot be done here (the caller then decodes the original). ``levels`` 0 gives None.
+
+    ``size``: ``codestream`` is only the first bytes, as they arrive, of a codestream this long. Its first tile-part
+    is read as the whole tile (the end of the codestream, which says whether it is, has not arrived): ``NeedMore``
+    when the kept packets run past what has; the result is the cut of the whole codestream wherever that holds one
+    tile-part, which is for the caller to make sure of (it compares the two cuts)."""
     if levels <= 0:
         return None
+    data = memoryview(codestream).cast("B")
     try:
-        return _coarse(memoryview(codestream).cast("B"), levels)
-    except (_Unsupported, IndexError, struct.error):
+        return _coarse(data, levels) if size is None else _coarse_start(data, levels, size)
+    except (_Unsupported, IndexError, struct.error) as exc:
+        if size is not None and len(data) < size and isinstance(exc, (_Short, IndexError, struct.error)):
+            raise NeedMore from None  # a header or a packet (header) runs past the bytes that have arrived
         return None
 
 
@@ -75,9 +91,11 @@ def _segments(data, pos: int, end: int):
             return
         if marker >> 8 != 0xFF or length < 2:
             raise _Unsupported("not a marker segment")
+        if pos + 2 + length > end:
+            raise _Short("header runs past the data")
         yield marker, pos, pos + 2 + length
         pos += 2 + length
-    raise _Unsupported("header runs past the data, or has too many segments")
+    raise (_Unsupported("too many segments in a header") if pos + 4 <= end else _Short("header runs past the data"))
 
 
 class _Coding:
@@ -141,7 +159,8 @@ def _ceil(a: int, n: int) -> int:
     return -(-a >> n)
 
 
-def _coarse(data, levels: int) -> bytes | None:
+def _main_header(data, levels: int) -> tuple[list[bytes], _Coding, int]:
+    """The main header's kept segments, the coding, and where the first tile-part starts."""
     if len(data) < 4 or struct.unpack_from(">H", data, 0)[0] != SOC:
         raise _Unsupported("no SOC")
     main, siz, cod, cap = [], None, None, None
@@ -165,6 +184,24 @@ def _coarse(data, levels: int) -> bytes | None:
     coding = _Coding(siz, cod, cap)
     if levels > coding.levels:
         raise _Unsupported("more levels asked than the codestream has")
+    return main, coding, pos
+
+
+def _tile_header(data, at: int, end: int, first: bool, tile_header: list[bytes]) -> int:
+    """Reads a tile-part's header (after its SOT) into ``tile_header``; returns where its data starts (past SOD)."""
+    for marker, start, stop in _segments(data, at, end):
+        if marker not in {PLT, COM} | (_KEPT_TILE if first else set()):
+            raise _Unsupported(f"tile-part header marker {marker:#06x}")
+        if marker in _KEPT_TILE:
+            tile_header.append(bytes(data[start:stop]))
+        at = stop
+    if struct.unpack_from(">H", data, at)[0] != SOD:
+        raise _Unsupported("no SOD")
+    return at + 2
+
+
+def _coarse(data, levels: int) -> bytes | None:
+    main, coding, pos = _main_header(data, levels)
     eoc = _end_of_codestream(data)
     # the tile's data, over all its tile-parts; every length must add up to the codestream's
     pieces, tile_header, declared = [], [], set()
@@ -176,22 +213,38 @@ def _coarse(data, levels: int) -> bytes | None:
         end = pos + psot if psot else eoc
         if end > eoc or psot and psot < 14:
             raise _Unsupported("tile-part runs past the codestream")
-        at = pos + 12
-        for marker, start, stop in _segments(data, at, end):
-            if marker not in {PLT, COM} | (set() if pieces else _KEPT_TILE):
-                raise _Unsupported(f"tile-part header marker {marker:#06x}")
-            if marker in _KEPT_TILE:
-                tile_header.append(bytes(data[start:stop]))
-            at = stop
-        if struct.unpack_from(">H", data, at)[0] != SOD:
-            raise _Unsupported("no SOD")
-        pieces.append(data[at + 2:end])
+        pieces.append(data[_tile_header(data, pos + 12, end, not pieces, tile_header):end])
         pos = end
     if not pieces or pos != eoc:
         raise _Unsupported("the tile-parts' lengths do not add up to the codestream's")
     if declared - {0, len(pieces)}:
         raise _Unsupported("a tile-part count other than the tile-parts found")
     body = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+    return b"\xff\x4f" + b"".join(main) + _cut(body, coding, levels, tile_header)
+
+
+def _coarse_start(data, levels: int, size: int) -> bytes | None:
+    """``_coarse`` of a codestream ``size`` bytes long of which ``data`` has arrived, its first tile-part taken for
+    the tile."""
+    main, coding, pos = _main_header(data, levels)
+    marker, lsot, isot, psot, tpsot, tnsot = struct.unpack_from(">HHHIBB", data, pos)
+    if marker != SOT or lsot != 10 or isot != 0 or tpsot != 0 or tnsot > 1 or not 14 <= psot <= size - pos:
+        raise _Unsupported("not the first tile-part of the one tile")
+    tile_header: list[bytes] = []
+    end = pos + psot
+    body = data[_tile_header(data, pos + 12, min(end, len(data)), True, tile_header):end]
+    try:
+        cut = _cut(body, coding, levels, tile_header)
+    except _Short:
+        if len(data) < end:
+            raise
+        raise _Unsupported("packet runs past the tile-part") from None  # several tile-parts: more bytes won't help
+    return b"\xff\x4f" + b"".join(main) + cut
+
+
+def _cut(body, coding: _Coding, levels: int, tile_header: list[bytes]) -> bytes:
+    """The cut codestream after its main header: one tile-part holding the kept packets of ``body`` (the tile's
+    data) and an empty packet for each left out, then EOC."""
     kept = coding.levels - levels  # resolutions 0 .. kept stay
     if not all(coding.one_precinct(r) for r in range(kept + 1)):
         raise _Unsupported("a resolution over several default precincts")
@@ -199,7 +252,7 @@ def _coarse(data, levels: int) -> bytes | None:
     data_out = bytes(body[:cut]) + _empty_packets(coding, kept, (coding.levels - kept) * coding.layers)
     header = b"".join(tile_header)
     sot = struct.pack(">HHHIBB", SOT, 10, 0, 12 + len(header) + 2 + len(data_out), 0, 1)
-    return b"\xff\x4f" + b"".join(main) + sot + header + b"\xff\x93" + data_out + b"\xff\xd9"
+    return sot + header + b"\xff\x93" + data_out + b"\xff\xd9"
 
 
 def _end_of_codestream(data) -> int:
@@ -359,5 +412,5 @@ def _prefix_length(body, coding: _Coding, kept: int) -> int:
                 pos += 2
             pos += length
             if pos > len(body):
-                raise _Unsupported("packet runs past the tile's data")
+                raise _Short("packet runs past the tile's data")
     return pos

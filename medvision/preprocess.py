@@ -400,12 +400,13 @@ class Preprocess:
         return Geometry(box, flipped, scale, (self.cfg.image_size - nh) // 2, self.cfg.image_size, meta.decode_factor)
 
     def read(self, source: Source, limits: ReadLimits = ReadLimits(), identifiers: dict[str, str] | None = None,
-             gil_free_only: bool = False) -> tuple[np.ndarray, DicomMeta]:
+             gil_free_only: bool = False, ahead=None) -> tuple[np.ndarray, DicomMeta]:
         """The stored pixels at the resolution this preprocessing's contract needs (``decode_long_side``), and the
         meta (``meta.decode`` says how): the one way training, evaluation, export, quantization, the gate, the
-        service, batch scoring and the review UI read an image for the model (``gil_free_only``: ``read_dicom``'s)."""
+        service, batch scoring and the review UI read an image for the model (``gil_free_only``, ``ahead``:
+        ``read_dicom``'s)."""
         return read_dicom(source, limits, identifiers, long_side=self.cfg.decode_long_side,
-                          gil_free_only=gil_free_only)
+                          gil_free_only=gil_free_only, ahead=ahead)
 
     def from_dicom(self, source: Source, limits: ReadLimits = ReadLimits()) -> tuple[np.ndarray, DicomMeta]:
         stored, meta = self.read(source, limits)

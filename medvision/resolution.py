@@ -150,7 +150,7 @@ def _as(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
 STRIP_ROWS = 64  # output rows computed at once: a strip's intermediates stay in a core's cache
 
 
-def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False) -> np.ndarray | None:
+def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False, ready=None) -> np.ndarray | None:
     """One 2-D level (the vertical step, then the horizontal one) in ``dtype``, in strips of ``STRIP_ROWS`` output
     rows, equal to whole-image steps: output row k of the vertical step reads input rows 2k-2 .. 2k+2, so each
     strip is computed from its rows plus two on either side, and the one output row at each side that the strip's
@@ -159,13 +159,16 @@ def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False) -> np.ndarray 
 
     ``checked``: each strip's samples are first checked to fit ``dtype`` (``_fits``: a strip's arithmetic depends
     on its own samples only), while the strip is in cache rather than in a pass of its own over the image; None
-    when one does not fit (the caller runs the level again, wider)."""
+    when one does not fit (the caller runs the level again, wider). ``ready(rows)``, if given, is called before a
+    strip is read: it returns once ``a``'s first ``rows`` rows hold their values (they may still be arriving)."""
     n = a.shape[0]
     half = (n + 1) // 2
     out = np.empty((half, (a.shape[1] + 1) // 2), dtype)
     for k0 in range(0, half, STRIP_ROWS):
         k1 = min(half, k0 + STRIP_ROWS)
         lead = 0 if k0 == 0 else 1
+        if ready is not None:
+            ready(min(n, 2 * k1 + 2))
         rows = a[2 * k0 - 2 * lead:min(n, 2 * k1 + 2)]
         if checked and _fits(0 if rows.dtype.kind == "u" else int(rows.min()), int(rows.max())) != dtype:
             return None
@@ -173,25 +176,28 @@ def _level(a: np.ndarray, dtype: np.dtype, checked: bool = False) -> np.ndarray 
     return out
 
 
-def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> np.ndarray:
+def lowpass(stored: np.ndarray, levels: int, bits_stored: int, signed: bool, ready=None) -> np.ndarray:
     """The image at 1/2**levels of its size: the low-pass band of ``levels`` 2-D steps of the reversible 5/3
     wavelet, as JPEG 2000 computes it (bit for bit what OpenJPEG gives for a lossless codestream decoded at that
     reduction), clamped to the ``bits_stored`` range and returned in the stored type. Each input value comes from
     memory once (a strip's range check and its steps run while it is in cache); no full-size copy of the input is
     made. Each level runs in the narrowest integer type its samples'
-    range allows (``_fits``: int16 for a 12-bit mammogram's levels, half the memory traffic of int32)."""
+    range allows (``_fits``: int16 for a 12-bit mammogram's levels, half the memory traffic of int32).
+    ``ready(rows)``: ``stored`` is still arriving, row after row; called before rows are read, it returns once the
+    first ``rows`` are in (``_level``'s)."""
     if levels == 0:
         return stored
     a = stored
     narrow, wide = np.dtype(np.int16), np.dtype(np.int32)
-    for _ in range(levels):
+    for level in range(levels):
+        arriving = ready if level == 0 else None
         if not a.size:
             a = _level(a, wide)
         elif a.dtype == np.uint8:
-            a = _level(a, _fits(0, 255))
+            a = _level(a, _fits(0, 255), ready=arriving)
         else:
-            level = _level(a, narrow, checked=True)
-            a = level if level is not None else _level(a, wide)
+            narrowed = _level(a, narrow, checked=True, ready=arriving)
+            a = narrowed if narrowed is not None else _level(a, wide, ready=arriving)
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     info = np.iinfo(stored.dtype)
     return np.clip(a, max(lo, info.min), min(hi, info.max)).astype(stored.dtype)
@@ -259,10 +265,10 @@ def use_decode_threads(threads: int, keep_set: bool = False) -> None:
 
 
 # Below this size, or at 1/2, cutting the codestream to the kept resolutions costs about what it saves.
-_CUT_FROM = 1 << 20
+CUT_FROM = 1 << 20
 
 
-def _openjpeg(codestream, levels: int) -> np.ndarray:
+def openjpeg(codestream, levels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(codestream)) as im:
@@ -271,22 +277,29 @@ def _openjpeg(codestream, levels: int) -> np.ndarray:
         return np.asarray(im)
 
 
-def decode_j2k_reduced(codestream: bytes, levels: int, dtype: np.dtype) -> np.ndarray:
+def decode_j2k_reduced(codestream: bytes, levels: int, dtype: np.dtype, ahead=None) -> np.ndarray:
     """The image at 1/2**levels of its size, the finest ``levels`` wavelet levels discarded (OpenJPEG via Pillow;
-    Pillow widens samples to 8 or 16 bits, which is undone here). Raises on anything it cannot decode."""
+    Pillow widens samples to 8 or 16 bits, which is undone here). Raises on anything it cannot decode.
+
+    ``ahead``: a callable giving what ``medvision.read_ahead`` decoded while the file arrived (or None), used where
+    it was decoded from the very codestream cut here, at the same level."""
     found = j2k_levels(codestream)
     if found is None:
         raise ValueError("JPEG 2000 codestream without readable SIZ / COD markers")
     _, precision, signed = found
     if signed:
         raise ValueError("signed JPEG 2000 samples")
-    coarse = coarse_codestream(codestream, levels) if levels >= 2 and len(codestream) >= _CUT_FROM else None
+    coarse = coarse_codestream(codestream, levels) if levels >= 2 and len(codestream) >= CUT_FROM else None
+    done = ahead() if ahead is not None and coarse is not None else None
     try:
-        arr = _openjpeg(coarse if coarse is not None else codestream, levels)
+        if done is not None and done.cut is not None and done.levels == levels and done.cut == coarse:
+            arr = done.pixels
+        else:
+            arr = openjpeg(coarse if coarse is not None else codestream, levels)
     except Exception:
         if coarse is None:
             raise
-        arr = _openjpeg(codestream, levels)  # whatever the cut codestream trips on, the whole one decides
+        arr = openjpeg(codestream, levels)  # whatever the cut codestream trips on, the whole one decides
     if arr.ndim != 2:
         raise ValueError(f"decoded shape {arr.shape}")
     container = 8 if arr.dtype == np.uint8 else 16

@@ -17,6 +17,7 @@ from medvision.dicom_io import DicomMeta, ReadLimits, Source, decodes_without_gi
 from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
 from medvision.preprocess import Preprocess
+from medvision.read_ahead import Ahead, decode_ahead
 from medvision.serving.settings import Settings
 from medvision.site_calibration import SiteCalibration
 
@@ -134,11 +135,21 @@ class Engine:
         return prob[:, 0], heat
 
     def prepare(self, source: Source, identifiers: dict[str, str] | None = None,
-                gil_free_only: bool = False) -> tuple[np.ndarray, DicomMeta]:
+                gil_free_only: bool = False, ahead=None) -> tuple[np.ndarray, DicomMeta]:
         """Read and preprocess one DICOM: the model input (1, H, W) and its metadata (``identifiers``,
-        ``gil_free_only``: see ``read_dicom``)."""
-        stored, meta = self.preprocess.read(source, self.limits, identifiers, gil_free_only)
+        ``gil_free_only``, ``ahead``: see ``read_dicom``)."""
+        stored, meta = self.preprocess.read(source, self.limits, identifiers, gil_free_only, ahead)
         return self.preprocess(stored, meta), meta
+
+    @property
+    def reads_reduced(self) -> bool:
+        """Whether this engine's contract reads images at a reduced size (``decode_long_side``)."""
+        return self.preprocess.cfg.decode_long_side > 0
+
+    def decode_ahead(self, arrived, size: int) -> Ahead | None:
+        """A JPEG 2000 file's pixels under this engine's contract, decoded from its first bytes while the rest
+        arrives (``medvision.read_ahead``): handed to ``prepare(..., ahead=)`` once the whole file is in."""
+        return decode_ahead(arrived, size, self.preprocess.cfg.decode_long_side, self.limits)
 
     def decodes_without_gil(self, data) -> bool:
         """Whether a DICOM's bytes look like a decode, under this engine's contract, that lets the process's other

@@ -80,18 +80,21 @@ class _Chunks:
 
 class _Sink:
     """The body container while the app fills a buffer: each chunk is copied to where it belongs, none is kept.
-    Bytes past the buffer's end (a buffer shorter than the body) are counted, not written."""
+    Bytes past the buffer's end (a buffer shorter than the body) are counted, not written. ``progress``, if any, is
+    told how many bytes are in the buffer each time more are."""
 
-    __slots__ = ("view", "at", "over")
+    __slots__ = ("view", "at", "over", "progress")
 
-    def __init__(self, view: memoryview) -> None:
-        self.view, self.at, self.over = view, 0, 0
+    def __init__(self, view: memoryview, progress=None) -> None:
+        self.view, self.at, self.over, self.progress = view, 0, 0, progress
 
     def write(self, chunk) -> None:
         n = min(len(chunk), len(self.view) - self.at)
         self.view[self.at:self.at + n] = chunk[:n] if n < len(chunk) else chunk
         self.at += n
         self.over += len(chunk) - n
+        if n and self.progress is not None:
+            self.progress(self.at)
 
     @property
     def full(self) -> bool:
@@ -107,13 +110,14 @@ def _declared_length(scope) -> int | None:
 
 
 def _filler(cycle, protocol):
-    """``fill(buffer) -> bytes written``: the rest of ``cycle``'s body into ``buffer`` (the body's Content-Length
-    long). Returns at the body's end, or with fewer bytes when the client disconnects; a body longer than the buffer
-    is read to its end and refused (ValueError). It holds its cycle and protocol weakly: the cycle holds the scope
+    """``fill(buffer, progress=None) -> bytes written``: the rest of ``cycle``'s body into ``buffer`` (the body's
+    Content-Length long). Returns at the body's end, or with fewer bytes when the client disconnects; a body longer
+    than the buffer is read to its end and refused (ValueError). ``progress(n)`` is called, on the event loop, each
+    time the buffer's first ``n`` bytes are in. It holds its cycle and protocol weakly: the cycle holds the scope
     that holds it."""
     ref, protocol_ref = weakref.ref(cycle), weakref.ref(protocol)
 
-    async def fill(buffer) -> int:
+    async def fill(buffer, progress=None) -> int:
         cycle, protocol = ref(), protocol_ref()
         if cycle is None or protocol is None:
             raise RuntimeError("this request is over: its body can no longer be read")
@@ -124,7 +128,7 @@ def _filler(cycle, protocol):
         pending = cycle.body  # what came before the app asked: chunks, or uvicorn's bytearray
         if type(pending) is _Sink:
             raise RuntimeError("this request's body is already being read into a buffer")
-        sink = _Sink(view)
+        sink = _Sink(view, progress)
         for chunk in (pending.chunks if type(pending) is _Chunks else [pending]):
             sink.write(chunk)
         cycle.body = sink
@@ -250,6 +254,8 @@ def chunked_body_protocol() -> type | None:
             sink = http.direct
             if sink is not None:
                 sink.at += nbytes
+                if sink.progress is not None:
+                    sink.progress(sink.at)
                 if sink.full:
                     http.body_read()
             elif http.skip:

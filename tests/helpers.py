@@ -225,10 +225,10 @@ def raise_unrebuildable():
 
 def decode_reduced(codestream: bytes, levels: int):
     """A JPEG 2000 / HTJ2K codestream decoded by OpenJPEG (through Pillow) without its ``levels`` finest levels, as
-    the reader hands it over (``resolution._openjpeg``), whole: never cut."""
-    from medvision.resolution import _openjpeg
+    the reader hands it over (``resolution.openjpeg``), whole: never cut."""
+    from medvision.resolution import openjpeg
 
-    return _openjpeg(codestream, levels)
+    return openjpeg(codestream, levels)
 
 
 def mangled_cuts(codestream: bytes, seed: int, tries: int = 300) -> dict[str, int]:

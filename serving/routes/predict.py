@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from medvision.dicom_io import DecodeElsewhere
 from medvision.identifiers import check_uid
 from medvision.serving.auth import Caller, require
+from medvision.serving.decode_ahead import DecodeAhead
 from medvision.serving.decode_pool import Received
 from medvision.serving.dependencies import LoadedEngine, State
 from medvision.serving.engine import ModelInfo
@@ -60,14 +62,15 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 SHARED_BODY_MIN = 1 << 20  # raw bodies this large go straight into a decoding worker's shared segment
 
 
-async def _read_into(request: Request, received: Received) -> None:
+async def _read_into(request: Request, received: Received, progress=None) -> None:
     """The raw body, straight into ``received`` (its size is the declared Content-Length, which the HTTP server
     holds the body to): written there by the HTTP protocol as it comes off the socket where the server offers it
-    (``http_server.BODY_INTO``), else copied there chunk by chunk."""
+    (``http_server.BODY_INTO``), else copied there chunk by chunk. ``progress(n)``: told each time the first ``n``
+    bytes are in."""
     fill = request.scope.get("extensions", {}).get(BODY_INTO)
     if fill is not None:
         try:
-            at = await fill(received.view())
+            at = await fill(received.view(), progress)
         except ValueError:  # longer than its Content-Length (the HTTP parser does not let that happen)
             raise PayloadTooLarge("request body is longer than its Content-Length") from None
         await request.receive()  # the end of the body, as the middleware counting it expects to see it
@@ -78,23 +81,36 @@ async def _read_into(request: Request, received: Received) -> None:
                 raise PayloadTooLarge("request body is longer than its Content-Length")
             view[at:at + len(chunk)] = chunk
             at += len(chunk)
+            if progress is not None and chunk:
+                progress(at)
     if at != received.size:
         raise MissingFile(f"request body ended after {at:,} of its {received.size:,} bytes")
 
 
 @asynccontextmanager
-async def dicom_body(request: Request, app):
+async def dicom_body(request: Request, app, ahead=None):
     """The DICOM of a scoring request: a large raw body goes straight into one of the decoding workers' shared
     segments (a ``Received``: one copy on its way from the socket to the decoder, where reading it into memory and
-    handing it over made two); anything else, or when no segment is free, as ``read_dicom_upload`` gives it."""
+    handing it over made two); anything else, or when no segment is free, as ``read_dicom_upload`` gives it.
+    ``ahead(view)``: called before a body is read into a segment's ``view``, may start a ``DecodeAhead`` on it (ended
+    and waited for before the segment goes back)."""
     declared = request.headers.get("content-length", "")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if (app.decoder is not None and ctype in RAW_TYPES and declared.isdigit()
             and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
         with app.decoder.segments.receiving(int(declared)) as received:
             if received is not None:
-                await _read_into(request, received)
-                yield received
+                early = ahead(received.view()) if ahead is not None else None
+                try:
+                    await _read_into(request, received, early.advanced if early is not None else None)
+                    yield received
+                finally:
+                    if early is not None:
+                        try:
+                            await early.close()
+                        except asyncio.CancelledError:
+                            received.abandoned = received.abandoned or early.running  # it may still read the segment
+                            raise
                 return
     yield await read_dicom_upload(request, app.settings, app.data)
 
@@ -178,6 +194,14 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         record(result)
         return result
 
+    def decode_ahead(view) -> DecodeAhead | None:
+        # A request alone when its body starts to arrive: a JPEG 2000 image in it is decoded from its first bytes
+        # while the rest arrives (``read_ahead``; decode_and_score_if_alone's read takes the pixels if it can)
+        nonlocal early
+        if app.settings.decode_ahead and app.batcher.alone() and engine.reads_reduced:
+            early = DecodeAhead(engine, view)
+        return early
+
     def decode_and_score_if_alone():
         # Decoding is CPU-bound: off the event loop, in parallel across requests (in worker processes when there
         # are some). A request alone in the service is decoded, scored and recorded right here (one thread hop in
@@ -186,7 +210,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         if decodes_here():
             try:  # held to decoders that let the event loop run, whatever the file's meta suggested
                 prepared = engine.prepare(data.view() if isinstance(data, Received) else data, ids,
-                                          gil_free_only=app.decoder is not None)
+                                          gil_free_only=app.decoder is not None, ahead=early)
                 statistics.update(engine.statistics(prepared[0]))
             except DecodeElsewhere:
                 pass
@@ -196,8 +220,9 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
 
     info = engine.model_info()
     overlay = app.site_overlays.get(caller.owner.site)
+    early: DecodeAhead | None = None
     with app.batcher.incoming():
-        async with dicom_body(request, app) as data:
+        async with dicom_body(request, app, decode_ahead) as data:
             gil_free = app.decoder is not None and engine.decodes_without_gil(
                 data.view() if isinstance(data, Received) else data)
             if isinstance(data, Received) and not decodes_here():

@@ -22,7 +22,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from medvision import resolution
 from medvision.dicom_io import read_dicom
-from medvision.j2k_prefix import MAX_CODE_BLOCKS, coarse_codestream
+from medvision.j2k_prefix import MAX_CODE_BLOCKS, NeedMore, coarse_codestream
 from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass
 from medvision.synth.dataset import example_image
 from medvision.synth.dicom_writer import save
@@ -138,6 +138,40 @@ def test_opj_compress_codestreams_decode_the_same_cut(image, tmp_path, args):
 def test_opj_compress_codestreams_not_read_give_none(image, tmp_path, args):
     codestream = opj(image, tmp_path, args)
     assert coarse_codestream(codestream, 2) is None
+
+
+def cut_as_it_arrives(codestream, levels: int, step: int) -> tuple[list[int], bytes | None]:
+    """``coarse_codestream`` of ever longer starts of ``codestream`` (``size=`` its length), until it answers: the
+    lengths it asked for more at, and its answer."""
+    asked = []
+    for n in range(step, len(codestream) + step, step):
+        try:
+            return asked, coarse_codestream(memoryview(codestream)[:n], levels, size=len(codestream))
+        except NeedMore:
+            asked.append(n)
+    raise AssertionError("still asking for more with the whole codestream")
+
+
+ARRIVING = {**{f"pillow {k}": ("pillow", v) for k, v in READ.items()},
+            **{f"opj_compress {k}": ("opj", v) for k, v in {**OPJ, **OPJ_NOT_READ}.items()},
+            **{f"pillow {k}": ("pillow", v) for k, v in NOT_READ.items()}}
+
+
+@pytest.mark.parametrize("source", ARRIVING.values(), ids=ARRIVING.keys())
+def test_a_codestream_cut_as_it_arrives_is_cut_as_the_whole_one_or_not_at_all(image, tmp_path, source):
+    """Cut from its first bytes only (a body still arriving, ``size=``), a codestream gives the cut of the whole
+    codestream or None, never another cut, whatever its layout (read or not, tile-parts by resolution included);
+    it asks for more only while the kept packets have not all arrived, and where the whole is one tile-part it cuts
+    as soon as they have."""
+    kind, options = source
+    codestream = pillow(image, **options) if kind == "pillow" else opj(image, tmp_path, options)
+    for levels in (2, 3):
+        whole = coarse_codestream(codestream, levels)
+        asked, cut = cut_as_it_arrives(codestream, levels, step=max(64, len(codestream) // 64))
+        assert cut is None or cut == whole
+        if whole is not None and codestream.count(b"\xff\x90\x00\x0a") == 1:  # one tile-part: cut from its start
+            assert cut == whole and (not asked or asked[-1] < len(whole) + 64 + len(codestream) // 64)
+            assert len(asked) < 64  # (not only once every byte is in)
 
 
 def test_every_generator_vendor_decodes_the_same_cut(tmp_path):

@@ -109,8 +109,8 @@ def test_every_level_in_int16_is_exact_at_the_extremes_of_its_range(pattern, mon
     used = []
     level = resolution._level
 
-    def spy(x, dtype, checked=False):  # the type of each level as computed (a checked int16 try may give way)
-        out = level(x, dtype, checked)
+    def spy(x, dtype, checked=False, ready=None):  # the type of each level as computed (a checked int16 try may give way)
+        out = level(x, dtype, checked, ready)
         if out is not None:
             used.append(dtype)
         return out
