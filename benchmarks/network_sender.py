@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fullfield import SHORT, build_archive, build_htj2k, naive, pipeline_rate  # noqa: E402 - this folder's modules
 from serve_load import _drive, run_client, service_process  # noqa: E402
 
-console = Console()
+console = Console(width=150)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ class Arrival:
 
     def __init__(self, view: memoryview, wait_s: float = WAIT_S) -> None:
         self.view, self.wait_s = view, wait_s
-        self.at, self.over, self.wanted = 0, False, 0
+        self.at, self.over, self.wanted = 0, False, 1 << 62  # wanted: what a waiting thread waits for (none yet)
         self.event = threading.Event()
         self.base, self.since = 0, 0.0  # the bytes in at the first ``advanced`` (come before it was asked), and when
 
@@ -70,6 +70,7 @@ class Arrival:
                 continue
             if not self.event.wait(self.wait_s):
                 return None
+        self.wanted = 1 << 62
         return self.view[:self.at]
 
 
@@ -86,6 +87,8 @@ class DecodeAhead:
         self.task: asyncio.Future | None = None
 
     def advanced(self, at: int) -> None:
+        if self.decided and self.task is None:
+            return  # not read ahead: nothing is waiting for these bytes
         self.arrival.advanced(at)
         if not self.decided and at >= min(HEAD, len(self.arrival.view)):
             rest = self.arrival.rest_s()

@@ -147,8 +147,8 @@ class Engine:
         return self.preprocess.cfg.decode_long_side > 0
 
     def decode_ahead(self, arrived, size: int) -> Ahead | None:
-        """A JPEG 2000 file's pixels under this engine's contract, decoded from its first bytes while the rest
-        arrives (``medvision.read_ahead``): handed to ``prepare(..., ahead=)`` once the whole file is in."""
+        """A JPEG 2000 or uncompressed file's pixels under this engine's contract, read while the file arrives
+        (``medvision.read_ahead``; ``arrived``: its ``Arriving``): handed to ``prepare(..., ahead=)`` once it is in."""
         return decode_ahead(arrived, size, self.preprocess.cfg.decode_long_side, self.limits)
 
     def decodes_without_gil(self, data) -> bool:

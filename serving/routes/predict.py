@@ -195,8 +195,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
         return result
 
     def decode_ahead(view) -> DecodeAhead | None:
-        # A request alone when its body starts to arrive: a JPEG 2000 image in it is decoded from its first bytes
-        # while the rest arrives (``read_ahead``; decode_and_score_if_alone's read takes the pixels if it can)
+        # A request alone when its body starts to arrive: its image (JPEG 2000, uncompressed) may be read while the
+        # rest of the body arrives (``DecodeAhead`` decides; decode_and_score_if_alone's read takes the pixels)
         nonlocal early
         if app.settings.decode_ahead and app.batcher.alone() and engine.reads_reduced:
             early = DecodeAhead(engine, view)
