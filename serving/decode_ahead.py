@@ -21,13 +21,13 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from medvision.read_ahead import HEAD, Ahead
+from medvision.read_ahead import Ahead
 
 WAIT_S = 30.0  # the longest a thread waits for more of a body (a stalled sender): then it gives up, nothing else
 REST_MIN_S = 0.010  # read ahead only when the rest of the body will take at least this long to arrive. A full-field
 # body from this machine, at memory speed, was estimated at 0.3-2.4 ms (medians, JPEG 2000 / uncompressed; past 10 ms
 # in 0.2-5 % of requests, where the sender paused), one from across a 1 Gb/s network at 50-140 ms
-RATE_OVER_S = 0.001  # the arrival rate is measured over this long before it decides (a 1 Gb/s link: 125 kB)
+RATE_OVER_S = 0.002  # the arrival rate is measured over this long before it decides (on a 1 Gb/s link: 250 kB)
 
 
 class Arrival:
@@ -75,9 +75,10 @@ class Arrival:
 
 
 class DecodeAhead:
-    """Decodes, in a thread, a request body's JPEG 2000 image while the body arrives (``engine.decode_ahead``).
-    ``advanced`` is the body's progress (on the event loop): once its first bytes are in, it starts the thread if
-    the rest is still ``REST_MIN_S`` or more away; else nothing is done, and nothing was spent."""
+    """Reads, in a thread, a request body's image while the body arrives (``engine.decode_ahead``). ``advanced`` is
+    the body's progress (on the event loop). ``RATE_OVER_S`` after the bytes that waited in the socket are in (the
+    first read), a timer decides: if the rest is still ``REST_MIN_S`` or more away at the rate the bytes came since,
+    the thread starts; else nothing is done, and a read costs a comparison and two attributes."""
 
     def __init__(self, engine, view: memoryview) -> None:
         self.engine, self.arrival = engine, Arrival(view)
@@ -85,18 +86,24 @@ class DecodeAhead:
         self.lock = threading.Lock()
         self.started = self.skipped = self.decided = False
         self.task: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reads = 0
 
     def advanced(self, at: int) -> None:
-        if self.decided and self.task is None:
-            return  # not read ahead: nothing is waiting for these bytes
-        self.arrival.advanced(at)
-        if not self.decided and at >= min(HEAD, len(self.arrival.view)):
-            rest = self.arrival.rest_s()
-            if rest is None or (rest and time.perf_counter() - self.arrival.since < RATE_OVER_S):
-                return  # the rate is not known yet, or only from a few reads (a pause between two would skew it)
-            self.decided = True
-            if rest >= REST_MIN_S:
-                self.task = asyncio.ensure_future(run_in_threadpool(self._run))
+        if self.task is not None:
+            self.arrival.advanced(at)  # the thread may be waiting for these bytes
+        elif not self.decided:
+            self.arrival.at = at
+            self.reads += 1
+            if self.reads == 2:  # what waited in the socket before the body was asked for is in: the rate from here
+                self.arrival.base, self.arrival.since = at, time.perf_counter()
+                self.timer = asyncio.get_running_loop().call_later(RATE_OVER_S, self._decide)
+
+    def _decide(self) -> None:
+        self.decided = True
+        rest = self.arrival.rest_s()
+        if not self.arrival.over and (rest is None or rest >= REST_MIN_S):  # (None: nothing more came meanwhile)
+            self.task = asyncio.ensure_future(run_in_threadpool(self._run))
 
     def _run(self) -> None:
         with self.lock:
@@ -122,6 +129,8 @@ class DecodeAhead:
         """Ends the wait for bytes, and waits for the thread (cancelled meanwhile, it may still be reading the
         body's buffer: ``running`` says so)."""
         self.arrival.end()
+        if self.timer is not None:
+            self.timer.cancel()
         with self.lock:
             self.skipped = True
         if self.task is None:

@@ -83,14 +83,18 @@ def test_a_lone_body_from_across_a_network_is_read_while_it_arrives(artifact, bo
         engine = Engine(artifact)
         for syntax, path in bodies.items():
             expected = engine.predict(path)
-            for pause_s, ahead in ((0.002, True), (0.0, False)):  # a network's pace; memory speed (not worth it)
+            decoder = "openjpeg" if syntax == JPEG2000Lossless else "lowpass"
+            for pause_s, sends in ((0.004, 1), (0.0, 3)):  # a network's pace; memory speed (not worth it)
                 watched["ahead"].clear(), watched["read"].clear()
-                status, answer = send(server.url, server.key, path.read_bytes(), pause_s)
-                assert status == 200, answer
-                assert answer["probability"] == pytest.approx(expected.probability, abs=1e-6)
-                assert answer["decode"] == expected.meta.decode
-                assert watched["ahead"] == ([True] if ahead else []), (syntax, pause_s)
-                assert watched["read"] == ([] if ahead else ["openjpeg" if syntax == JPEG2000Lossless else "lowpass"])
+                for _ in range(sends):
+                    status, answer = send(server.url, server.key, path.read_bytes(), pause_s)
+                    assert status == 200, answer
+                    assert answer["probability"] == pytest.approx(expected.probability, abs=1e-6)
+                    assert answer["decode"] == expected.meta.decode
+                if pause_s:
+                    assert watched["ahead"] == [True] and watched["read"] == [], syntax
+                else:  # (a pause of this machine's in the sender's first reads can make one look slow)
+                    assert len(watched["ahead"]) <= 1 and watched["read"].count(decoder) >= 2, syntax
     finally:
         server.stop()
 
@@ -98,7 +102,7 @@ def test_a_lone_body_from_across_a_network_is_read_while_it_arrives(artifact, bo
 def test_a_service_told_not_to_reads_nothing_ahead(artifact, bodies, tmp_path, watched):
     server = _server(artifact, tmp_path, decode_ahead=False)
     try:
-        status, _ = send(server.url, server.key, bodies[JPEG2000Lossless].read_bytes(), 0.002)
+        status, _ = send(server.url, server.key, bodies[JPEG2000Lossless].read_bytes(), 0.004)
         assert status == 200 and watched["ahead"] == [] and watched["read"] == ["openjpeg"]
     finally:
         server.stop()
@@ -116,13 +120,13 @@ def test_a_sender_that_goes_away_halfway_leaves_nothing_waiting(artifact, bodies
     try:
         body = bodies[ExplicitVRLittleEndian].read_bytes()
         gone = time.monotonic()
-        send(server.url, server.key, body, 0.002, stop_at=len(body) // 2)
+        send(server.url, server.key, body, 0.004, stop_at=len(body) // 2)
         deadline = time.monotonic() + 10
         while not ended and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ended and ended[0] - gone < 5  # not the 30 s a stalled sender is given
         assert watched["ahead"] == [False]
-        status, answer = send(server.url, server.key, body, 0.002)
+        status, answer = send(server.url, server.key, body, 0.004)
         assert status == 200 and answer["probability"] == pytest.approx(
             Engine(artifact).predict(bodies[ExplicitVRLittleEndian]).probability, abs=1e-6)
         assert watched["ahead"] == [False, True]
