@@ -10,8 +10,10 @@ import time
 import numpy as np
 import pydicom
 import pytest
+from helpers import require_tool
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -23,7 +25,7 @@ from medvision.dicom_io import read_dicom
 from medvision.errors import MedvisionError
 from medvision.read_ahead import decode_ahead
 from medvision.synth.dataset import example_image
-from medvision.synth.dicom_writer import save
+from medvision.synth.dicom_writer import encapsulated, htj2k_codestream, save
 from medvision.synth.vendors import VENDORS
 
 LONG_SIDE = 128  # 2048 x 1664 read at 1/16
@@ -58,7 +60,7 @@ class Feed:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
-    """A 2048 x 1664 image of each vendor in each transfer syntax (its JPEG 2000 codestream over 1 MB: cut)."""
+    """A 2048 x 1664 image of each vendor in each transfer syntax (its JPEG 2000 / HTJ2K codestream over 1 MB: cut)."""
     folder = tmp_path_factory.mktemp("ahead")
     out = {}
     for vendor in VENDORS:
@@ -67,6 +69,13 @@ def files(tmp_path_factory) -> dict:
             path = folder / f"{vendor.machine_id}-{syntax.name}.dcm"
             save(copy.deepcopy(ds), path, syntax)
             out[(vendor.machine_id, syntax)] = path.read_bytes()
+        require_tool("ojph_compress")  # HTJ2K lossless, as OpenJPH writes it
+        pixels = ds.pixel_array.astype(np.uint16)
+        htj2k = encapsulated(copy.deepcopy(ds), htj2k_codestream(pixels, int(ds.BitsStored), "-reversible", "true"),
+                             HTJ2KLossless)
+        buffer = io.BytesIO()
+        htj2k.save_as(buffer, enforce_file_format=True)
+        out[(vendor.machine_id, HTJ2KLossless)] = buffer.getvalue()
         implicit = pydicom.dcmread(path.with_name(f"{vendor.machine_id}-{ExplicitVRLittleEndian.name}.dcm"))
         implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         buffer = io.BytesIO()
@@ -86,8 +95,8 @@ def decoders(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian],
-                         ids=["JPEG 2000", "explicit VR", "implicit VR"])
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, HTJ2KLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                         ids=["JPEG 2000", "HTJ2K", "explicit VR", "implicit VR"])
 def test_what_is_read_while_the_file_arrives_is_what_the_whole_file_reads(files, decoders, syntax):
     for vendor in VENDORS:
         data = files[(vendor.machine_id, syntax)]
