@@ -154,7 +154,10 @@ def _band_ahead(arrived: Arriving, ds, meta, levels: int, at: int, size: int) ->
     allocated = int(ds.get("BitsAllocated", 0) or 0)
     if meta.transfer_syntax == BIG_ENDIAN or (meta.signed and meta.bits_stored != allocated):
         return None
-    head = bytes(arrived.view[at:at + 12])
+    view = arrived(min(size, at + 12))  # the element's header, arrived (what follows in the buffer may be stale)
+    if view is None:
+        return None
+    head = bytes(view[at:at + 12])
     if meta.transfer_syntax == NATIVE_SYNTAXES_IMPLICIT:  # tag, 4-byte length
         (length,), start = struct.unpack_from("<L", head, 4), at + 8
     elif head[4:6] in (b"OB", b"OW"):  # tag, VR, 2 reserved bytes, 4-byte length

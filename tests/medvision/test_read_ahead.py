@@ -125,7 +125,7 @@ def test_an_uncompressed_band_is_computed_as_its_rows_arrive(files):
     ahead = decode_ahead(arriving, len(data), LONG_SIDE)
     feed.thread.join()
     assert ahead is not None and ahead.cut is None
-    waits = [n for n, _ in asked]
+    waits = [n for n, _ in asked][2:]  # (after the header's)
     assert len(waits) > 10 and waits == sorted(waits)  # strip after strip, each waiting only for its own rows
     assert sum(1 for n, at in asked if at < n) > 5  # and they were waited for: the band kept up with the arrival
 
