@@ -746,7 +746,7 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
         view = _native_pixels(ds, meta, source)
         if view is not None:
             done = ahead() if ahead is not None else None
-            band = done.band_of(view, levels) if done is not None else None
+            band = done.band_of(view, levels, meta.bits_stored, meta.signed) if done is not None else None
             return (band if band is not None else lowpass(view, levels, meta.bits_stored, meta.signed)), plan
     if plan.method == "wavelet":
         pixel_data = _encapsulated(ds, source)

@@ -57,17 +57,18 @@ _ITEM = b"\xfe\xff\x00\xe0"
 class Ahead:
     """Pixels read ahead at ``levels`` wavelet levels fewer: what OpenJPEG gave for ``cut`` (a JPEG 2000 codestream
     cut to its coarse resolutions), or the low-pass band of the stored values at ``stored`` (uncompressed: where
-    they lie in memory, ``where``'s key)."""
+    they lie in memory, ``where``'s key, and the Bits Stored and signedness it was clamped to)."""
 
     cut: bytes | None
     levels: int
     pixels: np.ndarray
     stored: tuple | None = None
 
-    def band_of(self, stored: np.ndarray, levels: int) -> np.ndarray | None:
-        """The band, when it was computed from these very stored values at ``levels``; else None."""
-        return self.pixels if self.stored is not None and self.stored == where(stored) and levels == self.levels \
-            else None
+    def band_of(self, stored: np.ndarray, levels: int, bits_stored: int, signed: bool) -> np.ndarray | None:
+        """The band, when it was computed from these very stored values at ``levels``, clamped to the same range
+        (``bits_stored``, ``signed``: the whole file's header's); else None."""
+        same = self.stored == (*where(stored), bits_stored, signed) and levels == self.levels
+        return self.pixels if same else None
 
 
 def where(a: np.ndarray) -> tuple:
@@ -107,6 +108,7 @@ def _ahead(arrived: Arriving, size: int, long_side: int, limits: ReadLimits) -> 
         view = arrived(want)
         if view is None or transfer_syntax_hint(view) not in J2K_SYNTAXES | NATIVE_SYNTAXES:
             return None
+        view = view[:want]  # (more may have arrived: parsed no further than asked)
         reader = _ViewReader(view)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -114,8 +116,8 @@ def _ahead(arrived: Arriving, size: int, long_side: int, limits: ReadLimits) -> 
         at = reader.tell()  # where pydicom stopped: the pixel data element, or the end of what has arrived
         if bytes(view[at:at + 4]) == _PIXEL_DATA:
             break
-        if len(view) >= min(size, MOST):
-            return None
+        if len(view) >= min(size, MOST) or at + 8 <= len(view):
+            return None  # (stopped before the end at something else: float pixel data, or no image)
         want = min(size, MOST, 2 * len(view))
     meta = _meta(ds)
     ds.add_new(0x7FE00010, "OB", b"")  # found at ``at``, not read: the policy's other checks are what counts here
@@ -180,7 +182,7 @@ def _band_ahead(arrived: Arriving, ds, meta, levels: int, at: int, size: int) ->
         band = lowpass(stored, levels, meta.bits_stored, meta.signed, ready=ready)
     except _Gone:
         return None
-    return Ahead(None, levels, band, where(stored))
+    return Ahead(None, levels, band, (*where(stored), meta.bits_stored, meta.signed))
 
 
 def _levels(codestream, length: int, factor: int, meta) -> int | None:

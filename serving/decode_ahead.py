@@ -37,6 +37,7 @@ class Arrival:
     def __init__(self, view: memoryview, wait_s: float = WAIT_S) -> None:
         self.view, self.wait_s = view, wait_s
         self.at, self.over, self.wanted = 0, False, 1 << 62  # wanted: what a waiting thread waits for (none yet)
+        self.stopped = False  # nothing more is wanted: every wait answers None
         self.event = threading.Event()
         self.base, self.since = 0, 0.0  # the bytes in at the first ``advanced`` (come before it was asked), and when
 
@@ -62,6 +63,8 @@ class Arrival:
     def __call__(self, n: int) -> memoryview | None:
         """The bytes arrived so far once at least ``n`` have, or None if the body ends (or stalls) before."""
         self.wanted = n
+        if self.stopped:
+            return None
         while self.at < n:
             if self.over:
                 return None
@@ -133,14 +136,22 @@ class DecodeAhead:
             self.timer.cancel()
         with self.lock:
             self.skipped = True
-        if self.task is None:
-            return
-        try:
-            await asyncio.shield(self.task)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # (decode_ahead answers None rather than raise: nothing of it reaches a request)
-            pass
+        if self.task is not None:
+            try:
+                await asyncio.shield(self.task)
+            except asyncio.CancelledError:
+                raise  # (the thread may still read the view: kept)
+            except Exception:  # (decode_ahead answers None rather than raise: nothing of it reaches a request)
+                pass
+        self.arrival.view = None  # no view of the segment outlives its request (one that is let go must unmap)
+
+    def stop(self) -> None:
+        """Whatever is being read ahead will not be used (the request went to a decoding worker): the thread stops
+        at its next wait for bytes or strip, or never starts."""
+        self.arrival.stopped = True
+        self.arrival.end()
+        with self.lock:
+            self.skipped = True
 
     @property
     def running(self) -> bool:

@@ -219,8 +219,11 @@ class Segments:
 
     def _drop(self, segment: shared_memory.SharedMemory) -> None:
         self.count -= 1
-        _close(segment)
-        segment.unlink()
+        segment.unlink()  # first: whatever happens to the mapping, the memory goes once its last view does
+        try:
+            _close(segment)
+        except BufferError:  # a view of it is still held (a thread reading it when its request was cancelled)
+            log.warning("a shared segment is still viewed: it is unmapped when the view goes")
 
     def close(self) -> None:
         with self.lock:

@@ -128,9 +128,12 @@ def _filler(cycle, protocol):
         pending = cycle.body  # what came before the app asked: chunks, or uvicorn's bytearray
         if type(pending) is _Sink:
             raise RuntimeError("this request's body is already being read into a buffer")
-        sink = _Sink(view, progress)
+        sink = _Sink(view)
         for chunk in (pending.chunks if type(pending) is _Chunks else [pending]):
             sink.write(chunk)
+        sink.progress = progress
+        if progress is not None and sink.at:
+            progress(sink.at)  # what came before the app asked: one report, not one a chunk
         cycle.body = sink
         # the rest is read from the socket straight into the buffer only when it is exactly the body's rest: every
         # body byte parsed so far is in the sink (none taken by an earlier receive(), none dropped by uvicorn) and

@@ -111,6 +111,8 @@ async def dicom_body(request: Request, app, ahead=None):
                         except asyncio.CancelledError:
                             received.abandoned = received.abandoned or early.running  # it may still read the segment
                             raise
+                        finally:
+                            early = None
                 return
     yield await read_dicom_upload(request, app.settings, app.data)
 
@@ -226,6 +228,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
             gil_free = app.decoder is not None and engine.decodes_without_gil(
                 data.view() if isinstance(data, Received) else data)
             if isinstance(data, Received) and not decodes_here():
+                if early is not None:
+                    early.stop()  # a worker decodes it: what is read ahead would go unused
                 # in a worker's segment already: awaited here, no thread waiting on the worker; then scored in one
                 # hop if it is alone now (a JPEG-LS or RLE image alone, or the last of a busy spell), else batched
                 x, meta = await app.decoder.prepare_async(data, ids, statistics)

@@ -185,3 +185,19 @@ def test_garbage_and_files_the_read_refuses_read_nothing_ahead(files):
     bad = {"no DICOM": bytes(len(data)), "a codestream wider than the header says": bytes(wider)}
     for name, body in bad.items():
         assert decode_ahead(Feed(body), len(body), LONG_SIDE) is None, name
+
+
+def test_a_header_that_changes_past_the_pixel_data_reads_as_without_reading_ahead(files, decoders):
+    """An element after the pixel data that repeats Bits Stored (pydicom keeps the later one): read ahead, the band
+    was clamped to the first value, so the read of the whole file computes its own."""
+    data = files[(VENDORS[0].machine_id, ExplicitVRLittleEndian)]
+    changed = data + b"\x28\x00\x01\x01US\x02\x00" + (16).to_bytes(2, "little")  # (0028,0101) US 16
+    feed = Feed(changed)
+    ahead = decode_ahead(feed, len(changed), LONG_SIDE)
+    feed.thread.join()
+    assert ahead is not None
+    expected, expected_meta = read_dicom(changed, long_side=LONG_SIDE)
+    decoders.clear()
+    pixels, meta = read_dicom(feed.view, long_side=LONG_SIDE, ahead=lambda: ahead)
+    assert decoders == ["lowpass"] and meta.bits_stored == expected_meta.bits_stored == 16
+    np.testing.assert_array_equal(pixels, expected)

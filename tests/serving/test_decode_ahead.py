@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import pydicom
 import pytest
 from helpers import LiveServer
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
@@ -151,3 +152,24 @@ def test_arrival_waits_for_bytes_and_gives_up_when_none_will_come():
     stalled = Arrival(memoryview(buffer), wait_s=0.1)
     start = time.monotonic()
     assert stalled(10) is None and time.monotonic() - start < 2  # a stalled sender: given up on
+
+
+def test_a_body_too_large_to_keep_its_segment_is_answered_and_its_segment_let_go(artifact, bodies, tmp_path):
+    """A segment over KEEP_MAX is unmapped and unlinked after its request: no view kept for reading ahead (one for
+    every lone request, read ahead or not) may stand in the way, nor turn the answer into a 500."""
+    from medvision.serving.decode_pool import KEEP_MAX
+
+    ds = pydicom.dcmread(bodies[JPEG2000Lossless])
+    ds.add_new((0xFFFC, 0xFFFC), "OB", b"\0" * (KEEP_MAX + 1024))  # trailing padding: a valid, giant file
+    giant = tmp_path / "giant.dcm"
+    ds.save_as(giant)
+    server = _server(artifact, tmp_path)
+    try:
+        segments = server.server.config.app.state.decoder.segments
+        for pause_s in (0.0, 0.0005):
+            status, answer = send(server.url, server.key, giant.read_bytes(), pause_s)
+            assert status == 200, answer
+            assert answer["probability"] == pytest.approx(Engine(artifact).predict(giant).probability, abs=1e-6)
+            assert segments.count == len(segments.free)  # the giant's segment is gone, not counted, not leaked
+    finally:
+        server.stop()
