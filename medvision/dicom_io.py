@@ -226,9 +226,10 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
             pixels, OpenJPEG through Pillow for a reduced JPEG 2000 decode); where the file needs another decoder
             (``resolution.lets_threads_run``'s, decided here on what the header says, not on a hint), raise
             ``DecodeElsewhere`` before it runs.
-        ahead: what ``medvision.read_ahead.decode_ahead`` decoded of this file while it arrived, as a callable that
+        ahead: what ``medvision.read_ahead.decode_ahead`` read of this file while it arrived, as a callable that
             gives it (blocking until it is done): taken in place of the reduced JPEG 2000 decode where it was made
-            from the same cut codestream; everything else is read and checked as without it.
+            from the same cut codestream, or of an uncompressed image's band where it was computed from the same
+            stored values in memory, clamped alike; everything else is read and checked as without it.
 
     Returns:
         ``(pixels, meta)``: the stored values as a 2-D integer array (no LUT applied) and the meta.

@@ -223,7 +223,7 @@ def _coarse(data, levels: int) -> bytes | None:
     return b"\xff\x4f" + b"".join(main) + _cut(body, coding, levels, tile_header)
 
 
-def _coarse_start(data, levels: int, size: int) -> bytes | None:
+def _coarse_start(data, levels: int, size: int) -> bytes:
     """``_coarse`` of a codestream ``size`` bytes long of which ``data`` has arrived, its first tile-part taken for
     the tile."""
     main, coding, pos = _main_header(data, levels)
