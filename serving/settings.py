@@ -27,9 +27,10 @@ class Settings(BaseSettings):
                                          "(parsing and several codecs hold the GIL); processes use every core and "
                                          "survive a codec that crashes. A request alone in the service is decoded in "
                                          "its own thread (no hop to a process)")
-    decode_ahead: bool = Field(True, description="a request alone in the service whose JPEG 2000 body arrives "
-                               "slowly enough (from across a network) has its image decoded from the body's first "
-                               "bytes while the rest arrives (medvision.read_ahead): the same pixels, answered sooner")
+    decode_ahead: bool = Field(True, description="a request alone in the service whose body (JPEG 2000, HTJ2K or "
+                               "uncompressed) arrives slowly enough (from across a network) has its image read from "
+                               "the bytes in while the rest arrives (medvision.read_ahead): the same pixels, answered "
+                               "sooner")
     decode_timeout_s: float = Field(30.0, gt=0, description="a file whose decoding in a worker process takes longer "
                                     "than this, alone, is refused (decode_too_slow) and its worker stopped")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest accepted DICOM request body "
