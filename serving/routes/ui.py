@@ -26,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from medvision.errors import ConfigError, MedvisionError
+from medvision.errors import ConfigError, DicomError, PreprocessError
 from medvision.serving import reviews, site_calibrations
 from medvision.serving.audit import audit, audit_failure
 from medvision.serving.dependencies import Database, LoadedEngine, ServiceSettings, State
@@ -396,10 +396,12 @@ def _info(app, path: Path) -> dict:
 def _info_or_why_not(app, path: Path) -> dict:
     """``_info``, or why the image cannot be shown (``unreadable``: the refusal's title and explanation from the problem
     catalogue, never the decoder's own words, which may name the service's files): one view that cannot be read (a
-    file damaged since it was scored, a decoder that crashes on it) leaves the study's other views."""
+    file damaged since it was scored, a decoder that crashes on it) leaves the study's other views. Only the file's
+    own refusals: a busy or stopping service answers the whole request with its problem (retry later), not a view
+    marked as if its file were bad."""
     try:
         return _info(app, path)
-    except MedvisionError as exc:
+    except (DicomError, PreprocessError) as exc:
         log.warning("a stored image could not be read for the viewer (%s)", exc.code)
         title, explanation = CATALOGUE.get(exc.code, ("Unreadable image", "The image could not be decoded."))
         return {"unreadable": f"{title}. {explanation}"}

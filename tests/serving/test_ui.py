@@ -253,7 +253,7 @@ def test_images_render_through_the_dicom_pipeline_with_windows_and_heatmap(ui_se
     assert renders and all(p.stat().st_mode & 0o077 == 0 for p in renders)
 
 
-def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server):
+def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server, tmp_path):
     """A stored view damaged since it was scored: the study opens with its other views, and that one says why it
     cannot be shown (the reader's refusal, by name), not a failed study."""
     from sqlalchemy import select
@@ -268,17 +268,19 @@ def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server
     from medvision.errors import CorruptDicomError
 
     data = ui_server.server.config.app.state.data
-    # a view cut off inside its pixel data, of a syntax whose refusal (pydicom's words) names the file in full
+    # a view cut off inside its pixel data, of a syntax whose refusal (pydicom's words) names the file in full:
+    # chosen on a copy, so that no other stored view is ever damaged, not even for a moment
+    trial = tmp_path / "trial.dcm"
     for at, row in enumerate(rows):
-        damaged = data.inside(row[0])
-        original = damaged.read_bytes()
-        damaged.write_bytes(original[:len(original) // 2])
+        original = data.inside(row[0]).read_bytes()
+        trial.write_bytes(original[:len(original) // 2])
         with pytest.raises(CorruptDicomError) as refusal:
-            read_dicom(damaged, long_side=1024)
-        if str(damaged) in refusal.value.message:
+            read_dicom(trial, long_side=1024)
+        if str(trial) in refusal.value.message:
             rows.insert(0, rows.pop(at))
+            damaged = data.inside(row[0])
+            damaged.write_bytes(original[:len(original) // 2])
             break
-        damaged.write_bytes(original)
     else:
         pytest.fail("no view's refusal names its file: nothing here to leave out")
     c = _login(ui_server, READER)
@@ -289,7 +291,8 @@ def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server
         why = images[rows[0][1]]["unreadable"]
         assert why.startswith("Corrupt DICOM.") and "truncated" in why and "presets" not in images[rows[0][1]]
         assert str(damaged.parent) not in why  # the catalogue's words, not the decoder's (which name the file)
-        assert all("presets" in images[uid] and "unreadable" not in images[uid] for _, uid, _ in rows[1:])
+        others = {uid: images[uid].get("unreadable") for _, uid, _ in rows[1:]}
+        assert all("presets" in images[uid] for uid in others) and not any(others.values()), others
         # asked for itself, it is refused by name; where the service keeps its files is not said
         root = str(data.root)
         refused = c.get(f"/ui/images/{rows[0][2]}.png", params={"size": 1024})
@@ -297,6 +300,27 @@ def test_a_view_that_cannot_be_read_is_named_and_the_study_still_opens(ui_server
         assert "truncated" in refused.json()["detail"] and root not in refused.text
     finally:
         damaged.write_bytes(original)
+
+
+def test_only_a_files_own_refusal_marks_a_view_unreadable(monkeypatch, tmp_path):
+    """A busy or stopping service is not a damaged file: the study's request gets that problem (retry later), and no
+    view is shown as if it could never be read."""
+    from medvision.errors import CorruptDicomError
+    from medvision.serving.batcher import TimedOut
+    from medvision.serving.decode_pool import DecodersStopped
+    from medvision.serving.routes import ui
+
+    def refusing(exc):
+        def _info(app, path):
+            raise exc
+        return _info
+
+    monkeypatch.setattr(ui, "_info", refusing(CorruptDicomError("cut off inside its pixel data")))
+    assert ui._info_or_why_not(None, tmp_path / "x.dcm")["unreadable"].startswith("Corrupt DICOM.")
+    for transient in (TimedOut("no worker free: the service is at capacity"), DecodersStopped("shutting down")):
+        monkeypatch.setattr(ui, "_info", refusing(transient))
+        with pytest.raises(type(transient)):
+            ui._info_or_why_not(None, tmp_path / "x.dcm")
 
 
 def test_sessions_expire_and_sign_out_ends_them(ui_server):
