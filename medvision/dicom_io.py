@@ -27,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from medvision import codec_plugins
 from medvision.drift import age_band
 from medvision.errors import (
     CorruptDicomError,
@@ -731,9 +732,12 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
         )
 
 
-# Where pydicom's own order is not the best: CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here
-# (11 vs 20 ms for a 512 x 416 image; GDCM wraps CharLS too, so both accept the same streams).
-_PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+# Where pydicom's own order is not the best: imagecodecs (``codec_plugins``) decodes JPEG-LS and RLE with the GIL let go
+# (CharLS, as pyjpegls wraps it; RLE's segments side by side where a process has decode threads to spare); without
+# it, CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here (11 vs 20 ms for a 512 x 416 image; GDCM wraps
+# CharLS too, so both accept the same streams).
+_PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": (codec_plugins.LABEL, "pyjpegls"),
+                      "1.2.840.10008.1.2.4.81": (codec_plugins.LABEL, "pyjpegls"), codec_plugins.RLE: (codec_plugins.LABEL,)}
 
 
 def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
@@ -836,8 +840,8 @@ def _source_view(source, start: int, length: int | None):
 def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.ndarray:
     from pydicom.pixels import get_decoder
 
-    if gil_free_only and meta.transfer_syntax not in NATIVE_SYNTAXES:  # pydicom's plugins hold the GIL throughout
-        raise DecodeElsewhere(f"{meta.transfer_syntax} is decoded by a decoder that holds the GIL")
+    if gil_free_only and not (meta.transfer_syntax in NATIVE_SYNTAXES or codec_plugins.gil_free(meta.transfer_syntax)):
+        raise DecodeElsewhere(f"{meta.transfer_syntax} is decoded by a decoder that holds the GIL")  # pydicom's plugins
 
     try:
         decoder = get_decoder(meta.transfer_syntax)
@@ -853,8 +857,9 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.nda
         )
     if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES:
         _check_codestream(ds, meta, _encapsulated(ds, None))
-    plugin = _PREFERRED_PLUGIN.get(meta.transfer_syntax)
-    if plugin in decoder.available_plugins:
+    codec_plugins.register()
+    plugin = next((p for p in _PREFERRED_PLUGINS.get(meta.transfer_syntax, ()) if p in decoder.available_plugins), None)
+    if plugin is not None:
         ds.pixel_array_options(decoding_plugin=plugin)
     try:
         arr = ds.pixel_array

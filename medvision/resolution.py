@@ -74,13 +74,17 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
 
 def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:
     """Whether the decode planned for ``transfer_syntax`` under a contract of ``long_side`` lets the calling process's
-    other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size) and numpy (uncompressed)
-    let go of the GIL. CharLS (JPEG-LS) and pylibjpeg-rle (RLE) hold it for the whole decode (a full-field JPEG-LS
-    image about 160 ms, RLE 40 ms, in one process): in a process that also runs an event loop, that loop stops
-    meanwhile. Anything not known to let go (another codec, a full-size JPEG 2000 decode by pydicom's plugins, an
-    unknown syntax): False. From the syntax alone: ``read_dicom(..., gil_free_only=True)`` holds a decode to it on
-    the parsed header (an image no larger than ``long_side`` is a full-size decode)."""
-    return transfer_syntax in NATIVE_SYNTAXES or (transfer_syntax in J2K_SYNTAXES and long_side > 0)
+    other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size), numpy (uncompressed)
+    and imagecodecs (JPEG-LS, RLE: ``codecs``) let go of the GIL. pydicom's own JPEG-LS and RLE plugins, used where
+    imagecodecs is not installed, hold it for the whole decode (a full-field JPEG-LS image about 150 ms): in a
+    process that also runs an event loop, that loop stops meanwhile. Anything not known to let go (another codec, a
+    full-size JPEG 2000 decode by pydicom's plugins, an unknown syntax): False. From the syntax alone:
+    ``read_dicom(..., gil_free_only=True)`` holds a decode to it on the parsed header (an image no larger than
+    ``long_side`` is a full-size decode)."""
+    from medvision.codec_plugins import gil_free
+
+    return (transfer_syntax in NATIVE_SYNTAXES or (transfer_syntax in J2K_SYNTAXES and long_side > 0)
+            or gil_free(transfer_syntax))
 
 
 def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:
@@ -246,9 +250,18 @@ def j2k_levels(codestream: bytes) -> tuple[int, int, bool] | None:
 OPENJPEG_THREADS = "OPJ_NUM_THREADS"  # OpenJPEG reads it each time it opens a codestream
 
 
+def decode_threads() -> int:
+    """The threads one decode may use in this process (``use_decode_threads``): 1 unless set."""
+    try:
+        return max(1, int(os.environ.get(OPENJPEG_THREADS, "0") or 0))
+    except ValueError:
+        return 1
+
+
 def use_decode_threads(threads: int, keep_set: bool = False) -> None:
     """Decode each JPEG 2000 codestream in this process with ``threads`` threads (OpenJPEG decodes code-blocks side
-    by side: the same pixels, bit for bit, and about the same CPU). It pays where a process decodes one image at a
+    by side: the same pixels, bit for bit, and about the same CPU), and an RLE frame's segments side by side
+    (``codecs``). It pays where a process decodes one image at a
     time with cores to spare: the service's own process (a request alone in it, the review UI's renderings; a
     full-field image at 1/2 in half the time on two cores). A decoding worker, one per core, uses one. Set before the
     process's threads decode (it is an environment variable: ``OPJ_NUM_THREADS``, which spawned children inherit);

@@ -360,28 +360,38 @@ def test_the_contract_is_validated_and_stated():
 
 
 def test_only_decoders_that_let_go_of_the_gil_are_said_to_let_threads_run():
-    """What the service decodes in its own threads (``lets_threads_run``): uncompressed pixels, and JPEG 2000 / HTJ2K
-    at a reduced size (OpenJPEG through Pillow). CharLS, pylibjpeg-rle, GDCM and pydicom's plugins decoding JPEG 2000
-    at full size hold the GIL throughout (measured: a full-field JPEG 2000 image 0.5 s, JPEG-LS 0.16 s)."""
-    from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLosslessSV1
+    """What the service decodes in its own threads (``lets_threads_run``): uncompressed pixels, JPEG 2000 / HTJ2K at a
+    reduced size (OpenJPEG through Pillow), JPEG-LS and RLE at any size (imagecodecs: ``codec_plugins``). GDCM,
+    pylibjpeg's plugins and pydicom's decoding JPEG 2000 at full size hold the GIL throughout (measured: a full-field
+    JPEG 2000 image 0.5 s)."""
+    from pydicom.uid import (
+        HTJ2KLossless,
+        ImplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        JPEGLosslessSV1,
+        JPEGLSNearLossless,
+    )
 
-    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"):
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2", JPEGLSLossless,
+                   JPEGLSNearLossless, RLELossless):
         assert resolution.lets_threads_run(syntax, 0) and resolution.lets_threads_run(syntax, 224)
     for syntax in (JPEG2000Lossless, HTJ2KLossless):
         assert resolution.lets_threads_run(syntax, 224) and not resolution.lets_threads_run(syntax, 0)
-    for syntax in (JPEGLSLossless, RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, "1.2.840.10008.1.2.4.92", None, ""):
+    for syntax in (JPEGBaseline8Bit, JPEGLosslessSV1, "1.2.840.10008.1.2.4.92", None, ""):
         assert not resolution.lets_threads_run(syntax, 224), syntax
 
 
 @pytest.mark.parametrize("syntax", SYNTAXES, ids=[s.name for s in SYNTAXES])
 def test_a_gil_free_read_decodes_as_the_plain_one_or_hands_the_file_on(matrix, syntax):
     """``read_dicom(..., gil_free_only=True)``: the same pixels where the decode lets other threads run (uncompressed;
-    JPEG 2000 at a reduced size), ``DecodeElsewhere`` before any other decoder runs (JPEG 2000 in full included)."""
+    JPEG 2000 at a reduced size; JPEG-LS and RLE), ``DecodeElsewhere`` before any other decoder runs (JPEG 2000 in full
+    included)."""
     from medvision.dicom_io import DecodeElsewhere
 
     path = matrix[(VENDORS[0].machine_id, syntax)]
     for long_side in (LONG_SIDE, 0):
-        free = syntax in resolution.NATIVE_SYNTAXES or (syntax in J2K_SYNTAXES and long_side)
+        free = syntax in (*resolution.NATIVE_SYNTAXES, JPEGLSLossless, RLELossless) or (syntax in J2K_SYNTAXES
+                                                                                        and long_side)
         if free:
             got, meta = read_dicom(path, long_side=long_side, gil_free_only=True)
             expected, expected_meta = read_dicom(path, long_side=long_side)

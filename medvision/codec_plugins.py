@@ -1,0 +1,148 @@
+"""JPEG-LS and RLE Lossless decoded without holding the GIL: pydicom decoding plugins built on imagecodecs.
+
+pydicom's own plugins for these syntaxes (pyjpegls's CharLS, pylibjpeg-rle) hold the GIL for the whole decode (a
+full-field JPEG-LS mammogram about 150 ms, RLE 30 ms), so a process that also runs an event loop or other decodes
+stops meanwhile. imagecodecs wraps the same CharLS and a PackBits decoder with the GIL let go: the same pixels, bit
+for bit (lossless, and JPEG-LS near-lossless decoding is exactly specified), with the calling process's other
+threads running. An RLE frame's segments (one per byte of each sample) are independent: with
+``resolution.decode_threads()`` above 1 they are decoded side by side.
+
+``register()`` adds the plugins (label ``"imagecodecs"``) to pydicom's decoders; ``dicom_io`` prefers them where
+imagecodecs is installed, and falls back to pydicom's others where it is not.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    import imagecodecs
+except ImportError:  # pragma: no cover - a core dependency; pydicom's own plugins decode without it
+    imagecodecs = None
+
+LABEL = "imagecodecs"
+JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+RLE = "1.2.840.10008.1.2.5"
+DECODER_DEPENDENCIES = {uid: ("numpy", "imagecodecs") for uid in (*JPEG_LS, RLE)}
+
+_registered = False
+_pool: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def is_available(uid: str) -> bool:
+    """pydicom's plugin interface: whether this plugin decodes ``uid`` here."""
+    return imagecodecs is not None and uid in DECODER_DEPENDENCIES
+
+
+def gil_free(uid: str | None) -> bool:
+    """Whether ``uid``'s pixel data is decoded with the GIL let go (this plugin, preferred where available)."""
+    return uid is not None and is_available(uid)
+
+
+def register() -> None:
+    """Add the plugins to pydicom's JPEG-LS and RLE decoders (once; pydicom's own stay as fallbacks)."""
+    global _registered
+    if _registered or imagecodecs is None:
+        return
+    from pydicom.pixels.decoders import (
+        JPEGLSLosslessDecoder,
+        JPEGLSNearLosslessDecoder,
+        RLELosslessDecoder,
+    )
+
+    with _lock:  # pydicom's add_plugin is not thread-safe
+        if _registered:
+            return
+        for decoder, function in ((JPEGLSLosslessDecoder, "decode_jpeg_ls"),
+                                  (JPEGLSNearLosslessDecoder, "decode_jpeg_ls"), (RLELosslessDecoder, "decode_rle")):
+            if LABEL not in decoder.available_plugins:
+                decoder.add_plugin(LABEL, (__name__, function))
+        _registered = True
+
+
+def decode_jpeg_ls(src: bytes, runner) -> np.ndarray:
+    """One JPEG-LS frame (pydicom's ``DecodeRunner`` interface): colour by pixel, in a container sized to the
+    codestream's precision, as the runner is told."""
+    arr = imagecodecs.jpegls_decode(src)
+    if arr.ndim == 3:
+        runner.set_option("planar_configuration", 0)
+    runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def decode_rle(src: bytes, runner) -> np.ndarray:
+    """One RLE Lossless frame (PS3.5 Annex G; pydicom's ``DecodeRunner`` interface): little endian, colour by plane.
+    A frame holds one segment per byte of each sample, most significant byte first (``rle_segment_order`` '>', the
+    standard's; '<' for files written the other way round)."""
+    rows, columns, samples = runner.rows, runner.columns, runner.samples_per_pixel
+    width = runner.bits_allocated // 8
+    pixels = rows * columns
+    if len(src) < 64:
+        raise ValueError(f"the RLE header is {len(src)} bytes long, expected 64")
+    count, *offsets = struct.unpack("<16L", src[:64])
+    if count != samples * width:
+        raise ValueError(f"the RLE header names {count} segments; {samples} samples of {8 * width} bits need "
+                         f"{samples * width}")
+    ends = [*offsets[1:count], len(src)]
+    starts = offsets[:count]
+    if any(not 64 <= a <= b <= len(src) for a, b in zip(starts, ends, strict=True)):
+        raise ValueError(f"the RLE header's segment offsets {starts} do not fit a frame of {len(src)} bytes")
+    view = memoryview(src)
+    segments = [view[a:b] for a, b in zip(starts, ends, strict=True)]
+    planes = _map(_segment, segments, [pixels] * count)
+    order = runner.get_option("rle_segment_order", ">")
+    out = np.empty((samples, pixels), np.dtype(f"<u{width}"))
+    for s in range(samples):
+        bytes_ = planes[s * width:(s + 1) * width]
+        if order == ">":  # most significant first: the last segment is the low byte
+            bytes_ = bytes_[::-1]
+        if width == 1:
+            out[s] = bytes_[0]
+        elif width == 2:  # the common case, in two passes (a strided byte copy takes twice as long)
+            np.left_shift(bytes_[1], 8, out=out[s], dtype=out.dtype)
+            np.bitwise_or(out[s], bytes_[0], out=out[s])
+        else:
+            lanes = out[s].view(np.uint8).reshape(pixels, width)
+            for b, plane in enumerate(bytes_):
+                lanes[:, b] = plane
+    runner.set_option("planar_configuration", 1)
+    return out
+
+
+def _segment(data: memoryview, pixels: int) -> np.ndarray:
+    decoded = imagecodecs.packbits_decode(data)
+    if len(decoded) not in (pixels, pixels + 1):  # an encoder may pad a segment to an even length
+        raise ValueError(f"an RLE segment decoded to {len(decoded)} bytes, expected {pixels}")
+    return np.frombuffer(decoded, np.uint8, count=pixels)
+
+
+def _map(function, *iterables) -> list:
+    """``function`` over the arguments, on ``decode_threads()`` threads where there are more than one (the calling
+    thread takes its share)."""
+    from medvision.resolution import decode_threads
+
+    args = list(zip(*iterables, strict=True))
+    threads = min(decode_threads(), len(args))
+    if threads <= 1:
+        return [function(*a) for a in args]
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="medvision-decode")
+        pool = _pool
+
+    def share(k: int) -> list:
+        return [function(*a) for a in args[k::threads]]
+
+    others = [pool.submit(share, k) for k in range(1, threads)]
+    shares = [share(0), *(f.result() for f in others)]
+    out = [None] * len(args)
+    for k, part in enumerate(shares):
+        out[k::threads] = part
+    return out

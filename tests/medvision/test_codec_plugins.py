@@ -1,0 +1,202 @@
+"""JPEG-LS and RLE through imagecodecs (``medvision.codec_plugins``): the same pixels as pydicom's other plugins on
+every such file of both real corpora and of the generator, damaged pixel data refused by name, an RLE frame's
+segments decoded side by side where the process has decode threads, and the GIL let go meanwhile."""
+
+import copy
+import struct
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import generate_fragmented_frames
+from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
+
+from medvision import codec_plugins, resolution
+from medvision.dicom_io import read_dicom
+from medvision.errors import CorruptDicomError
+from medvision.synth.dataset import example_image
+from medvision.synth.dicom_writer import encapsulated, save
+from medvision.synth.vendors import VENDORS
+
+SYNTAXES = (JPEGLSLossless, JPEGLSNearLossless, RLELossless)
+OTHERS = {JPEGLSLossless: ("pyjpegls", "gdcm"), JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+          RLELossless: ("pylibjpeg", "pydicom")}
+
+
+def corpus_files() -> list[Path]:
+    data_store = pytest.importorskip("data_store", reason="pydicom-data is in the 'dev' extra")
+    roots = [Path(data_store.__file__).parent / "data", Path(pydicom.__file__).parent / "data" / "test_files"]
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*.dcm")):
+            try:
+                meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+            except Exception:  # the corpora hold files that are not DICOM on purpose
+                continue
+            if str(getattr(meta, "TransferSyntaxUID", "")) in SYNTAXES:
+                found.append(path)
+    return found
+
+
+def pixels(path: Path, plugin: str) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    ds.pixel_array_options(decoding_plugin=plugin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ds.pixel_array
+
+
+def test_every_jpeg_ls_and_rle_file_of_the_corpora_decodes_as_pydicoms_other_plugins_decode_it():
+    """All frames, every layout the corpora hold: 8/16/32-bit, colour by plane and by pixel (JPEG-LS line and sample
+    interleaved), multi-frame, near-lossless."""
+    codec_plugins.register()
+    files = corpus_files()
+    assert len(files) >= 18
+    for path in files:
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        ours = pixels(path, codec_plugins.LABEL)
+        for other in OTHERS[syntax]:
+            theirs = pixels(path, other)
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (path.name, other)
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{path.name} against {other}")
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+    """One 1024 x 832 view per vendor, in JPEG-LS and RLE."""
+    out = tmp_path_factory.mktemp("codec-views")
+    files = {}
+    for vendor in VENDORS:
+        ds = example_image(vendor, 1024, 832, seed=2)
+        for syntax in (JPEGLSLossless, RLELossless):
+            files[(vendor.machine_id, syntax)] = out / f"{vendor.machine_id}-{syntax.name}.dcm"
+            save(copy.deepcopy(ds), files[(vendor.machine_id, syntax)], syntax)
+    return files
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_generators_views_read_the_same_and_rle_segments_go_side_by_side(views, threads, monkeypatch):
+    """``read_dicom`` (which prefers these plugins) gives pydicom's other plugins' pixels, full and reduced; with two
+    decode threads an RLE frame's two segments are decoded on two threads."""
+    monkeypatch.setenv(resolution.OPENJPEG_THREADS, str(threads) if threads > 1 else "0")
+    seen, decode = [], codec_plugins._segment
+    monkeypatch.setattr(codec_plugins, "_segment",
+                        lambda *a: seen.append(threading.current_thread().name) or decode(*a))
+    for (vendor, syntax), path in views.items():
+        seen.clear()
+        full, meta = read_dicom(path)
+        np.testing.assert_array_equal(full, pixels(path, OTHERS[syntax][0]), err_msg=f"{vendor} {syntax.name}")
+        reduced, _ = read_dicom(path, long_side=256)
+        assert reduced.shape == (256, 208) and reduced.dtype == full.dtype
+        np.testing.assert_array_equal(reduced, resolution.lowpass(full, 2, meta.bits_stored, meta.signed))
+        if syntax == RLELossless:
+            assert len(seen) == 4 and len(set(seen[:2])) == threads, seen  # two reads, two segments each
+
+
+def _rle_frame(path: Path) -> tuple[pydicom.Dataset, bytes]:
+    ds = pydicom.dcmread(path)
+    return ds, b"".join(next(generate_fragmented_frames(ds.PixelData)))
+
+
+def _refused(ds: pydicom.Dataset, frame: bytes, syntax: str, tmp_path: Path) -> str:
+    ds = encapsulated(copy.deepcopy(ds), frame, syntax)
+    path = tmp_path / "damaged.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(CorruptDicomError) as refusal:
+        read_dicom(path)
+    with pytest.raises(CorruptDicomError):
+        read_dicom(path, long_side=256)
+    return refusal.value.message
+
+
+def test_damaged_rle_frames_are_refused_by_what_is_wrong(views, tmp_path):
+    ds, frame = _rle_frame(views[(VENDORS[0].machine_id, RLELossless)])
+    count, *offsets = struct.unpack("<16L", frame[:64])
+    assert count == 2
+    three = struct.pack("<16L", 3, offsets[0], offsets[1], len(frame) - 10, *offsets[3:])
+    assert "names 3 segments" in _refused(ds, three + frame[64:], RLELossless, tmp_path)
+    beyond = struct.pack("<16L", 2, offsets[0], len(frame) + 100, *offsets[2:])
+    assert "do not fit" in _refused(ds, beyond + frame[64:], RLELossless, tmp_path)
+    cut = frame[:offsets[1]] + frame[offsets[1]:offsets[1] + (len(frame) - offsets[1]) // 2]
+    assert "corrupt" in _refused(ds, cut, RLELossless, tmp_path).lower()  # a run that goes past the segment's end
+    import imagecodecs
+
+    low = imagecodecs.packbits_decode(frame[offsets[1]:])
+    short = frame[:offsets[1]] + imagecodecs.packbits_encode(low[:len(low) // 2])  # well formed, half the pixels
+    assert "decoded to" in _refused(ds, short + b"\x00" * (len(short) % 2), RLELossless, tmp_path)
+    assert "header" in _refused(ds, frame[:40], RLELossless, tmp_path)
+
+
+def test_damaged_jpeg_ls_codestreams_are_refused(views, tmp_path):
+    path = views[(VENDORS[1].machine_id, JPEGLSLossless)]
+    ds = pydicom.dcmread(path)
+    codestream = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    end = b"\xff\xd9"  # with an end-of-image marker: not refused before decoding as a truncated codestream is
+    assert codestream.rstrip(b"\x00").endswith(end)
+    for damaged in (codestream[:len(codestream) // 2] + end, codestream[:40] + end,
+                    codestream[:len(codestream) // 3] + bytes(range(256)) * 64 + end):
+        message = _refused(ds, damaged + b"\x00" * (len(damaged) % 2), JPEGLSLossless, tmp_path)
+        assert "could not be decoded" in message, message
+
+
+def test_the_decode_lets_other_threads_run(tmp_path):
+    """While a JPEG-LS or RLE frame is decoded, another Python thread keeps running: the longest pause it sees is a
+    fraction of the decode (a decoder holding the GIL would stop it for the whole decode)."""
+    import sys
+
+    codec_plugins.register()
+    rng = np.random.default_rng(0)
+    image = (rng.integers(0, 64, (2048, 2048)) + np.arange(2048)[:, None]).astype(np.uint16)  # noisy: slow to decode
+    ds = example_image(VENDORS[0], 2048, 2048, seed=3)
+    ds.PixelData, ds.BitsStored, ds.HighBit = image.tobytes(), 12, 11
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)  # threads that share the GIL take turns every ms: a longer pause is the decoder's
+    try:
+        for syntax in (JPEGLSLossless, RLELossless):
+            path = tmp_path / f"big-{syntax.name}.dcm"
+            save(copy.deepcopy(ds), path, syntax)
+            for _ in range(3):  # a busy machine may pause any thread now and then; the GIL would pause it every time
+                watched, longest, took = _longest_pause_while_decoding(path)
+                if watched > 0.8 * took and longest < 0.2 * took:
+                    break
+            assert watched > 0.8 * took and longest < 0.2 * took, \
+                f"{syntax.name}: the other thread stopped {longest * 1e3:.1f} ms of a {took * 1e3:.1f} ms decode"
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _longest_pause_while_decoding(path: Path) -> tuple[float, float, float]:
+    """(how long this thread watched the decode, its longest pause meanwhile, how long the decode took)"""
+    decoding, took = threading.Event(), []
+
+    def decode():
+        decoding.set()
+        start = time.perf_counter()
+        try:
+            pixels(path, codec_plugins.LABEL)
+        finally:
+            took.append(time.perf_counter() - start)
+            decoding.clear()
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    decoding.wait()
+    longest, first = 0.0, time.perf_counter()
+    last = first
+    while decoding.is_set():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    worker.join()
+    return last - first, longest, took[0]
+
+
+def test_decode_threads_reads_what_use_decode_threads_set(monkeypatch):
+    for value, threads in (("4", 4), ("0", 1), ("", 1), ("x", 1)):
+        monkeypatch.setenv(resolution.OPENJPEG_THREADS, value)
+        assert resolution.decode_threads() == threads
+    monkeypatch.delenv(resolution.OPENJPEG_THREADS)
+    assert resolution.decode_threads() == 1
