@@ -616,6 +616,26 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
     return None
 
 
+def _stray_header_bytes(codestream) -> int | None:
+    """Where a JPEG codestream's header (start-of-image to start-of-scan) holds a byte that is neither a marker nor
+    fill, or None (a header that runs past the first 64 kB is not judged)."""
+    b = bytes(codestream[:65536])
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return i
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            return None
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return None
+
+
 def _fragments(pixel_data):
     """The fragments of encapsulated pixel data (PS3.5 A.4: a Basic Offset Table item, then one item per fragment,
     then a sequence delimiter), one at a time, as views of ``pixel_data`` (bytes, or a view of the file or the
@@ -719,6 +739,10 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
+    if meta.transfer_syntax in _JPEG_SYNTAXES and (stray := _stray_header_bytes(first)) is not None:
+        # libjpeg only warns ("extraneous bytes before marker"), but GDCM's lossless JPEG codec then aborts the process
+        raise CorruptDicomError(f"the {name} codestream's header has stray bytes at offset {stray} (where a marker "
+                                "should start): refused before decoding")
     if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
         # CharLS decodes no stream without its end-of-image marker, but on some it spins for seconds before
         # saying so (9 s for a 128 x 80 image): a truncated stream is refused here, at once.
@@ -736,8 +760,11 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
 # (CharLS, as pyjpegls wraps it; RLE's segments side by side where a process has decode threads to spare); without
 # it, CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here (11 vs 20 ms for a 512 x 416 image; GDCM wraps
 # CharLS too, so both accept the same streams).
+# JPEG 2000 decoded in full (where the reduced decode cannot be used) by pylibjpeg's OpenJPEG before GDCM's: GDCM
+# aborts the process on some malformed codestreams that OpenJPEG refuses with an error.
 _PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": (codec_plugins.LABEL, "pyjpegls"),
-                      "1.2.840.10008.1.2.4.81": (codec_plugins.LABEL, "pyjpegls"), codec_plugins.RLE: (codec_plugins.LABEL,)}
+                      "1.2.840.10008.1.2.4.81": (codec_plugins.LABEL, "pyjpegls"), codec_plugins.RLE: (codec_plugins.LABEL,),
+                      "1.2.840.10008.1.2.4.90": ("pylibjpeg",), "1.2.840.10008.1.2.4.91": ("pylibjpeg",)}
 
 
 def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
