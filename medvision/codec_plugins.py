@@ -35,6 +35,15 @@ _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
+def _forget_pool() -> None:  # a forked child has none of its parent's threads: it starts its own pool if it needs one
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def is_available(uid: str) -> bool:
     """pydicom's plugin interface: whether this plugin decodes ``uid`` here."""
     return imagecodecs is not None and uid in DECODER_DEPENDENCIES

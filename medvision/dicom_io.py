@@ -95,14 +95,14 @@ _CODEC_HINTS = {
     "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg (GPL-3.0; the only plugin for 12-bit samples)",
     "1.2.840.10008.1.2.4.57": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
     "1.2.840.10008.1.2.4.70": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
-    "1.2.840.10008.1.2.4.80": "pyjpegls",
-    "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.80": "imagecodecs (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "imagecodecs (or pyjpegls)",
     "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
     "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg (>= 2.4, HTJ2K)",
-    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle (or numpy for pydicom's own RLE decoder)",
+    "1.2.840.10008.1.2.5": "imagecodecs (or pylibjpeg pylibjpeg-rle, or numpy for pydicom's own RLE decoder)",
 }
 
 

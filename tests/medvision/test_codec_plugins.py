@@ -200,3 +200,47 @@ def test_decode_threads_reads_what_use_decode_threads_set(monkeypatch):
         assert resolution.decode_threads() == threads
     monkeypatch.delenv(resolution.OPENJPEG_THREADS)
     assert resolution.decode_threads() == 1
+
+
+def test_without_imagecodecs_pydicoms_own_plugins_decode_and_the_decode_is_said_to_hold_the_gil(views):
+    """imagecodecs is a dependency, but a reader built without it still reads JPEG-LS and RLE (pyjpegls,
+    pylibjpeg-rle), the same pixels, and says those decodes hold the GIL (so the service hands them to a worker)."""
+    import json
+    import subprocess
+    import sys
+
+    paths = [str(views[(VENDORS[0].machine_id, s)]) for s in (JPEGLSLossless, RLELossless)]
+    syntaxes = [str(JPEGLSLossless), str(RLELossless)]
+    script = (
+        "import sys, json, hashlib; sys.modules['imagecodecs'] = None\n"
+        "from medvision import codec_plugins, resolution\n"
+        "from medvision.dicom_io import read_dicom\n"
+        f"out = {{'gil_free': [resolution.lets_threads_run(s, 224) for s in {syntaxes!r}]}}\n"
+        f"out['pixels'] = [hashlib.sha256(read_dicom(p)[0].tobytes()).hexdigest() for p in {paths!r}]\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["gil_free"] == [False, False]
+    import hashlib
+
+    assert out["pixels"] == [hashlib.sha256(read_dicom(p)[0].tobytes()).hexdigest() for p in paths]
+
+
+def _rle_digest(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(read_dicom(path)[0].tobytes()).hexdigest()
+
+
+def test_a_forked_child_decodes_rle_segments_side_by_side_too(views, monkeypatch):
+    """The side-by-side segments run on a pool of threads; a process forked after the pool started (as the training
+    cache's decoding workers are) has none of those threads, and starts its own instead of waiting on them."""
+    import multiprocessing
+
+    monkeypatch.setenv(resolution.OPENJPEG_THREADS, "2")
+    path = str(views[(VENDORS[2].machine_id, RLELossless)])
+    expected = _rle_digest(path)  # the parent's pool is running now
+    assert codec_plugins._pool is not None
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_rle_digest, (path,)).get(timeout=60) == expected
