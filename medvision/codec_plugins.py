@@ -45,8 +45,11 @@ if hasattr(os, "register_at_fork"):
 
 
 def is_available(uid: str) -> bool:
-    """pydicom's plugin interface: whether this plugin decodes ``uid`` here."""
-    return imagecodecs is not None and uid in DECODER_DEPENDENCIES
+    """pydicom's plugin interface: whether this plugin decodes ``uid`` here (imagecodecs built with its codec)."""
+    if imagecodecs is None or uid not in DECODER_DEPENDENCIES:
+        return False
+    codec = imagecodecs.PACKBITS if uid == RLE else imagecodecs.JPEGLS
+    return bool(getattr(codec, "available", False))
 
 
 def gil_free(uid: str | None) -> bool:
@@ -82,7 +85,8 @@ def decode_jpeg_ls(src: bytes, runner) -> np.ndarray:
     if arr.ndim == 3:
         runner.set_option("planar_configuration", 0)
     runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    # colour by pixel, in one contiguous buffer (a stream interleaved by plane comes back as a view), little endian
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
 
 
 def decode_rle(src: bytes, runner) -> np.ndarray:
@@ -95,6 +99,8 @@ def decode_rle(src: bytes, runner) -> np.ndarray:
     if len(src) < 64:
         raise ValueError(f"the RLE header is {len(src)} bytes long, expected 64")
     count, *offsets = struct.unpack("<16L", src[:64])
+    if not 1 <= count <= 15:
+        raise ValueError(f"the RLE header names {count} segments: a frame holds 1 to 15")
     if count != samples * width:
         raise ValueError(f"the RLE header names {count} segments; {samples} samples of {8 * width} bits need "
                          f"{samples * width}")
@@ -125,7 +131,14 @@ def decode_rle(src: bytes, runner) -> np.ndarray:
 
 
 def _segment(data: memoryview, pixels: int) -> np.ndarray:
-    decoded = imagecodecs.packbits_decode(data)
+    """One segment's bytes: no more than a plane's (and a pad byte) are ever written, whatever its runs claim (a
+    2-byte run stands for 128 bytes: a hostile segment could otherwise ask for 64 times its own size)."""
+    try:
+        decoded = imagecodecs.packbits_decode(data, out=pixels + 1)
+    except imagecodecs.PackbitsError as exc:
+        if "OUTPUT_TOO_SMALL" in str(exc):
+            raise ValueError(f"an RLE segment decodes to more than the {pixels} bytes of its plane") from None
+        raise
     if len(decoded) not in (pixels, pixels + 1):  # an encoder may pad a segment to an even length
         raise ValueError(f"an RLE segment decoded to {len(decoded)} bytes, expected {pixels}")
     return np.frombuffer(decoded, np.uint8, count=pixels)

@@ -595,25 +595,38 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
             x, y, xo, yo = (int.from_bytes(b[off + 8 + 4 * i:off + 12 + 4 * i], "big") for i in range(4))
             return y - yo, x - xo
         if transfer_syntax in _JPEG_SYNTAXES:
-            if not b.startswith(b"\xff\xd8"):
-                return None
-            i = 2
-            while i + 4 <= len(b):
-                if b[i] != 0xFF:
-                    return None
-                marker = b[i + 1]
-                if marker == 0xFF:  # fill byte
-                    i += 1
-                    continue
-                if marker in _SOF_MARKERS:
-                    return int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big")
-                if 0xD0 <= marker <= 0xD9 or marker == 0x01:
-                    i += 2
-                    continue
-                i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+            frame = jpeg_frame_header(b)
+            return None if frame is None else (frame[1], frame[2])
     except (IndexError, ValueError):
         return None
     return None
+
+
+def jpeg_frame_header(codestream) -> tuple[int, int, int, int] | None:
+    """``(precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's frame header (SOFn, SOF55), or
+    None when there is none in its first 64 kB (or the markers before it do not chain)."""
+    b = bytes(codestream[:65536])
+    if not b.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 10 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _SOF_MARKERS:
+            return b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big"), b[i + 9]
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return None
+
+
+HEADER_BYTES = 65536  # of a codestream, where its header is looked for
+# Lossless JPEG, which only GDCM decodes here (pylibjpeg-libjpeg, GPL, is not a dependency)
+_GDCM_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 
 
 def _stray_header_bytes(codestream) -> int | None:
@@ -717,11 +730,12 @@ def _codestream(pixel_data):
     return joined
 
 
-def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
+def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
     """Refuse what a codec would choke on before it runs: GDCM, the fallback JPEG decoder, aborts the whole
-    process (an uncatchable C++ exception) on e.g. 32-bit samples declared for a JPEG stream."""
+    process (an uncatchable C++ exception) on e.g. 32-bit samples declared for a JPEG stream. Returns the
+    codestream's first ``HEADER_BYTES`` (across fragments)."""
     if meta.transfer_syntax not in _J2K_SYNTAXES | _JPEG_SYNTAXES:
-        return
+        return b""
     name = pydicom.uid.UID(meta.transfer_syntax).name
     if meta.transfer_syntax in _JPEG_SYNTAXES:  # PS3.5 8.2.1 and 8.2.3: 8 or 16 bits allocated, baseline 8
         allocated = ds.get("BitsAllocated")
@@ -732,17 +746,31 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
                 f"{allocated}, Bits Stored {meta.bits_stored}: refused before decoding"
             )
     try:
-        first = last = b""
-        for i, fragment in enumerate(_fragments(pixel_data)):
-            first, last = (fragment if i == 0 else first), fragment
+        head, last = bytearray(), b""
+        for fragment in _fragments(pixel_data):  # the header is read across fragments: a stream may split anywhere
+            if len(head) < HEADER_BYTES:
+                head += fragment[:HEADER_BYTES - len(head)]
+            last = fragment
     except ValueError as exc:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
+    first = head
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
-    if meta.transfer_syntax in _JPEG_SYNTAXES and (stray := _stray_header_bytes(first)) is not None:
+    if meta.transfer_syntax in _GDCM_JPEG_SYNTAXES and (stray := _stray_header_bytes(head)) is not None:
         # libjpeg only warns ("extraneous bytes before marker"), but GDCM's lossless JPEG codec then aborts the process
         raise CorruptDicomError(f"the {name} codestream's header has stray bytes at offset {stray} (where a marker "
                                 "should start): refused before decoding")
+    if meta.transfer_syntax in _JPEG_LS_SYNTAXES:
+        # CharLS allocates what the frame header declares: its size, samples and precision must be the header's
+        frame = jpeg_frame_header(head)
+        samples, allocated = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+        if frame is None:
+            raise CorruptDicomError(f"the {name} codestream has no frame header in its first {HEADER_BYTES:,} bytes: "
+                                    "refused before decoding")
+        if frame[3] != samples or not 2 <= frame[0] <= min(allocated, 16):
+            raise CorruptDicomError(
+                f"the {name} codestream declares {frame[3]} components of {frame[0]} bits, but the DICOM header "
+                f"{samples} samples of at most {allocated} bits: refused before decoding")
     if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
         # CharLS decodes no stream without its end-of-image marker, but on some it spins for seconds before
         # saying so (9 s for a 128 x 80 image): a truncated stream is refused here, at once.
@@ -754,6 +782,12 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> None:
             f"the compressed image declares {size[0]} x {size[1]} pixels but the DICOM header "
             f"{meta.rows} x {meta.columns}: refused before decoding"
         )
+    return bytes(head)
+
+
+def _j2k_image_offset(head: bytes) -> bool:
+    """Whether a JPEG 2000 codestream (not JP2-wrapped) places its image at an offset on the reference grid."""
+    return head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24 and any(head[16:24])
 
 
 # Where pydicom's own order is not the best: imagecodecs (``codec_plugins``) decodes JPEG-LS and RLE with the GIL let go
@@ -882,10 +916,14 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.nda
             f"cannot decode transfer syntax {meta.transfer_syntax} ({pydicom.uid.UID(meta.transfer_syntax).name}): "
             f"no decoding plugin is installed; install {hint}"
         )
+    head = b""
     if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES:
-        _check_codestream(ds, meta, _encapsulated(ds, None))
+        head = _check_codestream(ds, meta, _encapsulated(ds, None))
     codec_plugins.register()
-    plugin = next((p for p in _PREFERRED_PLUGINS.get(meta.transfer_syntax, ()) if p in decoder.available_plugins), None)
+    preferred = _PREFERRED_PLUGINS.get(meta.transfer_syntax, ())
+    if meta.transfer_syntax in _J2K_SYNTAXES and _j2k_image_offset(head):
+        preferred = ()  # pylibjpeg's OpenJPEG returns the whole reference grid, offset included: GDCM crops it
+    plugin = next((p for p in preferred if p in decoder.available_plugins), None)
     if plugin is not None:
         ds.pixel_array_options(decoding_plugin=plugin)
     try:

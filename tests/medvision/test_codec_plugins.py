@@ -244,3 +244,115 @@ def test_a_forked_child_decodes_rle_segments_side_by_side_too(views, monkeypatch
     assert codec_plugins._pool is not None
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_rle_digest, (path,)).get(timeout=60) == expected
+
+
+def test_an_rle_segment_that_claims_more_than_its_plane_is_refused_without_allocating_it(views, tmp_path):
+    """A 2-byte PackBits run stands for 128 bytes: a 3 MB segment can claim 200 MB. No more than the plane is
+    written (measured in a process of its own: its peak memory grows by far less than the claim)."""
+    import json
+    import subprocess
+    import sys
+
+    ds, frame = _rle_frame(views[(VENDORS[0].machine_id, RLELossless)])
+    _, *offsets = struct.unpack("<16L", frame[:64])
+    bomb = frame[:offsets[1]] + b"\x81\x07" * 1_600_000  # the low bytes' segment: 1.6 M runs of 128
+    path = tmp_path / "bomb.dcm"
+    encapsulated(copy.deepcopy(ds), bomb, RLELossless).save_as(path, enforce_file_format=True)
+    script = (
+        "import json, resource\n"
+        "from medvision.dicom_io import read_dicom\n"
+        "from medvision.errors import CorruptDicomError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    read_dicom({str(path)!r}); said = None\n"
+        "except CorruptDicomError as exc:\n"
+        "    said = exc.message\n"
+        "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(json.dumps({'said': said, 'grew_kb': grew}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["said"] and "more than the" in out["said"], out
+    assert out["grew_kb"] < 30_000, out  # the claim: 204.8 MB (decoded whole, the peak grew by ~78 MB here)
+
+
+def test_rle_headers_out_of_the_standard_and_little_endian_segment_order(views, tmp_path):
+    ds, frame = _rle_frame(views[(VENDORS[1].machine_id, RLELossless)])
+    _, *offsets = struct.unpack("<16L", frame[:64])
+    sixteen = struct.pack("<16L", 16, *offsets)
+    assert "1 to 15" in _refused(ds, sixteen + frame[64:], RLELossless, tmp_path)
+    path = views[(VENDORS[1].machine_id, RLELossless)]
+    for order in (">", "<"):  # '<': segments written least significant byte first, as pydicom's own decoder reads it
+        got = {}
+        for plugin in (codec_plugins.LABEL, "pydicom"):
+            d = pydicom.dcmread(path)
+            d.pixel_array_options(decoding_plugin=plugin, rle_segment_order=order)
+            got[plugin] = d.pixel_array
+        np.testing.assert_array_equal(got[codec_plugins.LABEL], got["pydicom"])
+
+
+def test_colour_jpeg_ls_interleaved_by_plane_decodes_as_pyjpegls_decodes_it(tmp_path):
+    import jpeg_ls
+    from pydicom.dataset import FileMetaDataset
+
+    codec_plugins.register()
+    rng = np.random.default_rng(4)
+    planes = rng.integers(0, 250, (3, 40, 56)).astype(np.uint8)
+    for mode in (0, 2):  # by plane, by pixel
+        codestream = bytes(jpeg_ls.encode_array(planes if mode == 0 else np.moveaxis(planes, 0, -1),
+                                                interleave_mode=mode))
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 40, 56, 3, "RGB"
+        ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 0, 8, 8, 7, 0
+        path = tmp_path / f"rgb-{mode}.dcm"
+        encapsulated(ds, codestream + b"\x00" * (len(codestream) % 2), JPEGLSLossless).save_as(
+            path, enforce_file_format=True)
+        ours, theirs = pixels(path, codec_plugins.LABEL), pixels(path, "pyjpegls")
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(ours, np.moveaxis(planes, 0, -1))
+
+
+def test_a_jpeg_ls_frame_header_is_held_to_the_dicom_header_wherever_the_fragments_split_it(views, tmp_path):
+    """CharLS allocates what the frame header (SOF55) declares: components and precision that the DICOM header does
+    not allow are refused before decoding, also when the stream is split across fragments before its frame header."""
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(views[(VENDORS[0].machine_id, JPEGLSLossless)])
+    codestream = bytearray(b"".join(next(generate_fragmented_frames(ds.PixelData))))
+    at = codestream.index(b"\xff\xf7")  # SOF55: marker, length (2), P, Y (2), X (2), Nf
+    for field, value, said in ((at + 9, 3, "3 components"), (at + 4, 17, "of 17 bits")):
+        bad = bytearray(codestream)
+        bad[field] = value
+        if said == "3 components":
+            bad[at + 2:at + 4] = (11 + 3 * 3).to_bytes(2, "big")  # a frame header long enough for three components
+            bad[at + 11 + 3:at + 11 + 3] = b"\x02\x11\x00\x03\x11\x00"
+        for split in (None, 4):
+            d = copy.deepcopy(ds)
+            parts = [bytes(bad)] if split is None else [bytes(bad[:split]), bytes(bad[split:])]
+            d.PixelData = encapsulate(parts)
+            path = tmp_path / "sof.dcm"
+            d.save_as(path, enforce_file_format=True)
+            with pytest.raises(CorruptDicomError, match=said):
+                read_dicom(path)
+
+
+def test_stray_bytes_in_a_lossless_jpeg_header_are_refused_wherever_the_fragments_split_it(tmp_path):
+    """GDCM, the lossless JPEG decoder here, aborts the process on a header with stray bytes before its scan (a fuzz
+    finding): refused by name before decoding, also when the header is split across fragments."""
+    from pydicom.encaps import encapsulate
+
+    root = Path(__file__).resolve().parents[2]
+    source = root / "fuzz" / "regressions" / "read" / "jpeg-lossless-stray-header-bytes-gdcm-aborts"
+    ds = pydicom.dcmread(source, force=True)
+    codestream = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    for parts in ([codestream], [codestream[:6], codestream[6:]]):
+        d = copy.deepcopy(ds)
+        d.PixelData = encapsulate([p + b"\x00" * (len(p) % 2) for p in parts])
+        path = tmp_path / "stray.dcm"
+        d.save_as(path)
+        with pytest.raises(CorruptDicomError, match="stray bytes"):
+            read_dicom(path)
