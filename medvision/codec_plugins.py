@@ -131,15 +131,16 @@ def decode_rle(src: bytes, runner) -> np.ndarray:
 
 
 def _segment(data: memoryview, pixels: int) -> np.ndarray:
-    """One segment's bytes: no more than a plane's (and a pad byte) are ever written, whatever its runs claim (a
-    2-byte run stands for 128 bytes: a hostile segment could otherwise ask for 64 times its own size)."""
+    """One segment's plane. Padding past the plane is ignored, as pydicom's own decoder ignores it, but no more than
+    twice a plane is ever written, whatever the runs claim (a 2-byte run stands for 128 bytes: a hostile segment
+    could otherwise ask for 64 times its own size)."""
     try:
-        decoded = imagecodecs.packbits_decode(data, out=pixels + 1)
+        decoded = imagecodecs.packbits_decode(data, out=2 * pixels + 2)
     except imagecodecs.PackbitsError as exc:
         if "OUTPUT_TOO_SMALL" in str(exc):
-            raise ValueError(f"an RLE segment decodes to more than the {pixels} bytes of its plane") from None
+            raise ValueError(f"an RLE segment decodes to more than twice the {pixels} bytes of its plane") from None
         raise
-    if len(decoded) not in (pixels, pixels + 1):  # an encoder may pad a segment to an even length
+    if len(decoded) < pixels:
         raise ValueError(f"an RLE segment decoded to {len(decoded)} bytes, expected {pixels}")
     return np.frombuffer(decoded, np.uint8, count=pixels)
 
