@@ -602,51 +602,47 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
     return None
 
 
-def jpeg_frame_header(codestream) -> tuple[int, int, int, int] | None:
-    """``(precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's frame header (SOFn, SOF55), or
-    None when there is none in its first 64 kB (or the markers before it do not chain)."""
-    b = bytes(codestream[:65536])
-    if not b.startswith(b"\xff\xd8"):
-        return None
-    i = 2
-    while i + 10 <= len(b):
-        if b[i] != 0xFF:
-            return None
-        marker = b[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _SOF_MARKERS:
-            return b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big"), b[i + 9]
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
-            i += 2
-        else:
-            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
-    return None
-
-
 HEADER_BYTES = 65536  # of a codestream, where its header is looked for
 # Lossless JPEG, which only GDCM decodes here (pylibjpeg-libjpeg, GPL, is not a dependency)
 _GDCM_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 
 
-def _stray_header_bytes(codestream) -> int | None:
-    """Where a JPEG codestream's header (start-of-image to start-of-scan) holds a byte that is neither a marker nor
-    fill, or None (a header that runs past the first 64 kB is not judged)."""
-    b = bytes(codestream[:65536])
-    i = 2
+def _jpeg_header(codestream) -> tuple[bytes, list[tuple[int, int | None]]]:
+    """A JPEG or JPEG-LS codestream's first ``HEADER_BYTES`` and its header's markers from the start of image:
+    ``(offset, marker)`` in order, to the start of scan (included) or the end of those bytes; the last is
+    ``(offset, None)`` where a byte is neither a marker nor fill. No markers without a start-of-image marker."""
+    b = bytes(codestream[:HEADER_BYTES])
+    markers: list[tuple[int, int | None]] = []
+    i = 2 if b.startswith(b"\xff\xd8") else len(b)
     while i + 4 <= len(b):
         if b[i] != 0xFF:
-            return i
+            markers.append((i, None))
+            break
         marker = b[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
-        elif marker == 0xDA:  # start of scan: entropy-coded data follows
-            return None
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
-            i += 2
-        else:
-            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+            continue
+        markers.append((i, marker))
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            break
+        i += 2 if 0xD0 <= marker <= 0xD9 or marker == 0x01 else 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return b, markers
+
+
+def jpeg_frame_header(codestream) -> tuple[int, int, int, int] | None:
+    """``(precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's frame header (SOFn, SOF55), or
+    None when there is none in its first 64 kB (or the markers before it do not chain)."""
+    b, markers = _jpeg_header(codestream)
+    for i, marker in markers:
+        if marker in _SOF_MARKERS and i + 10 <= len(b):
+            return b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big"), b[i + 9]
     return None
+
+
+def _stray_header_bytes(codestream) -> int | None:
+    """Where a JPEG codestream's header (start-of-image to start-of-scan) holds a byte that is neither a marker nor
+    fill, or None (a header that runs past the first 64 kB is not judged)."""
+    return next((i for i, marker in _jpeg_header(codestream)[1] if marker is None), None)
 
 
 def _fragments(pixel_data):
