@@ -95,6 +95,8 @@ def decode_rle(src: bytes, runner) -> np.ndarray:
     standard's; '<' for files written the other way round)."""
     rows, columns, samples = runner.rows, runner.columns, runner.samples_per_pixel
     width = runner.bits_allocated // 8
+    if runner.bits_allocated % 8 or width not in (1, 2, 4, 8):
+        raise ValueError(f"RLE Lossless of {runner.bits_allocated}-bit samples is not decoded here")
     pixels = rows * columns
     if len(src) < 64:
         raise ValueError(f"the RLE header is {len(src)} bytes long, expected 64")
