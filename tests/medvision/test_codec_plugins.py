@@ -65,17 +65,10 @@ def test_every_jpeg_ls_and_rle_file_of_the_corpora_decodes_as_pydicoms_other_plu
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{path.name} against {other}")
 
 
-@pytest.fixture(scope="module")
-def views(tmp_path_factory):
-    """One 1024 x 832 view per vendor, in JPEG-LS and RLE."""
-    out = tmp_path_factory.mktemp("codec-views")
-    files = {}
-    for vendor in VENDORS:
-        ds = example_image(vendor, 1024, 832, seed=2)
-        for syntax in (JPEGLSLossless, RLELossless):
-            files[(vendor.machine_id, syntax)] = out / f"{vendor.machine_id}-{syntax.name}.dcm"
-            save(copy.deepcopy(ds), files[(vendor.machine_id, syntax)], syntax)
-    return files
+@pytest.fixture
+def views(matrix):
+    """The generator's JPEG-LS and RLE views (``matrix``: one 1024 x 832 view per vendor)."""
+    return {key: path for key, path in matrix.items() if key[1] in (JPEGLSLossless, RLELossless)}
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -4,7 +4,6 @@ bit, whether its finest levels were skipped or computed; and how far the model's
 pixel (bounds measured on every vendor and syntax of the synthetic generator and every corpus file the reader
 accepts)."""
 
-import copy
 import csv
 import io
 import os
@@ -23,8 +22,6 @@ from medvision.dicom_io import read_dicom
 from medvision.errors import CorruptDicomError
 from medvision.preprocess import Preprocess, PreprocessConfig, display_and_box
 from medvision.resolution import J2K_SYNTAXES, j2k_levels, lowpass, plan_decode, reduced_size, reduction
-from medvision.synth.dataset import example_image
-from medvision.synth.dicom_writer import save
 from medvision.synth.vendors import VENDORS
 
 SYNTAXES = [ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless]
@@ -132,20 +129,6 @@ def test_the_int16_bound_sits_where_the_arithmetic_says():
     assert resolution._fits(0, (1 << 13) - 1) == np.int16 and resolution._fits(0, 1 << 13) == np.int32
     assert resolution._fits(-4096, 4095) == np.int16
     assert resolution._fits(-4097, 4095) == np.int32 and resolution._fits(-4096, 4096) == np.int32
-
-
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    """One 1024 x 832 view per vendor of the generator, written in each transfer syntax the generator uses."""
-    out = tmp_path_factory.mktemp("matrix")
-    files = {}
-    for vendor in VENDORS:
-        ds = example_image(vendor, 1024, 832, seed=1)
-        for syntax in SYNTAXES:
-            path = out / f"{vendor.machine_id}-{syntax}.dcm"
-            save(copy.deepcopy(ds), path, syntax)
-            files[(vendor.machine_id, syntax)] = path
-    return files
 
 
 @pytest.mark.parametrize("syntax", SYNTAXES, ids=[s.name for s in SYNTAXES])
