@@ -749,8 +749,7 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
             last = fragment
     except ValueError as exc:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
-    first = head
-    if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(first[:2]) == b"\xff\xd8":
+    if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(head[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
     if meta.transfer_syntax in _GDCM_JPEG_SYNTAXES and (stray := _stray_header_bytes(head)) is not None:
         # libjpeg only warns ("extraneous bytes before marker"), but GDCM's lossless JPEG codec then aborts the process
@@ -772,7 +771,7 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
         # saying so (9 s for a 128 x 80 image): a truncated stream is refused here, at once.
         raise CorruptDicomError(f"the {name} codestream has no end-of-image marker (truncated): refused before "
                                 "decoding")
-    size = codestream_size(meta.transfer_syntax, first)
+    size = codestream_size(meta.transfer_syntax, head)
     if size is not None and size != (meta.rows, meta.columns):
         raise CorruptDicomError(
             f"the compressed image declares {size[0]} x {size[1]} pixels but the DICOM header "
