@@ -1,11 +1,18 @@
-"""JPEG-LS and RLE Lossless decoded without holding the GIL: pydicom decoding plugins built on imagecodecs.
+"""JPEG-LS, RLE Lossless and greyscale JPEG decoded without holding the GIL: pydicom decoding plugins built on
+imagecodecs.
 
-pydicom's own plugins for these syntaxes (pyjpegls's CharLS, pylibjpeg-rle) hold the GIL for the whole decode (a
-full-field JPEG-LS mammogram about 150 ms, RLE 30 ms), so a process that also runs an event loop or other decodes
-stops meanwhile. imagecodecs wraps the same CharLS and a PackBits decoder with the GIL let go: the same pixels, bit
-for bit (lossless, and JPEG-LS near-lossless decoding is exactly specified), with the calling process's other
-threads running. An RLE frame's segments (one per byte of each sample) are independent: with
-``resolution.decode_threads()`` above 1 they are decoded side by side.
+pydicom's own plugins for these syntaxes (pyjpegls's CharLS, pylibjpeg-rle, GDCM for JPEG) hold the GIL for the whole
+decode (a full-field JPEG-LS mammogram about 150 ms, RLE 30 ms, lossless JPEG 230 ms), so a process that also runs
+an event loop or other decodes stops meanwhile. imagecodecs wraps the same CharLS, a PackBits decoder and
+libjpeg-turbo 3 with the GIL let go: the same pixels, bit for bit (lossless, and JPEG-LS near-lossless decoding is
+exactly specified; lossy JPEG as DCMTK's and GDCM's libjpeg decode it), with the calling process's other threads
+running. An RLE frame's segments (one per byte of each sample) are independent: with ``resolution.decode_threads()``
+above 1 they are decoded side by side.
+
+JPEG (baseline, extended 8/12-bit, lossless processes 14 and 14 SV1) is decoded here only for one sample per pixel:
+libjpeg-turbo reads a colour stream's colour space from its markers where DICOM states it in the header, and the
+decoders disagree on streams without those markers, so colour is left to pydicom's other plugins. libjpeg-turbo
+decodes lossless JPEG in a fifth of GDCM's time and, unlike the GDCM that pip installs here, 12-bit JPEG Extended.
 
 ``register()`` adds the plugins (label ``"imagecodecs"``) to pydicom's decoders; ``dicom_io`` prefers them where
 imagecodecs is installed, and falls back to pydicom's others where it is not.
@@ -28,7 +35,8 @@ except ImportError:  # pragma: no cover - a core dependency; pydicom's own plugi
 LABEL = "imagecodecs"
 JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
 RLE = "1.2.840.10008.1.2.5"
-DECODER_DEPENDENCIES = {uid: ("numpy", "imagecodecs") for uid in (*JPEG_LS, RLE)}
+JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")
+DECODER_DEPENDENCIES = {uid: ("numpy", "imagecodecs") for uid in (*JPEG_LS, RLE, *JPEG)}
 
 _registered = False
 _pool: ThreadPoolExecutor | None = None
@@ -48,12 +56,13 @@ def is_available(uid: str) -> bool:
     """pydicom's plugin interface: whether this plugin decodes ``uid`` here (imagecodecs built with its codec)."""
     if imagecodecs is None or uid not in DECODER_DEPENDENCIES:
         return False
-    codec = imagecodecs.PACKBITS if uid == RLE else imagecodecs.JPEGLS
+    codec = imagecodecs.PACKBITS if uid == RLE else imagecodecs.JPEGLS if uid in JPEG_LS else imagecodecs.JPEG8
     return bool(getattr(codec, "available", False))
 
 
 def gil_free(uid: str | None) -> bool:
-    """Whether ``uid``'s pixel data is decoded with the GIL let go (this plugin, preferred where available)."""
+    """Whether ``uid``'s pixel data is decoded with the GIL let go (this plugin, preferred where available; for JPEG,
+    greyscale pixel data: all that ``read_dicom`` reads)."""
     return uid is not None and is_available(uid)
 
 
@@ -63,6 +72,10 @@ def register() -> None:
     if _registered or imagecodecs is None:
         return
     from pydicom.pixels.decoders import (
+        JPEGBaseline8BitDecoder,
+        JPEGExtended12BitDecoder,
+        JPEGLosslessDecoder,
+        JPEGLosslessSV1Decoder,
         JPEGLSLosslessDecoder,
         JPEGLSNearLosslessDecoder,
         RLELosslessDecoder,
@@ -72,7 +85,9 @@ def register() -> None:
         if _registered:
             return
         for decoder, function in ((JPEGLSLosslessDecoder, "decode_jpeg_ls"),
-                                  (JPEGLSNearLosslessDecoder, "decode_jpeg_ls"), (RLELosslessDecoder, "decode_rle")):
+                                  (JPEGLSNearLosslessDecoder, "decode_jpeg_ls"), (RLELosslessDecoder, "decode_rle"),
+                                  (JPEGBaseline8BitDecoder, "decode_jpeg"), (JPEGExtended12BitDecoder, "decode_jpeg"),
+                                  (JPEGLosslessDecoder, "decode_jpeg"), (JPEGLosslessSV1Decoder, "decode_jpeg")):
             if LABEL not in decoder.available_plugins:
                 decoder.add_plugin(LABEL, (__name__, function))
         _registered = True
@@ -86,6 +101,18 @@ def decode_jpeg_ls(src: bytes, runner) -> np.ndarray:
         runner.set_option("planar_configuration", 0)
     runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
     # colour by pixel, in one contiguous buffer (a stream interleaved by plane comes back as a view), little endian
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+
+
+def decode_jpeg(src: bytes, runner) -> np.ndarray:
+    """One greyscale JPEG frame (pydicom's ``DecodeRunner`` interface), in a container sized to the codestream's
+    precision. Colour is refused: pydicom's other plugins decode it (see the module's docstring)."""
+    if runner.samples_per_pixel != 1:
+        raise ValueError("colour JPEG is left to pydicom's other plugins")
+    arr = imagecodecs.jpeg8_decode(src)
+    if arr.ndim != 2:
+        raise ValueError(f"the JPEG codestream holds {arr.shape[-1]} components, the DICOM header one sample")
+    runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
 
 

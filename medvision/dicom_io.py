@@ -54,15 +54,15 @@ from medvision.resolution import (
 _PILLOW_8_BIT_ONLY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 
 
-# The transfer syntaxes read_dicom decodes with the plugins medvision installs (12-bit JPEG Extended excepted: it
-# needs the GPL pylibjpeg-libjpeg, see _CODEC_HINTS). A DICOM node accepts exactly these, as sent.
+# The transfer syntaxes read_dicom decodes with the plugins medvision installs. A DICOM node accepts exactly these, as
+# sent.
 READABLE_SYNTAXES = (
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (8-bit; 12-bit needs pylibjpeg-libjpeg)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (8 and 12-bit)
     "1.2.840.10008.1.2.4.57",  # JPEG Lossless
     "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
@@ -91,10 +91,10 @@ _SIGNATURES = {
 
 # What to install for each compressed transfer syntax family (all permissively licensed).
 _CODEC_HINTS = {
-    "1.2.840.10008.1.2.4.50": "pillow or python-gdcm",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg (GPL-3.0; the only plugin for 12-bit samples)",
-    "1.2.840.10008.1.2.4.57": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
-    "1.2.840.10008.1.2.4.70": "python-gdcm or pylibjpeg-libjpeg (GPL-3.0)",
+    "1.2.840.10008.1.2.4.50": "imagecodecs (or pillow or python-gdcm)",
+    "1.2.840.10008.1.2.4.51": "imagecodecs (or pylibjpeg-libjpeg, GPL-3.0, for 12-bit samples)",
+    "1.2.840.10008.1.2.4.57": "imagecodecs (or python-gdcm)",
+    "1.2.840.10008.1.2.4.70": "imagecodecs (or python-gdcm)",
     "1.2.840.10008.1.2.4.80": "imagecodecs (or pyjpegls)",
     "1.2.840.10008.1.2.4.81": "imagecodecs (or pyjpegls)",
     "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
@@ -603,7 +603,7 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
 
 
 HEADER_BYTES = 65536  # of a codestream, where its header is looked for
-# Lossless JPEG, which only GDCM decodes here (pylibjpeg-libjpeg, GPL, is not a dependency)
+# Lossless JPEG, which only imagecodecs and GDCM decode here (pylibjpeg-libjpeg, GPL, is not a dependency)
 _GDCM_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 
 
@@ -742,11 +742,11 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
                 f"{allocated}, Bits Stored {meta.bits_stored}: refused before decoding"
             )
     try:
-        head, last = bytearray(), b""
-        for fragment in _fragments(pixel_data):  # the header is read across fragments: a stream may split anywhere
+        head, tail = bytearray(), b""
+        for fragment in _fragments(pixel_data):  # header and end read across fragments: a stream may split anywhere
             if len(head) < HEADER_BYTES:
                 head += fragment[:HEADER_BYTES - len(head)]
-            last = fragment
+            tail = (tail + bytes(fragment[-64:]))[-64:]
     except ValueError as exc:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(head[:2]) == b"\xff\xd8":
@@ -766,9 +766,10 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
             raise CorruptDicomError(
                 f"the {name} codestream declares {frame[3]} components of {frame[0]} bits, but the DICOM header "
                 f"{samples} samples of at most {allocated} bits: refused before decoding")
-    if meta.transfer_syntax in _JPEG_LS_SYNTAXES and not bytes(last[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # CharLS decodes no stream without its end-of-image marker, but on some it spins for seconds before
-        # saying so (9 s for a 128 x 80 image): a truncated stream is refused here, at once.
+    if meta.transfer_syntax in _JPEG_SYNTAXES and not tail.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+        # No entropy-coded data holds the end-of-image marker: a stream without it at its end (padding aside) was
+        # cut. libjpeg(-turbo) decodes a cut stream with a warning only, the missing rows filled in; CharLS decodes
+        # none, but on some spins for seconds before saying so (9 s for a 128 x 80 image). Refused here, at once.
         raise CorruptDicomError(f"the {name} codestream has no end-of-image marker (truncated): refused before "
                                 "decoding")
     size = codestream_size(meta.transfer_syntax, head)
@@ -785,14 +786,17 @@ def _j2k_image_offset(head: bytes) -> bool:
     return head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24 and any(head[16:24])
 
 
-# Where pydicom's own order is not the best: imagecodecs (``codec_plugins``) decodes JPEG-LS and RLE with the GIL let go
-# (CharLS, as pyjpegls wraps it; RLE's segments side by side where a process has decode threads to spare); without
+# Where pydicom's own order is not the best: imagecodecs (``codec_plugins``) decodes JPEG-LS, RLE and greyscale JPEG
+# with the GIL let go (CharLS, as pyjpegls wraps it; RLE's segments side by side where a process has decode threads
+# to spare; libjpeg-turbo, 5x faster than GDCM on lossless JPEG, and GDCM aborts the process on some malformed
+# streams); without
 # it, CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here (11 vs 20 ms for a 512 x 416 image; GDCM wraps
 # CharLS too, so both accept the same streams).
 # JPEG 2000 decoded in full (where the reduced decode cannot be used) by pylibjpeg's OpenJPEG before GDCM's: GDCM
 # aborts the process on some malformed codestreams that OpenJPEG refuses with an error.
 _PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": (codec_plugins.LABEL, "pyjpegls"),
                       "1.2.840.10008.1.2.4.81": (codec_plugins.LABEL, "pyjpegls"), codec_plugins.RLE: (codec_plugins.LABEL,),
+                      **{uid: (codec_plugins.LABEL,) for uid in codec_plugins.JPEG},
                       "1.2.840.10008.1.2.4.90": ("pylibjpeg",), "1.2.840.10008.1.2.4.91": ("pylibjpeg",)}
 
 
@@ -932,8 +936,9 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.nda
         others = [m.split(" - ")[0] for m in getattr(decoder, "missing_dependencies", [])]
         name = pydicom.uid.UID(meta.transfer_syntax).name
         detail = " ".join(text.split())[:300]
-        if meta.transfer_syntax in _PILLOW_8_BIT_ONLY and meta.bits_stored > 8 and others:
-            # pillow decodes only 8-bit JPEG; 12-bit needs libjpeg or GDCM: a capability gap, not corruption.
+        if plugin is None and meta.transfer_syntax in _PILLOW_8_BIT_ONLY and meta.bits_stored > 8 and others:
+            # without imagecodecs: pillow decodes only 8-bit JPEG; 12-bit needs libjpeg or a GDCM built with it,
+            # a capability gap, not corruption
             raise MissingCodecError(
                 f"{meta.bits_stored}-bit {name} needs a plugin that is not installed ({', '.join(others)}); "
                 f"install {hint}"

@@ -1,9 +1,12 @@
-"""JPEG-LS and RLE through imagecodecs (``medvision.codec_plugins``): the same pixels as pydicom's other plugins on
-every such file of both real corpora and of the generator, damaged pixel data refused by name, an RLE frame's
-segments decoded side by side where the process has decode threads, and the GIL let go meanwhile."""
+"""JPEG-LS, RLE and greyscale JPEG through imagecodecs (``medvision.codec_plugins``): the same pixels as pydicom's
+other plugins (and DCMTK, for JPEG) on every such file of both real corpora and of the generator, damaged pixel data
+refused by name, an RLE frame's segments decoded side by side where the process has decode threads, and the GIL let
+go meanwhile."""
 
 import copy
+import shutil
 import struct
+import subprocess
 import threading
 import time
 import warnings
@@ -13,7 +16,16 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import generate_fragmented_frames
-from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from medvision import codec_plugins, resolution
 from medvision.dicom_io import read_dicom
@@ -27,17 +39,18 @@ OTHERS = {JPEGLSLossless: ("pyjpegls", "gdcm"), JPEGLSNearLossless: ("pyjpegls",
           RLELossless: ("pylibjpeg", "pydicom")}
 
 
-def corpus_files() -> list[Path]:
+def corpus_files(syntaxes=SYNTAXES, greyscale: bool = False) -> list[Path]:
     data_store = pytest.importorskip("data_store", reason="pydicom-data is in the 'dev' extra")
     roots = [Path(data_store.__file__).parent / "data", Path(pydicom.__file__).parent / "data" / "test_files"]
     found = []
     for root in roots:
         for path in sorted(root.rglob("*.dcm")):
             try:
-                meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:  # the corpora hold files that are not DICOM on purpose
                 continue
-            if str(getattr(meta, "TransferSyntaxUID", "")) in SYNTAXES:
+            if str(getattr(ds.file_meta, "TransferSyntaxUID", "")) in syntaxes and (
+                    not greyscale or ds.get("SamplesPerPixel") == 1):
                 found.append(path)
     return found
 
@@ -137,8 +150,8 @@ def test_damaged_jpeg_ls_codestreams_are_refused(views, tmp_path):
 
 
 def test_the_decode_lets_other_threads_run(tmp_path):
-    """While a JPEG-LS or RLE frame is decoded, another Python thread keeps running: the longest pause it sees is a
-    fraction of the decode (a decoder holding the GIL would stop it for the whole decode)."""
+    """While a JPEG-LS, RLE or lossless JPEG frame is decoded, another Python thread keeps running: the longest pause
+    it sees is a fraction of the decode (a decoder holding the GIL would stop it for the whole decode)."""
     import sys
 
     codec_plugins.register()
@@ -149,9 +162,13 @@ def test_the_decode_lets_other_threads_run(tmp_path):
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.001)  # threads that share the GIL take turns every ms: a longer pause is the decoder's
     try:
-        for syntax in (JPEGLSLossless, RLELossless):
+        for syntax in (JPEGLSLossless, RLELossless, JPEGLosslessSV1):
             path = tmp_path / f"big-{syntax.name}.dcm"
-            save(copy.deepcopy(ds), path, syntax)
+            if syntax == JPEGLosslessSV1:
+                save(copy.deepcopy(ds), tmp_path / "big.dcm", ExplicitVRLittleEndian)
+                _dcmtk("dcmcjpeg", tmp_path / "big.dcm", path, "+e1")
+            else:
+                save(copy.deepcopy(ds), path, syntax)
             for _ in range(3):  # a busy machine may pause any thread now and then; the GIL would pause it every time
                 watched, longest, took = _longest_pause_while_decoding(path)
                 if watched > 0.8 * took and longest < 0.2 * took:
@@ -195,26 +212,34 @@ def test_decode_threads_reads_what_use_decode_threads_set(monkeypatch):
     assert resolution.decode_threads() == 1
 
 
-def test_without_imagecodecs_pydicoms_own_plugins_decode_and_the_decode_is_said_to_hold_the_gil(views):
-    """imagecodecs is a dependency, but a reader built without it still reads JPEG-LS and RLE (pyjpegls,
-    pylibjpeg-rle), the same pixels, and says those decodes hold the GIL (so the service hands them to a worker)."""
+def test_without_imagecodecs_pydicoms_own_plugins_decode_and_the_decode_is_said_to_hold_the_gil(views, dcmtk_jpeg):
+    """imagecodecs is a dependency, but a reader built without it still reads JPEG-LS, RLE and lossless JPEG
+    (pyjpegls, pylibjpeg-rle, GDCM), the same pixels, and says those decodes hold the GIL (so the service hands them
+    to a worker). 12-bit JPEG Extended, which no plugin installed then decodes, is refused as a missing codec."""
     import json
-    import subprocess
     import sys
 
-    paths = [str(views[(VENDORS[0].machine_id, s)]) for s in (JPEGLSLossless, RLELossless)]
-    syntaxes = [str(JPEGLSLossless), str(RLELossless)]
+    jpeg = next(path for _, syntax, _, _, path in dcmtk_jpeg if syntax == JPEGLosslessSV1)
+    twelve_bit = next(path for _, syntax, _, _, path in dcmtk_jpeg if syntax == JPEGExtended12Bit)
+    paths = [str(views[(VENDORS[0].machine_id, s)]) for s in (JPEGLSLossless, RLELossless)] + [str(jpeg)]
+    syntaxes = [str(JPEGLSLossless), str(RLELossless), str(JPEGLosslessSV1)]
     script = (
         "import sys, json, hashlib; sys.modules['imagecodecs'] = None\n"
         "from medvision import codec_plugins, resolution\n"
         "from medvision.dicom_io import read_dicom\n"
+        "from medvision.errors import MissingCodecError\n"
         f"out = {{'gil_free': [resolution.lets_threads_run(s, 224) for s in {syntaxes!r}]}}\n"
         f"out['pixels'] = [hashlib.sha256(read_dicom(p)[0].tobytes()).hexdigest() for p in {paths!r}]\n"
+        "try:\n"
+        f"    read_dicom({str(twelve_bit)!r})\n"
+        "except MissingCodecError as e:\n"
+        "    out['12-bit'] = e.message\n"
         "print(json.dumps(out))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["gil_free"] == [False, False]
+    assert out["gil_free"] == [False, False, False]
+    assert "12-bit" in out["12-bit"] and "not installed" in out["12-bit"], out
     import hashlib
 
     assert out["pixels"] == [hashlib.sha256(read_dicom(p)[0].tobytes()).hexdigest() for p in paths]
@@ -358,3 +383,131 @@ def test_stray_bytes_in_a_lossless_jpeg_header_are_refused_wherever_the_fragment
         d.save_as(path)
         with pytest.raises(CorruptDicomError, match="stray bytes"):
             read_dicom(path)
+
+
+# Greyscale JPEG: libjpeg-turbo through imagecodecs, checked against DCMTK (its own IJG-derived codecs: an encoder
+# and a decoder nobody here wrote) and GDCM.
+JPEG_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+DCMTK_JPEG = {  # dcmcjpeg's options -> what it writes, and whether the decode must give the source's pixels back
+    ("+e1",): (JPEGLosslessSV1, True),
+    ("+el", "+sv", "6"): (JPEGLossless, True),
+    ("+el", "+sv", "7", "+pt", "2"): (JPEGLossless, False),  # a point transform drops two bits: DCMTK's decode is kept
+    ("+ee",): (JPEGExtended12Bit, False),
+    ("+eb",): (JPEGBaseline8Bit, False),
+}
+
+
+def _dcmtk(tool: str, source: Path, target: Path, *options: str) -> Path:
+    assert shutil.which(tool), f"{tool} (DCMTK) is installed by scripts/system_tools.sh"
+    done = subprocess.run([tool, *options, str(source), str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return target
+
+
+def _dcmtk_pixels(path: Path, tmp_path: Path) -> np.ndarray:
+    """DCMTK's decode (``dcmdjpeg``) of ``path``'s pixels."""
+    return pydicom.dcmread(_dcmtk("dcmdjpeg", path, tmp_path / f"{path.stem}.dcmdjpeg.dcm")).pixel_array
+
+
+def test_every_greyscale_jpeg_file_of_the_corpora_decodes_as_dcmtk_and_gdcm_decode_it(tmp_path):
+    """Lossless (processes 14 and 14 SV1; 8, 12 and 16-bit, signed) and 12-bit JPEG Extended, which the GDCM that
+    pip installs does not decode (DCMTK does: the same values)."""
+    codec_plugins.register()
+    files = corpus_files(JPEG_SYNTAXES, greyscale=True)
+    assert len(files) >= 5
+    twelve_bit = 0
+    for path in files:
+        ours = pixels(path, codec_plugins.LABEL)
+        np.testing.assert_array_equal(ours, _dcmtk_pixels(path, tmp_path), err_msg=f"{path.name} against DCMTK")
+        try:
+            theirs = pixels(path, "gdcm")
+        except RuntimeError:
+            assert str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID) == JPEGExtended12Bit
+            twelve_bit += 1
+            continue
+        assert ours.dtype == theirs.dtype, path.name
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"{path.name} against GDCM")
+    assert twelve_bit == 2
+
+
+def test_colour_jpeg_is_left_to_pydicoms_other_plugins():
+    """libjpeg-turbo reads a colour stream's colour space from its markers, where DICOM states it in the header: on
+    streams without those markers the decoders disagree, so this plugin declines colour and pydicom's others decode
+    it as they did."""
+    codec_plugins.register()
+    files = [p for p in corpus_files(JPEG_SYNTAXES)
+             if pydicom.dcmread(p, stop_before_pixels=True).get("SamplesPerPixel") == 3]
+    assert len(files) >= 10
+    for path in files:
+        with pytest.raises(RuntimeError, match="colour JPEG is left to pydicom's other plugins"):
+            pixels(path, codec_plugins.LABEL)
+        ds = pydicom.dcmread(path)  # pydicom's own order: GDCM first, the plugins after it
+        np.testing.assert_array_equal(ds.pixel_array, pixels(path, "gdcm"), err_msg=path.name)
+
+
+@pytest.fixture(scope="module")
+def dcmtk_jpeg(tmp_path_factory, request):
+    """The generator's 1024 x 832 views (one per vendor; 12 and 14-bit) written by DCMTK's ``dcmcjpeg`` in each of
+    ``DCMTK_JPEG``'s encodings (extended: only the 12-bit views; baseline: an 8-bit copy of each view), with the
+    uncompressed file each came from: ``[(options, syntax, lossless, source, compressed)]``."""
+    out = tmp_path_factory.mktemp("dcmtk_jpeg")
+    made = []
+    for vendor in VENDORS:
+        ds = example_image(vendor, 1024, 832, seed=2)
+        sources = {16: out / f"{vendor.machine_id}.dcm", 8: out / f"{vendor.machine_id}-8bit.dcm"}
+        save(copy.deepcopy(ds), sources[16], ExplicitVRLittleEndian)
+        eight = copy.deepcopy(ds)
+        shift = int(ds.BitsStored) - 8
+        eight.PixelData = (ds.pixel_array >> shift).astype(np.uint8).tobytes()
+        eight.BitsAllocated, eight.BitsStored, eight.HighBit = 8, 8, 7
+        for keyword in ("WindowCenter", "WindowWidth"):  # the window was for 12 or 14 bits
+            if keyword in eight:
+                delattr(eight, keyword)
+        save(eight, sources[8], ExplicitVRLittleEndian)
+        for options, (syntax, lossless) in DCMTK_JPEG.items():
+            if syntax == JPEGExtended12Bit and ds.BitsStored > 12:
+                continue
+            source = sources[8 if syntax == JPEGBaseline8Bit else 16]
+            target = _dcmtk("dcmcjpeg", source, out / f"{source.stem}{''.join(options)}.dcm", *options)
+            made.append((options, syntax, lossless, source, target))
+    return made
+
+
+def test_the_generators_views_written_by_dcmtk_in_jpeg_read_as_dcmtk_reads_them(dcmtk_jpeg, tmp_path):
+    """Full and reduced: lossless streams give the source's pixels back, lossy ones DCMTK's decode, bit for bit."""
+    seen = set()
+    for options, syntax, lossless, source, path in dcmtk_jpeg:
+        assert str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax
+        expected = pydicom.dcmread(source).pixel_array if lossless else _dcmtk_pixels(path, tmp_path)
+        if not lossless:
+            assert not np.array_equal(expected, pydicom.dcmread(source).pixel_array)  # lossy indeed
+        full, meta = read_dicom(path)
+        np.testing.assert_array_equal(full, expected, err_msg=f"{path.name}: {options}")
+        reduced, _ = read_dicom(path, long_side=256)
+        np.testing.assert_array_equal(reduced, resolution.lowpass(expected, 2, meta.bits_stored, meta.signed))
+        if syntax != JPEGExtended12Bit:  # the GDCM that pip installs decodes all but 12-bit JPEG Extended
+            np.testing.assert_array_equal(full, pixels(path, "gdcm"), err_msg=f"{path.name} against GDCM")
+        seen.add(syntax)
+    assert seen == set(JPEG_SYNTAXES)
+
+
+def test_a_cut_or_damaged_jpeg_stream_is_refused_by_name(dcmtk_jpeg, tmp_path):
+    """libjpeg(-turbo) decodes a cut stream with a warning only, filling in the rows it lacks: a stream without its
+    end-of-image marker is refused before decoding, whatever the fragments. One the decoder cannot read is refused
+    with its words. (Entropy-coded data damaged in place decodes, with a warning, as GDCM decoded it before.)"""
+    from pydicom.encaps import encapsulate
+
+    for options, syntax, _, _, path in dcmtk_jpeg[:len(DCMTK_JPEG)]:
+        ds = pydicom.dcmread(path)
+        codestream = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+        assert codestream.rstrip(b"\x00").endswith(b"\xff\xd9")
+        cut = codestream[:len(codestream) // 2]
+        assert "no end-of-image marker (truncated)" in _refused(ds, cut + b"\x00" * (len(cut) % 2), syntax, tmp_path)
+        d = copy.deepcopy(ds)
+        d.PixelData = encapsulate([cut[:1000], cut[1000:] + b"\x00" * (len(cut) % 2)])  # two fragments
+        d.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+        with pytest.raises(CorruptDicomError, match="no end-of-image marker"):
+            read_dicom(tmp_path / "cut.dcm")
+        scan = codestream.index(b"\xff\xda")
+        damaged = codestream[:scan + 40] + b"\xff\x62" + codestream[scan + 40:]  # a marker no JPEG process has
+        assert "could not be decoded" in _refused(ds, damaged, syntax, tmp_path), options
