@@ -6,7 +6,8 @@
 
 The archive (made once, then reused): synthetic 3328 x 2560 mammograms, about half JPEG 2000 lossless and the rest
 JPEG-LS, RLE and uncompressed, as a hospital archive holds them (``--htj2k``: its JPEG 2000 views also as HTJ2K, a
-group of their own). Measured on this machine, one after the other:
+group of their own; ``--jpeg-lossless``: also as JPEG Lossless SV1, the syntax of many older archives). Measured on
+this machine, one after the other:
 
   pipeline   medvision's decode + preprocess + model in this process, one image at a time (the limit per core),
              measured before and after the served run and averaged
@@ -50,6 +51,7 @@ MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.
 SHORT = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.5": "RLE",
          "1.2.840.10008.1.2.1": "uncompressed"}
 HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"  # HTJ2K lossless, RPCL: not in the mix (--htj2k: a group of its own)
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1: not in the mix (--jpeg-lossless: a group of its own)
 
 
 def build_archive(folder: Path, images: int, rows: int = 3328, columns: int = 2560) -> dict[str, list[Path]]:
@@ -99,6 +101,32 @@ def build_htj2k(folder: Path, originals: list[Path]) -> list[Path]:
         out.append(path)
         if not path.is_file():
             save(pydicom.dcmread(original), path, UID(HTJ2K_RPCL))
+    return out
+
+
+def build_jpeg_lossless(folder: Path, originals: list[Path]) -> list[Path]:
+    """``folder/JPEG_lossless/<n>.dcm``: ``originals`` (JPEG 2000 views of the archive) re-encoded as JPEG Lossless
+    SV1 by DCMTK's ``dcmcjpeg +e1`` (pydicom has no encoder for it)."""
+    import shutil
+    import tempfile
+
+    import pydicom
+
+    from medvision.synth.dicom_writer import save
+
+    if shutil.which("dcmcjpeg") is None:
+        sys.exit("--jpeg-lossless needs DCMTK's dcmcjpeg (Debian dcmtk; scripts/system_tools.sh installs it)")
+    out = []
+    for original in originals:
+        path = folder / "JPEG_lossless" / original.name
+        out.append(path)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                ds = pydicom.dcmread(original)
+                ds.decompress()
+                save(ds, Path(tmp) / "raw.dcm", "1.2.840.10008.1.2.1")
+                subprocess.run(["dcmcjpeg", "+e1", str(Path(tmp) / "raw.dcm"), str(path)], check=True, timeout=300)
     return out
 
 
@@ -239,9 +267,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=5000, help="most requests per level")
     p.add_argument("--naive-models", default="vit_small_patch16_224,vit_base_patch16_224")
     p.add_argument("--per-syntax", action="store_true", help="also drive each transfer syntax alone")
-    p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed, HTJ2K)")
+    p.add_argument("--only", help="comma-separated groups to run (mix, 'JPEG 2000', JPEG-LS, RLE, uncompressed, HTJ2K, "
+                   "'JPEG lossless')")
     p.add_argument("--htj2k", action="store_true", help="also an HTJ2K group (not in the mix): the archive's JPEG 2000 "
                    "views re-encoded as HTJ2K lossless by ojph_compress (Debian openjph-tools)")
+    p.add_argument("--jpeg-lossless", action="store_true", help="also a JPEG lossless group (not in the mix): the "
+                   "archive's JPEG 2000 views re-encoded as JPEG Lossless SV1 by DCMTK's dcmcjpeg")
     p.add_argument("--naive-per-syntax", default="vit_small_patch16_224",
                    help="naive peers driven for each syntax alone (every --naive-models one: 'all')")
     p.add_argument("--core-hour-price", type=float, default=0.05)
@@ -255,6 +286,8 @@ def main() -> None:
     groups = {"mix": every, **({SHORT[s]: fs for s, fs in by_syntax.items()} if args.per_syntax or args.only else {})}
     if args.htj2k:
         groups["HTJ2K"] = build_htj2k(archive, by_syntax["1.2.840.10008.1.2.4.90"])
+    if args.jpeg_lossless:
+        groups["JPEG lossless"] = build_jpeg_lossless(archive, by_syntax["1.2.840.10008.1.2.4.90"])
     if args.only:
         groups = {k: v for k, v in groups.items() if k in {g.strip() for g in args.only.split(",")}}
     per_syntax_peers = args.naive_models.split(",") if args.naive_per_syntax == "all" else \
