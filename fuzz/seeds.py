@@ -31,6 +31,38 @@ def _synthetic() -> list[bytes]:
                 path = Path(tmp) / f"{n}-{syntax}.dcm"
                 save(copy.deepcopy(ds), path, syntax)
                 out.append(path.read_bytes())
+            out += _jpeg(ds)
+    return out
+
+
+def _jpeg(ds) -> list[bytes]:
+    """``ds`` as JPEG, written by libjpeg-turbo (imagecodecs): lossless SV1 and predictor 6, and where its samples
+    allow, 12-bit extended and (an 8-bit copy) baseline."""
+    import io
+
+    import imagecodecs
+    import numpy as np
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
+
+    from medvision.synth.dicom_writer import encapsulated
+
+    pixels, bits = ds.pixel_array, int(ds.BitsStored)
+    eight = (pixels >> (bits - 8)).astype(np.uint8)
+    streams = [(JPEGLosslessSV1, pixels, imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1,
+                                                                  bitspersample=bits)),
+               (JPEGLossless, pixels, imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=6,
+                                                               bitspersample=bits)),
+               (JPEGBaseline8Bit, eight, imagecodecs.jpeg8_encode(eight, level=90))]
+    if bits <= 12:
+        streams.append((JPEGExtended12Bit, pixels, imagecodecs.jpeg8_encode(pixels, level=90, bitspersample=12)))
+    out = []
+    for syntax, stored, stream in streams:
+        d = copy.deepcopy(ds)
+        if stored.dtype == np.uint8:
+            d.BitsAllocated, d.BitsStored, d.HighBit = 8, 8, 7
+        buf = io.BytesIO()
+        encapsulated(d, bytes(stream) + b"\x00" * (len(stream) % 2), syntax).save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
     return out
 
 

@@ -105,15 +105,18 @@ def decode_jpeg_ls(src: bytes, runner) -> np.ndarray:
 
 
 def decode_jpeg(src: bytes, runner) -> np.ndarray:
-    """One greyscale JPEG frame (pydicom's ``DecodeRunner`` interface), in a container sized to the codestream's
-    precision. Colour is refused: pydicom's other plugins decode it (see the module's docstring)."""
+    """One greyscale JPEG frame (pydicom's ``DecodeRunner`` interface), in the DICOM header's Bits Allocated (as GDCM
+    returns it: an 8-bit stream in 16 bits allocated keeps its values, and the sign is taken from Bits Stored). Colour
+    is refused: pydicom's other plugins decode it (see the module's docstring)."""
     if runner.samples_per_pixel != 1:
         raise ValueError("colour JPEG is left to pydicom's other plugins")
+    container = np.dtype(f"<u{max(1, runner.bits_allocated // 8)}")
     arr = imagecodecs.jpeg8_decode(src)
     if arr.ndim != 2:
         raise ValueError(f"the JPEG codestream holds {arr.shape[-1]} components, the DICOM header one sample")
-    runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    if arr.dtype.itemsize > container.itemsize:  # the reader refuses such a stream before decoding
+        raise ValueError(f"the JPEG codestream's samples are wider than the {runner.bits_allocated} bits allocated")
+    return np.ascontiguousarray(arr, dtype=container)
 
 
 def decode_rle(src: bytes, runner) -> np.ndarray:

@@ -603,21 +603,34 @@ def codestream_size(transfer_syntax: str, codestream: bytes) -> tuple[int, int] 
 
 
 HEADER_BYTES = 65536  # of a codestream, where its header is looked for
-# Lossless JPEG, which only imagecodecs and GDCM decode here (pylibjpeg-libjpeg, GPL, is not a dependency)
-_GDCM_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
+# Lossless JPEG: GDCM decodes it where imagecodecs is not installed (pylibjpeg-libjpeg, GPL, is not a dependency)
+_LOSSLESS_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
+# The frame header (SOFn) each JPEG syntax carries (PS3.5 8.2.1-8.2.4, 10.2-10.4): sequential DCT with Huffman coding
+# (processes 1, 2 and 4; an extended frame under the baseline syntax is read as libjpeg reads it), lossless with
+# Huffman coding (process 14), JPEG-LS (SOF55). Progressive, arithmetic and hierarchical frames are none of them: a
+# progressive stream can repeat a pass over the whole image once per 11-byte scan, for as long as its bytes last.
+_FRAME_MARKERS = {"1.2.840.10008.1.2.4.50": (0xC0, 0xC1), "1.2.840.10008.1.2.4.51": (0xC0, 0xC1),
+                  "1.2.840.10008.1.2.4.57": (0xC3,), "1.2.840.10008.1.2.4.70": (0xC3,),
+                  "1.2.840.10008.1.2.4.80": (0xF7,), "1.2.840.10008.1.2.4.81": (0xF7,)}
 
 
 def _jpeg_header(codestream) -> tuple[bytes, list[tuple[int, int | None]]]:
     """A JPEG or JPEG-LS codestream's first ``HEADER_BYTES`` and its header's markers from the start of image:
-    ``(offset, marker)`` in order, to the start of scan (included) or the end of those bytes; the last is
-    ``(offset, None)`` where a byte is neither a marker nor fill. No markers without a start-of-image marker."""
+    ``(offset, marker)`` in order, to the start of scan (included) or the end of those bytes, read as libjpeg reads
+    them: bytes that are neither a marker nor fill are passed over to the next marker (listed as ``(offset, None)``,
+    once per run of such bytes). No markers without a start-of-image marker."""
     b = bytes(codestream[:HEADER_BYTES])
     markers: list[tuple[int, int | None]] = []
     i = 2 if b.startswith(b"\xff\xd8") else len(b)
     while i + 4 <= len(b):
-        if b[i] != 0xFF:
+        if b[i] != 0xFF or b[i + 1] == 0x00:  # stray bytes (0xFF 0x00 is no marker either): on to the next marker
             markers.append((i, None))
-            break
+            i = b.find(b"\xff", i + 1)
+            while 0 <= i < len(b) - 1 and b[i + 1] == 0x00:
+                i = b.find(b"\xff", i + 2)
+            if i < 0:
+                break
+            continue
         marker = b[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -629,14 +642,22 @@ def _jpeg_header(codestream) -> tuple[bytes, list[tuple[int, int | None]]]:
     return b, markers
 
 
-def jpeg_frame_header(codestream) -> tuple[int, int, int, int] | None:
-    """``(precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's frame header (SOFn, SOF55), or
-    None when there is none in its first 64 kB (or the markers before it do not chain)."""
+def _jpeg_frame(codestream) -> tuple[int, int, int, int, int] | None:
+    """``(marker, precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's first frame header
+    (SOFn, SOF55), or None when there is none in its first ``HEADER_BYTES``."""
     b, markers = _jpeg_header(codestream)
     for i, marker in markers:
         if marker in _SOF_MARKERS and i + 10 <= len(b):
-            return b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big"), b[i + 9]
+            return (marker, b[i + 4], int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big"),
+                    b[i + 9])
     return None
+
+
+def jpeg_frame_header(codestream) -> tuple[int, int, int, int] | None:
+    """``(precision, rows, columns, components)`` of a JPEG or JPEG-LS codestream's frame header (SOFn, SOF55), or
+    None when there is none in its first 64 kB."""
+    frame = _jpeg_frame(codestream)
+    return None if frame is None else frame[1:]
 
 
 def _stray_header_bytes(codestream) -> int | None:
@@ -751,27 +772,18 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
         raise CorruptDicomError(f"encapsulated pixel data is malformed: {exc}") from None
     if meta.transfer_syntax in _JPEG_SYNTAXES and not bytes(head[:2]) == b"\xff\xd8":
         raise CorruptDicomError(f"the pixel data is not a {name} codestream (no start-of-image marker)")
-    if meta.transfer_syntax in _GDCM_JPEG_SYNTAXES and (stray := _stray_header_bytes(head)) is not None:
+    if meta.transfer_syntax in _LOSSLESS_JPEG_SYNTAXES and (stray := _stray_header_bytes(head)) is not None:
         # libjpeg only warns ("extraneous bytes before marker"), but GDCM's lossless JPEG codec then aborts the process
         raise CorruptDicomError(f"the {name} codestream's header has stray bytes at offset {stray} (where a marker "
                                 "should start): refused before decoding")
-    if meta.transfer_syntax in _JPEG_LS_SYNTAXES:
-        # CharLS allocates what the frame header declares: its size, samples and precision must be the header's
-        frame = jpeg_frame_header(head)
-        samples, allocated = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
-        if frame is None:
-            raise CorruptDicomError(f"the {name} codestream has no frame header in its first {HEADER_BYTES:,} bytes: "
-                                    "refused before decoding")
-        if frame[3] != samples or not 2 <= frame[0] <= min(allocated, 16):
-            raise CorruptDicomError(
-                f"the {name} codestream declares {frame[3]} components of {frame[0]} bits, but the DICOM header "
-                f"{samples} samples of at most {allocated} bits: refused before decoding")
-    if meta.transfer_syntax in _JPEG_SYNTAXES and not tail.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
-        # No entropy-coded data holds the end-of-image marker: a stream without it at its end (padding aside) was
-        # cut. libjpeg(-turbo) decodes a cut stream with a warning only, the missing rows filled in; CharLS decodes
-        # none, but on some spins for seconds before saying so (9 s for a 128 x 80 image). Refused here, at once.
-        raise CorruptDicomError(f"the {name} codestream has no end-of-image marker (truncated): refused before "
-                                "decoding")
+    if meta.transfer_syntax in _JPEG_SYNTAXES:
+        if b"\xff\xd9" not in tail:
+            # No entropy-coded data holds the end-of-image marker: a stream without it near its end was cut. libjpeg
+            # decodes a cut stream with a warning only, the missing rows filled in; CharLS decodes none, but on some
+            # spins for seconds before saying so (9 s for a 128 x 80 image). Refused here, at once.
+            raise CorruptDicomError(f"the {name} codestream has no end-of-image marker in its last 64 bytes "
+                                    "(truncated): refused before decoding")
+        _check_jpeg_frame(ds, name, _FRAME_MARKERS[meta.transfer_syntax], _jpeg_frame(head))
     size = codestream_size(meta.transfer_syntax, head)
     if size is not None and size != (meta.rows, meta.columns):
         raise CorruptDicomError(
@@ -781,6 +793,26 @@ def _check_codestream(ds: Dataset, meta: DicomMeta, pixel_data) -> bytes:
     return bytes(head)
 
 
+def _check_jpeg_frame(ds: Dataset, name: str, allowed: tuple[int, ...], frame) -> None:
+    """The codec allocates and loops over what the frame header declares: it must be there, of a kind the syntax
+    carries, with the DICOM header's samples and no more bits than it allocates (the size is held to Rows and Columns
+    by ``codestream_size``)."""
+    if frame is None:
+        raise CorruptDicomError(f"the {name} codestream has no frame header in its first {HEADER_BYTES:,} bytes: "
+                                "refused before decoding")
+    marker, precision, _, _, components = frame
+    if marker not in allowed:
+        raise CorruptDicomError(
+            f"the {name} codestream's frame header is 0xFF{marker:02X}, not one this syntax carries "
+            f"({' or '.join(f'0xFF{m:02X}' for m in allowed)}; progressive, arithmetic and hierarchical JPEG are none "
+            "of them): refused before decoding")
+    samples, allocated = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    if components != samples or not 2 <= precision <= min(allocated, 16):
+        raise CorruptDicomError(
+            f"the {name} codestream declares {components} components of {precision} bits, but the DICOM header "
+            f"{samples} samples of at most {allocated} bits: refused before decoding")
+
+
 def _j2k_image_offset(head: bytes) -> bool:
     """Whether a JPEG 2000 codestream (not JP2-wrapped) places its image at an offset on the reference grid."""
     return head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24 and any(head[16:24])
@@ -788,10 +820,9 @@ def _j2k_image_offset(head: bytes) -> bool:
 
 # Where pydicom's own order is not the best: imagecodecs (``codec_plugins``) decodes JPEG-LS, RLE and greyscale JPEG
 # with the GIL let go (CharLS, as pyjpegls wraps it; RLE's segments side by side where a process has decode threads
-# to spare; libjpeg-turbo, 5x faster than GDCM on lossless JPEG, and GDCM aborts the process on some malformed
-# streams); without
-# it, CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here (11 vs 20 ms for a 512 x 416 image; GDCM wraps
-# CharLS too, so both accept the same streams).
+# to spare; libjpeg-turbo, 5x faster than GDCM on lossless JPEG, where GDCM aborts the process on some malformed
+# streams). Without imagecodecs, CharLS (pyjpegls) decodes JPEG-LS in about half GDCM's time here (11 vs 20 ms for a
+# 512 x 416 image; GDCM wraps CharLS too, so both accept the same streams).
 # JPEG 2000 decoded in full (where the reduced decode cannot be used) by pylibjpeg's OpenJPEG before GDCM's: GDCM
 # aborts the process on some malformed codestreams that OpenJPEG refuses with an error.
 _PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": (codec_plugins.LABEL, "pyjpegls"),
@@ -943,7 +974,7 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.nda
                 f"{meta.bits_stored}-bit {name} needs a plugin that is not installed ({', '.join(others)}); "
                 f"install {hint}"
             ) from None
-        maybe = f"; plugins not installed that may decode it: {', '.join(others)}" if others else ""
+        maybe = f"; plugins not installed that may decode it: {', '.join(others)}" if others and plugin is None else ""
         raise CorruptDicomError(f"pixel data could not be decoded ({type(exc).__name__}): {detail}{maybe}") from None
     if arr.ndim != 2:
         raise UnsupportedImageError(f"expected a 2-D greyscale frame, decoded shape {arr.shape}")

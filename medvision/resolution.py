@@ -75,8 +75,9 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
 def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:
     """Whether the decode planned for ``transfer_syntax`` under a contract of ``long_side`` lets the calling process's
     other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size), numpy (uncompressed)
-    and imagecodecs (JPEG-LS, RLE: ``codecs``) let go of the GIL. pydicom's own JPEG-LS and RLE plugins, used where
-    imagecodecs is not installed, hold it for the whole decode (a full-field JPEG-LS image about 150 ms): in a
+    and imagecodecs (JPEG-LS, RLE, greyscale JPEG: ``codec_plugins``) let go of the GIL. pydicom's own plugins for
+    those, used where imagecodecs is not installed, hold it for the whole decode (a full-field JPEG-LS image about
+    150 ms, lossless JPEG through GDCM 230 ms): in a
     process that also runs an event loop, that loop stops meanwhile. Anything not known to let go (another codec, a
     full-size JPEG 2000 decode by pydicom's plugins, an unknown syntax): False. From the syntax alone:
     ``read_dicom(..., gil_free_only=True)`` holds a decode to it on the parsed header (an image no larger than

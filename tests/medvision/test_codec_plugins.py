@@ -368,8 +368,9 @@ def test_a_jpeg_ls_frame_header_is_held_to_the_dicom_header_wherever_the_fragmen
 
 
 def test_stray_bytes_in_a_lossless_jpeg_header_are_refused_wherever_the_fragments_split_it(tmp_path):
-    """GDCM, the lossless JPEG decoder here, aborts the process on a header with stray bytes before its scan (a fuzz
-    finding): refused by name before decoding, also when the header is split across fragments."""
+    """GDCM, the lossless JPEG decoder where imagecodecs is not installed, aborts the process on a header with stray
+    bytes before its scan (a fuzz finding): refused by name before decoding, also when the header is split across
+    fragments."""
     from pydicom.encaps import encapsulate
 
     root = Path(__file__).resolve().parents[2]
@@ -497,12 +498,15 @@ def test_a_cut_or_damaged_jpeg_stream_is_refused_by_name(dcmtk_jpeg, tmp_path):
     with its words. (Entropy-coded data damaged in place decodes, with a warning, as GDCM decoded it before.)"""
     from pydicom.encaps import encapsulate
 
-    for options, syntax, _, _, path in dcmtk_jpeg[:len(DCMTK_JPEG)]:
+    first = {options: (syntax, path) for options, syntax, _, _, path in reversed(dcmtk_jpeg)}  # one file each
+    assert len(first) == len(DCMTK_JPEG)
+    for options, (syntax, path) in first.items():
         ds = pydicom.dcmread(path)
         codestream = b"".join(next(generate_fragmented_frames(ds.PixelData)))
         assert codestream.rstrip(b"\x00").endswith(b"\xff\xd9")
         cut = codestream[:len(codestream) // 2]
-        assert "no end-of-image marker (truncated)" in _refused(ds, cut + b"\x00" * (len(cut) % 2), syntax, tmp_path)
+        said = _refused(ds, cut + b"\x00" * (len(cut) % 2), syntax, tmp_path)
+        assert "no end-of-image marker" in said and "(truncated)" in said, said
         d = copy.deepcopy(ds)
         d.PixelData = encapsulate([cut[:1000], cut[1000:] + b"\x00" * (len(cut) % 2)])  # two fragments
         d.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
@@ -511,3 +515,89 @@ def test_a_cut_or_damaged_jpeg_stream_is_refused_by_name(dcmtk_jpeg, tmp_path):
         scan = codestream.index(b"\xff\xda")
         damaged = codestream[:scan + 40] + b"\xff\x62" + codestream[scan + 40:]  # a marker no JPEG process has
         assert "could not be decoded" in _refused(ds, damaged, syntax, tmp_path), options
+
+
+def _jpeg_file(tmp_path: Path, codestream: bytes, syntax: str, shape: tuple[int, int], allocated: int, stored: int,
+               signed: int = 0) -> Path:
+    """A greyscale view of the generator around ``codestream``, its header saying ``shape`` and those bits."""
+    ds = example_image(VENDORS[0], 128, 104, seed=5)
+    ds.Rows, ds.Columns = shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, signed
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    path = tmp_path / "crafted.dcm"
+    encapsulated(ds, codestream + b"\x00" * (len(codestream) % 2), syntax).save_as(path, enforce_file_format=True)
+    return path
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _with_frame(codestream: bytes, marker: int | None = None, size: tuple[int, int] | None = None,
+                components: int | None = None) -> bytes:
+    """``codestream`` with its frame header's marker, size or component count (the components' entries grown to
+    match) changed."""
+    at = next(codestream.index(bytes([0xFF, m])) for m in (0xC0, 0xC1, 0xC3) if bytes([0xFF, m]) in codestream)
+    length = int.from_bytes(codestream[at + 2:at + 4], "big")
+    frame = bytearray(codestream[at:at + 2 + length])
+    if marker is not None:
+        frame[1] = marker
+    if size is not None:
+        frame[5:9] = struct.pack(">HH", *size)
+    if components is not None:
+        frame[9] = components
+        frame[10:] = b"".join(bytes([c + 1]) + frame[11:13] for c in range(components))
+        frame[2:4] = (8 + 3 * components).to_bytes(2, "big")
+    return codestream[:at] + bytes(frame) + codestream[at + 2 + length:]
+
+
+def test_a_jpeg_frame_header_the_dicom_header_does_not_allow_is_refused_before_decoding(tmp_path):
+    """libjpeg allocates and loops over what the frame header declares, and reads past stray bytes and long
+    application segments to find it: the header must be found (in the first 64 kB), hold the DICOM header's size
+    wherever stray bytes put it, be of a kind the syntax carries (a progressive stream repeats a pass over the whole
+    image per 11-byte scan), with one component of no more bits than allocated."""
+    import imagecodecs
+
+    eight = bytes(imagecodecs.jpeg8_encode(np.full((64, 64), 100, np.uint8), level=90))
+    twelve = bytes(imagecodecs.jpeg8_encode(np.full((64, 64), 3000, np.uint16), lossless=True, predictor=1,
+                                            bitspersample=12))
+    cases = [
+        ("stray bytes before a 65000 x 65000 frame", JPEGBaseline8Bit,
+         eight[:2] + b"\x00\x00" + _with_frame(eight, size=(65000, 65000))[2:], 8, "declares 65000 x 65000"),
+        ("64 kB of application data before the frame", JPEGBaseline8Bit,
+         eight[:2] + _segment(0xE1, bytes(65000)) * 2 + eight[2:], 8, "no frame header in its first 65,536 bytes"),
+        ("a progressive frame", JPEGBaseline8Bit, _with_frame(eight, marker=0xC2), 8, "is 0xFFC2"),
+        ("an arithmetic frame", JPEGExtended12Bit, _with_frame(eight, marker=0xC9), 8, "is 0xFFC9"),
+        ("a sequential frame under lossless", JPEGLosslessSV1, eight, 8, "is 0xFFC0"),
+        ("four components under a greyscale header", JPEGLosslessSV1, _with_frame(twelve, components=4), 16,
+         "declares 4 components"),
+        ("12 bits where 8 are allocated", JPEGLosslessSV1, twelve, 8, "of 12 bits"),
+        ("12-bit lossy where 8 are allocated", JPEGExtended12Bit,
+         bytes(imagecodecs.jpeg8_encode(np.full((64, 64), 3000, np.uint16), level=90, bitspersample=12)), 8,
+         "of 12 bits"),
+    ]
+    for _, syntax, codestream, allocated, said in cases:
+        path = _jpeg_file(tmp_path, codestream, syntax, (64, 64), allocated, min(allocated, 12))
+        with pytest.raises(CorruptDicomError, match=said.replace(".", r"\.")):
+            read_dicom(path)
+
+
+def test_jpeg_samples_come_back_in_the_dicom_headers_container_as_gdcm_returns_them(tmp_path):
+    """An 8-bit stream in 16 bits allocated keeps its values (its sign taken from Bits Stored, not from 8 bits), a
+    signed 12-bit one comes back negative, and bytes after the end-of-image marker are ignored: as GDCM reads each."""
+    import imagecodecs
+
+    row = np.array([255, 128, 5, 127, 0, 1, 200, 64], np.uint8)
+    twelve = np.array([4091, 2048, 5, 2047, 0, 1, 4000, 64], np.uint16)
+    cases = [(row, 8, 16, 12, 1, [255, 128, 5, 127]), (twelve, 12, 16, 12, 1, [-5, -2048, 5, 2047]),
+             (twelve, 12, 16, 12, 0, [4091, 2048, 5, 2047])]
+    for values, precision, allocated, stored, signed, expected in cases:
+        codestream = bytes(imagecodecs.jpeg8_encode(np.tile(values, (8, 1)), lossless=True, predictor=1,
+                                                    bitspersample=precision))
+        for tail in (b"", b"\r\n", b"\x12\x34 "):
+            path = _jpeg_file(tmp_path, codestream + tail, JPEGLosslessSV1, (8, 8), allocated, stored, signed)
+            ours, _ = read_dicom(path)
+            assert ours[0, :4].tolist() == expected, (precision, signed, tail)
+            np.testing.assert_array_equal(ours, pixels(path, "gdcm"))

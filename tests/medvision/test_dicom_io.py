@@ -265,7 +265,7 @@ def test_a_jpeg_ls_stream_cut_before_its_end_marker_is_refused_at_once(dicom_fil
         buf = io.BytesIO()
         ds.save_as(buf)
         t = time.perf_counter()
-        with pytest.raises(CorruptDicomError, match="JPEG-LS .* no end-of-image marker .truncated."):
+        with pytest.raises(CorruptDicomError, match="JPEG-LS .* no end-of-image marker .* .truncated."):
             read_dicom(buf.getvalue())
         assert time.perf_counter() - t < 1.0
     ds.PixelData = encapsulate([stream.rstrip(b"\x00") + b"\x00" * 4])
