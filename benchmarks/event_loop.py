@@ -6,7 +6,7 @@ loop meanwhile. Two services run side by side, each syntax's requests alternatin
 
   threads        MEDVISION_DECODE_PROCESSES=0: every image decoded in a thread of the service's process;
   the service    the default: a request alone decoded in its own thread only where the decoder lets go of the
-                 GIL (uncompressed, JPEG 2000 at a reduced size, JPEG-LS and RLE through imagecodecs), the others by
+                 GIL (uncompressed, JPEG 2000 at a reduced size, JPEG-LS, RLE and JPEG through imagecodecs), the others by
                  a decoding worker process.
 
 One client sends each image alone (one request at a time); each service is asked /healthz every 2 ms throughout, and
@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fullfield import SHORT, build_archive  # noqa: E402 - the full-field archive fullfield.py uses
+from fullfield import SHORT, build_archive, build_jpeg_lossless  # noqa: E402 - the full-field archive fullfield.py uses
 from serve_load import service  # noqa: E402
 
 console = Console(width=150)
@@ -104,11 +104,18 @@ def main() -> None:
     ap.add_argument("--archive", default="fullfield_archive", help="full-field archive folder (made if missing)")
     ap.add_argument("--images", type=int, default=36, help="images in the archive, when it is made")
     ap.add_argument("--requests", type=int, default=24, help="scoring requests per syntax and way (rounds)")
+    ap.add_argument("--only", help="comma-separated groups (the archive's syntaxes, 'JPEG lossless': its JPEG 2000 "
+                    "views re-encoded by DCMTK's dcmcjpeg); default: the archive's syntaxes")
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
 
     files = build_archive(Path(args.archive), args.images)
     groups = {SHORT[syntax]: sorted(paths)[:4] for syntax, paths in files.items() if paths}
+    if args.only:
+        wanted = [g.strip() for g in args.only.split(",")]
+        if "JPEG lossless" in wanted:
+            groups["JPEG lossless"] = build_jpeg_lossless(Path(args.archive), files["1.2.840.10008.1.2.4.90"])[:4]
+        groups = {name: groups[name] for name in wanted}
     with ExitStack() as stack:
         services = {}
         for way, settings in WAYS.items():

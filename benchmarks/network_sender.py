@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fullfield import SHORT, build_archive, build_htj2k, naive, pipeline_rate  # noqa: E402 - this folder's modules
+from fullfield import SHORT, build_archive, build_htj2k, build_jpeg_lossless, naive, pipeline_rate  # noqa: E402 - this folder's modules
 from serve_load import _drive, run_client, service_process  # noqa: E402
 
 console = Console(width=150)
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="per system and round")
     p.add_argument("--plain-seconds", type=float, default=15.0, help="the plain service, per group (0: left out)")
     p.add_argument("--only", default="mix,JPEG 2000,HTJ2K,uncompressed",
-                   help="groups (mix, 'JPEG 2000', HTJ2K, JPEG-LS, RLE, uncompressed)")
+                   help="groups (mix, 'JPEG 2000', HTJ2K, JPEG-LS, RLE, uncompressed, 'JPEG lossless')")
     p.add_argument("--json")
     args = p.parse_args()
     link = args.gbps * 1e9 / 8
@@ -59,6 +59,8 @@ def main() -> None:
     wanted = [g.strip() for g in args.only.split(",")]
     if "HTJ2K" in wanted:
         groups["HTJ2K"] = build_htj2k(Path(args.archive), by_syntax["1.2.840.10008.1.2.4.90"])
+    if "JPEG lossless" in wanted:
+        groups["JPEG lossless"] = build_jpeg_lossless(Path(args.archive), by_syntax["1.2.840.10008.1.2.4.90"])
     report = {"gbps": args.gbps, "groups": {}}
     with service_process(args.model, {}) as (ahead_url, ahead_key, _), \
             service_process(args.model, {"MEDVISION_DECODE_AHEAD": "false"}) as (whole_url, whole_key, _):
