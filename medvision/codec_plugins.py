@@ -189,7 +189,8 @@ def _map(function, *iterables) -> list:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="medvision-decode")
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _pool = ThreadPoolExecutor(cores, thread_name_prefix="medvision-decode")  # the cores this process may use
         pool = _pool
 
     def share(k: int) -> list:

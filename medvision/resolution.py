@@ -262,7 +262,7 @@ def decode_threads() -> int:
 def use_decode_threads(threads: int, keep_set: bool = False) -> None:
     """Decode each JPEG 2000 codestream in this process with ``threads`` threads (OpenJPEG decodes code-blocks side
     by side: the same pixels, bit for bit, and about the same CPU), and an RLE frame's segments side by side
-    (``codecs``). It pays where a process decodes one image at a
+    (``codec_plugins``). It pays where a process decodes one image at a
     time with cores to spare: the service's own process (a request alone in it, the review UI's renderings; a
     full-field image at 1/2 in half the time on two cores). A decoding worker, one per core, uses one. Set before the
     process's threads decode (it is an environment variable: ``OPJ_NUM_THREADS``, which spawned children inherit);
