@@ -835,8 +835,7 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
                     gil_free_only: bool = False, ahead=None) -> tuple[np.ndarray, DecodePlan]:
     """Carry out ``plan``: the pixels at 1/plan.factor of the image's size, and the plan as carried out."""
     if plan.factor == 1:
-        _load_pixel_data(ds)
-        return _decode(ds, meta, gil_free_only), plan
+        return _decode(ds, meta, gil_free_only, source), plan
     levels = plan.factor.bit_length() - 1
     if plan.method == "lowpass" and meta.transfer_syntax in NATIVE_SYNTAXES:
         view = _native_pixels(ds, meta, source)
@@ -850,8 +849,7 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
         reduced, plan = _wavelet(ds, meta, plan, pixel_data, ahead)
         if reduced is not None:
             return reduced, plan
-    _load_pixel_data(ds)
-    return lowpass(_decode(ds, meta, gil_free_only), levels, meta.bits_stored, meta.signed), plan
+    return lowpass(_decode(ds, meta, gil_free_only, source), levels, meta.bits_stored, meta.signed), plan
 
 
 def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
@@ -928,7 +926,9 @@ def _source_view(source, start: int, length: int | None):
     return None
 
 
-def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.ndarray:
+def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False, source=None) -> np.ndarray:
+    """The image's stored values, decoded in full (``source``: the caller's bytes or file, where the pixel data can be
+    read where it lies)."""
     from pydicom.pixels import get_decoder
 
     if gil_free_only and not (meta.transfer_syntax in NATIVE_SYNTAXES or codec_plugins.gil_free(meta.transfer_syntax)):
@@ -946,18 +946,34 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False) -> np.nda
             f"cannot decode transfer syntax {meta.transfer_syntax} ({pydicom.uid.UID(meta.transfer_syntax).name}): "
             f"no decoding plugin is installed; install {hint}"
         )
-    head = b""
+    head, pixel_data = b"", None
+    if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES | {codec_plugins.RLE}:
+        pixel_data = _encapsulated(ds, source)
     if meta.transfer_syntax in _J2K_SYNTAXES | _JPEG_SYNTAXES:
-        head = _check_codestream(ds, meta, _encapsulated(ds, None))
+        head = _check_codestream(ds, meta, pixel_data)
     codec_plugins.register()
     preferred = _PREFERRED_PLUGINS.get(meta.transfer_syntax, ())
     if meta.transfer_syntax in _J2K_SYNTAXES and _j2k_image_offset(head):
         preferred = ()  # pylibjpeg's OpenJPEG returns the whole reference grid, offset included: GDCM crops it
     plugin = next((p for p in preferred if p in decoder.available_plugins), None)
-    if plugin is not None:
-        ds.pixel_array_options(decoding_plugin=plugin)
+    codestream = None
+    if plugin == codec_plugins.LABEL and pixel_data is not None:
+        try:  # imagecodecs's frame decoded where it lies, as pydicom would return it, without pydicom's copies
+            codestream = _codestream(pixel_data)
+        except ValueError:  # an offset table other than one frame at 0: pydicom reads it
+            codestream = None
+    if codestream is None:
+        _load_pixel_data(ds)
+        if plugin is not None:
+            ds.pixel_array_options(decoding_plugin=plugin)
     try:
-        arr = ds.pixel_array
+        if codestream is not None:
+            frame = jpeg_frame_header(head) if meta.transfer_syntax in _JPEG_LS_SYNTAXES else None
+            arr = codec_plugins.decode_greyscale(
+                meta.transfer_syntax, codestream, meta.rows, meta.columns, int(ds.BitsAllocated), meta.bits_stored,
+                meta.signed, precision=frame[0] if frame else None)
+        else:
+            arr = ds.pixel_array
     except _INTERRUPTS:
         raise
     except BaseException as exc:  # many error types; Rust codecs raise pyo3's PanicException (a BaseException)
