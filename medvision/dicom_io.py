@@ -813,6 +813,20 @@ def _check_jpeg_frame(ds: Dataset, name: str, allowed: tuple[int, ...], frame) -
             f"{samples} samples of at most {allocated} bits: refused before decoding")
 
 
+def _decodes_where_it_lies(ds: Dataset) -> bool:
+    """Whether ``codec_plugins.decode_greyscale`` gives what ``pixel_array`` would: one frame, read without an
+    extended offset table, and the sample attributes pydicom checks before it decodes, present and in range (anything
+    else goes through ``pixel_array``, which reads or refuses it)."""
+    try:
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        representation = int(ds.PixelRepresentation)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return (frames == 1 and "ExtendedOffsetTable" not in ds and "ExtendedOffsetTableLengths" not in ds
+            and representation in (0, 1) and allocated in (8, 16, 32, 64) and 1 <= stored <= allocated)
+
+
 def _j2k_image_offset(head: bytes) -> bool:
     """Whether a JPEG 2000 codestream (not JP2-wrapped) places its image at an offset on the reference grid."""
     return head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24 and any(head[16:24])
@@ -957,10 +971,10 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False, source=No
         preferred = ()  # pylibjpeg's OpenJPEG returns the whole reference grid, offset included: GDCM crops it
     plugin = next((p for p in preferred if p in decoder.available_plugins), None)
     codestream = None
-    if plugin == codec_plugins.LABEL and pixel_data is not None:
-        try:  # imagecodecs's frame decoded where it lies, as pydicom would return it, without pydicom's copies
+    if plugin == codec_plugins.LABEL and pixel_data is not None and _decodes_where_it_lies(ds):
+        try:  # imagecodecs's frame decoded where it lies, the values pixel_array would give, without its copies
             codestream = _codestream(pixel_data)
-        except ValueError:  # an offset table other than one frame at 0: pydicom reads it
+        except ValueError:  # an offset table other than one frame at 0, or malformed items: pydicom reads them
             codestream = None
     if codestream is None:
         _load_pixel_data(ds)
@@ -968,16 +982,23 @@ def _decode(ds: Dataset, meta: DicomMeta, gil_free_only: bool = False, source=No
             ds.pixel_array_options(decoding_plugin=plugin)
     try:
         if codestream is not None:
-            frame = jpeg_frame_header(head) if meta.transfer_syntax in _JPEG_LS_SYNTAXES else None
+            precision = None
+            if meta.transfer_syntax in _JPEG_LS_SYNTAXES and meta.signed:  # the precision pydicom's sign correction
+                from pydicom.pixels.utils import _get_jpg_parameters  # reads: its parser's, else Bits Stored
+
+                precision = _get_jpg_parameters(bytes(codestream)).get("precision", meta.bits_stored)
             arr = codec_plugins.decode_greyscale(
                 meta.transfer_syntax, codestream, meta.rows, meta.columns, int(ds.BitsAllocated), meta.bits_stored,
-                meta.signed, precision=frame[0] if frame else None)
+                meta.signed, precision)
         else:
             arr = ds.pixel_array
     except _INTERRUPTS:
         raise
     except BaseException as exc:  # many error types; Rust codecs raise pyo3's PanicException (a BaseException)
         text = str(exc)
+        # the refusal keeps this error as its context: not its frames, whose views of the caller's file would keep
+        # the file's memory map open for as long as the refusal is held
+        exc.__traceback__, pixel_data, codestream = None, None, None
         if "less than expected" in text:
             raise CorruptDicomError(f"truncated pixel data: {text}") from None
         others = [m.split(" - ")[0] for m in getattr(decoder, "missing_dependencies", [])]

@@ -649,3 +649,63 @@ def test_read_dicom_decodes_the_frame_where_it_lies_as_pixel_array_would(tmp_pat
     assert ours.dtype == np.int16 and ours.min() < 0
     for plugin in (codec_plugins.LABEL, "pyjpegls", "gdcm"):
         np.testing.assert_array_equal(ours, pixels(tmp_path / "jls-signed.dcm", plugin), err_msg=plugin)
+
+
+def test_what_the_frame_read_where_it_lies_cannot_judge_goes_through_pixel_array(tmp_path):
+    """An extended offset table (it may name another fragment as the frame), sample attributes pydicom refuses
+    (Pixel Representation 2, no Bits Stored) and a signed JPEG-LS stream whose fill bytes pydicom's parser stops at
+    (its sign correction then uses Bits Stored): read as ``pixel_array`` reads or refuses them. A refusal does not
+    keep the file's memory map open."""
+    import gc
+    import io
+
+    import jpeg_ls
+    from pydicom.encaps import encapsulate
+
+    from medvision.errors import MedvisionError
+
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 4096, (128, 104)).astype(np.uint16)
+    second = 4095 - first
+    streams = [bytes(jpeg_ls.encode_array(a)) for a in (first, second)]
+    ds = example_image(VENDORS[0], 128, 104, seed=1)
+    ds.PixelData = encapsulate([s + b"\x00" * (len(s) % 2) for s in streams], has_bot=False)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.ExtendedOffsetTable = struct.pack("<Q", len(streams[0]) + len(streams[0]) % 2 + 8)  # the frame: the second
+    ds.ExtendedOffsetTableLengths = struct.pack("<Q", len(streams[1]))
+    ds.save_as(tmp_path / "eot.dcm", enforce_file_format=True)
+    ours, _ = read_dicom(tmp_path / "eot.dcm")
+    np.testing.assert_array_equal(ours, second)
+
+    save(example_image(VENDORS[0], 128, 104, seed=1), tmp_path / "rle.dcm", RLELossless)
+    for keyword, value in (("PixelRepresentation", 2), ("BitsStored", None)):
+        d = pydicom.dcmread(tmp_path / "rle.dcm")
+        if value is None:
+            delattr(d, keyword)
+        else:
+            setattr(d, keyword, value)
+        path = tmp_path / f"{keyword}.dcm"
+        d.save_as(path)
+        with pytest.raises(MedvisionError, match=keyword.replace("Pixel", "Pixel ").replace("Bits", "Bits ")):
+            read_dicom(path)
+
+    ten = rng.integers(0, 1024, (128, 104)).astype(np.uint16)
+    stream = bytes(jpeg_ls.encode_array(ten))
+    stream = stream[:2] + b"\xff" + stream[2:]  # a fill byte before the frame header
+    d = example_image(VENDORS[0], 128, 104, seed=1)
+    d.BitsStored, d.HighBit, d.PixelRepresentation = 12, 11, 1
+    path = tmp_path / "fill.dcm"
+    encapsulated(d, stream + b"\x00" * (len(stream) % 2), JPEGLSLossless).save_as(path, enforce_file_format=True)
+    ours, _ = read_dicom(path)
+    np.testing.assert_array_equal(ours, pixels(path, codec_plugins.LABEL))
+    np.testing.assert_array_equal(ours, ten.astype(np.int16))  # pydicom: no sign correction from 10 bits
+
+    data = bytearray((tmp_path / "rle.dcm").read_bytes())
+    at = pydicom.dcmread(io.BytesIO(bytes(data)), defer_size=100).get_item("PixelData", keep_deferred=True).value_tell
+    data[at + 20:at + 24] = struct.pack("<L", 3)  # the RLE header's segment count, in the frame's fragment
+    (tmp_path / "bad.dcm").write_bytes(bytes(data))
+    with pytest.raises(CorruptDicomError, match="names 3 segments") as refusal:
+        read_dicom(tmp_path / "bad.dcm")
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, np.memmap)], refusal.value
