@@ -216,8 +216,6 @@ def test_without_imagecodecs_pydicoms_own_plugins_decode_and_the_decode_is_said_
     """imagecodecs is a dependency, but a reader built without it still reads JPEG-LS, RLE and lossless JPEG
     (pyjpegls, pylibjpeg-rle, GDCM), the same pixels, and says those decodes hold the GIL (so the service hands them
     to a worker). 12-bit JPEG Extended, which no plugin installed then decodes, is refused as a missing codec."""
-    import json
-    import sys
 
     jpeg = next(path for _, syntax, _, _, path in dcmtk_jpeg if syntax == JPEGLosslessSV1)
     twelve_bit = next(path for _, syntax, _, _, path in dcmtk_jpeg if syntax == JPEGExtended12Bit)
@@ -235,14 +233,22 @@ def test_without_imagecodecs_pydicoms_own_plugins_decode_and_the_decode_is_said_
         "except MissingCodecError as e:\n"
         "    out['12-bit'] = e.message\n"
         "print(json.dumps(out))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _in_a_child(script)
     assert out["gil_free"] == [False, False, False]
     assert "12-bit" in out["12-bit"] and "not installed" in out["12-bit"], out
     import hashlib
 
     assert out["pixels"] == [hashlib.sha256(read_dicom(p)[0].tobytes()).hexdigest() for p in paths]
+
+
+def _in_a_child(script: str) -> dict:
+    """What ``script``, run in a fresh Python process, prints last as JSON (it must exit cleanly)."""
+    import json
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _rle_digest(path: str) -> str:
@@ -268,9 +274,6 @@ def test_an_rle_segment_that_claims_more_than_its_plane_is_refused_without_alloc
     """A 2-byte PackBits run stands for 128 bytes: a 3 MB segment can claim 200 MB. No more than twice the plane is
     written (measured in a process of its own: its peak memory grows by far less than the claim); padding within
     that is ignored, as pydicom's own decoder ignores it."""
-    import json
-    import subprocess
-    import sys
 
     ds, frame = _rle_frame(views[(VENDORS[0].machine_id, RLELossless)])
     _, *offsets = struct.unpack("<16L", frame[:64])
@@ -288,9 +291,7 @@ def test_an_rle_segment_that_claims_more_than_its_plane_is_refused_without_alloc
         "    said = exc.message\n"
         "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
         "print(json.dumps({'said': said, 'grew_kb': grew}))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _in_a_child(script)
     assert out["said"] and "more than twice" in out["said"], out
     assert out["grew_kb"] < 30_000, out  # the claim: 204.8 MB (decoded whole, the peak grew by ~78 MB here)
     import imagecodecs
