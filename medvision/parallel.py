@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from medvision.dicom_io import ReadLimits
 from medvision.memory import keep_freed_memory
@@ -23,6 +24,21 @@ from medvision.resolution import use_decode_threads
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, where the platform has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """The physical cores among the CPUs this process may run on (hyper-threads of one core counted once): the
+    ONNX Runtime intra-op threads to ask for where none are given. Left to itself, ONNX Runtime counts every
+    physical core of the machine and pins a thread to each, outside a ``taskset`` or a container's CPU set: on a
+    64-core host, 31 threads pinned to cores the service was not given."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:  # no topology to read (not Linux, or a restricted /sys): each CPU a core
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
 def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:

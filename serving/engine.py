@@ -16,6 +16,7 @@ from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, decodes_without_gil
 from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
+from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.read_ahead import Ahead, decode_ahead
 from medvision.serving.settings import Settings
@@ -79,8 +80,7 @@ class Engine:
         if not path.is_file():
             raise ArtifactError(f"model artifact not found: {path} (set MEDVISION_ARTIFACT or --model)")
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads or physical_cores()  # not ONNX Runtime's default: see physical_cores
         if not spinning:  # idle ONNX Runtime threads sleep instead of spinning: decoding processes need the cores
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:

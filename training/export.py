@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -36,6 +35,7 @@ from medvision.manifest import load_rows
 from medvision.preprocess import Preprocess
 from medvision.registry import get_model_spec
 from medvision.training.models import class_activation_map, create_model, has_exact_heatmap
+from medvision.training.onnx_scoring import session
 from medvision.training.ort_attention import DOMAIN, with_fused_attention
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def check_parity(wrapper: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol:
     """Compare torch and onnxruntime on ``x`` in one batch and one image at a time (dynamic batch)."""
     with torch.no_grad():
         ref = [t.numpy() for t in wrapper(torch.from_numpy(x))]
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     got_batch = sess.run(names, {"image": x})
     got_single = [np.concatenate(parts) for parts in
@@ -289,8 +289,7 @@ def export_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, run_d
     write_artifact(half, meta, out)
     cfg, _, _ = read_run(Path(run_dir))
     x = parity_inputs(cfg, Path(run_dir))
-    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ref, got = session(src), session(out)
     names = [o.name for o in ref.get_outputs()]
     worst = float(max(np.abs(a - b).max() for a, b in zip(ref.run(names, {"image": x}), got.run(names, {"image": x}),
                                                            strict=True)))

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from medvision.config import RunConfig
 from medvision.data import ImageRow, read_split
 from medvision.manifest import load_rows
+from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.training.dataset import decode_all
 
@@ -39,8 +40,9 @@ def model_inputs(rows: list[ImageRow], pre: Preprocess, cfg: RunConfig, desc: st
 
 
 def session(path: str | Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session on ``threads`` intra-op threads (0: one per physical core this process may use)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or physical_cores()  # not ONNX Runtime's default: see physical_cores
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 

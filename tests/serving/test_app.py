@@ -165,3 +165,19 @@ def test_decoding_processes_default_to_one_per_core(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     assert Settings().decoders == (cores if cores > 1 else 0)
     assert Settings(decode_processes=0).decoders == 0 and Settings(decode_processes=3).decoders == 3
+
+
+def test_the_model_runs_on_the_cores_the_service_was_given(artifact):
+    # a service started with `taskset -c 0` (or in a container's CPU set) on a machine of more cores: every thread
+    # of its model stays on core 0 (ONNX Runtime left to itself pins a thread to each physical core of the machine)
+    import subprocess
+    import sys
+
+    script = ("import glob, os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+              "from medvision.serving.engine import Engine; e = Engine(sys.argv[1]); "
+              "print(sorted({open(t + '/status').read().split('Cpus_allowed_list:')[1].split()[0] "
+              "for t in glob.glob('/proc/self/task/*')}), e.session.get_session_options().intra_op_num_threads)")
+    done = subprocess.run([sys.executable, "-c", script, str(artifact)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = min(os.sched_getaffinity(0))
+    assert done.stdout.split() == [f"['{first}']", "1"]
