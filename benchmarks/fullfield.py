@@ -25,6 +25,10 @@ this machine, one after the other:
 
 For the whole mix and per transfer syntax: images/s, p50 / p99 latency, core-seconds per 4-view study and the cost
 of 1,000 studies at --core-hour-price (default $0.05, an on-demand x86 cloud vCPU hour).
+
+``--server-cores N``: every server (medvision, the bare app, the naive peers, `medvision score`) and the pipeline run
+on the first N cores of this process's CPU affinity and the client on the others, as a PACS sending from another
+machine would: the limit is then N x pipeline, and the client's CPU no longer counts against the servers.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +254,37 @@ def score_rate(model: str, files: list[Path], work: Path, copies: int = 8) -> di
             "decode_ms_per_image": summary.get("decode_ms_per_image")}
 
 
+def pin(cpus: set[int] | None) -> None:
+    """This process, and what it starts from now on, on ``cpus`` (None: left as it is)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def split_cores(server_cores: int) -> tuple[set[int] | None, set[int] | None]:
+    """(the servers' cores, the client's) for ``--server-cores``: the first ``server_cores`` of this process's
+    affinity and the rest; (None, None) for 0 (everything shares every core)."""
+    if not server_cores:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 1 <= server_cores < len(cpus):
+        raise SystemExit(f"--server-cores {server_cores}: give 1 to {len(cpus) - 1} (this process may run on "
+                         f"{len(cpus)} cores, and the client needs at least one of its own)")
+    return set(cpus[:server_cores]), set(cpus[server_cores:])
+
+
+@contextmanager
+def started_on(server: AbstractContextManager, cores: tuple[set[int] | None, set[int] | None]):
+    """``server`` (a context manager that starts a server process) started on ``cores[0]``; the body (the client)
+    runs on ``cores[1]``."""
+    pin(cores[0])
+    try:
+        with server as value:
+            pin(cores[1])
+            yield value
+    finally:
+        pin(cores[0])
+
+
 def costs(images_per_s: float, cores: int, price: float) -> dict:
     core_s_per_study = 4 * cores / images_per_s if images_per_s else float("inf")
     return {"core_s_per_study": core_s_per_study, "usd_per_1000_studies": core_s_per_study * 1000 / 3600 * price}
@@ -276,9 +311,12 @@ def main() -> None:
     p.add_argument("--naive-per-syntax", default="vit_small_patch16_224",
                    help="naive peers driven for each syntax alone (every --naive-models one: 'all')")
     p.add_argument("--core-hour-price", type=float, default=0.05)
+    p.add_argument("--server-cores", type=int, default=0,
+                   help="servers and pipeline on this many cores, the client on the others (0: all share every core)")
     p.add_argument("--json")
     args = p.parse_args()
-    cores = os.cpu_count() or 1
+    on = split_cores(args.server_cores)
+    cores = args.server_cores or os.cpu_count() or 1
     levels = [int(c) for c in args.concurrency.split(",")]
     archive = Path(args.archive)
     by_syntax = build_archive(archive, args.images, args.rows, args.columns)
@@ -294,24 +332,26 @@ def main() -> None:
         args.naive_per_syntax.split(",")
 
     report: dict = {"cores": cores, "images": len(every), "size": f"{args.rows} x {args.columns}",
-                    "core_hour_price": args.core_hour_price,
+                    "core_hour_price": args.core_hour_price, "client_on_other_cores": bool(args.server_cores),
+                    **({"server_cpus": sorted(on[0]), "client_cpus": sorted(on[1])} if args.server_cores else {}),
                     "mix": {SHORT[s]: len(fs) for s, fs in by_syntax.items()}, "groups": {}}
+    pin(on[0])  # the pipeline runs where the servers do
     for name, files in groups.items():
         before = pipeline_rate(args.model, files, args.seconds / 2)
-        with service_process(args.model, {}) as (url, key, proc):
+        with started_on(service_process(args.model, {}), on) as (url, key, proc):
             medvision = drive(url, key, files, levels, args.seconds, args.requests, server_pid=proc.pid)
         after = pipeline_rate(args.model, files, args.seconds / 2)  # the limit on both sides of the served run
         g = report["groups"][name] = {"pipeline": _mean_of(before, after), "medvision": medvision}
-        with peer("bare_upload:app", {}, "the bare upload app") as (url, key, _):  # the HTTP floor at 1 at a time
+        with started_on(peer("bare_upload:app", {}, "the bare upload app"), on) as (url, key, _):  # the HTTP floor
             g["bare upload"] = drive(url, key, files, [1], args.seconds / 2, args.requests)
-        with peer("bare_upload:app", {}, "the bare upload app", medvision_http=True) as (url, key, proc):
+        with started_on(peer("bare_upload:app", {}, "the bare upload app", medvision_http=True), on) as (url, key, proc):
             # at 1 at a time (its latency) and at the top concurrency (its CPU per request: what receiving costs)
             g["bare upload, medvision's HTTP"] = drive(url, key, files, sorted({1, levels[-1]}), args.seconds / 2,
                                                         args.requests, server_pid=proc.pid)
         for model_name in args.naive_models.split(","):
             if name != "mix" and model_name not in per_syntax_peers:
                 continue  # per syntax: the ViT-S peer only unless asked (time)
-            with naive(model_name) as (url, key):
+            with started_on(naive(model_name), on) as (url, key):
                 g[f"naive {model_name.split('_patch')[0]}"] = drive(url, key, files, levels, args.seconds,
                                                                      args.requests)
         if name == "mix":  # its own limit, measured on both sides of it: minutes after the served run's
@@ -325,6 +365,7 @@ def main() -> None:
 
 def _print(report: dict, levels: list[int]) -> None:
     cores, price = report["cores"], report["core_hour_price"]
+    shared = not report.get("client_on_other_cores")  # the client's CPU is taken from the servers' cores
     for name, g in report["groups"].items():
         pipe = g["pipeline"]
         limit = cores * pipe["images_per_s"]
@@ -346,7 +387,7 @@ def _print(report: dict, levels: list[int]) -> None:
                 table.add_row(system, str(c), f"{r['images_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
                               f"{cst['core_s_per_study']:.2f}", f"{cst['usd_per_1000_studies']:.4f}", f"{ratio:.1f}",
                               f"{100 * r['images_per_s'] / limit:.0f}", f"{r.get('client_cores', 0):.2f}",
-                              f"{100 * r['images_per_s'] / ((cores - r.get('client_cores', 0)) * pipe['images_per_s']):.0f}")
+                              f"{100 * r['images_per_s'] / ((cores - shared * r.get('client_cores', 0)) * pipe['images_per_s']):.0f}")
         if "score" in g and "images_per_s" in g["score"]:
             s = g["score"]
             cst = costs(s["images_per_s"], cores, price)
@@ -356,7 +397,10 @@ def _print(report: dict, levels: list[int]) -> None:
                           f"{100 * s['images_per_s'] / (cores * own['images_per_s']):.0f} (limit "
                           f"{cores * own['images_per_s']:.1f})")
         console.print(table)
-        _print_reachable(g, pipe, cores, levels[-1])
+        if not shared:
+            console.print(f"  the servers and the pipeline on {cores} core(s) ({', '.join(map(str, report['server_cpus']))}), "
+                          f"the client on the others ({', '.join(map(str, report['client_cpus']))})")
+        _print_reachable(g, pipe, cores, levels[-1], shared)
         own_floor = g.get("bare upload, medvision's HTTP", {}).get(1)
         if "bare upload" in g and own_floor and 1 in g["medvision"]:
             served, floor = g["medvision"][1]["p50_ms"], own_floor["p50_ms"]
@@ -366,21 +410,22 @@ def _print(report: dict, levels: list[int]) -> None:
                           "(keys, bookkeeping, answer)")
 
 
-def _print_reachable(g: dict, pipe: dict, cores: int, c: int) -> None:
+def _print_reachable(g: dict, pipe: dict, cores: int, c: int, shared: bool = True) -> None:
     """What the cores can reach over HTTP at concurrency ``c``: each image costs the pipeline, the server's CPU to
-    receive its body (the bare app on medvision's HTTP, measured at ``c``) and the client's CPU to send it (on
-    this machine the client runs on the same cores)."""
+    receive its body (the bare app on medvision's HTTP, measured at ``c``) and, when the client runs on the same
+    cores (``shared``), the client's CPU to send it."""
     bare, served = g.get("bare upload, medvision's HTTP", {}).get(c), g["medvision"].get(c)
     if not bare or not served or "server_ms_per_request" not in bare or not served.get("images_per_s"):
         return
-    client_ms = 1000 * served["client_cores"] / served["images_per_s"]
+    client_ms = 1000 * served["client_cores"] / served["images_per_s"] if shared else 0.0
     per_image_ms = 1000 / pipe["images_per_s"] + bare["server_ms_per_request"] + client_ms
     reachable = cores * 1000 / per_image_ms
     main_ms = served.get("server_ms_per_request", float("nan"))
     console.print(f"  {c} at once: the cores can reach {reachable:.1f} img/s over HTTP ({100 * reachable / (cores * pipe['images_per_s']):.0f} "
                   f"% of the limit: per image the pipeline {1000 / pipe['images_per_s']:.1f} ms + receiving the body "
-                  f"{bare['server_ms_per_request']:.1f} (a bare app on medvision's HTTP) + the client sending it "
-                  f"{client_ms:.1f} ms of a core); medvision {served['images_per_s']:.1f} = "
+                  f"{bare['server_ms_per_request']:.1f} (a bare app on medvision's HTTP)"
+                  + (f" + the client sending it {client_ms:.1f} ms of a core" if shared else "; the client on other cores")
+                  + f"); medvision {served['images_per_s']:.1f} = "
                   f"{100 * served['images_per_s'] / reachable:.0f} % of it. Its main process: {main_ms:.1f} ms of a core "
                   f"a request ({main_ms - bare['server_ms_per_request']:+.1f} over the bare app: keys, bookkeeping, "
                   "batching, answer)")
