@@ -421,14 +421,17 @@ def _print_reachable(g: dict, pipe: dict, cores: int, c: int, shared: bool = Tru
     per_image_ms = 1000 / pipe["images_per_s"] + bare["server_ms_per_request"] + client_ms
     reachable = cores * 1000 / per_image_ms
     main_ms = served.get("server_ms_per_request", float("nan"))
+    # on one core the service decodes in its own threads (no decoding processes): its process's CPU holds the pipeline
+    inside = 1000 / pipe["images_per_s"] if cores == 1 else 0.0
     console.print(f"  {c} at once: the cores can reach {reachable:.1f} img/s over HTTP ({100 * reachable / (cores * pipe['images_per_s']):.0f} "
                   f"% of the limit: per image the pipeline {1000 / pipe['images_per_s']:.1f} ms + receiving the body "
                   f"{bare['server_ms_per_request']:.1f} (a bare app on medvision's HTTP)"
                   + (f" + the client sending it {client_ms:.1f} ms of a core" if shared else "; the client on other cores")
                   + f"); medvision {served['images_per_s']:.1f} = "
                   f"{100 * served['images_per_s'] / reachable:.0f} % of it. Its main process: {main_ms:.1f} ms of a core "
-                  f"a request ({main_ms - bare['server_ms_per_request']:+.1f} over the bare app: keys, bookkeeping, "
-                  "batching, answer)")
+                  f"a request ({main_ms - bare['server_ms_per_request'] - inside:+.1f} over the bare app"
+                  + (" and the pipeline, which it runs in its own threads on one core" if inside else "")
+                  + ": keys, bookkeeping, batching, answer)")
 
 
 if __name__ == "__main__":
