@@ -172,12 +172,14 @@ def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(arti
         assert os.environ[OPENJPEG_THREADS] == "3"
 
 
-@pytest.mark.parametrize(("processes", "threads", "expected"), [(2, 0, 1), (0, 0, 0), (2, 3, 3)])
+@pytest.mark.parametrize(("processes", "threads", "expected"), [(2, 0, 1), (0, 0, None), (2, 3, 3)])
 def test_beside_decoding_processes_the_model_runs_on_one_thread_unless_told(artifact, processes, threads, expected):
-    """The decoding processes fill the cores: a second ONNX Runtime thread would only cost CPU to wake (0 is ONNX
-    Runtime's own default)."""
+    """The decoding processes fill the cores: a second ONNX Runtime thread would only cost CPU to wake. Without them,
+    one thread per physical core the process may run on (None below)."""
+    from medvision.parallel import physical_cores
+
     engine = Engine.from_settings(Settings(artifact=str(artifact), decode_processes=processes, threads=threads))
-    assert engine.session.get_session_options().intra_op_num_threads == expected
+    assert engine.session.get_session_options().intra_op_num_threads == (expected or physical_cores())
 
 
 def test_a_worker_that_dies_refuses_its_file_and_the_pool_comes_back(artifact, dicom_files):
