@@ -88,8 +88,8 @@ def iter_decode(
 
     Yields ``(image or None, error)`` per path, in order, so callers can stream results to disk.
     ``kind="auto"`` uses processes for long lists and threads for short ones. Threads scale only as
-    far as the codec releases the GIL: numpy / pillow preprocessing, openjpeg and imagecodecs (JPEG-LS, RLE) do,
-    pydicom's parsing does not; ``benchmarks/decode_preprocess.py`` measures both on the machine at hand.
+    far as the codec releases the GIL: numpy / pillow preprocessing and imagecodecs (JPEG-LS, RLE, JPEG) do,
+    pydicom's parsing and OpenJPEG through Pillow do not; ``benchmarks/decode_preprocess.py`` measures both on the machine at hand.
     """
     n = workers or os.cpu_count() or 1
     if kind == "auto":

@@ -48,6 +48,7 @@ from medvision.resolution import (
     native_view,
     plan_decode,
     reduced_size,
+    short_in_thread,
 )
 
 # JPEG syntaxes that pydicom can hand to pillow, which decodes only 8-bit samples.
@@ -224,7 +225,8 @@ def read_dicom(source: Source, limits: ReadLimits = ReadLimits(),
             is decoded at the coarsest power-of-two reduction that keeps it (``medvision.resolution``); 0 decodes
             every pixel. ``meta.decode`` says what was done.
         gil_free_only: decode only with what lets the process's other threads run meanwhile (numpy for uncompressed
-            pixels, OpenJPEG through Pillow for a reduced JPEG 2000 decode); where the file needs another decoder
+            pixels, imagecodecs, OpenJPEG through Pillow for a short reduced JPEG 2000 decode:
+            ``resolution.short_in_thread``); where the file needs another decoder or a longer decode
             (``resolution.lets_threads_run``'s, decided here on what the header says, not on a hint), raise
             ``DecodeElsewhere`` before it runs.
         ahead: what ``medvision.read_ahead.decode_ahead`` read of this file while it arrived, as a callable that
@@ -860,7 +862,7 @@ def _decode_planned(ds: Dataset, meta: DicomMeta, plan: DecodePlan, source,
     if plan.method == "wavelet":
         pixel_data = _encapsulated(ds, source)
         _check_codestream(ds, meta, pixel_data)
-        reduced, plan = _wavelet(ds, meta, plan, pixel_data, ahead)
+        reduced, plan = _wavelet(ds, meta, plan, pixel_data, ahead, gil_free_only)
         if reduced is not None:
             return reduced, plan
     return lowpass(_decode(ds, meta, gil_free_only, source), levels, meta.bits_stored, meta.signed), plan
@@ -872,9 +874,10 @@ def _stored_dtype(ds: Dataset, meta: DicomMeta) -> np.dtype:
 
 
 def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data,
-             ahead=None) -> tuple[np.ndarray | None, DecodePlan]:
+             ahead=None, gil_free_only: bool = False) -> tuple[np.ndarray | None, DecodePlan]:
     """JPEG 2000 at a reduced resolution: the finest levels never decoded. ``(None, plan)`` with the reason in the
-    plan's note when this codestream cannot be (the caller then decodes in full and computes the band)."""
+    plan's note when this codestream cannot be (the caller then decodes in full and computes the band).
+    ``gil_free_only``: ``DecodeElsewhere`` where the decode would hold the GIL for long (``short_in_thread``)."""
     wanted = plan.factor.bit_length() - 1
     try:
         codestream = _codestream(pixel_data)
@@ -887,8 +890,11 @@ def _wavelet(ds: Dataset, meta: DicomMeta, plan: DecodePlan, pixel_data,
             return None, replace(plan, method="lowpass", note="full decode: the codestream's samples disagree with "
                                  "the header's Bits Stored / Pixel Representation")
         levels = min(wanted, found[0])
+        if gil_free_only and not short_in_thread(meta.rows, meta.columns, levels):
+            raise DecodeElsewhere(f"a JPEG 2000 decode at 1/{1 << levels} of {meta.rows} x {meta.columns} holds the "
+                                  "GIL for too long to run beside an event loop")
         arr = decode_j2k_reduced(codestream, levels, _stored_dtype(ds, meta), ahead)
-    except _INTERRUPTS:
+    except (DecodeElsewhere, *_INTERRUPTS):
         raise
     except BaseException as exc:  # OpenJPEG through Pillow raises several types; the full decoder then decides
         return None, replace(plan, method="lowpass",

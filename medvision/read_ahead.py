@@ -44,6 +44,7 @@ from medvision.resolution import (
     native_view,
     openjpeg,
     plan_decode,
+    short_in_thread,
 )
 
 HEAD = 64 * 1024  # the first bytes waited for: the header and the start of the codestream (a few kB) fit
@@ -193,8 +194,8 @@ def _levels(codestream, length: int, factor: int, meta) -> int | None:
         return None
     levels = min(factor.bit_length() - 1, found[0])
     if levels < 2 or length < CUT_FROM or codestream_size(meta.transfer_syntax, codestream) != (
-            meta.rows, meta.columns):
-        return None
+            meta.rows, meta.columns) or not short_in_thread(meta.rows, meta.columns, levels):
+        return None  # (a longer decode would hold the GIL beside the event loop: the read goes to a worker)
     return levels
 
 

@@ -72,20 +72,38 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
     return DecodePlan(factor, "wavelet" if transfer_syntax in J2K_SYNTAXES else "lowpass")
 
 
+# OpenJPEG through Pillow holds the GIL for the whole of a decode (Pillow's JPEG 2000 decoder pulls its bytes through
+# Python and never lets go). A reduced decode of up to this many pixels is short enough to run in a thread of a process
+# that also runs an event loop: a full-field mammogram at 1/8 (133 k pixels) takes 11 ms here, at 1/16 3 ms (HTJ2K
+# a fifth of that). A larger one, such as the review UI's at 1/4 (45 ms) or 1/2 (150-200 ms), would stop the loop
+# that long: it goes to a decoding worker.
+J2K_IN_THREAD_PIXELS = 150_000
+J2K_IN_THREAD_LONG_SIDE = 512  # a contract asking for more never gets a band that small (the hint's side of it)
+
+
 def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:
     """Whether the decode planned for ``transfer_syntax`` under a contract of ``long_side`` lets the calling process's
-    other threads run while it works: OpenJPEG through Pillow (JPEG 2000 at a reduced size), numpy (uncompressed)
-    and imagecodecs (JPEG-LS, RLE, greyscale JPEG: ``codec_plugins``) let go of the GIL. pydicom's own plugins for
-    those, used where imagecodecs is not installed, hold it for the whole decode (a full-field JPEG-LS image about
-    150 ms, lossless JPEG through GDCM 230 ms): in a
-    process that also runs an event loop, that loop stops meanwhile. Anything not known to let go (another codec, a
-    full-size JPEG 2000 decode by pydicom's plugins, an unknown syntax): False. From the syntax alone:
-    ``read_dicom(..., gil_free_only=True)`` holds a decode to it on the parsed header (an image no larger than
-    ``long_side`` is a full-size decode)."""
+    other threads run while it works: numpy (uncompressed) and imagecodecs (JPEG-LS, RLE, greyscale JPEG:
+    ``codec_plugins``) let go of the GIL; OpenJPEG through Pillow (JPEG 2000 and HTJ2K at a reduced size) holds it,
+    but only briefly where the contract asks for little (``J2K_IN_THREAD_PIXELS``). pydicom's own plugins, used
+    where imagecodecs is not installed, hold it for the whole decode (a full-field JPEG-LS image about 150 ms,
+    lossless JPEG through GDCM 230 ms): in a process that also runs an event loop, that loop stops meanwhile.
+    Anything not known to let go (another codec, a full-size JPEG 2000 decode by pydicom's plugins, an unknown
+    syntax): False. From the syntax alone: ``read_dicom(..., gil_free_only=True)`` holds a decode to it on the
+    parsed header (an image no larger than ``long_side`` is a full-size decode; a reduced JPEG 2000 decode of more
+    than ``J2K_IN_THREAD_PIXELS`` is not short)."""
     from medvision.codec_plugins import gil_free
 
-    return (transfer_syntax in NATIVE_SYNTAXES or (transfer_syntax in J2K_SYNTAXES and long_side > 0)
+    return (transfer_syntax in NATIVE_SYNTAXES
+            or (transfer_syntax in J2K_SYNTAXES and 0 < long_side <= J2K_IN_THREAD_LONG_SIDE)
             or gil_free(transfer_syntax))
+
+
+def short_in_thread(rows: int, columns: int, levels: int) -> bool:
+    """Whether a reduced JPEG 2000 decode of a ``rows`` x ``columns`` image, ``levels`` wavelet levels discarded, is
+    short enough to hold the GIL in a thread of a process that runs an event loop (``J2K_IN_THREAD_PIXELS``)."""
+    r, c = reduced_size(rows, columns, 1 << levels)
+    return r * c <= J2K_IN_THREAD_PIXELS
 
 
 def reduced_size(rows: int, columns: int, factor: int) -> tuple[int, int]:

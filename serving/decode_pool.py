@@ -26,6 +26,7 @@ from medvision.drift import input_statistics
 from medvision.errors import CorruptDicomError, MedvisionError
 from medvision.parallel import decoder, start_decoder
 from medvision.preprocess import PreprocessConfig
+from medvision.resolution import use_decode_threads
 from medvision.serving.batcher import TimedOut
 from medvision.serving.worker_processes import (
     WorkerDied,
@@ -70,9 +71,14 @@ def _prepare(data: Shared | Path | bytes, want_ids: bool,
     return x, meta, ids, input_statistics(x, preprocess.cfg) if want_statistics else None
 
 
-def _read(path: str, limits: ReadLimits, long_side: int) -> tuple[np.ndarray, DicomMeta]:
-    """In a worker: ``read_dicom`` of a stored file (a rendering of the review UI whose decoder holds the GIL)."""
-    return read_dicom(path, limits, long_side=long_side)
+def _read(path: str, limits: ReadLimits, long_side: int, threads: int = 1) -> tuple[np.ndarray, DicomMeta]:
+    """In a worker: ``read_dicom`` of a stored file (a rendering of the review UI whose decode would hold the
+    service's GIL), with OpenJPEG on ``threads`` threads (the cores no other worker was busy on), then back to one."""
+    use_decode_threads(threads)
+    try:
+        return read_dicom(path, limits, long_side=long_side)
+    finally:
+        use_decode_threads(1)
 
 
 @dataclass(frozen=True)
@@ -307,9 +313,10 @@ class DecodePool:
         UI's renderings of a file whose decoder would hold the service's GIL for the whole decode). A reader does not
         queue behind a scoring load: with no worker free within ``READ_WAIT_S``, the file is decoded in the calling
         thread, as it was before there were workers."""
+        threads = max(1, len(self.workers.idle))  # a reader's view alone: decoded on the idle cores
         try:
             with self._refusing():
-                return self.workers.run(_read, (str(path), limits, long_side), self.timeout_s, READ_WAIT_S)
+                return self.workers.run(_read, (str(path), limits, long_side, threads), self.timeout_s, READ_WAIT_S)
         except TimedOut:
             return read_dicom(path, limits, long_side=long_side)
 

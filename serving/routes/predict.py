@@ -182,7 +182,8 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
 
     def decodes_here() -> bool:
         # A request alone in the service is decoded in its own thread (no hop to a process), unless its decoder
-        # holds the GIL (a full-size JPEG 2000 decode by pydicom's plugins; JPEG-LS and RLE without imagecodecs: the
+        # holds the GIL for long (a full-size JPEG 2000 decode by pydicom's plugins, a reduced one of more than
+        # resolution.J2K_IN_THREAD_PIXELS by Pillow; JPEG-LS and RLE without imagecodecs: the
         # event loop would stop for the whole decode): then by a worker like the others. (``gil_free``: worked out
         # once the body is in)
         return app.decoder is None or (gil_free and app.batcher.alone())

@@ -112,6 +112,31 @@ def test_what_is_read_while_the_file_arrives_is_what_the_whole_file_reads(files,
         assert pixels.dtype == expected.dtype and read_meta == meta
 
 
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, HTJ2KLossless], ids=["JPEG 2000", "HTJ2K"])
+def test_a_long_reduced_decode_is_neither_read_ahead_nor_run_beside_the_event_loop(files, syntax):
+    """OpenJPEG through Pillow holds the GIL for the whole of a decode: at 1/8 of 2048 x 1664 (53 k pixels) that is
+    short and runs in the service's thread (ahead of the body's end too); at 1/2 (852 k pixels: a review UI's
+    rendering) it would stop the event loop, so it is not read ahead and a GIL-free read hands it on."""
+    from medvision.dicom_io import DecodeElsewhere
+
+    data = files[(VENDORS[0].machine_id, syntax)]
+    for long_side, short in ((256, True), (1024, False)):
+        assert resolution.lets_threads_run(syntax, long_side) == (long_side <= resolution.J2K_IN_THREAD_LONG_SIDE)
+        feed = Feed(data)
+        ahead = decode_ahead(feed, len(data), long_side)
+        feed.thread.join()
+        assert (ahead is not None) == short, long_side
+        if short:
+            got, meta = read_dicom(data, long_side=long_side, gil_free_only=True)
+            expected, expected_meta = read_dicom(data, long_side=long_side)
+            np.testing.assert_array_equal(got, expected)
+            assert meta == expected_meta and meta.decode == "1/8 wavelet"
+        else:
+            with pytest.raises(DecodeElsewhere, match="1/2 of 2048 x 1664"):
+                read_dicom(data, long_side=long_side, gil_free_only=True)
+            assert read_dicom(data, long_side=long_side)[1].decode == "1/2 wavelet"  # elsewhere: decoded as ever
+
+
 def test_an_uncompressed_band_is_computed_as_its_rows_arrive(files):
     data = files[(VENDORS[0].machine_id, ExplicitVRLittleEndian)]
     asked = []

@@ -95,8 +95,8 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
         artifact, tmp_path, monkeypatch):
     """pydicom's plugins decoding JPEG 2000 at full size hold the GIL for the whole decode (a full-field image about
     0.5 s): in the service's own thread they would stop its event loop, and every other request and health check with
-    it. A request alone is decoded there only where the decoder lets go (uncompressed pixels; JPEG 2000 at a reduced
-    size; JPEG-LS and RLE through imagecodecs: ``resolution.lets_threads_run``); the others by a worker process, as
+    it. A request alone is decoded there only where the decoder lets go or holds it briefly (uncompressed pixels; JPEG
+    2000 at a small reduced size; JPEG-LS and RLE through imagecodecs: ``resolution.lets_threads_run``); the others by a worker process, as
     under load, with the same score, whatever the file meta's hint said."""
     ds = example_image(VENDORS[0], 1024, 832, seed=5)
     files = {}
@@ -143,7 +143,7 @@ def test_a_request_alone_is_decoded_in_its_own_thread_only_where_its_decoder_let
                     pytest.approx(engine.predict(p).probability, abs=1e-5) for p in files.values()}
         assert stored == expected and len(stored) == 2
         assert decoded["small"] == decoded["decoy"] == "full"
-        assert decoded[JPEG2000Lossless].endswith("wavelet")  # a reduced decode, which lets go of the GIL
+        assert decoded[JPEG2000Lossless].endswith("wavelet")  # a short reduced decode
         assert files[ExplicitVRLittleEndian].stat().st_size > SHARED_BODY_MIN  # in a segment, decoded in place
     finally:
         server.stop()
@@ -170,6 +170,38 @@ def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(arti
     monkeypatch.setenv(OPENJPEG_THREADS, "3")
     with TestClient(create_app(settings)):
         assert os.environ[OPENJPEG_THREADS] == "3"
+
+
+def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_back_to_one(tmp_path, monkeypatch):
+    """A review UI rendering too long to decode beside the event loop (JPEG 2000 at 1/2 of 1024 x 832) is read by a
+    worker, with OpenJPEG on as many threads as workers were idle (as fast as the service's own thread decoded it on
+    every core), the same pixels; the worker then decodes on one thread again, as beside the other workers."""
+    import numpy as np
+
+    from medvision import resolution
+    from medvision.dicom_io import read_dicom
+    from medvision.resolution import OPENJPEG_THREADS
+    from medvision.serving import decode_pool
+
+    monkeypatch.setenv(OPENJPEG_THREADS, "unset below")  # the test's environment is given back afterwards
+    monkeypatch.delenv(OPENJPEG_THREADS)
+    path = tmp_path / "view.dcm"
+    save(example_image(VENDORS[0], 1024, 832, seed=2), path, JPEG2000Lossless)
+    seen, real = [], resolution.openjpeg
+    monkeypatch.setattr(resolution, "openjpeg", lambda *a: seen.append(os.environ.get(OPENJPEG_THREADS)) or real(*a))
+    expected, meta = read_dicom(path, long_side=512)
+    assert meta.decode == "1/2 wavelet" and seen == [None]
+    got, _ = decode_pool._read(str(path), ReadLimits(), 512, 3)  # in a worker, as it runs there
+    np.testing.assert_array_equal(got, expected)
+    assert seen == [None, "3"] and os.environ.get(OPENJPEG_THREADS) in (None, "0")  # both: one, in the caller
+    pool = DecodePool(decode_pool.PreprocessConfig(), ReadLimits(), 2)
+    try:
+        got, got_meta = pool.read(path, ReadLimits(), 512)
+        np.testing.assert_array_equal(got, expected)
+        assert got_meta == meta
+        assert {pool.workers.run(environment, (OPENJPEG_THREADS,), 30) for _ in range(4)} <= {None, "0"}
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize(("processes", "threads", "expected"), [(2, 0, 1), (0, 0, None), (2, 3, 3)])

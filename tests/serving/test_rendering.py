@@ -177,9 +177,10 @@ def test_an_image_too_large_to_keep_is_shared_with_its_waiters_not_kept(dicom_fi
 
 
 def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the_same_pixels(tmp_path):
-    """With a pool (``elsewhere``), a full-size JPEG 2000 decode (pydicom's plugins) goes to a worker process, where
-    holding the GIL stops nothing of the service's, whatever the file meta's hint says; uncompressed pixels, JPEG 2000
-    at a reduced size, JPEG-LS and RLE (imagecodecs) are decoded in the calling thread. The pixels and metadata are
+    """With a pool (``elsewhere``), a full-size JPEG 2000 decode (pydicom's plugins) and a reduced one of more than
+    ``J2K_IN_THREAD_PIXELS`` (OpenJPEG through Pillow holds the GIL throughout) go to a worker process, where holding
+    the GIL stops nothing of the service's, whatever the file meta's hint says; uncompressed pixels, a short reduced
+    JPEG 2000 decode, JPEG-LS and RLE (imagecodecs) are decoded in the calling thread. The pixels and metadata are
     those of ``read_dicom`` either way, and cached the same way; a file refused is refused by name either way."""
     from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
@@ -201,15 +202,17 @@ def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the
         decoy.write_bytes(real[:132] + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\x00" + real[132:])
         files["decoy"] = decoy
         for path in files.values():
-            for long_side in (512, 0, 2048):  # 2048: no smaller than the image, so a JPEG 2000 decode is full size
+            # 256: JPEG 2000 at 1/4 (53 k pixels, short); 512: at 1/2 (213 k, not); 2048: no smaller than the
+            # image, so a JPEG 2000 decode is full size
+            for long_side in (256, 512, 0, 2048):
                 stored, meta = images.read(path, limits, long_side)
                 expected, expected_meta = read_dicom(path, limits, long_side=long_side)
                 np.testing.assert_array_equal(stored, expected)
                 assert meta == expected_meta and not stored.flags.writeable
         assert sorted(away) == sorted([(f.name, long_side) for f in (files[JPEG2000Lossless], decoy)
-                                       for long_side in (0, 2048)])
+                                       for long_side in (512, 0, 2048)])
         images.read(files[JPEG2000Lossless], limits, 0)  # kept: not decoded again
-        assert len(away) == 4
+        assert len(away) == 6
         for syntax, where in ((JPEGLSLossless, []), (JPEG2000Lossless, [("broken.dcm", 0)])):
             broken = tmp_path / "broken.dcm"
             broken.write_bytes(files[syntax].read_bytes()[:-4000])
