@@ -27,10 +27,11 @@ def usable_cores() -> int:
 
 
 def physical_cores() -> int:
-    """The physical cores among the CPUs this process may run on (hyper-threads of one core counted once): the
-    ONNX Runtime intra-op threads to ask for where none are given. Left to itself, ONNX Runtime counts every
-    physical core of the machine and pins a thread to each, outside a ``taskset`` or a container's CPU set: on a
-    64-core host, 31 threads pinned to cores the service was not given."""
+    """The physical cores among the CPUs this process may run on (hyper-threads of one core counted once, where
+    Linux's ``/sys`` says which share a core; elsewhere each CPU counts): the ONNX Runtime intra-op threads to ask
+    for where none are given. Left to itself, ONNX Runtime counts every physical core of the machine and pins a
+    thread to each, whatever the process's CPU affinity: in a 2-CPU set of a 64-core host, 31 threads, most pinned to
+    cores the service was not given. (A CPU quota without a CPU set is not seen here, nor by ONNX Runtime.)"""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:

@@ -74,11 +74,13 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
 
 # OpenJPEG through Pillow holds the GIL for the whole of a decode (Pillow's JPEG 2000 decoder pulls its bytes through
 # Python and never lets go). A reduced decode of up to this many pixels is short enough to run in a thread of a process
-# that also runs an event loop: a full-field mammogram at 1/8 (133 k pixels) takes 11 ms here, at 1/16 3 ms (HTJ2K
-# a fifth of that). A larger one, such as the review UI's at 1/4 (45 ms) or 1/2 (150-200 ms), would stop the loop
-# that long: it goes to a decoding worker.
-J2K_IN_THREAD_PIXELS = 150_000
-J2K_IN_THREAD_LONG_SIDE = 512  # a contract asking for more never gets a band that small (the hint's side of it)
+# that also runs an event loop: the largest full-field mammograms (4096 x 3328) at 1/8, what a 336 px contract reads,
+# are 213 k pixels (23 ms here; 3328 x 2560 at 1/8 11 ms, at 1/16 3 ms; HTJ2K a fifth of that). A larger one,
+# such as the review UI's at 1/4 (45 ms) or 1/2 (150-200 ms), would stop the loop that long: a decoding worker reads it.
+J2K_IN_THREAD_PIXELS = 1 << 18
+# The hint's side of it (the file meta gives no size): a band is at least as long as its contract asks, so a contract
+# asking for more than this never gets one that small; below, the header decides.
+J2K_IN_THREAD_LONG_SIDE = math.isqrt(J2K_IN_THREAD_PIXELS)
 
 
 def lets_threads_run(transfer_syntax: str | None, long_side: int) -> bool:

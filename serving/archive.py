@@ -242,7 +242,7 @@ def schema():
 class Options:
     batch_size: int = 16
     workers: int = 0  # 0: one per core
-    threads: int = 0  # ONNX Runtime intra-op threads, 0: its default
+    threads: int = 0  # ONNX Runtime intra-op threads, 0: one per physical core this process may run on
     show_progress: bool = True
 
 

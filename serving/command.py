@@ -285,7 +285,7 @@ def register_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, default=1, help="with --engine ray: ONNX Runtime actors")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: one per physical core this process may run on)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_score)
 

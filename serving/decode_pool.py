@@ -24,7 +24,7 @@ import numpy as np
 from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
 from medvision.drift import input_statistics
 from medvision.errors import CorruptDicomError, MedvisionError
-from medvision.parallel import decoder, start_decoder
+from medvision.parallel import decoder, start_decoder, usable_cores
 from medvision.preprocess import PreprocessConfig
 from medvision.resolution import use_decode_threads
 from medvision.serving.batcher import TimedOut
@@ -313,7 +313,7 @@ class DecodePool:
         UI's renderings of a file whose decoder would hold the service's GIL for the whole decode). A reader does not
         queue behind a scoring load: with no worker free within ``READ_WAIT_S``, the file is decoded in the calling
         thread, as it was before there were workers."""
-        threads = max(1, len(self.workers.idle))  # a reader's view alone: decoded on the idle cores
+        threads = max(1, min(len(self.workers.idle), usable_cores()))  # a reader's view alone: on the idle cores
         try:
             with self._refusing():
                 return self.workers.run(_read, (str(path), limits, long_side, threads), self.timeout_s, READ_WAIT_S)

@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     artifact: str = Field("model.onnx", description="ONNX artifact written by 'medvision export'")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0: one where decoding processes fill the "
                          "cores (a distilled student's call gains nothing from more, and waking them costs CPU; a large "
-                         "model answering requests one at a time may want more), else the library's default")
+                         "model answering requests one at a time may want more), else one per physical core the service may run on")
     providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
     batch_max_size: int = Field(8, ge=1, description="micro-batching: most images per model call (1 = off)")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")

@@ -29,6 +29,7 @@ import onnx
 from medvision.artifact import QuantizationReport, read_artifact, sha256_file, write_artifact
 from medvision.errors import ConfigError
 from medvision.metrics import auroc
+from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.training.criteria import DEFAULT
 from medvision.training.export import read_run
@@ -203,7 +204,7 @@ def quantize_artifact(artifact: str | Path, run_dir: str | Path, out: str | Path
             c = candidates[chosen]
             reason = (f"fastest candidate within the limits: {c['speedup']:.2f}x faster than fp32, "
                       f"{100 * c['agreement']:.1f} % decisions agree, AUROC drop {c['auroc_drop']:+.4f}")
-        report = {"artifact": str(artifact), "threads": threads or "all", "test_images": len(y_test),
+        report = {"artifact": str(artifact), "threads": threads or physical_cores(), "test_images": len(y_test),
                   "calibration_images": len(calib), "sensitive_nodes": sensitive, "fp32": base, "candidates": candidates, "chosen": chosen,
                   "reason": reason, "limits": {"min_agreement": MIN_AGREEMENT, "max_auroc_drop": MAX_AUROC_DROP}}
         src = artifact if chosen == "fp32" else work / f"{chosen}.onnx"

@@ -173,9 +173,9 @@ def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(arti
 
 
 def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_back_to_one(tmp_path, monkeypatch):
-    """A review UI rendering too long to decode beside the event loop (JPEG 2000 at 1/2 of 1024 x 832) is read by a
-    worker, with OpenJPEG on as many threads as workers were idle (as fast as the service's own thread decoded it on
-    every core), the same pixels; the worker then decodes on one thread again, as beside the other workers."""
+    """A review UI rendering too long to decode beside the event loop is read by a worker, with OpenJPEG on as many
+    threads as workers were idle (at most the cores: as fast as the service's own thread decoded it on every core),
+    the same pixels; the worker then decodes on one thread again, as beside the other workers."""
     import numpy as np
 
     from medvision import resolution
@@ -195,8 +195,11 @@ def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_
     np.testing.assert_array_equal(got, expected)
     assert seen == [None, "3"] and os.environ.get(OPENJPEG_THREADS) in (None, "0")  # both: one, in the caller
     pool = DecodePool(decode_pool.PreprocessConfig(), ReadLimits(), 2)
+    calls, run = [], pool.workers.run
+    monkeypatch.setattr(pool.workers, "run", lambda target, args, *a: calls.append(args[3:]) or run(target, args, *a))
     try:
         got, got_meta = pool.read(path, ReadLimits(), 512)
+        assert calls == [(min(2, len(os.sched_getaffinity(0))),)]  # both workers idle: as many threads, cores allowing
         np.testing.assert_array_equal(got, expected)
         assert got_meta == meta
         assert {pool.workers.run(environment, (OPENJPEG_THREADS,), 30) for _ in range(4)} <= {None, "0"}

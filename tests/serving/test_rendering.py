@@ -202,17 +202,26 @@ def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the
         decoy.write_bytes(real[:132] + b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\x00" + real[132:])
         files["decoy"] = decoy
         for path in files.values():
-            # 256: JPEG 2000 at 1/4 (53 k pixels, short); 512: at 1/2 (213 k, not); 2048: no smaller than the
-            # image, so a JPEG 2000 decode is full size
-            for long_side in (256, 512, 0, 2048):
+            # 512: JPEG 2000 at 1/2 (213 k pixels, short); 2048: no smaller than the image, so a JPEG 2000 decode is
+            # full size
+            for long_side in (512, 0, 2048):
                 stored, meta = images.read(path, limits, long_side)
                 expected, expected_meta = read_dicom(path, limits, long_side=long_side)
                 np.testing.assert_array_equal(stored, expected)
                 assert meta == expected_meta and not stored.flags.writeable
         assert sorted(away) == sorted([(f.name, long_side) for f in (files[JPEG2000Lossless], decoy)
-                                       for long_side in (512, 0, 2048)])
+                                       for long_side in (0, 2048)])
         images.read(files[JPEG2000Lossless], limits, 0)  # kept: not decoded again
-        assert len(away) == 6
+        assert len(away) == 4
+        # a view at 1/2 of 2048 x 1664 (852 k pixels): a reduced decode too long to hold the GIL beside the loop
+        large = tmp_path / "large.dcm"
+        save(example_image(VENDORS[1], 2048, 1664, seed=4), large, JPEG2000Lossless)
+        for long_side in (1024, 256):  # 256: at 1/8, 53 k pixels, in the calling thread
+            stored, meta = images.read(large, limits, long_side)
+            expected, expected_meta = read_dicom(large, limits, long_side=long_side)
+            np.testing.assert_array_equal(stored, expected)
+            assert meta == expected_meta and "wavelet" in meta.decode
+        assert away[4:] == [("large.dcm", 1024)]
         for syntax, where in ((JPEGLSLossless, []), (JPEG2000Lossless, [("broken.dcm", 0)])):
             broken = tmp_path / "broken.dcm"
             broken.write_bytes(files[syntax].read_bytes()[:-4000])
