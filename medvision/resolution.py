@@ -79,7 +79,8 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
 # such as the review UI's at 1/4 (45 ms) or 1/2 (150-200 ms), would stop the loop that long: a decoding worker reads it.
 J2K_IN_THREAD_PIXELS = 1 << 18
 # The hint's side of it (the file meta gives no size): a band is at least as long as its contract asks, so a contract
-# asking for more than this never gets one that small; below, the header decides.
+# asking for more than this gets one that small only from an image over twice as long as wide (never a mammogram; such
+# a file goes to a worker, a hop more); below, the header decides.
 J2K_IN_THREAD_LONG_SIDE = math.isqrt(J2K_IN_THREAD_PIXELS)
 
 
