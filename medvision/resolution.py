@@ -78,9 +78,9 @@ def plan_decode(transfer_syntax: str, rows: int, columns: int, long_side: int) -
 # are 213 k pixels (23 ms here; 3328 x 2560 at 1/8 11 ms, at 1/16 3 ms; HTJ2K a fifth of that). A larger one,
 # such as the review UI's at 1/4 (45 ms) or 1/2 (150-200 ms), would stop the loop that long: a decoding worker reads it.
 J2K_IN_THREAD_PIXELS = 1 << 18
-# The hint's side of it (the file meta gives no size): a band is at least as long as its contract asks, so a contract
-# asking for more than this gets one that small only from an image over twice as long as wide (never a mammogram; such
-# a file goes to a worker, a hop more); below, the header decides.
+# The hint's side of it (the file meta gives no size): a band is at least as long as its contract asks, so under a
+# contract asking for more than this only a band narrower than it is long can be that small (a 4400 x 3575 image at 1/8
+# under a 520 px contract: 246 k pixels); the hint sends such a file to a worker, a hop more. Below, the header decides.
 J2K_IN_THREAD_LONG_SIDE = math.isqrt(J2K_IN_THREAD_PIXELS)
 
 

@@ -173,9 +173,9 @@ def test_the_service_decodes_jpeg_2000_on_every_core_and_each_worker_on_one(arti
 
 
 def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_back_to_one(tmp_path, monkeypatch):
-    """A review UI rendering too long to decode beside the event loop is read by a worker, with OpenJPEG on as many
-    threads as workers were idle (at most the cores: as fast as the service's own thread decoded it on every core),
-    the same pixels; the worker then decodes on one thread again, as beside the other workers."""
+    """A review UI rendering handed to a worker (one too long to decode beside the event loop) is read with OpenJPEG on
+    as many threads as workers were idle, at most the cores (as fast as the service's own thread decoded it on every
+    core), the same pixels; the worker then decodes on one thread again, as beside the other workers."""
     import numpy as np
 
     from medvision import resolution
@@ -200,6 +200,10 @@ def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_
     try:
         got, got_meta = pool.read(path, ReadLimits(), 512)
         assert calls == [(min(2, len(os.sched_getaffinity(0))),)]  # both workers idle: as many threads, cores allowing
+        with monkeypatch.context() as m:  # one core: one thread, however many workers are idle
+            m.setattr(decode_pool, "usable_cores", lambda: 1)
+            pool.read(path, ReadLimits(), 512)
+        assert calls[1:] == [(1,)]
         np.testing.assert_array_equal(got, expected)
         assert got_meta == meta
         assert {pool.workers.run(environment, (OPENJPEG_THREADS,), 30) for _ in range(4)} <= {None, "0"}

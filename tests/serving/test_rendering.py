@@ -179,7 +179,8 @@ def test_an_image_too_large_to_keep_is_shared_with_its_waiters_not_kept(dicom_fi
 def test_a_view_whose_decoder_holds_the_gil_is_decoded_by_a_worker_and_gives_the_same_pixels(tmp_path):
     """With a pool (``elsewhere``), a full-size JPEG 2000 decode (pydicom's plugins) and a reduced one of more than
     ``J2K_IN_THREAD_PIXELS`` (OpenJPEG through Pillow holds the GIL throughout) go to a worker process, where holding
-    the GIL stops nothing of the service's, whatever the file meta's hint says; uncompressed pixels, a short reduced
+    the GIL stops nothing of the service's (the full-size one whatever the file meta's hint says; the header's check
+    of a reduced one: tests/medvision/test_read_ahead.py); uncompressed pixels, a short reduced
     JPEG 2000 decode, JPEG-LS and RLE (imagecodecs) are decoded in the calling thread. The pixels and metadata are
     those of ``read_dicom`` either way, and cached the same way; a file refused is refused by name either way."""
     from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
