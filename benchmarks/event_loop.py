@@ -1,13 +1,13 @@
 """How long the service's event loop stops while it scores one full-field image alone: every other request waits
 that long (a health check, the next image's upload, the review UI). Some decoders hold Python's GIL for their whole
-decode (pydicom's plugins for a full-size JPEG 2000; pyjpegls and pylibjpeg-rle, pydicom's own JPEG-LS and RLE
-plugins, where imagecodecs is not installed): decoded in a thread of the service's own process, they stop its event
-loop meanwhile. Two services run side by side, each syntax's requests alternating between them by the round:
+decode (pydicom's plugins for a full-size JPEG 2000; OpenJPEG through Pillow for a reduced one; pyjpegls and
+pylibjpeg-rle, pydicom's own JPEG-LS and RLE plugins, where imagecodecs is not installed): decoded in a thread of the
+service's own process, they stop its event loop meanwhile. Two services run side by side, each syntax's requests alternating between them by the round:
 
   threads        MEDVISION_DECODE_PROCESSES=0: every image decoded in a thread of the service's process;
   the service    the default: a request alone decoded in its own thread only where the decoder lets go of the
-                 GIL (uncompressed, JPEG 2000 at a reduced size, JPEG-LS, RLE and JPEG through imagecodecs), the others by
-                 a decoding worker process.
+                 GIL (uncompressed, JPEG-LS, RLE and JPEG through imagecodecs) or holds it briefly (JPEG 2000 at a
+                 small reduced size: resolution.J2K_IN_THREAD_PIXELS), the others by a decoding worker process.
 
 One client sends each image alone (one request at a time); each service is asked /healthz every 2 ms throughout, and
 the answers that overlapped a scoring request of that service are kept. Printed: the health check's p50 / p99 /
