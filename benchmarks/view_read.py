@@ -66,8 +66,9 @@ def main() -> None:
         waited = [w for at, w in late if t < at <= end + 0.01]
         return 1000 * (end - t), 1000 * max(waited, default=0.0)
 
-    ways = {"in the service's thread, OpenJPEG on every core": lambda f: read_dicom(f, limits, long_side=args.long_side),
-            "by an idle worker": lambda f: pool.read(f, limits, args.long_side)}
+    ways = {  # the reading process's OpenJPEG threads, and the read
+        "in the service's thread, OpenJPEG on every core": (cores, lambda f: read_dicom(f, limits, long_side=args.long_side)),
+        "by an idle worker": (1, lambda f: pool.read(f, limits, args.long_side))}
     table = Table(title=f"a view read at a long side of {args.long_side} px, {cores} cores: medians")
     for col in ("views", "read", "ms", "the event loop's longest wait, ms: median (worst)"):
         table.add_column(col)
@@ -76,8 +77,9 @@ def main() -> None:
             results: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
             for r in range(args.rounds):
                 for way in (list(ways) if r % 2 == 0 else list(reversed(ways))):
-                    use_decode_threads(cores if way.startswith("in the") else 1)
-                    results[way] += [timed(ways[way], f) for f in files]
+                    threads, read = ways[way]
+                    use_decode_threads(threads)
+                    results[way] += [timed(read, f) for f in files]
             use_decode_threads(1)
             for way, rs in results.items():
                 table.add_row(f"{name} ({len(files)})", way, f"{statistics.median(ms for ms, _ in rs):.0f}",
