@@ -109,6 +109,19 @@ class GateScores(_Part):
     format: str = ""
 
 
+class ContractCheck(_Part):
+    """The gate's decode-contract check: the artifact on the test split decoded under its own contract and decoding
+    every pixel, the same model, the same threshold."""
+
+    contract: str = Field(description="the artifact's decode contract, in words")
+    auroc_contract: float
+    auroc_full: float
+    agreement: float = Field(description="share of test images whose decision at the threshold is the same both ways")
+    flipped: int = Field(description="test images whose decision differs")
+    max_probability_change: float
+    mean_probability_change: float
+
+
 class GateReport(_Part):
     """The promotion gate's result ('medvision gate'): the student artifact against its teacher."""
 
@@ -130,6 +143,7 @@ class GateReport(_Part):
     student: GateScores | None = None
     agreement_with_fp32: float | None = None
     fp32_source_sha256: str | None = None
+    contract_check: ContractCheck | None = None
     gated_utc: str = ""
 
 

@@ -105,6 +105,10 @@ print(line("student (torch)", student))
 verdict = "promoted" if gate["passed"] else "REFUSED (" + "; ".join(gate["reasons"]) + ")"
 drop = gate["criteria"][0]
 print(f"gate: {verdict}; AUROC drop {drop['measured']:+.3f} (95 % CI {drop['ci95'][0]:+.3f} to {drop['ci95'][1]:+.3f})")
+if gate.get("contract_check"):
+    c = gate["contract_check"]
+    print(f"decode contract vs every pixel decoded, same model: AUROC {c['auroc_contract']:.3f} vs {c['auroc_full']:.3f}, "
+          f"{c['flipped']} of {gate['test_images']} decisions differ (largest probability change {c['max_probability_change']:.3f})")
 print(f"served {os.path.basename(served)}: test AUROC {s['auroc']:.3f} on {s['labelled']} images ({s['positives']} cancer) "
       f"scored over HTTP; sensitivity {s['sensitivity']:.2f} / specificity {s['specificity']:.2f} at its operating point")
 promoted = "model.onnx (the promoted INT8 student) + " if gate["passed"] else "no model.onnx (the gate wrote none), "

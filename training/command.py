@@ -124,7 +124,9 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--non-inferiority", action="store_true", help="gate on upper 95 %% bounds (with --teacher)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quantize, max_auroc_drop=DEFAULT.max_auroc_drop,
-                   max_sensitivity_drop=DEFAULT.max_sensitivity_drop, min_agreement=DEFAULT.min_agreement)
+                   max_sensitivity_drop=DEFAULT.max_sensitivity_drop, min_agreement=DEFAULT.min_agreement,
+                   max_contract_auroc_drop=DEFAULT.max_contract_auroc_drop,
+                   min_contract_agreement=DEFAULT.min_contract_agreement)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -162,7 +164,9 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
         "gate", help="promote a student artifact only if it keeps its teacher's clinical accuracy",
         description="On the teacher's held-out test split, paired patient-clustered bootstrap of the student "
         "artifact against the teacher: AUROC drop <= 0.01, sensitivity drop at the stored operating points <= 2 "
-        "points, and (for a quantized artifact) >= 99 %% of decisions agreeing with its fp32 source. A passing "
+        "points, (for a quantized artifact) >= 99 %% of decisions agreeing with its fp32 source, and (for an artifact "
+        "that decodes fewer pixels than the file holds) the same artifact decoding every pixel: AUROC drop <= 0.005 "
+        "and >= 99 %% of decisions agreeing. A passing "
         "model is written to --out with the result in its metadata; a failing one is not written and the command "
         "exits 3. Always writes OUT.gate.json and the model card OUT.card.md.",
     )
@@ -173,6 +177,10 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-auroc-drop", type=float, default=DEFAULT.max_auroc_drop)
     p.add_argument("--max-sensitivity-drop", type=float, default=DEFAULT.max_sensitivity_drop)
     p.add_argument("--min-agreement", type=float, default=DEFAULT.min_agreement)
+    p.add_argument("--max-contract-auroc-drop", type=float, default=DEFAULT.max_contract_auroc_drop,
+                   help="AUROC the artifact may lose to its decode contract against decoding every pixel")
+    p.add_argument("--min-contract-agreement", type=float, default=DEFAULT.min_contract_agreement,
+                   help="share of decisions that must be the same under the decode contract and a full decode")
     p.add_argument("--non-inferiority", action="store_true",
                    help="decide on the upper 95 %% bounds of the drops instead of their point estimates")
     p.add_argument("--bootstrap", type=int, default=2000)
@@ -182,7 +190,9 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
 
 
 def _criteria(args: argparse.Namespace):
-    return GateCriteria(args.max_auroc_drop, args.max_sensitivity_drop, args.min_agreement, args.non_inferiority)
+    return GateCriteria(args.max_auroc_drop, args.max_sensitivity_drop, args.min_agreement, args.non_inferiority,
+                        max_contract_auroc_drop=args.max_contract_auroc_drop,
+                        min_contract_agreement=args.min_contract_agreement)
 
 
 def _gate_exit(report, out: str) -> int:

@@ -8,7 +8,11 @@ teacher by a paired, patient-clustered bootstrap:
 - sensitivity drop at the stored operating points (the teacher's threshold for the teacher, the
   artifact's threshold for the artifact) ≤ ``max_sensitivity_drop`` (2 points);
 - for a quantized artifact, decisions agreeing with its fp32 source on ≥ ``min_agreement`` (99 %) of
-  the test images.
+  the test images;
+- for an artifact that decodes fewer pixels than the file holds (``preprocess.decode_long_side``: JPEG 2000
+  wavelet levels left undecoded, other syntaxes the same low-pass band computed), the same artifact scored on the
+  same images decoding every pixel: AUROC lost to the contract (full − contract) ≤ ``max_contract_auroc_drop``
+  (0.005) and decisions agreeing between the two ways on ≥ ``min_contract_agreement`` (99 %) of the test images.
 
 By default each criterion is decided on its point estimate and the upper 95 % bound is stated next
 to it; ``non_inferiority=True`` decides on the upper bound instead (a non-inferiority test, which
@@ -30,6 +34,7 @@ import numpy as np
 import onnx
 
 from medvision.artifact import (
+    ContractCheck,
     GateCriterion,
     GateReport,
     GateScores,
@@ -90,6 +95,30 @@ def _criterion(name: str, measured: float, ci, limit: float, lower_is_better: bo
                          limit=limit_text, passed=passed)
 
 
+def _contract_check(sess, meta, rows, tcfg, y, patients, p_contract, criteria: GateCriteria, n_boot: int,
+                    show_progress: bool) -> tuple[list[GateCriterion], ContractCheck]:
+    """The artifact scored on the test images decoding every pixel, against its scores under its own contract."""
+    full = Preprocess(meta.preprocess.model_copy(update={"decode_long_side": 0}))
+    x, kept = model_inputs(rows, full, tcfg, "decode test (full resolution)", show_progress)
+    if [r.path for r in kept] != [r.path for r in rows]:
+        raise ArtifactError("some test images decode under the artifact's contract but not at full resolution, so "
+                            "the contract cannot be checked against a full decode (the log names their rows)")
+    p_full = probabilities(sess, x)
+    threshold = meta.threshold
+    drop, ci = paired_difference(y, p_full, p_contract, auroc, clusters=patients, n=n_boot)
+    same = (p_contract >= threshold) == (p_full >= threshold)
+    change = np.abs(p_contract - p_full)
+    check = ContractCheck(contract=meta.preprocess.decoding, auroc_contract=auroc(y, p_contract),
+                          auroc_full=auroc(y, p_full), agreement=float(np.mean(same)), flipped=int((~same).sum()),
+                          max_probability_change=float(change.max()), mean_probability_change=float(change.mean()))
+    return [
+        _criterion("AUROC drop under the decode contract (full decode − contract)", drop, ci,
+                   criteria.max_contract_auroc_drop, True, criteria.non_inferiority),
+        _criterion("decisions agreeing between the decode contract and a full decode", check.agreement, None,
+                   criteria.min_contract_agreement, False, False),
+    ], check
+
+
 def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path, fp32: str | Path | None = None,
                   criteria: GateCriteria = GateCriteria(), n_boot: int = 2000, threads: int = 0,
                   show_progress: bool = True) -> GateReport:
@@ -114,7 +143,8 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
     if len(set(y.tolist())) < 2:
         raise ConfigError("the teacher's test split needs both classes to compare AUROC and sensitivity")
     patients = [r.patient_id for r in rows]
-    p_student = probabilities(session(artifact, threads), x)
+    student_session = session(artifact, threads)
+    p_student = probabilities(student_session, x)
     thr_student = meta.threshold
 
     def sens_teacher(a, b):
@@ -140,6 +170,13 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
                                  False, False))
     else:
         notes.append("the artifact is fp32 (not quantized): the INT8 vs fp32 agreement criterion does not apply")
+    contract = None
+    if meta.preprocess.decode_long_side:
+        contract_checks, contract = _contract_check(student_session, meta, rows, tcfg, y, patients, p_student,
+                                                    criteria, n_boot, show_progress)
+        checks += contract_checks
+    else:
+        notes.append("the artifact decodes every pixel (no decode contract): the contract criteria do not apply")
     margin = criteria.max_auroc_drop
     if np.isfinite(auc_ci[1]) and auc_ci[1] - auc_drop > margin:
         notes.append(f"the AUROC-drop interval ({auc_ci[0]:+.3f} to {auc_ci[1]:+.3f}) is wider than the {margin:g} "
@@ -166,6 +203,7 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
                            sensitivity=s_sens, specificity=s_spec, model=meta.model_name, artifact=artifact.name,
                            artifact_sha256=sha256_file(artifact), format=meta.format),
         agreement_with_fp32=agreement, fp32_source_sha256=sha256_file(fp32_path) if fp32_path else None,
+        contract_check=contract,
         gated_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
     gated = meta.model_copy(update={"gate": report})

@@ -24,8 +24,10 @@ def test_criterion_point_estimate_or_upper_bound():
 
 def test_gate_promotes_the_teachers_own_export(artifact, tiny_run, tmp_path, capsys):
     out = tmp_path / "promoted.onnx"
+    # the tiny model's probabilities lie within 0.001 of each other around its threshold, where decoding every
+    # pixel flips one of its 16 decisions: the contract's agreement is judged in its own tests below
     assert main(["gate", str(artifact), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
-                 "--no-progress"]) == 0
+                 "--min-contract-agreement", "0.9", "--no-progress"]) == 0
     report = json.loads(out.with_suffix(".gate.json").read_text())
     assert report["passed"] and not report["reasons"]
     drop = report["criteria"][0]
@@ -36,6 +38,79 @@ def test_gate_promotes_the_teachers_own_export(artifact, tiny_run, tmp_path, cap
     card = out.with_suffix(".card.md").read_text()
     assert "**PROMOTED**" in card and "promoted by the gate" in card and "AUROC drop" in card
     assert "PROMOTED" in capsys.readouterr().out
+
+
+def _both_decodes(artifact, run):
+    """The artifact's probabilities on the run's test images, decoded under its contract and decoding every pixel,
+    image by image as the service reads them (not through the gate's batch decoding and cache)."""
+    import onnxruntime as ort
+
+    from medvision.preprocess import Preprocess
+    from medvision.training.export import read_run
+    from medvision.training.onnx_scoring import split_rows
+
+    meta = _meta(artifact)
+    rows = split_rows(read_run(run)[0], run, "test")
+    sess = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+
+    def scores(pre):
+        x = np.stack([pre(*pre.read(r.path)) for r in rows]).astype(np.float32)
+        return sess.run(["probability"], {sess.get_inputs()[0].name: x})[0][:, 0]
+
+    full = Preprocess(meta.preprocess.model_copy(update={"decode_long_side": 0}))
+    return np.array([r.label for r in rows]), scores(Preprocess(meta.preprocess)), scores(full)
+
+
+def _with_threshold(artifact, threshold, path):
+    meta = _meta(artifact)
+    ops = [meta.operating_points[0].model_copy(update={"threshold": float(threshold)}), *meta.operating_points[1:]]
+    return write_artifact(onnx.load(str(artifact)), meta.model_copy(update={"operating_points": ops}), path)
+
+
+def test_gate_checks_the_decode_contract_against_a_full_decode(artifact, tiny_run, tmp_path, capsys):
+    from medvision.metrics import auroc
+
+    assert _meta(artifact).preprocess.decode_long_side  # the tiny recipe decodes 1/2 of its 256 x 208 images
+    y, contract, full = _both_decodes(artifact, tiny_run)
+    change = np.abs(contract - full)
+    assert change.max() > 0  # the two decodes are not the same pixels
+    # a threshold between the two probabilities of the image they differ most on: its decision flips
+    i = int(np.argmax(change))
+    flips = _with_threshold(artifact, (contract[i] + full[i]) / 2, tmp_path / "flips.onnx")
+    threshold = _meta(flips).threshold
+    out = tmp_path / "promoted.onnx"
+    code = main(["gate", str(flips), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
+                 "--max-auroc-drop", "1", "--max-sensitivity-drop", "1", "--no-progress"])
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    check = report["contract_check"]
+    same = (contract >= threshold) == (full >= threshold)
+    assert check["flipped"] == int((~same).sum()) >= 1 and check["agreement"] == float(np.mean(same))
+    assert abs(check["auroc_contract"] - auroc(y, contract)) < 1e-9 and abs(check["auroc_full"] - auroc(y, full)) < 1e-9
+    assert abs(check["max_probability_change"] - change.max()) < 1e-6
+    assert code == GATE_FAILED_EXIT and not out.exists()
+    assert report["reasons"] == [f"decisions agreeing between the decode contract and a full decode "
+                                 f"{check['agreement']:.4f} is not ≥ 0.99"]
+    card = out.with_suffix(".card.md").read_text()
+    assert "Decode contract (decoded at the coarsest power-of-two reduction" in card and "REFUSED" in card
+    # the same model with its threshold below every probability: no decision can flip, and it is promoted
+    never = _with_threshold(artifact, min(contract.min(), full.min()) / 2, tmp_path / "never.onnx")
+    assert main(["gate", str(never), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
+                 "--max-auroc-drop", "1", "--max-sensitivity-drop", "1", "--no-progress"]) == 0
+    promoted = _meta(out).gate
+    assert promoted.contract_check.agreement == 1.0 and promoted.contract_check.flipped == 0
+    names = [c.name for c in promoted.criteria]
+    assert "AUROC drop under the decode contract (full decode − contract)" in names
+
+
+def test_gate_of_a_model_that_decodes_every_pixel_has_no_contract_to_check(artifact, tiny_run, tmp_path):
+    meta = _meta(artifact)
+    full = write_artifact(onnx.load(str(artifact)), meta.model_copy(update={"preprocess": meta.preprocess.model_copy(
+        update={"decode_long_side": 0})}), tmp_path / "full.onnx")
+    out = tmp_path / "promoted.onnx"
+    main(["gate", str(full), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "100", "--no-progress"])
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert report["contract_check"] is None and not any("contract" in c["name"] for c in report["criteria"])
+    assert any("no decode contract" in n for n in report["notes"])
 
 
 def _broken_student(artifact, path, tmp_path):
