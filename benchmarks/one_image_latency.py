@@ -33,8 +33,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fullfield import SHORT, build_archive, build_htj2k  # noqa: E402 - the full-field archive fullfield.py uses
 
+from medvision.cores import usable_cores  # noqa: E402
 from medvision.dicom_io import ReadLimits  # noqa: E402
-from medvision.parallel import usable_cores  # noqa: E402
 from medvision.preprocess import Preprocess, PreprocessConfig  # noqa: E402
 from medvision.resolution import OPENJPEG_THREADS, use_decode_threads  # noqa: E402
 from medvision.serving.rendering import DecodedImages, image_info, render, render_heatmap  # noqa: E402

@@ -31,8 +31,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
 
+    from medvision.cores import usable_cores
     from medvision.dicom_io import ReadLimits, read_dicom
-    from medvision.parallel import usable_cores
     from medvision.preprocess import PreprocessConfig
     from medvision.resolution import use_decode_threads
     from medvision.serving.decode_pool import DecodePool

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medvision import __version__
+from medvision.cores import usable_cores
 from medvision.errors import DicomError, PreprocessError
 from medvision.parallel import decoder, decoding_pool
 from medvision.preprocess import Preprocess, PreprocessConfig
@@ -91,7 +92,7 @@ def iter_decode(
     far as the codec releases the GIL: numpy / pillow preprocessing and imagecodecs (JPEG-LS, RLE, JPEG) do,
     pydicom's parsing and OpenJPEG through Pillow do not; ``benchmarks/decode_preprocess.py`` measures both on the machine at hand.
     """
-    n = workers or os.cpu_count() or 1
+    n = workers or usable_cores()
     if kind == "auto":
         kind = "process" if len(paths) >= PROCESS_POOL_MIN_FILES else "thread"
     with progress_bar(desc, total=len(paths), enabled=show_progress) as advance:

@@ -238,6 +238,7 @@ def _segment(data: memoryview, pixels: int) -> np.ndarray:
 def _map(function, *iterables) -> list:
     """``function`` over the arguments, on ``decode_threads()`` threads where there are more than one (the calling
     thread takes its share)."""
+    from medvision.cores import usable_cores
     from medvision.resolution import decode_threads
 
     args = list(zip(*iterables, strict=True))
@@ -247,7 +248,7 @@ def _map(function, *iterables) -> list:
     global _pool
     with _lock:
         if _pool is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = usable_cores()
             _pool = ThreadPoolExecutor(cores, thread_name_prefix="medvision-decode")  # the cores this process may use
         pool = _pool
 

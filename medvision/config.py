@@ -71,7 +71,8 @@ class TrainConfig(BaseModel):
     target_sensitivity: float = Field(0.9, gt=0, le=1, description="operating point chosen on validation")
     seed: int = 0
     num_workers: int = Field(2, ge=0)
-    threads: int = Field(0, ge=0, description="torch intra-op threads, 0 = all cores")
+    threads: int = Field(0, ge=0, description="torch intra-op threads, 0 = one per physical core this "
+                         "process may use (its CPU set, within its CPU quota; OMP_NUM_THREADS when set)")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (best checkpoint kept)")
     accumulate: int = Field(1, ge=1, description="gradient accumulation: optimizer step every N batches")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay for ViT fine-tuning (e.g. 0.75)")

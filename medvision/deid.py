@@ -40,6 +40,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from medvision import __version__
+from medvision.cores import usable_cores
 from medvision.errors import ConfigError, MedvisionError
 from medvision.parallel import process_pool
 from medvision.progress import progress_bar
@@ -264,7 +265,7 @@ def deidentify_tree(
     """De-identify ``files`` into ``dst``, in parallel; one result dict per input, in order."""
     dst = str(dst)
     pids = patient_ids if patient_ids is not None else [None] * len(files)
-    n = workers or os.cpu_count() or 1
+    n = workers or usable_cores()
     results = []
     with progress_bar("de-identify", total=len(files), enabled=show_progress) as advance:
         if n == 1 or len(files) < 32:

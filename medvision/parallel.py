@@ -2,7 +2,7 @@
 for a decoding worker to get its preprocessing: ``decoding_pool`` (or, on Ray, ``start_decoder`` in the task) hands
 it the ``PreprocessConfig`` as JSON and the ``ReadLimits``; the worker's code reads them back with ``decoder()``.
 Every decoding pool uses it: the training cache, archive scoring (local and Ray) and the service's decode pool
-(whose workers ``serving/worker_processes.py`` starts with ``start_decoder``).
+(whose workers ``serving/worker_processes.py`` starts with ``start_decoder``). How many: ``medvision.cores``.
 """
 
 from __future__ import annotations
@@ -13,33 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 from medvision.dicom_io import ReadLimits
 from medvision.memory import keep_freed_memory
 from medvision.preprocess import Preprocess, PreprocessConfig
 from medvision.resolution import use_decode_threads
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def physical_cores() -> int:
-    """The physical cores among the CPUs this process may run on (hyper-threads of one core counted once, where
-    Linux's ``/sys`` says which share a core; elsewhere each CPU counts): the ONNX Runtime intra-op threads to ask
-    for where none are given. Left to itself, ONNX Runtime counts every physical core of the machine and pins a
-    thread to each, whatever the process's CPU affinity: in a 2-CPU set of a 64-core host, 31 threads, most pinned to
-    cores the service was not given. (A CPU quota without a CPU set is not seen here, nor by ONNX Runtime.)"""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
-        except OSError:  # no topology to read (not Linux, or a restricted /sys): each CPU a core
-            cores.add(str(cpu))
-    return max(1, len(cores))
 
 
 def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:

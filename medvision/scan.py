@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medvision.cores import usable_cores
 from medvision.dicom_io import ReadLimits, read_header
 from medvision.errors import ConfigError, DicomError
 from medvision.parallel import process_pool
@@ -189,7 +190,7 @@ def scan_files(
     show_progress: bool = True,
 ) -> list[IndexRow]:
     """Index the given files, in order (rows' paths relative to ``root`` when given)."""
-    n = workers or os.cpu_count() or 1
+    n = workers or usable_cores()
     tasks = [(f, root, limits) for f in files]
     out: list[IndexRow] = []
     with progress_bar("scan", total=len(files), enabled=show_progress) as advance:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medvision.cores import usable_cores
 from medvision.errors import ConfigError, MedvisionError
 from medvision.parallel import decoder, decoding_pool
 from medvision.progress import progress_bar
@@ -300,7 +301,7 @@ def score_archive(paths: list[str], artifact: str, out: str | os.PathLike, fmt: 
     store = ResultStore(out, fmt)
     done = store.done()
     todo = [p for p in paths if p not in done]
-    workers = options.workers or os.cpu_count() or 1
+    workers = options.workers or usable_cores()
     start = time.perf_counter()
     counts: Counter = Counter()
     decode_ms = inference_ms = 0.0

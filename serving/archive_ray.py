@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvision.cores import usable_cores
 from medvision.dicom_io import ReadLimits
 from medvision.errors import ConfigError
 from medvision.parallel import is_decoder, start_decoder
@@ -94,7 +95,7 @@ def score_archive_ray(paths: list[str], artifact: str, out: str | os.PathLike, o
     done = store.done()
     todo = [p for p in paths if p not in done]
     start = time.perf_counter()
-    workers = options.workers or os.cpu_count() or 1
+    workers = options.workers or usable_cores()
     if todo:
         if not ray.is_initialized():
             kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}

@@ -284,8 +284,9 @@ def register_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="with --engine ray: an existing Ray cluster (default: start one on this machine)")
     p.add_argument("--actors", type=int, default=1, help="with --engine ray: ONNX Runtime actors")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: one per physical core this process may run on)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core this process may use)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: one per physical core this process may run on, "
+                   "within its CPU quota)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_score)
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medvision.cores import usable_cores
 from medvision.dicom_io import DicomMeta, ReadLimits, read_dicom
 from medvision.drift import input_statistics
 from medvision.errors import CorruptDicomError, MedvisionError
-from medvision.parallel import decoder, start_decoder, usable_cores
+from medvision.parallel import decoder, start_decoder
 from medvision.preprocess import PreprocessConfig
 from medvision.resolution import use_decode_threads
 from medvision.serving.batcher import TimedOut

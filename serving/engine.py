@@ -13,10 +13,10 @@ from pydantic import BaseModel, Field
 
 from medvision import __version__
 from medvision.artifact import ArtifactMetadata, session_metadata, sha256_file
+from medvision.cores import physical_cores
 from medvision.dicom_io import DicomMeta, ReadLimits, Source, decodes_without_gil
 from medvision.drift import header_of, input_statistics, profile
 from medvision.errors import ArtifactError
-from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.read_ahead import Ahead, decode_ahead
 from medvision.serving.settings import Settings

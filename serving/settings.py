@@ -14,7 +14,8 @@ class Settings(BaseSettings):
     artifact: str = Field("model.onnx", description="ONNX artifact written by 'medvision export'")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0: one where decoding processes fill the "
                          "cores (a distilled student's call gains nothing from more, and waking them costs CPU; a large "
-                         "model answering requests one at a time may want more), else one per physical core the service may run on")
+                         "model answering requests one at a time may want more), else one per physical core the service may run on "
+                         "(within its CPU quota)")
     providers: list[str] | None = Field(None, description="execution providers in order; default: CUDA if present, else CPU")
     batch_max_size: int = Field(8, ge=1, description="micro-batching: most images per model call (1 = off)")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="micro-batching: longest wait for company")
@@ -121,8 +122,8 @@ class Settings(BaseSettings):
 
     @property
     def cores(self) -> int:
-        """The cores this process may run on."""
-        from medvision.parallel import usable_cores  # numpy and pydicom: not needed to read the settings
+        """The cores this process may use (its CPUs, fewer under a CPU quota: ``medvision.cores``)."""
+        from medvision.cores import usable_cores
 
         return usable_cores()
 

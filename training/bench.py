@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvision.cores import usable_cores
 from medvision.errors import ArtifactError, ConfigError
 from medvision.plots import pyplot
 
@@ -199,7 +200,7 @@ def bench(teachers: list[str], student: str | list[str] | None = None, onnx_fp32
         raise ConfigError("give a --student (run folder or model name) and / or its --onnx / --int8 artifacts")
     if len(students) > 1 and (onnx_fp32 or onnx_int8):
         raise ConfigError("--onnx / --int8 belong to one student: with several --student the bench exports each")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
     work = Path(tempfile.mkdtemp(prefix="mv-bench-"))
     try:
         subjects = [_torch_subject(t, "teacher") for t in teachers]

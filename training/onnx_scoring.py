@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from medvision.config import RunConfig
+from medvision.cores import physical_cores
 from medvision.data import ImageRow, read_split
 from medvision.manifest import load_rows
-from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.training.dataset import decode_all
 

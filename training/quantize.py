@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 
 from medvision.artifact import QuantizationReport, read_artifact, sha256_file, write_artifact
+from medvision.cores import physical_cores
 from medvision.errors import ConfigError
 from medvision.metrics import auroc
-from medvision.parallel import physical_cores
 from medvision.preprocess import Preprocess
 from medvision.training.criteria import DEFAULT
 from medvision.training.export import read_run

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medvision import __version__
 from medvision.config import RunConfig, save_config
+from medvision.cores import physical_cores
 from medvision.data import check_split, patient_split, read_split, write_split
 from medvision.errors import ConfigError
 from medvision.manifest import load_rows
@@ -276,6 +277,8 @@ def _seed_and_settle(t, dist_info: DistInfo) -> None:
         torch.manual_seed(t.seed + 1000 * dist_info.rank)
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif not dist_info.enabled and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(physical_cores())  # torch's own count keeps a CPU set but not a CPU quota
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 
+from medvision.cores import usable_cores
 from medvision.progress import progress_bar
 from medvision.synth.dicom_writer import ImageRecord, build_dataset, save, uid_for
 from medvision.synth.phantom import (
@@ -186,7 +187,7 @@ def generate_dataset(cfg: SynthConfig, out_dir: str | os.PathLike, show_progress
     positives = set(rng.choice(cfg.n_patients, size=n_pos, replace=False).tolist()) if n_pos else set()
     sides = rng.choice(["L", "R"], size=cfg.n_patients)
     tasks = [(cfg, i, str(sides[i]) if i in positives else None, str(out)) for i in range(cfg.n_patients)]
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or usable_cores()
     results: list = []
     with progress_bar("synth: writing exams", total=len(tasks), enabled=show_progress) as advance:
         if workers == 1:

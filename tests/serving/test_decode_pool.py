@@ -215,7 +215,7 @@ def test_a_view_read_by_a_worker_decodes_on_the_idle_cores_then_the_worker_goes_
 def test_beside_decoding_processes_the_model_runs_on_one_thread_unless_told(artifact, processes, threads, expected):
     """The decoding processes fill the cores: a second ONNX Runtime thread would only cost CPU to wake. Without them,
     one thread per physical core the process may run on (None below)."""
-    from medvision.parallel import physical_cores
+    from medvision.cores import physical_cores
 
     engine = Engine.from_settings(Settings(artifact=str(artifact), decode_processes=processes, threads=threads))
     assert engine.session.get_session_options().intra_op_num_threads == (expected or physical_cores())
