@@ -6,6 +6,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -91,7 +92,8 @@ async def _read_into(request: Request, received: Received, progress=None) -> Non
 async def dicom_body(request: Request, app, ahead=None):
     """The DICOM of a scoring request: a large raw body goes straight into one of the decoding workers' shared
     segments (a ``Received``: one copy on its way from the socket to the decoder, where reading it into memory and
-    handing it over made two); anything else, or when no segment is free, as ``read_dicom_upload`` gives it.
+    handing it over made two), or, where the service has no decoding workers, into an ``OwnBody`` (its ``view()`` is
+    what is yielded); anything else, or when no segment is free, as ``read_dicom_upload`` gives it.
     ``ahead(view)``: called before a body is read into a segment's ``view``, may start a ``DecodeAhead`` on it (ended
     and waited for before the segment goes back)."""
     declared = request.headers.get("content-length", "")
@@ -114,7 +116,31 @@ async def dicom_body(request: Request, app, ahead=None):
                         finally:
                             early = None
                 return
+    elif (app.decoder is None and ctype in RAW_TYPES and declared.isdigit()
+          and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
+        # decoded by a thread of this process: straight into memory of its own, as into a segment (no chunk copied
+        # by the app, no joining them into one more copy of the body)
+        body = OwnBody(int(declared))
+        await _read_into(request, body)
+        yield body.view()
+        return
     yield await read_dicom_upload(request, app.settings, app.data)
+
+
+class OwnBody:
+    """A raw body of a declared length, read into the service's own memory (where no decoding worker takes it):
+    ``view()`` and ``size`` as a ``Received`` has them. Not zeroed first: every byte is written before it is read
+    (``_read_into`` refuses a body that ends short)."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = np.empty(size, np.uint8)
+        self.size = size
+
+    def view(self) -> memoryview:
+        return memoryview(self.buffer).cast("B")
+
+    def __len__(self) -> int:
+        return self.size
 
 
 RAW_TYPES = ("application/dicom", "application/octet-stream", "")

@@ -544,6 +544,57 @@ def test_large_raw_bodies_go_straight_into_shared_segments_and_score_as_in_proce
         server.stop()
 
 
+def test_without_decoding_workers_a_large_raw_body_is_read_straight_into_memory_of_its_own(artifact, dicom_files,
+                                                                                          tmp_path, monkeypatch):
+    """A service with no decoding workers (one core, or DECODE_PROCESSES=0) reads a large raw body from the socket
+    into one buffer of its own, the size of its Content-Length, instead of gathering its chunks and joining them
+    into one more copy; what it scores is what the file scores in process."""
+    from medvision.serving.routes import predict as predict_route
+
+    padded = []
+    for i, f in enumerate(dicom_files[:4]):
+        ds = pydicom.dcmread(f)
+        ds.add_new((0xFFFC, 0xFFFC), "OB", b"\0" * (predict_route.SHARED_BODY_MIN + 1000))
+        padded.append(tmp_path / f"padded{i}.dcm")
+        ds.save_as(padded[-1])
+    gathered, own = [], []
+    real = predict_route.read_dicom_upload
+    monkeypatch.setattr(predict_route, "read_dicom_upload", lambda *a: gathered.append(1) or real(*a))
+
+    class Counted(predict_route.OwnBody):
+        def __init__(self, size):
+            super().__init__(size)
+            own.append(size)
+
+    monkeypatch.setattr(predict_route, "OwnBody", Counted)
+    server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
+                                 data_dir=str(tmp_path / "d"), decode_processes=0))
+    try:
+        assert server.server.config.app.state.decoder is None
+        engine = Engine(artifact)
+        expected = [engine.predict(f).probability for f in padded]
+        alone = server.client.post("/v1/predict", content=padded[0].read_bytes(),
+                                   headers={"Content-Type": "application/dicom"})
+        assert alone.status_code == 200 and alone.json()["probability"] == pytest.approx(expected[0], abs=1e-5)
+        results = _together(server, padded)
+        for i in range(len(padded)):
+            assert results[i].status_code == 200, results[i].text
+            assert results[i].json()["probability"] == pytest.approx(expected[i], abs=1e-5)
+        assert not gathered and sorted(own) == sorted(f.stat().st_size for f in [padded[0], *padded])
+        # a chunked body (no Content-Length to size a buffer by) and a small one are gathered as before
+        chunked = server.client.post("/v1/predict", content=iter([padded[1].read_bytes()]),
+                                     headers={"Content-Type": "application/dicom"})
+        small = server.client.post("/v1/predict", content=dicom_files[9].read_bytes(),
+                                   headers={"Content-Type": "application/dicom"})
+        assert chunked.status_code == small.status_code == 200 and len(gathered) == 2 and len(own) == 5
+        assert chunked.json()["probability"] == pytest.approx(expected[1], abs=1e-5)
+        garbage = server.client.post("/v1/predict", content=b"\0" * (2 * predict_route.SHARED_BODY_MIN),
+                                     headers={"Content-Type": "application/dicom"})
+        assert garbage.status_code == 422 and garbage.json()["code"] == "not_dicom" and len(own) == 6
+    finally:
+        server.stop()
+
+
 def test_a_giant_body_segment_is_used_once_and_unlinked_a_usual_one_is_kept():
     from multiprocessing import shared_memory
 
