@@ -29,6 +29,7 @@ from pydicom.uid import JPEG2000Lossless
 from rich.console import Console
 from rich.table import Table
 
+from medvision.cores import usable_cores
 from medvision.parallel import decoding_pool
 from medvision.serving import archive
 from medvision.serving.archive import Options, score_archive
@@ -97,10 +98,10 @@ def main() -> None:
     args = p.parse_args()
     if not Path(args.model).is_file():
         raise SystemExit("give --model (run 'make demo' first for demo_out/model.onnx)")
-    workers = args.workers or os.cpu_count() or 1
+    workers = args.workers or usable_cores()
     engine = Engine(args.model)
     work = Path(tempfile.mkdtemp(prefix="mv-archive-bench-"))
-    report: dict = {"cores": os.cpu_count(), "workers": workers, "images": args.images, "batch_size": args.batch_size,
+    report: dict = {"cores": usable_cores(), "workers": workers, "images": args.images, "batch_size": args.batch_size,
                     "size": [args.rows, args.columns], "model": engine.meta.model_name,
                     "model_input": engine.meta.preprocess.image_size}
     try:

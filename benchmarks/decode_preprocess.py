@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medvision.cache import ImageCache, decode_many
+from medvision.cores import usable_cores
 from medvision.dicom_io import read_dicom
 from medvision.errors import DicomError
 from medvision.plots import pyplot
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.size = 4, "1664x1280"
     rows, cols = (int(v) for v in args.size.lower().split("x"))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     pre = Preprocess(PreprocessConfig(image_size=args.image_size))
     result: dict = {"machine": {"cores": cores, "python": sys.version.split()[0]},
                     "images": args.images, "size": [rows, cols], "model_input": args.image_size}

@@ -49,6 +49,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import _drive, _free_port, run_client, service_process, wait_ready  # noqa: E402 - the same client and service start as serve_load
 
+from medvision.cores import usable_cores
+
 console = Console(width=170)
 MIX = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless: half
        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1")  # JPEG-LS, RLE, uncompressed
@@ -316,7 +318,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     on = split_cores(args.server_cores)
-    cores = args.server_cores or os.cpu_count() or 1
+    cores = args.server_cores or usable_cores()
     levels = [int(c) for c in args.concurrency.split(",")]
     archive = Path(args.archive)
     by_syntax = build_archive(archive, args.images, args.rows, args.columns)

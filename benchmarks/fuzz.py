@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import _free_port, wait_ready  # noqa: E402
 
+from medvision.cores import usable_cores  # noqa: E402
+
 console = Console(width=140)
 FINDING = re.compile(r"^(crash|timeout|oom|leak)-")
 
@@ -141,7 +143,7 @@ def main() -> None:
     p.add_argument("--targets", default="read,stow,dimse")
     p.add_argument("--runs", type=int, default=40_000, help="inputs per byte target")
     p.add_argument("--minutes", type=float, default=60, help="at most this long per byte target")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="byte targets run side by side")
+    p.add_argument("--jobs", type=int, default=usable_cores(), help="byte targets run side by side")
     p.add_argument("--model", help="an artifact to serve for the API run (none: no API run)")
     p.add_argument("--api-minutes", type=float, default=5)
     p.add_argument("--work", default="fuzz_out")

@@ -35,6 +35,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from medvision.cores import usable_cores
+
 console = Console()
 
 
@@ -305,7 +307,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="per level")
     p.add_argument("--requests", type=int, default=2000, help="most requests per level")
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--decode-processes", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--decode-processes", type=int, default=usable_cores(),
                    help="also serve with batching on and decoding in this many worker processes (0: skip)")
     p.add_argument("--json")
     args = p.parse_args()
@@ -319,7 +321,7 @@ def main() -> None:
               "batching_off": served(args.model, files, 1, levels, args.seconds, args.requests),
               "processes": served(args.model, files, args.max_batch, levels, args.seconds, args.requests,
                                   decode_processes=args.decode_processes) if args.decode_processes else {},
-              "cores": os.cpu_count(), "images": len(files)}
+              "cores": usable_cores(), "images": len(files)}
     r = report["raw"]
     table = Table(title=f"served vs raw ONNX Runtime ({report['cores']} cores, {len(files)} distinct images); "
                   f"× model: to the model alone at batch {args.max_batch}; × pipeline: to decode + model, one image")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 import time
@@ -32,6 +31,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import _Connection, service_process  # noqa: E402
+
+from medvision.cores import usable_cores
 
 console = Console(width=140)
 
@@ -223,7 +224,7 @@ def main() -> None:
     payloads = [f.read_bytes() for f in files]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
 
     async def run(url: str, key: str, pid: int) -> dict:
         auth = {"Authorization": f"Bearer {key}"}

@@ -11,7 +11,6 @@ the clock stops when the last study reports 'scored'. Receiving alone (no job th
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +20,8 @@ import pydicom
 from rich.console import Console
 from rich.table import Table
 from serve_load import service
+
+from medvision.cores import usable_cores
 
 console = Console()
 
@@ -68,7 +69,7 @@ def main() -> None:
     if not studies or not Path(args.model).is_file():
         raise SystemExit("give --model and --images (run 'make demo' first for demo_out/)")
     images = sum(len(fs) for _, fs in studies)
-    cores = str(os.cpu_count() or 1)
+    cores = str(usable_cores())
     configs = {"receiving only (no job threads)": {"MEDVISION_JOB_WORKERS": "0"},
                "defaults: 1 job thread, decoding in threads": {},
                f"2 job threads, {cores} decoding processes": {"MEDVISION_JOB_WORKERS": "2",

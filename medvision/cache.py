@@ -85,7 +85,7 @@ def iter_decode(
     paths: Sequence[str], pre: Preprocess, workers: int = 0, kind: str = "auto",
     desc: str = "decode", show_progress: bool = True,
 ) -> Iterator[tuple[np.ndarray | None, str]]:
-    """Decode and preprocess ``paths`` with ``workers`` threads or processes (0 = all cores).
+    """Decode and preprocess ``paths`` with ``workers`` threads or processes (0 = every core this process may use).
 
     Yields ``(image or None, error)`` per path, in order, so callers can stream results to disk.
     ``kind="auto"`` uses processes for long lists and threads for short ones. Threads scale only as

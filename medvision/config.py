@@ -35,7 +35,7 @@ class DataConfig(BaseModel):
     split_file: str | None = Field(None, description="reuse this split CSV instead of making one")
     cache: bool = Field(True, description="decode each file once into the on-disk cache (memory-mapped)")
     cache_dir: str | None = Field(None, description="cache folder; default $MEDVISION_CACHE or ~/.cache/medvision/images")
-    decode_workers: int = Field(0, ge=0, description="processes decoding DICOM, 0 = all cores")
+    decode_workers: int = Field(0, ge=0, description="processes decoding DICOM, 0 = every core this process may use")
 
 
 class AugmentConfig(BaseModel):

@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 _PROC = Path("/proc/self")
+_OCTAL = re.compile(r"\\([0-7]{3})")  # the mount table writes a space in a path as \040, a backslash as \134
+QUOTA_REREAD_S = 10.0  # a process's quota can change while it runs (a resized container): read again after this
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "surrogateescape")  # a mount point need not be valid UTF-8
 
 
 def _cgroup_dirs(proc: Path = _PROC) -> list[tuple[str, Path, Path]]:
@@ -24,8 +36,8 @@ def _cgroup_dirs(proc: Path = _PROC) -> list[tuple[str, Path, Path]]:
     (``"v2"``: the unified hierarchy; ``"v1"``: the ``cpu`` controller's), the folder as this process's mount table
     shows it (a container sees its own cgroup as the hierarchy's root)."""
     try:
-        groups = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
+        groups = _text(proc / "cgroup").splitlines()
+        mounts = _text(proc / "mountinfo").splitlines()
     except OSError:
         return []
     paths: dict[str, str] = {}  # "v2" or "v1" -> this process's path in that hierarchy
@@ -47,9 +59,13 @@ def _cgroup_dirs(proc: Path = _PROC) -> list[tuple[str, Path, Path]]:
         path = paths.get(version)
         if path is None:
             continue
-        root, point = fields[3], Path(fields[4].replace("\\040", " "))
-        if root != "/" and (path == root or path.startswith(root + "/")):
-            path = path[len(root):]
+        root, point = _unescape(fields[3]), Path(_unescape(fields[4]))
+        if root != "/":  # the mount shows only the hierarchy below ``root``: this process's cgroup must be in it
+            if not (path == root or path.startswith(root.rstrip("/") + "/")):
+                continue
+            path = path[len(root.rstrip("/")):]
+        if any(part == ".." for part in path.split("/")):
+            continue
         found.append((version, point, point / path.lstrip("/")))
     return found
 
@@ -58,10 +74,10 @@ def _quota_in(version: str, folder: Path) -> float | None:
     """The CPU quota set on ``folder`` itself, in CPUs; None where it sets none (or it cannot be read)."""
     try:
         if version == "v2":
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            quota, period = _text(folder / "cpu.max").split()[:2]
             return None if quota == "max" else int(quota) / int(period)
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
+        quota = int(_text(folder / "cpu.cfs_quota_us"))
+        period = int(_text(folder / "cpu.cfs_period_us"))
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError, ZeroDivisionError):
         return None
@@ -69,15 +85,28 @@ def _quota_in(version: str, folder: Path) -> float | None:
 
 def cpu_quota(proc: Path = _PROC) -> float | None:
     """The CPU time this process may use, in CPUs (1.5: one and a half CPUs' worth each period): the smallest quota
-    on its cgroup and on every cgroup above it that it can see; None where none is set (or not Linux)."""
+    on its cgroup and on every cgroup above it that it can see; None where none is set, or where what the system
+    shows cannot be read (not Linux, an unexpected mount table). This process's own is read again at most every
+    ``QUOTA_REREAD_S`` seconds."""
+    if proc == _PROC and time.monotonic() - _read_at[0] < QUOTA_REREAD_S:
+        return _read_at[1]
     limits = []
-    for version, point, folder in _cgroup_dirs(proc):
-        for level in (folder, *folder.parents):
-            if (q := _quota_in(version, level)) is not None:
-                limits.append(q)
-            if level == point:
-                break
-    return min(limits) if limits else None
+    try:
+        for version, point, folder in _cgroup_dirs(proc):
+            for level in (folder, *folder.parents):
+                if (q := _quota_in(version, level)) is not None and q > 0:
+                    limits.append(q)
+                if level == point or level == level.parent:
+                    break
+    except (OSError, ValueError):  # a table or file unlike any seen: no quota rather than no service
+        limits = []
+    quota = min(limits) if limits else None
+    if proc == _PROC:
+        _read_at[:] = [time.monotonic(), quota]
+    return quota
+
+
+_read_at: list = [-float("inf"), None]  # when this process's quota was last read, and what it was
 
 
 def affinity_cpus() -> set[int]:

@@ -177,7 +177,7 @@ def scan(
     limits: ReadLimits = ReadLimits(),
     show_progress: bool = True,
 ) -> list[IndexRow]:
-    """Index every file under ``root`` with ``workers`` processes (0 = all cores, 1 = in this process).
+    """Index every file under ``root`` with ``workers`` processes (0 = every core this process may use, 1 = in this process).
 
     Paths in the rows are relative to ``root``.
     """

@@ -117,16 +117,14 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--entropy-bins", type=int, default=1024,
                    help="histogram bins for entropy calibration (>= 256; its search time grows with the square)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate (batch 1, median)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = one per physical core this process may use)")
     p.add_argument("--teacher", help="then run the promotion gate against this teacher run (as 'medvision gate'): "
                    "--out is written only if the gate passes")
     p.add_argument("--bootstrap", type=int, default=2000, help="gate bootstrap resamples (with --teacher)")
-    p.add_argument("--non-inferiority", action="store_true", help="gate on upper 95 %% bounds (with --teacher)")
+    _gate_criteria_arguments(p, " (with --teacher)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_quantize, max_auroc_drop=DEFAULT.max_auroc_drop,
-                   max_sensitivity_drop=DEFAULT.max_sensitivity_drop, min_agreement=DEFAULT.min_agreement,
-                   max_contract_auroc_drop=DEFAULT.max_contract_auroc_drop,
-                   min_contract_agreement=DEFAULT.min_contract_agreement)
+    # quantize keeps only candidates agreeing with fp32 on quantize.MIN_AGREEMENT: the gate's limit is the same
+    p.set_defaults(func=run_quantize, min_agreement=DEFAULT.min_agreement)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -174,19 +172,28 @@ def register_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="the teacher's run folder (its test split is the judge)")
     p.add_argument("--out", required=True, help="where to write the promoted model")
     p.add_argument("--fp32", help="the fp32 export a quantized artifact came from (default: recorded by quantize)")
-    p.add_argument("--max-auroc-drop", type=float, default=DEFAULT.max_auroc_drop)
-    p.add_argument("--max-sensitivity-drop", type=float, default=DEFAULT.max_sensitivity_drop)
-    p.add_argument("--min-agreement", type=float, default=DEFAULT.min_agreement)
-    p.add_argument("--max-contract-auroc-drop", type=float, default=DEFAULT.max_contract_auroc_drop,
-                   help="AUROC the artifact may lose to its decode contract against decoding every pixel")
-    p.add_argument("--min-contract-agreement", type=float, default=DEFAULT.min_contract_agreement,
-                   help="share of decisions that must be the same under the decode contract and a full decode")
-    p.add_argument("--non-inferiority", action="store_true",
-                   help="decide on the upper 95 %% bounds of the drops instead of their point estimates")
+    _gate_criteria_arguments(p)
+    p.add_argument("--min-agreement", type=float, default=DEFAULT.min_agreement,
+                   help="share of a quantized artifact's decisions that must agree with its fp32 source")
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = one per physical core this process may use)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_gate)
+
+
+def _gate_criteria_arguments(p: argparse.ArgumentParser, suffix: str = "") -> None:
+    """The gate's limits as options, for 'medvision gate' and 'medvision quantize --teacher' alike."""
+    p.add_argument("--max-auroc-drop", type=float, default=DEFAULT.max_auroc_drop,
+                   help="AUROC the student may lose against its teacher" + suffix)
+    p.add_argument("--max-sensitivity-drop", type=float, default=DEFAULT.max_sensitivity_drop,
+                   help="sensitivity the student may lose at the operating points" + suffix)
+    p.add_argument("--max-contract-auroc-drop", type=float, default=DEFAULT.max_contract_auroc_drop,
+                   help="AUROC the artifact may lose to its decode contract against decoding every pixel" + suffix)
+    p.add_argument("--min-contract-agreement", type=float, default=DEFAULT.min_contract_agreement,
+                   help="share of decisions that must be the same under the decode contract and a full decode"
+                   + suffix)
+    p.add_argument("--non-inferiority", action="store_true",
+                   help="decide on the upper 95 %% bounds of the drops instead of their point estimates" + suffix)
 
 
 def _criteria(args: argparse.Namespace):
@@ -232,7 +239,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", help="the (one) student's fp32 ONNX artifact")
     p.add_argument("--int8", help="the (one) student's quantized (or promoted) ONNX artifact")
     p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--threads", type=int, default=0, help="threads for every model (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help="threads for every model (0 = every core this process may use)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model and batch size (at least 3 runs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: torch in bf16 and ONNX Runtime's CUDA execution provider")

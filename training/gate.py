@@ -96,27 +96,40 @@ def _criterion(name: str, measured: float, ci, limit: float, lower_is_better: bo
 
 
 def _contract_check(sess, meta, rows, tcfg, y, patients, p_contract, criteria: GateCriteria, n_boot: int,
-                    show_progress: bool) -> tuple[list[GateCriterion], ContractCheck]:
-    """The artifact scored on the test images decoding every pixel, against its scores under its own contract."""
+                    show_progress: bool) -> tuple[list[GateCriterion], ContractCheck, list[str]]:
+    """The artifact scored on the test images decoding every pixel, against its scores under its own contract: the
+    criteria, the check and notes. An image that decodes under the contract but not in full (a codestream damaged in
+    levels the contract never decodes) cannot be compared: the others are, and a criterion counting them fails."""
     full = Preprocess(meta.preprocess.model_copy(update={"decode_long_side": 0}))
     x, kept = model_inputs(rows, full, tcfg, "decode test (full resolution)", show_progress)
-    if [r.path for r in kept] != [r.path for r in rows]:
-        raise ArtifactError("some test images decode under the artifact's contract but not at full resolution, so "
-                            "the contract cannot be checked against a full decode (the log names their rows)")
     p_full = probabilities(sess, x)
+    del x
+    index = {r.path: i for i, r in enumerate(rows)}
+    both = np.array([index[r.path] for r in kept], dtype=int)
+    y, p_contract = y[both], p_contract[both]
+    patients = [patients[i] for i in both]
     threshold = meta.threshold
+    checks, notes = [], []
+    if len(both) < len(rows):
+        checks.append(_criterion("test images that decode in full too (the rest cannot be compared)",
+                                 len(both) / len(rows), None, 1.0, False, False))
+        notes.append(f"{len(rows) - len(both)} test image(s) decode under the contract but not at full resolution "
+                     "(the log names their rows): the contract is compared on the others")
+    if len(set(y.tolist())) < 2:
+        raise ArtifactError("too few test images decode at full resolution to compare the contract with a full decode")
     drop, ci = paired_difference(y, p_full, p_contract, auroc, clusters=patients, n=n_boot)
     same = (p_contract >= threshold) == (p_full >= threshold)
     change = np.abs(p_contract - p_full)
     check = ContractCheck(contract=meta.preprocess.decoding, auroc_contract=auroc(y, p_contract),
                           auroc_full=auroc(y, p_full), agreement=float(np.mean(same)), flipped=int((~same).sum()),
                           max_probability_change=float(change.max()), mean_probability_change=float(change.mean()))
-    return [
+    checks += [
         _criterion("AUROC drop under the decode contract (full decode − contract)", drop, ci,
                    criteria.max_contract_auroc_drop, True, criteria.non_inferiority),
         _criterion("decisions agreeing between the decode contract and a full decode", check.agreement, None,
                    criteria.min_contract_agreement, False, False),
-    ], check
+    ]
+    return checks, check, notes
 
 
 def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path, fp32: str | Path | None = None,
@@ -170,11 +183,13 @@ def gate_artifact(artifact: str | Path, teacher_run: str | Path, out: str | Path
                                  False, False))
     else:
         notes.append("the artifact is fp32 (not quantized): the INT8 vs fp32 agreement criterion does not apply")
+    del x  # the full decode's inputs take its place
     contract = None
     if meta.preprocess.decode_long_side:
-        contract_checks, contract = _contract_check(student_session, meta, rows, tcfg, y, patients, p_student,
-                                                    criteria, n_boot, show_progress)
+        contract_checks, contract, contract_notes = _contract_check(student_session, meta, rows, tcfg, y, patients,
+                                                                    p_student, criteria, n_boot, show_progress)
         checks += contract_checks
+        notes += contract_notes
     else:
         notes.append("the artifact decodes every pixel (no decode contract): the contract criteria do not apply")
     margin = criteria.max_auroc_drop

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "Bad files are reported, never fatal. The index holds Patient IDs: protect it like the images.")
     s.add_argument("root", help="folder (or one file) to index")
     s.add_argument("--out", required=True, help="index CSV to write")
-    s.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    s.add_argument("--workers", type=int, default=0, help="processes (0 = every core this process may use)")
     s.add_argument("--max-pixels", type=int, default=ReadLimits().max_pixels, help="refuse larger declared images")
     s.add_argument("--strict", action="store_true", help="exit 1 if any file is unreadable")
     s.add_argument("--no-progress", action="store_true")

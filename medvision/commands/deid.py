@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="PS3.15 Retain Patient Characteristics Option: keep age, sex, size, weight")
     p.add_argument("--allow-burned-in", action="store_true", help="also write images with Burned In Annotation = YES")
     p.add_argument("--report", help="CSV of refused files with reasons (default: <out>_deid_report.csv next to <out>)")
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = every core this process may use)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

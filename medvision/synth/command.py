@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site", choices=["reference", "shifted"], default=defaults.site,
                    help="'shifted': another vendor's processing, fainter findings, more noise, older patients, its "
                    "own patient ids and UIDs (a second site to test drift and recalibration on)")
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = every core this process may use)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

@@ -52,7 +52,7 @@ class SynthConfig(BaseModel):
     site: Literal["reference", "shifted"] = Field("reference", description="whose images: the reference site, or a "
                                                   "site whose equipment and population differ (sites.SITES)")
     seed: int = 0
-    workers: int = Field(0, ge=0, description="processes; 0 = all cores")
+    workers: int = Field(0, ge=0, description="processes; 0 = every core this process may use")
 
 
 def _breast_plan(cfg: SynthConfig, rng: np.random.Generator, malignant: bool, shape: tuple[int, int]):

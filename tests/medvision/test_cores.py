@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -65,6 +66,31 @@ def test_a_cgroup_v1_quota_seen_through_the_mount_of_the_containers_own_cgroup(t
     assert cpu_quota(proc) is None
 
 
+def test_a_cgroup_outside_what_the_mount_shows_is_not_read(tmp_path):
+    # the process's cgroup (/B/c) is not below the mount's root (/A): the folder at the mount point is /A's, not its
+    mount = tmp_path / "cpu"
+    _write(mount, cpu_cfs_quota_us="50000\n", cpu_cfs_period_us="100000\n")
+    _write(mount / "c", cpu_cfs_quota_us="50000\n", cpu_cfs_period_us="100000\n")
+    proc = _proc(tmp_path, "4:cpu:/B/c\n", [("/A", mount, "cgroup", "rw,cpu")])
+    assert cpu_quota(proc) is None
+    (proc / "cgroup").write_text("4:cpu:/A/../B\n")
+    assert cpu_quota(proc) is None
+
+
+def test_mount_points_with_escaped_and_undecodable_characters(tmp_path):
+    # the mount table writes a space as \040 and a backslash as \134; a path's bytes need not be UTF-8
+    mount = os.fsencode(tmp_path) + b"/cgroup v2 \\ \xe9"
+    os.makedirs(mount)
+    with open(mount + b"/cpu.max", "wb") as fh:
+        fh.write(b"250000 100000\n")
+    escaped = os.fsencode(tmp_path).replace(b" ", b"\\040") + b"/cgroup\\040v2\\040\\134\\040\xe9"
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("0::/\n")
+    (proc / "mountinfo").write_bytes(b"30 23 0:40 / " + escaped + b" rw,relatime shared:9 - cgroup2 cgroup2 rw\n")
+    assert cpu_quota(proc) == 2.5
+
+
 def test_no_cgroup_to_read_means_no_quota(tmp_path):
     assert cpu_quota(tmp_path / "nowhere") is None
     proc = _proc(tmp_path, "garbage without colons\n0::/\n", [("/", tmp_path / "missing", "cgroup2", "rw")])
@@ -111,13 +137,18 @@ def test_a_process_in_a_real_cgroup_with_a_cpu_quota_sizes_its_pools_by_it(artif
              "e = Engine(sys.argv[1]); "
              "print(json.dumps({'quota': cpu_quota(), 'usable': usable_cores(), 'physical': physical_cores(), "
              "'decoders': Settings().decoders, 'onnx_threads': e.session.get_session_options().intra_op_num_threads}))")
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", probe, str(artifact)], capture_output=True, text=True, timeout=120, check=True,
-            preexec_fn=lambda: procs.write_text(str(os.getpid())),  # joins the cgroup before Python starts
-            env={k: v for k, v in os.environ.items() if k != "MEDVISION_DECODE_PROCESSES"})
+    try:  # the shell joins the cgroup, then becomes Python: the probe starts inside it
+        out = subprocess.run(["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), sys.executable, "-c", probe,
+                              str(artifact)], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "MEDVISION_DECODE_PROCESSES"})
     finally:
-        folder.rmdir()
+        for _ in range(50):  # the probe's exit can take a moment to leave the cgroup empty
+            try:
+                folder.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["quota"] == 1.0
     assert got["usable"] == got["physical"] == got["onnx_threads"] == 1

@@ -159,10 +159,11 @@ def test_a_model_refused_by_the_gate_is_never_served(artifact, tmp_path):
 
 
 def test_decoding_processes_default_to_one_per_core(monkeypatch):
+    from medvision.cores import usable_cores
     from medvision.serving.settings import Settings
 
     monkeypatch.delenv("MEDVISION_DECODE_PROCESSES", raising=False)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()  # the CPUs it may run on, within a CPU quota
     assert Settings().decoders == (cores if cores > 1 else 0)
     assert Settings(decode_processes=0).decoders == 0 and Settings(decode_processes=3).decoders == 3
 

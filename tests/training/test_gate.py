@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import onnx
+import pytest
 
 from medvision.artifact import QuantizationReport, read_artifact, sha256_file, write_artifact
 from medvision.cli import main
@@ -84,9 +85,14 @@ def test_gate_checks_the_decode_contract_against_a_full_decode(artifact, tiny_ru
     report = json.loads(out.with_suffix(".gate.json").read_text())
     check = report["contract_check"]
     same = (contract >= threshold) == (full >= threshold)
-    assert check["flipped"] == int((~same).sum()) >= 1 and check["agreement"] == float(np.mean(same))
-    assert abs(check["auroc_contract"] - auroc(y, contract)) < 1e-9 and abs(check["auroc_full"] - auroc(y, full)) < 1e-9
-    assert abs(check["max_probability_change"] - change.max()) < 1e-6
+    # the gate's batched session may differ from these in the 7th digit: only images that close can count otherwise
+    close = int(np.sum(np.abs(np.r_[contract, full] - threshold) < 1e-5))
+    assert check["flipped"] >= 1 and abs(check["flipped"] - int((~same).sum())) <= close
+    assert check["agreement"] == 1 - check["flipped"] / len(y)
+    assert abs(check["auroc_contract"] - auroc(y, contract)) < 1e-6 and abs(check["auroc_full"] - auroc(y, full)) < 1e-6
+    assert abs(check["max_probability_change"] - change.max()) < 1e-5
+    drop = next(c for c in report["criteria"] if c["name"].startswith("AUROC drop under the decode contract"))
+    assert drop["measured"] == pytest.approx(check["auroc_full"] - check["auroc_contract"], abs=1e-9)  # full − contract
     assert code == GATE_FAILED_EXIT and not out.exists()
     assert report["reasons"] == [f"decisions agreeing between the decode contract and a full decode "
                                  f"{check['agreement']:.4f} is not ≥ 0.99"]
@@ -100,6 +106,13 @@ def test_gate_checks_the_decode_contract_against_a_full_decode(artifact, tiny_ru
     assert promoted.contract_check.agreement == 1.0 and promoted.contract_check.flipped == 0
     names = [c.name for c in promoted.criteria]
     assert "AUROC drop under the decode contract (full decode − contract)" in names
+    # no AUROC may be lost to the contract, not even none: refused on that criterion alone
+    assert main(["gate", str(never), "--teacher", str(tiny_run), "--out", str(out), "--bootstrap", "200",
+                 "--max-auroc-drop", "1", "--max-sensitivity-drop", "1", "--max-contract-auroc-drop", "-1",
+                 "--no-progress"]) == GATE_FAILED_EXIT
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert not out.exists() and len(report["reasons"]) == 1
+    assert report["reasons"][0].startswith("AUROC drop under the decode contract")
 
 
 def test_gate_of_a_model_that_decodes_every_pixel_has_no_contract_to_check(artifact, tiny_run, tmp_path):
@@ -186,7 +199,8 @@ def test_gate_never_overwrites_the_judged_artifact(artifact, tiny_run):
 def test_quantize_with_teacher_runs_the_gate(artifact, tiny_run, tmp_path, capsys):
     out = tmp_path / "student_int8.onnx"
     code = main(["quantize", str(artifact), "--run", str(tiny_run), "--out", str(out), "--runs", "3",
-                 "--calibration-images", "8", "--entropy-bins", "256", "--teacher", str(tiny_run), "--bootstrap", "100", "--no-progress"])
+                 "--calibration-images", "8", "--entropy-bins", "256", "--teacher", str(tiny_run), "--bootstrap", "100",
+                 "--min-contract-agreement", "0", "--no-progress"])  # the contract is judged in its own tests above
     report = json.loads(out.with_suffix(".gate.json").read_text())
     assert code == (0 if report["passed"] else GATE_FAILED_EXIT)
     assert out.exists() == report["passed"]
