@@ -98,7 +98,7 @@ async def dicom_body(request: Request, app, ahead=None):
     and waited for before the segment goes back)."""
     declared = request.headers.get("content-length", "")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if (app.decoder is not None and ctype in RAW_TYPES and declared.isdigit()
+    if (app.decoder is not None and ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
             and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
         with app.decoder.segments.receiving(int(declared)) as received:
             if received is not None:
@@ -116,14 +116,18 @@ async def dicom_body(request: Request, app, ahead=None):
                         finally:
                             early = None
                 return
-    elif (app.decoder is None and ctype in RAW_TYPES and declared.isdigit()
+    elif (app.decoder is None and ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
           and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
         # decoded by a thread of this process: straight into memory of its own, as into a segment (no chunk copied
         # by the app, no joining them into one more copy of the body)
-        body = OwnBody(int(declared))
-        await _read_into(request, body)
-        yield body.view()
-        return
+        try:
+            body = OwnBody(int(declared))
+        except MemoryError:  # no room to set the whole body aside now (a strict overcommit policy): as it arrives
+            body = None
+        if body is not None:
+            await _read_into(request, body)
+            yield body.view()
+            return
     yield await read_dicom_upload(request, app.settings, app.data)
 
 
@@ -266,6 +270,7 @@ async def predict(request: Request, engine: LoadedEngine, app: State, caller: Ca
             else:
                 x, meta, result = await run_in_threadpool(decode_and_score_if_alone)
             size = len(data)
+    data = None  # the body: not kept while the request waits for its batch and its stored result
     if result is None:
         probability, inference_ms, _ = await app.batcher.submit(x)
         result = engine.prediction(probability, meta, inference_ms, statistics, overlay)

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -554,19 +555,33 @@ def test_without_decoding_workers_a_large_raw_body_is_read_straight_into_memory_
     padded = []
     for i, f in enumerate(dicom_files[:4]):
         ds = pydicom.dcmread(f)
-        ds.add_new((0xFFFC, 0xFFFC), "OB", b"\0" * (predict_route.SHARED_BODY_MIN + 1000))
+        ds.add_new((0xFFFC, 0xFFFC), "OB", os.urandom(predict_route.SHARED_BODY_MIN + 1000))  # the tail: no zeros
         padded.append(tmp_path / f"padded{i}.dcm")
         ds.save_as(padded[-1])
-    gathered, own = [], []
+    from medvision.serving import http_server
+
+    gathered, own, filled = [], [], []
     real = predict_route.read_dicom_upload
     monkeypatch.setattr(predict_route, "read_dicom_upload", lambda *a: gathered.append(1) or real(*a))
 
     class Counted(predict_route.OwnBody):
         def __init__(self, size):
             super().__init__(size)
-            own.append(size)
+            own.append(self)
 
     monkeypatch.setattr(predict_route, "OwnBody", Counted)
+    real_filler = http_server._filler
+
+    def counted_filler(cycle, protocol):  # the server's socket-to-buffer path, not the app's copy of each chunk
+        fill = real_filler(cycle, protocol)
+
+        async def counted_fill(buffer, progress=None):
+            n = await fill(buffer, progress)
+            filled.append(n)
+            return n
+        return counted_fill
+
+    monkeypatch.setattr(http_server, "_filler", counted_filler)
     server = LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                  data_dir=str(tmp_path / "d"), decode_processes=0))
     try:
@@ -580,7 +595,9 @@ def test_without_decoding_workers_a_large_raw_body_is_read_straight_into_memory_
         for i in range(len(padded)):
             assert results[i].status_code == 200, results[i].text
             assert results[i].json()["probability"] == pytest.approx(expected[i], abs=1e-5)
-        assert not gathered and sorted(own) == sorted(f.stat().st_size for f in [padded[0], *padded])
+        sent = sorted(f.read_bytes() for f in [padded[0], *padded])
+        assert not gathered and sorted(body.buffer.tobytes() for body in own) == sent  # every byte, where it belongs
+        assert sorted(filled) == sorted(len(b) for b in sent)
         # a chunked body (no Content-Length to size a buffer by) and a small one are gathered as before
         chunked = server.client.post("/v1/predict", content=iter([padded[1].read_bytes()]),
                                      headers={"Content-Type": "application/dicom"})
@@ -591,6 +608,18 @@ def test_without_decoding_workers_a_large_raw_body_is_read_straight_into_memory_
         garbage = server.client.post("/v1/predict", content=b"\0" * (2 * predict_route.SHARED_BODY_MIN),
                                      headers={"Content-Type": "application/dicom"})
         assert garbage.status_code == 422 and garbage.json()["code"] == "not_dicom" and len(own) == 6
+        # a body that ends short of its Content-Length: refused, never decoded from the bytes that did not come
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + server.key.encode()
+                      + b"\r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n" % len(sent[0])
+                      + sent[0][:len(sent[0]) // 2])
+            s.shutdown(socket.SHUT_WR)
+            reply = b"".join(iter(lambda: s.recv(65536), b""))
+        assert len(own) == 7 and (not reply or int(reply.split(b" ", 2)[1]) == 400), reply[:300]
+        again = server.client.post("/v1/predict", content=padded[2].read_bytes(),
+                                   headers={"Content-Type": "application/dicom"})
+        assert again.status_code == 200 and again.json()["probability"] == pytest.approx(expected[2], abs=1e-5)
     finally:
         server.stop()
 
