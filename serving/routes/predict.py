@@ -94,8 +94,8 @@ async def dicom_body(request: Request, app, ahead=None):
     segments (a ``Received``: one copy on its way from the socket to the decoder, where reading it into memory and
     handing it over made two), or, where the service has no decoding workers, into an ``OwnBody`` (its ``view()`` is
     what is yielded); anything else, or when no segment is free, as ``read_dicom_upload`` gives it.
-    ``ahead(view)``: called before a body is read into a segment's ``view``, may start a ``DecodeAhead`` on it (ended
-    and waited for before the segment goes back)."""
+    ``ahead(view)``: called before a body is read into a segment's or an ``OwnBody``'s ``view``, may start a
+    ``DecodeAhead`` on it (ended and waited for before the segment goes back)."""
     declared = request.headers.get("content-length", "")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if (app.decoder is not None and ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
@@ -125,8 +125,13 @@ async def dicom_body(request: Request, app, ahead=None):
         except MemoryError:  # no room to set the whole body aside now (a strict overcommit policy): as it arrives
             body = None
         if body is not None:
-            await _read_into(request, body)
-            yield body.view()
+            early = ahead(body.view()) if ahead is not None else None
+            try:
+                await _read_into(request, body, early.advanced if early is not None else None)
+                yield body.view()
+            finally:
+                if early is not None:  # (cancelled meanwhile, its thread keeps the buffer alive while it reads)
+                    await early.close()
             return
     yield await read_dicom_upload(request, app.settings, app.data)
 

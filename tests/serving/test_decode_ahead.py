@@ -73,13 +73,15 @@ def watched(monkeypatch) -> dict:
     return seen
 
 
-def _server(artifact, tmp_path, **settings) -> LiveServer:
+def _server(artifact, tmp_path, processes=2, **settings) -> LiveServer:
     return LiveServer(Settings(artifact=str(artifact), database_url=f"sqlite:///{tmp_path / 'p.db'}",
-                               data_dir=str(tmp_path / "d"), decode_processes=2, **settings))
+                               data_dir=str(tmp_path / "d"), decode_processes=processes, **settings))
 
 
-def test_a_lone_body_from_across_a_network_is_read_while_it_arrives(artifact, bodies, tmp_path, watched):
-    server = _server(artifact, tmp_path)
+# with decoding processes the body goes into one of their segments; without (one core), into the service's own memory
+@pytest.mark.parametrize("processes", [2, 0])
+def test_a_lone_body_from_across_a_network_is_read_while_it_arrives(artifact, bodies, tmp_path, watched, processes):
+    server = _server(artifact, tmp_path, processes)
     try:
         engine = Engine(artifact)
         for syntax, path in bodies.items():
@@ -109,7 +111,9 @@ def test_a_service_told_not_to_reads_nothing_ahead(artifact, bodies, tmp_path, w
         server.stop()
 
 
-def test_a_sender_that_goes_away_halfway_leaves_nothing_waiting(artifact, bodies, tmp_path, watched, monkeypatch):
+@pytest.mark.parametrize("processes", [2, 0])
+def test_a_sender_that_goes_away_halfway_leaves_nothing_waiting(artifact, bodies, tmp_path, watched, monkeypatch,
+                                                                processes):
     """The read-ahead thread stops waiting for bytes when the body ends short, the segment goes back, and the next
     request (in the same segment) is scored as usual."""
     from medvision.serving.decode_ahead import DecodeAhead
@@ -117,7 +121,7 @@ def test_a_sender_that_goes_away_halfway_leaves_nothing_waiting(artifact, bodies
     ended = []
     real_run = DecodeAhead._run
     monkeypatch.setattr(DecodeAhead, "_run", lambda self: (real_run(self), ended.append(time.monotonic())))
-    server = _server(artifact, tmp_path)
+    server = _server(artifact, tmp_path, processes)
     try:
         body = bodies[ExplicitVRLittleEndian].read_bytes()
         gone = time.monotonic()
