@@ -48,12 +48,12 @@ def gate_lines(gate: GateReport | None) -> list[str]:
     for c in gate.criteria:
         interval = f"{_num(c.ci95[0], 4)} to {_num(c.ci95[1], 4)}" if c.ci95 else "—"
         lines.append(f"| {c.name} | {_num(c.measured, 4)} | {interval} | {c.limit} | {'pass' if c.passed else 'FAIL'} |")
-    c = gate.contract_check
-    if c is not None:
-        lines += ["", f"Decode contract ({c.contract}) against a full decode, same model and threshold: AUROC "
-                  f"{c.auroc_contract:.4f} vs {c.auroc_full:.4f}, {c.flipped} of {gate.test_images} decisions differ, "
-                  f"probabilities change by {c.mean_probability_change:.4f} on average (at most "
-                  f"{c.max_probability_change:.4f})."]
+    check = gate.contract_check
+    if check is not None:
+        lines += ["", f"Decode contract ({check.contract}) against a full decode, same model and threshold: AUROC "
+                  f"{check.auroc_contract:.4f} vs {check.auroc_full:.4f}, {check.flipped} of {gate.test_images} "
+                  f"decisions differ, probabilities change by {check.mean_probability_change:.4f} on average (at most "
+                  f"{check.max_probability_change:.4f})."]
     if gate.reasons:
         lines += ["", "Refused because: " + "; ".join(gate.reasons) + "."]
     for note in gate.notes:

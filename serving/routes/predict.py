@@ -98,8 +98,9 @@ async def dicom_body(request: Request, app, ahead=None):
     ``DecodeAhead`` on it (ended and waited for before the segment goes back)."""
     declared = request.headers.get("content-length", "")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if (app.decoder is not None and ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
-            and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
+    large_raw = (ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
+                 and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes)
+    if large_raw and app.decoder is not None:
         with app.decoder.segments.receiving(int(declared)) as received:
             if received is not None:
                 early = ahead(received.view()) if ahead is not None else None
@@ -116,8 +117,7 @@ async def dicom_body(request: Request, app, ahead=None):
                         finally:
                             early = None
                 return
-    elif (app.decoder is None and ctype in RAW_TYPES and declared.isascii() and declared.isdigit()
-          and SHARED_BODY_MIN <= int(declared) <= app.settings.max_upload_bytes):
+    elif large_raw:
         # decoded by a thread of this process: straight into memory of its own, as into a segment (no chunk copied
         # by the app, no joining them into one more copy of the body)
         try:
